@@ -1,0 +1,442 @@
+//! Patches: the one way passes change a graph.
+//!
+//! A pass inspects the graph and proposes a `Patch` (remove these nodes, add these, make
+//! readers of that value read this one instead, add or drop initializers); `Graph::apply`
+//! checks the whole patch against the graph before touching anything, then applies it. This
+//! is tract's patch model: matching code never edits edges, so a half-applied rewrite or a
+//! dangling reader cannot happen, and every rewrite is counted under the patch's `kind`.
+//!
+//! A patch may let a new node produce a value that a removed node produced
+//! (`PValue::Old`): the value keeps its name, its `value_info` and its readers, which is
+//! how a fusion replaces a chain without renaming the chain's output.
+
+use std::collections::HashSet;
+
+use super::graph::{Graph, Node, NodeId, OrderKey, Use, ValueId};
+use super::tensor::Tensor;
+use crate::error::{Error, Result};
+use crate::proto::{AttributeProto, NodeProto};
+
+/// A value a patch refers to: one already in the graph, or the `n`-th one the patch creates.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub enum PValue {
+    Old(ValueId),
+    New(usize),
+}
+
+impl From<ValueId> for PValue {
+    fn from(v: ValueId) -> PValue {
+        PValue::Old(v)
+    }
+}
+
+#[derive(Clone, Debug)]
+struct NewValue {
+    hint: String,
+    initializer: Option<Tensor>,
+}
+
+#[derive(Clone, Debug)]
+struct NewNode {
+    proto: NodeProto,
+    inputs: Vec<Option<PValue>>,
+    outputs: Vec<PValue>,
+}
+
+/// A proposed rewrite of one graph. Build it with the methods below, then `Graph::apply` it.
+#[derive(Clone, Debug)]
+pub struct Patch {
+    /// What kind of rewrite this is, counted in the pass statistics (`"dead-node"`, `"gelu"`).
+    pub kind: &'static str,
+    anchor: Option<NodeId>,
+    values: Vec<NewValue>,
+    nodes: Vec<NewNode>,
+    remove: Vec<NodeId>,
+    redirects: Vec<(ValueId, PValue)>,
+    drop_initializers: Vec<ValueId>,
+}
+
+impl Patch {
+    pub fn new(kind: &'static str) -> Patch {
+        Patch {
+            kind,
+            anchor: None,
+            values: Vec::new(),
+            nodes: Vec::new(),
+            remove: Vec::new(),
+            redirects: Vec::new(),
+            drop_initializers: Vec::new(),
+        }
+    }
+
+    /// Places new nodes where `node` is in the written file (default: the earliest removed node).
+    pub fn anchor_at(&mut self, node: NodeId) -> &mut Self {
+        self.anchor = Some(node);
+        self
+    }
+
+    /// A new intermediate value; its final name starts with `hint`.
+    pub fn new_value(&mut self, hint: &str) -> PValue {
+        self.values.push(NewValue {
+            hint: hint.to_string(),
+            initializer: None,
+        });
+        PValue::New(self.values.len() - 1)
+    }
+
+    /// A new initializer holding `tensor`; its final name starts with `hint`.
+    pub fn new_initializer(&mut self, hint: &str, tensor: Tensor) -> PValue {
+        self.values.push(NewValue {
+            hint: hint.to_string(),
+            initializer: Some(tensor),
+        });
+        PValue::New(self.values.len() - 1)
+    }
+
+    /// Adds a node of `op_type` in `domain` (`""` for ONNX) writing `outputs`.
+    pub fn add_node(
+        &mut self,
+        op_type: &str,
+        domain: &str,
+        inputs: &[Option<PValue>],
+        outputs: &[PValue],
+        attributes: Vec<AttributeProto>,
+    ) -> &mut Self {
+        self.nodes.push(NewNode {
+            proto: NodeProto {
+                op_type: Some(op_type.to_string()),
+                domain: (!domain.is_empty()).then(|| domain.to_string()),
+                attribute: attributes,
+                ..Default::default()
+            },
+            inputs: inputs.to_vec(),
+            outputs: outputs.to_vec(),
+        });
+        self
+    }
+
+    /// Adds a single-output node and returns its (new) output value.
+    pub fn op(
+        &mut self,
+        op_type: &str,
+        domain: &str,
+        inputs: &[PValue],
+        attributes: Vec<AttributeProto>,
+    ) -> PValue {
+        let out = self.new_value(op_type);
+        let inputs: Vec<Option<PValue>> = inputs.iter().copied().map(Some).collect();
+        self.add_node(op_type, domain, &inputs, &[out], attributes);
+        out
+    }
+
+    pub fn remove_node(&mut self, node: NodeId) -> &mut Self {
+        if !self.remove.contains(&node) {
+            self.remove.push(node);
+        }
+        self
+    }
+
+    /// Readers of `old` (node inputs and graph outputs) read `new` instead. A graph output
+    /// keeps its name: `new` takes it over.
+    pub fn replace_uses(&mut self, old: ValueId, new: PValue) -> &mut Self {
+        self.redirects.push((old, new));
+        self
+    }
+
+    /// Removes an initializer that nothing reads any more.
+    pub fn drop_initializer(&mut self, v: ValueId) -> &mut Self {
+        self.drop_initializers.push(v);
+        self
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.nodes.is_empty()
+            && self.remove.is_empty()
+            && self.redirects.is_empty()
+            && self.drop_initializers.is_empty()
+            && self.values.is_empty()
+    }
+}
+
+impl Graph {
+    /// Checks `patch` against the graph, then applies it whole. On error nothing is changed.
+    pub fn apply(&mut self, patch: Patch) -> Result<()> {
+        self.check_patch(&patch)?;
+        let anchor = self.patch_anchor(&patch);
+
+        for &n in &patch.remove {
+            self.remove_node(n);
+        }
+        let new_ids: Vec<ValueId> = patch
+            .values
+            .into_iter()
+            .map(|nv| {
+                let id = self.fresh_value(&nv.hint);
+                if let Some(mut t) = nv.initializer {
+                    t.set_name(self.value_name(id));
+                    self.set_initializer(id, t);
+                }
+                id
+            })
+            .collect();
+        let resolve = |p: PValue| match p {
+            PValue::Old(v) => v,
+            PValue::New(i) => new_ids[i],
+        };
+        for new in patch.nodes {
+            let mut proto = new.proto;
+            if proto.name.is_none() {
+                proto.name = Some(self.fresh_node_name(proto.op_type()));
+            }
+            let order = self.order_after(anchor);
+            self.add_node(Node {
+                proto,
+                inputs: new.inputs.iter().map(|p| p.map(resolve)).collect(),
+                outputs: new.outputs.iter().map(|&p| Some(resolve(p))).collect(),
+                captured: Vec::new(),
+                order,
+            })?;
+        }
+        for (old, new) in patch.redirects {
+            let new = resolve(new);
+            self.redirect(old, new)?;
+        }
+        for v in patch.drop_initializers {
+            self.take_initializer(v);
+        }
+        Ok(())
+    }
+
+    fn patch_anchor(&mut self, patch: &Patch) -> OrderKey {
+        let anchored = patch.anchor.or_else(|| {
+            patch
+                .remove
+                .iter()
+                .copied()
+                .min_by_key(|&n| self.node(n).order)
+        });
+        match anchored {
+            Some(n) => self.node(n).order,
+            None => self.next_order(),
+        }
+    }
+
+    /// Every check that can fail, done before anything changes.
+    fn check_patch(&self, patch: &Patch) -> Result<()> {
+        let fail = |msg: String| Err(Error::Patch(format!("{}: {msg}", patch.kind)));
+        let removed: HashSet<NodeId> = patch.remove.iter().copied().collect();
+        for &n in &patch.remove {
+            if !self.contains_node(n) {
+                return fail(format!("node {n:?} does not exist"));
+            }
+        }
+        // Values whose producer goes away, and which of them the patch produces again.
+        let freed: HashSet<ValueId> = patch
+            .remove
+            .iter()
+            .flat_map(|&n| self.node(n).outputs.iter().flatten().copied())
+            .collect();
+        let mut reproduced = HashSet::new();
+        for node in &patch.nodes {
+            for out in &node.outputs {
+                if let PValue::Old(v) = *out {
+                    if !freed.contains(&v) || !reproduced.insert(v) {
+                        return fail(format!("`{}` already has a producer", self.value_name(v)));
+                    }
+                }
+            }
+        }
+        let redirected: HashSet<ValueId> = patch.redirects.iter().map(|(o, _)| *o).collect();
+        let dangling = |v: ValueId| freed.contains(&v) && !reproduced.contains(&v);
+        let check_source = |p: &PValue, what: &str| match *p {
+            PValue::Old(v) if dangling(v) => fail(format!(
+                "{what} `{}` whose producer the patch removes",
+                self.value_name(v)
+            )),
+            PValue::New(i) if i >= patch.values.len() => fail(format!("unknown new value {i}")),
+            _ => Ok(()),
+        };
+        for node in &patch.nodes {
+            for input in node.inputs.iter().flatten() {
+                check_source(input, "a new node reads")?;
+            }
+        }
+        for (old, new) in &patch.redirects {
+            check_source(new, "a redirect points at")?;
+            if self.uses(*old).iter().any(|(_, u)| *u == Use::Captured) {
+                return fail(format!(
+                    "`{}` is read by name inside a subgraph",
+                    self.value_name(*old)
+                ));
+            }
+        }
+        for &v in &freed {
+            if reproduced.contains(&v) || redirected.contains(&v) {
+                continue;
+            }
+            if self.is_graph_output(v) {
+                return fail(format!(
+                    "graph output `{}` would lose its producer",
+                    self.value_name(v)
+                ));
+            }
+            if let Some((reader, _)) = self.uses(v).iter().find(|(r, _)| !removed.contains(r)) {
+                return fail(format!(
+                    "`{}` is still read by `{}`",
+                    self.value_name(v),
+                    self.node_label(*reader)
+                ));
+            }
+        }
+        for &v in &patch.drop_initializers {
+            if self.initializer(v).is_none() {
+                return fail(format!("`{}` is not an initializer", self.value_name(v)));
+            }
+            let still_read = self.uses(v).iter().any(|(r, _)| !removed.contains(r));
+            if still_read || self.is_graph_output(v) {
+                return fail(format!(
+                    "initializer `{}` is still read",
+                    self.value_name(v)
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Makes every reader of `old` read `new`; a graph output on `old` moves to `new` and
+    /// keeps its name.
+    fn redirect(&mut self, old: ValueId, new: ValueId) -> Result<()> {
+        if old == new {
+            return Ok(());
+        }
+        let readers: Vec<(NodeId, Use)> = self.uses(old).to_vec();
+        for (node, use_) in readers {
+            if let Use::Input(slot) = use_ {
+                self.set_input(node, slot, Some(new));
+            }
+        }
+        if !self.is_graph_output(old) {
+            return Ok(());
+        }
+        let new_is_port_or_init = self.is_graph_input(new)
+            || self.is_graph_output(new)
+            || self.initializer(new).is_some();
+        if new_is_port_or_init {
+            // `new` has a name the user sees already: keep both names with an Identity.
+            return self.reproduce_with_identity(old, new);
+        }
+        self.swap_names(old, new)?;
+        for port in &mut self.outputs {
+            if port.value == old {
+                port.value = new;
+            }
+        }
+        Ok(())
+    }
+
+    fn reproduce_with_identity(&mut self, output: ValueId, source: ValueId) -> Result<()> {
+        if self.producer(output).is_some() {
+            return Err(Error::Patch(format!(
+                "graph output `{}` is still produced",
+                self.value_name(output)
+            )));
+        }
+        let order = self.next_order();
+        let name = self.fresh_node_name("Identity");
+        self.add_node(Node {
+            proto: NodeProto {
+                op_type: Some("Identity".into()),
+                name: Some(name),
+                ..Default::default()
+            },
+            inputs: vec![Some(source)],
+            outputs: vec![Some(output)],
+            captured: Vec::new(),
+            order,
+        })?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::testing::{model, ops};
+    use super::*;
+    use crate::ir::attr;
+
+    /// x → Neg → a → Neg → y: the two Negs cancel.
+    fn double_negation() -> crate::ir::Model {
+        model(
+            &["x"],
+            &["y"],
+            &[],
+            &[("Neg", &["x"], &["a"]), ("Neg", &["a"], &["y"])],
+        )
+    }
+
+    #[test]
+    fn a_new_node_can_take_over_a_removed_nodes_output() {
+        let mut m = double_negation();
+        let g = &m.graph;
+        let (x, y) = (g.find_value("x").unwrap(), g.find_value("y").unwrap());
+        let first = g.producer(g.find_value("a").unwrap()).unwrap();
+        let second = g.producer(y).unwrap();
+        let mut p = Patch::new("test");
+        p.remove_node(first).remove_node(second);
+        p.add_node("Identity", "", &[Some(x.into())], &[y.into()], vec![]);
+        m.graph.apply(p).unwrap();
+        assert_eq!(ops(&m), ["Identity"]);
+        let out = m.graph.outputs[0].value;
+        assert_eq!(m.graph.value_name(out), "y");
+        assert!(m.graph.value(m.graph.find_value("a").unwrap()).removed);
+    }
+
+    #[test]
+    fn redirecting_a_graph_output_keeps_its_name() {
+        let mut m = double_negation();
+        let g = &m.graph;
+        let y = g.find_value("y").unwrap();
+        let second = g.producer(y).unwrap();
+        let mut p = Patch::new("test");
+        let relu = p.op("Relu", "", &[g.find_value("a").unwrap().into()], vec![]);
+        p.remove_node(second).replace_uses(y, relu);
+        m.graph.apply(p).unwrap();
+        let out = m.graph.outputs[0].value;
+        assert_eq!(m.graph.value_name(out), "y");
+        assert_eq!(ops(&m), ["Neg", "Relu"]);
+    }
+
+    #[test]
+    fn a_patch_that_leaves_a_reader_dangling_changes_nothing() {
+        let mut m = double_negation();
+        let first = m.graph.producer(m.graph.find_value("a").unwrap()).unwrap();
+        let before = m.to_proto().unwrap();
+        let mut p = Patch::new("bad");
+        p.remove_node(first);
+        let err = m.graph.apply(p).unwrap_err().to_string();
+        assert!(err.contains("`a` is still read"), "{err}");
+        assert_eq!(m.to_proto().unwrap(), before);
+    }
+
+    #[test]
+    fn new_initializers_and_attributes_are_written() {
+        let mut m = double_negation();
+        let y = m.graph.find_value("y").unwrap();
+        let second = m.graph.producer(y).unwrap();
+        let a = m.graph.find_value("a").unwrap();
+        let mut p = Patch::new("test");
+        let half = p.new_initializer(
+            "half",
+            crate::ir::Tensor::from_f32("", &[], &[0.5]).unwrap(),
+        );
+        let mul = p.op("Mul", "", &[a.into(), half], vec![attr::int("unused", 1)]);
+        p.remove_node(second).replace_uses(y, mul);
+        m.graph.apply(p).unwrap();
+        let proto = m.to_proto().unwrap();
+        let g = proto.graph.unwrap();
+        assert_eq!(g.initializer[0].name(), "half");
+        assert_eq!(g.node[1].input, ["a", "half"]);
+        assert_eq!(g.node[1].output, ["y"]);
+        assert_eq!(g.node[1].attribute[0].name(), "unused");
+    }
+}
