@@ -1,0 +1,227 @@
+//! Comparing two runs output by output.
+//!
+//! For each output: the largest absolute error, the largest relative error (against the
+//! reference value, floored at `REL_FLOOR` so that values at zero do not make it infinite),
+//! the cosine similarity of the two tensors, and for logits-like outputs the mean KL
+//! divergence KL(p‖q) between the softmaxes over the last axis at a temperature, which is
+//! what a change does to a classifier's or a language model's probabilities. Non-finite
+//! values must agree position by position (NaN with NaN, +inf with +inf); each disagreement is
+//! counted and always fails a tolerance.
+
+use tract_onnx::prelude::Tensor;
+
+/// Denominator floor of the relative error.
+pub const REL_FLOOR: f64 = 1e-6;
+
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+pub struct OutputDiff {
+    pub name: String,
+    pub elements: usize,
+    pub max_abs: f64,
+    pub max_rel: f64,
+    pub cosine: f64,
+    /// Mean KL divergence over the last axis, for outputs compared as logits.
+    pub kl_divergence: Option<f64>,
+    pub nonfinite_mismatches: usize,
+}
+
+impl OutputDiff {
+    /// Folds the diff of another batch into this one, keeping the worst of each measure.
+    pub fn merge(&mut self, other: &OutputDiff) {
+        self.elements += other.elements;
+        self.max_abs = self.max_abs.max(other.max_abs);
+        self.max_rel = self.max_rel.max(other.max_rel);
+        self.cosine = self.cosine.min(other.cosine);
+        self.kl_divergence = match (self.kl_divergence, other.kl_divergence) {
+            (Some(a), Some(b)) => Some(a.max(b)),
+            (a, b) => a.or(b),
+        };
+        self.nonfinite_mismatches += other.nonfinite_mismatches;
+    }
+}
+
+/// Compares `candidate` against `reference`. `kl_temperature` asks for the KL divergence.
+pub fn diff(
+    name: &str,
+    reference: &Tensor,
+    candidate: &Tensor,
+    kl_temperature: Option<f64>,
+) -> Result<OutputDiff, String> {
+    if reference.shape() != candidate.shape() {
+        return Err(format!(
+            "output `{name}`: shapes differ ({:?} vs {:?})",
+            reference.shape(),
+            candidate.shape()
+        ));
+    }
+    let a = as_f64(reference).map_err(|e| format!("output `{name}`: {e}"))?;
+    let b = as_f64(candidate).map_err(|e| format!("output `{name}`: {e}"))?;
+    let (mut max_abs, mut max_rel, mut mismatches) = (0.0f64, 0.0f64, 0usize);
+    let (mut dot, mut na, mut nb) = (0.0f64, 0.0f64, 0.0f64);
+    for (&x, &y) in a.iter().zip(&b) {
+        if !x.is_finite() || !y.is_finite() {
+            let same = (x.is_nan() && y.is_nan()) || x == y;
+            mismatches += usize::from(!same);
+            continue;
+        }
+        let d = (x - y).abs();
+        max_abs = max_abs.max(d);
+        max_rel = max_rel.max(d / x.abs().max(REL_FLOOR));
+        dot += x * y;
+        na += x * x;
+        nb += y * y;
+    }
+    let cosine = match (na == 0.0, nb == 0.0) {
+        (true, true) => 1.0,
+        (false, false) => dot / (na.sqrt() * nb.sqrt()),
+        _ => 0.0,
+    };
+    let last = reference.shape().last().copied().unwrap_or(1);
+    let kl_divergence = kl_temperature
+        .filter(|_| last > 0 && !a.is_empty())
+        .map(|t| mean_kl(&a, &b, last, t));
+    Ok(OutputDiff {
+        name: name.to_string(),
+        elements: a.len(),
+        max_abs,
+        max_rel,
+        cosine,
+        kl_divergence,
+        nonfinite_mismatches: mismatches,
+    })
+}
+
+fn as_f64(t: &Tensor) -> Result<Vec<f64>, String> {
+    let cast = t.cast_to::<f64>().map_err(|e| e.to_string())?;
+    let view = cast
+        .to_plain_array_view::<f64>()
+        .map_err(|e| e.to_string())?;
+    Ok(view.iter().copied().collect())
+}
+
+/// Mean over rows of KL(softmax(a/T) ‖ softmax(b/T)); rows holding non-finite values are
+/// skipped (they are counted as mismatches elsewhere).
+fn mean_kl(a: &[f64], b: &[f64], row: usize, temperature: f64) -> f64 {
+    let log_softmax = |x: &[f64]| -> Vec<f64> {
+        let m = x
+            .iter()
+            .fold(f64::NEG_INFINITY, |m, &v| m.max(v / temperature));
+        let lse = m + x
+            .iter()
+            .map(|&v| (v / temperature - m).exp())
+            .sum::<f64>()
+            .ln();
+        x.iter().map(|&v| v / temperature - lse).collect()
+    };
+    let (mut total, mut rows) = (0.0, 0usize);
+    for (ra, rb) in a.chunks(row).zip(b.chunks(row)) {
+        if ra.iter().chain(rb).any(|v| !v.is_finite()) {
+            continue;
+        }
+        let (lp, lq) = (log_softmax(ra), log_softmax(rb));
+        total += lp
+            .iter()
+            .zip(&lq)
+            .map(|(p, q)| p.exp() * (p - q))
+            .sum::<f64>();
+        rows += 1;
+    }
+    if rows == 0 {
+        0.0
+    } else {
+        (total / rows as f64).max(0.0)
+    }
+}
+
+/// Limits a comparison must stay within.
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct Tolerance {
+    pub max_abs: Option<f64>,
+    pub min_cosine: Option<f64>,
+    pub max_kl: Option<f64>,
+}
+
+impl Tolerance {
+    /// Why `d` breaks the tolerance, one line per broken limit.
+    pub fn violations(&self, d: &OutputDiff) -> Vec<String> {
+        let mut out = Vec::new();
+        if d.nonfinite_mismatches > 0 {
+            out.push(format!(
+                "`{}`: {} non-finite values differ",
+                d.name, d.nonfinite_mismatches
+            ));
+        }
+        if let Some(limit) = self.max_abs.filter(|&l| d.max_abs > l) {
+            out.push(format!(
+                "`{}`: max abs error {:.3e} > {limit:.3e}",
+                d.name, d.max_abs
+            ));
+        }
+        if let Some(limit) = self.min_cosine.filter(|&l| d.cosine < l) {
+            out.push(format!("`{}`: cosine {:.6} < {limit}", d.name, d.cosine));
+        }
+        if let (Some(limit), Some(kl)) = (self.max_kl, d.kl_divergence) {
+            if kl > limit {
+                out.push(format!(
+                    "`{}`: KL divergence {kl:.3e} > {limit:.3e}",
+                    d.name
+                ));
+            }
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tract_onnx::prelude::tensor1;
+
+    #[test]
+    fn identical_tensors_have_no_error() {
+        let t = tensor1(&[1.0f32, -2.0, 3.0]);
+        let d = diff("y", &t, &t, Some(1.0)).unwrap();
+        assert_eq!(d.max_abs, 0.0);
+        assert_eq!(d.max_rel, 0.0);
+        assert!((d.cosine - 1.0).abs() < 1e-12);
+        assert!(d.kl_divergence.unwrap().abs() < 1e-12);
+    }
+
+    #[test]
+    fn errors_are_measured_exactly() {
+        let a = tensor1(&[1.0f32, 0.0, 2.0]);
+        let b = tensor1(&[1.5f32, 0.0, 2.0]);
+        let d = diff("y", &a, &b, None).unwrap();
+        assert_eq!(d.max_abs, 0.5);
+        assert_eq!(d.max_rel, 0.5);
+        let expected = (1.5 + 4.0) / ((5.0f64).sqrt() * (6.25f64).sqrt());
+        assert!((d.cosine - expected).abs() < 1e-12);
+        assert_eq!(d.kl_divergence, None);
+    }
+
+    #[test]
+    fn kl_of_known_distributions() {
+        // softmax([0, ln 3]) = [0.25, 0.75]; softmax([0, 0]) = [0.5, 0.5].
+        let a = tensor1(&[0.0f64, 3f64.ln()]);
+        let b = tensor1(&[0.0f64, 0.0]);
+        let d = diff("logits", &a, &b, Some(1.0)).unwrap();
+        let expected = 0.25 * (0.25f64 / 0.5).ln() + 0.75 * (0.75f64 / 0.5).ln();
+        assert!((d.kl_divergence.unwrap() - expected).abs() < 1e-12);
+    }
+
+    #[test]
+    fn nonfinite_values_must_match() {
+        let a = tensor1(&[f32::NEG_INFINITY, f32::NAN, 1.0]);
+        let same = diff("y", &a, &a.clone(), None).unwrap();
+        assert_eq!(same.nonfinite_mismatches, 0);
+        let b = tensor1(&[0.0f32, f32::NAN, 1.0]);
+        let d = diff("y", &a, &b, None).unwrap();
+        assert_eq!(d.nonfinite_mismatches, 1);
+        assert_eq!(Tolerance::default().violations(&d).len(), 1);
+    }
+
+    #[test]
+    fn shape_mismatch_is_an_error() {
+        assert!(diff("y", &tensor1(&[1.0f32]), &tensor1(&[1.0f32, 2.0]), None).is_err());
+    }
+}

@@ -1,0 +1,447 @@
+//! Model inputs: what a model expects, batches read from `.npy`/`.npz` files, and batches
+//! generated from the input types when the user has no data.
+//!
+//! A batch directory holds, for each batch, one `.npy` per graph input named
+//! `<batch>.<input>.npy` (or `<input>.npy` for a single batch), or one `.npz` per batch whose
+//! arrays are named after the inputs. Files that name no graph input (reference outputs,
+//! say) are ignored. Generated inputs are deterministic: symbolic dims take their `--dim`
+//! value (default 1 for a batch-like name, 16 otherwise), integer inputs are drawn from
+//! `--input-range` or, for token ids, from the rows of the embedding table they index, and
+//! float inputs from a standard normal.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+
+use tract_onnx::prelude::{DatumType, Tensor};
+use tract_onnx::tract_hir::internal::tract_ndarray::{ArrayD, IxDyn};
+
+use super::rng;
+use super::ExecError;
+use crate::ir::{DataType, Model};
+use crate::proto::tensor_shape_proto::dimension::Value as Dim;
+use crate::proto::type_proto::Value as Type;
+
+/// One dimension of a declared input shape.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum DimSpec {
+    Fixed(usize),
+    Symbol(String),
+    Unknown,
+}
+
+/// A graph input that the caller must feed (inputs backed by an initializer are not listed).
+#[derive(Clone, Debug)]
+pub struct InputSpec {
+    pub name: String,
+    pub dtype: DatumType,
+    pub dims: Vec<DimSpec>,
+    /// Integer range `[lo, hi]` inferred from the graph (the rows of an indexed table).
+    pub inferred_range: Option<(i64, i64)>,
+}
+
+/// Named tensors fed to a model in one run, in graph input order.
+#[derive(Clone, Debug)]
+pub struct Batch {
+    pub name: String,
+    pub tensors: Vec<(String, Tensor)>,
+}
+
+/// How to make inputs when none are given.
+#[derive(Clone, Debug, Default)]
+pub struct GenerateOptions {
+    /// Values of symbolic dims, by name.
+    pub dims: HashMap<String, usize>,
+    /// Inclusive value ranges, by input name.
+    pub ranges: HashMap<String, (f64, f64)>,
+    pub seed: u64,
+}
+
+/// The inputs `model` must be fed.
+pub fn input_specs(model: &Model) -> Result<Vec<InputSpec>, ExecError> {
+    let g = &model.graph;
+    g.inputs
+        .iter()
+        .filter(|p| g.initializer(p.value).is_none())
+        .map(|port| {
+            let name = g.value_name(port.value).to_string();
+            let Some(Type::TensorType(tt)) =
+                port.decl.r#type.as_ref().and_then(|t| t.value.as_ref())
+            else {
+                return Err(ExecError::Input(format!("input `{name}` is not a tensor")));
+            };
+            let dtype = datum_type(tt.elem_type()).ok_or_else(|| {
+                ExecError::Input(format!(
+                    "input `{name}` has element type {}, which cannot be fed",
+                    crate::ir::tensor::dtype_name(tt.elem_type())
+                ))
+            })?;
+            let dims = tt
+                .shape
+                .as_ref()
+                .map(|s| {
+                    s.dim
+                        .iter()
+                        .map(|d| match &d.value {
+                            Some(Dim::DimValue(v)) if *v >= 0 => DimSpec::Fixed(*v as usize),
+                            Some(Dim::DimParam(p)) if !p.is_empty() => DimSpec::Symbol(p.clone()),
+                            _ => DimSpec::Unknown,
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            Ok(InputSpec {
+                inferred_range: embedding_rows(model, port.value).map(|rows| (0, rows - 1)),
+                name,
+                dtype,
+                dims,
+            })
+        })
+        .collect()
+}
+
+/// The element type tract uses for an ONNX element type code.
+pub fn datum_type(code: i32) -> Option<DatumType> {
+    Some(match DataType::try_from(code).ok()? {
+        DataType::Float => DatumType::F32,
+        DataType::Double => DatumType::F64,
+        DataType::Float16 => DatumType::F16,
+        DataType::Int64 => DatumType::I64,
+        DataType::Int32 => DatumType::I32,
+        DataType::Int16 => DatumType::I16,
+        DataType::Int8 => DatumType::I8,
+        DataType::Uint64 => DatumType::U64,
+        DataType::Uint32 => DatumType::U32,
+        DataType::Uint16 => DatumType::U16,
+        DataType::Uint8 => DatumType::U8,
+        DataType::Bool => DatumType::Bool,
+        DataType::String => DatumType::String,
+        _ => return None,
+    })
+}
+
+/// Rows of the initializer that `input` indexes through a `Gather` (token ids into an
+/// embedding table), looking through Casts.
+fn embedding_rows(model: &Model, input: crate::ir::ValueId) -> Option<i64> {
+    let g = &model.graph;
+    let mut frontier = vec![input];
+    while let Some(v) = frontier.pop() {
+        for &(reader, use_) in g.uses(v) {
+            let node = g.node(reader);
+            if node.is("Cast") {
+                frontier.extend(node.output(0));
+            } else if node.is("Gather") && use_ == crate::ir::Use::Input(1) {
+                let table = g.initializer(node.input(0)?)?;
+                let axis = crate::ir::attr::get_int(&node.proto, "axis").unwrap_or(0);
+                let rank = table.dims().len() as i64;
+                let axis = if axis < 0 { axis + rank } else { axis };
+                return table.dims().get(axis as usize).copied().filter(|&r| r > 0);
+            }
+        }
+    }
+    None
+}
+
+/// Makes `count` deterministic batches for `specs`.
+pub fn generate(
+    specs: &[InputSpec],
+    options: &GenerateOptions,
+    count: usize,
+) -> Result<Vec<Batch>, ExecError> {
+    (0..count)
+        .map(|b| {
+            let tensors = specs
+                .iter()
+                .enumerate()
+                .map(|(i, spec)| {
+                    let seed = options.seed ^ ((b as u64) << 32) ^ (i as u64 + 1);
+                    Ok((spec.name.clone(), generate_one(spec, options, seed)?))
+                })
+                .collect::<Result<_, ExecError>>()?;
+            Ok(Batch {
+                name: format!("generated_{b:02}"),
+                tensors,
+            })
+        })
+        .collect()
+}
+
+/// The default value of a symbolic dim: 1 for batch-like names, 16 for everything else.
+fn default_dim(symbol: &str) -> usize {
+    if symbol.to_ascii_lowercase().contains("batch") {
+        1
+    } else {
+        16
+    }
+}
+
+fn generate_one(
+    spec: &InputSpec,
+    options: &GenerateOptions,
+    seed: u64,
+) -> Result<Tensor, ExecError> {
+    let shape: Vec<usize> = spec
+        .dims
+        .iter()
+        .map(|d| match d {
+            DimSpec::Fixed(n) => *n,
+            DimSpec::Symbol(s) => options
+                .dims
+                .get(s)
+                .copied()
+                .unwrap_or_else(|| default_dim(s)),
+            DimSpec::Unknown => 16,
+        })
+        .collect();
+    let n: usize = shape.iter().product();
+    if spec.dtype == DatumType::String {
+        return Err(ExecError::Input(format!(
+            "input `{}` holds strings: give it in a batch file",
+            spec.name
+        )));
+    }
+    let range = options.ranges.get(&spec.name).copied();
+    let cast = |t: Tensor| {
+        t.cast_to_dt(spec.dtype)
+            .map(|t| t.into_owned())
+            .map_err(|e| ExecError::Input(format!("input `{}`: {e}", spec.name)))
+    };
+    let shaped = |e: tract_onnx::tract_hir::internal::tract_ndarray::ShapeError| {
+        ExecError::Input(format!("input `{}`: {e}", spec.name))
+    };
+    if spec.dtype.is_float() {
+        let values: Vec<f32> = (0..n as u64)
+            .map(|i| match range {
+                Some((lo, hi)) => (lo + (hi - lo) * rng::uniform(seed, i + 1)) as f32,
+                None => rng::normal(seed, i) as f32,
+            })
+            .collect();
+        return cast(
+            ArrayD::from_shape_vec(IxDyn(&shape), values)
+                .map_err(shaped)?
+                .into(),
+        );
+    }
+    let (lo, hi) = match range {
+        Some((lo, hi)) => (lo.ceil() as i64, hi.floor() as i64),
+        None if spec.dtype == DatumType::Bool => (0, 1),
+        None => match spec.inferred_range {
+            Some(r) => r,
+            None if spec.name.to_ascii_lowercase().contains("mask") => (1, 1),
+            None => (0, 9),
+        },
+    };
+    if hi < lo {
+        return Err(ExecError::Input(format!(
+            "input `{}`: empty range {lo}:{hi}",
+            spec.name
+        )));
+    }
+    let span = (hi - lo + 1) as u64;
+    let values: Vec<i64> = (0..n as u64)
+        .map(|i| lo + (rng::splitmix64(seed, i + 1) % span) as i64)
+        .collect();
+    cast(
+        ArrayD::from_shape_vec(IxDyn(&shape), values)
+            .map_err(shaped)?
+            .into(),
+    )
+}
+
+/// Reads every batch in `dir` (sorted by batch name).
+pub fn load_batches(dir: &Path, specs: &[InputSpec]) -> Result<Vec<Batch>, ExecError> {
+    let entries =
+        std::fs::read_dir(dir).map_err(|e| ExecError::Input(format!("{}: {e}", dir.display())))?;
+    let mut files: Vec<PathBuf> = entries.filter_map(|e| e.ok().map(|e| e.path())).collect();
+    files.sort();
+    // batch name -> input name -> source
+    let mut batches: BTreeMap<String, BTreeMap<String, Source>> = BTreeMap::new();
+    for path in files {
+        let Some(file_name) = path.file_name().and_then(|n| n.to_str()) else {
+            continue;
+        };
+        if let Some(stem) = file_name.strip_suffix(".npy") {
+            if let Some((batch, input)) = split_batch_name(stem, specs) {
+                batches
+                    .entry(batch.to_string())
+                    .or_default()
+                    .insert(input.to_string(), Source::Npy(path.clone()));
+            }
+        } else if let Some(stem) = file_name.strip_suffix(".npz") {
+            let names = npz_names(&path)?;
+            for spec in specs.iter().filter(|s| names.contains(&s.name)) {
+                batches.entry(stem.to_string()).or_default().insert(
+                    spec.name.clone(),
+                    Source::Npz(path.clone(), spec.name.clone()),
+                );
+            }
+        }
+    }
+    if batches.is_empty() {
+        let names: Vec<&str> = specs.iter().map(|s| s.name.as_str()).collect();
+        return Err(ExecError::Input(format!(
+            "{}: no .npy or .npz file holds any of the inputs {names:?}",
+            dir.display()
+        )));
+    }
+    batches
+        .into_iter()
+        .map(|(name, mut sources)| {
+            let tensors = specs
+                .iter()
+                .map(|spec| {
+                    let source = sources.remove(&spec.name).ok_or_else(|| {
+                        ExecError::Input(format!(
+                            "batch `{name}` in {} has no array for input `{}`",
+                            dir.display(),
+                            spec.name
+                        ))
+                    })?;
+                    let tensor = read_array(&source, spec.dtype)?;
+                    check_shape(spec, &tensor, &source)?;
+                    Ok((spec.name.clone(), tensor))
+                })
+                .collect::<Result<_, ExecError>>()?;
+            Ok(Batch { name, tensors })
+        })
+        .collect()
+}
+
+/// `("batch_00", "input_ids")` for `batch_00.input_ids`, `("", "input_ids")` for
+/// `input_ids`; `None` when the name ends with no input's name. Input names may contain dots
+/// (`past_key_values.0.key`), so the longest matching input name wins.
+fn split_batch_name<'a>(stem: &'a str, specs: &'a [InputSpec]) -> Option<(&'a str, &'a str)> {
+    specs
+        .iter()
+        .filter_map(|s| {
+            if stem == s.name {
+                return Some(("", s.name.as_str()));
+            }
+            let batch = stem.strip_suffix(s.name.as_str())?.strip_suffix('.')?;
+            Some((batch, s.name.as_str()))
+        })
+        .max_by_key(|(_, input)| input.len())
+}
+
+#[derive(Clone, Debug)]
+enum Source {
+    Npy(PathBuf),
+    Npz(PathBuf, String),
+}
+
+impl std::fmt::Display for Source {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Source::Npy(p) => write!(f, "{}", p.display()),
+            Source::Npz(p, name) => write!(f, "{}[{name}]", p.display()),
+        }
+    }
+}
+
+fn npz_names(path: &Path) -> Result<Vec<String>, ExecError> {
+    let file = std::fs::File::open(path)
+        .map_err(|e| ExecError::Input(format!("{}: {e}", path.display())))?;
+    ndarray_npy::NpzReader::new(file)
+        .and_then(|mut z| z.names())
+        .map_err(|e| ExecError::Input(format!("{}: not a readable .npz: {e}", path.display())))
+}
+
+/// Reads an array as `want`, accepting the element types NumPy users commonly save instead
+/// (int32 for int64 ids, float64 for float32) and converting them.
+fn read_array(source: &Source, want: DatumType) -> Result<Tensor, ExecError> {
+    let candidates: &[DatumType] = match want {
+        DatumType::I64 => &[DatumType::I64, DatumType::I32],
+        DatumType::I32 => &[DatumType::I32, DatumType::I64],
+        DatumType::F32 => &[DatumType::F32, DatumType::F64],
+        DatumType::F64 => &[DatumType::F64, DatumType::F32],
+        other => std::slice::from_ref(match other {
+            DatumType::I8 => &DatumType::I8,
+            DatumType::I16 => &DatumType::I16,
+            DatumType::U8 => &DatumType::U8,
+            DatumType::U16 => &DatumType::U16,
+            DatumType::U32 => &DatumType::U32,
+            DatumType::U64 => &DatumType::U64,
+            DatumType::Bool => &DatumType::Bool,
+            _ => {
+                return Err(ExecError::Input(format!(
+                    "{source}: reading {want:?} arrays is not supported"
+                )))
+            }
+        }),
+    };
+    let mut last = String::new();
+    for &dt in candidates {
+        match read_as(source, dt) {
+            Ok(t) => {
+                return t
+                    .cast_to_dt(want)
+                    .map(|t| t.into_owned())
+                    .map_err(|e| ExecError::Input(format!("{source}: {e}")))
+            }
+            Err(e) => last = e,
+        }
+    }
+    Err(ExecError::Input(format!(
+        "{source}: expected an array of {want:?}: {last}"
+    )))
+}
+
+fn read_as(source: &Source, dt: DatumType) -> Result<Tensor, String> {
+    fn read<T: ndarray_npy::ReadableElement>(source: &Source) -> Result<Tensor, String>
+    where
+        Tensor: From<ArrayD<T>>,
+    {
+        let open = |p: &Path| std::fs::File::open(p).map_err(|e| e.to_string());
+        let array: ArrayD<T> = match source {
+            Source::Npy(p) => {
+                ndarray_npy::ReadNpyExt::read_npy(open(p)?).map_err(|e| e.to_string())?
+            }
+            Source::Npz(p, name) => ndarray_npy::NpzReader::new(open(p)?)
+                .and_then(|mut z| z.by_name(name))
+                .map_err(|e| e.to_string())?,
+        };
+        Ok(array.into())
+    }
+    match dt {
+        DatumType::F32 => read::<f32>(source),
+        DatumType::F64 => read::<f64>(source),
+        DatumType::I64 => read::<i64>(source),
+        DatumType::I32 => read::<i32>(source),
+        DatumType::I16 => read::<i16>(source),
+        DatumType::I8 => read::<i8>(source),
+        DatumType::U64 => read::<u64>(source),
+        DatumType::U32 => read::<u32>(source),
+        DatumType::U16 => read::<u16>(source),
+        DatumType::U8 => read::<u8>(source),
+        DatumType::Bool => read::<bool>(source),
+        other => Err(format!("{other:?} is not readable")),
+    }
+}
+
+fn check_shape(spec: &InputSpec, t: &Tensor, source: &Source) -> Result<(), ExecError> {
+    let shape = t.shape();
+    let fits = shape.len() == spec.dims.len()
+        && spec.dims.iter().zip(shape).all(|(d, &n)| match d {
+            DimSpec::Fixed(f) => *f == n,
+            _ => true,
+        });
+    if spec.dims.is_empty() || fits {
+        return Ok(());
+    }
+    Err(ExecError::Input(format!(
+        "{source}: shape {shape:?} does not fit input `{}` of shape {}",
+        spec.name,
+        dims_text(&spec.dims)
+    )))
+}
+
+pub fn dims_text(dims: &[DimSpec]) -> String {
+    let d: Vec<String> = dims
+        .iter()
+        .map(|d| match d {
+            DimSpec::Fixed(n) => n.to_string(),
+            DimSpec::Symbol(s) => s.clone(),
+            DimSpec::Unknown => "?".into(),
+        })
+        .collect();
+    format!("[{}]", d.join(", "))
+}

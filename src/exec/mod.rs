@@ -1,0 +1,348 @@
+//! Running models in tract, and comparing two models on the same inputs.
+//!
+//! The bridge owns what tract needs to run exported transformers: the model goes over as
+//! bytes (tract has its own proto types), without `value_info` (dynamo exports carry
+//! symbolic shapes for intermediates that clash with concrete input shapes) and with input
+//! shapes fixed from the actual inputs (legacy exports fail shape analysis otherwise); a plan
+//! is built per input shape and cached. Every node is first checked against
+//! `support`, because tract ignores operator domains. A panic inside tract becomes an
+//! `ExecError`, never a crash. `Runner::with_outputs` returns intermediate values too, which
+//! calibration uses to observe every tensor in one run.
+
+pub mod compare;
+pub mod inputs;
+pub mod rng;
+pub mod support;
+
+use std::collections::HashMap;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use prost::Message;
+use tract_onnx::prelude::{
+    InferenceFact, InferenceModel, InferenceModelExt, IntoTensor, OutletId, TValue, TVec, Tensor,
+    TypedRunnableModel,
+};
+
+use crate::ir::Model;
+pub use compare::{OutputDiff, Tolerance};
+pub use inputs::{Batch, GenerateOptions, InputSpec};
+pub use support::Unsupported;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ExecError {
+    #[error("cannot be run faithfully: {0}")]
+    Unsupported(Unsupported),
+    #[error("tract cannot run the model: {0}")]
+    Tract(String),
+    #[error("tract panicked: {0}")]
+    Panic(String),
+    #[error("{0}")]
+    Input(String),
+    #[error(transparent)]
+    Model(#[from] crate::Error),
+}
+
+/// Runs `f`, turning a panic (tract asserts on some malformed models) into an error.
+fn guarded<T>(f: impl FnOnce() -> Result<T, ExecError>) -> Result<T, ExecError> {
+    catch_unwind(AssertUnwindSafe(f)).unwrap_or_else(|payload| {
+        let msg = payload
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| payload.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "unknown panic".into());
+        Err(ExecError::Panic(msg))
+    })
+}
+
+fn tract_err(e: impl std::fmt::Display) -> ExecError {
+    // `{:#}` prints the whole context chain on one line: the cause is usually at its end.
+    ExecError::Tract(format!("{e:#}"))
+}
+
+/// Converts a tensor of the IR to a tract tensor, through tract's own tensor loader.
+pub fn to_tract(t: &crate::ir::Tensor) -> Result<Tensor, ExecError> {
+    let raw = t.clone().into_raw_form();
+    let p = raw.proto();
+    let pb = tract_onnx::pb::TensorProto {
+        dims: p.dims.clone(),
+        data_type: p.data_type(),
+        raw_data: p
+            .raw_data
+            .as_deref()
+            .map(<[u8]>::to_vec)
+            .unwrap_or_default(),
+        string_data: p.string_data.iter().map(|s| s.to_vec()).collect(),
+        ..Default::default()
+    };
+    guarded(|| {
+        tract_onnx::tensor::load_tensor(&tract_onnx::data_resolver::MmapDataResolver, &pb, None)
+            .map_err(tract_err)
+    })
+}
+
+/// A model loaded into tract, ready to run on batches of any shape.
+pub struct Runner {
+    parsed: InferenceModel,
+    outlets: HashMap<String, OutletId>,
+    inputs: Vec<InputSpec>,
+    outputs: Vec<String>,
+    plans: HashMap<Vec<Vec<usize>>, Arc<TypedRunnableModel>>,
+}
+
+impl Runner {
+    /// Loads `model`, returning its graph outputs when run.
+    pub fn new(model: &Model) -> Result<Runner, ExecError> {
+        let outputs: Vec<String> = model
+            .graph
+            .outputs
+            .iter()
+            .map(|p| model.graph.value_name(p.value).to_string())
+            .collect();
+        Runner::with_outputs(model, &outputs)
+    }
+
+    /// Loads `model`, returning the named values (graph outputs or intermediates) when run.
+    pub fn with_outputs(model: &Model, outputs: &[String]) -> Result<Runner, ExecError> {
+        if let Some(u) = support::first_unsupported(model) {
+            return Err(ExecError::Unsupported(u));
+        }
+        let inputs = inputs::input_specs(model)?;
+        let mut proto = model.to_proto()?;
+        if let Some(g) = &mut proto.graph {
+            g.value_info.clear();
+        }
+        // tract reads some typed fields from the wrong place (uint32 from int32_data):
+        // hand it every tensor in raw form, the layout readers agree on.
+        crate::io::walk::model_tensors(&mut proto, &mut |t| {
+            *t = crate::ir::Tensor::from_proto(std::mem::take(t))?
+                .into_raw_form()
+                .into_proto();
+            Ok(())
+        })?;
+        let bytes = proto.encode_to_vec();
+        drop(proto);
+        let (parsed, outlets) = guarded(|| {
+            let pb = tract_onnx::pb::ModelProto::decode(&bytes[..]).map_err(tract_err)?;
+            let framework = tract_onnx::onnx()
+                .with_ignore_output_shapes(true)
+                .with_ignore_value_info(true);
+            let result = framework.parse(&pb, None).map_err(tract_err)?;
+            if !result.unresolved_inputs.is_empty() {
+                return Err(ExecError::Tract(format!(
+                    "unresolved inputs {:?}",
+                    result.unresolved_inputs
+                )));
+            }
+            Ok((result.model, result.outlets_by_name))
+        })?;
+        if let Some(missing) = outputs.iter().find(|o| !outlets.contains_key(*o)) {
+            return Err(ExecError::Input(format!(
+                "the model has no value `{missing}`"
+            )));
+        }
+        Ok(Runner {
+            parsed,
+            outlets,
+            inputs,
+            outputs: outputs.to_vec(),
+            plans: HashMap::new(),
+        })
+    }
+
+    pub fn inputs(&self) -> &[InputSpec] {
+        &self.inputs
+    }
+
+    pub fn output_names(&self) -> &[String] {
+        &self.outputs
+    }
+
+    /// Runs one batch; returns the requested values in order.
+    pub fn run(&mut self, batch: &Batch) -> Result<Vec<(String, Tensor)>, ExecError> {
+        if batch.tensors.len() != self.inputs.len()
+            || batch
+                .tensors
+                .iter()
+                .zip(&self.inputs)
+                .any(|((name, _), spec)| *name != spec.name)
+        {
+            let want: Vec<&str> = self.inputs.iter().map(|s| s.name.as_str()).collect();
+            let got: Vec<&str> = batch.tensors.iter().map(|(n, _)| n.as_str()).collect();
+            return Err(ExecError::Input(format!(
+                "batch `{}` has inputs {got:?}, the model wants {want:?}",
+                batch.name
+            )));
+        }
+        let key: Vec<Vec<usize>> = batch
+            .tensors
+            .iter()
+            .map(|(_, t)| t.shape().to_vec())
+            .collect();
+        let plan = match self.plans.get(&key) {
+            Some(plan) => plan.clone(),
+            None => {
+                let plan = self.plan(batch)?;
+                self.plans.insert(key, plan.clone());
+                plan
+            }
+        };
+        let values: TVec<TValue> = batch
+            .tensors
+            .iter()
+            .map(|(_, t)| t.clone().into())
+            .collect();
+        let results = guarded(|| plan.run(values).map_err(tract_err))?;
+        self.outputs
+            .iter()
+            .cloned()
+            .zip(results)
+            .map(|(name, v)| Ok((name, onnx_typed(v.into_tensor())?)))
+            .collect()
+    }
+
+    fn plan(&self, batch: &Batch) -> Result<Arc<TypedRunnableModel>, ExecError> {
+        let mut model = self.parsed.clone();
+        let outlets: Vec<OutletId> = self.outputs.iter().map(|o| self.outlets[o]).collect();
+        guarded(|| {
+            for (i, (_, t)) in batch.tensors.iter().enumerate() {
+                model
+                    .set_input_fact(i, InferenceFact::dt_shape(t.datum_type(), t.shape()))
+                    .map_err(tract_err)?;
+            }
+            model.select_output_outlets(&outlets).map_err(tract_err)?;
+            let typed = model.into_optimized().map_err(tract_err)?;
+            tract_onnx::prelude::IntoRunnable::into_runnable(typed).map_err(tract_err)
+        })
+    }
+}
+
+/// tract computes `Shape` and `Size` as symbolic dims (`TDim`); ONNX says int64.
+fn onnx_typed(t: Tensor) -> Result<Tensor, ExecError> {
+    if t.datum_type() == tract_onnx::prelude::DatumType::TDim {
+        return Ok(t.cast_to::<i64>().map_err(tract_err)?.into_owned());
+    }
+    Ok(t)
+}
+
+/// Where validation inputs come from.
+#[derive(Clone, Debug)]
+pub enum InputSource {
+    /// A directory of `.npy`/`.npz` batches.
+    Dir(PathBuf),
+    /// This many generated batches.
+    Generated(usize),
+}
+
+#[derive(Clone, Debug)]
+pub struct ValidateOptions {
+    pub inputs: InputSource,
+    pub generate: GenerateOptions,
+    /// Softmax temperature of the KL divergence.
+    pub kl_temperature: f64,
+    /// Outputs compared as logits (with KL divergence). Empty: outputs whose name contains
+    /// "logits".
+    pub logits: Vec<String>,
+    pub tolerance: Tolerance,
+}
+
+impl Default for ValidateOptions {
+    fn default() -> Self {
+        ValidateOptions {
+            inputs: InputSource::Generated(2),
+            generate: GenerateOptions::default(),
+            kl_temperature: 1.0,
+            logits: Vec::new(),
+            tolerance: Tolerance::default(),
+        }
+    }
+}
+
+/// The outcome of comparing a candidate model with a reference on the same inputs.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Validation {
+    pub batches: Vec<String>,
+    /// Worst error per output over all batches.
+    pub outputs: Vec<OutputDiff>,
+    pub tolerance: Tolerance,
+    /// Each way the outputs break the tolerance; empty when they keep it.
+    pub violations: Vec<String>,
+}
+
+impl Validation {
+    pub fn passed(&self) -> bool {
+        self.violations.is_empty()
+    }
+}
+
+/// Reads or makes the batches `source` asks for, for the inputs of `model`.
+pub fn batches_for(
+    model: &Model,
+    source: &InputSource,
+    generate: &GenerateOptions,
+) -> Result<Vec<Batch>, ExecError> {
+    let specs = inputs::input_specs(model)?;
+    match source {
+        InputSource::Dir(dir) => inputs::load_batches(dir, &specs),
+        InputSource::Generated(n) => inputs::generate(&specs, generate, *n),
+    }
+}
+
+/// Runs `reference` and `candidate` on the same batches and compares every output.
+/// `on_batch` is called after each batch (for a progress bar).
+pub fn validate(
+    reference: &Model,
+    candidate: &Model,
+    options: &ValidateOptions,
+    on_batch: &dyn Fn(usize, usize),
+) -> Result<Validation, ExecError> {
+    let batches = batches_for(reference, &options.inputs, &options.generate)?;
+    let mut a = Runner::new(reference)?;
+    let mut b = Runner::new(candidate)?;
+    let names = |r: &Runner| -> Vec<(String, tract_onnx::prelude::DatumType)> {
+        r.inputs()
+            .iter()
+            .map(|s| (s.name.clone(), s.dtype))
+            .collect()
+    };
+    if names(&a) != names(&b) {
+        return Err(ExecError::Input(
+            "the two models do not take the same inputs".into(),
+        ));
+    }
+    let is_logits = |name: &str| {
+        if options.logits.is_empty() {
+            name.to_ascii_lowercase().contains("logits")
+        } else {
+            options.logits.iter().any(|l| l == name)
+        }
+    };
+    let mut outputs: Vec<OutputDiff> = Vec::new();
+    for (i, batch) in batches.iter().enumerate() {
+        let ra = a.run(batch)?;
+        let rb: HashMap<String, Tensor> = b.run(batch)?.into_iter().collect();
+        for (k, (name, ta)) in ra.iter().enumerate() {
+            let tb = rb
+                .get(name)
+                .ok_or_else(|| ExecError::Input(format!("the candidate has no output `{name}`")))?;
+            let t = is_logits(name).then_some(options.kl_temperature);
+            let d = compare::diff(name, ta, tb, t).map_err(ExecError::Input)?;
+            match outputs.get_mut(k) {
+                Some(acc) => acc.merge(&d),
+                None => outputs.push(d),
+            }
+        }
+        on_batch(i + 1, batches.len());
+    }
+    let violations = outputs
+        .iter()
+        .flat_map(|d| options.tolerance.violations(d))
+        .collect();
+    Ok(Validation {
+        batches: batches.iter().map(|b| b.name.clone()).collect(),
+        outputs,
+        tolerance: options.tolerance.clone(),
+        violations,
+    })
+}

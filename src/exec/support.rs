@@ -1,0 +1,128 @@
+//! Which operators tract runs with the semantics of the domain they come from.
+//!
+//! tract looks operators up by `op_type` alone and ignores the domain, so a
+//! `com.microsoft::Attention` would be run as the standard opset-23 `Attention`, a different
+//! operator, and a comparison built on that run would be wrong while looking fine. Before a
+//! model goes to tract every node is checked here: the default domain and `ai.onnx.ml` go to
+//! tract (which then either runs an op or says it does not know it), and a node of any other
+//! domain runs only if its op is listed below as one whose tract implementation follows
+//! that domain's definition. Anything else is refused, so it is reported as "cannot run",
+//! never as "equal".
+
+use crate::ir::{Model, Node};
+use crate::proto::{AttributeProto, GraphProto};
+
+/// Given which input slots of a node are present, names the case tract gets wrong, if any.
+type Caveat = fn(&[bool]) -> Option<&'static str>;
+
+/// `com.microsoft` operators that tract implements with ONNX Runtime's semantics.
+const CONTRIB_OPS: &[(&str, Caveat)] = &[
+    // Same definition as ONNX Gelu with approximate="none".
+    ("Gelu", |_| None),
+    ("FastGelu", |_| None),
+    ("BiasGelu", |_| None),
+    ("QuickGelu", |_| None),
+    ("SkipLayerNormalization", |present| {
+        // tract counts present inputs, so a bias (input 4) without a beta (input 3) is read
+        // from the wrong slot.
+        let has = |slot: usize| present.get(slot).copied().unwrap_or(false);
+        (has(4) && !has(3)).then_some("a bias without a beta")
+    }),
+];
+
+/// Why a node cannot be run faithfully.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Unsupported {
+    pub node: String,
+    pub op: String,
+    pub reason: String,
+}
+
+impl std::fmt::Display for Unsupported {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "node `{}` ({}): {}", self.node, self.op, self.reason)
+    }
+}
+
+/// The first node of `model` that tract would not run with its own domain's semantics.
+pub fn first_unsupported(model: &Model) -> Option<Unsupported> {
+    let local_functions: Vec<(&str, &str)> = model
+        .envelope
+        .functions
+        .iter()
+        .map(|f| (f.domain(), f.name()))
+        .collect();
+    let check = |op: &str, domain: &str, present: &[bool]| {
+        if local_functions.contains(&(domain, op)) {
+            return Some("calls a model-local function, which tract does not run".to_string());
+        }
+        match domain {
+            "" | "ai.onnx" | "ai.onnx.ml" => None,
+            "com.microsoft" => match CONTRIB_OPS.iter().find(|(name, _)| *name == op) {
+                Some((_, condition)) => condition(present)
+                    .map(|why| format!("tract does not run com.microsoft::{op} with {why}")),
+                None => Some(format!(
+                    "tract has no faithful implementation of com.microsoft::{op}"
+                )),
+            },
+            other => Some(format!(
+                "operators of domain `{other}` are not run by tract"
+            )),
+        }
+    };
+    for (id, node) in model.graph.nodes() {
+        let present: Vec<bool> = node.inputs.iter().map(Option::is_some).collect();
+        if let Some(reason) = check(node.op_type(), node.domain(), &present) {
+            return Some(unsupported(&model.graph.node_label(id), node, reason));
+        }
+        for g in subgraphs(&node.proto.attribute) {
+            if let Some(u) = first_unsupported_in(g, &check) {
+                return Some(u);
+            }
+        }
+    }
+    None
+}
+
+type Check<'a> = dyn Fn(&str, &str, &[bool]) -> Option<String> + 'a;
+
+fn first_unsupported_in(g: &GraphProto, check: &Check) -> Option<Unsupported> {
+    for n in &g.node {
+        let present: Vec<bool> = n.input.iter().map(|i| !i.is_empty()).collect();
+        if let Some(reason) = check(n.op_type(), n.domain(), &present) {
+            return Some(Unsupported {
+                node: n.name().to_string(),
+                op: qualified(n.domain(), n.op_type()),
+                reason,
+            });
+        }
+        for sub in subgraphs(&n.attribute) {
+            if let Some(u) = first_unsupported_in(sub, check) {
+                return Some(u);
+            }
+        }
+    }
+    None
+}
+
+fn subgraphs(attributes: &[AttributeProto]) -> impl Iterator<Item = &GraphProto> {
+    attributes
+        .iter()
+        .flat_map(|a| a.g.iter().chain(a.graphs.iter()))
+}
+
+fn unsupported(label: &str, node: &Node, reason: String) -> Unsupported {
+    Unsupported {
+        node: label.to_string(),
+        op: qualified(node.domain(), node.op_type()),
+        reason,
+    }
+}
+
+fn qualified(domain: &str, op: &str) -> String {
+    if domain.is_empty() || domain == "ai.onnx" {
+        op.to_string()
+    } else {
+        format!("{domain}::{op}")
+    }
+}

@@ -1,0 +1,152 @@
+//! Graph passes and the manager that runs them.
+//!
+//! A pass looks at the model and applies `Patch`es (see `ir::patch`); it reports how many
+//! rewrites of each kind it made. The manager runs a list of passes in order, again and
+//! again until a whole round changes nothing (a fixpoint, since one pass's rewrite can
+//! expose work for another), and records per pass the node counts before and after, the
+//! rewrites by kind and the time spent, for the report.
+
+pub mod dce;
+
+use std::collections::BTreeMap;
+use std::time::Instant;
+
+use crate::error::{Error, Result};
+use crate::ir::{Model, Patch};
+
+/// Rewrites a pass made, counted by kind (`"dead-node"`, `"gelu-erf"`, …).
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Rewrites(pub BTreeMap<String, usize>);
+
+impl Rewrites {
+    pub fn add(&mut self, kind: &str, n: usize) {
+        if n > 0 {
+            *self.0.entry(kind.to_string()).or_default() += n;
+        }
+    }
+
+    pub fn total(&self) -> usize {
+        self.0.values().sum()
+    }
+
+    pub fn merge(&mut self, other: &Rewrites) {
+        for (kind, n) in &other.0 {
+            self.add(kind, *n);
+        }
+    }
+
+    /// Applies `patch` to the model and counts it under its kind.
+    pub fn apply(&mut self, model: &mut Model, patch: Patch) -> Result<()> {
+        let kind = patch.kind;
+        model.graph.apply(patch)?;
+        self.add(kind, 1);
+        Ok(())
+    }
+}
+
+/// One transformation of the model.
+pub trait Pass {
+    /// Stable name, used in the report and in `--passes` lists.
+    fn name(&self) -> &'static str;
+    /// Runs once over the model and returns the rewrites it made (none: nothing to do).
+    fn run(&self, model: &mut Model) -> Result<Rewrites>;
+}
+
+/// What the manager saw one pass do, summed over every round.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct PassStats {
+    pub pass: String,
+    pub runs: usize,
+    /// Node count before the pass first ran, and after it last ran.
+    pub nodes_before: usize,
+    pub nodes_after: usize,
+    pub rewrites: Rewrites,
+    pub seconds: f64,
+}
+
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct PassReport {
+    pub rounds: usize,
+    /// False when the round limit stopped the manager before a fixpoint.
+    pub converged: bool,
+    pub passes: Vec<PassStats>,
+}
+
+pub struct PassManager {
+    passes: Vec<Box<dyn Pass>>,
+    max_rounds: usize,
+}
+
+impl Default for PassManager {
+    fn default() -> Self {
+        PassManager {
+            passes: Vec::new(),
+            max_rounds: 10,
+        }
+    }
+}
+
+impl PassManager {
+    pub fn new() -> PassManager {
+        PassManager::default()
+    }
+
+    pub fn with(mut self, pass: impl Pass + 'static) -> Self {
+        self.passes.push(Box::new(pass));
+        self
+    }
+
+    pub fn max_rounds(mut self, rounds: usize) -> Self {
+        self.max_rounds = rounds.max(1);
+        self
+    }
+
+    /// Runs the passes round after round until one changes nothing.
+    pub fn run(&self, model: &mut Model) -> Result<PassReport> {
+        let mut stats: Vec<PassStats> = self
+            .passes
+            .iter()
+            .map(|p| PassStats {
+                pass: p.name().to_string(),
+                runs: 0,
+                nodes_before: 0,
+                nodes_after: 0,
+                rewrites: Rewrites::default(),
+                seconds: 0.0,
+            })
+            .collect();
+        let mut rounds = 0;
+        let mut converged = false;
+        while rounds < self.max_rounds {
+            rounds += 1;
+            let mut changed = false;
+            for (pass, stat) in self.passes.iter().zip(&mut stats) {
+                let before = model.graph.node_count();
+                let start = Instant::now();
+                let rewrites = pass.run(model)?;
+                // A pass must leave a graph that can be written: catch a bad rewrite here,
+                // naming the pass, rather than as a broken output file.
+                model.graph.topological_order().map_err(|e| {
+                    Error::Patch(format!("pass `{}` left an invalid graph: {e}", pass.name()))
+                })?;
+                stat.seconds += start.elapsed().as_secs_f64();
+                if stat.runs == 0 {
+                    stat.nodes_before = before;
+                }
+                stat.runs += 1;
+                stat.nodes_after = model.graph.node_count();
+                changed |= rewrites.total() > 0;
+                stat.rewrites.merge(&rewrites);
+            }
+            if !changed {
+                converged = true;
+                break;
+            }
+        }
+        Ok(PassReport {
+            rounds,
+            converged,
+            passes: stats,
+        })
+    }
+}
