@@ -1,0 +1,300 @@
+//! The `onnxopt` command: parses arguments, calls the library, prints. Nothing else.
+//!
+//! Exit codes: 0 success; 1 an error (bad input, I/O), with a one-line reason on stderr;
+//! 2 bad arguments; 3 a validation that failed or could not be done (nothing is written).
+
+mod args;
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::{bail, Context, Result};
+use clap::Parser;
+
+use args::{Cli, Command, InputArgs, OptimizeArgs, ToleranceArgs};
+use onnxopt::exec::{self, Batch, GenerateOptions, InputSource, Tolerance, ValidateOptions};
+use onnxopt::io::{self, ExternalData};
+use onnxopt::ir::Model;
+use onnxopt::report::{ModelStats, Report};
+
+/// A validation that failed or could not run: exit code 3.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct ValidationFailed(String);
+
+thread_local! {
+    static LAST_PANIC: std::cell::RefCell<String> = const { std::cell::RefCell::new(String::new()) };
+}
+
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    // tract panics on some malformed models; `exec` catches those and reports them as
+    // errors, so the default hook's message would be noise. The hook keeps the message (with
+    // its location) for the one case that is not caught: a bug of ours.
+    std::panic::set_hook(Box::new(|info| {
+        LAST_PANIC.with(|p| *p.borrow_mut() = info.to_string());
+    }));
+    match std::panic::catch_unwind(|| run(cli)) {
+        Ok(Ok(())) => ExitCode::SUCCESS,
+        Ok(Err(e)) => {
+            eprintln!("error: {e:#}");
+            if e.downcast_ref::<ValidationFailed>().is_some() {
+                ExitCode::from(3)
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+        Err(_) => {
+            let msg = LAST_PANIC.with(|p| p.borrow().clone());
+            eprintln!("internal error: {msg} (this is a bug in onnxopt; please report it)");
+            ExitCode::from(101)
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Optimize(args) => optimize(args),
+        Command::Inspect { model, json } => {
+            let info = onnxopt::inspect::inspect(&load(&model)?);
+            if json {
+                emit(&format!("{}\n", serde_json::to_string_pretty(&info)?))
+            } else {
+                emit(&info.to_string())
+            }
+        }
+        Command::Dump { model } => {
+            let proto = load(&model)?.to_proto()?;
+            emit(&onnxopt::ir::dump::dump_model(&proto))
+        }
+        Command::Validate {
+            reference,
+            candidate,
+            inputs,
+            tolerance,
+            report,
+        } => {
+            let (a, b) = (load(&reference)?, load(&candidate)?);
+            let mut r = Report::new();
+            r.validation = Some(validate(&a, &b, &inputs, &tolerance)?);
+            emit(&r.to_string())?;
+            write_report(&r, report.as_deref())?;
+            check_passed(&r)
+        }
+        Command::Run {
+            model,
+            inputs,
+            output_dir,
+        } => run_model(&model, &inputs, &output_dir),
+    }
+}
+
+/// Writes to stdout; a closed pipe (`onnxopt dump m.onnx | head`) is not an error.
+fn emit(text: &str) -> Result<()> {
+    use std::io::Write;
+    match std::io::stdout().lock().write_all(text.as_bytes()) {
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        other => other.context("cannot write to stdout"),
+    }
+}
+
+fn load(path: &Path) -> Result<Model> {
+    io::load(path).with_context(|| format!("cannot load `{}`", path.display()))
+}
+
+fn optimize(args: OptimizeArgs) -> Result<()> {
+    if same_file(&args.input, &args.output) && !args.in_place {
+        bail!(
+            "`{}` is the input: pass --in-place to replace it",
+            args.output.display()
+        );
+    }
+    let mut model = load(&args.input)?;
+    let mut report = Report::new();
+    report.input = Some(stats(&model, &args.input));
+    if let Some(src) = &model.source {
+        if src.unknown_field_bytes > 0 {
+            report.warnings.push(format!(
+                "{} bytes of the input hold fields unknown to ONNX 1.23; they are not written",
+                src.unknown_field_bytes
+            ));
+        }
+    }
+    let original = args.validate.then(|| model.clone());
+    report.passes = Some(onnxopt::optimize(&mut model).context("optimization failed")?);
+    if let Some(original) = &original {
+        let v = validate(original, &model, &args.inputs, &args.tolerance)?;
+        report.validation = Some(v);
+        if let Err(e) = check_passed(&report) {
+            emit(&report.to_string())?;
+            write_report(&report, args.report.as_deref())?;
+            return Err(e.context(format!("`{}` was not written", args.output.display())));
+        }
+    }
+    let external = if args.external_data {
+        ExternalData::Always
+    } else if args.no_external_data {
+        ExternalData::Never
+    } else {
+        ExternalData::Auto
+    };
+    let saved = io::save(&model, &args.output, external)
+        .with_context(|| format!("cannot write `{}`", args.output.display()))?;
+    report.output = Some(saved);
+    emit(&report.to_string())?;
+    write_report(&report, args.report.as_deref())
+}
+
+fn stats(model: &Model, path: &Path) -> ModelStats {
+    ModelStats {
+        path: path.display().to_string(),
+        file_bytes: model.source.as_ref().map_or(0, |s| s.file_bytes),
+        nodes: model.graph.node_count(),
+    }
+}
+
+/// True when `output` names the same file as `input` (which exists), links included.
+fn same_file(input: &Path, output: &Path) -> bool {
+    let Ok(input) = input.canonicalize() else {
+        return false;
+    };
+    if let Ok(output) = output.canonicalize() {
+        return output == input;
+    }
+    let parent = match output.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    match (parent.canonicalize(), output.file_name()) {
+        (Ok(dir), Some(name)) => dir.join(name) == input,
+        _ => false,
+    }
+}
+
+fn input_source(inputs: &InputArgs) -> (InputSource, GenerateOptions) {
+    let source = match &inputs.inputs {
+        Some(dir) => InputSource::Dir(dir.clone()),
+        None => InputSource::Generated(inputs.batches),
+    };
+    let generate = GenerateOptions {
+        dims: inputs.dims.iter().cloned().collect(),
+        ranges: inputs.ranges.iter().cloned().collect(),
+        seed: inputs.seed,
+    };
+    (source, generate)
+}
+
+fn validate_options(inputs: &InputArgs, tolerance: &ToleranceArgs) -> ValidateOptions {
+    let (source, generate) = input_source(inputs);
+    ValidateOptions {
+        inputs: source,
+        generate,
+        kl_temperature: tolerance.kl_temperature,
+        logits: tolerance.logits.clone(),
+        tolerance: Tolerance {
+            max_abs: Some(tolerance.max_error),
+            min_cosine: Some(tolerance.min_cosine),
+            max_kl: tolerance.max_kl,
+        },
+    }
+}
+
+fn validate(
+    a: &Model,
+    b: &Model,
+    inputs: &InputArgs,
+    tolerance: &ToleranceArgs,
+) -> Result<exec::Validation> {
+    let options = validate_options(inputs, tolerance);
+    let bar = progress("validating");
+    let result = exec::validate(a, b, &options, &|done, total| {
+        bar.set_length(total as u64);
+        bar.set_position(done as u64);
+    });
+    bar.finish_and_clear();
+    result.map_err(|e| ValidationFailed(format!("cannot validate: {e}")).into())
+}
+
+fn check_passed(report: &Report) -> Result<()> {
+    match &report.validation {
+        Some(v) if !v.passed() => Err(ValidationFailed(format!(
+            "outputs differ beyond the tolerance: {}",
+            v.violations.join("; ")
+        ))
+        .into()),
+        _ => Ok(()),
+    }
+}
+
+fn write_report(report: &Report, path: Option<&Path>) -> Result<()> {
+    if let Some(path) = path {
+        std::fs::write(path, report.to_json())
+            .with_context(|| format!("cannot write the report `{}`", path.display()))?;
+    }
+    Ok(())
+}
+
+/// A progress bar on stderr; hidden when stderr is not a terminal.
+fn progress(what: &'static str) -> indicatif::ProgressBar {
+    let bar = indicatif::ProgressBar::new(0);
+    if let Ok(style) =
+        indicatif::ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} batches {elapsed}")
+    {
+        bar.set_style(style);
+    }
+    bar.set_message(what);
+    bar
+}
+
+fn run_model(path: &Path, inputs: &InputArgs, output_dir: &Path) -> Result<()> {
+    let model = load(path)?;
+    let (source, generate) = input_source(inputs);
+    let batches: Vec<Batch> = exec::batches_for(&model, &source, &generate)?;
+    let mut runner = exec::Runner::new(&model)?;
+    std::fs::create_dir_all(output_dir)
+        .with_context(|| format!("cannot create `{}`", output_dir.display()))?;
+    let bar = progress("running");
+    bar.set_length(batches.len() as u64);
+    for batch in &batches {
+        for (name, tensor) in runner.run(batch)? {
+            let file = output_dir.join(format!("{}.{}.npy", batch.name, file_safe(&name)));
+            write_npy(&file, &tensor)
+                .with_context(|| format!("cannot write `{}`", file.display()))?;
+            emit(&format!("{}\n", file.display()))?;
+        }
+        bar.inc(1);
+    }
+    bar.finish_and_clear();
+    Ok(())
+}
+
+fn file_safe(name: &str) -> String {
+    name.chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || "._-".contains(c) {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect()
+}
+
+fn write_npy(path: &PathBuf, t: &tract_onnx::prelude::Tensor) -> Result<()> {
+    use ndarray_npy::WriteNpyExt;
+    use tract_onnx::prelude::DatumType;
+    let file = std::io::BufWriter::new(std::fs::File::create(path)?);
+    match t.datum_type() {
+        DatumType::I64 | DatumType::I32 | DatumType::I16 | DatumType::I8 | DatumType::U8 => t
+            .cast_to::<i64>()?
+            .to_plain_array_view::<i64>()?
+            .write_npy(file)?,
+        DatumType::Bool => t.to_plain_array_view::<bool>()?.write_npy(file)?,
+        DatumType::F64 => t.to_plain_array_view::<f64>()?.write_npy(file)?,
+        _ => t
+            .cast_to::<f32>()?
+            .to_plain_array_view::<f32>()?
+            .write_npy(file)?,
+    }
+    Ok(())
+}

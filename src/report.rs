@@ -1,0 +1,127 @@
+//! The report of an `optimize` or `validate` run: per-pass counts and per-output errors, as
+//! JSON (`--report FILE`) and as text for the terminal.
+
+use std::fmt;
+
+use crate::exec::{OutputDiff, Validation};
+use crate::io::Saved;
+use crate::passes::PassReport;
+
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct Report {
+    pub onnxopt_version: &'static str,
+    pub input: Option<ModelStats>,
+    pub passes: Option<PassReport>,
+    pub validation: Option<Validation>,
+    pub output: Option<Saved>,
+    pub warnings: Vec<String>,
+}
+
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct ModelStats {
+    pub path: String,
+    pub file_bytes: u64,
+    pub nodes: usize,
+}
+
+impl Report {
+    pub fn new() -> Report {
+        Report {
+            onnxopt_version: env!("CARGO_PKG_VERSION"),
+            ..Default::default()
+        }
+    }
+
+    pub fn to_json(&self) -> String {
+        serde_json::to_string_pretty(self).unwrap_or_else(|e| format!("{{\"error\": \"{e}\"}}"))
+    }
+}
+
+impl fmt::Display for Report {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for w in &self.warnings {
+            writeln!(f, "warning: {w}")?;
+        }
+        if let Some(p) = &self.passes {
+            let state = if p.converged {
+                "fixpoint"
+            } else {
+                "round limit"
+            };
+            writeln!(f, "passes: {} rounds ({state})", p.rounds)?;
+            for s in &p.passes {
+                let rewrites: Vec<String> = s
+                    .rewrites
+                    .0
+                    .iter()
+                    .map(|(k, n)| format!("{k} {n}"))
+                    .collect();
+                writeln!(
+                    f,
+                    "  {:<12} nodes {:>6} -> {:<6} {:>8.3}s  {}",
+                    s.pass,
+                    s.nodes_before,
+                    s.nodes_after,
+                    s.seconds,
+                    if rewrites.is_empty() {
+                        "no change".into()
+                    } else {
+                        rewrites.join(", ")
+                    }
+                )?;
+            }
+        }
+        if let Some(v) = &self.validation {
+            write_validation(f, v)?;
+        }
+        if let Some(o) = &self.output {
+            write!(f, "wrote {} ({} bytes", o.path.display(), o.bytes)?;
+            if let Some((data, bytes)) = &o.external_data {
+                write!(f, " + {} with {bytes} bytes", data.display())?;
+            }
+            writeln!(f, ")")?;
+        }
+        Ok(())
+    }
+}
+
+fn write_validation(f: &mut fmt::Formatter<'_>, v: &Validation) -> fmt::Result {
+    let verdict = if v.passed() {
+        "within tolerance"
+    } else {
+        "OUT OF TOLERANCE"
+    };
+    writeln!(f, "validation on {} batches: {verdict}", v.batches.len())?;
+    writeln!(
+        f,
+        "  {:<28} {:>10} {:>10} {:>10} {:>10}",
+        "output", "max abs", "max rel", "cosine", "KL"
+    )?;
+    for d in &v.outputs {
+        write_diff(f, d)?;
+    }
+    for line in &v.violations {
+        writeln!(f, "  violation: {line}")?;
+    }
+    Ok(())
+}
+
+fn write_diff(f: &mut fmt::Formatter<'_>, d: &OutputDiff) -> fmt::Result {
+    let kl = d
+        .kl_divergence
+        .map(|k| format!("{k:.3e}"))
+        .unwrap_or_else(|| "-".into());
+    writeln!(
+        f,
+        "  {:<28} {:>10.3e} {:>10.3e} {:>10.6} {:>10}",
+        d.name, d.max_abs, d.max_rel, d.cosine, kl
+    )?;
+    if d.nonfinite_mismatches > 0 {
+        writeln!(
+            f,
+            "  {:<28} {} non-finite values differ",
+            "", d.nonfinite_mismatches
+        )?;
+    }
+    Ok(())
+}
