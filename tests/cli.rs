@@ -1,0 +1,353 @@
+//! End-to-end runs of the `onnxopt` binary over `testdata/`: the happy paths, and every kind
+//! of bad input, each of which must give a one-line reason, a non-zero exit and no output.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use onnxopt::proto::tensor_proto::{DataLocation, DataType};
+use onnxopt::proto::type_proto::{Tensor as TensorType, Value as Type};
+use onnxopt::proto::{
+    GraphProto, ModelProto, NodeProto, OperatorSetIdProto, StringStringEntryProto, TensorProto,
+    TypeProto, ValueInfoProto,
+};
+use prost::Message;
+use tract_onnx::tract_hir::internal::tract_ndarray::ArrayD;
+
+fn onnxopt(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_onnxopt"))
+        .args(args)
+        .output()
+        .expect("run onnxopt")
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+/// Runs `optimize` on `model` and checks that it fails cleanly: exit code 1, one line on
+/// stderr containing `expected`, and no output file or temporary file left behind.
+fn assert_refused(model: &Path, expected: &str) {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out.onnx");
+    let result = onnxopt(&["optimize", s(model), s(&out)]);
+    let stderr = text(&result.stderr);
+    assert_eq!(
+        result.status.code(),
+        Some(1),
+        "{}: {stderr}",
+        model.display()
+    );
+    assert_eq!(stderr.lines().count(), 1, "one line expected: {stderr}");
+    assert!(stderr.starts_with("error: "), "{stderr}");
+    assert!(stderr.contains(expected), "`{expected}` not in: {stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    let left: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
+    assert!(left.is_empty(), "files left behind: {left:?}");
+}
+
+/// A valid one-node model: y = Relu(x), x and y f32[2], with one initializer `w` (unused by
+/// default) that the tests below corrupt.
+fn tiny_model() -> ModelProto {
+    let f32_2 = |name: &str| ValueInfoProto {
+        name: Some(name.into()),
+        r#type: Some(TypeProto {
+            value: Some(Type::TensorType(TensorType {
+                elem_type: Some(DataType::Float as i32),
+                shape: None,
+            })),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    ModelProto {
+        ir_version: Some(8),
+        opset_import: vec![OperatorSetIdProto {
+            domain: Some(String::new()),
+            version: Some(17),
+        }],
+        graph: Some(GraphProto {
+            name: Some("g".into()),
+            node: vec![relu("x", "y")],
+            initializer: vec![TensorProto {
+                name: Some("w".into()),
+                dims: vec![4],
+                data_type: Some(DataType::Float as i32),
+                raw_data: Some(vec![0u8; 16].into()),
+                ..Default::default()
+            }],
+            input: vec![f32_2("x")],
+            output: vec![f32_2("y")],
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+fn relu(input: &str, output: &str) -> NodeProto {
+    NodeProto {
+        op_type: Some("Relu".into()),
+        input: vec![input.into()],
+        output: vec![output.into()],
+        ..Default::default()
+    }
+}
+
+fn write(dir: &Path, name: &str, bytes: &[u8]) -> PathBuf {
+    let path = dir.join(name);
+    std::fs::write(&path, bytes).unwrap();
+    path
+}
+
+fn external(location: &str) -> ModelProto {
+    let mut m = tiny_model();
+    let w = &mut m.graph.as_mut().unwrap().initializer[0];
+    w.raw_data = None;
+    w.data_location = Some(DataLocation::External as i32);
+    w.external_data = vec![StringStringEntryProto {
+        key: Some("location".into()),
+        value: Some(location.into()),
+    }];
+    m
+}
+
+#[test]
+fn bad_inputs_are_refused_with_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let good = std::fs::read(common::testdata("bert-tiny.ts.onnx")).unwrap();
+    let noise: Vec<u8> = (0..4096u64)
+        .map(|i| onnxopt::exec::rng::splitmix64(42, i) as u8)
+        .collect();
+
+    assert_refused(&write(d, "empty.onnx", b""), "empty file");
+    assert_refused(
+        &write(d, "truncated.onnx", &good[..good.len() / 2]),
+        "not a valid ONNX protobuf",
+    );
+    assert_refused(&write(d, "noise.onnx", &noise), "ONNX");
+    let tensor = TensorProto {
+        name: Some("t".into()),
+        dims: vec![2],
+        data_type: Some(DataType::Float as i32),
+        float_data: vec![1.0, 2.0],
+        ..Default::default()
+    };
+    assert_refused(
+        &write(d, "tensor.onnx", &tensor.encode_to_vec()),
+        "not an ONNX model",
+    );
+
+    std::fs::write(dir.path().join("w.data"), [0u8; 16]).unwrap();
+    let ok = write(d, "ok.onnx", &tiny_model().encode_to_vec());
+    let written = onnxopt(&["optimize", s(&ok), s(&d.join("ok.out.onnx"))]);
+    assert!(written.status.success(), "{}", text(&written.stderr));
+    let _ = std::fs::remove_file(d.join("ok.out.onnx"));
+
+    // External data that leaves the model's folder, or is missing.
+    let sub = d.join("sub");
+    std::fs::create_dir(&sub).unwrap();
+    let climb = write(&sub, "climb.onnx", &external("../w.data").encode_to_vec());
+    assert_refused(&climb, "leaves the model's folder");
+    let absolute = write(
+        &sub,
+        "abs.onnx",
+        &external(s(&d.join("w.data"))).encode_to_vec(),
+    );
+    assert_refused(&absolute, "absolute path");
+    let missing = write(
+        &sub,
+        "missing.onnx",
+        &external("nothing.data").encode_to_vec(),
+    );
+    assert_refused(&missing, "missing external data file");
+
+    let mut short = tiny_model();
+    short.graph.as_mut().unwrap().initializer[0].dims = vec![1000];
+    assert_refused(
+        &write(d, "short.onnx", &short.encode_to_vec()),
+        "need 4000 bytes but raw_data holds 16",
+    );
+
+    let mut cycle = tiny_model();
+    cycle.graph.as_mut().unwrap().node = vec![relu("b", "a"), relu("a", "b"), relu("x", "y")];
+    assert_refused(&write(d, "cycle.onnx", &cycle.encode_to_vec()), "cycle");
+
+    let mut dangling = tiny_model();
+    dangling.graph.as_mut().unwrap().node = vec![relu("ghost", "y")];
+    assert_refused(
+        &write(d, "dangling.onnx", &dangling.encode_to_vec()),
+        "reads `ghost`, which no node, graph input or initializer produces",
+    );
+
+    // A missing input file is an error too, not a panic.
+    assert_refused(&d.join("does-not-exist.onnx"), "No such file");
+}
+
+#[test]
+fn optimize_validates_and_writes_a_report() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("bert.onnx");
+    let report = dir.path().join("report.json");
+    let model = common::testdata("bert-tiny.ts.onnx");
+    let calib = common::testdata("calib/bert-tiny");
+    let result = onnxopt(&[
+        "optimize",
+        s(&model),
+        s(&out),
+        "--validate",
+        "--inputs",
+        s(&calib),
+        "--report",
+        s(&report),
+    ]);
+    let stdout = text(&result.stdout);
+    assert!(result.status.success(), "{}", text(&result.stderr));
+    assert!(
+        stdout.contains("validation on 2 batches: within tolerance"),
+        "{stdout}"
+    );
+    let json: serde_json::Value = serde_json::from_slice(&std::fs::read(&report).unwrap()).unwrap();
+    assert_eq!(json["passes"]["passes"][0]["pass"], "dce");
+    assert_eq!(
+        json["validation"]["outputs"][0]["name"],
+        "last_hidden_state"
+    );
+    assert_eq!(json["validation"]["outputs"][0]["max_abs"], 0.0);
+    assert_eq!(std::fs::read(&out).unwrap(), std::fs::read(&model).unwrap());
+}
+
+#[test]
+fn a_broken_tolerance_refuses_to_write() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out.onnx");
+    // A negative tolerance cannot be met even by identical outputs.
+    let result = onnxopt(&[
+        "optimize",
+        s(&common::testdata("bert-tiny.dynamo.onnx")),
+        s(&out),
+        "--validate",
+        "--max-error=-1",
+    ]);
+    assert_eq!(result.status.code(), Some(3), "{}", text(&result.stderr));
+    assert!(text(&result.stderr).contains("was not written"));
+    assert!(!out.exists());
+}
+
+#[test]
+fn output_over_input_needs_in_place() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("m.onnx");
+    std::fs::copy(common::testdata("bert-tiny.ts.onnx"), &model).unwrap();
+    let refused = onnxopt(&["optimize", s(&model), s(&model)]);
+    assert_eq!(refused.status.code(), Some(1));
+    assert!(text(&refused.stderr).contains("--in-place"));
+    let allowed = onnxopt(&["optimize", s(&model), s(&model), "--in-place"]);
+    assert!(allowed.status.success(), "{}", text(&allowed.stderr));
+}
+
+#[test]
+fn external_data_round_trips_through_the_cli() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = common::testdata("bert-tiny.ts.onnx");
+    let ext = dir.path().join("ext.onnx");
+    let result = onnxopt(&["optimize", s(&model), s(&ext), "--external-data"]);
+    assert!(result.status.success(), "{}", text(&result.stderr));
+    let data = dir.path().join("ext.onnx.data");
+    assert!(
+        data.metadata().unwrap().len() > 500_000,
+        "weights should be in the data file"
+    );
+    assert!(
+        ext.metadata().unwrap().len() < 100_000,
+        "the model file should hold no weights"
+    );
+
+    // Default (auto) keeps the input's layout; --no-external-data folds it back.
+    let again = dir.path().join("again.onnx");
+    assert!(onnxopt(&["optimize", s(&ext), s(&again)]).status.success());
+    assert!(dir.path().join("again.onnx.data").exists());
+    let single = dir.path().join("single.onnx");
+    assert!(
+        onnxopt(&["optimize", s(&ext), s(&single), "--no-external-data"])
+            .status
+            .success()
+    );
+    assert_eq!(
+        std::fs::read(&single).unwrap(),
+        std::fs::read(&model).unwrap()
+    );
+
+    let validate = onnxopt(&["validate", s(&model), s(&ext)]);
+    assert!(validate.status.success(), "{}", text(&validate.stdout));
+    let inspect = text(&onnxopt(&["inspect", s(&ext)]).stdout);
+    assert!(inspect.contains("external     ext.onnx.data"), "{inspect}");
+}
+
+#[test]
+fn inspect_and_dump_describe_the_model() {
+    let model = common::testdata("bert-tiny.dynamo.onnx");
+    let inspect = onnxopt(&["inspect", s(&model)]);
+    let stdout = text(&inspect.stdout);
+    assert!(inspect.status.success());
+    for expected in [
+        "ir_version   10",
+        "opsets       ai.onnx 20",
+        "input        input_ids: i64[batch, sequence]",
+        "output       last_hidden_state: f32[batch, sequence, 64]",
+        "parameters   143555 in 57 initializers",
+        "nodes        120",
+    ] {
+        assert!(stdout.contains(expected), "`{expected}` not in:\n{stdout}");
+    }
+    let json = onnxopt(&["inspect", s(&model), "--json"]);
+    let v: serde_json::Value = serde_json::from_slice(&json.stdout).unwrap();
+    assert_eq!(v["op_histogram"]["LayerNormalization"], 5);
+
+    let dump = onnxopt(&["dump", s(&model)]);
+    assert!(dump.status.success());
+    let first = text(&dump.stdout);
+    assert_eq!(
+        first,
+        text(&onnxopt(&["dump", s(&model)]).stdout),
+        "dump is stable"
+    );
+    assert!(first.contains("= Gelu[approximate=\"none\"](%linear_4)"));
+}
+
+#[test]
+fn run_writes_outputs_as_npy() {
+    let dir = tempfile::tempdir().unwrap();
+    let result = onnxopt(&[
+        "run",
+        s(&common::testdata("bert-tiny.ts.onnx")),
+        "--inputs",
+        s(&common::testdata("calib/bert-tiny")),
+        "--output-dir",
+        s(dir.path()),
+    ]);
+    assert!(result.status.success(), "{}", text(&result.stderr));
+    let written = dir.path().join("batch_00.last_hidden_state.npy");
+    let array: ArrayD<f32> =
+        ndarray_npy::ReadNpyExt::read_npy(std::fs::File::open(written).unwrap()).unwrap();
+    assert_eq!(array.shape(), &[8, 16, 64]);
+    let reference: ArrayD<f32> = ndarray_npy::ReadNpyExt::read_npy(
+        std::fs::File::open(
+            common::corpus().join("calib/bert-tiny/ref_batch_00.last_hidden_state.npy"),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    // ONNX Runtime's output for the same batch, written when the corpus was built.
+    let worst = array
+        .iter()
+        .zip(reference.iter())
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0f32, f32::max);
+    assert!(worst < 1e-4, "tract and ONNX Runtime differ by {worst}");
+}

@@ -1,0 +1,49 @@
+//! Shared helpers of the integration tests.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+
+/// The shared corpus (`../shared/corpus` beside the checkout, or `$ONNXOPT_CORPUS`). Tests
+/// that need it fail when it is missing rather than pass without checking anything.
+pub fn corpus() -> PathBuf {
+    let dir = std::env::var_os("ONNXOPT_CORPUS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/corpus"));
+    assert!(
+        dir.join("README.md").is_file(),
+        "the shared corpus is not at {} (set ONNXOPT_CORPUS)",
+        dir.display()
+    );
+    dir
+}
+
+pub fn testdata(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("testdata")
+        .join(name)
+}
+
+/// Every model of the corpus that a round trip must survive: the tiny models and MiniLM.
+pub fn corpus_models() -> Vec<PathBuf> {
+    let corpus = corpus();
+    let mut models: Vec<PathBuf> = std::fs::read_dir(corpus.join("tiny"))
+        .expect("corpus/tiny")
+        .map(|e| e.expect("dir entry").path())
+        .filter(|p| p.extension().is_some_and(|e| e == "onnx"))
+        .collect();
+    models.sort();
+    models.push(corpus.join("minilm-l6/all-minilm-l6-v2.ts.onnx"));
+    models
+}
+
+/// The calibration folder that holds inputs for `model` (`bert-tiny.ts.onnx` → `calib/bert-tiny`).
+pub fn calib_dir(model: &Path) -> PathBuf {
+    let name = model.file_name().unwrap().to_string_lossy();
+    let family = name.split('.').next().unwrap();
+    let corpus = corpus();
+    if family.starts_with("all-minilm") {
+        corpus.join("calib/minilm/dynamic")
+    } else {
+        corpus.join("calib").join(family)
+    }
+}
