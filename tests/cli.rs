@@ -190,6 +190,24 @@ fn bad_inputs_are_refused_with_a_clear_error() {
 }
 
 #[test]
+fn validation_refuses_what_tract_cannot_run_faithfully() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut contrib = tiny_model();
+    contrib.graph.as_mut().unwrap().node[0].domain = Some("com.microsoft".into());
+    contrib.graph.as_mut().unwrap().node[0].op_type = Some("Attention".into());
+    let model = write(dir.path(), "contrib.onnx", &contrib.encode_to_vec());
+    let result = onnxopt(&["validate", s(&model), s(&model)]);
+    let stderr = text(&result.stderr);
+    assert_eq!(result.status.code(), Some(3), "{stderr}");
+    assert!(stderr.contains("cannot validate"), "{stderr}");
+    assert!(stderr.contains("com.microsoft::Attention"), "{stderr}");
+    let out = dir.path().join("out.onnx");
+    let refused = onnxopt(&["optimize", s(&model), s(&out), "--validate"]);
+    assert_eq!(refused.status.code(), Some(3));
+    assert!(!out.exists());
+}
+
+#[test]
 fn optimize_validates_and_writes_a_report() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("bert.onnx");

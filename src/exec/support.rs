@@ -126,3 +126,59 @@ fn qualified(domain: &str, op: &str) -> String {
         format!("{domain}::{op}")
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ir::testing::model;
+
+    fn with_domain(op: &str, domain: &str, inputs: &[&str]) -> Model {
+        let mut m = model(&["x"], &["y"], &["g", "b"], &[(op, inputs, &["y"])]);
+        let id = m.graph.node_ids().next().unwrap();
+        m.graph.node_mut_proto(id).domain = Some(domain.to_string());
+        m
+    }
+
+    #[test]
+    fn standard_ops_go_to_tract() {
+        assert_eq!(first_unsupported(&with_domain("Relu", "", &["x"])), None);
+        assert_eq!(
+            first_unsupported(&with_domain("Relu", "ai.onnx", &["x"])),
+            None
+        );
+    }
+
+    #[test]
+    fn contrib_ops_that_tract_would_misread_are_refused() {
+        let u = first_unsupported(&with_domain("Attention", "com.microsoft", &["x"])).unwrap();
+        assert_eq!(u.op, "com.microsoft::Attention");
+        assert!(
+            u.reason.contains("no faithful implementation"),
+            "{}",
+            u.reason
+        );
+        assert_eq!(
+            first_unsupported(&with_domain("FastGelu", "com.microsoft", &["x"])),
+            None
+        );
+        let custom = first_unsupported(&with_domain("Relu", "my.ops", &["x"])).unwrap();
+        assert!(custom.reason.contains("`my.ops`"), "{}", custom.reason);
+    }
+
+    #[test]
+    fn skip_layer_norm_is_run_only_with_the_inputs_tract_reads_right() {
+        let ok = with_domain(
+            "SkipLayerNormalization",
+            "com.microsoft",
+            &["x", "x", "g", "b"],
+        );
+        assert_eq!(first_unsupported(&ok), None);
+        let bias_only = with_domain(
+            "SkipLayerNormalization",
+            "com.microsoft",
+            &["x", "x", "g", "", "b"],
+        );
+        let u = first_unsupported(&bias_only).unwrap();
+        assert!(u.reason.contains("a bias without a beta"), "{}", u.reason);
+    }
+}
