@@ -19,6 +19,7 @@ use petgraph::stable_graph::StableDiGraph;
 use petgraph::visit::EdgeRef;
 use petgraph::Direction;
 
+use super::shape::{Dim, ValueType};
 use super::tensor::Tensor;
 use crate::error::{Error, Result};
 use crate::proto::{GraphProto, NodeProto, SparseTensorProto, ValueInfoProto};
@@ -243,6 +244,55 @@ impl Graph {
 
     pub(crate) fn value_info_order(&self) -> &[ValueId] {
         &self.value_info_order
+    }
+
+    /// The recorded type of `v`: from its initializer, its `value_info` entry, or its graph
+    /// input or output declaration.
+    pub fn value_type(&self, v: ValueId) -> Option<ValueType> {
+        let value = self.value(v);
+        if let Some(t) = &value.initializer {
+            return Some(ValueType::new(
+                t.proto().data_type(),
+                t.dims().iter().map(|&d| Dim::known(d)).collect(),
+            ));
+        }
+        let declared = self
+            .inputs
+            .iter()
+            .chain(&self.outputs)
+            .find(|p| p.value == v)
+            .map(|p| &p.decl);
+        value
+            .info
+            .as_ref()
+            .or(declared)
+            .and_then(|info| info.r#type.as_ref())
+            .and_then(ValueType::from_type_proto)
+    }
+
+    /// Records `t` as the type of `v` in its `value_info` entry (created if missing); graph
+    /// inputs, outputs and initializers keep their declarations.
+    pub fn set_value_type(&mut self, v: ValueId, t: &ValueType) {
+        if self.initializer(v).is_some() || self.is_graph_input(v) || self.is_graph_output(v) {
+            return;
+        }
+        let mut info = self.value(v).info.clone().unwrap_or_default();
+        info.name = Some(self.value_name(v).to_string());
+        info.r#type = Some(t.to_type_proto());
+        self.set_value_info(v, info);
+    }
+
+    /// The value of `v` when it is a constant: an initializer (that is not also a graph input,
+    /// which a caller may override) or the output of a `Constant` node.
+    pub fn constant(&self, v: ValueId) -> Option<Tensor> {
+        if let Some(t) = self.initializer(v) {
+            return (!self.is_graph_input(v)).then(|| t.clone());
+        }
+        let node = self.node(self.producer(v)?);
+        if !node.is("Constant") {
+            return None;
+        }
+        constant_node_value(&node.proto, self.value_name(v))
     }
 
     /// Nodes in the order they are written: topological, ties broken by `OrderKey`.
@@ -542,6 +592,20 @@ impl Graph {
         self.rename_value(from, &parked)?;
         self.rename_value(to, &name)
     }
+}
+
+/// The tensor a `Constant` node produces, from whichever of its attributes is set.
+fn constant_node_value(node: &NodeProto, name: &str) -> Option<Tensor> {
+    let a = node.attribute.first()?;
+    let tensor = match a.name() {
+        "value" => Tensor::from_proto(a.t.clone()?),
+        "value_float" => Tensor::from_f32(name, &[], &[a.f?]),
+        "value_floats" => Tensor::from_f32(name, &[a.floats.len() as i64], &a.floats),
+        "value_int" => Tensor::from_i64(name, &[], &[a.i?]),
+        "value_ints" => Tensor::from_i64(name, &[a.ints.len() as i64], &a.ints),
+        _ => return None,
+    };
+    tensor.ok()
 }
 
 /// `hint` if `taken` says it is free, else `hint_1`, `hint_2`, …

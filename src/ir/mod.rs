@@ -9,6 +9,7 @@ mod convert;
 pub mod dump;
 mod graph;
 mod patch;
+pub mod shape;
 pub mod tensor;
 #[cfg(test)]
 pub(crate) mod testing;
@@ -16,6 +17,7 @@ pub(crate) mod testing;
 pub use convert::{captured_names, free_names};
 pub use graph::{Flow, Graph, Node, NodeId, OrderKey, Port, Use, Value, ValueId};
 pub use patch::{PValue, Patch};
+pub use shape::{Dim, ValueType};
 pub use tensor::{DataType, DataTypeExt, Tensor};
 
 use std::path::PathBuf;
