@@ -198,8 +198,10 @@ impl Graph {
             })?;
         }
         for (old, new) in patch.redirects {
-            let new = resolve(new);
-            self.redirect(old, new)?;
+            // A value the patch made, replacing one it removed, takes over the removed
+            // value's name and type: the rewritten graph reads like the original.
+            let inherit = matches!(new, PValue::New(_)) && self.value(old).removed;
+            self.redirect(old, resolve(new), inherit)?;
         }
         for v in patch.drop_initializers {
             self.take_initializer(v);
@@ -303,9 +305,9 @@ impl Graph {
         Ok(())
     }
 
-    /// Makes every reader of `old` read `new`; a graph output on `old` moves to `new` and
-    /// keeps its name.
-    fn redirect(&mut self, old: ValueId, new: ValueId) -> Result<()> {
+    /// Makes every reader of `old` read `new`. A graph output on `old` moves to `new` and
+    /// keeps its name; with `inherit`, `new` takes `old`'s name and recorded type anyway.
+    fn redirect(&mut self, old: ValueId, new: ValueId, inherit: bool) -> Result<()> {
         if old == new {
             return Ok(());
         }
@@ -315,7 +317,8 @@ impl Graph {
                 self.set_input(node, slot, Some(new));
             }
         }
-        if !self.is_graph_output(old) {
+        let is_output = self.is_graph_output(old);
+        if !is_output && !inherit {
             return Ok(());
         }
         let new_is_port_or_init = self.is_graph_input(new)
@@ -323,9 +326,17 @@ impl Graph {
             || self.initializer(new).is_some();
         if new_is_port_or_init {
             // `new` has a name the user sees already: keep both names with an Identity.
-            return self.reproduce_with_identity(old, new);
+            return match is_output {
+                true => self.reproduce_with_identity(old, new),
+                false => Ok(()),
+            };
         }
         self.swap_names(old, new)?;
+        if let Some(info) = self.value(old).info.clone() {
+            if self.value(new).info.is_none() {
+                self.set_value_info(new, info);
+            }
+        }
         for port in &mut self.outputs {
             if port.value == old {
                 port.value = new;
@@ -404,6 +415,22 @@ mod tests {
         let out = m.graph.outputs[0].value;
         assert_eq!(m.graph.value_name(out), "y");
         assert_eq!(ops(&m), ["Neg", "Relu"]);
+    }
+
+    #[test]
+    fn a_new_value_replacing_a_removed_one_inherits_its_name() {
+        // x → Neg → a → Neg → y; the first Neg becomes a Relu whose output is named `a`.
+        let mut m = double_negation();
+        let g = &m.graph;
+        let a = g.find_value("a").unwrap();
+        let first = g.producer(a).unwrap();
+        let mut p = Patch::new("test");
+        let relu = p.op("Relu", "", &[g.find_value("x").unwrap().into()], vec![]);
+        p.remove_node(first).replace_uses(a, relu);
+        m.graph.apply(p).unwrap();
+        let g = m.to_proto().unwrap().graph.unwrap();
+        assert_eq!(g.node[0].output, ["a"]);
+        assert_eq!(g.node[1].input, ["a"]);
     }
 
     #[test]
