@@ -1,16 +1,39 @@
 //! The optimization pipeline behind `onnxopt optimize`: which passes run, in which order.
 
 use crate::error::Result;
+use crate::inspect::TARGET_KEY;
 use crate::ir::Model;
 use crate::passes::dce::DeadCodeElimination;
+use crate::passes::fuse::gelu::GeluFusion;
+use crate::passes::fuse::Target;
 use crate::passes::{PassManager, PassReport};
 
-/// The default pass pipeline.
-pub fn pipeline() -> PassManager {
-    PassManager::new().with(DeadCodeElimination)
+#[derive(Clone, Debug)]
+pub struct OptimizeOptions {
+    /// The runtime the fused operators are built for.
+    pub target: Target,
 }
 
-/// Runs the default pipeline on `model` to a fixpoint.
-pub fn optimize(model: &mut Model) -> Result<PassReport> {
-    pipeline().run(model)
+impl Default for OptimizeOptions {
+    fn default() -> Self {
+        OptimizeOptions {
+            target: Target::Ort,
+        }
+    }
+}
+
+/// The default pass pipeline for `options`.
+pub fn pipeline(options: &OptimizeOptions) -> PassManager {
+    PassManager::new()
+        .with(GeluFusion {
+            target: options.target,
+        })
+        .with(DeadCodeElimination)
+}
+
+/// Runs the pipeline on `model` to a fixpoint and records the target in the model's metadata.
+pub fn optimize(model: &mut Model, options: &OptimizeOptions) -> Result<PassReport> {
+    let report = pipeline(options).run(model)?;
+    model.set_metadata(TARGET_KEY, options.target.name());
+    Ok(report)
 }

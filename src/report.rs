@@ -5,12 +5,15 @@ use std::fmt;
 
 use crate::exec::{OutputDiff, Validation};
 use crate::io::Saved;
+use crate::passes::fuse::Target;
 use crate::passes::PassReport;
 
 #[derive(Clone, Debug, Default, serde::Serialize)]
 pub struct Report {
     pub onnxopt_version: &'static str,
     pub input: Option<ModelStats>,
+    /// The runtime the output was built for.
+    pub target: Option<Target>,
     pub passes: Option<PassReport>,
     pub validation: Option<Validation>,
     pub output: Option<Saved>,

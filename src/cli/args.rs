@@ -58,6 +58,10 @@ pub struct OptimizeArgs {
     /// Allow OUTPUT to be INPUT (the input is replaced once the output is complete).
     #[arg(long)]
     pub in_place: bool,
+    /// Runtime to build fused operators for: `ort` (ONNX Runtime contrib operators) or
+    /// `onnx` (standard operators only, for TensorRT and others).
+    #[arg(long, value_enum, default_value_t = TargetArg::Ort)]
+    pub target: TargetArg,
     /// Run the input and the output in tract and refuse to write an output that breaks the
     /// tolerance.
     #[arg(long)]
@@ -76,6 +80,21 @@ pub struct OptimizeArgs {
     /// Write the report as JSON to this file.
     #[arg(long, value_name = "FILE.json")]
     pub report: Option<PathBuf>,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug)]
+pub enum TargetArg {
+    Ort,
+    Onnx,
+}
+
+impl From<TargetArg> for onnxopt::passes::fuse::Target {
+    fn from(t: TargetArg) -> Self {
+        match t {
+            TargetArg::Ort => onnxopt::passes::fuse::Target::Ort,
+            TargetArg::Onnx => onnxopt::passes::fuse::Target::Onnx,
+        }
+    }
 }
 
 /// Where inputs for running models come from.

@@ -121,7 +121,11 @@ fn optimize(args: OptimizeArgs) -> Result<()> {
         }
     }
     let original = args.validate.then(|| model.clone());
-    report.passes = Some(onnxopt::optimize(&mut model).context("optimization failed")?);
+    let options = onnxopt::optimize::OptimizeOptions {
+        target: args.target.into(),
+    };
+    report.target = Some(options.target);
+    report.passes = Some(onnxopt::optimize(&mut model, &options).context("optimization failed")?);
     if let Some(original) = &original {
         let v = validate(original, &model, &args.inputs, &args.tolerance)?;
         report.validation = Some(v);

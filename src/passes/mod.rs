@@ -7,6 +7,8 @@
 //! rewrites by kind and the time spent, for the report.
 
 pub mod dce;
+pub mod fuse;
+pub mod opset;
 
 use std::collections::BTreeMap;
 use std::time::Instant;

@@ -1,0 +1,223 @@
+//! GELU fusions.
+//!
+//! Matches, with operands of Add and Mul in either order and the product associated any way
+//! exporters write it (`(x·a)·0.5`, `(x·0.5)·a`, `x·(a·0.5)`):
+//! - exact GELU `x · 0.5 · (1 + erf(x / √2))` (also `x · (1/√2)`), as torch's legacy exporter
+//!   writes it;
+//! - tanh GELU `x · 0.5 · (1 + tanh(√(2/π) · (x + 0.044715 · x³)))` (`x³` as `Pow(x, 3)` or
+//!   `x·x·x`), as GPT-2 and T5 write it by hand in both exporters;
+//! - QuickGELU `x · sigmoid(α · x)`;
+//! - a 1-D constant bias added just before a GELU node.
+//!
+//! Produces: for `Target::Ort` `com.microsoft` Gelu, FastGelu, QuickGelu, BiasGelu and
+//! FastGelu with bias; for `Target::Onnx` the standard `Gelu` (approximate "none" or "tanh",
+//! opset 20, raising the import); QuickGELU and bias folding have no standard operator and are
+//! left alone for that target.
+//! Safe because: every constant is checked (0.5, 1, √2 or 1/√2, 0.044715, √(2/π), the cube),
+//! each intermediate value must have no reader outside the pattern, and the replacements
+//! compute the same function (the tanh form is the definition of FastGelu and of
+//! Gelu(approximate="tanh")).
+
+use std::f64::consts::{FRAC_1_SQRT_2, PI, SQRT_2};
+
+use super::pattern::{
+    add, any, constant_where, div, either, mul, op, pow, scalar, unary, value, Match, Pat,
+};
+use super::{apply_rules, Rewrite, Rule, Target, MS_DOMAIN};
+use crate::error::Result;
+use crate::ir::{attr, DataTypeExt, Model, Tensor};
+use crate::passes::{Pass, Rewrites};
+
+/// The standard `Gelu` operator appeared in opset 20.
+const GELU_OPSET: i64 = 20;
+
+pub struct GeluFusion {
+    pub target: Target,
+}
+
+impl Pass for GeluFusion {
+    fn name(&self) -> &'static str {
+        "fuse-gelu"
+    }
+
+    fn run(&self, model: &mut Model) -> Result<Rewrites> {
+        apply_rules(model, &rules(), self.target)
+    }
+}
+
+/// `x · 0.5 · inner`, in each of the three ways the product is associated.
+fn half_x_times(inner: Pat) -> Pat {
+    let x = || value("x");
+    either([
+        mul(mul(x(), inner.clone()), scalar(0.5)),
+        mul(mul(x(), scalar(0.5)), inner.clone()),
+        mul(x(), mul(inner, scalar(0.5))),
+    ])
+}
+
+fn erf_form() -> Pat {
+    let scaled = either([
+        div(value("x"), scalar(SQRT_2)),
+        mul(value("x"), scalar(FRAC_1_SQRT_2)),
+    ]);
+    half_x_times(add(unary("Erf", scaled), scalar(1.0)))
+}
+
+fn tanh_form() -> Pat {
+    let x = || value("x");
+    let cube = either([
+        pow(x(), scalar(3.0)),
+        mul(mul(x(), x()), x()),
+        mul(x(), mul(x(), x())),
+    ]);
+    let inner = mul(
+        add(x(), mul(cube, scalar(0.044715))),
+        scalar((2.0 / PI).sqrt()),
+    );
+    half_x_times(add(unary("Tanh", inner), scalar(1.0)))
+}
+
+fn quick_form() -> Pat {
+    mul(
+        value("x"),
+        unary(
+            "Sigmoid",
+            mul(value("x"), constant_where("alpha", is_scalar)),
+        ),
+    )
+}
+
+fn is_scalar(t: &Tensor) -> bool {
+    t.numel() == 1 && t.dtype().is_float()
+}
+
+fn is_bias(t: &Tensor) -> bool {
+    t.dims().len() == 1 && t.dtype().is_float()
+}
+
+/// `x + bias` with a 1-D constant bias.
+fn biased() -> Pat {
+    add(value("x"), constant_where("bias", is_bias))
+}
+
+/// A GELU node of the given approximation, standard or `com.microsoft`.
+fn gelu_node(input: Pat, approximate: &'static str) -> Pat {
+    let standard = op("Gelu", [input.clone()]).attr(
+        "approximate",
+        match approximate {
+            "tanh" => |a| a.is_some_and(|a| a.s() == b"tanh"),
+            _ => |a| a.is_none_or(|a| a.s() == b"none"),
+        },
+    );
+    match approximate {
+        "tanh" => either([standard, op("FastGelu", [input]).domain(MS_DOMAIN)]),
+        _ => either([standard, op("Gelu", [input]).domain(MS_DOMAIN)]),
+    }
+}
+
+fn rules() -> Vec<Rule> {
+    vec![
+        Rule {
+            kind: "gelu-erf",
+            pattern: erf_form(),
+            build: |m, rw| build_gelu(m, rw, "none"),
+        },
+        Rule {
+            kind: "gelu-tanh",
+            pattern: tanh_form(),
+            build: |m, rw| build_gelu(m, rw, "tanh"),
+        },
+        Rule {
+            kind: "quick-gelu",
+            pattern: quick_form(),
+            build: build_quick_gelu,
+        },
+        Rule {
+            kind: "bias-gelu",
+            pattern: gelu_node(biased(), "none"),
+            build: |m, rw| build_bias_gelu(m, rw, "BiasGelu"),
+        },
+        Rule {
+            kind: "fast-gelu-bias",
+            pattern: gelu_node(biased(), "tanh"),
+            build: |m, rw| build_bias_gelu(m, rw, "FastGelu"),
+        },
+        Rule {
+            kind: "fast-gelu",
+            pattern: op("Gelu", [any()])
+                .attr("approximate", |a| a.is_some_and(|a| a.s() == b"tanh")),
+            build: build_fast_gelu_from_standard,
+        },
+    ]
+}
+
+/// The value the match's root node produces: what the fused node replaces.
+fn root(m: &Match, rw: &Rewrite) -> Option<crate::ir::ValueId> {
+    rw.graph.node(*m.nodes().first()?).output(0)
+}
+
+fn build_gelu(m: &Match, rw: &mut Rewrite, approximate: &str) -> Option<()> {
+    let x = m.value("x")?;
+    let out = match (rw.target, approximate) {
+        (Target::Ort, "tanh") => rw.op("FastGelu", MS_DOMAIN, &[x.into()], vec![]),
+        (Target::Ort, _) => rw.op("Gelu", MS_DOMAIN, &[x.into()], vec![]),
+        (Target::Onnx, _) => {
+            if !rw.require_opset(GELU_OPSET) {
+                return None;
+            }
+            let attrs = match approximate {
+                "tanh" => vec![attr::string("approximate", "tanh")],
+                _ => vec![],
+            };
+            rw.op("Gelu", "", &[x.into()], attrs)
+        }
+    };
+    let root = root(m, rw)?;
+    rw.replace(root, out);
+    Some(())
+}
+
+fn build_quick_gelu(m: &Match, rw: &mut Rewrite) -> Option<()> {
+    if rw.target != Target::Ort {
+        return None;
+    }
+    let alpha = rw.graph.constant(m.value("alpha")?)?.scalar_f64()? as f32;
+    let out = rw.op(
+        "QuickGelu",
+        MS_DOMAIN,
+        &[m.value("x")?.into()],
+        vec![attr::float("alpha", alpha)],
+    );
+    let root = root(m, rw)?;
+    rw.replace(root, out);
+    Some(())
+}
+
+fn build_bias_gelu(m: &Match, rw: &mut Rewrite, op_type: &str) -> Option<()> {
+    if rw.target != Target::Ort {
+        return None;
+    }
+    let out = rw.op(
+        op_type,
+        MS_DOMAIN,
+        &[m.value("x")?.into(), m.value("bias")?.into()],
+        vec![],
+    );
+    let root = root(m, rw)?;
+    rw.replace(root, out);
+    Some(())
+}
+
+/// Standard `Gelu(approximate="tanh")` (dynamo exports at opset 20) → FastGelu for ONNX
+/// Runtime, which has a faster kernel for it.
+fn build_fast_gelu_from_standard(m: &Match, rw: &mut Rewrite) -> Option<()> {
+    if rw.target != Target::Ort {
+        return None;
+    }
+    let node = rw.graph.node(*m.nodes().first()?);
+    let x = node.input(0)?;
+    let out = rw.op("FastGelu", MS_DOMAIN, &[x.into()], vec![]);
+    let root = node.output(0)?;
+    rw.replace(root, out);
+    Some(())
+}
