@@ -5,6 +5,7 @@ use crate::inspect::TARGET_KEY;
 use crate::ir::Model;
 use crate::passes::dce::DeadCodeElimination;
 use crate::passes::fuse::gelu::GeluFusion;
+use crate::passes::fuse::layernorm::LayerNormFusion;
 use crate::passes::fuse::Target;
 use crate::passes::{PassManager, PassReport};
 
@@ -24,10 +25,10 @@ impl Default for OptimizeOptions {
 
 /// The default pass pipeline for `options`.
 pub fn pipeline(options: &OptimizeOptions) -> PassManager {
+    let target = options.target;
     PassManager::new()
-        .with(GeluFusion {
-            target: options.target,
-        })
+        .with(LayerNormFusion { target })
+        .with(GeluFusion { target })
         .with(DeadCodeElimination)
 }
 

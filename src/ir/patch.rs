@@ -40,7 +40,7 @@ struct NewValue {
 struct NewNode {
     proto: NodeProto,
     inputs: Vec<Option<PValue>>,
-    outputs: Vec<PValue>,
+    outputs: Vec<Option<PValue>>,
 }
 
 /// A proposed rewrite of one graph. Build it with the methods below, then `Graph::apply` it.
@@ -100,6 +100,19 @@ impl Patch {
         domain: &str,
         inputs: &[Option<PValue>],
         outputs: &[PValue],
+        attributes: Vec<AttributeProto>,
+    ) -> &mut Self {
+        let outputs: Vec<Option<PValue>> = outputs.iter().copied().map(Some).collect();
+        self.add_node_with_optional_outputs(op_type, domain, inputs, &outputs, attributes)
+    }
+
+    /// Like `add_node`, with optional outputs left unnamed (`None`).
+    pub fn add_node_with_optional_outputs(
+        &mut self,
+        op_type: &str,
+        domain: &str,
+        inputs: &[Option<PValue>],
+        outputs: &[Option<PValue>],
         attributes: Vec<AttributeProto>,
     ) -> &mut Self {
         self.nodes.push(NewNode {
@@ -192,7 +205,7 @@ impl Graph {
             self.add_node(Node {
                 proto,
                 inputs: new.inputs.iter().map(|p| p.map(resolve)).collect(),
-                outputs: new.outputs.iter().map(|&p| Some(resolve(p))).collect(),
+                outputs: new.outputs.iter().map(|p| p.map(resolve)).collect(),
                 captured: Vec::new(),
                 order,
             })?;
@@ -240,7 +253,7 @@ impl Graph {
             .collect();
         let mut reproduced = HashSet::new();
         for node in &patch.nodes {
-            for out in &node.outputs {
+            for out in node.outputs.iter().flatten() {
                 if let PValue::Old(v) = *out {
                     if !freed.contains(&v) || !reproduced.insert(v) {
                         return fail(format!("`{}` already has a producer", self.value_name(v)));

@@ -12,6 +12,7 @@
 //! the operator needs it, see `opset.rs`).
 
 pub mod gelu;
+pub mod layernorm;
 pub mod pattern;
 
 use crate::error::Result;
@@ -82,21 +83,23 @@ impl Rewrite<'_> {
         self.patch.op(op_type, domain, inputs, attributes)
     }
 
-    /// Adds an operator with optional inputs and several outputs (`None`: not wanted).
+    /// Adds an operator with optional inputs and the outputs flagged in `wanted` (the others
+    /// are left unnamed, so the runtime need not compute them).
     pub fn op_with_outputs(
         &mut self,
         op_type: &str,
         domain: &str,
         inputs: &[Option<PValue>],
-        outputs: usize,
+        wanted: &[bool],
         attributes: Vec<AttributeProto>,
-    ) -> Vec<PValue> {
+    ) -> Vec<Option<PValue>> {
         self.uses_contrib |= domain == MS_DOMAIN;
-        let outs: Vec<PValue> = (0..outputs)
-            .map(|_| self.patch.new_value(op_type))
+        let outs: Vec<Option<PValue>> = wanted
+            .iter()
+            .map(|&w| w.then(|| self.patch.new_value(op_type)))
             .collect();
         self.patch
-            .add_node(op_type, domain, inputs, &outs, attributes);
+            .add_node_with_optional_outputs(op_type, domain, inputs, &outs, attributes);
         outs
     }
 

@@ -174,12 +174,14 @@ pub fn unary(name: &'static str, a: Pat) -> Pat {
 }
 
 impl Pat {
-    fn with_op(self, f: impl FnOnce(&mut OpPat)) -> Pat {
+    /// Applies `f` to the operator pattern, or to every alternative of an `either`.
+    fn with_op(self, f: impl Fn(&mut OpPat) + Copy) -> Pat {
         match self {
             Pat::Op(mut p) => {
                 f(&mut p);
                 Pat::Op(p)
             }
+            Pat::Either(alts) => Pat::Either(alts.into_iter().map(|a| a.with_op(f)).collect()),
             other => other,
         }
     }
@@ -189,32 +191,33 @@ impl Pat {
         self.with_op(|p| p.commutative = true)
     }
 
-    /// Binds the matched operator's output value to `name` (a constant's value too).
+    /// Binds the matched value to `name` (an operator's output, a constant, any value).
     pub fn named(self, name: Name) -> Pat {
         match self {
             Pat::Const(_, pred) => Pat::Const(Some(name), pred),
             Pat::Value(_) => Pat::Value(Some(name)),
+            Pat::Either(alts) => Pat::Either(alts.into_iter().map(|a| a.named(name)).collect()),
             other => other.with_op(|p| p.name = Some(name)),
         }
     }
 
     /// Binds the matched operator node to `name` (to read its attributes later).
     pub fn node(self, name: Name) -> Pat {
-        self.with_op(|p| p.node = Some(name))
+        self.with_op(move |p| p.node = Some(name))
     }
 
     pub fn domain(self, domain: &'static str) -> Pat {
-        self.with_op(|p| p.domain = domain)
+        self.with_op(move |p| p.domain = domain)
     }
 
     /// Matches output `slot` of the operator instead of output 0.
     pub fn output(self, slot: usize) -> Pat {
-        self.with_op(|p| p.output = slot)
+        self.with_op(move |p| p.output = slot)
     }
 
     /// The attribute `name` must satisfy `pred`.
     pub fn attr(self, name: &'static str, pred: AttrPred) -> Pat {
-        self.with_op(|p| p.attrs.push((name, pred)))
+        self.with_op(move |p| p.attrs.push((name, pred)))
     }
 
     // ---- matching ----------------------------------------------------------------------

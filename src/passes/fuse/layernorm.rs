@@ -1,0 +1,307 @@
+//! Normalization fusions: LayerNorm written out, RMSNorm, and residual Add + LayerNorm.
+//!
+//! Matches:
+//! - LayerNorm as exporters write it before opset 17: `d = x - ReduceMean(x)`,
+//!   `v = ReduceMean(d²)` (`Pow(d, 2)` or `d·d`), `y = d / √(v + ε)` (or `d · 1/√(v + ε)`),
+//!   then `· γ` and `+ β` (β optional);
+//! - RMSNorm (T5): `x · 1/√(ReduceMean(x²) + ε) · γ`, the reciprocal as `Div(1, ·)` or
+//!   `Reciprocal`, `x²` as `Pow(x, 2)`;
+//! - `LayerNormalization(a + b)` where `a` and `b` are activations of the same shape (a
+//!   residual connection), optionally `a = m + bias` with a 1-D constant bias.
+//!
+//! Produces: `LayerNormalization` (opset 17) and `RMSNormalization` (opset 23) for both
+//! targets, raising the opset import; for `Target::Ort`, `com.microsoft`
+//! SkipLayerNormalization whose fourth output carries the residual sum to its other readers.
+//! Safe because: every reduction must be over the last axis only (`axes` is `[-1]` or
+//! `[rank-1]` with the rank known) with `keepdims` set, ε is a scalar constant, γ and β are 1-D
+//! constants, a squared deviation must be the square of the same `d`, and RMSNorm (no mean
+//! subtraction) cannot match the LayerNorm pattern, which requires the `x - mean` node. A
+//! chain reducing over any other axis is left alone (ONNX Runtime's own optimizer fuses it
+//! and changes the result).
+
+use super::pattern::{
+    add, constant, constant_where, div, either, int_attr_is, mul, op, pow, scalar, sub, unary,
+    value, Match, Pat,
+};
+use super::{apply_rules, Rewrite, Rule, Target, MS_DOMAIN};
+use crate::error::Result;
+use crate::ir::{attr, DataTypeExt, Dim, Model, PValue, Tensor, ValueId};
+use crate::passes::{Pass, Rewrites};
+
+const LAYER_NORM_OPSET: i64 = 17;
+const RMS_NORM_OPSET: i64 = 23;
+
+pub struct LayerNormFusion {
+    pub target: Target,
+}
+
+impl Pass for LayerNormFusion {
+    fn name(&self) -> &'static str {
+        "fuse-layernorm"
+    }
+
+    fn run(&self, model: &mut Model) -> Result<Rewrites> {
+        apply_rules(model, &rules(), self.target)
+    }
+}
+
+fn rules() -> Vec<Rule> {
+    vec![
+        Rule {
+            kind: "layer-norm",
+            pattern: layer_norm(),
+            build: build_layer_norm,
+        },
+        Rule {
+            kind: "rms-norm",
+            pattern: rms_norm(),
+            build: build_rms_norm,
+        },
+        Rule {
+            kind: "skip-layer-norm",
+            pattern: skip_layer_norm(),
+            build: build_skip_layer_norm,
+        },
+    ]
+}
+
+/// `ReduceMean(input)` over axes given as an attribute (before opset 18) or as a constant
+/// input; the node is bound to `node` so the builder can check the axes.
+fn reduce_mean(input: Pat, node: &'static str, axes: &'static str) -> Pat {
+    let keepdims = |a: Option<&crate::proto::AttributeProto>| int_attr_is(a, 1, 1);
+    either([
+        op("ReduceMean", [input.clone()])
+            .node(node)
+            .attr("keepdims", keepdims),
+        op("ReduceMean", [input, constant(axes)])
+            .node(node)
+            .attr("keepdims", keepdims),
+    ])
+}
+
+fn is_scalar(t: &Tensor) -> bool {
+    t.numel() == 1 && t.dtype().is_float()
+}
+
+fn is_vector(t: &Tensor) -> bool {
+    t.dims().len() == 1 && t.dtype().is_float()
+}
+
+/// `√(v + ε)` with ε bound to `eps`.
+fn std_dev(variance: Pat) -> Pat {
+    unary("Sqrt", add(variance, constant_where("eps", is_scalar)))
+}
+
+/// `numerator / denominator` in the ways exporters write it.
+fn divided_by(numerator: Pat, denominator: Pat) -> Pat {
+    either([
+        div(numerator.clone(), denominator.clone()),
+        mul(numerator.clone(), unary("Reciprocal", denominator.clone())),
+        mul(numerator, div(scalar(1.0), denominator)),
+    ])
+}
+
+/// `normalized · γ (+ β)`.
+fn scaled(normalized: Pat) -> Pat {
+    let times_gamma = mul(normalized, constant_where("gamma", is_vector));
+    either([
+        add(times_gamma.clone(), constant_where("beta", is_vector)),
+        times_gamma,
+    ])
+}
+
+fn layer_norm() -> Pat {
+    let d = sub(value("x"), reduce_mean(value("x"), "mean", "mean_axes")).named("d");
+    let square = either([pow(value("d"), scalar(2.0)), mul(value("d"), value("d"))]);
+    let variance = reduce_mean(square, "variance", "variance_axes");
+    scaled(divided_by(d, std_dev(variance)))
+}
+
+fn rms_norm() -> Pat {
+    let mean_square = reduce_mean(pow(value("x"), scalar(2.0)), "variance", "variance_axes");
+    scaled(divided_by(value("x"), std_dev(mean_square)))
+}
+
+fn skip_layer_norm() -> Pat {
+    let sum = either([
+        add(
+            add(value("a"), constant_where("bias", is_vector)).named("biased"),
+            value("b"),
+        ),
+        add(value("a"), value("b")),
+    ])
+    .named("sum");
+    either([
+        op(
+            "LayerNormalization",
+            [sum.clone(), value("gamma"), value("beta")],
+        )
+        .node("ln"),
+        op("LayerNormalization", [sum, value("gamma")]).node("ln"),
+    ])
+}
+
+/// True when the ReduceMean bound to `node` reduces over the last axis of `x` only.
+fn reduces_last_axis(m: &Match, rw: &Rewrite, node: &'static str, axes: &'static str) -> bool {
+    let Some(id) = m.node(node) else {
+        return false;
+    };
+    let g = rw.graph;
+    let axes: Vec<i64> = match m.value(axes) {
+        Some(v) => match g.constant(v).and_then(|t| t.to_i64_vec().ok()) {
+            Some(a) => a,
+            None => return false,
+        },
+        None => match attr::get_ints(&g.node(id).proto, "axes") {
+            Some(a) => a.to_vec(),
+            None => return false,
+        },
+    };
+    let rank = g
+        .node(id)
+        .input(0)
+        .and_then(|v| g.value_type(v))
+        .and_then(|t| t.rank());
+    match axes.as_slice() {
+        [-1] => true,
+        [a] => rank.is_some_and(|r| *a == r as i64 - 1),
+        _ => false,
+    }
+}
+
+fn scalar_value(rw: &Rewrite, v: Option<ValueId>) -> Option<f32> {
+    Some(rw.graph.constant(v?)?.scalar_f64()? as f32)
+}
+
+/// The value the match's root node produces.
+fn root(m: &Match, rw: &Rewrite) -> Option<ValueId> {
+    rw.graph.node(*m.nodes().first()?).output(0)
+}
+
+fn build_layer_norm(m: &Match, rw: &mut Rewrite) -> Option<()> {
+    if !reduces_last_axis(m, rw, "mean", "mean_axes")
+        || !reduces_last_axis(m, rw, "variance", "variance_axes")
+        || !rw.require_opset(LAYER_NORM_OPSET)
+    {
+        return None;
+    }
+    let epsilon = scalar_value(rw, m.value("eps"))?;
+    let mut inputs: Vec<PValue> = vec![m.value("x")?.into(), m.value("gamma")?.into()];
+    inputs.extend(m.value("beta").map(PValue::from));
+    let out = rw.op(
+        "LayerNormalization",
+        "",
+        &inputs,
+        vec![attr::int("axis", -1), attr::float("epsilon", epsilon)],
+    );
+    let root = root(m, rw)?;
+    rw.replace(root, out);
+    Some(())
+}
+
+fn build_rms_norm(m: &Match, rw: &mut Rewrite) -> Option<()> {
+    if m.value("beta").is_some()
+        || !reduces_last_axis(m, rw, "variance", "variance_axes")
+        || !rw.require_opset(RMS_NORM_OPSET)
+    {
+        return None;
+    }
+    let epsilon = scalar_value(rw, m.value("eps"))?;
+    let out = rw.op(
+        "RMSNormalization",
+        "",
+        &[m.value("x")?.into(), m.value("gamma")?.into()],
+        vec![attr::int("axis", -1), attr::float("epsilon", epsilon)],
+    );
+    let root = root(m, rw)?;
+    rw.replace(root, out);
+    Some(())
+}
+
+/// Residual Add (+ bias) + LayerNormalization → SkipLayerNormalization, ONNX Runtime only.
+/// The operand with the full shape becomes `input`; the other (which may broadcast over the
+/// batch, as position embeddings do) becomes `skip`.
+fn build_skip_layer_norm(m: &Match, rw: &mut Rewrite) -> Option<()> {
+    if rw.target != Target::Ort {
+        return None;
+    }
+    let g = rw.graph;
+    let ln = g.node(m.node("ln")?);
+    let axis = attr::get_int(&ln.proto, "axis").unwrap_or(-1);
+    let (a, b) = (m.value("a")?, m.value("b")?);
+    let ta = g.value_type(a)?;
+    let tb = g.value_type(b)?;
+    let (da, db) = (ta.shape.as_ref()?, tb.shape.as_ref()?);
+    if da.len() != 3
+        || !(axis == -1 || axis == 2)
+        || g.constant(a).is_some()
+        || g.constant(b).is_some()
+    {
+        return None;
+    }
+    // skip may be (batch, sequence, hidden), (1, sequence, hidden) or (sequence, hidden).
+    let skip_fits = |full: &[Dim], skip: &[Dim]| {
+        let tail_same = |k: usize| {
+            full[3 - k..]
+                .iter()
+                .zip(&skip[skip.len() - k..])
+                .all(|(x, y)| x.same(y))
+        };
+        match skip.len() {
+            3 => tail_same(2) && (skip[0].same(&full[0]) || skip[0].value() == Some(1)),
+            2 => tail_same(2),
+            _ => false,
+        }
+    };
+    let (input, skip) = if skip_fits(da, db) {
+        (a, b)
+    } else if db.len() == 3 && skip_fits(db, da) {
+        (b, a)
+    } else {
+        return None;
+    };
+    let hidden = da.last()?.value()?;
+    let gamma = g.constant(m.value("gamma")?)?;
+    if gamma.dims() != [hidden] {
+        return None;
+    }
+    let epsilon = attr::get_float(&ln.proto, "epsilon").unwrap_or(1e-5);
+    let bias = m.value("bias");
+    if let Some(bias) = bias {
+        if g.constant(bias)?.dims() != [hidden] || input != a {
+            return None;
+        }
+    }
+    let inputs = [
+        Some(input.into()),
+        Some(skip.into()),
+        Some(m.value("gamma")?.into()),
+        ln.input(2).map(Into::into),
+        bias.map(Into::into),
+    ];
+    let inputs = trim_trailing_absent(&inputs);
+    // The residual sum usually feeds the next residual connection too: output 3 gives it.
+    let sum = m.value("sum")?;
+    let sum_read_outside =
+        g.is_graph_output(sum) || !g.uses(sum).iter().all(|(r, _)| m.nodes().contains(r));
+    let outs = rw.op_with_outputs(
+        "SkipLayerNormalization",
+        MS_DOMAIN,
+        inputs,
+        &[true, false, false, sum_read_outside],
+        vec![attr::float("epsilon", epsilon)],
+    );
+    rw.replace(ln.output(0)?, outs[0]?);
+    if let Some(sum_out) = outs[3] {
+        rw.replace(sum, sum_out);
+    }
+    Some(())
+}
+
+fn trim_trailing_absent<T>(inputs: &[Option<T>]) -> &[Option<T>] {
+    let len = inputs
+        .iter()
+        .rposition(Option::is_some)
+        .map_or(0, |i| i + 1);
+    &inputs[..len]
+}
