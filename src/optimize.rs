@@ -4,9 +4,11 @@ use crate::error::Result;
 use crate::inspect::TARGET_KEY;
 use crate::ir::Model;
 use crate::passes::dce::DeadCodeElimination;
+use crate::passes::fuse::attention::AttentionFusion;
 use crate::passes::fuse::gelu::GeluFusion;
 use crate::passes::fuse::layernorm::LayerNormFusion;
 use crate::passes::fuse::Target;
+use crate::passes::shape_of::ShapeFromInputs;
 use crate::passes::{PassManager, PassReport};
 
 #[derive(Clone, Debug)]
@@ -27,6 +29,8 @@ impl Default for OptimizeOptions {
 pub fn pipeline(options: &OptimizeOptions) -> PassManager {
     let target = options.target;
     PassManager::new()
+        .with(ShapeFromInputs)
+        .with(AttentionFusion { target })
         .with(LayerNormFusion { target })
         .with(GeluFusion { target })
         .with(DeadCodeElimination)

@@ -11,6 +11,7 @@
 
 pub mod compare;
 pub mod inputs;
+pub mod lower;
 pub mod rng;
 pub mod support;
 
@@ -105,6 +106,9 @@ impl Runner {
 
     /// Loads `model`, returning the named values (graph outputs or intermediates) when run.
     pub fn with_outputs(model: &Model, outputs: &[String]) -> Result<Runner, ExecError> {
+        let mut lowered = model.clone();
+        lower::lower_contrib_ops(&mut lowered)?;
+        let model = &lowered;
         if let Some(u) = support::first_unsupported(model) {
             return Err(ExecError::Unsupported(u));
         }

@@ -11,12 +11,13 @@
 //! `com.microsoft` operators, `Onnx` standard operators only (raising the opset import when
 //! the operator needs it, see `opset.rs`).
 
+pub mod attention;
 pub mod gelu;
 pub mod layernorm;
 pub mod pattern;
 
 use crate::error::Result;
-use crate::ir::{Graph, Model, PValue, Patch, Tensor, ValueId};
+use crate::ir::{Graph, Model, NodeId, PValue, Patch, Tensor, ValueId};
 use crate::passes::{opset, Rewrites};
 use crate::proto::AttributeProto;
 use pattern::{Match, Pat};
@@ -61,10 +62,19 @@ pub struct Rewrite<'a> {
     needs_opset: i64,
     patch: Patch,
     replaced: Vec<ValueId>,
+    /// Nodes outside the match that the replacement also makes redundant.
+    absorbed: Vec<NodeId>,
     uses_contrib: bool,
 }
 
 impl Rewrite<'_> {
+    /// Removes `node` along with the match (it must be read only by the match too).
+    pub fn absorb(&mut self, node: NodeId) {
+        if !self.absorbed.contains(&node) {
+            self.absorbed.push(node);
+        }
+    }
+
     /// Readers of `old` will read `new`.
     pub fn replace(&mut self, old: ValueId, new: PValue) {
         self.patch.replace_uses(old, new);
@@ -149,18 +159,22 @@ pub fn apply_rules(model: &mut Model, rules: &[Rule], target: Target) -> Result<
                         needs_opset,
                         patch: Patch::new(rule.kind),
                         replaced: Vec::new(),
+                        absorbed: Vec::new(),
                         uses_contrib: false,
                     };
-                    if (rule.build)(&m, &mut rw).is_none()
-                        || !is_closed(&model.graph, &m, &rw.replaced)
-                    {
+                    if (rule.build)(&m, &mut rw).is_none() {
+                        continue;
+                    }
+                    let removed: Vec<NodeId> =
+                        m.nodes().iter().chain(&rw.absorbed).copied().collect();
+                    if !is_closed(&model.graph, &removed, &rw.replaced) {
                         continue;
                     }
                     let mut patch = rw.patch;
                     needs_opset = rw.needs_opset;
                     uses_contrib |= rw.uses_contrib;
                     patch.anchor_at(id);
-                    for &n in m.nodes() {
+                    for n in removed {
                         patch.remove_node(n);
                     }
                     rewrites.apply(model, patch)?;
@@ -178,13 +192,13 @@ pub fn apply_rules(model: &mut Model, rules: &[Rule], target: Target) -> Result<
     Ok(rewrites)
 }
 
-/// True when every value the match's nodes produce is either replaced by the rewrite or
-/// read only by nodes of the match (and is not a graph output).
-fn is_closed(g: &Graph, m: &Match, replaced: &[ValueId]) -> bool {
-    m.nodes().iter().all(|&n| {
+/// True when every value the removed nodes produce is either replaced by the rewrite or
+/// read only by removed nodes (and is not a graph output).
+fn is_closed(g: &Graph, removed: &[NodeId], replaced: &[ValueId]) -> bool {
+    removed.iter().all(|&n| {
         g.node(n).outputs.iter().flatten().all(|&v| {
             replaced.contains(&v)
-                || (!g.is_graph_output(v) && g.uses(v).iter().all(|(r, _)| m.nodes().contains(r)))
+                || (!g.is_graph_output(v) && g.uses(v).iter().all(|(r, _)| removed.contains(r)))
         })
     })
 }

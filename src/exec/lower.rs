@@ -1,0 +1,145 @@
+//! Lowering ONNX Runtime contrib operators that tract cannot run faithfully into standard
+//! operators that it can, before a model goes to tract.
+//!
+//! tract resolves operators by name and would read `com.microsoft::Attention` as the standard
+//! `Attention`, a different operator. These lowerings implement ONNX Runtime's documented
+//! semantics for the forms listed below (the ones onnxopt's fusions emit); a node outside
+//! them is left as it is and then refused by `support`, so it is never run wrongly.
+//!
+//! - `Attention(x, W, b?, attention_bias?)` with `num_heads`, optional `scale`, no mask index,
+//!   no past, not unidirectional: `x·W + b`, split in three along the last axis, then the
+//!   standard 3-D `Attention`.
+//! - `MultiHeadAttention(q, k, v, attention_bias?, past_key?, past_value?)` on 3-D inputs with
+//!   `num_heads` and `scale`, no bias, no key padding mask, not unidirectional: the standard
+//!   3-D `Attention` with the same past and present key/values.
+
+use crate::error::Result;
+use crate::ir::{attr, Model, Node, NodeId, PValue, Patch, Tensor};
+use crate::passes::fuse::MS_DOMAIN;
+
+/// Lowers every contrib node of `model` that has a lowering.
+pub fn lower_contrib_ops(model: &mut Model) -> Result<()> {
+    let nodes: Vec<NodeId> = model
+        .graph
+        .nodes()
+        .filter(|(_, n)| n.domain() == MS_DOMAIN)
+        .map(|(id, _)| id)
+        .collect();
+    for id in nodes {
+        let node = model.graph.node(id).clone();
+        let patch = match node.op_type() {
+            "Attention" => packed_attention(model, id, &node),
+            "MultiHeadAttention" => multi_head_attention(id, &node),
+            _ => None,
+        };
+        if let Some(patch) = patch {
+            model.graph.apply(patch)?;
+        }
+    }
+    Ok(())
+}
+
+fn int_attr(node: &Node, name: &str) -> i64 {
+    attr::get_int(&node.proto, name).unwrap_or(0)
+}
+
+fn absent(node: &Node, slots: &[usize]) -> bool {
+    slots.iter().all(|&s| node.input(s).is_none())
+}
+
+fn standard_attention(
+    patch: &mut Patch,
+    inputs: &[Option<PValue>],
+    outputs: &[Option<PValue>],
+    num_heads: i64,
+    scale: f32,
+) {
+    patch.add_node_with_optional_outputs(
+        "Attention",
+        "",
+        inputs,
+        outputs,
+        vec![
+            attr::int("q_num_heads", num_heads),
+            attr::int("kv_num_heads", num_heads),
+            attr::float("scale", scale),
+        ],
+    );
+}
+
+fn packed_attention(model: &Model, id: NodeId, node: &Node) -> Option<Patch> {
+    let g = &model.graph;
+    let supported = absent(node, &[3, 4, 6])
+        && int_attr(node, "unidirectional") == 0
+        && int_attr(node, "do_rotary") == 0
+        && attr::get(&node.proto, "qkv_hidden_sizes").is_none()
+        && node.outputs.iter().skip(1).all(Option::is_none);
+    if !supported {
+        return None;
+    }
+    let num_heads = int_attr(node, "num_heads");
+    let weights = g.constant(node.input(1)?)?;
+    let width = *weights.dims().get(1)?;
+    if num_heads <= 0 || weights.dims().len() != 2 || width % (3 * num_heads) != 0 {
+        return None;
+    }
+    let hidden = width / 3;
+    let scale = attr::get_float(&node.proto, "scale")
+        .unwrap_or_else(|| 1.0 / ((hidden / num_heads) as f32).sqrt());
+
+    let mut patch = Patch::new("lower-attention");
+    let mut qkv = patch.op("MatMul", "", &[node.input(0)?.into(), node.input(1)?.into()], vec![]);
+    if let Some(b) = node.input(2) {
+        qkv = patch.op("Add", "", &[qkv, b.into()], vec![]);
+    }
+    let sizes = Tensor::from_i64("split", &[3], &[hidden; 3]).ok()?;
+    let sizes = patch.new_initializer("split", sizes);
+    let (q, k, v) = (
+        patch.new_value("q"),
+        patch.new_value("k"),
+        patch.new_value("v"),
+    );
+    patch.add_node(
+        "Split",
+        "",
+        &[Some(qkv), Some(sizes)],
+        &[q, k, v],
+        vec![attr::int("axis", -1)],
+    );
+    let inputs = [
+        Some(q),
+        Some(k),
+        Some(v),
+        node.input(5).map(PValue::from),
+    ];
+    standard_attention(
+        &mut patch,
+        &inputs,
+        &[Some(node.output(0)?.into())],
+        num_heads,
+        scale,
+    );
+    patch.remove_node(id);
+    Some(patch)
+}
+
+fn multi_head_attention(id: NodeId, node: &Node) -> Option<Patch> {
+    let supported = absent(node, &[3, 4, 8, 9])
+        && node.input(1).is_some()
+        && node.input(2).is_some()
+        && node.input(6).is_some() == node.input(7).is_some()
+        && int_attr(node, "unidirectional") == 0
+        && node.output(3).is_none();
+    let scale = attr::get_float(&node.proto, "scale")?;
+    let num_heads = int_attr(node, "num_heads");
+    if !supported || num_heads <= 0 {
+        return None;
+    }
+    let slot = |s: usize| node.input(s).map(PValue::from);
+    let inputs = [slot(0), slot(1), slot(2), slot(5), slot(6), slot(7)];
+    let outputs: Vec<Option<PValue>> = (0..3).map(|s| node.output(s).map(PValue::from)).collect();
+    let mut patch = Patch::new("lower-multi-head-attention");
+    patch.remove_node(id);
+    standard_attention(&mut patch, &inputs, &outputs, num_heads, scale);
+    Some(patch)
+}

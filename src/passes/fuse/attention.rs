@@ -1,0 +1,528 @@
+//! Attention fusion.
+//!
+//! Matches the attention core as today's exporters write it, for BERT, DistilBERT, RoBERTa,
+//! BART and T5 encoders, ViT and GPT-2 (with and without past key/values):
+//!
+//! ```text
+//! Qh = Transpose[0,2,1,3](Reshape(q, [B,S,N,H]))            (· scale)
+//! Kᵀ = Transpose[0,2,3,1](Reshape(k, [B,T,N,H]))            legacy exporter
+//!    | Transpose[0,1,3,2](Kh)                                past key/values
+//!    | Reshape(Transpose[0,2,1](Reshape(Kh, [B·N,T,H])), [B,N,H,T])   dynamo exporter
+//!      where Kh = heads(k), or Concat(past_k, heads(k), axis 2)       (· scale)
+//! P  = Softmax(Qh·Kᵀ (· or / scale) (+ bias))    then Where(IsNaN(P), 0, P) (SDPA)
+//! y  = Reshape(Transpose[0,2,1,3](P · Vh), [B,S,N·H])   (an identity Reshape may follow P · Vh)
+//! ```
+//!
+//! The additive bias carries everything masks do (padding as `Where(mask, 0, -inf)`, GPT-2's
+//! causal mask folded into it, T5's relative position bias), so no mask form is special.
+//! The number of heads and the head size come from the types of the Reshape outputs.
+//!
+//! Produces:
+//! - `Target::Ort`: `com.microsoft` Attention with the Q, K and V weights packed into one
+//!   matrix (one GEMM) when the three projections are `x·W (+ b)` of the same `x`, or come
+//!   from one projection split in three (GPT-2); else MultiHeadAttention on the projected
+//!   Q, K, V, with past and present key/values when the model has them;
+//! - `Target::Onnx`: the standard `Attention` (opset 23, raising the import) on 3-D Q, K, V.
+//!
+//! The scale attribute is always written: the product of the scales found (1 when none, as
+//! in T5). Safe because: the heads layout is checked from types (every Reshape must split
+//! only the last dim into N×H, the dynamo Kᵀ detour must merge and split exactly B and N),
+//! scales are scalar constants, every intermediate value must be read only inside the match
+//! (present key/values are replaced by the fused operator's outputs), and the replacement
+//! computes softmax(Q·Kᵀ·scale + bias)·V per head. One difference remains: a query row whose
+//! every key is masked with -inf gives zeros in the SDPA export (the IsNaN→Where) and NaN or
+//! a uniform average in the fused operators; such rows are padding of an all-padding input.
+
+use super::pattern::{
+    add, any, constant_where, div, either, mul, op, scalar, unary, value, Match, Pat,
+};
+use super::{apply_rules, Rewrite, Rule, Target, MS_DOMAIN};
+use crate::error::Result;
+use crate::ir::{attr, DataType, DataTypeExt, Dim, Graph, Model, NodeId, PValue, Tensor, ValueId};
+use crate::passes::{Pass, Rewrites};
+use crate::proto::AttributeProto;
+
+const ATTENTION_OPSET: i64 = 23;
+
+pub struct AttentionFusion {
+    pub target: Target,
+}
+
+impl Pass for AttentionFusion {
+    fn name(&self) -> &'static str {
+        "fuse-attention"
+    }
+
+    fn run(&self, model: &mut Model) -> Result<Rewrites> {
+        apply_rules(
+            model,
+            &[Rule {
+                kind: "attention",
+                pattern: attention(),
+                build: build_attention,
+            }],
+            self.target,
+        )
+    }
+}
+
+// ---- the pattern ---------------------------------------------------------------------------
+
+fn perm_is(a: Option<&AttributeProto>, perm: &[i64]) -> bool {
+    a.is_some_and(|a| a.ints == perm)
+}
+
+fn transpose(input: Pat, perm: fn(Option<&AttributeProto>) -> bool) -> Pat {
+    op("Transpose", [input]).attr("perm", perm)
+}
+
+/// `Transpose[0,2,1,3](Reshape(src))`: [B,S,N·H] → [B,N,S,H].
+fn heads(src: &'static str, reshape: &'static str) -> Pat {
+    transpose(
+        op("Reshape", [value(src), any()]).named(reshape),
+        |a| perm_is(a, &[0, 2, 1, 3]),
+    )
+}
+
+/// Heads, optionally after the past ones: `Concat(past, heads, axis=2)`.
+fn with_past(src: &'static str, reshape: &'static str, past: &'static str, total: &'static str) -> Pat {
+    either([
+        op("Concat", [value(past), heads(src, reshape)])
+            .attr("axis", |a| a.is_some_and(|a| a.i() == 2 || a.i() == -2))
+            .named(total),
+        heads(src, reshape),
+    ])
+}
+
+fn is_scalar(t: &Tensor) -> bool {
+    t.numel() == 1 && t.dtype().is_float()
+}
+
+/// `p · c` with a scalar constant `c` bound to `name`, or `p` itself.
+fn maybe_scaled(p: Pat, name: &'static str) -> Pat {
+    either([mul(p.clone(), constant_where(name, is_scalar)), p])
+}
+
+fn attention() -> Pat {
+    let k_heads = with_past("k", "k_reshape", "past_k", "k_total");
+    let k_transposed = either([
+        transpose(
+            op("Reshape", [value("k"), any()]).named("k_reshape"),
+            |a| perm_is(a, &[0, 2, 3, 1]),
+        ),
+        transpose(k_heads.clone(), |a| perm_is(a, &[0, 1, 3, 2])),
+        op(
+            "Reshape",
+            [
+                transpose(op("Reshape", [k_heads, any()]).named("k_flat"), |a| {
+                    perm_is(a, &[0, 2, 1])
+                }),
+                any(),
+            ],
+        ),
+    ])
+    .named("k_t");
+    let scores = op(
+        "MatMul",
+        [
+            maybe_scaled(heads("q", "q_reshape"), "q_scale"),
+            maybe_scaled(k_transposed, "k_scale"),
+        ],
+    );
+    let scaled_scores = either([
+        mul(scores.clone(), constant_where("s_scale", is_scalar)),
+        div(scores.clone(), constant_where("s_div", is_scalar)),
+        scores,
+    ]);
+    let biased = either([add(scaled_scores.clone(), value("bias")), scaled_scores]);
+    let probs = op("Softmax", [biased])
+        .attr("axis", |a| a.is_some_and(|a| a.i() == -1 || a.i() == 3))
+        .named("probs");
+    let cleaned = either([
+        op(
+            "Where",
+            [unary("IsNaN", probs.clone()), scalar(0.0), value("probs")],
+        ),
+        probs,
+    ]);
+    let context = op(
+        "MatMul",
+        [cleaned, with_past("v", "v_reshape", "past_v", "v_total")],
+    )
+    .named("context");
+    let context = either([
+        op("Reshape", [context.clone(), any()]).named("context_reshape"),
+        context,
+    ]);
+    op(
+        "Reshape",
+        [transpose(context, |a| perm_is(a, &[0, 2, 1, 3])), any()],
+    )
+}
+
+// ---- checks on types ----------------------------------------------------------------------
+
+fn dims(g: &Graph, v: ValueId) -> Option<Vec<Dim>> {
+    g.value_type(v)?.shape
+}
+
+/// The `[B, S]` dims, head count and head size of a `Reshape(src) = [B, S, N, H]` that splits
+/// only the last dim of a `[B, S, N·H]` value.
+fn split_heads(g: &Graph, src: ValueId, reshaped: ValueId) -> Option<(Vec<Dim>, i64, i64)> {
+    let (s, r) = (dims(g, src)?, dims(g, reshaped)?);
+    let (n, h) = (r.get(2)?.value()?, r.get(3)?.value()?);
+    let fits = s.len() == 3
+        && r.len() == 4
+        && s[0].same(&r[0])
+        && s[1].same(&r[1])
+        && s[2].value() == Some(n * h);
+    fits.then(|| (s[..2].to_vec(), n, h))
+}
+
+fn scale_of(m: &Match, g: &Graph) -> Option<f32> {
+    let value = |name| -> Option<Option<f64>> {
+        match m.value(name) {
+            Some(v) => Some(Some(g.constant(v)?.scalar_f64()?)),
+            None => Some(None),
+        }
+    };
+    let mut scale = 1.0;
+    for name in ["q_scale", "k_scale", "s_scale"] {
+        scale *= value(name)?.unwrap_or(1.0);
+    }
+    if let Some(d) = value("s_div")? {
+        scale /= d;
+    }
+    Some(scale as f32)
+}
+
+/// The checks the pattern cannot express: layouts from types, consistent head counts, past
+/// key/values in pairs, the dynamo Kᵀ detour, an identity context Reshape, a 4-D bias.
+/// Returns the number of heads.
+fn check_heads(m: &Match, g: &Graph) -> Option<i64> {
+    let (q_bs, n, h) = split_heads(g, m.value("q")?, m.value("q_reshape")?)?;
+    let (k_bs, kn, kh) = split_heads(g, m.value("k")?, m.value("k_reshape")?)?;
+    let (v_bs, vn, vh) = split_heads(g, m.value("v")?, m.value("v_reshape")?)?;
+    if (kn, kh, vn, vh) != (n, h, n, h) || !q_bs[0].same(&k_bs[0]) || !k_bs[1].same(&v_bs[1]) {
+        return None;
+    }
+    if m.value("k_total").is_some() != m.value("v_total").is_some()
+        || m.value("past_k").is_some() != m.value("past_v").is_some()
+    {
+        return None;
+    }
+    for past in ["past_k", "past_v"] {
+        if let Some(p) = m.value(past) {
+            let d = dims(g, p)?;
+            if d.len() != 4 || d[1].value() != Some(n) || d[3].value() != Some(h) {
+                return None;
+            }
+        }
+    }
+    // The dynamo Kᵀ: Reshape to [B·N, T, H], Transpose, Reshape back to [B, N, H, T].
+    if let Some(flat) = m.value("k_flat") {
+        let heads = dims(g, g.node(g.producer(flat)?).input(0)?)?;
+        let (f, t) = (dims(g, flat)?, dims(g, m.value("k_t")?)?);
+        let (b, nn, tt, hh) = (&heads[0], &heads[1], &heads[2], &heads[3]);
+        let merged = f.len() == 3 && f[0].same(&b.mul(nn)) && f[1].same(tt) && f[2].same(hh);
+        let split = t.len() == 4 && t[0].same(b) && t[1].same(nn) && t[2].same(hh) && t[3].same(tt);
+        if !merged || !split {
+            return None;
+        }
+    }
+    if let Some(r) = m.value("context_reshape") {
+        let before = dims(g, m.value("context")?)?;
+        let after = dims(g, r)?;
+        if before.len() != after.len() || !before.iter().zip(&after).all(|(a, b)| a.same(b)) {
+            return None;
+        }
+    }
+    if let Some(bias) = m.value("bias") {
+        if dims(g, bias)?.len() != 4 {
+            return None;
+        }
+    }
+    Some(n)
+}
+
+// ---- the builders -------------------------------------------------------------------------
+
+fn build_attention(m: &Match, rw: &mut Rewrite) -> Option<()> {
+    let g = rw.graph;
+    let n = check_heads(m, g)?;
+    let scale = scale_of(m, g)?;
+    let root = *m.nodes().first()?;
+    let root_out = g.node(root).output(0)?;
+    let (q, k, v) = (m.value("q")?, m.value("k")?, m.value("v")?);
+    let bias = m.value("bias").map(PValue::from);
+    let past = m.value("past_k").zip(m.value("past_v"));
+    let presents = [m.value("k_total"), m.value("v_total")];
+
+    let (out, present_values) = match rw.target {
+        Target::Ort => {
+            let packed = if past.is_none() { packed_qkv(g, q, k, v) } else { None };
+            match packed {
+                Some(p) => {
+                    for node in &p.absorbed {
+                        rw.absorb(*node);
+                    }
+                    let weights = rw.constant("qkv_weight", p.weights);
+                    let bias_qkv = p.bias.map(|b| rw.constant("qkv_bias", b));
+                    let inputs = [
+                        Some(p.input.into()),
+                        Some(weights),
+                        bias_qkv,
+                        None,
+                        None,
+                        bias,
+                    ];
+                    let outs = rw.op_with_outputs(
+                        "Attention",
+                        MS_DOMAIN,
+                        trim(&inputs),
+                        &[true],
+                        vec![attr::int("num_heads", n), attr::float("scale", scale)],
+                    );
+                    (outs[0]?, vec![])
+                }
+                None => {
+                    let inputs = [
+                        Some(q.into()),
+                        Some(k.into()),
+                        Some(v.into()),
+                        None,
+                        None,
+                        bias,
+                        past.map(|(pk, _)| pk.into()),
+                        past.map(|(_, pv)| pv.into()),
+                    ];
+                    let wanted = [true, presents[0].is_some(), presents[1].is_some()];
+                    let outs = rw.op_with_outputs(
+                        "MultiHeadAttention",
+                        MS_DOMAIN,
+                        trim(&inputs),
+                        &wanted,
+                        vec![attr::int("num_heads", n), attr::float("scale", scale)],
+                    );
+                    (outs[0]?, outs[1..].to_vec())
+                }
+            }
+        }
+        Target::Onnx => {
+            if !rw.require_opset(ATTENTION_OPSET) {
+                return None;
+            }
+            let inputs = [
+                Some(q.into()),
+                Some(k.into()),
+                Some(v.into()),
+                bias,
+                past.map(|(pk, _)| pk.into()),
+                past.map(|(_, pv)| pv.into()),
+            ];
+            let wanted = [true, presents[0].is_some(), presents[1].is_some()];
+            let outs = rw.op_with_outputs(
+                "Attention",
+                "",
+                trim(&inputs),
+                &wanted,
+                vec![
+                    attr::int("q_num_heads", n),
+                    attr::int("kv_num_heads", n),
+                    attr::float("scale", scale),
+                ],
+            );
+            (outs[0]?, outs[1..].to_vec())
+        }
+    };
+
+    // The fused output is [B, S, N·H]; the graph may want it flattened (GPT-2's Gemm).
+    let root_rank = dims(g, root_out).map(|d| d.len());
+    let out = match root_rank {
+        Some(3) => out,
+        _ => {
+            let shape = g.node(root).input(1)?;
+            rw.op("Reshape", "", &[out, shape.into()], vec![])
+        }
+    };
+    rw.replace(root_out, out);
+    for (old, new) in presents.iter().zip(present_values) {
+        if let (Some(old), Some(new)) = (old, new) {
+            rw.replace(*old, new);
+        }
+    }
+    Some(())
+}
+
+fn trim<T>(inputs: &[Option<T>]) -> &[Option<T>] {
+    let len = inputs.iter().rposition(Option::is_some).map_or(0, |i| i + 1);
+    &inputs[..len]
+}
+
+/// Q, K and V projections merged into one: `x · [Wq | Wk | Wv] + [bq | bk | bv]`.
+struct PackedQkv {
+    input: ValueId,
+    weights: Tensor,
+    bias: Option<Tensor>,
+    absorbed: Vec<NodeId>,
+}
+
+/// `x · W (+ b)` with constant W [in, out] and b [out]: (x, W, b, the nodes).
+fn linear(g: &Graph, v: ValueId) -> Option<(ValueId, Tensor, Option<Tensor>, Vec<NodeId>)> {
+    let node_id = g.producer(v)?;
+    let node = g.node(node_id);
+    let (matmul_out, bias) = if node.is("Add") {
+        let (a, b) = (node.input(0)?, node.input(1)?);
+        match (g.constant(a), g.constant(b)) {
+            (None, Some(bias)) => (a, Some(bias)),
+            (Some(bias), None) => (b, Some(bias)),
+            _ => return None,
+        }
+    } else {
+        (v, None)
+    };
+    let mm_id = g.producer(matmul_out)?;
+    let mm = g.node(mm_id);
+    if !mm.is("MatMul") {
+        return None;
+    }
+    let weights = g.constant(mm.input(1)?)?;
+    if weights.dims().len() != 2 || !weights.dtype().is_float() {
+        return None;
+    }
+    if let Some(b) = &bias {
+        if b.dims() != [weights.dims()[1]] {
+            return None;
+        }
+    }
+    let mut nodes = vec![mm_id];
+    if bias.is_some() {
+        nodes.push(node_id);
+    }
+    Some((mm.input(0)?, weights, bias, nodes))
+}
+
+fn packed_qkv(g: &Graph, q: ValueId, k: ValueId, v: ValueId) -> Option<PackedQkv> {
+    separate_projections(g, q, k, v).or_else(|| split_projection(g, q, k, v))
+}
+
+/// Three `x · W + b` of the same x (BERT, ViT, T5 without biases).
+fn separate_projections(g: &Graph, q: ValueId, k: ValueId, v: ValueId) -> Option<PackedQkv> {
+    let (xq, wq, bq, nq) = linear(g, q)?;
+    let (xk, wk, bk, nk) = linear(g, k)?;
+    let (xv, wv, bv, nv) = linear(g, v)?;
+    if xq != xk || xk != xv || wq.dims() != wk.dims() || wk.dims() != wv.dims() {
+        return None;
+    }
+    let weights = concat_columns(&[&wq, &wk, &wv])?;
+    let bias = match (bq, bk, bv) {
+        (Some(bq), Some(bk), Some(bv)) => Some(concat_vectors(&[&bq, &bk, &bv])?),
+        (None, None, None) => None,
+        _ => return None,
+    };
+    Some(PackedQkv {
+        input: xq,
+        weights,
+        bias,
+        absorbed: [nq, nk, nv].concat(),
+    })
+}
+
+/// One projection split three ways along the last axis (GPT-2's Conv1D):
+/// `Split(Reshape(Gemm(Reshape(x, [B·S, in]), W, b), [B, S, 3·out]))` → q, k, v.
+fn split_projection(g: &Graph, q: ValueId, k: ValueId, v: ValueId) -> Option<PackedQkv> {
+    let split_id = g.producer(q)?;
+    let split = g.node(split_id);
+    let outputs: Vec<ValueId> = split.outputs.iter().flatten().copied().collect();
+    if !split.is("Split") || outputs != [q, k, v] {
+        return None;
+    }
+    let joined = split.input(0)?;
+    let joined_dims = dims(g, joined)?;
+    let axis = attr::get_int(&split.proto, "axis").unwrap_or(0);
+    if joined_dims.len() != 3 || !(axis == 2 || axis == -1) {
+        return None;
+    }
+    let width = joined_dims[2].value()?;
+    // Equal thirds: from num_outputs, or an explicit split input or attribute.
+    let sizes: Vec<i64> = match split.input(1) {
+        Some(s) => g.constant(s)?.to_i64_vec().ok()?,
+        None => attr::get_ints(&split.proto, "split").map(<[i64]>::to_vec).unwrap_or_default(),
+    };
+    if !(sizes.is_empty() || sizes == [width / 3; 3]) || width % 3 != 0 {
+        return None;
+    }
+    let unflatten_id = g.producer(joined)?;
+    let unflatten = g.node(unflatten_id);
+    let gemm_id = g.producer(unflatten.input(0)?)?;
+    let gemm = g.node(gemm_id);
+    if !unflatten.is("Reshape") || !gemm.is("Gemm") {
+        return None;
+    }
+    let plain_gemm = attr::get_int(&gemm.proto, "transA").unwrap_or(0) == 0
+        && attr::get_int(&gemm.proto, "transB").unwrap_or(0) == 0
+        && attr::get_float(&gemm.proto, "alpha").unwrap_or(1.0) == 1.0
+        && attr::get_float(&gemm.proto, "beta").unwrap_or(1.0) == 1.0;
+    let weights = g.constant(gemm.input(1)?)?;
+    let bias = gemm.input(2).map(|b| g.constant(b)).unwrap_or(None);
+    if !plain_gemm || weights.dims().len() != 2 || weights.dims()[1] != width {
+        return None;
+    }
+    if let Some(b) = &bias {
+        if b.dims() != [width] {
+            return None;
+        }
+    }
+    let flatten_id = g.producer(gemm.input(0)?)?;
+    let flatten = g.node(flatten_id);
+    let x = flatten.input(0)?;
+    let x_dims = dims(g, x)?;
+    // x must be [B, S, in] with the same B, S as the split halves.
+    if !flatten.is("Reshape")
+        || x_dims.len() != 3
+        || !x_dims[0].same(&joined_dims[0])
+        || !x_dims[1].same(&joined_dims[1])
+        || x_dims[2].value() != Some(weights.dims()[0])
+    {
+        return None;
+    }
+    Some(PackedQkv {
+        input: x,
+        weights,
+        bias,
+        absorbed: vec![split_id, unflatten_id, gemm_id, flatten_id],
+    })
+}
+
+/// `[a | b | c]`: 2-D float32 matrices with equal rows, joined along columns.
+fn concat_columns(parts: &[&Tensor]) -> Option<Tensor> {
+    let rows = parts[0].dims()[0];
+    let mut columns = Vec::new();
+    let mut values: Vec<Vec<f32>> = Vec::new();
+    for p in parts {
+        if p.dims()[0] != rows || p.dtype() != DataType::Float {
+            return None;
+        }
+        columns.push(p.dims()[1] as usize);
+        values.push(p.to_f32_vec().ok()?);
+    }
+    let total: usize = columns.iter().sum();
+    let mut out = Vec::with_capacity(rows as usize * total);
+    for r in 0..rows as usize {
+        for (vals, &c) in values.iter().zip(&columns) {
+            out.extend_from_slice(&vals[r * c..(r + 1) * c]);
+        }
+    }
+    Tensor::from_f32("qkv_weight", &[rows, total as i64], &out).ok()
+}
+
+fn concat_vectors(parts: &[&Tensor]) -> Option<Tensor> {
+    let mut out = Vec::new();
+    for p in parts {
+        if p.dtype() != DataType::Float {
+            return None;
+        }
+        out.extend(p.to_f32_vec().ok()?);
+    }
+    Tensor::from_f32("qkv_bias", &[out.len() as i64], &out).ok()
+}
