@@ -1,7 +1,7 @@
 //! Fusions: a rule is a pattern (`pattern.rs`) plus a builder of the replacement.
 //!
-//! `apply_rules` is the one driver every fusion pass uses: it visits values in topological
-//! order, asks each rule's pattern for matches rooted there, lets the rule's builder describe
+//! `apply_rules` is the one driver every fusion pass uses: it visits values from the outputs
+//! back, asks each rule's pattern for matches rooted there, lets the rule's builder describe
 //! the replacement in a `Rewrite` (which knows the target runtime), and applies it as one
 //! `Patch` only if the match is closed: every intermediate value of the match is either read
 //! only inside the match or explicitly replaced by the builder. That check is what keeps a
@@ -136,7 +136,9 @@ pub fn apply_rules(model: &mut Model, rules: &[Rule], target: Target) -> Result<
     let mut needs_opset = opset_now;
     let mut uses_contrib = false;
     let mut rewrites = Rewrites::default();
-    for id in model.graph.topological_order()? {
+    // Consumers first: a rule then meets the largest match rooted at a value before any
+    // smaller one inside it (`γ·n + β` before `γ·n`).
+    for id in model.graph.topological_order()?.into_iter().rev() {
         if !model.graph.contains_node(id) {
             continue;
         }
