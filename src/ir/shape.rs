@@ -144,10 +144,118 @@ impl Dim {
                 None => Dim::Unknown,
             },
             (Dim::Unknown, _) | (_, Dim::Unknown) => Dim::Unknown,
-            _ => {
-                let op = if sign > 0 { "+" } else { "-" };
-                Dim::symbol(&format!("({self} {op} {other})"))
+            _ if other.value() == Some(0) => self.clone(),
+            _ if self.value() == Some(0) => other.mul(&Dim::known(sign)),
+            // A sum's terms are written in order, so that `a + b` and `b + a` are one symbol.
+            _ if sign > 0 => {
+                let (a, b) = (self.to_string(), other.to_string());
+                let (a, b) = if a <= b { (a, b) } else { (b, a) };
+                Dim::symbol(&format!("({a} + {b})"))
             }
+            _ => Dim::symbol(&format!("({self} - {other})")),
+        }
+    }
+
+    /// The product of `dims` (1 for none).
+    pub fn product<'a>(dims: impl IntoIterator<Item = &'a Dim>) -> Dim {
+        dims.into_iter().fold(Dim::known(1), |acc, d| acc.mul(d))
+    }
+
+    /// True when the dim is provably at least 1, taking every named symbol for a size of at
+    /// least 1 (a batch, a sequence). An opaque symbol with a difference or a negative number
+    /// in it (`(sequence - 1)`, `(sequence + -2)`) may be anything, so it is not.
+    pub fn is_positive(&self) -> bool {
+        match self {
+            Dim::Product { coeff, symbols } => {
+                *coeff > 0 && symbols.keys().all(|s| !s.contains('-'))
+            }
+            Dim::Unknown => false,
+        }
+    }
+
+    /// The smaller of two dims (`Ord::min` would compare the representations instead): exact
+    /// for known sizes, equal dims, and a known size of at most 1 against a positive dim;
+    /// otherwise an opaque `Min(a, b)` symbol, written as torch writes it (a known operand
+    /// first, else in text order), which `broadcast` understands.
+    pub fn minimum(&self, other: &Dim) -> Dim {
+        let at_most_one = |d: &Dim| d.value().is_some_and(|v| v <= 1);
+        match (self.value(), other.value()) {
+            _ if matches!(self, Dim::Unknown) || matches!(other, Dim::Unknown) => Dim::Unknown,
+            (Some(a), Some(b)) => Dim::known(a.min(b)),
+            _ if self == other => self.clone(),
+            _ if at_most_one(self) && other.is_positive() => self.clone(),
+            _ if at_most_one(other) && self.is_positive() => other.clone(),
+            (None, Some(_)) => Dim::symbol(&format!("Min({other}, {self})")),
+            (Some(_), None) => Dim::symbol(&format!("Min({self}, {other})")),
+            _ => {
+                let (a, b) = (self.to_string(), other.to_string());
+                let (a, b) = if a <= b { (a, b) } else { (b, a) };
+                Dim::symbol(&format!("Min({a}, {b})"))
+            }
+        }
+    }
+
+    /// The operands of an opaque `Min(a, b)` symbol.
+    fn min_operands(&self) -> Option<(Dim, Dim)> {
+        let Dim::Product { coeff: 1, symbols } = self else {
+            return None;
+        };
+        if symbols.len() != 1 {
+            return None;
+        }
+        let (name, &1) = symbols.iter().next()? else {
+            return None;
+        };
+        let inner = name.strip_prefix("Min(")?.strip_suffix(')')?;
+        // Split at the comma outside any parentheses of the operands.
+        let mut depth = 0i32;
+        let comma = inner.char_indices().find_map(|(i, c)| {
+            match c {
+                '(' => depth += 1,
+                ')' => depth -= 1,
+                ',' if depth == 0 => return Some(i),
+                _ => {}
+            }
+            None
+        })?;
+        let (a, b) = (inner[..comma].trim(), inner[comma + 1..].trim());
+        Some((Dim::parse(a), Dim::parse(b)))
+    }
+
+    /// True when `self` is `Min(of, k)` for a positive `k`: then broadcasting it with `of`
+    /// gives `of` (either the minimum is `of`, or it is `k < of` and must be 1).
+    fn is_min_of(&self, of: &Dim) -> bool {
+        self.min_operands().is_some_and(|(a, b)| {
+            (a.same(of) && b.is_positive()) || (b.same(of) && a.is_positive())
+        })
+    }
+
+    /// The dim two dims broadcast to (ONNX multidirectional broadcasting), for a valid
+    /// model: a 1 gives way to the other dim; equal dims stay; a known size other than 1 wins
+    /// over a symbol or an unknown dim (which must then be 1 or that size); a dim wins over
+    /// `Min` of itself and a positive bound. Two different symbols give `Unknown`, since
+    /// either may be 1.
+    pub fn broadcast(&self, other: &Dim) -> Dim {
+        match (self.value(), other.value()) {
+            (Some(1), _) => other.clone(),
+            (_, Some(1)) => self.clone(),
+            (Some(a), Some(b)) if a == b => self.clone(),
+            (Some(_), Some(_)) => Dim::Unknown,
+            (Some(_), None) => self.clone(),
+            (None, Some(_)) => other.clone(),
+            (None, None) if self.same(other) || other.is_min_of(self) => self.clone(),
+            (None, None) if self.is_min_of(other) => other.clone(),
+            (None, None) => Dim::Unknown,
+        }
+    }
+
+    /// Of two dims that a valid model requires to be equal, the one that says more: a
+    /// known size, else a symbol, else `Unknown`.
+    pub fn unify(&self, other: &Dim) -> Dim {
+        match (self, other) {
+            (Dim::Unknown, d) | (d, Dim::Unknown) => d.clone(),
+            (a, b) if b.value().is_some() && a.value().is_none() => b.clone(),
+            (a, _) => a.clone(),
         }
     }
 
@@ -231,6 +339,22 @@ impl fmt::Display for Dim {
         }
         write!(f, "{}", parts.join("*"))
     }
+}
+
+/// The shape two shapes broadcast to (ONNX multidirectional broadcasting): aligned at the
+/// last dim, the shorter one padded with 1s, each pair of dims as `Dim::broadcast`.
+pub fn broadcast_shapes(a: &[Dim], b: &[Dim]) -> Vec<Dim> {
+    let rank = a.len().max(b.len());
+    let one = Dim::known(1);
+    let at = |s: &[Dim], i: usize| -> Dim {
+        let pad = rank - s.len();
+        if i < pad {
+            one.clone()
+        } else {
+            s[i - pad].clone()
+        }
+    };
+    (0..rank).map(|i| at(a, i).broadcast(&at(b, i))).collect()
 }
 
 /// Element type (an ONNX `TensorProto.DataType` code, 0 when unknown) and shape (`None`
@@ -328,6 +452,75 @@ mod tests {
         assert_eq!(s.add(&s).to_string(), "2*sequence");
         assert_eq!(Dim::known(5).sub(&Dim::known(2)).value(), Some(3));
         assert!(!Dim::Unknown.same(&Dim::Unknown));
+    }
+
+    #[test]
+    fn sums_are_commutative_and_zero_is_their_identity() {
+        let (b, s) = (Dim::symbol("batch"), Dim::symbol("sequence"));
+        assert_eq!(b.add(&s), s.add(&b));
+        assert_eq!(Dim::known(0).add(&b), b);
+        assert_eq!(b.sub(&Dim::known(0)), b);
+        assert_eq!(Dim::known(0).sub(&b).to_string(), "-1*batch");
+    }
+
+    #[test]
+    fn positive_dims_are_products_of_sizes() {
+        assert!(Dim::symbol("batch").mul(&Dim::known(4)).is_positive());
+        assert!(Dim::symbol("a").add(&Dim::symbol("b")).is_positive());
+        assert!(Dim::parse("Min(128, sequence)").is_positive());
+        assert!(!Dim::symbol("a").sub(&Dim::symbol("b")).is_positive());
+        assert!(!Dim::symbol("a").add(&Dim::known(-2)).is_positive());
+        assert!(!Dim::known(0).is_positive());
+        assert!(!Dim::Unknown.is_positive());
+    }
+
+    #[test]
+    fn min_is_exact_where_it_can_be_and_torch_shaped_otherwise() {
+        let s = Dim::symbol("sequence");
+        assert_eq!(Dim::known(3).minimum(&Dim::known(5)), Dim::known(3));
+        assert_eq!(s.minimum(&s), s);
+        assert_eq!(s.minimum(&Dim::known(1)), Dim::known(1));
+        assert_eq!(
+            s.minimum(&Dim::known(128)).to_string(),
+            "Min(128, sequence)"
+        );
+        assert_eq!(
+            Dim::parse("Min(128, sequence)"),
+            s.minimum(&Dim::known(128))
+        );
+        assert_eq!(s.minimum(&Dim::Unknown), Dim::Unknown);
+    }
+
+    #[test]
+    fn broadcasting_dims() {
+        let (b, s) = (Dim::symbol("batch"), Dim::symbol("sequence"));
+        let one = Dim::known(1);
+        assert_eq!(one.broadcast(&b), b);
+        assert_eq!(b.broadcast(&b), b);
+        assert_eq!(b.broadcast(&Dim::known(4)), Dim::known(4));
+        assert_eq!(Dim::Unknown.broadcast(&Dim::known(4)), Dim::known(4));
+        assert_eq!(Dim::Unknown.broadcast(&one), Dim::Unknown);
+        assert_eq!(b.broadcast(&s), Dim::Unknown);
+        assert_eq!(Dim::known(3).broadcast(&Dim::known(4)), Dim::Unknown);
+        // Either Min(128, s) is s, or it is 128 < s and the model is invalid.
+        assert_eq!(s.minimum(&Dim::known(128)).broadcast(&s), s);
+        assert_eq!(s.broadcast(&s.minimum(&b)), s);
+        assert_eq!(s.broadcast(&s.minimum(&Dim::known(0))), Dim::known(0));
+        assert_eq!(
+            broadcast_shapes(
+                &[b.clone(), one.clone(), s.clone()],
+                &[Dim::known(4), one.clone()]
+            ),
+            vec![b, Dim::known(4), s]
+        );
+    }
+
+    #[test]
+    fn unify_prefers_what_says_more() {
+        let b = Dim::symbol("batch");
+        assert_eq!(Dim::Unknown.unify(&b), b);
+        assert_eq!(b.unify(&Dim::known(8)), Dim::known(8));
+        assert_eq!(Dim::known(8).unify(&b), Dim::known(8));
     }
 
     #[test]
