@@ -7,6 +7,7 @@
 //! rewrites by kind and the time spent, for the report.
 
 pub mod dce;
+pub mod shape;
 
 use std::collections::BTreeMap;
 use std::time::Instant;
