@@ -68,7 +68,11 @@ impl Dim {
             ) => {
                 let mut symbols = sa.clone();
                 for (s, e) in sb {
-                    *symbols.entry(s.clone()).or_default() += e;
+                    let have = symbols.entry(s.clone()).or_default();
+                    let Some(sum) = have.checked_add(*e) else {
+                        return Dim::Unknown;
+                    };
+                    *have = sum;
                 }
                 match a.checked_mul(*b) {
                     Some(coeff) if coeff != 0 => Dim::Product { coeff, symbols },
@@ -269,9 +273,26 @@ impl Dim {
         }
     }
 
-    /// Reads a `dim_param`: a product such as `64*batch*sequence^2` becomes that product (so
-    /// what `Display` writes reads back the same); any other text is one opaque symbol.
+    /// Reads a `dim_param`, so that what `Display` writes reads back the same: a product such
+    /// as `64*batch*sequence^2` becomes that product; a sum or difference
+    /// (`past_sequence+sequence`, `past_sequence + sequence`, `a - b`) becomes what `add` and
+    /// `sub` make of its terms; a factor may be a parenthesized expression or a call such as
+    /// `Min(128, sequence)` (kept as one opaque symbol). A `-` is a difference only with
+    /// spaces around it, since names may hold hyphens. Any other text is one opaque symbol.
     pub fn parse(text: &str) -> Dim {
+        /// Longer texts are not taken apart (each nesting level costs a stack frame).
+        const MAX_PARSED: usize = 256;
+        let text = text.trim();
+        if text.len() > MAX_PARSED {
+            return Dim::symbol(text);
+        }
+        let plus = last_top_level(text, "+").map(|at| (at, 1, 1));
+        let minus = last_top_level(text, " - ").map(|at| (at, 3, -1));
+        // Sums and differences associate to the left: split at the last operator.
+        if let Some((at, len, sign)) = plus.into_iter().chain(minus).max() {
+            let (a, b) = (Dim::parse(&text[..at]), Dim::parse(&text[at + len..]));
+            return if sign > 0 { a.add(&b) } else { a.sub(&b) };
+        }
         let is_name = |s: &str| {
             s.chars()
                 .next()
@@ -283,16 +304,32 @@ impl Dim {
             if let Ok(n) = part.parse::<i64>() {
                 return Some(Dim::known(n));
             }
-            let (name, exp) = match part.split_once('^') {
-                Some((n, e)) => (n, e.parse::<u32>().ok()?),
-                None => (part, 1),
+            let (base, exp) = match part.rsplit_once('^') {
+                Some((base, e)) if !e.is_empty() && e.chars().all(|c| c.is_ascii_digit()) => {
+                    (base, e.parse::<u32>().ok()?)
+                }
+                _ => (part, 1),
             };
-            is_name(name).then(|| Dim::Product {
-                coeff: 1,
-                symbols: BTreeMap::from([(name.to_string(), exp)]),
-            })
+            if is_name(base) {
+                return Some(Dim::Product {
+                    coeff: 1,
+                    symbols: BTreeMap::from([(base.to_string(), exp)]),
+                });
+            }
+            let single = if let Some(inner) = parenthesized(base) {
+                Dim::parse(inner)
+            } else if base.split_once('(').is_some_and(|(name, _)| {
+                is_name(name) && parenthesized(&base[name.len()..]).is_some()
+            }) {
+                Dim::symbol(base)
+            } else {
+                return None;
+            };
+            (exp <= MAX_PARSED as u32)
+                .then(|| (0..exp).fold(Dim::known(1), |acc, _| acc.mul(&single)))
         };
-        text.split('*')
+        split_top_level(text, b'*')
+            .into_iter()
             .map(factor)
             .try_fold(Dim::known(1), |acc, f| f.map(|f| acc.mul(&f)))
             .unwrap_or_else(|| Dim::symbol(text))
@@ -339,6 +376,49 @@ impl fmt::Display for Dim {
         }
         write!(f, "{}", parts.join("*"))
     }
+}
+
+/// Nesting depth of parentheses before each byte of `text`, with the byte.
+fn depths(text: &str) -> impl Iterator<Item = (usize, i32, u8)> + '_ {
+    let mut depth = 0i32;
+    text.bytes().enumerate().map(move |(i, b)| {
+        let at = depth;
+        match b {
+            b'(' => depth += 1,
+            b')' => depth -= 1,
+            _ => {}
+        }
+        (i, at, b)
+    })
+}
+
+/// Where the last `op` outside parentheses starts in `text`.
+fn last_top_level(text: &str, op: &str) -> Option<usize> {
+    depths(text)
+        .filter(|&(i, depth, _)| depth == 0 && text.as_bytes()[i..].starts_with(op.as_bytes()))
+        .map(|(i, _, _)| i)
+        .last()
+}
+
+/// `text` cut at each `sep` outside parentheses.
+fn split_top_level(text: &str, sep: u8) -> Vec<&str> {
+    let mut parts = Vec::new();
+    let mut start = 0;
+    for (i, depth, b) in depths(text) {
+        if depth == 0 && b == sep {
+            parts.push(&text[start..i]);
+            start = i + 1;
+        }
+    }
+    parts.push(&text[start..]);
+    parts
+}
+
+/// The inside of `text` when one pair of parentheses encloses all of it.
+fn parenthesized(text: &str) -> Option<&str> {
+    let inner = text.strip_prefix('(')?.strip_suffix(')')?;
+    let closes_early = depths(inner).any(|(_, depth, b)| b == b')' && depth == 0);
+    (!closes_early).then_some(inner)
 }
 
 /// The shape two shapes broadcast to (ONNX multidirectional broadcasting): aligned at the
@@ -553,6 +633,45 @@ mod tests {
             Dim::symbol("Min(128, sequence)")
         );
         assert_eq!(Dim::parse("s53"), Dim::symbol("s53"));
+    }
+
+    #[test]
+    fn sums_and_products_of_expressions_read_back() {
+        let (p, s, b) = (
+            Dim::symbol("past_sequence"),
+            Dim::symbol("sequence"),
+            Dim::symbol("batch"),
+        );
+        let total = p.add(&s);
+        assert_eq!(Dim::parse("past_sequence+sequence"), total);
+        assert_eq!(Dim::parse("past_sequence + sequence"), total);
+        assert_eq!(
+            Dim::parse("a - b - c"),
+            Dim::symbol("a")
+                .sub(&Dim::symbol("b"))
+                .sub(&Dim::symbol("c"))
+        );
+        assert_eq!(
+            Dim::parse("seq-len"),
+            Dim::symbol("seq-len"),
+            "a hyphen is no minus"
+        );
+        let min = s.minimum(&Dim::known(128));
+        for d in [
+            total.mul(&b),
+            total.mul(&total).mul(&Dim::known(4)),
+            min.mul(&b),
+            total.sub(&Dim::known(1)).add(&min),
+            Dim::known(-2).mul(&b),
+        ] {
+            assert_eq!(Dim::parse(&d.to_string()), d, "{d}");
+        }
+        assert_eq!(
+            Dim::parse(&"(".repeat(5000)),
+            Dim::symbol(&"(".repeat(5000))
+        );
+        assert_eq!(Dim::parse("(x)^4000000000"), Dim::symbol("(x)^4000000000"));
+        assert_eq!(Dim::parse("x^4000000000*x^4000000000"), Dim::Unknown);
     }
 
     #[test]
