@@ -212,7 +212,10 @@ impl Pass for ShapeInference {
                 let recorded = g.value_type(v);
                 let t = keep_recorded_where_unknown(inferred, recorded.as_ref());
                 let says_something = t.elem != 0 || t.shape.is_some();
-                if says_something && recorded.as_ref() != Some(&t) {
+                // Compared as it will read back: a dim whose text does not parse back to the
+                // same dim must not count as a change on every run.
+                let written = ValueType::from_type_proto(&t.to_type_proto());
+                if says_something && recorded != written {
                     g.set_value_type(v, &t);
                     changed += 1;
                 }

@@ -603,7 +603,9 @@ fn equal_split(dim: &Dim, n: usize) -> Vec<Dim> {
 fn expand(cx: &Ctx) -> ValueType {
     let elem = cx.elem(0);
     match (cx.shape(0), shape_operand(cx, 1)) {
-        (Some(input), Some(target)) => ValueType::new(elem, broadcast_shapes(input, &target)),
+        (Some(input), Some(target)) => {
+            ValueType::new(elem, broadcast_shapes(input, &dims_from_value(target)))
+        }
         _ => unknown(elem),
     }
 }
