@@ -6,15 +6,23 @@
 //! file records (output declarations, `value_info`), the only check a model gets that tract
 //! cannot run. Coverage (values of known rank, dims known or symbolic) is printed per model
 //! and held to a floor, and the `shape-inference` pass must reach a fixpoint in one run.
+//!
+//! The ONNX operator conformance tests check the rules beyond what the corpus exercises:
+//! each case's outputs are inferred from its declared inputs alone (the file's output types
+//! removed) and compared with the expected output tensors.
 
 mod common;
 
 use std::collections::HashMap;
+use std::path::{Path, PathBuf};
 
 use onnxopt::exec::{self, Batch, GenerateOptions, InputSource, Runner};
 use onnxopt::ir::{Dim, Model, ValueId, ValueType};
 use onnxopt::passes::shape::{infer, Inference, ShapeInference};
 use onnxopt::passes::Pass;
+use onnxopt::proto::TensorProto;
+use prost::Message;
+use rayon::prelude::*;
 use tract_onnx::prelude::{DatumType, Tensor};
 
 /// Models tract 0.23.9 cannot run (CumSum over a value it holds as a symbolic dim).
@@ -436,5 +444,132 @@ fn inferred_types_and_values_match_what_tract_computes() {
         "{} problems:\n{}",
         problems.len(),
         problems.join("\n")
+    );
+}
+
+/// The graph of `model` without `value_info` and without the types of its outputs, so that
+/// every type inference gives is its own.
+fn without_recorded_types(model: &Model) -> Option<Model> {
+    let mut proto = model.to_proto().ok()?;
+    let graph = proto.graph.as_mut()?;
+    graph.value_info.clear();
+    for output in &mut graph.output {
+        output.r#type = None;
+    }
+    Model::from_proto(proto).ok()
+}
+
+fn read_tensor(path: &Path) -> Option<onnxopt::ir::Tensor> {
+    let bytes = std::fs::read(path).ok()?;
+    onnxopt::ir::Tensor::from_proto(TensorProto::decode(&bytes[..]).ok()?).ok()
+}
+
+/// What one node test case showed.
+#[derive(Default)]
+struct NodeCase {
+    outputs: usize,
+    /// Outputs whose element type and every dim were inferred.
+    fully_typed: usize,
+    problems: Vec<String>,
+}
+
+/// Infers the types of a node test's graph outputs from its declared inputs and compares
+/// them with the expected outputs.
+fn check_node_case(case: &Path) -> NodeCase {
+    let name = case.file_name().unwrap().to_string_lossy().into_owned();
+    let mut result = NodeCase::default();
+    let Some(model) = onnxopt::io::load(&case.join("model.onnx"))
+        .ok()
+        .as_ref()
+        .and_then(without_recorded_types)
+    else {
+        return result;
+    };
+    let inference = infer(&model);
+    let g = &model.graph;
+    let data = case.join("test_data_set_0");
+    let mut sizes = HashMap::new();
+    let fed = g.inputs.iter().filter(|p| g.initializer(p.value).is_none());
+    for (i, port) in fed.enumerate() {
+        let (Some(t), Some(shape)) = (
+            read_tensor(&data.join(format!("input_{i}.pb"))),
+            g.value_type(port.value).and_then(|t| t.shape),
+        ) else {
+            continue;
+        };
+        for (d, &n) in shape.iter().zip(t.dims()) {
+            if let (Dim::Product { coeff: 1, symbols }, None) = (d, d.value()) {
+                if let [(symbol, 1)] = symbols.iter().collect::<Vec<_>>()[..] {
+                    sizes.insert(symbol.clone(), n);
+                }
+            }
+        }
+    }
+    for (i, port) in g.outputs.iter().enumerate() {
+        let (Some(t), Some(expected)) = (
+            inference.types.get(&port.value),
+            read_tensor(&data.join(format!("output_{i}.pb"))),
+        ) else {
+            continue;
+        };
+        result.outputs += 1;
+        let label = format!("{name}: output {i}");
+        let expected_type = ValueType::new(
+            expected.proto().data_type(),
+            expected.dims().iter().map(|&d| Dim::known(d)).collect(),
+        );
+        result
+            .problems
+            .extend(check_recorded(&label, t, &expected_type, &sizes));
+        let evaluated: Option<Vec<i64>> = t.shape.as_ref().and_then(|s| {
+            s.iter()
+                .map(|d| d.evaluate(&|s| symbol_value(s, &sizes)))
+                .collect()
+        });
+        if t.elem != 0 && evaluated.is_some() {
+            result.fully_typed += 1;
+        }
+        let value: Option<Vec<i64>> = inference.value(port.value).and_then(|v| {
+            v.iter()
+                .map(|d| d.evaluate(&|s| symbol_value(s, &sizes)))
+                .collect()
+        });
+        if let (Some(value), Ok(actual)) = (value, expected.to_i64_vec()) {
+            if value != actual {
+                result.problems.push(format!(
+                    "{label}: value {value:?} but the test expects {actual:?}"
+                ));
+            }
+        }
+    }
+    result
+}
+
+#[test]
+fn inferred_types_match_the_onnx_node_tests() {
+    let root = common::corpus().join("onnx-node-tests/node");
+    let mut cases: Vec<PathBuf> = std::fs::read_dir(&root)
+        .expect("node tests")
+        .map(|e| e.expect("dir entry").path())
+        .filter(|p| p.join("model.onnx").is_file())
+        .collect();
+    cases.sort();
+    let results: Vec<NodeCase> = cases.par_iter().map(|c| check_node_case(c)).collect();
+    let outputs: usize = results.iter().map(|r| r.outputs).sum();
+    let fully_typed: usize = results.iter().map(|r| r.fully_typed).sum();
+    let problems: Vec<&String> = results.iter().flat_map(|r| &r.problems).collect();
+    println!(
+        "onnx node tests: {} cases, {outputs} outputs compared, {fully_typed} fully typed by inference",
+        cases.len()
+    );
+    assert!(
+        problems.is_empty(),
+        "{} problems:\n{}",
+        problems.len(),
+        problems
+            .iter()
+            .map(|p| p.as_str())
+            .collect::<Vec<_>>()
+            .join("\n")
     );
 }

@@ -99,7 +99,8 @@ impl Dim {
         else {
             return None;
         };
-        if *b == 0 || a % b != 0 {
+        // Checked: a zero divisor and i64::MIN / -1 are no exact quotient.
+        if a.checked_rem(*b) != Some(0) {
             return None;
         }
         let mut symbols = sa.clone();
@@ -114,7 +115,7 @@ impl Dim {
             }
         }
         Some(Dim::Product {
-            coeff: a / b,
+            coeff: a.checked_div(*b)?,
             symbols,
         })
     }
@@ -139,7 +140,7 @@ impl Dim {
                     coeff: b,
                     symbols: sb,
                 },
-            ) if sa == sb => match a.checked_add(sign * b) {
+            ) if sa == sb => match b.checked_mul(sign).and_then(|b| a.checked_add(b)) {
                 Some(0) => Dim::known(0),
                 Some(coeff) => Dim::Product {
                     coeff,
@@ -532,6 +533,16 @@ mod tests {
         assert_eq!(s.add(&s).to_string(), "2*sequence");
         assert_eq!(Dim::known(5).sub(&Dim::known(2)).value(), Some(3));
         assert!(!Dim::Unknown.same(&Dim::Unknown));
+    }
+
+    #[test]
+    fn extreme_coefficients_give_unknown_not_overflow() {
+        let min = Dim::known(i64::MIN);
+        assert_eq!(Dim::known(1).sub(&min), Dim::Unknown);
+        assert_eq!(min.div(&Dim::known(-1)), None);
+        assert_eq!(min.mul(&Dim::symbol("b")).div(&Dim::known(-1)), None);
+        assert_eq!(min.div(&Dim::known(0)), None);
+        assert_eq!(min.mul(&Dim::known(2)), Dim::Unknown);
     }
 
     #[test]

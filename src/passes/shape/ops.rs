@@ -588,11 +588,14 @@ fn equal_split(dim: &Dim, n: usize) -> Vec<Dim> {
         return vec![Dim::Unknown; n];
     };
     if let Some(d) = dim.value() {
-        let chunk = (d + parts - 1) / parts;
-        let last = d - chunk * (parts - 1);
-        if last < 0 {
+        let chunk = d.div_euclid(parts) + i64::from(d.rem_euclid(parts) != 0);
+        let last = chunk
+            .checked_mul(parts - 1)
+            .and_then(|rest| d.checked_sub(rest))
+            .filter(|&last| last >= 0);
+        let Some(last) = last.filter(|_| d >= 0) else {
             return vec![Dim::Unknown; n];
-        }
+        };
         let mut sizes = vec![Dim::known(chunk); n - 1];
         sizes.push(Dim::known(last));
         return sizes;
@@ -735,7 +738,9 @@ fn conv_output_size(
         _ => n.checked_add(pad_begin)?.checked_add(pad_end)?,
     };
     let room = padded.checked_sub(span)?;
-    (room >= 0).then(|| room / stride + 1)
+    (room >= 0)
+        .then(|| room / stride)
+        .and_then(|steps| steps.checked_add(1))
 }
 
 /// The shape of `a @ b` with numpy's rules: 1-D operands get a dim added and then

@@ -759,7 +759,29 @@ fn malformed_graphs_give_unknowns_not_panics() {
             &["u"],
             vec![attr::ints("axes", &[9, 9])],
         )
+        .node("Sub", &["zero", "min"], &["negated_min"])
+        .input("long", F32, "9223372036854775807")
+        .node_with(
+            "Split",
+            &["long"],
+            &["p1", "p2"],
+            vec![attr::int("num_outputs", 2)],
+        )
+        .input("img", F32, "1,1,9223372036854775807")
+        .floats("k", &[1, 1, 1])
+        .node("Conv", &["img", "k"], &["conv"])
+        .node_with(
+            "Conv",
+            &["img", "k"],
+            &["padded"],
+            vec![attr::ints("pads", &[1, 1])],
+        )
         .infer();
+    assert_eq!(t.value("negated_min"), "[?]");
+    assert_eq!(t.ty("p1"), "f32[4611686018427387904]");
+    assert_eq!(t.ty("p2"), "f32[4611686018427387903]");
+    assert_eq!(t.ty("conv"), "f32[1, 1, 9223372036854775807]");
+    assert_eq!(t.ty("padded"), "f32[1, 1, ?]", "the padded size overflows");
     assert_eq!(t.ty("huge"), "f32[..]");
     assert_eq!(t.ty("bad"), "f32[?, ?, ?]");
     assert_eq!(t.ty("big"), "f32[9223372036854775807, 9223372036854775807]");
