@@ -97,10 +97,11 @@ pub fn infer(model: &Model) -> Inference {
             let Some(t) = types[slot].clone() else {
                 continue;
             };
-            if let Some(Some(e)) = elements.get(slot) {
-                if values::fits(e, &t) {
-                    inference.values.insert(v, e.clone());
-                }
+            if let Some(e) = elements
+                .get(slot)
+                .and_then(|e| values::checked(e.as_ref()?, &t))
+            {
+                inference.values.insert(v, e);
             }
             inference.types.insert(v, t);
         }

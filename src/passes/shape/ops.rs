@@ -494,6 +494,9 @@ pub(super) fn slice_range(dim: i64, start: i64, end: i64, step: i64) -> Option<(
     if step == 0 || dim < 0 {
         return None;
     }
+    if dim == 0 {
+        return Some((0, 0));
+    }
     let (d, s, e, st) = (dim as i128, start as i128, end as i128, step as i128);
     let s = if s < 0 { s + d } else { s };
     let e = if e < 0 { e + d } else { e };
@@ -745,7 +748,7 @@ fn conv_output_size(
 
 /// The shape of `a @ b` with numpy's rules: 1-D operands get a dim added and then
 /// removed, batch dims broadcast.
-pub(super) fn matmul_shape(a: &[Dim], b: &[Dim]) -> Option<Vec<Dim>> {
+fn matmul_shape(a: &[Dim], b: &[Dim]) -> Option<Vec<Dim>> {
     if a.is_empty() || b.is_empty() {
         return None;
     }

@@ -518,6 +518,48 @@ fn unknown_elements_stay_unknown() {
 }
 
 #[test]
+fn elements_a_narrow_type_cannot_hold_are_unknown() {
+    let big = Tensor::from_raw(
+        "big",
+        DataType::Int32,
+        &[2],
+        bytes::Bytes::from([i32::MAX.to_le_bytes(), 7i32.to_le_bytes()].concat()),
+    )
+    .unwrap();
+    let mut net = with_x_shape(17);
+    net.graph.initializer.push(big.into_proto());
+    let t = net
+        .node("Add", &["big", "big"], &["sum"])
+        .node_with(
+            "Cast",
+            &["s"],
+            &["s32"],
+            vec![attr::int("to", DataType::Int32 as i64)],
+        )
+        .node_with(
+            "Cast",
+            &["s"],
+            &["nonzero"],
+            vec![attr::int("to", DataType::Bool as i64)],
+        )
+        .node_with(
+            "Cast",
+            &["s"],
+            &["float"],
+            vec![attr::int("to", DataType::Float as i64)],
+        )
+        .infer();
+    assert_eq!(
+        t.value("sum"),
+        "[?, 14]",
+        "i32::MAX + i32::MAX wraps around"
+    );
+    assert_eq!(t.value("s32"), "[?, ?, 64]", "a size may not fit an i32");
+    assert_eq!(t.value("nonzero"), "[1, 1, 1]");
+    assert_eq!(t.value("float"), "none");
+}
+
+#[test]
 fn the_legacy_mask_expand_resolves_its_target() {
     // shape = Where(Equal(target, -1 * ones), ones, target) as the legacy exporter builds
     // the target of `expand(batch, -1, sequence, sequence)`.
@@ -760,6 +802,13 @@ fn malformed_graphs_give_unknowns_not_panics() {
             vec![attr::ints("axes", &[9, 9])],
         )
         .node("Sub", &["zero", "min"], &["negated_min"])
+        .input("empty", F32, "0")
+        .ints("minus1", &[1], &[-1])
+        .node(
+            "Slice",
+            &["empty", "minus1", "min", "zero", "minus1"],
+            &["reversed"],
+        )
         .input("long", F32, "9223372036854775807")
         .node_with(
             "Split",
@@ -778,6 +827,7 @@ fn malformed_graphs_give_unknowns_not_panics() {
         )
         .infer();
     assert_eq!(t.value("negated_min"), "[?]");
+    assert_eq!(t.ty("reversed"), "f32[0]");
     assert_eq!(t.ty("p1"), "f32[4611686018427387904]");
     assert_eq!(t.ty("p2"), "f32[4611686018427387903]");
     assert_eq!(t.ty("conv"), "f32[1, 1, 9223372036854775807]");

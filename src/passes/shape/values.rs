@@ -17,35 +17,58 @@ use crate::ir::{DataType, Dim, Tensor, ValueType};
 /// Values longer than this are not followed: shapes and index lists are short.
 const MAX_ELEMENTS: usize = 256;
 
-/// Element types whose values are followed: integers that fit an i64, and bool.
-fn is_followed(elem: i32) -> bool {
+/// The range of an element type whose values are followed: integers that fit an i64, and
+/// bool (as 0 and 1). `None` for any other type.
+fn range_of(elem: i32) -> Option<(i64, i64)> {
     use DataType::*;
-    matches!(
-        DataType::try_from(elem),
-        Ok(Int8 | Int16 | Int32 | Int64 | Uint8 | Uint16 | Uint32 | Bool)
-    )
+    Some(match DataType::try_from(elem).ok()? {
+        Int64 => (i64::MIN, i64::MAX),
+        Int32 => (i32::MIN.into(), i32::MAX.into()),
+        Int16 => (i16::MIN.into(), i16::MAX.into()),
+        Int8 => (i8::MIN.into(), i8::MAX.into()),
+        Uint32 => (0, u32::MAX.into()),
+        Uint16 => (0, u16::MAX.into()),
+        Uint8 => (0, u8::MAX.into()),
+        Bool => (0, 1),
+        _ => return None,
+    })
 }
 
 /// The elements of a constant, when it is a small integer tensor of rank 0 or 1.
 pub(super) fn of_tensor(t: &Tensor) -> Option<Vec<Dim>> {
-    if t.dims().len() > 1 || t.numel() > MAX_ELEMENTS || !is_followed(t.proto().data_type()) {
+    let followed = range_of(t.proto().data_type()).is_some();
+    if t.dims().len() > 1 || t.numel() > MAX_ELEMENTS || !followed {
         return None;
     }
     Some(t.to_i64_vec().ok()?.into_iter().map(Dim::known).collect())
 }
 
-/// True when `value` can be the value of a tensor of type `t`: a followed element type,
-/// rank 0 with one element or rank 1 with as many elements as the dim says.
-pub(super) fn fits(value: &[Dim], t: &ValueType) -> bool {
-    if !is_followed(t.elem) || value.len() > MAX_ELEMENTS {
-        return false;
-    }
-    match t.shape.as_deref() {
-        Some([]) => value.len() == 1,
-        Some([Dim::Unknown]) => true,
-        Some([n]) => n.value() == i64::try_from(value.len()).ok(),
+/// `value` as the value of a tensor of type `t`, when it can be one: a followed element
+/// type, rank 0 with one element or rank 1 with as many elements as the dim says. An
+/// element the type cannot hold (the runtime wraps it around) becomes unknown, and so does
+/// a symbol in a type narrower than i64.
+pub(super) fn checked(value: &[Dim], t: &ValueType) -> Option<Vec<Dim>> {
+    let (lo, hi) = range_of(t.elem)?;
+    let fits = match t.shape.as_deref()? {
+        [] => value.len() == 1,
+        [Dim::Unknown] => true,
+        [n] => n.value() == i64::try_from(value.len()).ok(),
         _ => false,
+    };
+    if !fits || value.len() > MAX_ELEMENTS {
+        return None;
     }
+    let wide = t.elem == DataType::Int64 as i32;
+    Some(
+        value
+            .iter()
+            .map(|d| match d.value() {
+                Some(x) if (lo..=hi).contains(&x) => d.clone(),
+                None if wide => d.clone(),
+                _ => Dim::Unknown,
+            })
+            .collect(),
+    )
 }
 
 /// The values of the node's outputs by slot (only single-output operators have rules).
@@ -196,40 +219,21 @@ fn select(cx: &Ctx) -> Option<Vec<Dim>> {
     )
 }
 
-/// Casts between integer types keep the elements that fit the target; a cast to bool
-/// makes non-zero elements 1. Casts to other types are not followed.
+/// A cast to an integer type keeps the elements (`checked` then drops those the target
+/// cannot hold); a cast to bool makes non-zero elements 1. Casts to other types are not
+/// followed.
 fn cast(cx: &Ctx) -> Option<Vec<Dim>> {
-    use DataType::*;
     let v = cx.value(0)?;
-    let to = DataType::try_from(i32::try_from(cx.attr_int("to", 0)).ok()?).ok()?;
-    let (lo, hi): (i64, i64) = match to {
-        Int64 => (i64::MIN, i64::MAX),
-        Int32 => (i32::MIN.into(), i32::MAX.into()),
-        Int16 => (i16::MIN.into(), i16::MAX.into()),
-        Int8 => (i8::MIN.into(), i8::MAX.into()),
-        Uint32 => (0, u32::MAX.into()),
-        Uint16 => (0, u16::MAX.into()),
-        Uint8 => (0, u8::MAX.into()),
-        Bool => {
-            return Some(
-                v.iter()
-                    .map(|d| match d.value() {
-                        Some(x) => Dim::known(i64::from(x != 0)),
-                        None if d.is_positive() => Dim::known(1),
-                        None => Dim::Unknown,
-                    })
-                    .collect(),
-            )
-        }
-        _ => return None,
-    };
+    let to = i32::try_from(cx.attr_int("to", 0)).ok()?;
+    range_of(to)?;
+    let to_bool = to == DataType::Bool as i32;
     Some(
         v.iter()
             .map(|d| match d.value() {
-                Some(x) if (lo..=hi).contains(&x) => d.clone(),
-                // A symbol keeps its meaning only where no size can fall out of range.
-                None if to == Int64 => d.clone(),
-                _ => Dim::Unknown,
+                Some(x) if to_bool => Dim::known(i64::from(x != 0)),
+                None if to_bool && d.is_positive() => Dim::known(1),
+                None if to_bool => Dim::Unknown,
+                _ => d.clone(),
             })
             .collect(),
     )
