@@ -62,15 +62,24 @@ fn symbol_sizes(model: &Model, batch: &Batch) -> HashMap<String, i64> {
         let Some(shape) = g.value_type(v).and_then(|t| t.shape) else {
             continue;
         };
-        for (d, &size) in shape.iter().zip(tensor.shape()) {
-            if let Dim::Product { coeff: 1, symbols } = d {
-                if let [(symbol, 1)] = symbols.iter().collect::<Vec<_>>()[..] {
-                    sizes.insert(symbol.clone(), size as i64);
-                }
+        learn_sizes(&mut sizes, &shape, tensor.shape().iter().map(|&n| n as i64));
+    }
+    sizes
+}
+
+/// Records the size of each declared dim that is a lone symbol, from the actual dims.
+fn learn_sizes(
+    sizes: &mut HashMap<String, i64>,
+    declared: &[Dim],
+    actual: impl IntoIterator<Item = i64>,
+) {
+    for (d, n) in declared.iter().zip(actual) {
+        if let Dim::Product { coeff: 1, symbols } = d {
+            if let [(symbol, 1)] = symbols.iter().collect::<Vec<_>>()[..] {
+                sizes.insert(symbol.clone(), n);
             }
         }
     }
-    sizes
 }
 
 /// The index of the last `op` in `text` outside parentheses.
@@ -497,13 +506,7 @@ fn check_node_case(case: &Path) -> NodeCase {
         ) else {
             continue;
         };
-        for (d, &n) in shape.iter().zip(t.dims()) {
-            if let (Dim::Product { coeff: 1, symbols }, None) = (d, d.value()) {
-                if let [(symbol, 1)] = symbols.iter().collect::<Vec<_>>()[..] {
-                    sizes.insert(symbol.clone(), n);
-                }
-            }
-        }
+        learn_sizes(&mut sizes, &shape, t.dims().iter().copied());
     }
     for (i, port) in g.outputs.iter().enumerate() {
         let (Some(t), Some(expected)) = (

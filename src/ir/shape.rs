@@ -211,20 +211,11 @@ impl Dim {
         let (name, &1) = symbols.iter().next()? else {
             return None;
         };
-        let inner = name.strip_prefix("Min(")?.strip_suffix(')')?;
-        // Split at the comma outside any parentheses of the operands.
-        let mut depth = 0i32;
-        let comma = inner.char_indices().find_map(|(i, c)| {
-            match c {
-                '(' => depth += 1,
-                ')' => depth -= 1,
-                ',' if depth == 0 => return Some(i),
-                _ => {}
-            }
-            None
-        })?;
-        let (a, b) = (inner[..comma].trim(), inner[comma + 1..].trim());
-        Some((Dim::parse(a), Dim::parse(b)))
+        let inner = parenthesized(name.strip_prefix("Min")?)?;
+        match split_top_level(inner, b',')[..] {
+            [a, b] => Some((Dim::parse(a), Dim::parse(b))),
+            _ => None,
+        }
     }
 
     /// True when `self` is `Min(of, k)` for a positive `k`: then broadcasting it with `of`
