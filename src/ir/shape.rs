@@ -68,7 +68,11 @@ impl Dim {
             ) => {
                 let mut symbols = sa.clone();
                 for (s, e) in sb {
-                    *symbols.entry(s.clone()).or_default() += e;
+                    let have = symbols.entry(s.clone()).or_default();
+                    let Some(sum) = have.checked_add(*e) else {
+                        return Dim::Unknown;
+                    };
+                    *have = sum;
                 }
                 match a.checked_mul(*b) {
                     Some(coeff) if coeff != 0 => Dim::Product { coeff, symbols },
@@ -95,7 +99,8 @@ impl Dim {
         else {
             return None;
         };
-        if *b == 0 || a % b != 0 {
+        // Checked: a zero divisor and i64::MIN / -1 are no exact quotient.
+        if a.checked_rem(*b) != Some(0) {
             return None;
         }
         let mut symbols = sa.clone();
@@ -110,7 +115,7 @@ impl Dim {
             }
         }
         Some(Dim::Product {
-            coeff: a / b,
+            coeff: a.checked_div(*b)?,
             symbols,
         })
     }
@@ -135,7 +140,7 @@ impl Dim {
                     coeff: b,
                     symbols: sb,
                 },
-            ) if sa == sb => match a.checked_add(sign * b) {
+            ) if sa == sb => match b.checked_mul(sign).and_then(|b| a.checked_add(b)) {
                 Some(0) => Dim::known(0),
                 Some(coeff) => Dim::Product {
                     coeff,
@@ -144,10 +149,109 @@ impl Dim {
                 None => Dim::Unknown,
             },
             (Dim::Unknown, _) | (_, Dim::Unknown) => Dim::Unknown,
-            _ => {
-                let op = if sign > 0 { "+" } else { "-" };
-                Dim::symbol(&format!("({self} {op} {other})"))
+            _ if other.value() == Some(0) => self.clone(),
+            _ if self.value() == Some(0) => other.mul(&Dim::known(sign)),
+            // A sum's terms are written in order, so that `a + b` and `b + a` are one symbol.
+            _ if sign > 0 => {
+                let (a, b) = (self.to_string(), other.to_string());
+                let (a, b) = if a <= b { (a, b) } else { (b, a) };
+                Dim::symbol(&format!("({a} + {b})"))
             }
+            _ => Dim::symbol(&format!("({self} - {other})")),
+        }
+    }
+
+    /// The product of `dims` (1 for none).
+    pub fn product<'a>(dims: impl IntoIterator<Item = &'a Dim>) -> Dim {
+        dims.into_iter().fold(Dim::known(1), |acc, d| acc.mul(d))
+    }
+
+    /// True when the dim is provably at least 1, taking every named symbol for a size of at
+    /// least 1 (a batch, a sequence). An opaque symbol with a difference or a negative number
+    /// in it (`(sequence - 1)`, `(sequence + -2)`) may be anything, so it is not.
+    pub fn is_positive(&self) -> bool {
+        match self {
+            Dim::Product { coeff, symbols } => {
+                *coeff > 0 && symbols.keys().all(|s| !s.contains('-'))
+            }
+            Dim::Unknown => false,
+        }
+    }
+
+    /// The smaller of two dims (`Ord::min` would compare the representations instead): exact
+    /// for known sizes, equal dims, and a known size of at most 1 against a positive dim;
+    /// otherwise an opaque `Min(a, b)` symbol, written as torch writes it (a known operand
+    /// first, else in text order), which `broadcast` understands.
+    pub fn minimum(&self, other: &Dim) -> Dim {
+        let at_most_one = |d: &Dim| d.value().is_some_and(|v| v <= 1);
+        match (self.value(), other.value()) {
+            _ if matches!(self, Dim::Unknown) || matches!(other, Dim::Unknown) => Dim::Unknown,
+            (Some(a), Some(b)) => Dim::known(a.min(b)),
+            _ if self == other => self.clone(),
+            _ if at_most_one(self) && other.is_positive() => self.clone(),
+            _ if at_most_one(other) && self.is_positive() => other.clone(),
+            (None, Some(_)) => Dim::symbol(&format!("Min({other}, {self})")),
+            (Some(_), None) => Dim::symbol(&format!("Min({self}, {other})")),
+            _ => {
+                let (a, b) = (self.to_string(), other.to_string());
+                let (a, b) = if a <= b { (a, b) } else { (b, a) };
+                Dim::symbol(&format!("Min({a}, {b})"))
+            }
+        }
+    }
+
+    /// The operands of an opaque `Min(a, b)` symbol.
+    fn min_operands(&self) -> Option<(Dim, Dim)> {
+        let Dim::Product { coeff: 1, symbols } = self else {
+            return None;
+        };
+        if symbols.len() != 1 {
+            return None;
+        }
+        let (name, &1) = symbols.iter().next()? else {
+            return None;
+        };
+        let inner = parenthesized(name.strip_prefix("Min")?)?;
+        match split_top_level(inner, b',')[..] {
+            [a, b] => Some((Dim::parse(a), Dim::parse(b))),
+            _ => None,
+        }
+    }
+
+    /// True when `self` is `Min(of, k)` for a positive `k`: then broadcasting it with `of`
+    /// gives `of` (either the minimum is `of`, or it is `k < of` and must be 1).
+    fn is_min_of(&self, of: &Dim) -> bool {
+        self.min_operands().is_some_and(|(a, b)| {
+            (a.same(of) && b.is_positive()) || (b.same(of) && a.is_positive())
+        })
+    }
+
+    /// The dim two dims broadcast to (ONNX multidirectional broadcasting), for a valid
+    /// model: a 1 gives way to the other dim; equal dims stay; a known size other than 1 wins
+    /// over a symbol or an unknown dim (which must then be 1 or that size); a dim wins over
+    /// `Min` of itself and a positive bound. Two different symbols give `Unknown`, since
+    /// either may be 1.
+    pub fn broadcast(&self, other: &Dim) -> Dim {
+        match (self.value(), other.value()) {
+            (Some(1), _) => other.clone(),
+            (_, Some(1)) => self.clone(),
+            (Some(a), Some(b)) if a == b => self.clone(),
+            (Some(_), Some(_)) => Dim::Unknown,
+            (Some(_), None) => self.clone(),
+            (None, Some(_)) => other.clone(),
+            (None, None) if self.same(other) || other.is_min_of(self) => self.clone(),
+            (None, None) if self.is_min_of(other) => other.clone(),
+            (None, None) => Dim::Unknown,
+        }
+    }
+
+    /// Of two dims that a valid model requires to be equal, the one that says more: a
+    /// known size, else a symbol, else `Unknown`.
+    pub fn unify(&self, other: &Dim) -> Dim {
+        match (self, other) {
+            (Dim::Unknown, d) | (d, Dim::Unknown) => d.clone(),
+            (a, b) if b.value().is_some() && a.value().is_none() => b.clone(),
+            (a, _) => a.clone(),
         }
     }
 
@@ -161,9 +265,26 @@ impl Dim {
         }
     }
 
-    /// Reads a `dim_param`: a product such as `64*batch*sequence^2` becomes that product (so
-    /// what `Display` writes reads back the same); any other text is one opaque symbol.
+    /// Reads a `dim_param`, so that what `Display` writes reads back the same: a product such
+    /// as `64*batch*sequence^2` becomes that product; a sum or difference
+    /// (`past_sequence+sequence`, `past_sequence + sequence`, `a - b`) becomes what `add` and
+    /// `sub` make of its terms; a factor may be a parenthesized expression or a call such as
+    /// `Min(128, sequence)` (kept as one opaque symbol). A `-` is a difference only with
+    /// spaces around it, since names may hold hyphens. Any other text is one opaque symbol.
     pub fn parse(text: &str) -> Dim {
+        /// Longer texts are not taken apart (each nesting level costs a stack frame).
+        const MAX_PARSED: usize = 256;
+        let text = text.trim();
+        if text.len() > MAX_PARSED {
+            return Dim::symbol(text);
+        }
+        let plus = last_top_level(text, "+").map(|at| (at, 1, 1));
+        let minus = last_top_level(text, " - ").map(|at| (at, 3, -1));
+        // Sums and differences associate to the left: split at the last operator.
+        if let Some((at, len, sign)) = plus.into_iter().chain(minus).max() {
+            let (a, b) = (Dim::parse(&text[..at]), Dim::parse(&text[at + len..]));
+            return if sign > 0 { a.add(&b) } else { a.sub(&b) };
+        }
         let is_name = |s: &str| {
             s.chars()
                 .next()
@@ -175,16 +296,32 @@ impl Dim {
             if let Ok(n) = part.parse::<i64>() {
                 return Some(Dim::known(n));
             }
-            let (name, exp) = match part.split_once('^') {
-                Some((n, e)) => (n, e.parse::<u32>().ok()?),
-                None => (part, 1),
+            let (base, exp) = match part.rsplit_once('^') {
+                Some((base, e)) if !e.is_empty() && e.chars().all(|c| c.is_ascii_digit()) => {
+                    (base, e.parse::<u32>().ok()?)
+                }
+                _ => (part, 1),
             };
-            is_name(name).then(|| Dim::Product {
-                coeff: 1,
-                symbols: BTreeMap::from([(name.to_string(), exp)]),
-            })
+            if is_name(base) {
+                return Some(Dim::Product {
+                    coeff: 1,
+                    symbols: BTreeMap::from([(base.to_string(), exp)]),
+                });
+            }
+            let single = if let Some(inner) = parenthesized(base) {
+                Dim::parse(inner)
+            } else if base.split_once('(').is_some_and(|(name, _)| {
+                is_name(name) && parenthesized(&base[name.len()..]).is_some()
+            }) {
+                Dim::symbol(base)
+            } else {
+                return None;
+            };
+            (exp <= MAX_PARSED as u32)
+                .then(|| (0..exp).fold(Dim::known(1), |acc, _| acc.mul(&single)))
         };
-        text.split('*')
+        split_top_level(text, b'*')
+            .into_iter()
             .map(factor)
             .try_fold(Dim::known(1), |acc, f| f.map(|f| acc.mul(&f)))
             .unwrap_or_else(|| Dim::symbol(text))
@@ -231,6 +368,65 @@ impl fmt::Display for Dim {
         }
         write!(f, "{}", parts.join("*"))
     }
+}
+
+/// Nesting depth of parentheses before each byte of `text`, with the byte.
+fn depths(text: &str) -> impl Iterator<Item = (usize, i32, u8)> + '_ {
+    let mut depth = 0i32;
+    text.bytes().enumerate().map(move |(i, b)| {
+        let at = depth;
+        match b {
+            b'(' => depth += 1,
+            b')' => depth -= 1,
+            _ => {}
+        }
+        (i, at, b)
+    })
+}
+
+/// Where the last `op` outside parentheses starts in `text`.
+fn last_top_level(text: &str, op: &str) -> Option<usize> {
+    depths(text)
+        .filter(|&(i, depth, _)| depth == 0 && text.as_bytes()[i..].starts_with(op.as_bytes()))
+        .map(|(i, _, _)| i)
+        .last()
+}
+
+/// `text` cut at each `sep` outside parentheses.
+fn split_top_level(text: &str, sep: u8) -> Vec<&str> {
+    let mut parts = Vec::new();
+    let mut start = 0;
+    for (i, depth, b) in depths(text) {
+        if depth == 0 && b == sep {
+            parts.push(&text[start..i]);
+            start = i + 1;
+        }
+    }
+    parts.push(&text[start..]);
+    parts
+}
+
+/// The inside of `text` when one pair of parentheses encloses all of it.
+fn parenthesized(text: &str) -> Option<&str> {
+    let inner = text.strip_prefix('(')?.strip_suffix(')')?;
+    let closes_early = depths(inner).any(|(_, depth, b)| b == b')' && depth == 0);
+    (!closes_early).then_some(inner)
+}
+
+/// The shape two shapes broadcast to (ONNX multidirectional broadcasting): aligned at the
+/// last dim, the shorter one padded with 1s, each pair of dims as `Dim::broadcast`.
+pub fn broadcast_shapes(a: &[Dim], b: &[Dim]) -> Vec<Dim> {
+    let rank = a.len().max(b.len());
+    let one = Dim::known(1);
+    let at = |s: &[Dim], i: usize| -> Dim {
+        let pad = rank - s.len();
+        if i < pad {
+            one.clone()
+        } else {
+            s[i - pad].clone()
+        }
+    };
+    (0..rank).map(|i| at(a, i).broadcast(&at(b, i))).collect()
 }
 
 /// Element type (an ONNX `TensorProto.DataType` code, 0 when unknown) and shape (`None`
@@ -331,6 +527,85 @@ mod tests {
     }
 
     #[test]
+    fn extreme_coefficients_give_unknown_not_overflow() {
+        let min = Dim::known(i64::MIN);
+        assert_eq!(Dim::known(1).sub(&min), Dim::Unknown);
+        assert_eq!(min.div(&Dim::known(-1)), None);
+        assert_eq!(min.mul(&Dim::symbol("b")).div(&Dim::known(-1)), None);
+        assert_eq!(min.div(&Dim::known(0)), None);
+        assert_eq!(min.mul(&Dim::known(2)), Dim::Unknown);
+    }
+
+    #[test]
+    fn sums_are_commutative_and_zero_is_their_identity() {
+        let (b, s) = (Dim::symbol("batch"), Dim::symbol("sequence"));
+        assert_eq!(b.add(&s), s.add(&b));
+        assert_eq!(Dim::known(0).add(&b), b);
+        assert_eq!(b.sub(&Dim::known(0)), b);
+        assert_eq!(Dim::known(0).sub(&b).to_string(), "-1*batch");
+    }
+
+    #[test]
+    fn positive_dims_are_products_of_sizes() {
+        assert!(Dim::symbol("batch").mul(&Dim::known(4)).is_positive());
+        assert!(Dim::symbol("a").add(&Dim::symbol("b")).is_positive());
+        assert!(Dim::parse("Min(128, sequence)").is_positive());
+        assert!(!Dim::symbol("a").sub(&Dim::symbol("b")).is_positive());
+        assert!(!Dim::symbol("a").add(&Dim::known(-2)).is_positive());
+        assert!(!Dim::known(0).is_positive());
+        assert!(!Dim::Unknown.is_positive());
+    }
+
+    #[test]
+    fn min_is_exact_where_it_can_be_and_torch_shaped_otherwise() {
+        let s = Dim::symbol("sequence");
+        assert_eq!(Dim::known(3).minimum(&Dim::known(5)), Dim::known(3));
+        assert_eq!(s.minimum(&s), s);
+        assert_eq!(s.minimum(&Dim::known(1)), Dim::known(1));
+        assert_eq!(
+            s.minimum(&Dim::known(128)).to_string(),
+            "Min(128, sequence)"
+        );
+        assert_eq!(
+            Dim::parse("Min(128, sequence)"),
+            s.minimum(&Dim::known(128))
+        );
+        assert_eq!(s.minimum(&Dim::Unknown), Dim::Unknown);
+    }
+
+    #[test]
+    fn broadcasting_dims() {
+        let (b, s) = (Dim::symbol("batch"), Dim::symbol("sequence"));
+        let one = Dim::known(1);
+        assert_eq!(one.broadcast(&b), b);
+        assert_eq!(b.broadcast(&b), b);
+        assert_eq!(b.broadcast(&Dim::known(4)), Dim::known(4));
+        assert_eq!(Dim::Unknown.broadcast(&Dim::known(4)), Dim::known(4));
+        assert_eq!(Dim::Unknown.broadcast(&one), Dim::Unknown);
+        assert_eq!(b.broadcast(&s), Dim::Unknown);
+        assert_eq!(Dim::known(3).broadcast(&Dim::known(4)), Dim::Unknown);
+        // Either Min(128, s) is s, or it is 128 < s and the model is invalid.
+        assert_eq!(s.minimum(&Dim::known(128)).broadcast(&s), s);
+        assert_eq!(s.broadcast(&s.minimum(&b)), s);
+        assert_eq!(s.broadcast(&s.minimum(&Dim::known(0))), Dim::known(0));
+        assert_eq!(
+            broadcast_shapes(
+                &[b.clone(), one.clone(), s.clone()],
+                &[Dim::known(4), one.clone()]
+            ),
+            vec![b, Dim::known(4), s]
+        );
+    }
+
+    #[test]
+    fn unify_prefers_what_says_more() {
+        let b = Dim::symbol("batch");
+        assert_eq!(Dim::Unknown.unify(&b), b);
+        assert_eq!(b.unify(&Dim::known(8)), Dim::known(8));
+        assert_eq!(Dim::known(8).unify(&b), Dim::known(8));
+    }
+
+    #[test]
     fn evaluate_substitutes_symbols() {
         let d = Dim::symbol("batch")
             .mul(&Dim::symbol("sequence"))
@@ -360,6 +635,45 @@ mod tests {
             Dim::symbol("Min(128, sequence)")
         );
         assert_eq!(Dim::parse("s53"), Dim::symbol("s53"));
+    }
+
+    #[test]
+    fn sums_and_products_of_expressions_read_back() {
+        let (p, s, b) = (
+            Dim::symbol("past_sequence"),
+            Dim::symbol("sequence"),
+            Dim::symbol("batch"),
+        );
+        let total = p.add(&s);
+        assert_eq!(Dim::parse("past_sequence+sequence"), total);
+        assert_eq!(Dim::parse("past_sequence + sequence"), total);
+        assert_eq!(
+            Dim::parse("a - b - c"),
+            Dim::symbol("a")
+                .sub(&Dim::symbol("b"))
+                .sub(&Dim::symbol("c"))
+        );
+        assert_eq!(
+            Dim::parse("seq-len"),
+            Dim::symbol("seq-len"),
+            "a hyphen is no minus"
+        );
+        let min = s.minimum(&Dim::known(128));
+        for d in [
+            total.mul(&b),
+            total.mul(&total).mul(&Dim::known(4)),
+            min.mul(&b),
+            total.sub(&Dim::known(1)).add(&min),
+            Dim::known(-2).mul(&b),
+        ] {
+            assert_eq!(Dim::parse(&d.to_string()), d, "{d}");
+        }
+        assert_eq!(
+            Dim::parse(&"(".repeat(5000)),
+            Dim::symbol(&"(".repeat(5000))
+        );
+        assert_eq!(Dim::parse("(x)^4000000000"), Dim::symbol("(x)^4000000000"));
+        assert_eq!(Dim::parse("x^4000000000*x^4000000000"), Dim::Unknown);
     }
 
     #[test]

@@ -9,6 +9,7 @@
 pub mod dce;
 pub mod fuse;
 pub mod opset;
+pub mod shape;
 pub mod shape_of;
 
 use std::collections::BTreeMap;
