@@ -8,6 +8,7 @@ use crate::passes::fuse::attention::AttentionFusion;
 use crate::passes::fuse::gelu::GeluFusion;
 use crate::passes::fuse::layernorm::LayerNormFusion;
 use crate::passes::fuse::Target;
+use crate::passes::shape::ShapeInference;
 use crate::passes::shape_of::ShapeFromInputs;
 use crate::passes::{PassManager, PassReport};
 
@@ -29,6 +30,7 @@ impl Default for OptimizeOptions {
 pub fn pipeline(options: &OptimizeOptions) -> PassManager {
     let target = options.target;
     PassManager::new()
+        .with(ShapeInference)
         .with(ShapeFromInputs)
         .with(AttentionFusion { target })
         .with(LayerNormFusion { target })

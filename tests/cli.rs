@@ -245,21 +245,25 @@ fn optimize_validates_and_writes_a_report() {
         json["validation"]["outputs"][0]["name"],
         "last_hidden_state"
     );
-    assert_eq!(json["validation"]["outputs"][0]["max_abs"], 0.0);
+    // Fused operators add up in another order: equal up to float rounding.
+    let max_abs = json["validation"]["outputs"][0]["max_abs"].as_f64().unwrap();
+    assert!(max_abs < 1e-5, "{max_abs}");
     assert_eq!(json["target"], "ort");
-    // The output records its target; nothing else differs from the input.
+    // The output records its target and holds the fused operators.
     let mut written = onnxopt::io::load(&out).unwrap();
     assert_eq!(written.metadata("onnxopt.target"), Some("ort"));
     written.envelope.metadata_props.clear();
     let original = onnxopt::io::load(&model).unwrap();
-    let fused = ["Gelu", "BiasGelu"];
+    let fused = ["Attention", "BiasGelu", "SkipLayerNormalization"];
     let ops = |m: &onnxopt::ir::Model| -> Vec<String> {
         m.graph
             .nodes()
             .map(|(_, n)| n.op_type().to_string())
             .collect()
     };
-    assert!(ops(&written).iter().any(|o| fused.contains(&o.as_str())));
+    for op in fused {
+        assert!(ops(&written).iter().any(|o| o == op), "{op} missing");
+    }
     assert_eq!(written.ir_version(), original.ir_version());
 }
 

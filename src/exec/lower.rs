@@ -88,7 +88,12 @@ fn packed_attention(model: &Model, id: NodeId, node: &Node) -> Option<Patch> {
         .unwrap_or_else(|| 1.0 / ((hidden / num_heads) as f32).sqrt());
 
     let mut patch = Patch::new("lower-attention");
-    let mut qkv = patch.op("MatMul", "", &[node.input(0)?.into(), node.input(1)?.into()], vec![]);
+    let mut qkv = patch.op(
+        "MatMul",
+        "",
+        &[node.input(0)?.into(), node.input(1)?.into()],
+        vec![],
+    );
     if let Some(b) = node.input(2) {
         qkv = patch.op("Add", "", &[qkv, b.into()], vec![]);
     }
@@ -106,12 +111,7 @@ fn packed_attention(model: &Model, id: NodeId, node: &Node) -> Option<Patch> {
         &[q, k, v],
         vec![attr::int("axis", -1)],
     );
-    let inputs = [
-        Some(q),
-        Some(k),
-        Some(v),
-        node.input(5).map(PValue::from),
-    ];
+    let inputs = [Some(q), Some(k), Some(v), node.input(5).map(PValue::from)];
     standard_attention(
         &mut patch,
         &inputs,

@@ -94,7 +94,11 @@ fn dim_sources(model: &Model) -> HashMap<Dim, (ValueId, usize)> {
 
 /// The dims `Shape(start, end)` takes from a value of rank `rank` (negative bounds count from
 /// the end and are clamped, as ONNX says).
-fn slice_range(rank: usize, start: Option<i64>, end: Option<i64>) -> Option<std::ops::Range<usize>> {
+fn slice_range(
+    rank: usize,
+    start: Option<i64>,
+    end: Option<i64>,
+) -> Option<std::ops::Range<usize>> {
     let r = rank as i64;
     let clamp = |i: i64| (if i < 0 { i + r } else { i }).clamp(0, r) as usize;
     let (s, e) = (clamp(start.unwrap_or(0)), clamp(end.unwrap_or(r)));
@@ -167,7 +171,11 @@ mod tests {
             &["x"],
             &["y"],
             &[],
-            &[("Relu", &["x"], &["r"]), ("Shape", &["r"], &["s"]), ("Reshape", &["r", "s"], &["y"])],
+            &[
+                ("Relu", &["x"], &["r"]),
+                ("Shape", &["r"], &["s"]),
+                ("Reshape", &["r", "s"], &["y"]),
+            ],
         );
         let g = p.graph.as_mut().unwrap();
         g.input[0].r#type = Some(
@@ -183,7 +191,10 @@ mod tests {
 
     #[test]
     fn symbolic_dims_are_read_from_the_graph_inputs() {
-        let t = ValueType::new(1, vec![Dim::symbol("sequence"), Dim::known(4), Dim::known(16)]);
+        let t = ValueType::new(
+            1,
+            vec![Dim::symbol("sequence"), Dim::known(4), Dim::known(16)],
+        );
         let mut m = typed_model(t);
         let rewrites = ShapeFromInputs.run(&mut m).unwrap();
         assert_eq!(rewrites.total(), 1);

@@ -78,14 +78,18 @@ fn transpose(input: Pat, perm: fn(Option<&AttributeProto>) -> bool) -> Pat {
 
 /// `Transpose[0,2,1,3](Reshape(src))`: [B,S,N·H] → [B,N,S,H].
 fn heads(src: &'static str, reshape: &'static str) -> Pat {
-    transpose(
-        op("Reshape", [value(src), any()]).named(reshape),
-        |a| perm_is(a, &[0, 2, 1, 3]),
-    )
+    transpose(op("Reshape", [value(src), any()]).named(reshape), |a| {
+        perm_is(a, &[0, 2, 1, 3])
+    })
 }
 
 /// Heads, optionally after the past ones: `Concat(past, heads, axis=2)`.
-fn with_past(src: &'static str, reshape: &'static str, past: &'static str, total: &'static str) -> Pat {
+fn with_past(
+    src: &'static str,
+    reshape: &'static str,
+    past: &'static str,
+    total: &'static str,
+) -> Pat {
     either([
         op("Concat", [value(past), heads(src, reshape)])
             .attr("axis", |a| a.is_some_and(|a| a.i() == 2 || a.i() == -2))
@@ -106,10 +110,9 @@ fn maybe_scaled(p: Pat, name: &'static str) -> Pat {
 fn attention() -> Pat {
     let k_heads = with_past("k", "k_reshape", "past_k", "k_total");
     let k_transposed = either([
-        transpose(
-            op("Reshape", [value("k"), any()]).named("k_reshape"),
-            |a| perm_is(a, &[0, 2, 3, 1]),
-        ),
+        transpose(op("Reshape", [value("k"), any()]).named("k_reshape"), |a| {
+            perm_is(a, &[0, 2, 3, 1])
+        }),
         transpose(k_heads.clone(), |a| perm_is(a, &[0, 1, 3, 2])),
         op(
             "Reshape",
@@ -260,7 +263,11 @@ fn build_attention(m: &Match, rw: &mut Rewrite) -> Option<()> {
 
     let (out, present_values) = match rw.target {
         Target::Ort => {
-            let packed = if past.is_none() { packed_qkv(g, q, k, v) } else { None };
+            let packed = if past.is_none() {
+                packed_qkv(g, q, k, v)
+            } else {
+                None
+            };
             match packed {
                 Some(p) => {
                     for node in &p.absorbed {
@@ -355,7 +362,10 @@ fn build_attention(m: &Match, rw: &mut Rewrite) -> Option<()> {
 }
 
 fn trim<T>(inputs: &[Option<T>]) -> &[Option<T>] {
-    let len = inputs.iter().rposition(Option::is_some).map_or(0, |i| i + 1);
+    let len = inputs
+        .iter()
+        .rposition(Option::is_some)
+        .map_or(0, |i| i + 1);
     &inputs[..len]
 }
 
@@ -447,7 +457,9 @@ fn split_projection(g: &Graph, q: ValueId, k: ValueId, v: ValueId) -> Option<Pac
     // Equal thirds: from num_outputs, or an explicit split input or attribute.
     let sizes: Vec<i64> = match split.input(1) {
         Some(s) => g.constant(s)?.to_i64_vec().ok()?,
-        None => attr::get_ints(&split.proto, "split").map(<[i64]>::to_vec).unwrap_or_default(),
+        None => attr::get_ints(&split.proto, "split")
+            .map(<[i64]>::to_vec)
+            .unwrap_or_default(),
     };
     if !(sizes.is_empty() || sizes == [width / 3; 3]) || width % 3 != 0 {
         return None;

@@ -1,0 +1,187 @@
+//! Chains that look like a fusion but must not be fused, each beside the correct chain that
+//! is fused (so that each test fails if the matcher stops matching at all): a LayerNorm
+//! reducing over axis 1, RMSNorm written with `Mul(x, x)`, a GELU with a wrong constant, and
+//! a GELU whose intermediate value has another reader. Fused results are checked in tract.
+
+use onnxopt::exec::{self, InputSource, ValidateOptions};
+use onnxopt::ir::{attr, Model, Tensor};
+use onnxopt::optimize::{optimize, OptimizeOptions};
+use onnxopt::passes::fuse::Target;
+use onnxopt::proto::tensor_proto::DataType;
+use onnxopt::proto::tensor_shape_proto::{dimension, Dimension};
+use onnxopt::proto::type_proto::{Tensor as TensorType, Value as Type};
+use onnxopt::proto::{
+    AttributeProto, GraphProto, ModelProto, NodeProto, OperatorSetIdProto, TensorShapeProto,
+    TypeProto, ValueInfoProto,
+};
+
+fn f32_value(name: &str, dims: &[i64]) -> ValueInfoProto {
+    ValueInfoProto {
+        name: Some(name.into()),
+        r#type: Some(TypeProto {
+            value: Some(Type::TensorType(TensorType {
+                elem_type: Some(DataType::Float as i32),
+                shape: Some(TensorShapeProto {
+                    dim: dims
+                        .iter()
+                        .map(|&d| Dimension {
+                            value: Some(dimension::Value::DimValue(d)),
+                            denotation: None,
+                        })
+                        .collect(),
+                }),
+            })),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+fn node(op: &str, inputs: &[&str], output: &str, attributes: Vec<AttributeProto>) -> NodeProto {
+    NodeProto {
+        op_type: Some(op.into()),
+        input: inputs.iter().map(|s| s.to_string()).collect(),
+        output: vec![output.into()],
+        attribute: attributes,
+        ..Default::default()
+    }
+}
+
+fn scalar(name: &str, v: f32) -> Tensor {
+    Tensor::from_f32(name, &[], &[v]).unwrap()
+}
+
+/// x: f32[2, 3, 8] → nodes → the listed outputs (f32[2, 3, 8]), at opset 17.
+fn model(nodes: Vec<NodeProto>, constants: Vec<Tensor>, outputs: &[&str]) -> Model {
+    let dims = [2, 3, 8];
+    Model::from_proto(ModelProto {
+        ir_version: Some(8),
+        opset_import: vec![OperatorSetIdProto {
+            domain: Some(String::new()),
+            version: Some(17),
+        }],
+        graph: Some(GraphProto {
+            name: Some("negative".into()),
+            node: nodes,
+            initializer: constants.into_iter().map(Tensor::into_proto).collect(),
+            input: vec![f32_value("x", &dims)],
+            output: outputs.iter().map(|o| f32_value(o, &dims)).collect(),
+            ..Default::default()
+        }),
+        ..Default::default()
+    })
+    .unwrap()
+}
+
+/// Optimizes for ONNX Runtime, checks the outputs in tract, returns the operators left.
+fn fused_ops(original: Model) -> Vec<String> {
+    let mut model = original.clone();
+    optimize(&mut model, &OptimizeOptions { target: Target::Ort }).unwrap();
+    let options = ValidateOptions {
+        inputs: InputSource::Generated(2),
+        ..Default::default()
+    };
+    let v = exec::validate(&original, &model, &options, &|_, _| {}).unwrap();
+    let worst = v.outputs.iter().map(|d| d.max_abs).fold(0.0, f64::max);
+    assert!(worst <= 1e-5, "outputs changed by {worst}");
+    let mut ops: Vec<String> = model
+        .graph
+        .nodes()
+        .map(|(_, n)| n.op_type().to_string())
+        .collect();
+    ops.sort();
+    ops
+}
+
+/// LayerNorm written out, reducing over `axis`.
+fn layer_norm_over(axis: i64) -> Model {
+    let axes = || vec![attr::ints("axes", &[axis])];
+    model(
+        vec![
+            node("ReduceMean", &["x"], "mean", axes()),
+            node("Sub", &["x", "mean"], "d", vec![]),
+            node("Pow", &["d", "two"], "d2", vec![]),
+            node("ReduceMean", &["d2"], "var", axes()),
+            node("Add", &["var", "eps"], "var_eps", vec![]),
+            node("Sqrt", &["var_eps"], "std", vec![]),
+            node("Div", &["d", "std"], "n", vec![]),
+            node("Mul", &["n", "gamma"], "scaled", vec![]),
+            node("Add", &["scaled", "beta"], "y", vec![]),
+        ],
+        vec![
+            scalar("two", 2.0),
+            scalar("eps", 1e-5),
+            Tensor::from_f32("gamma", &[8], &[1.5; 8]).unwrap(),
+            Tensor::from_f32("beta", &[8], &[0.25; 8]).unwrap(),
+        ],
+        &["y"],
+    )
+}
+
+#[test]
+fn layer_norm_over_another_axis_is_not_fused() {
+    assert_eq!(fused_ops(layer_norm_over(-1)), ["LayerNormalization"]);
+    assert_eq!(fused_ops(layer_norm_over(2)), ["LayerNormalization"]);
+    let kept = fused_ops(layer_norm_over(1));
+    assert!(!kept.contains(&"LayerNormalization".to_string()), "{kept:?}");
+}
+
+/// RMSNorm with x² written as `square_op`.
+fn rms_norm(square: NodeProto) -> Model {
+    let axes = vec![attr::ints("axes", &[-1])];
+    model(
+        vec![
+            square,
+            node("ReduceMean", &["x2"], "ms", axes),
+            node("Add", &["ms", "eps"], "ms_eps", vec![]),
+            node("Sqrt", &["ms_eps"], "rms", vec![]),
+            node("Div", &["x", "rms"], "n", vec![]),
+            node("Mul", &["n", "gamma"], "y", vec![]),
+        ],
+        vec![
+            scalar("two", 2.0),
+            scalar("eps", 1e-6),
+            Tensor::from_f32("gamma", &[8], &[0.5; 8]).unwrap(),
+        ],
+        &["y"],
+    )
+}
+
+#[test]
+fn rms_norm_written_with_mul_is_not_fused() {
+    let pow = node("Pow", &["x", "two"], "x2", vec![]);
+    assert_eq!(fused_ops(rms_norm(pow)), ["RMSNormalization"]);
+    let kept = fused_ops(rms_norm(node("Mul", &["x", "x"], "x2", vec![])));
+    assert!(kept.contains(&"ReduceMean".to_string()), "{kept:?}");
+    assert!(!kept.iter().any(|o| o.ends_with("Normalization")), "{kept:?}");
+}
+
+/// Exact GELU with the given √2 constant; `extra_output` also exposes the Erf result.
+fn gelu(sqrt2: f32, extra_output: bool) -> Model {
+    let outputs: &[&str] = if extra_output { &["y", "e"] } else { &["y"] };
+    model(
+        vec![
+            node("Div", &["x", "sqrt2"], "t", vec![]),
+            node("Erf", &["t"], "e", vec![]),
+            node("Add", &["e", "one"], "a", vec![]),
+            node("Mul", &["x", "a"], "m", vec![]),
+            node("Mul", &["m", "half"], "y", vec![]),
+        ],
+        vec![scalar("sqrt2", sqrt2), scalar("one", 1.0), scalar("half", 0.5)],
+        outputs,
+    )
+}
+
+#[test]
+fn gelu_with_a_wrong_constant_is_not_fused() {
+    assert_eq!(fused_ops(gelu(std::f32::consts::SQRT_2, false)), ["Gelu"]);
+    let kept = fused_ops(gelu(1.5, false));
+    assert!(kept.contains(&"Erf".to_string()), "{kept:?}");
+}
+
+#[test]
+fn gelu_whose_intermediate_has_another_reader_is_not_fused() {
+    let kept = fused_ops(gelu(std::f32::consts::SQRT_2, true));
+    assert!(kept.contains(&"Erf".to_string()), "{kept:?}");
+    assert!(!kept.contains(&"Gelu".to_string()), "{kept:?}");
+}
