@@ -6,7 +6,10 @@
 //! expose work for another), and records per pass the node counts before and after, the
 //! rewrites by kind and the time spent, for the report.
 
+pub mod cse;
 pub mod dce;
+pub mod identity;
+mod matching;
 
 use std::collections::BTreeMap;
 use std::time::Instant;
