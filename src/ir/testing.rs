@@ -136,6 +136,12 @@ impl Builder {
         self
     }
 
+    /// Records the type of an intermediate value in `value_info`.
+    pub fn typed(mut self, name: &str, elem: DataType, dims: &[&str]) -> Self {
+        self.graph.value_info.push(typed_value(name, elem, dims));
+        self
+    }
+
     /// An initializer named after `tensor`.
     pub fn init(mut self, tensor: Tensor) -> Self {
         self.graph.initializer.push(tensor.into_proto());

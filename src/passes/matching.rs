@@ -2,7 +2,8 @@
 //! pass answers them the same way: can the readers of a value move to another value, does a
 //! node compute the same thing every time, which integers does a constant input hold.
 
-use crate::ir::{attr, Graph, Model, Node, NodeId, Patch, Use, ValueId};
+use crate::ir::{attr, Graph, Model, Node, NodeId, PValue, Patch, Use, ValueId};
+use crate::proto::NodeProto;
 
 /// ONNX operators whose results are drawn at random: two of them with the same inputs
 /// differ, and their value is never a constant.
@@ -100,6 +101,46 @@ pub fn bypass(
     let mut patch = Patch::new(kind);
     patch.remove_node(node).replace_uses(out, src.into());
     Some(patch)
+}
+
+/// A patch that replaces the single-output `node` by `proto` (its copy, perhaps with other
+/// attributes) reading `inputs`; the output keeps its name, type and readers.
+pub fn rewire(
+    kind: &'static str,
+    node: NodeId,
+    proto: NodeProto,
+    inputs: &[Option<ValueId>],
+    out: ValueId,
+) -> Patch {
+    let inputs: Vec<Option<PValue>> = inputs.iter().map(|v| v.map(PValue::from)).collect();
+    let mut patch = Patch::new(kind);
+    patch
+        .remove_node(node)
+        .add_node_proto(proto, &inputs, &[out.into()]);
+    patch
+}
+
+/// True when nothing but `reader` reads any output of `node` (and none is a graph output):
+/// once `reader` stops reading it, `node` is dead and the same patch can remove it.
+pub fn only_feeds(g: &Graph, node: NodeId, reader: NodeId) -> bool {
+    g.node(node).outputs.iter().flatten().all(|&v| {
+        !g.is_graph_output(v)
+            && g.uses(v)
+                .iter()
+                .all(|(r, u)| *r == reader && *u != Use::Captured)
+    })
+}
+
+/// The node producing input `slot` of `node`, when it is the ONNX operator `op_type`.
+pub fn input_producer<'g>(
+    g: &'g Graph,
+    node: &Node,
+    slot: usize,
+    op_type: &str,
+) -> Option<(NodeId, &'g Node)> {
+    let id = g.producer(node.input(slot)?)?;
+    let producer = g.node(id);
+    producer.is(op_type).then_some((id, producer))
 }
 
 #[cfg(test)]

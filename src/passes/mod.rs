@@ -10,6 +10,7 @@ pub mod cse;
 pub mod dce;
 pub mod identity;
 mod matching;
+pub mod noop;
 
 use std::collections::BTreeMap;
 use std::time::Instant;
