@@ -11,9 +11,9 @@
 //! (`matching::is_deterministic`), as are nodes holding subgraphs and operators of other
 //! domains, whose definitions we do not know. Initializers that are graph inputs (a caller may
 //! feed another value) or graph outputs are never merged.
-//! How: nodes are visited in written order, each looked up by its key in a hash map of the
-//! ones seen; a duplicate is removed at once, so its readers' keys already name the node kept
-//! and a duplicated chain merges in one run. Constants are grouped by type and dims, hashed
+//! How: nodes are visited in written order (`matching::rewrite_each`), each looked up by its
+//! key in a hash map of the ones seen; a duplicate is removed at once, so its readers' keys
+//! already name the node kept and a duplicated chain merges in one run. Constants are grouped by type and dims, hashed
 //! only where a group has more than one, and compared byte for byte only on a hash match.
 
 use std::collections::HashMap;
@@ -21,7 +21,7 @@ use std::hash::{Hash, Hasher};
 
 use prost::Message;
 
-use super::matching::{can_redirect, has_subgraph, is_deterministic};
+use super::matching::{can_redirect, has_subgraph, is_deterministic, rewrite_each};
 use super::{Pass, Rewrites};
 use crate::error::Result;
 use crate::ir::{Graph, Model, NodeId, Patch, Tensor, ValueId};
@@ -53,21 +53,17 @@ impl Pass for CommonSubexpressions {
             rewrites.apply(model, patch)?;
         }
         let mut seen: HashMap<NodeKey, NodeId> = HashMap::new();
-        for id in model.graph.topological_order()? {
-            let Some(key) = NodeKey::of(model, id) else {
-                continue;
-            };
+        let merges = rewrite_each(model, |m, id| {
+            let key = NodeKey::of(m, id)?;
             match seen.get(&key) {
+                Some(&kept) => merge(&m.graph, id, kept),
                 None => {
                     seen.insert(key, id);
-                }
-                Some(&kept) => {
-                    if let Some(patch) = merge(&model.graph, id, kept) {
-                        rewrites.apply(model, patch)?;
-                    }
+                    None
                 }
             }
-        }
+        })?;
+        rewrites.merge(&merges);
         Ok(rewrites)
     }
 }

@@ -9,7 +9,7 @@
 //! itself a name the user sees (a graph input, another output, an initializer): keeping both
 //! names takes an Identity, which is what is there already.
 
-use super::matching::{bypass, dropout_is_inference};
+use super::matching::{bypass, dropout_is_inference, rewrite_each};
 use super::{Pass, Rewrites};
 use crate::error::Result;
 use crate::ir::{Model, NodeId, Patch};
@@ -22,13 +22,7 @@ impl Pass for IdentityElimination {
     }
 
     fn run(&self, model: &mut Model) -> Result<Rewrites> {
-        let mut rewrites = Rewrites::default();
-        for id in model.graph.topological_order()? {
-            if let Some(patch) = removal(model, id) {
-                rewrites.apply(model, patch)?;
-            }
-        }
-        Ok(rewrites)
+        rewrite_each(model, removal)
     }
 }
 

@@ -1,9 +1,32 @@
 //! Questions the clean-up passes ask of nodes and values, answered in one place so that every
 //! pass answers them the same way: can the readers of a value move to another value, does a
-//! node compute the same thing every time, which integers does a constant input hold.
+//! node compute the same thing every time, which integers does a constant input hold. And the
+//! walk that the node-by-node passes share (`rewrite_each`).
 
+use super::Rewrites;
+use crate::error::Result;
 use crate::ir::{attr, Graph, Model, Node, NodeId, PValue, Patch, Use, ValueId};
 use crate::proto::NodeProto;
+
+/// Visits the nodes in written order and applies the patch `rewrite` proposes for each, at
+/// once: a later node is looked at in the graph as the earlier rewrites left it, so a chain
+/// shortens from its start within one run.
+pub fn rewrite_each(
+    model: &mut Model,
+    mut rewrite: impl FnMut(&Model, NodeId) -> Option<Patch>,
+) -> Result<Rewrites> {
+    let mut rewrites = Rewrites::default();
+    for id in model.graph.topological_order()? {
+        // An earlier rewrite may have removed this node (the first of a pair it merged).
+        if !model.graph.contains_node(id) {
+            continue;
+        }
+        if let Some(patch) = rewrite(model, id) {
+            rewrites.apply(model, patch)?;
+        }
+    }
+    Ok(rewrites)
+}
 
 /// ONNX operators whose results are drawn at random: two of them with the same inputs
 /// differ, and their value is never a constant.
@@ -131,6 +154,12 @@ pub fn only_feeds(g: &Graph, node: NodeId, reader: NodeId) -> bool {
     })
 }
 
+/// Node `id`, when it is the ONNX operator `op_type`.
+pub fn op_node<'g>(g: &'g Graph, id: NodeId, op_type: &str) -> Option<&'g Node> {
+    let node = g.node(id);
+    node.is(op_type).then_some(node)
+}
+
 /// The node producing input `slot` of `node`, when it is the ONNX operator `op_type`.
 pub fn input_producer<'g>(
     g: &'g Graph,
@@ -139,8 +168,7 @@ pub fn input_producer<'g>(
     op_type: &str,
 ) -> Option<(NodeId, &'g Node)> {
     let id = g.producer(node.input(slot)?)?;
-    let producer = g.node(id);
-    producer.is(op_type).then_some((id, producer))
+    Some((id, op_node(g, id, op_type)?))
 }
 
 #[cfg(test)]

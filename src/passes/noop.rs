@@ -9,13 +9,14 @@
 //! Every rule is exact: it fires only when it can prove, from attributes, constant inputs and
 //! recorded types (`Graph::value_type`), that the result is the same for every valid input;
 //! what it cannot prove it leaves alone. A graph output keeps its name (see
-//! `matching::bypass`). The pass visits the nodes in written order and applies the first rule
-//! that matches each, so a chain shortens from its start within one run.
+//! `matching::bypass`). The pass applies to each node the first rule that matches it
+//! (`matching::rewrite_each`).
 
 mod cast;
 mod shape;
 mod transpose;
 
+use super::matching::rewrite_each;
 use super::{Pass, Rewrites};
 use crate::error::Result;
 use crate::ir::{Graph, Model, NodeId, Patch};
@@ -42,16 +43,19 @@ impl Pass for NoOpElimination {
     }
 
     fn run(&self, model: &mut Model) -> Result<Rewrites> {
-        let mut rewrites = Rewrites::default();
-        for id in model.graph.topological_order()? {
-            // An earlier rewrite may have removed this node (the first of a pair it merged).
-            if !model.graph.contains_node(id) {
-                continue;
-            }
-            if let Some(patch) = RULES.iter().find_map(|rule| rule(&model.graph, id)) {
-                rewrites.apply(model, patch)?;
-            }
-        }
-        Ok(rewrites)
+        rewrite_each(model, |m, id| {
+            RULES.iter().find_map(|rule| rule(&m.graph, id))
+        })
     }
+}
+
+/// The kinds of rewrite one run of the pass makes on `model`, for the rules' tests.
+#[cfg(test)]
+fn kinds(model: &mut Model) -> Vec<String> {
+    NoOpElimination
+        .run(model)
+        .expect("the pass runs")
+        .0
+        .into_keys()
+        .collect()
 }

@@ -9,7 +9,7 @@
 //!
 //! Element types come from `Graph::value_type`; without a recorded type nothing is done.
 
-use super::super::matching::{bypass, input_producer, only_feeds, rewire};
+use super::super::matching::{bypass, input_producer, only_feeds, op_node, rewire};
 use crate::ir::{attr, DataType, Graph, Node, NodeId, Patch, ValueId};
 
 pub fn noop(g: &Graph, id: NodeId) -> Option<Patch> {
@@ -29,10 +29,7 @@ pub fn noop(g: &Graph, id: NodeId) -> Option<Patch> {
 }
 
 pub fn chain(g: &Graph, id: NodeId) -> Option<Patch> {
-    let second = g.node(id);
-    if !second.is("Cast") {
-        return None;
-    }
+    let second = op_node(g, id, "Cast")?;
     let (first_id, first) = input_producer(g, second, 0, "Cast")?;
     let x = first.input(0)?;
     let (s, t, u) = (elem(g, x)?, cast_target(first)?, cast_target(second)?);
@@ -130,11 +127,10 @@ fn composes(s: DataType, t: DataType, u: DataType) -> bool {
 
 #[cfg(test)]
 mod tests {
-    use super::super::NoOpElimination;
+    use super::super::kinds as rewrites;
     use super::*;
     use crate::ir::testing::{builder, ops, written};
     use crate::ir::Model;
-    use crate::passes::Pass;
 
     fn cast(to: DataType) -> Vec<crate::proto::AttributeProto> {
         vec![attr::int("to", to as i64)]
@@ -149,10 +145,6 @@ mod tests {
             .node("Cast", &["a"], &["y"], cast(u))
             .node("Identity", &["y"], &["z"], vec![])
             .build()
-    }
-
-    fn rewrites(m: &mut Model) -> Vec<String> {
-        NoOpElimination.run(m).unwrap().0.into_keys().collect()
     }
 
     #[test]

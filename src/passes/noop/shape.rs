@@ -14,14 +14,11 @@
 //! - `expand-noop`: `Expand(x, shape)` whose result has `x`'s shape: recorded and equal, or a
 //!   constant `shape` no longer than `x`'s rank whose every entry is 1 or `x`'s size there.
 
-use super::super::matching::{bypass, const_ints, input_producer, only_feeds, rewire};
+use super::super::matching::{bypass, const_ints, input_producer, only_feeds, op_node, rewire};
 use crate::ir::{attr, Dim, Graph, Node, NodeId, Patch, ValueId};
 
 pub fn reshape_noop(g: &Graph, id: NodeId) -> Option<Patch> {
-    let node = g.node(id);
-    if !node.is("Reshape") {
-        return None;
-    }
+    let node = op_node(g, id, "Reshape")?;
     let (x, out) = (node.input(0)?, node.output(0)?);
     let input = dims(g, x)?;
     let proven = dims(g, out).is_some_and(|d| same_shape(&d, &input))
@@ -33,10 +30,7 @@ pub fn reshape_noop(g: &Graph, id: NodeId) -> Option<Patch> {
 }
 
 pub fn reshape_chain(g: &Graph, id: NodeId) -> Option<Patch> {
-    let second = g.node(id);
-    if !second.is("Reshape") {
-        return None;
-    }
+    let second = op_node(g, id, "Reshape")?;
     let (first_id, first) = input_producer(g, second, 0, "Reshape")?;
     let shape = second.input(1)?;
     let copies_dims = !allows_zero(second) && const_ints(g, shape).is_none_or(|s| s.contains(&0));
@@ -76,10 +70,7 @@ pub fn squeeze_pair(g: &Graph, id: NodeId) -> Option<Patch> {
 }
 
 pub fn expand_noop(g: &Graph, id: NodeId) -> Option<Patch> {
-    let node = g.node(id);
-    if !node.is("Expand") {
-        return None;
-    }
+    let node = op_node(g, id, "Expand")?;
     let (x, out) = (node.input(0)?, node.output(0)?);
     let input = dims(g, x)?;
     let broadcast_keeps_shape = |shape: Vec<i64>| {
@@ -156,19 +147,14 @@ fn sorted_axes(g: &Graph, node: &Node) -> Option<Vec<i64>> {
 
 #[cfg(test)]
 mod tests {
-    use super::super::NoOpElimination;
+    use super::super::kinds as rewrites;
     use crate::ir::testing::{builder, ops, written, Builder};
     use crate::ir::{attr, DataType, Model, Tensor};
-    use crate::passes::Pass;
 
     const F32: DataType = DataType::Float;
 
     fn ints(values: &[i64]) -> Tensor {
         Tensor::from_i64("", &[values.len() as i64], values).unwrap()
-    }
-
-    fn rewrites(m: &mut Model) -> Vec<String> {
-        NoOpElimination.run(m).unwrap().0.into_keys().collect()
     }
 
     /// x: [batch, sequence, 64] → `op`(x, s) → y → Neg → z.

@@ -8,22 +8,19 @@
 //!
 //! A Transpose without `perm` reverses the axes, which needs the rank: it is left alone.
 
-use super::super::matching::{bypass, input_producer, only_feeds, rewire};
+use super::super::matching::{bypass, input_producer, only_feeds, op_node, rewire};
 use crate::ir::{attr, Graph, Node, NodeId, Patch};
 
 pub fn noop(g: &Graph, id: NodeId) -> Option<Patch> {
-    let node = g.node(id);
-    if !node.is("Transpose") || !is_identity(&perm(node)?) {
+    let node = op_node(g, id, "Transpose")?;
+    if !is_identity(&perm(node)?) {
         return None;
     }
     bypass(g, "transpose-noop", id, node.output(0)?, node.input(0)?)
 }
 
 pub fn chain(g: &Graph, id: NodeId) -> Option<Patch> {
-    let second = g.node(id);
-    if !second.is("Transpose") {
-        return None;
-    }
+    let second = op_node(g, id, "Transpose")?;
     let (first_id, first) = input_producer(g, second, 0, "Transpose")?;
     let (p, q) = (perm(first)?, perm(second)?);
     if p.len() != q.len() {
@@ -62,10 +59,9 @@ fn is_identity(perm: &[i64]) -> bool {
 
 #[cfg(test)]
 mod tests {
-    use super::super::NoOpElimination;
+    use super::super::kinds as rewrites;
     use crate::ir::testing::{builder, ops, written};
     use crate::ir::{attr, DataType, Model};
-    use crate::passes::Pass;
 
     /// x → Transpose(p) → a → Transpose(q) → y → Neg → z, plus `extra` readers of `a`.
     fn two_transposes(p: &[i64], q: &[i64], a_is_output: bool) -> Model {
@@ -79,10 +75,6 @@ mod tests {
             .node("Transpose", &["a"], &["y"], vec![attr::ints("perm", q)])
             .node("Neg", &["y"], &["z"], vec![])
             .build()
-    }
-
-    fn rewrites(m: &mut Model) -> Vec<String> {
-        NoOpElimination.run(m).unwrap().0.into_keys().collect()
     }
 
     #[test]
