@@ -117,6 +117,45 @@ mod tests {
         assert_eq!(runner.run(&batch).unwrap()[0].1, x);
     }
 
+    #[test]
+    fn a_value_read_by_name_inside_a_subgraph_keeps_its_producer() {
+        use crate::proto::attribute_proto::AttributeType;
+        use crate::proto::{AttributeProto, GraphProto, NodeProto, ValueInfoProto};
+        let branch = |name: &str| AttributeProto {
+            name: Some(name.into()),
+            r#type: Some(AttributeType::Graph as i32),
+            g: Some(GraphProto {
+                name: Some(name.into()),
+                node: vec![NodeProto {
+                    op_type: Some("Neg".into()),
+                    input: vec!["a".into()],
+                    output: vec![format!("{name}_out")],
+                    ..Default::default()
+                }],
+                output: vec![ValueInfoProto {
+                    name: Some(format!("{name}_out")),
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let mut m = builder()
+            .input("x", DataType::Float, &["2"])
+            .input("cond", DataType::Bool, &[])
+            .output("y", DataType::Float, &["2"])
+            .node("Identity", &["x"], &["a"], vec![])
+            .node(
+                "If",
+                &["cond"],
+                &["y"],
+                vec![branch("then_branch"), branch("else_branch")],
+            )
+            .build();
+        assert_eq!(IdentityElimination.run(&mut m).unwrap().total(), 0);
+        assert_eq!(ops(&m), ["Identity", "If"]);
+    }
+
     fn dropout_model(opset: i64, inputs: &[&str], outputs: &[&str]) -> Model {
         builder()
             .opset(opset)

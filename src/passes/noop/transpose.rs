@@ -26,7 +26,10 @@ pub fn chain(g: &Graph, id: NodeId) -> Option<Patch> {
     if p.len() != q.len() {
         return None;
     }
-    let composed: Vec<i64> = q.iter().map(|&axis| p[axis as usize]).collect();
+    let composed: Vec<i64> = q
+        .iter()
+        .map(|&axis| p.get(usize::try_from(axis).ok()?).copied())
+        .collect::<Option<_>>()?;
     let (x, out) = (first.input(0)?, second.output(0)?);
     let first_is_dead = only_feeds(g, first_id, id);
     let mut patch = if is_identity(&composed) {
