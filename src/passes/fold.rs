@@ -17,8 +17,11 @@
 //! ConstantOfShape of a small constant into a big tensor stays, and so does a Transpose of a
 //! weight that other nodes still read.
 //! Safe because: a deterministic operator given constant inputs computes the same value on
-//! every run, and tract computes it as it does when it runs the model; a result whose element
-//! type or static dims disagree with the recorded type is not used. Left alone: random
+//! every run; a result whose element type or static dims disagree with the recorded type is
+//! not used. Integer, bool and data-movement results are exact; float arithmetic is exact up
+//! to rounding: tract's plain evaluation may round differently from the kernels a runtime
+//! (tract included) uses, by a few units in the last place (see the node tests in
+//! `tests/conformance.rs`). Left alone: random
 //! generators and Dropout in training (`matching::is_deterministic`), nodes holding subgraphs,
 //! operators of other domains (tract ignores domains: see `exec::support`), calls of
 //! model-local functions, and nodes without inputs (`Constant` nodes stay as they are).
