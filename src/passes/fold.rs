@@ -702,6 +702,48 @@ mod tests {
     }
 
     #[test]
+    fn a_result_that_disagrees_with_its_recorded_type_is_not_used() {
+        let chain = |recorded: DataType, dims: &[&str]| {
+            builder()
+                .input("x", F32, &["2"])
+                .output("y", F32, &["2"])
+                .typed("n", recorded, dims)
+                .constant("a", f32s("", &[2], &[1.0, 2.0]))
+                .node("Neg", &["a"], &["n"], vec![])
+                .node("Mul", &["x", "n"], &["y"], vec![])
+                .build()
+        };
+        assert_eq!(
+            ConstantFolding
+                .run(&mut chain(F32, &["2"]))
+                .unwrap()
+                .total(),
+            1
+        );
+        assert_eq!(
+            ConstantFolding
+                .run(&mut chain(F32, &["n"]))
+                .unwrap()
+                .total(),
+            1
+        );
+        assert_eq!(
+            ConstantFolding
+                .run(&mut chain(DataType::Int32, &["2"]))
+                .unwrap()
+                .total(),
+            0
+        );
+        assert_eq!(
+            ConstantFolding
+                .run(&mut chain(F32, &["3"]))
+                .unwrap()
+                .total(),
+            0
+        );
+    }
+
+    #[test]
     fn random_draws_are_not_constants() {
         let mut m = builder()
             .input("x", F32, &["2"])
