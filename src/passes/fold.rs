@@ -21,10 +21,11 @@
 //! not used. Integer, bool and data-movement results are exact; float arithmetic is exact up
 //! to rounding: tract's plain evaluation may round differently from the kernels a runtime
 //! (tract included) uses, by a few units in the last place (see the node tests in
-//! `tests/conformance.rs`). Left alone: random
-//! generators and Dropout in training (`matching::is_deterministic`), nodes holding subgraphs,
-//! operators of other domains (tract ignores domains: see `exec::support`), calls of
-//! model-local functions, and nodes without inputs (`Constant` nodes stay as they are).
+//! `tests/conformance.rs`).
+//! Left alone: random generators and Dropout in training (`matching::is_deterministic`),
+//! nodes holding subgraphs, operators of other domains (tract ignores domains: see
+//! `exec::support`), calls of model-local functions, and nodes without inputs (`Constant`
+//! nodes stay as they are).
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
