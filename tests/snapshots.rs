@@ -1,11 +1,17 @@
-//! Snapshots of `dump`: the text form of two corpus models, and what dead-code elimination
-//! removes from a real model when the user drops one of its outputs. Review every change to
-//! these files as carefully as code: a snapshot change is a change in what we write.
+//! Snapshots of `dump`: the text form of two corpus models, what dead-code elimination
+//! removes from a real model when the user drops one of its outputs, and what the clean-up
+//! passes do to a legacy export. Review every change to these files as carefully as code: a
+//! snapshot change is a change in what we write.
 
 mod common;
 
 use onnxopt::ir::dump::dump_model;
-use onnxopt::passes::{dce::DeadCodeElimination, PassManager};
+use onnxopt::ir::Model;
+use onnxopt::passes::cse::CommonSubexpressions;
+use onnxopt::passes::fold::ConstantFolding;
+use onnxopt::passes::identity::IdentityElimination;
+use onnxopt::passes::noop::NoOpElimination;
+use onnxopt::passes::{dce::DeadCodeElimination, PassManager, PassReport};
 
 fn dump(path: &std::path::Path) -> String {
     dump_model(&onnxopt::io::load(path).unwrap().to_proto().unwrap())
@@ -21,6 +27,17 @@ fn dump_of_gpt2_tiny_dynamo_export() {
     insta::assert_snapshot!(dump(&common::testdata("gpt2-tiny.dynamo.onnx")));
 }
 
+/// The dump diff of what `passes` do to `model` (whose dump before is `before`).
+fn run_and_diff(before: &str, model: &mut Model, passes: PassManager) -> (PassReport, String) {
+    let report = passes.run(model).unwrap();
+    let after = dump_model(&model.to_proto().unwrap());
+    let diff = similar::TextDiff::from_lines(before, &after)
+        .unified_diff()
+        .context_radius(1)
+        .to_string();
+    (report, diff)
+}
+
 #[test]
 fn dce_removes_the_pooler_when_its_output_is_dropped() {
     let mut model = onnxopt::io::load(&common::testdata("bert-tiny.dynamo.onnx")).unwrap();
@@ -28,18 +45,39 @@ fn dce_removes_the_pooler_when_its_output_is_dropped() {
     let g = &mut model.graph;
     let pooler = g.find_value("pooler_output").unwrap();
     g.outputs.retain(|p| p.value != pooler);
-    let report = PassManager::new()
-        .with(DeadCodeElimination)
-        .run(&mut model)
-        .unwrap();
-    let after = dump_model(&model.to_proto().unwrap());
-    let diff = similar::TextDiff::from_lines(&before, &after)
-        .unified_diff()
-        .context_radius(1)
-        .to_string();
+    let passes = PassManager::new().with(DeadCodeElimination);
+    let (report, diff) = run_and_diff(&before, &mut model, passes);
     let stats = &report.passes[0];
     insta::assert_snapshot!(format!(
         "nodes {} -> {}, rewrites {:?}\n{diff}",
         stats.nodes_before, stats.nodes_after, stats.rewrites.0
+    ));
+}
+
+#[test]
+fn cleanup_of_bert_tiny_legacy_export() {
+    let mut model = onnxopt::io::load(&common::testdata("bert-tiny.ts.onnx")).unwrap();
+    let before = dump_model(&model.to_proto().unwrap());
+    let passes = PassManager::new()
+        .with(IdentityElimination)
+        .with(CommonSubexpressions)
+        .with(NoOpElimination)
+        .with(ConstantFolding)
+        .with(DeadCodeElimination);
+    let (report, diff) = run_and_diff(&before, &mut model, passes);
+    let stats: Vec<String> = report
+        .passes
+        .iter()
+        .map(|s| {
+            format!(
+                "{}: nodes {} -> {}, rewrites {:?}",
+                s.pass, s.nodes_before, s.nodes_after, s.rewrites.0
+            )
+        })
+        .collect();
+    insta::assert_snapshot!(format!(
+        "{} rounds\n{}\n{diff}",
+        report.rounds,
+        stats.join("\n")
     ));
 }

@@ -83,6 +83,43 @@ pub fn to_tract(t: &crate::ir::Tensor) -> Result<Tensor, ExecError> {
     })
 }
 
+/// Converts a tract tensor to a tensor of the IR named `name`, with the ONNX element type
+/// of its datum type (tract's symbolic dims, `TDim`, become int64 as in `Shape`'s output).
+/// Types ONNX has no plain counterpart for (strings, blobs, quantized) are refused.
+pub fn from_tract(name: &str, t: &Tensor) -> Result<crate::ir::Tensor, ExecError> {
+    use crate::ir::DataType;
+    use tract_onnx::prelude::DatumType;
+    if cfg!(target_endian = "big") {
+        // `as_bytes` is in the machine's order; ONNX raw data is little-endian.
+        return Err(ExecError::Tract(
+            "big-endian hosts are not supported".into(),
+        ));
+    }
+    let t = onnx_typed(t.clone())?;
+    let dtype = match t.datum_type() {
+        DatumType::Bool => DataType::Bool,
+        DatumType::U8 => DataType::Uint8,
+        DatumType::U16 => DataType::Uint16,
+        DatumType::U32 => DataType::Uint32,
+        DatumType::U64 => DataType::Uint64,
+        DatumType::I8 => DataType::Int8,
+        DatumType::I16 => DataType::Int16,
+        DatumType::I32 => DataType::Int32,
+        DatumType::I64 => DataType::Int64,
+        DatumType::F16 => DataType::Float16,
+        DatumType::F32 => DataType::Float,
+        DatumType::F64 => DataType::Double,
+        other => {
+            return Err(ExecError::Tract(format!(
+                "`{name}` is {other:?}, which has no ONNX tensor type"
+            )))
+        }
+    };
+    let dims: Vec<i64> = t.shape().iter().map(|&d| d as i64).collect();
+    let data = guarded(|| Ok(bytes::Bytes::copy_from_slice(t.as_bytes())))?;
+    Ok(crate::ir::Tensor::from_raw(name, dtype, &dims, data)?)
+}
+
 /// A model loaded into tract, ready to run on batches of any shape.
 pub struct Runner {
     parsed: InferenceModel,
@@ -349,4 +386,36 @@ pub fn validate(
         tolerance: options.tolerance.clone(),
         violations,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ir::DataType;
+
+    #[test]
+    fn tensors_come_back_from_tract_with_their_onnx_type() {
+        let f = crate::ir::Tensor::from_f32("f", &[2], &[1.5, -0.0]).unwrap();
+        let back = from_tract("f", &to_tract(&f).unwrap()).unwrap();
+        assert_eq!(back, f);
+        let bools = crate::ir::Tensor::from_raw(
+            "b",
+            DataType::Bool,
+            &[3],
+            bytes::Bytes::from_static(&[1, 0, 1]),
+        )
+        .unwrap();
+        let back = from_tract("b", &to_tract(&bools).unwrap()).unwrap();
+        assert_eq!(back, bools);
+        let dims = Tensor::from(tract_onnx::tract_hir::internal::tract_ndarray::arr1(&[
+            tract_onnx::prelude::TDim::from(4),
+        ]));
+        let shape = from_tract("s", &dims).unwrap();
+        assert_eq!(shape.dtype(), DataType::Int64);
+        assert_eq!(shape.to_i64_vec().unwrap(), [4]);
+        let text = Tensor::from(tract_onnx::tract_hir::internal::tract_ndarray::arr0(
+            "x".to_string(),
+        ));
+        assert!(from_tract("t", &text).is_err());
+    }
 }

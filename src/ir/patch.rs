@@ -8,7 +8,9 @@
 //!
 //! A patch may let a new node produce a value that a removed node produced
 //! (`PValue::Old`): the value keeps its name, its `value_info` and its readers, which is
-//! how a fusion replaces a chain without renaming the chain's output.
+//! how a fusion replaces a chain without renaming the chain's output. Likewise an initializer
+//! can take over such a value (`replace_with_initializer`), which is how constant folding
+//! replaces a computation by its result.
 
 use std::collections::HashSet;
 
@@ -43,6 +45,15 @@ struct NewNode {
     outputs: Vec<Option<PValue>>,
 }
 
+fn node_proto(op_type: &str, domain: &str, attributes: Vec<AttributeProto>) -> NodeProto {
+    NodeProto {
+        op_type: Some(op_type.to_string()),
+        domain: (!domain.is_empty()).then(|| domain.to_string()),
+        attribute: attributes,
+        ..Default::default()
+    }
+}
+
 /// A proposed rewrite of one graph. Build it with the methods below, then `Graph::apply` it.
 #[derive(Clone, Debug)]
 pub struct Patch {
@@ -54,6 +65,7 @@ pub struct Patch {
     remove: Vec<NodeId>,
     redirects: Vec<(ValueId, PValue)>,
     drop_initializers: Vec<ValueId>,
+    initialized: Vec<(ValueId, Tensor)>,
 }
 
 impl Patch {
@@ -66,6 +78,7 @@ impl Patch {
             remove: Vec::new(),
             redirects: Vec::new(),
             drop_initializers: Vec::new(),
+            initialized: Vec::new(),
         }
     }
 
@@ -102,8 +115,7 @@ impl Patch {
         outputs: &[PValue],
         attributes: Vec<AttributeProto>,
     ) -> &mut Self {
-        let outputs: Vec<Option<PValue>> = outputs.iter().copied().map(Some).collect();
-        self.add_node_with_optional_outputs(op_type, domain, inputs, &outputs, attributes)
+        self.add_node_proto(node_proto(op_type, domain, attributes), inputs, outputs)
     }
 
     /// Like `add_node`, with optional outputs left unnamed (`None`).
@@ -115,15 +127,33 @@ impl Patch {
         outputs: &[Option<PValue>],
         attributes: Vec<AttributeProto>,
     ) -> &mut Self {
+        self.push_node(node_proto(op_type, domain, attributes), inputs, outputs.to_vec())
+    }
+
+    /// Adds a node that is `proto` (op, attributes, name, doc string, metadata) reading
+    /// `inputs` and writing `outputs`; the proto's own input and output names are ignored.
+    /// This is how a rewrite that rewires a node keeps what the exporter recorded about it.
+    pub fn add_node_proto(
+        &mut self,
+        mut proto: NodeProto,
+        inputs: &[Option<PValue>],
+        outputs: &[PValue],
+    ) -> &mut Self {
+        proto.input.clear();
+        proto.output.clear();
+        self.push_node(proto, inputs, outputs.iter().copied().map(Some).collect())
+    }
+
+    fn push_node(
+        &mut self,
+        proto: NodeProto,
+        inputs: &[Option<PValue>],
+        outputs: Vec<Option<PValue>>,
+    ) -> &mut Self {
         self.nodes.push(NewNode {
-            proto: NodeProto {
-                op_type: Some(op_type.to_string()),
-                domain: (!domain.is_empty()).then(|| domain.to_string()),
-                attribute: attributes,
-                ..Default::default()
-            },
+            proto,
             inputs: inputs.to_vec(),
-            outputs: outputs.to_vec(),
+            outputs,
         });
         self
     }
@@ -156,9 +186,18 @@ impl Patch {
         self
     }
 
-    /// Removes an initializer that nothing reads any more.
+    /// Removes an initializer that nothing reads once the patch is applied (its readers are
+    /// removed or redirected by the same patch).
     pub fn drop_initializer(&mut self, v: ValueId) -> &mut Self {
         self.drop_initializers.push(v);
+        self
+    }
+
+    /// Makes `v`, whose producer the patch removes, an initializer holding `tensor`: the
+    /// value keeps its name, its `value_info`, its readers and its place among the graph
+    /// outputs. This is how a computed constant replaces its computation.
+    pub fn replace_with_initializer(&mut self, v: ValueId, tensor: Tensor) -> &mut Self {
+        self.initialized.push((v, tensor));
         self
     }
 
@@ -168,6 +207,7 @@ impl Patch {
             && self.redirects.is_empty()
             && self.drop_initializers.is_empty()
             && self.values.is_empty()
+            && self.initialized.is_empty()
     }
 }
 
@@ -179,6 +219,10 @@ impl Graph {
 
         for &n in &patch.remove {
             self.remove_node(n);
+        }
+        for (v, mut t) in patch.initialized {
+            t.set_name(self.value_name(v));
+            self.set_initializer(v, t);
         }
         let new_ids: Vec<ValueId> = patch
             .values
@@ -252,13 +296,15 @@ impl Graph {
             .flat_map(|&n| self.node(n).outputs.iter().flatten().copied())
             .collect();
         let mut reproduced = HashSet::new();
-        for node in &patch.nodes {
-            for out in node.outputs.iter().flatten() {
-                if let PValue::Old(v) = *out {
-                    if !freed.contains(&v) || !reproduced.insert(v) {
-                        return fail(format!("`{}` already has a producer", self.value_name(v)));
-                    }
-                }
+        let taken_over = patch.nodes.iter().flat_map(|node| {
+            node.outputs.iter().flatten().filter_map(|out| match *out {
+                PValue::Old(v) => Some(v),
+                PValue::New(_) => None,
+            })
+        });
+        for v in taken_over.chain(patch.initialized.iter().map(|(v, _)| *v)) {
+            if !freed.contains(&v) || !reproduced.insert(v) {
+                return fail(format!("`{}` already has a producer", self.value_name(v)));
             }
         }
         let redirected: HashSet<ValueId> = patch.redirects.iter().map(|(o, _)| *o).collect();
@@ -307,7 +353,8 @@ impl Graph {
             if self.initializer(v).is_none() {
                 return fail(format!("`{}` is not an initializer", self.value_name(v)));
             }
-            let still_read = self.uses(v).iter().any(|(r, _)| !removed.contains(r));
+            let still_read =
+                !redirected.contains(&v) && self.uses(v).iter().any(|(r, _)| !removed.contains(r));
             if still_read || self.is_graph_output(v) {
                 return fail(format!(
                     "initializer `{}` is still read",
@@ -478,5 +525,71 @@ mod tests {
         assert_eq!(g.node[1].input, ["a", "half"]);
         assert_eq!(g.node[1].output, ["y"]);
         assert_eq!(g.node[1].attribute[0].name(), "unused");
+    }
+
+    #[test]
+    fn an_initializer_can_take_over_a_removed_nodes_output() {
+        let mut m = double_negation();
+        let a = m.graph.find_value("a").unwrap();
+        let first = m.graph.producer(a).unwrap();
+        let mut p = Patch::new("test");
+        let folded = crate::ir::Tensor::from_f32("ignored", &[], &[2.0]).unwrap();
+        p.remove_node(first).replace_with_initializer(a, folded);
+        m.graph.apply(p).unwrap();
+        assert_eq!(ops(&m), ["Neg"]);
+        let g = m.to_proto().unwrap().graph.unwrap();
+        assert_eq!(g.initializer[0].name(), "a", "the value keeps its name");
+        assert_eq!(g.node[0].input, ["a"]);
+
+        // A value whose producer stays cannot become an initializer.
+        let y = m.graph.find_value("y").unwrap();
+        let mut p = Patch::new("bad");
+        p.replace_with_initializer(y, crate::ir::Tensor::from_f32("", &[], &[0.0]).unwrap());
+        let err = m.graph.apply(p).unwrap_err().to_string();
+        assert!(err.contains("`y` already has a producer"), "{err}");
+    }
+
+    #[test]
+    fn a_redirected_initializer_can_be_dropped_in_the_same_patch() {
+        let mut m = model(
+            &["x"],
+            &["y"],
+            &["w", "w2"],
+            &[("Mul", &["x", "w"], &["a"]), ("Mul", &["a", "w2"], &["y"])],
+        );
+        let (w, w2) = (
+            m.graph.find_value("w").unwrap(),
+            m.graph.find_value("w2").unwrap(),
+        );
+        let mut p = Patch::new("test");
+        p.replace_uses(w2, w.into()).drop_initializer(w2);
+        m.graph.apply(p).unwrap();
+        let g = m.to_proto().unwrap().graph.unwrap();
+        assert_eq!(g.initializer.len(), 1);
+        assert_eq!(g.node[1].input, ["a", "w"]);
+
+        // Without the redirect it is still read: refused.
+        let mut p = Patch::new("bad");
+        p.drop_initializer(w);
+        assert!(m.graph.apply(p).is_err());
+    }
+
+    #[test]
+    fn a_node_added_from_a_proto_keeps_its_name_and_attributes() {
+        let mut m = double_negation();
+        let y = m.graph.find_value("y").unwrap();
+        let x = m.graph.find_value("x").unwrap();
+        let second = m.graph.producer(y).unwrap();
+        let mut proto = m.graph.node(second).proto.clone();
+        proto.attribute.push(attr::int("kept", 3));
+        let mut p = Patch::new("test");
+        p.remove_node(second)
+            .add_node_proto(proto, &[Some(x.into())], &[y.into()]);
+        m.graph.apply(p).unwrap();
+        let g = m.to_proto().unwrap().graph.unwrap();
+        let rewired = g.node.iter().find(|n| n.output == ["y"]).unwrap();
+        assert_eq!(rewired.name(), "Neg_y");
+        assert_eq!(rewired.input, ["x"]);
+        assert_eq!(rewired.attribute[0].name(), "kept");
     }
 }

@@ -6,8 +6,13 @@
 //! expose work for another), and records per pass the node counts before and after, the
 //! rewrites by kind and the time spent, for the report.
 
+pub mod cse;
 pub mod dce;
+pub mod fold;
 pub mod fuse;
+pub mod identity;
+mod matching;
+pub mod noop;
 pub mod opset;
 pub mod shape;
 pub mod shape_of;
