@@ -127,7 +127,11 @@ impl Patch {
         outputs: &[Option<PValue>],
         attributes: Vec<AttributeProto>,
     ) -> &mut Self {
-        self.push_node(node_proto(op_type, domain, attributes), inputs, outputs.to_vec())
+        self.push_node(
+            node_proto(op_type, domain, attributes),
+            inputs,
+            outputs.to_vec(),
+        )
     }
 
     /// Adds a node that is `proto` (op, attributes, name, doc string, metadata) reading
