@@ -246,7 +246,9 @@ fn optimize_validates_and_writes_a_report() {
         "last_hidden_state"
     );
     // Fused operators add up in another order: equal up to float rounding.
-    let max_abs = json["validation"]["outputs"][0]["max_abs"].as_f64().unwrap();
+    let max_abs = json["validation"]["outputs"][0]["max_abs"]
+        .as_f64()
+        .unwrap();
     assert!(max_abs < 1e-5, "{max_abs}");
     assert_eq!(json["target"], "ort");
     // The output records its target and holds the fused operators.

@@ -76,7 +76,13 @@ fn model(nodes: Vec<NodeProto>, constants: Vec<Tensor>, outputs: &[&str]) -> Mod
 /// Optimizes for ONNX Runtime, checks the outputs in tract, returns the operators left.
 fn fused_ops(original: Model) -> Vec<String> {
     let mut model = original.clone();
-    optimize(&mut model, &OptimizeOptions { target: Target::Ort }).unwrap();
+    optimize(
+        &mut model,
+        &OptimizeOptions {
+            target: Target::Ort,
+        },
+    )
+    .unwrap();
     let options = ValidateOptions {
         inputs: InputSource::Generated(2),
         ..Default::default()
@@ -123,7 +129,10 @@ fn layer_norm_over_another_axis_is_not_fused() {
     assert_eq!(fused_ops(layer_norm_over(-1)), ["LayerNormalization"]);
     assert_eq!(fused_ops(layer_norm_over(2)), ["LayerNormalization"]);
     let kept = fused_ops(layer_norm_over(1));
-    assert!(!kept.contains(&"LayerNormalization".to_string()), "{kept:?}");
+    assert!(
+        !kept.contains(&"LayerNormalization".to_string()),
+        "{kept:?}"
+    );
 }
 
 /// RMSNorm with x² written as `square_op`.
@@ -153,7 +162,10 @@ fn rms_norm_written_with_mul_is_not_fused() {
     assert_eq!(fused_ops(rms_norm(pow)), ["RMSNormalization"]);
     let kept = fused_ops(rms_norm(node("Mul", &["x", "x"], "x2", vec![])));
     assert!(kept.contains(&"ReduceMean".to_string()), "{kept:?}");
-    assert!(!kept.iter().any(|o| o.ends_with("Normalization")), "{kept:?}");
+    assert!(
+        !kept.iter().any(|o| o.ends_with("Normalization")),
+        "{kept:?}"
+    );
 }
 
 /// Exact GELU with the given √2 constant; `extra_output` also exposes the Erf result.
@@ -167,7 +179,11 @@ fn gelu(sqrt2: f32, extra_output: bool) -> Model {
             node("Mul", &["x", "a"], "m", vec![]),
             node("Mul", &["m", "half"], "y", vec![]),
         ],
-        vec![scalar("sqrt2", sqrt2), scalar("one", 1.0), scalar("half", 0.5)],
+        vec![
+            scalar("sqrt2", sqrt2),
+            scalar("one", 1.0),
+            scalar("half", 0.5),
+        ],
         outputs,
     )
 }

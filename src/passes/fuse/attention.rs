@@ -273,8 +273,10 @@ fn build_attention(m: &Match, rw: &mut Rewrite) -> Option<()> {
                     for node in &p.absorbed {
                         rw.absorb(*node);
                     }
-                    let weights = rw.constant("qkv_weight", p.weights);
-                    let bias_qkv = p.bias.map(|b| rw.constant("qkv_bias", b));
+                    // Named after the attention output, so each layer's weights say whose they are.
+                    let name = g.value_name(root_out);
+                    let weights = rw.constant(&format!("{name}.qkv_weight"), p.weights);
+                    let bias_qkv = p.bias.map(|b| rw.constant(&format!("{name}.qkv_bias"), b));
                     let inputs = [
                         Some(p.input.into()),
                         Some(weights),

@@ -292,7 +292,7 @@ fn build_skip_layer_norm(m: &Match, rw: &mut Rewrite) -> Option<()> {
         vec![attr::float("epsilon", epsilon)],
     );
     rw.replace(ln.output(0)?, outs[0]?);
-    if let Some(sum_out) = outs[3] {
+    if let Some(sum_out) = outs.get(3).copied().flatten() {
         rw.replace(sum, sum_out);
     }
     Some(())

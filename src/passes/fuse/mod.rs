@@ -94,7 +94,8 @@ impl Rewrite<'_> {
     }
 
     /// Adds an operator with optional inputs and the outputs flagged in `wanted` (the others
-    /// are left unnamed, so the runtime need not compute them).
+    /// are left unnamed, so the runtime need not compute them). The result has one entry per
+    /// output written: trailing unwanted outputs are omitted.
     pub fn op_with_outputs(
         &mut self,
         op_type: &str,
@@ -104,7 +105,9 @@ impl Rewrite<'_> {
         attributes: Vec<AttributeProto>,
     ) -> Vec<Option<PValue>> {
         self.uses_contrib |= domain == MS_DOMAIN;
-        let outs: Vec<Option<PValue>> = wanted
+        // Trailing outputs nobody wants are left out rather than written unnamed.
+        let len = wanted.iter().rposition(|&w| w).map_or(1, |i| i + 1);
+        let outs: Vec<Option<PValue>> = wanted[..len]
             .iter()
             .map(|&w| w.then(|| self.patch.new_value(op_type)))
             .collect();

@@ -1,0 +1,185 @@
+//! One snapshot per fusion: the `dump` diff that the fusion pass (then dead-code elimination)
+//! makes on a small corpus model, with types inferred beforehand so the diff shows only the
+//! rewrite. Each also runs both graphs in tract on the model's calibration batches.
+//! Review these as carefully as code: a changed snapshot is a changed rewrite.
+
+mod common;
+
+use onnxopt::exec::{self, InputSource, Tolerance, ValidateOptions};
+use onnxopt::ir::dump::dump_model;
+use onnxopt::ir::Model;
+use onnxopt::passes::dce::DeadCodeElimination;
+use onnxopt::passes::fuse::attention::AttentionFusion;
+use onnxopt::passes::fuse::gelu::GeluFusion;
+use onnxopt::passes::fuse::layernorm::LayerNormFusion;
+use onnxopt::passes::fuse::Target;
+use onnxopt::passes::shape::ShapeInference;
+use onnxopt::passes::shape_of::ShapeFromInputs;
+use onnxopt::passes::{Pass, PassManager};
+
+/// Loads `corpus/tiny/<model>`, infers types, applies `fusion` and DCE, checks the outputs in
+/// tract, and returns the rewrite counts and the dump diff.
+fn fused_diff(model: &str, fusion: impl Pass + 'static) -> String {
+    let path = common::corpus().join("tiny").join(model);
+    let mut typed = onnxopt::io::load(&path).unwrap();
+    PassManager::new()
+        .with(ShapeInference)
+        .with(ShapeFromInputs)
+        .run(&mut typed)
+        .unwrap();
+    let before = dump_model(&typed.to_proto().unwrap());
+    let mut fused: Model = typed.clone();
+    let report = PassManager::new()
+        .with(fusion)
+        .with(DeadCodeElimination)
+        .run(&mut fused)
+        .unwrap();
+    let options = ValidateOptions {
+        inputs: InputSource::Dir(common::calib_dir(&path)),
+        tolerance: Tolerance {
+            max_abs: Some(1e-4),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let v = exec::validate(&typed, &fused, &options, &|_, _| {}).unwrap();
+    assert!(v.passed(), "{model}: {:?}", v.violations);
+    let after = dump_model(&fused.to_proto().unwrap());
+    let diff = similar::TextDiff::from_lines(&before, &after)
+        .unified_diff()
+        .context_radius(0)
+        .to_string();
+    format!("rewrites {:?}\n{diff}", report.passes[0].rewrites.0)
+}
+
+#[test]
+fn gelu_erf_form_legacy_export() {
+    let diff = fused_diff(
+        "bert-tiny.ts.onnx",
+        GeluFusion {
+            target: Target::Onnx,
+        },
+    );
+    insta::assert_snapshot!(diff);
+}
+
+#[test]
+fn bias_gelu_from_a_dynamo_gelu_node() {
+    let diff = fused_diff(
+        "bert-tiny.dynamo.onnx",
+        GeluFusion {
+            target: Target::Ort,
+        },
+    );
+    insta::assert_snapshot!(diff);
+}
+
+#[test]
+fn gelu_tanh_form_gpt2() {
+    let diff = fused_diff(
+        "gpt2-tiny.dynamo.onnx",
+        GeluFusion {
+            target: Target::Ort,
+        },
+    );
+    insta::assert_snapshot!(diff);
+}
+
+#[test]
+fn layer_norm_written_out_at_opset_14() {
+    let diff = fused_diff(
+        "bert-tiny.ts14.onnx",
+        LayerNormFusion {
+            target: Target::Onnx,
+        },
+    );
+    insta::assert_snapshot!(diff);
+}
+
+#[test]
+fn rms_norm_t5() {
+    let diff = fused_diff(
+        "t5-encoder-tiny.dynamo.onnx",
+        LayerNormFusion {
+            target: Target::Ort,
+        },
+    );
+    insta::assert_snapshot!(diff);
+}
+
+#[test]
+fn skip_layer_norm_bert() {
+    let diff = fused_diff(
+        "bert-tiny.dynamo.onnx",
+        LayerNormFusion {
+            target: Target::Ort,
+        },
+    );
+    insta::assert_snapshot!(diff);
+}
+
+#[test]
+fn attention_bert_sdpa_dynamo_for_onnx_runtime() {
+    let diff = fused_diff(
+        "bert-tiny.dynamo.onnx",
+        AttentionFusion {
+            target: Target::Ort,
+        },
+    );
+    insta::assert_snapshot!(diff);
+}
+
+#[test]
+fn attention_bert_sdpa_legacy_standard_op() {
+    let diff = fused_diff(
+        "bert-tiny.ts.onnx",
+        AttentionFusion {
+            target: Target::Onnx,
+        },
+    );
+    insta::assert_snapshot!(diff);
+}
+
+#[test]
+fn attention_gpt2_with_past_for_onnx_runtime() {
+    let diff = fused_diff(
+        "gpt2-tiny-past.dynamo.onnx",
+        AttentionFusion {
+            target: Target::Ort,
+        },
+    );
+    insta::assert_snapshot!(diff);
+}
+
+#[test]
+fn attention_gpt2_split_qkv_legacy() {
+    let diff = fused_diff(
+        "gpt2-tiny.ts.onnx",
+        AttentionFusion {
+            target: Target::Ort,
+        },
+    );
+    insta::assert_snapshot!(diff);
+}
+
+#[test]
+fn attention_t5_relative_bias_unscaled() {
+    let diff = fused_diff(
+        "t5-encoder-tiny.dynamo.onnx",
+        AttentionFusion {
+            target: Target::Ort,
+        },
+    );
+    insta::assert_snapshot!(diff);
+}
+
+#[test]
+fn attention_vit_without_mask() {
+    let diff = fused_diff(
+        "vit-tiny.ts.onnx",
+        AttentionFusion {
+            target: Target::Onnx,
+        },
+    );
+    insta::assert_snapshot!(diff);
+}
