@@ -61,7 +61,7 @@ impl fmt::Display for Report {
                     .collect();
                 writeln!(
                     f,
-                    "  {:<12} nodes {:>6} -> {:<6} {:>8.3}s  {}",
+                    "  {:<18} nodes {:>6} -> {:<6} {:>8.3}s  {}",
                     s.pass,
                     s.nodes_before,
                     s.nodes_after,
