@@ -26,7 +26,7 @@ use tract_onnx::prelude::{
     TypedRunnableModel,
 };
 
-use crate::ir::Model;
+use crate::ir::{Model, Source};
 pub use compare::{OutputDiff, Tolerance};
 pub use inputs::{Batch, GenerateOptions, InputSpec};
 pub use support::Unsupported;
@@ -60,6 +60,49 @@ fn guarded<T>(f: impl FnOnce() -> Result<T, ExecError>) -> Result<T, ExecError> 
 fn tract_err(e: impl std::fmt::Display) -> ExecError {
     // `{:#}` prints the whole context chain on one line: the cause is usually at its end.
     ExecError::Tract(format!("{e:#}"))
+}
+
+/// Hands tract the initializers whose bytes still lie in a file the model was read from as
+/// external data at their place in that file: tract reads them itself, so the weights are
+/// not first copied into the bytes tract parses (a 440 MB model would otherwise be held
+/// three times while loading). Returns the folder the locations are relative to.
+fn point_at_source_files(
+    proto: &mut crate::proto::ModelProto,
+    source: Option<&Source>,
+) -> Option<PathBuf> {
+    use crate::proto::tensor_proto::DataLocation;
+    use crate::proto::StringStringEntryProto;
+    let source = source?;
+    let graph = proto.graph.as_mut()?;
+    let entry = |k: &str, v: String| StringStringEntryProto {
+        key: Some(k.to_string()),
+        value: Some(v),
+    };
+    let mut any = false;
+    for t in &mut graph.initializer {
+        let Some(raw) = &t.raw_data else {
+            continue;
+        };
+        if raw.len() < crate::io::EXTERNAL_THRESHOLD {
+            continue;
+        }
+        let found = source
+            .mappings
+            .iter()
+            .find_map(|m| m.offset_of(raw).map(|offset| (m, offset)));
+        let Some((mapping, offset)) = found else {
+            continue;
+        };
+        t.external_data = vec![
+            entry("location", mapping.location.clone()),
+            entry("offset", offset.to_string()),
+            entry("length", raw.len().to_string()),
+        ];
+        t.data_location = Some(DataLocation::External as i32);
+        t.raw_data = None;
+        any = true;
+    }
+    any.then(|| source.dir.clone())
 }
 
 /// Converts a tensor of the IR to a tract tensor, through tract's own tensor loader.
@@ -162,14 +205,19 @@ impl Runner {
                 .into_proto();
             Ok(())
         })?;
+        let model_dir = point_at_source_files(&mut proto, model.source.as_ref());
         let bytes = proto.encode_to_vec();
         drop(proto);
         let (parsed, outlets) = guarded(|| {
             let pb = tract_onnx::pb::ModelProto::decode(&bytes[..]).map_err(tract_err)?;
-            let framework = tract_onnx::onnx()
+            let mut framework = tract_onnx::onnx()
                 .with_ignore_output_shapes(true)
                 .with_ignore_value_info(true);
-            let result = framework.parse(&pb, None).map_err(tract_err)?;
+            // Plain reads: weights tract reads from the file do not also become resident
+            // pages of a second mapping.
+            framework.provider = Arc::new(tract_onnx::data_resolver::FopenDataResolver);
+            let dir = model_dir.as_deref().and_then(|d| d.to_str());
+            let result = framework.parse(&pb, dir).map_err(tract_err)?;
             if !result.unresolved_inputs.is_empty() {
                 return Err(ExecError::Tract(format!(
                     "unresolved inputs {:?}",

@@ -40,6 +40,17 @@ impl ExternalReader {
         }
     }
 
+    /// The data files read, as mappings tensors may still point into.
+    pub fn mappings(&self) -> Vec<crate::ir::FileMapping> {
+        let mut files: Vec<_> = self
+            .maps
+            .iter()
+            .map(|(name, map)| crate::ir::FileMapping::new(name, map.clone()))
+            .collect();
+        files.sort_by(|a, b| a.location.cmp(&b.location));
+        files
+    }
+
     /// The data files read so far, with their sizes.
     pub fn files(&self) -> Vec<(String, u64)> {
         let mut files: Vec<_> = self

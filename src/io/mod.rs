@@ -44,9 +44,14 @@ pub fn load(path: &Path) -> Result<Model> {
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
         _ => PathBuf::from("."),
     };
-    let mut model = load_bytes(Bytes::from_owner(map), &base_dir)?;
+    let whole = Bytes::from_owner(map);
+    let mut model = load_bytes(whole.clone(), &base_dir)?;
     if let Some(source) = &mut model.source {
         source.path = path.to_path_buf();
+        let name = path.file_name().map(|n| n.to_string_lossy().into_owned());
+        source
+            .mappings
+            .extend(name.map(|n| crate::ir::FileMapping::new(&n, whole)));
     }
     Ok(model)
 }
@@ -64,9 +69,11 @@ pub fn load_bytes(bytes: Bytes, base_dir: &Path) -> Result<Model> {
     let mut model = Model::from_proto(proto)?;
     model.source = Some(Source {
         path: PathBuf::new(),
+        dir: base_dir.to_path_buf(),
         file_bytes,
         external_files: reader.files(),
         unknown_field_bytes,
+        mappings: reader.mappings(),
     });
     Ok(model)
 }

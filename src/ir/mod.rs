@@ -25,15 +25,45 @@ use std::path::PathBuf;
 use crate::error::{Error, Result};
 use crate::proto::{ModelProto, OperatorSetIdProto, StringStringEntryProto};
 
-/// Where a model was loaded from, for `inspect` and the report.
+/// Where a model was loaded from, for `inspect`, the report, and the tract bridge.
 #[derive(Clone, Debug, Default)]
 pub struct Source {
     pub path: PathBuf,
+    /// The folder external data locations are relative to.
+    pub dir: PathBuf,
     pub file_bytes: u64,
     /// External data files read, with the bytes each holds.
     pub external_files: Vec<(String, u64)>,
     /// Bytes of fields this schema does not know; they were dropped on reading.
     pub unknown_field_bytes: u64,
+    /// The files mapped in memory, which untouched weights still point into.
+    pub mappings: Vec<FileMapping>,
+}
+
+/// A memory-mapped file of a model (the model file or an external data file), kept mapped
+/// so that a tensor whose bytes are a slice of it can be found again in the file.
+#[derive(Clone, Debug)]
+pub struct FileMapping {
+    /// The file, relative to `Source::dir`.
+    pub location: String,
+    bytes: bytes::Bytes,
+}
+
+impl FileMapping {
+    pub fn new(location: &str, bytes: bytes::Bytes) -> FileMapping {
+        FileMapping {
+            location: location.to_string(),
+            bytes,
+        }
+    }
+
+    /// Where `data` lies in the file, if it is a slice of this mapping.
+    pub fn offset_of(&self, data: &[u8]) -> Option<u64> {
+        let base = self.bytes.as_ptr() as usize;
+        let start = data.as_ptr() as usize;
+        let inside = start >= base && start + data.len() <= base + self.bytes.len();
+        (inside && !data.is_empty()).then(|| (start - base) as u64)
+    }
 }
 
 #[derive(Clone, Debug)]
