@@ -132,7 +132,7 @@ mod bench {
 
         // Flush earlier writes (the materialized model), then warm the page cache so no
         // measurement pays for reading the disk or for writeback it did not cause.
-        sync_filesystems();
+        common::sync_filesystems();
         let mut warm_bytes = 0u64;
         read_through(model, |chunk| warm_bytes += chunk.len() as u64);
         assert_eq!(warm_bytes, file_bytes, "`{}` changed size", model.display());
@@ -192,14 +192,9 @@ mod bench {
                 remove_if_present(path);
             }
             // Start the next round without writeback of this one's files in flight.
-            sync_filesystems();
+            common::sync_filesystems();
         }
         result
-    }
-
-    fn sync_filesystems() {
-        // SAFETY: sync has no preconditions and cannot fail.
-        unsafe { libc::sync() };
     }
 
     impl ModelResult {

@@ -527,6 +527,13 @@ pub fn load_average() -> String {
         .unwrap_or_else(|| "unknown".to_string())
 }
 
+/// Flushes every file system, so that the next measurement pays for no writeback of
+/// earlier files.
+pub fn sync_filesystems() {
+    // SAFETY: sync has no preconditions and cannot fail.
+    unsafe { libc::sync() };
+}
+
 pub fn remove_if_present(path: &Path) {
     match std::fs::remove_file(path) {
         Ok(()) => {}
