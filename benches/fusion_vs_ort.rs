@@ -143,11 +143,26 @@ mod bench {
         println!();
         print_latency(&latency, &ort);
         println!();
+        let now = common::load_average();
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
         println!(
-            "whole bench {:.0} s, load average now {}",
-            started.elapsed().as_secs_f64(),
-            common::load_average()
+            "whole bench {:.0} s, load average now {now} on {cpus} CPUs",
+            started.elapsed().as_secs_f64()
         );
+        let timed_under = speed
+            .iter()
+            .map(|r| &r.load_average)
+            .chain(latency.iter().map(|r| &r.load_average))
+            .chain([&now]);
+        let highest = timed_under
+            .filter_map(|load| load.parse::<f64>().ok())
+            .fold(0.0, f64::max);
+        if highest > cpus as f64 {
+            println!(
+                "WARNING: the load average reached {highest:.2} on {cpus} CPUs: other work shared \
+                 the machine, so the timings of tables b and c are not reliable"
+            );
+        }
         println!("reproduce: {REPRODUCE}");
     }
 
@@ -693,6 +708,7 @@ mod bench {
         name: String,
         /// The command that measured it.
         command: String,
+        load_average: String,
         shapes: Result<Vec<ShapeLatency>, String>,
     }
 
@@ -748,7 +764,11 @@ mod bench {
 
     fn measure_latency(job: LatencyJob, work: &Path) -> LatencyRow {
         let name = file_name(&job.original);
-        println!("c. result speed, {name}: {} rounds", job.rounds);
+        let load_average = common::load_average();
+        println!(
+            "c. result speed, {name}: {} rounds (load average {load_average})",
+            job.rounds
+        );
         let mut command = Command::new(PYTHON);
         command
             .arg(scripts_dir().join("ort_latency.py"))
@@ -775,6 +795,7 @@ mod bench {
         LatencyRow {
             name,
             command: printed.join(" "),
+            load_average,
             shapes,
         }
     }
@@ -852,9 +873,9 @@ mod bench {
                 Err(e) => println!("  {:<30} error: {e}", row.name),
             }
         }
-        println!("  measured with:");
+        println!("  measured with (load average at the start):");
         for row in rows {
-            println!("    {}", row.command);
+            println!("    {}  ({})", row.command, row.load_average);
         }
     }
 }
