@@ -37,8 +37,12 @@ def config_hints(path):
         if os.path.exists(config):
             with open(config) as f:
                 c = json.load(f)
-            heads = c.get("num_attention_heads") or c.get("n_head") or c.get("num_heads") or 0
+            heads = (c.get("num_attention_heads") or c.get("n_head") or c.get("num_heads")
+                     or c.get("encoder_attention_heads") or 0)
             hidden = c.get("hidden_size") or c.get("n_embd") or c.get("d_model") or 0
+            if not (heads and hidden):
+                # One hint without the other fails the optimizer's check; let it detect both.
+                return 0, 0
             return int(heads), int(hidden)
     return 0, 0
 
