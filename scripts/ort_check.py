@@ -2,9 +2,13 @@
 """Checks optimized models the way their users will load them: onnx.checker (full check)
 and ONNX Runtime (CPU), whose outputs must match the original model's on the same inputs.
 
-    ort_check.py ORIGINAL OPTIMIZED INPUT_DIR [--atol A] [ORIGINAL OPTIMIZED INPUT_DIR ...]
+    ort_check.py ORIGINAL OPTIMIZED INPUT_DIR [--atol A] [--min-cosine C] [ORIGINAL OPTIMIZED INPUT_DIR ...]
 
-INPUT_DIR holds `<batch>.<input>.npy` files (the layout of the corpus calibration folders).
+Each output must stay within the absolute error A (default 1e-4) or, with --min-cosine (for
+quantized models, whose errors scale with each output's magnitude), have a cosine similarity
+of at least C with the original's on each batch (and stay within A too when --atol is also
+given). INPUT_DIR holds `<batch>.<input>.npy` files (the layout of the corpus calibration
+folders).
 Prints one line per pair and exits non-zero if any pair fails. Needs onnx, onnxruntime, numpy.
 """
 import argparse
@@ -37,7 +41,17 @@ def session(path):
     return ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
 
 
-def check(original, optimized, input_dir, atol):
+def cosine(a, b):
+    a, b = a.astype(np.float64).ravel(), b.astype(np.float64).ravel()
+    finite = np.isfinite(a) & np.isfinite(b)
+    a, b = a[finite], b[finite]
+    na, nb = np.linalg.norm(a), np.linalg.norm(b)
+    if na == 0 or nb == 0:
+        return 1.0 if na == nb else 0.0
+    return float(a @ b / (na * nb))
+
+
+def check(original, optimized, input_dir, atol, min_cosine):
     onnx.checker.check_model(onnx.load(optimized), full_check=True)
     reference, candidate = session(original), session(optimized)
     names = [i.name for i in reference.get_inputs()]
@@ -45,7 +59,7 @@ def check(original, optimized, input_dir, atol):
     if not feeds:
         raise RuntimeError(f"no complete batch for inputs {names} in {input_dir}")
     outputs = [o.name for o in reference.get_outputs()]
-    worst = 0.0
+    worst, lowest_cosine = 0.0, 1.0
     for feed in feeds:
         want = reference.run(outputs, feed)
         got = candidate.run(outputs, feed)
@@ -54,25 +68,35 @@ def check(original, optimized, input_dir, atol):
                 raise RuntimeError(f"{name}: shape {b.shape}, expected {a.shape}")
             diff = float(np.max(np.abs(a.astype(np.float64) - b.astype(np.float64)), initial=0.0))
             worst = max(worst, diff)
-            if not np.allclose(a, b, atol=atol, rtol=0, equal_nan=True):
+            if atol is not None and not np.allclose(a, b, atol=atol, rtol=0, equal_nan=True):
                 raise RuntimeError(f"{name}: max abs error {diff:.3e} > {atol}")
-    return len(feeds), worst
+            if min_cosine is not None:
+                if not np.array_equal(np.isfinite(a), np.isfinite(b)):
+                    raise RuntimeError(f"{name}: non-finite values differ")
+                c = cosine(a, b)
+                lowest_cosine = min(lowest_cosine, c)
+                if c < min_cosine:
+                    raise RuntimeError(f"{name}: cosine {c:.6f} < {min_cosine}")
+    return len(feeds), worst, lowest_cosine
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--atol", type=float, default=1e-4)
+    p.add_argument("--atol", type=float, default=None, help="default 1e-4 without --min-cosine")
+    p.add_argument("--min-cosine", type=float, default=None)
     p.add_argument("triples", nargs="+", metavar="ORIGINAL OPTIMIZED INPUT_DIR")
     a = p.parse_args()
     if len(a.triples) % 3:
         p.error("arguments come in triples: ORIGINAL OPTIMIZED INPUT_DIR")
+    if a.atol is None and a.min_cosine is None:
+        a.atol = 1e-4
     failures = 0
     for i in range(0, len(a.triples), 3):
         original, optimized, input_dir = a.triples[i : i + 3]
         try:
-            n, worst = check(original, optimized, input_dir, a.atol)
+            n, worst, lowest_cosine = check(original, optimized, input_dir, a.atol, a.min_cosine)
             print(f"ok   {optimized}: checker passed, ONNX Runtime matches on {n} batches "
-                  f"(max abs error {worst:.2e})")
+                  f"(max abs error {worst:.2e}, lowest cosine {lowest_cosine:.6f})")
         except Exception as e:  # report every pair, then fail
             failures += 1
             print(f"FAIL {optimized}: {type(e).__name__}: {e}".splitlines()[0][:400])

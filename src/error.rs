@@ -49,6 +49,9 @@ pub enum Error {
 
     #[error("cannot apply patch: {0}")]
     Patch(String),
+
+    #[error("cannot quantize: {0}")]
+    Quantization(String),
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;

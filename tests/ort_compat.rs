@@ -7,26 +7,13 @@
 
 mod common;
 
-use std::process::Command;
-
 use onnxopt::io::{self, ExternalData};
 use onnxopt::optimize::{optimize, OptimizeOptions};
 use onnxopt::passes::fuse::Target;
 
-fn python_has_onnxruntime() -> bool {
-    Command::new("python3")
-        .args(["-c", "import onnx, onnxruntime, numpy"])
-        .output()
-        .is_ok_and(|o| o.status.success())
-}
-
 #[test]
 fn optimized_corpus_models_load_and_match_in_onnx_runtime() {
-    if !python_has_onnxruntime() {
-        assert!(
-            std::env::var_os("ONNXOPT_REQUIRE_ORT").is_none(),
-            "ONNXOPT_REQUIRE_ORT is set but python3 cannot import onnx and onnxruntime"
-        );
+    if !common::onnx_runtime_available() {
         println!("skipped: python3 cannot import onnx, onnxruntime and numpy");
         return;
     }
@@ -44,17 +31,5 @@ fn optimized_corpus_models_load_and_match_in_onnx_runtime() {
             }
         }
     }
-    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/ort_check.py");
-    let result = Command::new("python3")
-        .arg(script)
-        .args(&triples)
-        .output()
-        .expect("run scripts/ort_check.py");
-    let stdout = String::from_utf8_lossy(&result.stdout);
-    println!("{stdout}");
-    assert!(
-        result.status.success(),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&result.stderr)
-    );
+    common::ort_check(&triples);
 }

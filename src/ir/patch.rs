@@ -64,6 +64,7 @@ pub struct Patch {
     nodes: Vec<NewNode>,
     remove: Vec<NodeId>,
     redirects: Vec<(ValueId, PValue)>,
+    rewired: Vec<(NodeId, usize, PValue)>,
     drop_initializers: Vec<ValueId>,
     initialized: Vec<(ValueId, Tensor)>,
 }
@@ -77,6 +78,7 @@ impl Patch {
             nodes: Vec::new(),
             remove: Vec::new(),
             redirects: Vec::new(),
+            rewired: Vec::new(),
             drop_initializers: Vec::new(),
             initialized: Vec::new(),
         }
@@ -190,6 +192,14 @@ impl Patch {
         self
     }
 
+    /// Input `slot` of `node`, a node the patch keeps, reads `new` instead; every other
+    /// reader of the value it read keeps it. This is how one reader of a value moves (to a
+    /// quantized copy, say) while the others stay.
+    pub fn replace_input(&mut self, node: NodeId, slot: usize, new: PValue) -> &mut Self {
+        self.rewired.push((node, slot, new));
+        self
+    }
+
     /// Removes an initializer that nothing reads once the patch is applied (its readers are
     /// removed or redirected by the same patch).
     pub fn drop_initializer(&mut self, v: ValueId) -> &mut Self {
@@ -209,6 +219,7 @@ impl Patch {
         self.nodes.is_empty()
             && self.remove.is_empty()
             && self.redirects.is_empty()
+            && self.rewired.is_empty()
             && self.drop_initializers.is_empty()
             && self.values.is_empty()
             && self.initialized.is_empty()
@@ -257,6 +268,9 @@ impl Graph {
                 captured: Vec::new(),
                 order,
             })?;
+        }
+        for (node, slot, new) in patch.rewired {
+            self.set_input(node, slot, Some(resolve(new)));
         }
         for (old, new) in patch.redirects {
             // A value the patch made, replacing one it removed, takes over the removed
@@ -324,6 +338,18 @@ impl Graph {
         for node in &patch.nodes {
             for input in node.inputs.iter().flatten() {
                 check_source(input, "a new node reads")?;
+            }
+        }
+        for (node, slot, new) in &patch.rewired {
+            check_source(new, "a rewired input reads")?;
+            if removed.contains(node) || !self.contains_node(*node) {
+                return fail(format!("rewired node {node:?} does not stay in the graph"));
+            }
+            if self.node(*node).input(*slot).is_none() {
+                return fail(format!(
+                    "`{}` has no input {slot} to rewire",
+                    self.node_label(*node)
+                ));
             }
         }
         for (old, new) in &patch.redirects {
@@ -575,6 +601,29 @@ mod tests {
         // Without the redirect it is still read: refused.
         let mut p = Patch::new("bad");
         p.drop_initializer(w);
+        assert!(m.graph.apply(p).is_err());
+    }
+
+    #[test]
+    fn one_input_slot_can_be_rewired_alone() {
+        // x → Add(x, x) → y: only the second slot moves to Neg(x).
+        let mut m = model(&["x"], &["y"], &[], &[("Add", &["x", "x"], &["y"])]);
+        let x = m.graph.find_value("x").unwrap();
+        let add = m.graph.producer(m.graph.find_value("y").unwrap()).unwrap();
+        let mut p = Patch::new("test");
+        let neg = p.op("Neg", "", &[x.into()], vec![]);
+        p.replace_input(add, 1, neg);
+        m.graph.apply(p).unwrap();
+        let g = m.to_proto().unwrap().graph.unwrap();
+        assert_eq!(g.node[1].input, ["x", "Neg"]);
+        assert_eq!(m.graph.uses(x).len(), 2, "the Add's first slot and the Neg");
+
+        // A slot the node does not have, or a node the patch removes, is refused.
+        let mut p = Patch::new("bad");
+        p.replace_input(add, 2, x.into());
+        assert!(m.graph.apply(p).is_err());
+        let mut p = Patch::new("bad");
+        p.remove_node(add).replace_input(add, 0, x.into());
         assert!(m.graph.apply(p).is_err());
     }
 

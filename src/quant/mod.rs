@@ -5,6 +5,8 @@
 //! (`calibrate`), turning what it observed into a `Range` per tensor with a `RangeMethod`,
 //! and `qdq` rewrites the graph from those ranges for a `QuantTarget`.
 
+pub mod qdq;
+
 use std::collections::BTreeMap;
 
 /// The runtime a quantized model is built for; it decides the element types and which

@@ -47,3 +47,35 @@ pub fn calib_dir(model: &Path) -> PathBuf {
         corpus.join("calib").join(family)
     }
 }
+
+/// True when python3 can import onnx, onnxruntime and numpy, which the ONNX Runtime checks
+/// need. CI sets `ONNXOPT_REQUIRE_ORT`, which makes their absence a failure here.
+pub fn onnx_runtime_available() -> bool {
+    let available = std::process::Command::new("python3")
+        .args(["-c", "import onnx, onnxruntime, numpy"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    assert!(
+        available || std::env::var_os("ONNXOPT_REQUIRE_ORT").is_none(),
+        "ONNXOPT_REQUIRE_ORT is set but python3 cannot import onnx and onnxruntime"
+    );
+    available
+}
+
+/// Runs `scripts/ort_check.py` with `args` (options, then ORIGINAL CHECKED INPUT_DIR
+/// triples), prints its report and fails the test if any model fails it.
+pub fn ort_check(args: &[String]) {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/ort_check.py");
+    let result = std::process::Command::new("python3")
+        .arg(script)
+        .args(args)
+        .output()
+        .expect("run scripts/ort_check.py");
+    let stdout = String::from_utf8_lossy(&result.stdout);
+    println!("{stdout}");
+    assert!(
+        result.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&result.stderr)
+    );
+}
