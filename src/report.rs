@@ -7,6 +7,7 @@ use crate::exec::{OutputDiff, Validation};
 use crate::io::Saved;
 use crate::passes::fuse::Target;
 use crate::passes::PassReport;
+use crate::quant::{QuantReport, QuantTarget, RangeMethod};
 
 #[derive(Clone, Debug, Default, serde::Serialize)]
 pub struct Report {
@@ -15,6 +16,7 @@ pub struct Report {
     /// The runtime the output was built for.
     pub target: Option<Target>,
     pub passes: Option<PassReport>,
+    pub quantization: Option<QuantReport>,
     pub validation: Option<Validation>,
     pub output: Option<Saved>,
     pub warnings: Vec<String>,
@@ -53,26 +55,15 @@ impl fmt::Display for Report {
             };
             writeln!(f, "passes: {} rounds ({state})", p.rounds)?;
             for s in &p.passes {
-                let rewrites: Vec<String> = s
-                    .rewrites
-                    .0
-                    .iter()
-                    .map(|(k, n)| format!("{k} {n}"))
-                    .collect();
                 writeln!(
                     f,
                     "  {:<18} nodes {:>6} -> {:<6} {:>8.3}s  {}",
-                    s.pass,
-                    s.nodes_before,
-                    s.nodes_after,
-                    s.seconds,
-                    if rewrites.is_empty() {
-                        "no change".into()
-                    } else {
-                        rewrites.join(", ")
-                    }
+                    s.pass, s.nodes_before, s.nodes_after, s.seconds, s.rewrites
                 )?;
             }
+        }
+        if let Some(q) = &self.quantization {
+            write_quantization(f, q)?;
         }
         if let Some(v) = &self.validation {
             write_validation(f, v)?;
@@ -86,6 +77,46 @@ impl fmt::Display for Report {
         }
         Ok(())
     }
+}
+
+fn write_quantization(f: &mut fmt::Formatter<'_>, q: &QuantReport) -> fmt::Result {
+    let target = match q.target {
+        QuantTarget::Ort => "ONNX Runtime",
+        QuantTarget::Trt => "TensorRT rules",
+    };
+    writeln!(f, "quantization: {} for {target}", q.mode)?;
+    if !q.already_quantized.is_empty() {
+        writeln!(
+            f,
+            "  the input already holds {}: left as it is, not quantized twice",
+            q.already_quantized.join(", ")
+        )?;
+        return Ok(());
+    }
+    if let Some(c) = &q.calibration {
+        let method = match c.method {
+            RangeMethod::MinMax => "min/max".to_string(),
+            RangeMethod::Percentile(p) => format!("percentile {p}"),
+            RangeMethod::Entropy => "entropy".to_string(),
+            RangeMethod::Mse => "mse".to_string(),
+        };
+        writeln!(
+            f,
+            "  calibrated {} activations on {} batches ({method})",
+            c.ranges.len(),
+            c.batches.len()
+        )?;
+        if !c.masked.is_empty() {
+            let total: u64 = c.masked.values().sum();
+            writeln!(
+                f,
+                "  {total} masked values (inf, NaN, |x| >= 1e30) in {} activations, left out of \
+                 their ranges: their quantized readers see them clipped",
+                c.masked.len()
+            )?;
+        }
+    }
+    writeln!(f, "  {}", q.rewrites)
 }
 
 fn write_validation(f: &mut fmt::Formatter<'_>, v: &Validation) -> fmt::Result {

@@ -396,3 +396,107 @@ fn run_writes_outputs_as_npy() {
         .fold(0.0f32, f32::max);
     assert!(worst < 1e-4, "tract and ONNX Runtime differ by {worst}");
 }
+
+#[test]
+fn int8_calibrates_validates_on_held_back_batches_and_reports() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("bert.int8.onnx");
+    let report = dir.path().join("report.json");
+    let model = common::testdata("bert-tiny.ts.onnx");
+    let calib = common::testdata("calib/bert-tiny");
+    let result = onnxopt(&[
+        "optimize",
+        s(&model),
+        s(&out),
+        "--int8",
+        "--calib",
+        s(&calib),
+        "--report",
+        s(&report),
+    ]);
+    let stdout = text(&result.stdout);
+    assert!(result.status.success(), "{}", text(&result.stderr));
+    assert!(stdout.contains("quantization: static-int8"), "{stdout}");
+    let json: serde_json::Value = serde_json::from_slice(&std::fs::read(&report).unwrap()).unwrap();
+    let q = &json["quantization"];
+    // Two batches: one calibrates, the other is held back for validation.
+    assert_eq!(q["calibration"]["batches"], serde_json::json!(["batch_00"]));
+    assert_eq!(
+        json["validation"]["batches"],
+        serde_json::json!(["batch_01"])
+    );
+    assert_eq!(q["calibration"]["method"], "Mse");
+    assert!(q["rewrites"]["qdq-weight"].as_u64().unwrap() > 0, "{q}");
+    // The result is about 4× smaller than the float file (tiny weights, same metadata).
+    let (before, after) = (
+        std::fs::metadata(&model).unwrap().len(),
+        std::fs::metadata(&out).unwrap().len(),
+    );
+    assert!(after * 3 < before, "{after} of {before} bytes");
+    let cosine = json["validation"]["outputs"][0]["cosine"].as_f64().unwrap();
+    assert!(cosine > 0.999, "{cosine}");
+}
+
+#[test]
+fn int8_gates_only_on_the_tolerances_given() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out.onnx");
+    let model = common::testdata("bert-tiny.dynamo.onnx");
+    let calib = common::testdata("calib/bert-tiny");
+    let args = |extra: &[&str]| {
+        let mut args = vec![
+            "optimize",
+            s(&model),
+            s(&out),
+            "--int8",
+            "--calib",
+            s(&calib),
+        ];
+        args.extend_from_slice(extra);
+        onnxopt(&args)
+    };
+    // An exact tolerance no int8 model keeps: refused, nothing written.
+    let refused = args(&["--max-error", "1e-9"]);
+    assert_eq!(refused.status.code(), Some(3), "{}", text(&refused.stderr));
+    assert!(text(&refused.stderr).contains("was not written"));
+    assert!(!out.exists());
+    let accepted = args(&["--min-cosine", "0.99"]);
+    assert!(accepted.status.success(), "{}", text(&accepted.stderr));
+    assert!(out.exists());
+}
+
+#[test]
+fn int8_without_calibration_data_says_what_it_needs() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out.onnx");
+    let model = common::testdata("bert-tiny.ts.onnx");
+    let result = onnxopt(&["optimize", s(&model), s(&out), "--int8"]);
+    assert_eq!(result.status.code(), Some(1));
+    assert!(text(&result.stderr).contains("--calib DIR or --calib-random N"));
+    assert!(!out.exists());
+    // Generated calibration data is enough.
+    let result = onnxopt(&[
+        "optimize",
+        s(&model),
+        s(&out),
+        "--int8",
+        "--calib-random",
+        "3",
+        "--calib-method",
+        "entropy",
+    ]);
+    assert!(result.status.success(), "{}", text(&result.stderr));
+    assert!(text(&result.stdout).contains("on 3 batches (entropy)"));
+}
+
+#[test]
+fn int8_dynamic_needs_no_calibration() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out.onnx");
+    let model = common::testdata("gpt2-tiny.dynamo.onnx");
+    let result = onnxopt(&["optimize", s(&model), s(&out), "--int8-dynamic"]);
+    let stdout = text(&result.stdout);
+    assert!(result.status.success(), "{}", text(&result.stderr));
+    assert!(stdout.contains("quantization: dynamic-int8"), "{stdout}");
+    assert!(stdout.contains("dynamic-matmul"), "{stdout}");
+}

@@ -58,14 +58,18 @@ pub struct OptimizeArgs {
     /// Allow OUTPUT to be INPUT (the input is replaced once the output is complete).
     #[arg(long)]
     pub in_place: bool,
-    /// Runtime to build fused operators for: `ort` (ONNX Runtime contrib operators) or
-    /// `onnx` (standard operators only, for TensorRT and others).
+    /// Runtime to build for: `ort` (ONNX Runtime contrib operators; uint8 activations with
+    /// zero points), `onnx` (standard operators only), `trt` (standard operators, and
+    /// TensorRT's Q/DQ rules: int8 only, zero points 0).
     #[arg(long, value_enum, default_value_t = TargetArg::Ort)]
     pub target: TargetArg,
     /// Run the input and the output in tract and refuse to write an output that breaks the
-    /// tolerance.
+    /// tolerance. Quantizing validates always (on batches calibration did not see), and
+    /// gates only on the tolerances given.
     #[arg(long)]
     pub validate: bool,
+    #[command(flatten)]
+    pub quant: QuantArgs,
     #[command(flatten)]
     pub inputs: InputArgs,
     #[command(flatten)]
@@ -86,15 +90,81 @@ pub struct OptimizeArgs {
 pub enum TargetArg {
     Ort,
     Onnx,
+    Trt,
 }
 
-impl From<TargetArg> for onnxopt::passes::fuse::Target {
-    fn from(t: TargetArg) -> Self {
-        match t {
+impl TargetArg {
+    /// The operators fusions build.
+    pub fn fusion(self) -> onnxopt::passes::fuse::Target {
+        match self {
             TargetArg::Ort => onnxopt::passes::fuse::Target::Ort,
-            TargetArg::Onnx => onnxopt::passes::fuse::Target::Onnx,
+            TargetArg::Onnx | TargetArg::Trt => onnxopt::passes::fuse::Target::Onnx,
         }
     }
+
+    /// The quantization rules: a standard-operator runtime gets TensorRT's, the strictest
+    /// (int8 symmetric, no integer operators), which every QDQ-capable runtime accepts.
+    pub fn quant(self) -> onnxopt::quant::QuantTarget {
+        match self {
+            TargetArg::Ort => onnxopt::quant::QuantTarget::Ort,
+            TargetArg::Onnx | TargetArg::Trt => onnxopt::quant::QuantTarget::Trt,
+        }
+    }
+}
+
+/// Quantization.
+#[derive(Args, Debug)]
+pub struct QuantArgs {
+    /// Static INT8: calibrate activations, then insert QuantizeLinear/DequantizeLinear pairs
+    /// with int8 weights.
+    #[arg(long, conflicts_with = "int8_dynamic")]
+    pub int8: bool,
+    /// Dynamic INT8: int8 weights, activations quantized at run time (no calibration).
+    #[arg(long)]
+    pub int8_dynamic: bool,
+    /// Folder of .npy/.npz calibration batches named after the graph inputs. Unless
+    /// --inputs is given, the last fifth of them (at least one, when there are two or more)
+    /// is held back to validate on.
+    #[arg(long, value_name = "DIR", conflicts_with = "calib_random")]
+    pub calib: Option<PathBuf>,
+    /// Calibrate on this many generated batches (the input options below shape them);
+    /// validation then uses batches generated with another seed.
+    #[arg(long, value_name = "N")]
+    pub calib_random: Option<usize>,
+    /// How observed values become a range (`mse` by default: the most accurate on real
+    /// weights; see `onnxopt::quant::RangeMethod`).
+    #[arg(long, value_enum, default_value_t = MethodArg::Mse)]
+    pub calib_method: MethodArg,
+    /// The percentile of |x| the `percentile` method keeps.
+    #[arg(long, default_value_t = onnxopt::quant::calibrate::DEFAULT_PERCENTILE)]
+    pub percentile: f64,
+    /// Quantize these nodes too: a node name, `op:<OpType>` or `re:<regex over names>`.
+    #[arg(long, value_name = "SELECTOR")]
+    pub include: Vec<String>,
+    /// Keep these nodes float (wins over everything): a node name, `op:<OpType>` or
+    /// `re:<regex over names>`.
+    #[arg(long, value_name = "SELECTOR")]
+    pub exclude: Vec<String>,
+}
+
+impl QuantArgs {
+    pub fn method(&self) -> onnxopt::quant::RangeMethod {
+        use onnxopt::quant::RangeMethod;
+        match self.calib_method {
+            MethodArg::Minmax => RangeMethod::MinMax,
+            MethodArg::Percentile => RangeMethod::Percentile(self.percentile),
+            MethodArg::Entropy => RangeMethod::Entropy,
+            MethodArg::Mse => RangeMethod::Mse,
+        }
+    }
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug)]
+pub enum MethodArg {
+    Minmax,
+    Percentile,
+    Entropy,
+    Mse,
 }
 
 /// Where inputs for running models come from.
@@ -117,14 +187,16 @@ pub struct InputArgs {
     pub seed: u64,
 }
 
+/// Tolerances of a validation. Without quantization the defaults apply: max abs error 1e-4,
+/// cosine 0.9999; a quantized output is gated only on the limits given.
 #[derive(Args, Debug)]
 pub struct ToleranceArgs {
-    /// Largest absolute error allowed on any output.
-    #[arg(long, default_value_t = 1e-4)]
-    pub max_error: f64,
-    /// Smallest cosine similarity allowed on any output.
-    #[arg(long, default_value_t = 0.9999)]
-    pub min_cosine: f64,
+    /// Largest absolute error allowed on any output [default: 1e-4 unless quantizing].
+    #[arg(long)]
+    pub max_error: Option<f64>,
+    /// Smallest cosine similarity allowed on any output [default: 0.9999 unless quantizing].
+    #[arg(long)]
+    pub min_cosine: Option<f64>,
     /// Largest KL divergence allowed on logits outputs.
     #[arg(long)]
     pub max_kl: Option<f64>,

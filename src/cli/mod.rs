@@ -11,10 +11,15 @@ use std::process::ExitCode;
 use anyhow::{bail, Context, Result};
 use clap::Parser;
 
-use args::{Cli, Command, InputArgs, OptimizeArgs, ToleranceArgs};
+use args::{Cli, Command, InputArgs, OptimizeArgs, QuantArgs, ToleranceArgs};
 use onnxopt::exec::{self, Batch, GenerateOptions, InputSource, Tolerance, ValidateOptions};
 use onnxopt::io::{self, ExternalData};
 use onnxopt::ir::Model;
+use onnxopt::quant::{
+    self,
+    qdq::{QdqOptions, Selection, Selector},
+    StaticOptions,
+};
 use onnxopt::report::{ModelStats, Report};
 
 /// A validation that failed or could not run: exit code 3.
@@ -76,7 +81,8 @@ fn run(cli: Cli) -> Result<()> {
         } => {
             let (a, b) = (load(&reference)?, load(&candidate)?);
             let mut r = Report::new();
-            r.validation = Some(validate(&a, &b, &inputs, &tolerance)?);
+            let options = validate_options(input_source(&inputs), &tolerance, false);
+            r.validation = Some(validate(&a, &b, &options)?);
             emit(&r.to_string())?;
             write_report(&r, report.as_deref())?;
             check_passed(&r)
@@ -120,14 +126,45 @@ fn optimize(args: OptimizeArgs) -> Result<()> {
             ));
         }
     }
-    let original = args.validate.then(|| model.clone());
+    let quantizing = args.quant.int8 || args.quant.int8_dynamic;
+    let original = (args.validate || quantizing).then(|| model.clone());
     let options = onnxopt::optimize::OptimizeOptions {
-        target: args.target.into(),
+        target: args.target.fusion(),
     };
     report.target = Some(options.target);
     report.passes = Some(onnxopt::optimize(&mut model, &options).context("optimization failed")?);
+    let mut validation_inputs = input_source(&args.inputs);
+    if args.quant.int8_dynamic {
+        let options = QdqOptions {
+            target: args.target.quant(),
+            selection: selection(&args.quant)?,
+        };
+        let result = quant::dynamic::quantize_dynamic(&mut model, &options);
+        report.quantization = Some(result.context("quantization failed")?);
+    }
+    if args.quant.int8 {
+        let (calibration, held_back) = calibration_batches(&model, &args, &mut report)?;
+        if let Some(held_back) = held_back {
+            validation_inputs.0 = InputSource::Batches(held_back);
+        }
+        let options = StaticOptions {
+            qdq: QdqOptions {
+                target: args.target.quant(),
+                selection: selection(&args.quant)?,
+            },
+            method: args.quant.method(),
+        };
+        let bar = progress("calibrating");
+        let result = quant::quantize_static(&mut model, &calibration, &options, &|done, total| {
+            bar.set_length(total as u64);
+            bar.set_position(done as u64);
+        });
+        bar.finish_and_clear();
+        report.quantization = Some(result.context("quantization failed")?);
+    }
     if let Some(original) = &original {
-        let v = validate(original, &model, &args.inputs, &args.tolerance)?;
+        let options = validate_options(validation_inputs, &args.tolerance, quantizing);
+        let v = validate(original, &model, &options)?;
         report.validation = Some(v);
         if let Err(e) = check_passed(&report) {
             emit(&report.to_string())?;
@@ -175,6 +212,54 @@ fn same_file(input: &Path, output: &Path) -> bool {
     }
 }
 
+/// Seeds of generated calibration batches differ from those of generated validation batches
+/// by this, so that validation never reruns the calibration inputs.
+const CALIBRATION_SEED_SALT: u64 = 0xca11_b4a7_e000_0000;
+
+/// The batches to calibrate on and, when they come from a folder and `--inputs` names none,
+/// the ones held back to validate on (the last fifth, at least one).
+fn calibration_batches(
+    model: &Model,
+    args: &OptimizeArgs,
+    report: &mut Report,
+) -> Result<(Vec<Batch>, Option<Vec<Batch>>)> {
+    let (_, mut generate) = input_source(&args.inputs);
+    let source = match (&args.quant.calib, args.quant.calib_random) {
+        (Some(dir), _) => InputSource::Dir(dir.clone()),
+        (None, Some(n)) => {
+            generate.seed ^= CALIBRATION_SEED_SALT;
+            InputSource::Generated(n)
+        }
+        (None, None) => bail!("--int8 needs calibration data: --calib DIR or --calib-random N"),
+    };
+    let mut batches = exec::batches_for(model, &source, &generate)
+        .context("cannot read the calibration batches")?;
+    if args.quant.calib.is_none() || args.inputs.inputs.is_some() {
+        return Ok((batches, None));
+    }
+    if batches.len() < 2 {
+        report
+            .warnings
+            .push("one calibration batch: validation runs on the batch calibration saw".into());
+        return Ok((batches.clone(), Some(batches)));
+    }
+    let held_back = batches.split_off(batches.len() - (batches.len() / 5).max(1));
+    Ok((batches, Some(held_back)))
+}
+
+fn selection(args: &QuantArgs) -> Result<Selection> {
+    let parse = |texts: &[String]| -> Result<Vec<Selector>> {
+        texts
+            .iter()
+            .map(|t| Selector::parse(t).map_err(anyhow::Error::from))
+            .collect()
+    };
+    Ok(Selection {
+        include: parse(&args.include)?,
+        exclude: parse(&args.exclude)?,
+    })
+}
+
 fn input_source(inputs: &InputArgs) -> (InputSource, GenerateOptions) {
     let source = match &inputs.inputs {
         Some(dir) => InputSource::Dir(dir.clone()),
@@ -188,30 +273,29 @@ fn input_source(inputs: &InputArgs) -> (InputSource, GenerateOptions) {
     (source, generate)
 }
 
-fn validate_options(inputs: &InputArgs, tolerance: &ToleranceArgs) -> ValidateOptions {
-    let (source, generate) = input_source(inputs);
+/// Validation options; a lossy run (quantization) has no default limits, only the given ones.
+fn validate_options(
+    (source, generate): (InputSource, GenerateOptions),
+    tolerance: &ToleranceArgs,
+    lossy: bool,
+) -> ValidateOptions {
+    let or_default = |given: Option<f64>, default: f64| given.or((!lossy).then_some(default));
     ValidateOptions {
         inputs: source,
         generate,
         kl_temperature: tolerance.kl_temperature,
         logits: tolerance.logits.clone(),
         tolerance: Tolerance {
-            max_abs: Some(tolerance.max_error),
-            min_cosine: Some(tolerance.min_cosine),
+            max_abs: or_default(tolerance.max_error, 1e-4),
+            min_cosine: or_default(tolerance.min_cosine, 0.9999),
             max_kl: tolerance.max_kl,
         },
     }
 }
 
-fn validate(
-    a: &Model,
-    b: &Model,
-    inputs: &InputArgs,
-    tolerance: &ToleranceArgs,
-) -> Result<exec::Validation> {
-    let options = validate_options(inputs, tolerance);
+fn validate(a: &Model, b: &Model, options: &ValidateOptions) -> Result<exec::Validation> {
     let bar = progress("validating");
-    let result = exec::validate(a, b, &options, &|done, total| {
+    let result = exec::validate(a, b, options, &|done, total| {
         bar.set_length(total as u64);
         bar.set_position(done as u64);
     });

@@ -6,7 +6,7 @@
 //! semantics for the forms listed below (the ones onnxopt's fusions emit); a node outside
 //! them is left as it is and then refused by `support`, so it is never run wrongly.
 //!
-//! - `Attention(x, W, b?, attention_bias?)` with `num_heads`, optional `scale`, no mask index,
+//! - `Attention(x, W, b?, attention_bias?)` (W constant, or dequantized from a constant) with `num_heads`, optional `scale`, no mask index,
 //!   no past, not unidirectional: `x·W + b`, split in three along the last axis, then the
 //!   standard 3-D `Attention`.
 //! - `MultiHeadAttention(q, k, v, attention_bias?, past_key?, past_value?)` on 3-D inputs with
@@ -14,7 +14,7 @@
 //!   3-D `Attention` with the same past and present key/values.
 
 use crate::error::Result;
-use crate::ir::{attr, Model, Node, NodeId, PValue, Patch, Tensor};
+use crate::ir::{attr, Graph, Model, Node, NodeId, PValue, Patch, Tensor, ValueId};
 use crate::passes::fuse::MS_DOMAIN;
 
 /// Lowers every contrib node of `model` that has a lowering.
@@ -67,6 +67,19 @@ fn standard_attention(
     );
 }
 
+/// The dims of a constant weight, or of the constant a DequantizeLinear dequantizes (a weight
+/// quantized to int8 keeps its dims).
+fn weight_dims(g: &Graph, w: ValueId) -> Option<Vec<i64>> {
+    if let Some(t) = g.constant(w) {
+        return Some(t.dims().to_vec());
+    }
+    let dq = g.node(g.producer(w)?);
+    if !dq.is("DequantizeLinear") {
+        return None;
+    }
+    g.constant(dq.input(0)?).map(|t| t.dims().to_vec())
+}
+
 fn packed_attention(model: &Model, id: NodeId, node: &Node) -> Option<Patch> {
     let g = &model.graph;
     let supported = absent(node, &[3, 4, 6])
@@ -78,9 +91,9 @@ fn packed_attention(model: &Model, id: NodeId, node: &Node) -> Option<Patch> {
         return None;
     }
     let num_heads = int_attr(node, "num_heads");
-    let weights = g.constant(node.input(1)?)?;
-    let width = *weights.dims().get(1)?;
-    if num_heads <= 0 || weights.dims().len() != 2 || width % (3 * num_heads) != 0 {
+    let dims = weight_dims(g, node.input(1)?)?;
+    let width = *dims.get(1)?;
+    if num_heads <= 0 || dims.len() != 2 || width % (3 * num_heads) != 0 {
         return None;
     }
     let hidden = width / 3;

@@ -322,6 +322,8 @@ pub enum InputSource {
     Dir(PathBuf),
     /// This many generated batches.
     Generated(usize),
+    /// Batches already read (those a calibration held back).
+    Batches(Vec<Batch>),
 }
 
 #[derive(Clone, Debug)]
@@ -375,6 +377,7 @@ pub fn batches_for(
     match source {
         InputSource::Dir(dir) => inputs::load_batches(dir, &specs),
         InputSource::Generated(n) => inputs::generate(&specs, generate, *n),
+        InputSource::Batches(batches) => Ok(batches.clone()),
     }
 }
 

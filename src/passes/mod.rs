@@ -53,6 +53,17 @@ impl Rewrites {
     }
 }
 
+/// `kind n, kind n, …`, or `no change`.
+impl std::fmt::Display for Rewrites {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.0.is_empty() {
+            return write!(f, "no change");
+        }
+        let parts: Vec<String> = self.0.iter().map(|(k, n)| format!("{k} {n}")).collect();
+        write!(f, "{}", parts.join(", "))
+    }
+}
+
 /// One transformation of the model.
 pub trait Pass {
     /// Stable name, used in the report and in `--passes` lists.

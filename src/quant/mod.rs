@@ -5,9 +5,17 @@
 //! (`calibrate`), turning what it observed into a `Range` per tensor with a `RangeMethod`,
 //! and `qdq` rewrites the graph from those ranges for a `QuantTarget`.
 
+pub mod calibrate;
+pub mod dynamic;
 pub mod qdq;
 
 use std::collections::BTreeMap;
+
+use crate::error::Result;
+use crate::exec::Batch;
+use crate::ir::Model;
+use crate::passes::Rewrites;
+use qdq::{QdqOptions, QdqOutcome};
 
 /// The runtime a quantized model is built for; it decides the element types and which
 /// operators may appear.
@@ -22,6 +30,13 @@ pub enum QuantTarget {
 }
 
 /// How a tensor's observed values become the range its scale covers.
+///
+/// The command line's default is `Mse`. Measured on all-MiniLM-L6-v2 (8 calibration batches
+/// of `calib/minilm/dynamic`, scored on the 20 held-back sentences: cosine of the sentence
+/// embeddings to float32 in ONNX Runtime, `--target ort`): mse 0.9959, min/max 0.9950,
+/// percentile 99.999 0.9949, entropy 0.9836. Entropy clips hardest, and BERT's FFN
+/// activations carry a few large values that matter; mse weighs clipping against rounding
+/// directly.
 #[derive(Clone, Copy, Debug, PartialEq, serde::Serialize)]
 pub enum RangeMethod {
     /// The smallest and largest finite values seen.
@@ -44,3 +59,49 @@ pub struct Range {
 
 /// Calibrated ranges, by value name.
 pub type Ranges = BTreeMap<String, Range>;
+
+/// Options of static INT8 quantization.
+#[derive(Clone, Debug)]
+pub struct StaticOptions {
+    pub qdq: QdqOptions,
+    pub method: RangeMethod,
+}
+
+/// What a quantization did, for the report.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct QuantReport {
+    /// `static-int8`, `dynamic-int8` or `fp16`.
+    pub mode: &'static str,
+    pub target: QuantTarget,
+    /// Static INT8 only: the calibration that sized the activations.
+    pub calibration: Option<calibrate::Calibration>,
+    /// The rewrites by kind.
+    pub rewrites: Rewrites,
+    /// Quantization operators the input already held, which left it unchanged (a
+    /// quantization-aware-trained model is not quantized twice).
+    pub already_quantized: Vec<String>,
+}
+
+/// Static INT8: calibrates the activations QDQ insertion will quantize on `batches`, then
+/// inserts the Q/DQ pairs and the int8 weights. `on_batch(done, total)` reports progress.
+pub fn quantize_static(
+    model: &mut Model,
+    batches: &[Batch],
+    options: &StaticOptions,
+    on_batch: &(dyn Fn(usize, usize) + Sync),
+) -> Result<QuantReport> {
+    let names = qdq::activations_to_calibrate(model, &options.qdq);
+    let calibration = calibrate::calibrate(model, &names, batches, options.method, on_batch)?;
+    let (rewrites, already_quantized) =
+        match qdq::insert_qdq(model, &calibration.ranges, &options.qdq)? {
+            QdqOutcome::Quantized(rewrites) => (rewrites, Vec::new()),
+            QdqOutcome::AlreadyQuantized { operators } => (Rewrites::default(), operators),
+        };
+    Ok(QuantReport {
+        mode: "static-int8",
+        target: options.qdq.target,
+        calibration: Some(calibration),
+        rewrites,
+        already_quantized,
+    })
+}

@@ -1,8 +1,9 @@
 //! Static INT8 quantization in QDQ form: QuantizeLinear → DequantizeLinear pairs around the
 //! inputs of the ops worth running in integers, with int8 weights.
 //!
-//! Matches (see `selection`): MatMul, Gemm and Conv off the attention score path, and Gather
-//! from an embedding table; `include`/`exclude` widen and narrow the set.
+//! Matches (see `selection`): MatMul, Gemm and Conv off the attention score path, Gather
+//! from an embedding table, and ONNX Runtime's fused Attention (its packed Q/K/V weight,
+//! weight-only); `include`/`exclude` widen and narrow the set.
 //! Produces:
 //! - per float activation read by a selected node, one shared `Q → DQ` pair (per-tensor;
 //!   uint8 asymmetric for ONNX Runtime, int8 symmetric with zero point 0 for TensorRT), read
@@ -44,7 +45,8 @@ use crate::quant::{QuantTarget, Ranges};
 pub use params::{
     activation_params, quantize_per_channel, scale_zero_point, IntRange, PerChannel, QParams,
 };
-use placement::{ActivationQdq, EmbeddingQdq, Plan, WeightQdq};
+pub(crate) use placement::Plan;
+use placement::{ActivationQdq, EmbeddingQdq, WeightQdq};
 pub use selection::{Selection, Selector};
 pub use trt::trt_violations;
 
@@ -96,7 +98,7 @@ pub enum QdqOutcome {
 }
 
 /// The quantization operators `model` already holds, one entry per op type.
-fn quantization_ops(model: &Model) -> Vec<String> {
+pub(crate) fn quantization_ops(model: &Model) -> Vec<String> {
     let mut found: Vec<String> = model
         .graph
         .nodes()
@@ -131,14 +133,28 @@ pub fn insert_qdq(model: &mut Model, ranges: &Ranges, options: &QdqOptions) -> R
         return Ok(QdqOutcome::AlreadyQuantized { operators });
     }
     let plan = Plan::new(model, options.target, &options.selection);
+    let mut rewrites = apply_plan(model, &plan, ranges, options.target)?;
+    drop_unread_weights(model, plan.weights.iter().map(|w| w.value), &mut rewrites)?;
+    Ok(QdqOutcome::Quantized(rewrites))
+}
+
+/// Rewrites `model` as `plan` says: Q→DQ pairs with `ranges`, int8 weights and tables. The
+/// float embedding tables are dropped; the float weights are left to `drop_unread_weights`
+/// (another quantization may still be reading them).
+pub(crate) fn apply_plan(
+    model: &mut Model,
+    plan: &Plan,
+    ranges: &Ranges,
+    target: QuantTarget,
+) -> Result<Rewrites> {
     let mut rewrites = Rewrites::default();
     if plan.is_empty() {
-        return Ok(QdqOutcome::Quantized(rewrites));
+        return Ok(rewrites);
     }
     let activations = plan
         .activations
         .iter()
-        .map(|a| activation_patch(model, a, ranges, options.target))
+        .map(|a| activation_patch(model, a, ranges, target))
         .collect::<Result<Vec<_>>>()?;
     let weights = plan
         .weights
@@ -155,12 +171,21 @@ pub fn insert_qdq(model: &mut Model, ranges: &Ranges, options: &QdqOptions) -> R
     for patch in activations.into_iter().chain(weights).chain(embeddings) {
         rewrites.apply(model, patch)?;
     }
-    let sources = plan
-        .weights
-        .iter()
-        .map(|w| w.value)
-        .chain(plan.embeddings.iter().map(|e| e.table));
-    for v in sources {
+    drop_unread_weights(
+        model,
+        plan.embeddings.iter().map(|e| e.table),
+        &mut rewrites,
+    )?;
+    Ok(rewrites)
+}
+
+/// Drops the float initializers among `sources` that nothing reads any more.
+pub(crate) fn drop_unread_weights(
+    model: &mut Model,
+    sources: impl Iterator<Item = ValueId>,
+    rewrites: &mut Rewrites,
+) -> Result<()> {
+    for v in sources.collect::<Vec<_>>() {
         let g = &model.graph;
         let unread = g.uses(v).is_empty() && !g.is_graph_output(v);
         if unread && g.initializer(v).is_some() {
@@ -169,7 +194,7 @@ pub fn insert_qdq(model: &mut Model, ranges: &Ranges, options: &QdqOptions) -> R
             rewrites.apply(model, patch)?;
         }
     }
-    Ok(QdqOutcome::Quantized(rewrites))
+    Ok(())
 }
 
 fn int8_tensor(dims: &[i64], values: &[i8]) -> Result<Tensor> {
@@ -231,7 +256,7 @@ fn activation_patch(
 }
 
 /// The float values and dims of a weight initializer.
-fn float_weight(model: &Model, v: ValueId) -> Result<(Vec<f32>, Vec<usize>)> {
+pub(crate) fn float_weight(model: &Model, v: ValueId) -> Result<(Vec<f32>, Vec<usize>)> {
     let g = &model.graph;
     let t = g.initializer(v).ok_or_else(|| {
         Error::Quantization(format!("`{}` is not an initializer", g.value_name(v)))
@@ -240,16 +265,19 @@ fn float_weight(model: &Model, v: ValueId) -> Result<(Vec<f32>, Vec<usize>)> {
     Ok((t.to_f32_vec()?, dims))
 }
 
-/// A weight stored int8 per output channel and dequantized for its selected readers.
-fn weight_patch(model: &Model, w: &WeightQdq) -> Result<Patch> {
-    let g = &model.graph;
-    let name = g.value_name(w.value);
-    let (data, dims) = float_weight(model, w.value)?;
-    let q = quantize_per_channel(name, &data, &dims, w.axis)?;
+/// New initializers holding weight `w` as int8 with one scale per index along `axis`:
+/// `<w>.int8`, `<w>.scale` and `<w>.zero_point` (all 0).
+pub(crate) fn int8_weight(
+    model: &Model,
+    w: ValueId,
+    axis: usize,
+    patch: &mut Patch,
+) -> Result<(PValue, PValue, PValue)> {
+    let name = model.graph.value_name(w);
+    let (data, dims) = float_weight(model, w)?;
+    let q = quantize_per_channel(name, &data, &dims, axis)?;
     let dims: Vec<i64> = dims.iter().map(|&d| d as i64).collect();
     let channels = [q.scales.len() as i64];
-    let mut patch = Patch::new("qdq-weight");
-    patch.anchor_at(w.readers[0].0);
     let int8 = patch.new_initializer(&format!("{name}.int8"), int8_tensor(&dims, &q.values)?);
     let scale = patch.new_initializer(
         &format!("{name}.scale"),
@@ -259,6 +287,15 @@ fn weight_patch(model: &Model, w: &WeightQdq) -> Result<Patch> {
         &format!("{name}.zero_point"),
         int8_tensor(&channels, &vec![0; q.scales.len()])?,
     );
+    Ok((int8, scale, zero_point))
+}
+
+/// A weight stored int8 per output channel and dequantized for its selected readers.
+fn weight_patch(model: &Model, w: &WeightQdq) -> Result<Patch> {
+    let name = model.graph.value_name(w.value);
+    let mut patch = Patch::new("qdq-weight");
+    patch.anchor_at(w.readers[0].0);
+    let (int8, scale, zero_point) = int8_weight(model, w.value, w.axis, &mut patch)?;
     let dq = patch.new_value(&format!("{name}.dq"));
     patch.add_node(
         "DequantizeLinear",

@@ -4,9 +4,6 @@
 //! same numbers here and there: the range is widened to hold 0, the scale is computed in f64
 //! and stored as f32, a scale below the smallest normal f32 becomes 1 with zero point 0, and
 //! rounding is half to even (numpy's `round`).
-//!
-//! `quant::calibrate` is written in parallel with its own `scale_zero_point`; the two are to
-//! become one function.
 
 use crate::error::{Error, Result};
 use crate::quant::{QuantTarget, Range};

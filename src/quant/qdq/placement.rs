@@ -77,6 +77,17 @@ impl Plan {
                         }
                     }
                 }
+                Some(Role::PackedAttention) => {
+                    let packed = node.input(1).filter(|&w| {
+                        !g.is_graph_input(w)
+                            && g.initializer(w).is_some_and(|t| {
+                                t.dtype() == DataType::Float && t.dims().len() == 2
+                            })
+                    });
+                    if let Some(w) = packed {
+                        plan.add_weight(w, 1, (id, 1));
+                    }
+                }
                 Some(Role::Embedding) => {
                     if let Some(table) = node.input(0) {
                         plan.add_embedding(table, id);

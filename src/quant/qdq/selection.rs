@@ -12,6 +12,7 @@ use std::collections::HashMap;
 
 use crate::error::{Error, Result};
 use crate::ir::{attr, DataType, Graph, Node, NodeId, ValueId, ValueType};
+use crate::passes::fuse::MS_DOMAIN;
 
 /// Picks nodes by name, op type or a regex over the name.
 #[derive(Clone, Debug)]
@@ -67,6 +68,11 @@ pub enum Role {
     Weighted,
     /// Gather from an embedding table: the table int8 per row (weight-only).
     Embedding,
+    /// ONNX Runtime's fused `Attention`: its packed Q/K/V weight (input 1, `[hidden,
+    /// 3·hidden]`) int8 per output column behind a DequantizeLinear (weight-only: ONNX
+    /// Runtime has no QDQ form of this operator, and its input is the LayerNorm output the
+    /// other projections already see quantized).
+    PackedAttention,
     /// Any other node asked for with `include`: its float data inputs that are not
     /// constants (see `data_inputs`) through a Q→DQ pair.
     Activations,
@@ -117,6 +123,8 @@ pub fn select(
 fn natural_role(g: &Graph, types: &HashMap<ValueId, ValueType>, node: &Node) -> Role {
     if node.domain().is_empty() && WEIGHTED_OPS.contains(&node.op_type()) {
         Role::Weighted
+    } else if node.domain() == MS_DOMAIN && node.op_type() == "Attention" {
+        Role::PackedAttention
     } else if is_embedding_gather(g, types, node) {
         Role::Embedding
     } else {

@@ -1,0 +1,217 @@
+//! Calibration: run the float model on calibration batches and turn what every activation to
+//! be quantized held into the range its scale must cover.
+//!
+//! One tract run per batch returns all the observed tensors at once (they are extra outputs
+//! of the same plan); each is folded into its `Observer` — finite min and max, a count of
+//! non-finite values, and a streaming histogram of magnitudes — and dropped before the next
+//! batch, so memory does not grow with the number of batches. Observers are updated in
+//! parallel, one tensor per task.
+//!
+//! Masked values never enter the statistics: infinities and NaNs (the −inf the dynamo exporter
+//! adds before Softmax, an overflow) and mask sentinels, magnitudes of `MASK_MAGNITUDE` and
+//! more (the legacy exporter masks with float32's lowest, −3.4e38). A scale covering them
+//! would round every real value to zero; the ops that produce them on purpose are not
+//! quantized unless asked. They are counted and reported.
+
+mod histogram;
+
+use std::collections::BTreeMap;
+
+use rayon::prelude::*;
+use tract_onnx::prelude::Tensor;
+
+use crate::error::{Error, Result};
+use crate::exec::{Batch, ExecError, Runner};
+use crate::ir::Model;
+use crate::quant::{Range, RangeMethod, Ranges};
+pub use histogram::{AbsHistogram, BINS, LEVELS};
+
+/// Magnitudes from here on are masks, not data: no activation of a working model reaches
+/// 1e30, and masks are written as ±float32::MAX or ±inf.
+pub const MASK_MAGNITUDE: f32 = 1e30;
+
+/// The percentile `RangeMethod::Percentile` keeps unless told otherwise.
+pub const DEFAULT_PERCENTILE: f64 = 99.999;
+
+/// What calibration saw of one tensor.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Observer {
+    pub min: f32,
+    pub max: f32,
+    /// Finite values seen.
+    pub finite: u64,
+    /// Masked values seen: infinities, NaNs and magnitudes of `MASK_MAGNITUDE` and more (left
+    /// out of every statistic).
+    pub masked: u64,
+    histogram: AbsHistogram,
+}
+
+impl Observer {
+    pub fn new() -> Observer {
+        Observer {
+            min: f32::INFINITY,
+            max: f32::NEG_INFINITY,
+            ..Default::default()
+        }
+    }
+
+    /// Folds one batch's values in.
+    pub fn observe(&mut self, values: &[f32]) {
+        let finite: Vec<f32> = values
+            .iter()
+            .copied()
+            .filter(|v| v.abs() < MASK_MAGNITUDE)
+            .collect();
+        self.masked += (values.len() - finite.len()) as u64;
+        self.finite += finite.len() as u64;
+        for &v in &finite {
+            self.min = self.min.min(v);
+            self.max = self.max.max(v);
+        }
+        self.histogram.add(&finite);
+    }
+
+    /// The range `method` gives, or `None` when no finite value was seen. The histogram
+    /// methods clip magnitudes at a threshold `t`; the range is the observed one clipped to
+    /// `[−t, t]`, so a one-sided tensor (a GELU output) keeps its tight side.
+    pub fn range(&self, method: RangeMethod) -> Option<Range> {
+        if self.finite == 0 {
+            return None;
+        }
+        let threshold = match method {
+            RangeMethod::MinMax => {
+                return Some(Range {
+                    min: self.min,
+                    max: self.max,
+                })
+            }
+            RangeMethod::Percentile(p) => self.histogram.percentile(p),
+            RangeMethod::Entropy => self.histogram.entropy(),
+            RangeMethod::Mse => self.histogram.mse(),
+        } as f32;
+        Some(Range {
+            min: self.min.max(-threshold),
+            max: self.max.min(threshold),
+        })
+    }
+}
+
+/// The outcome of a calibration run.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Calibration {
+    pub method: RangeMethod,
+    pub batches: Vec<String>,
+    /// The range of every observed tensor.
+    pub ranges: Ranges,
+    /// Observed tensors that held masked values (infinities, NaNs, mask sentinels), with how
+    /// many.
+    pub masked: BTreeMap<String, u64>,
+}
+
+/// Runs `model` on `batches` and computes the range `method` gives for each of `names`.
+/// `on_batch(done, total)` is called after each batch (for a progress bar).
+pub fn calibrate(
+    model: &Model,
+    names: &[String],
+    batches: &[Batch],
+    method: RangeMethod,
+    on_batch: &(dyn Fn(usize, usize) + Sync),
+) -> Result<Calibration> {
+    if let RangeMethod::Percentile(p) = method {
+        if !(p > 0.0 && p <= 100.0) {
+            return Err(Error::Quantization(format!(
+                "percentile {p} is not in (0, 100]"
+            )));
+        }
+    }
+    let mut observers: Vec<Observer> = names.iter().map(|_| Observer::new()).collect();
+    if !names.is_empty() {
+        if batches.is_empty() {
+            return Err(Error::Quantization("no calibration batches".into()));
+        }
+        let mut runner = Runner::with_outputs(model, names).map_err(calibration_error)?;
+        for (i, batch) in batches.iter().enumerate() {
+            let outputs = runner.run(batch).map_err(calibration_error)?;
+            observers
+                .par_iter_mut()
+                .zip(outputs.par_iter())
+                .try_for_each(|(observer, (name, t))| observe(observer, name, t))?;
+            on_batch(i + 1, batches.len());
+        }
+    }
+    let mut ranges = Ranges::new();
+    let mut masked = BTreeMap::new();
+    for (name, observer) in names.iter().zip(&observers) {
+        if observer.masked > 0 {
+            masked.insert(name.clone(), observer.masked);
+        }
+        let range = observer.range(method).ok_or_else(|| {
+            Error::Quantization(format!(
+                "activation `{name}` held no finite value in any calibration batch"
+            ))
+        })?;
+        ranges.insert(name.clone(), range);
+    }
+    Ok(Calibration {
+        method,
+        batches: batches.iter().map(|b| b.name.clone()).collect(),
+        ranges,
+        masked,
+    })
+}
+
+fn observe(observer: &mut Observer, name: &str, t: &Tensor) -> Result<()> {
+    let bad = |e: anyhow::Error| Error::Quantization(format!("activation `{name}`: {e}"));
+    let t = t.cast_to::<f32>().map_err(bad)?;
+    let view = t.to_plain_array_view::<f32>().map_err(bad)?;
+    match view.as_slice() {
+        Some(values) => observer.observe(values),
+        None => observer.observe(&view.iter().copied().collect::<Vec<_>>()),
+    }
+    Ok(())
+}
+
+fn calibration_error(e: ExecError) -> Error {
+    Error::Quantization(format!("calibration run failed: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn observers_skip_masked_values_and_count_them() {
+        let mut o = Observer::new();
+        o.observe(&[f32::NEG_INFINITY, -2.0, 0.5, f32::NAN, f32::MIN]);
+        o.observe(&[3.0, f32::INFINITY]);
+        assert_eq!((o.min, o.max, o.finite, o.masked), (-2.0, 3.0, 3, 4));
+        assert_eq!(
+            o.range(RangeMethod::MinMax),
+            Some(Range {
+                min: -2.0,
+                max: 3.0
+            })
+        );
+        assert_eq!(Observer::new().range(RangeMethod::Entropy), None);
+    }
+
+    #[test]
+    fn histogram_ranges_clip_each_side_at_the_threshold() {
+        // 999 values at 0.5, 1 at -1000: the 99.9th percentile of |x| is in the first bin
+        // (width 1000/2048), whose edge clips the negative side; the positive side keeps its
+        // observed maximum, which is below the threshold.
+        let mut o = Observer::new();
+        let mut values = vec![0.2f32; 999];
+        values.push(-1000.0);
+        o.observe(&values);
+        let r = o.range(RangeMethod::Percentile(99.9)).unwrap();
+        let edge = 1000.0f32 / 2048.0;
+        assert_eq!(
+            r,
+            Range {
+                min: -edge,
+                max: 0.2
+            }
+        );
+    }
+}
