@@ -102,9 +102,10 @@ fn write_quantization(f: &mut fmt::Formatter<'_>, q: &QuantReport) -> fmt::Resul
         };
         writeln!(
             f,
-            "  calibrated {} activations on {} batches ({method})",
+            "  calibrated {} activations on {} batches ({method}) in {:.2}s",
             c.ranges.len(),
-            c.batches.len()
+            c.batches.len(),
+            c.seconds
         )?;
         if !c.masked.is_empty() {
             let total: u64 = c.masked.values().sum();

@@ -392,6 +392,26 @@ impl Graph {
         value.removed = false;
     }
 
+    /// Sets the element type in the declarations of graph input or output `v`.
+    pub(crate) fn declare_elem_type(&mut self, v: ValueId, elem: i32) {
+        use crate::proto::type_proto::Value as Type;
+        for port in self.inputs.iter_mut().chain(self.outputs.iter_mut()) {
+            if port.value != v {
+                continue;
+            }
+            let ty = port.decl.r#type.get_or_insert_with(Default::default);
+            match &mut ty.value {
+                Some(Type::TensorType(t)) => t.elem_type = Some(elem),
+                _ => {
+                    ty.value = Some(Type::TensorType(crate::proto::type_proto::Tensor {
+                        elem_type: Some(elem),
+                        shape: None,
+                    }))
+                }
+            }
+        }
+    }
+
     pub(crate) fn take_initializer(&mut self, v: ValueId) -> Option<Tensor> {
         let t = self.values[v.index()].initializer.take();
         if t.is_some() {

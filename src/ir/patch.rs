@@ -67,6 +67,8 @@ pub struct Patch {
     rewired: Vec<(NodeId, usize, PValue)>,
     drop_initializers: Vec<ValueId>,
     initialized: Vec<(ValueId, Tensor)>,
+    replaced_initializers: Vec<(ValueId, Tensor)>,
+    declared_elem_types: Vec<(ValueId, i32)>,
 }
 
 impl Patch {
@@ -81,6 +83,8 @@ impl Patch {
             rewired: Vec::new(),
             drop_initializers: Vec::new(),
             initialized: Vec::new(),
+            replaced_initializers: Vec::new(),
+            declared_elem_types: Vec::new(),
         }
     }
 
@@ -215,6 +219,19 @@ impl Patch {
         self
     }
 
+    /// Gives initializer `v` a new tensor (the same value in another element type, say): it
+    /// keeps its name, its readers and its place among the initializers.
+    pub fn replace_initializer(&mut self, v: ValueId, tensor: Tensor) -> &mut Self {
+        self.replaced_initializers.push((v, tensor));
+        self
+    }
+
+    /// Declares graph input or output `v` with the element type `elem` (its shape stays).
+    pub fn declare_elem_type(&mut self, v: ValueId, elem: i32) -> &mut Self {
+        self.declared_elem_types.push((v, elem));
+        self
+    }
+
     pub fn is_empty(&self) -> bool {
         self.nodes.is_empty()
             && self.remove.is_empty()
@@ -223,6 +240,8 @@ impl Patch {
             && self.drop_initializers.is_empty()
             && self.values.is_empty()
             && self.initialized.is_empty()
+            && self.replaced_initializers.is_empty()
+            && self.declared_elem_types.is_empty()
     }
 }
 
@@ -281,6 +300,13 @@ impl Graph {
         for v in patch.drop_initializers {
             self.take_initializer(v);
         }
+        for (v, mut t) in patch.replaced_initializers {
+            t.set_name(self.value_name(v));
+            self.set_initializer(v, t);
+        }
+        for (v, elem) in patch.declared_elem_types {
+            self.declare_elem_type(v, elem);
+        }
         Ok(())
     }
 
@@ -338,6 +364,19 @@ impl Graph {
         for node in &patch.nodes {
             for input in node.inputs.iter().flatten() {
                 check_source(input, "a new node reads")?;
+            }
+        }
+        for (v, _) in &patch.replaced_initializers {
+            if self.initializer(*v).is_none() {
+                return fail(format!("`{}` is not an initializer", self.value_name(*v)));
+            }
+        }
+        for (v, _) in &patch.declared_elem_types {
+            if !self.is_graph_input(*v) && !self.is_graph_output(*v) {
+                return fail(format!(
+                    "`{}` is not a graph input or output",
+                    self.value_name(*v)
+                ));
             }
         }
         for (node, slot, new) in &patch.rewired {

@@ -258,7 +258,7 @@ mod tests {
 
     #[test]
     fn entropy_clips_a_long_thin_tail() {
-        // Counts falling as exp(-j/100) (to 1 around bin 1380, 0 beyond): the
+        // Counts falling as exp(-j/100) (to 0 beyond bin 1451): the
         // tail is sparse, and TensorRT's calibration clips it well below the largest magnitude
         // (at 1109 bins here) while keeping more than 99% of the values.
         let counts: Vec<u64> = (0..BINS)

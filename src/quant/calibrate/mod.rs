@@ -101,6 +101,8 @@ impl Observer {
 pub struct Calibration {
     pub method: RangeMethod,
     pub batches: Vec<String>,
+    /// Wall time of the runs and the statistics.
+    pub seconds: f64,
     /// The range of every observed tensor.
     pub ranges: Ranges,
     /// Observed tensors that held masked values (infinities, NaNs, mask sentinels), with how
@@ -124,6 +126,7 @@ pub fn calibrate(
             )));
         }
     }
+    let started = std::time::Instant::now();
     let mut observers: Vec<Observer> = names.iter().map(|_| Observer::new()).collect();
     if !names.is_empty() {
         if batches.is_empty() {
@@ -155,6 +158,7 @@ pub fn calibrate(
     Ok(Calibration {
         method,
         batches: batches.iter().map(|b| b.name.clone()).collect(),
+        seconds: started.elapsed().as_secs_f64(),
         ranges,
         masked,
     })
