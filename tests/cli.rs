@@ -500,3 +500,41 @@ fn int8_dynamic_needs_no_calibration() {
     assert!(stdout.contains("quantization: dynamic-int8"), "{stdout}");
     assert!(stdout.contains("dynamic-matmul"), "{stdout}");
 }
+
+#[test]
+fn fp16_keeps_float32_io_when_asked() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out.onnx");
+    let model = common::testdata("bert-tiny.ts.onnx");
+    let calib = common::testdata("calib/bert-tiny");
+    let args = [
+        "optimize",
+        s(&model),
+        s(&out),
+        "--fp16",
+        "--keep-io-types",
+        "--inputs",
+        s(&calib),
+        "--min-cosine",
+        "0.999",
+    ];
+    let result = onnxopt(&args);
+    assert!(result.status.success(), "{}", text(&result.stderr));
+    assert!(text(&result.stdout).contains("quantization: fp16"));
+    let written = onnxopt::io::load(&out).unwrap();
+    let g = &written.graph;
+    for port in &g.outputs {
+        let t = g.value_type(port.value).unwrap();
+        assert_eq!(
+            t.elem,
+            DataType::Float as i32,
+            "{}",
+            g.value_name(port.value)
+        );
+    }
+    let halves = g
+        .initializers()
+        .filter(|(_, t)| t.dtype() == onnxopt::ir::DataType::Float16)
+        .count();
+    assert!(halves > 0);
+}

@@ -1,7 +1,7 @@
-//! Calibration and dynamic INT8 on real models: what each range method gives on a tiny BERT,
-//! infinities in observed activations, a snapshot of the dynamic INT8 graph, and every
-//! dynamically quantized corpus model checked in tract and ONNX Runtime against its float
-//! original.
+//! Calibration, dynamic INT8 and FP16 on real models: what each range method gives on a tiny
+//! BERT, masked values in observed activations, snapshots of the dynamic INT8 and FP16 graphs,
+//! and every dynamically quantized and FP16 corpus model checked in tract and ONNX Runtime
+//! against its float original.
 
 mod common;
 
@@ -12,6 +12,7 @@ use onnxopt::ir::Model;
 use onnxopt::optimize::{optimize, OptimizeOptions};
 use onnxopt::quant::calibrate::calibrate;
 use onnxopt::quant::dynamic::quantize_dynamic;
+use onnxopt::quant::fp16::{convert_fp16, Fp16Options};
 use onnxopt::quant::qdq::{activations_to_calibrate, QdqOptions, Selection, Selector};
 use onnxopt::quant::{quantize_static, QuantTarget, RangeMethod, StaticOptions};
 
@@ -131,8 +132,9 @@ fn dynamic_int8_of_bert_tiny() {
     insta::assert_snapshot!(format!("rewrites {:?}\n{diff}", report.rewrites.0));
 }
 
-/// Models tract cannot run (see `tests/shape_inference.rs`), and MiniLM, whose integer
-/// MatMuls tract runs too slowly for a debug-build test: ONNX Runtime alone checks them.
+/// Models tract cannot run (see `tests/shape_inference.rs`), and MiniLM, whose integer and
+/// float16 MatMuls tract runs too slowly for a debug-build test: ONNX Runtime alone checks
+/// them.
 fn tract_checks(name: &str) -> bool {
     name != "roberta-tiny.dynamo.onnx" && !name.starts_with("all-minilm")
 }
@@ -191,4 +193,71 @@ fn dynamically_quantized_corpus_models_stay_close_to_float_in_tract_and_onnx_run
         let option = ["--min-cosine".to_string(), bound.to_string()];
         common::ort_check(&[&option[..], &triples].concat());
     }
+}
+
+#[test]
+fn fp16_of_bert_tiny() {
+    let float = optimized("bert-tiny.dynamo.onnx");
+    let mut model = float.clone();
+    let options = Fp16Options {
+        keep_io_types: true,
+    };
+    let report = convert_fp16(&mut model, &options).unwrap();
+    let before = dump_model(&float.to_proto().unwrap());
+    let after = dump_model(&model.to_proto().unwrap());
+    let diff = similar::TextDiff::from_lines(&before, &after)
+        .unified_diff()
+        .context_radius(0)
+        .to_string();
+    insta::assert_snapshot!(format!("rewrites {:?}\n{diff}", report.rewrites.0));
+}
+
+#[test]
+fn fp16_corpus_models_stay_close_to_float_in_tract_and_onnx_runtime() {
+    let has_ort = common::onnx_runtime_available();
+    let dir = tempfile::tempdir().unwrap();
+    let mut triples = Vec::new();
+    for path in common::corpus_models() {
+        let name = path.file_name().unwrap().to_string_lossy().into_owned();
+        let mut float = io::load(&path).unwrap();
+        optimize(&mut float, &OptimizeOptions::default()).unwrap();
+        for keep_io_types in [true, false] {
+            let mut model = float.clone();
+            let report = convert_fp16(&mut model, &Fp16Options { keep_io_types }).unwrap();
+            assert!(
+                report.rewrites.0.contains_key("fp16-initializer"),
+                "{name}: {:?}",
+                report.rewrites
+            );
+            let calib = common::calib_dir(&path);
+            if tract_checks(&name) {
+                let validation = ValidateOptions {
+                    inputs: InputSource::Dir(calib.clone()),
+                    tolerance: Tolerance {
+                        min_cosine: Some(0.999),
+                        ..Default::default()
+                    },
+                    ..Default::default()
+                };
+                let v = exec::validate(&float, &model, &validation, &|_, _| {}).unwrap();
+                assert!(v.passed(), "{name} {keep_io_types}: {:?}", v.violations);
+            }
+            // ort_check.py feeds the batches as they are: float32 inputs only.
+            if keep_io_types {
+                let out = dir.path().join(format!("fp16.{name}"));
+                io::save(&model, &out, ExternalData::Auto).unwrap();
+                for p in [path.clone(), out, calib] {
+                    triples.push(p.to_string_lossy().into_owned());
+                }
+            }
+        }
+    }
+    if !has_ort {
+        println!(
+            "skipped the ONNX Runtime check: python3 cannot import onnx, onnxruntime and numpy"
+        );
+        return;
+    }
+    let option = ["--min-cosine".to_string(), "0.999".to_string()];
+    common::ort_check(&[&option[..], &triples].concat());
 }

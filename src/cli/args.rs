@@ -120,8 +120,15 @@ pub struct QuantArgs {
     #[arg(long, conflicts_with = "int8_dynamic")]
     pub int8: bool,
     /// Dynamic INT8: int8 weights, activations quantized at run time (no calibration).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "fp16")]
     pub int8_dynamic: bool,
+    /// FP16: weights and compute in float16, normalizations, Softmax, reductions, Pow and
+    /// Exp kept in float32 behind Casts.
+    #[arg(long, conflicts_with = "int8")]
+    pub fp16: bool,
+    /// With --fp16: keep float32 graph inputs and outputs.
+    #[arg(long, requires = "fp16")]
+    pub keep_io_types: bool,
     /// Folder of .npy/.npz calibration batches named after the graph inputs. Unless
     /// --inputs is given, the last fifth of them (at least one, when there are two or more)
     /// is held back to validate on.

@@ -126,7 +126,7 @@ fn optimize(args: OptimizeArgs) -> Result<()> {
             ));
         }
     }
-    let quantizing = args.quant.int8 || args.quant.int8_dynamic;
+    let quantizing = args.quant.int8 || args.quant.int8_dynamic || args.quant.fp16;
     let original = (args.validate || quantizing).then(|| model.clone());
     let options = onnxopt::optimize::OptimizeOptions {
         target: args.target.fusion(),
@@ -141,6 +141,13 @@ fn optimize(args: OptimizeArgs) -> Result<()> {
         };
         let result = quant::dynamic::quantize_dynamic(&mut model, &options);
         report.quantization = Some(result.context("quantization failed")?);
+    }
+    if args.quant.fp16 {
+        let options = quant::fp16::Fp16Options {
+            keep_io_types: args.quant.keep_io_types,
+        };
+        let result = quant::fp16::convert_fp16(&mut model, &options);
+        report.quantization = Some(result.context("FP16 conversion failed")?);
     }
     if args.quant.int8 {
         let (calibration, held_back) = calibration_batches(&model, &args, &mut report)?;

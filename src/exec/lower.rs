@@ -17,19 +17,20 @@ use crate::error::Result;
 use crate::ir::{attr, Graph, Model, Node, NodeId, PValue, Patch, Tensor, ValueId};
 use crate::passes::fuse::MS_DOMAIN;
 
-/// Lowers every contrib node of `model` that has a lowering.
+/// Lowers every contrib node of `model` that has a lowering, and float16 Gemms.
 pub fn lower_contrib_ops(model: &mut Model) -> Result<()> {
     let nodes: Vec<NodeId> = model
         .graph
         .nodes()
-        .filter(|(_, n)| n.domain() == MS_DOMAIN)
+        .filter(|(_, n)| n.domain() == MS_DOMAIN || n.is("Gemm"))
         .map(|(id, _)| id)
         .collect();
     for id in nodes {
         let node = model.graph.node(id).clone();
-        let patch = match node.op_type() {
-            "Attention" => packed_attention(model, id, &node),
-            "MultiHeadAttention" => multi_head_attention(id, &node),
+        let patch = match (node.domain(), node.op_type()) {
+            (MS_DOMAIN, "Attention") => packed_attention(model, id, &node),
+            (MS_DOMAIN, "MultiHeadAttention") => multi_head_attention(id, &node),
+            ("", "Gemm") => float16_gemm(model, id, &node),
             _ => None,
         };
         if let Some(patch) = patch {
@@ -37,6 +38,55 @@ pub fn lower_contrib_ops(model: &mut Model) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// `Gemm(A, B, C)` with a float16 weight B, alpha and beta 1 and A not transposed, as
+/// `MatMul(A, B or Bᵀ) + C`: tract 0.23's Gemm expansion types its result float32 whatever
+/// its inputs, and refuses the float16 model.
+fn float16_gemm(model: &Model, id: NodeId, node: &Node) -> Option<Patch> {
+    let g = &model.graph;
+    let b = node.input(1)?;
+    let float16_weight = g
+        .initializer(b)
+        .is_some_and(|t| t.dtype() == crate::ir::DataType::Float16 && t.dims().len() == 2);
+    let one = |name: &str| attr::get_float(&node.proto, name).unwrap_or(1.0) == 1.0;
+    if !float16_weight || !one("alpha") || !one("beta") || int_attr(node, "transA") != 0 {
+        return None;
+    }
+    let mut patch = Patch::new("lower-gemm");
+    let mut weight: PValue = b.into();
+    if int_attr(node, "transB") == 1 {
+        weight = patch.op(
+            "Transpose",
+            "",
+            &[weight],
+            vec![attr::ints("perm", &[1, 0])],
+        );
+    }
+    let out = node.output(0)?;
+    match node.input(2) {
+        None => {
+            patch.add_node(
+                "MatMul",
+                "",
+                &[Some(node.input(0)?.into()), Some(weight)],
+                &[PValue::Old(out)],
+                vec![],
+            );
+        }
+        Some(c) => {
+            let product = patch.op("MatMul", "", &[node.input(0)?.into(), weight], vec![]);
+            patch.add_node(
+                "Add",
+                "",
+                &[Some(product), Some(c.into())],
+                &[PValue::Old(out)],
+                vec![],
+            );
+        }
+    }
+    patch.remove_node(id);
+    Some(patch)
 }
 
 fn int_attr(node: &Node, name: &str) -> i64 {

@@ -392,17 +392,33 @@ pub fn validate(
     let batches = batches_for(reference, &options.inputs, &options.generate)?;
     let mut a = Runner::new(reference)?;
     let mut b = Runner::new(candidate)?;
-    let names = |r: &Runner| -> Vec<(String, tract_onnx::prelude::DatumType)> {
-        r.inputs()
-            .iter()
-            .map(|s| (s.name.clone(), s.dtype))
-            .collect()
-    };
-    if names(&a) != names(&b) {
+    // The same inputs, in the same order; a float input may have another float type (an
+    // FP16 model), and gets the reference's values cast to it.
+    let same_inputs = a.inputs().len() == b.inputs().len()
+        && a.inputs().iter().zip(b.inputs()).all(|(x, y)| {
+            x.name == y.name && (x.dtype == y.dtype || (x.dtype.is_float() && y.dtype.is_float()))
+        });
+    if !same_inputs {
         return Err(ExecError::Input(
             "the two models do not take the same inputs".into(),
         ));
     }
+    let candidate_types: Vec<_> = b.inputs().iter().map(|s| s.dtype).collect();
+    let candidate_batch = |batch: &Batch| -> Result<Batch, ExecError> {
+        let tensors = batch
+            .tensors
+            .iter()
+            .zip(&candidate_types)
+            .map(|((name, t), &dtype)| {
+                let t = t.cast_to_dt(dtype).map_err(tract_err)?.into_owned();
+                Ok((name.clone(), t))
+            })
+            .collect::<Result<_, ExecError>>()?;
+        Ok(Batch {
+            name: batch.name.clone(),
+            tensors,
+        })
+    };
     let is_logits = |name: &str| {
         if options.logits.is_empty() {
             name.to_ascii_lowercase().contains("logits")
@@ -413,7 +429,7 @@ pub fn validate(
     let mut outputs: Vec<OutputDiff> = Vec::new();
     for (i, batch) in batches.iter().enumerate() {
         let ra = a.run(batch)?;
-        let rb: HashMap<String, Tensor> = b.run(batch)?.into_iter().collect();
+        let rb: HashMap<String, Tensor> = b.run(&candidate_batch(batch)?)?.into_iter().collect();
         for (k, (name, ta)) in ra.iter().enumerate() {
             let tb = rb
                 .get(name)

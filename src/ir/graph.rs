@@ -392,23 +392,16 @@ impl Graph {
         value.removed = false;
     }
 
-    /// Sets the element type in the declarations of graph input or output `v`.
+    /// Sets the element type in the declarations of graph input or output `v`, and in its
+    /// `value_info` entry if it has one.
     pub(crate) fn declare_elem_type(&mut self, v: ValueId, elem: i32) {
-        use crate::proto::type_proto::Value as Type;
         for port in self.inputs.iter_mut().chain(self.outputs.iter_mut()) {
-            if port.value != v {
-                continue;
+            if port.value == v {
+                set_elem_type(&mut port.decl, elem);
             }
-            let ty = port.decl.r#type.get_or_insert_with(Default::default);
-            match &mut ty.value {
-                Some(Type::TensorType(t)) => t.elem_type = Some(elem),
-                _ => {
-                    ty.value = Some(Type::TensorType(crate::proto::type_proto::Tensor {
-                        elem_type: Some(elem),
-                        shape: None,
-                    }))
-                }
-            }
+        }
+        if let Some(info) = &mut self.values[v.index()].info {
+            set_elem_type(info, elem);
         }
     }
 
@@ -626,6 +619,20 @@ fn constant_node_value(node: &NodeProto, name: &str) -> Option<Tensor> {
         _ => return None,
     };
     tensor.ok()
+}
+
+fn set_elem_type(info: &mut ValueInfoProto, elem: i32) {
+    use crate::proto::type_proto::{Tensor as TensorType, Value as Type};
+    let ty = info.r#type.get_or_insert_with(Default::default);
+    match &mut ty.value {
+        Some(Type::TensorType(t)) => t.elem_type = Some(elem),
+        _ => {
+            ty.value = Some(Type::TensorType(TensorType {
+                elem_type: Some(elem),
+                shape: None,
+            }))
+        }
+    }
 }
 
 /// `hint` if `taken` says it is free, else `hint_1`, `hint_2`, …

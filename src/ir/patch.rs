@@ -302,7 +302,10 @@ impl Graph {
         }
         for (v, mut t) in patch.replaced_initializers {
             t.set_name(self.value_name(v));
+            let elem = t.dtype() as i32;
             self.set_initializer(v, t);
+            // A value_info entry of the initializer must not contradict its new type.
+            self.declare_elem_type(v, elem);
         }
         for (v, elem) in patch.declared_elem_types {
             self.declare_elem_type(v, elem);

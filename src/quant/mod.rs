@@ -7,6 +7,7 @@
 
 pub mod calibrate;
 pub mod dynamic;
+pub mod fp16;
 pub mod qdq;
 
 use std::collections::BTreeMap;

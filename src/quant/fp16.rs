@@ -1,0 +1,381 @@
+//! FP16: weights and compute in float16, with the numerically fragile operators kept in
+//! float32 behind Casts.
+//!
+//! Matches every float32 value of the graph and decides its precision: a value computed by a
+//! node that `keeps_float32` (normalizations, whose mean and variance lose digits in float16;
+//! Softmax and Exp, which overflow at 11.1; reductions and Pow, whose sums and squares pass
+//! float16's 65 504; subgraph and quantization operators) stays float32, and so do the graph
+//! inputs and outputs with `keep_io_types`; every other float value becomes float16.
+//! Produces:
+//! - float16 copies of float32 initializers and `Constant`/`ConstantOfShape` values read in
+//!   float16 (values beyond ±65 504 clamped there rather than made infinite);
+//! - `Cast(to=FLOAT16)` for `Cast(to=FLOAT)` nodes computing in float16;
+//! - one `Cast` per value and precision where a reader expects the other precision (a kept
+//!   node reading a float16 value, a float16 node reading a float32 one);
+//! - graph inputs and outputs declared float16, or, with `keep_io_types`, Casts at the edges.
+//!
+//! Safe because every operator either computes in float32 as before or in float16 on float16
+//! inputs of the same shapes (ONNX's `T` type constraints allow both); each Cast changes the
+//! precision, never the value range (clamped constants aside). The outputs differ from float32
+//! by float16 rounding: the report's validation states how much.
+
+use std::collections::HashMap;
+
+use bytes::Bytes;
+use half::f16;
+
+use crate::error::Result;
+use crate::ir::{attr, DataType, Graph, Model, NodeId, PValue, Patch, Tensor, Use, ValueId};
+use crate::passes::fuse::MS_DOMAIN;
+use crate::passes::shape::{self, ShapeInference};
+use crate::passes::{Pass, Rewrites};
+use crate::quant::{QuantReport, QuantTarget};
+
+/// Operators computed in float32 whatever their neighbours.
+const KEEP_FLOAT32: &[&str] = &[
+    "LayerNormalization",
+    "SkipLayerNormalization",
+    "SimplifiedLayerNormalization",
+    "SkipSimplifiedLayerNormalization",
+    "RMSNormalization",
+    "GroupNormalization",
+    "InstanceNormalization",
+    "BatchNormalization",
+    "Softmax",
+    "LogSoftmax",
+    "Exp",
+    "Log",
+    "Pow",
+    "ReduceMean",
+    "ReduceSum",
+    "ReduceSumSquare",
+    "ReduceL1",
+    "ReduceL2",
+    "ReduceLogSum",
+    "ReduceLogSumExp",
+    "ReduceProd",
+    "CumSum",
+    "Range",
+    "RandomNormal",
+    "RandomNormalLike",
+    "RandomUniform",
+    "RandomUniformLike",
+    "EyeLike",
+    "If",
+    "Loop",
+    "Scan",
+    "QuantizeLinear",
+    "DequantizeLinear",
+    "DynamicQuantizeLinear",
+];
+
+/// Inputs that ONNX types float32 whatever the data's type: (operator, input slot).
+const FLOAT32_INPUTS: &[(&str, usize)] = &[("Resize", 2), ("Upsample", 1)];
+
+/// The largest finite float16.
+const F16_MAX: f32 = 65504.0;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+enum Precision {
+    F32,
+    F16,
+}
+
+impl Precision {
+    fn elem(self) -> DataType {
+        match self {
+            Precision::F32 => DataType::Float,
+            Precision::F16 => DataType::Float16,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct Fp16Options {
+    /// Keep float32 graph inputs and outputs (Casts at the edges).
+    pub keep_io_types: bool,
+}
+
+/// Converts `model` to float16 (see the module doc).
+pub fn convert_fp16(model: &mut Model, options: &Fp16Options) -> Result<QuantReport> {
+    let mut precision = precisions(model, options);
+    let mut rewrites = Rewrites::default();
+    // In steps, each computed on the graph the one before left: rebuilding a node (a
+    // Constant, a Cast, the producer of an output) gives it a new id.
+    for patch in constant_patches(model, &precision)? {
+        rewrites.apply(model, patch)?;
+    }
+    if options.keep_io_types {
+        for patch in output_patches(model, &mut precision) {
+            rewrites.apply(model, patch)?;
+        }
+    }
+    for patch in cast_patches(model, &precision) {
+        rewrites.apply(model, patch)?;
+    }
+    if !options.keep_io_types {
+        let g = &model.graph;
+        let ports: Vec<ValueId> = g.inputs.iter().chain(&g.outputs).map(|p| p.value).collect();
+        for v in ports {
+            let g = &model.graph;
+            if precision.get(&v) == Some(&Precision::F16) && g.initializer(v).is_none() {
+                let mut patch = Patch::new("fp16-io");
+                patch.declare_elem_type(v, DataType::Float16 as i32);
+                rewrites.apply(model, patch)?;
+            }
+        }
+    }
+    // value_info: every value's element type as it now is.
+    ShapeInference.run(model)?;
+    Ok(QuantReport {
+        mode: "fp16",
+        target: QuantTarget::Ort,
+        calibration: None,
+        rewrites,
+        already_quantized: Vec::new(),
+    })
+}
+
+/// The precision a reader wants in input `slot`.
+fn expects(g: &Graph, reader: NodeId, slot: usize) -> Precision {
+    let node = g.node(reader);
+    let float32_input = FLOAT32_INPUTS
+        .iter()
+        .any(|&(op, s)| node.is(op) && s == slot);
+    if keeps_float32(g, reader) || float32_input {
+        Precision::F32
+    } else {
+        Precision::F16
+    }
+}
+
+/// The precision of every float value (see the module doc).
+fn precisions(model: &Model, options: &Fp16Options) -> HashMap<ValueId, Precision> {
+    let types = shape::infer(model).types;
+    let g = &model.graph;
+    let is_float = |v: ValueId| {
+        types
+            .get(&v)
+            .cloned()
+            .or_else(|| g.value_type(v))
+            .is_some_and(|t| t.elem == DataType::Float as i32)
+    };
+    let at_edge = if options.keep_io_types {
+        Precision::F32
+    } else {
+        Precision::F16
+    };
+    let mut precision = HashMap::new();
+    for v in g.value_ids().filter(|&v| is_float(v)) {
+        let p = if let Some(producer) = g.producer(v) {
+            if keeps_float32(g, producer) {
+                Precision::F32
+            } else {
+                Precision::F16
+            }
+        } else if g.initializer(v).is_none() || g.is_graph_input(v) || g.is_graph_output(v) {
+            at_edge
+        } else {
+            // An initializer: float16 unless every reader wants float32.
+            let read_as_f16 = g.uses(v).iter().any(|&(reader, u)| {
+                matches!(u, Use::Input(slot) if expects(g, reader, slot) == Precision::F16)
+            });
+            if read_as_f16 {
+                Precision::F16
+            } else {
+                Precision::F32
+            }
+        };
+        precision.insert(v, p);
+    }
+    precision
+}
+
+/// Float16 initializers, Constant and ConstantOfShape values, and Casts to float16.
+fn constant_patches(model: &Model, precision: &HashMap<ValueId, Precision>) -> Result<Vec<Patch>> {
+    let g = &model.graph;
+    let mut patches = Vec::new();
+    let mut initializers: Vec<ValueId> = precision
+        .iter()
+        .filter(|&(&v, &p)| p == Precision::F16 && g.initializer(v).is_some())
+        .map(|(&v, _)| v)
+        .collect();
+    initializers.sort_by_key(|v| v.index());
+    for v in initializers {
+        if let Some(t) = g.initializer(v) {
+            let mut patch = Patch::new("fp16-initializer");
+            patch.replace_initializer(v, to_f16(t)?);
+            patches.push(patch);
+        }
+    }
+    for (id, node) in g.nodes() {
+        let out = node.output(0);
+        let computes_f16 = out.is_some_and(|o| precision.get(&o) == Some(&Precision::F16));
+        if !computes_f16 || !node.domain().is_empty() {
+            continue;
+        }
+        let mut proto = node.proto.clone();
+        let changed = match node.op_type() {
+            "Constant" | "ConstantOfShape" => {
+                let mut changed = false;
+                for a in &mut proto.attribute {
+                    let Some(t) = a.t.take() else { continue };
+                    let t = Tensor::from_proto(t)?;
+                    let t = if t.dtype() == DataType::Float {
+                        changed = true;
+                        to_f16(&t)?
+                    } else {
+                        t
+                    };
+                    a.t = Some(t.into_proto());
+                }
+                changed
+            }
+            "Cast" => {
+                proto.attribute.retain(|a| a.name() != "to");
+                proto
+                    .attribute
+                    .push(attr::int("to", DataType::Float16 as i64));
+                true
+            }
+            _ => false,
+        };
+        if changed {
+            let mut patch = Patch::new("fp16-constant");
+            let inputs: Vec<Option<PValue>> =
+                node.inputs.iter().map(|i| i.map(PValue::from)).collect();
+            let outputs: Vec<PValue> = node.outputs.iter().flatten().map(|&o| o.into()).collect();
+            patch
+                .remove_node(id)
+                .add_node_proto(proto, &inputs, &outputs);
+            patches.push(patch);
+        }
+    }
+    Ok(patches)
+}
+
+/// With `keep_io_types`, float32 graph outputs whose producer computes in float16: the
+/// producer writes `<output>.float16`, a Cast writes the output, and the float16 readers read
+/// the float16 value. One patch per producer (it may write several outputs); `precision`
+/// records the outputs as float32 from then on.
+fn output_patches(model: &Model, precision: &mut HashMap<ValueId, Precision>) -> Vec<Patch> {
+    let g = &model.graph;
+    let mut by_producer: Vec<(NodeId, Vec<ValueId>)> = Vec::new();
+    for port in &g.outputs {
+        let v = port.value;
+        let (Some(producer), Some(Precision::F16)) = (g.producer(v), precision.get(&v)) else {
+            continue;
+        };
+        match by_producer.iter_mut().find(|(p, _)| *p == producer) {
+            Some((_, outputs)) => outputs.push(v),
+            None => by_producer.push((producer, vec![v])),
+        }
+    }
+    let mut patches = Vec::new();
+    for (producer, outputs) in by_producer {
+        let node = g.node(producer);
+        let mut patch = Patch::new("fp16-output");
+        let f16: HashMap<ValueId, PValue> = outputs
+            .iter()
+            .map(|&v| (v, patch.new_value(&format!("{}.float16", g.value_name(v)))))
+            .collect();
+        let inputs: Vec<Option<PValue>> = node.inputs.iter().map(|i| i.map(PValue::from)).collect();
+        let written: Vec<PValue> = node
+            .outputs
+            .iter()
+            .flatten()
+            .map(|o| f16.get(o).copied().unwrap_or(PValue::Old(*o)))
+            .collect();
+        patch
+            .remove_node(producer)
+            .add_node_proto(node.proto.clone(), &inputs, &written);
+        for &v in &outputs {
+            patch.add_node(
+                "Cast",
+                "",
+                &[Some(f16[&v])],
+                &[PValue::Old(v)],
+                vec![attr::int("to", DataType::Float as i64)],
+            );
+            for &(reader, u) in g.uses(v) {
+                if let Use::Input(slot) = u {
+                    if expects(g, reader, slot) == Precision::F16 {
+                        patch.replace_input(reader, slot, f16[&v]);
+                    }
+                }
+            }
+            precision.insert(v, Precision::F32);
+        }
+        patches.push(patch);
+    }
+    patches
+}
+
+/// A Cast per value and precision its readers want, where that is not the value's own.
+fn cast_patches(model: &Model, precision: &HashMap<ValueId, Precision>) -> Vec<Patch> {
+    let g = &model.graph;
+    let mut values: Vec<(ValueId, Precision)> = precision.iter().map(|(&v, &p)| (v, p)).collect();
+    values.sort_by_key(|(v, _)| v.index());
+    let mut patches = Vec::new();
+    for (v, p) in values {
+        let name = g.value_name(v);
+        let mut patch = Patch::new("fp16-cast");
+        if let Some(anchor) = g.producer(v).or_else(|| g.uses(v).first().map(|u| u.0)) {
+            patch.anchor_at(anchor);
+        }
+        let mut wanting: HashMap<Precision, Vec<(NodeId, usize)>> = HashMap::new();
+        for &(reader, u) in g.uses(v) {
+            if let Use::Input(slot) = u {
+                let want = expects(g, reader, slot);
+                if want != p {
+                    wanting.entry(want).or_default().push((reader, slot));
+                }
+            }
+        }
+        for (want, readers) in wanting {
+            let suffix = match want {
+                Precision::F32 => "float32",
+                Precision::F16 => "float16",
+            };
+            let cast = patch.new_value(&format!("{name}.{suffix}"));
+            patch.add_node(
+                "Cast",
+                "",
+                &[Some(v.into())],
+                &[cast],
+                vec![attr::int("to", want.elem() as i64)],
+            );
+            for (reader, slot) in readers {
+                patch.replace_input(reader, slot, cast);
+            }
+        }
+        if !patch.is_empty() {
+            patches.push(patch);
+        }
+    }
+    patches
+}
+
+fn keeps_float32(g: &Graph, id: NodeId) -> bool {
+    let node = g.node(id);
+    let known_domain = node.domain().is_empty() || node.domain() == MS_DOMAIN;
+    !known_domain || KEEP_FLOAT32.contains(&node.op_type())
+}
+
+/// `t` as float16, values beyond float16's range clamped to ±65 504.
+fn to_f16(t: &Tensor) -> Result<Tensor> {
+    let values = t.to_f32_vec()?;
+    let raw: Vec<u8> = values
+        .iter()
+        .flat_map(|&x| {
+            // Infinities and NaN stay what they are.
+            let clamped = if x.is_finite() {
+                x.clamp(-F16_MAX, F16_MAX)
+            } else {
+                x
+            };
+            f16::from_f32(clamped).to_bits().to_le_bytes()
+        })
+        .collect();
+    Tensor::from_raw(t.name(), DataType::Float16, t.dims(), Bytes::from(raw))
+}
