@@ -52,6 +52,9 @@ pub enum Error {
 
     #[error("cannot quantize: {0}")]
     Quantization(String),
+
+    #[error("{0}")]
+    InvalidArgument(String),
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -25,12 +25,15 @@ use crate::passes::{PassManager, PassReport};
 pub struct OptimizeOptions {
     /// The runtime the fused operators are built for.
     pub target: Target,
+    /// Run only these passes of the pipeline (by name); empty: all of them.
+    pub passes: Vec<String>,
 }
 
 impl Default for OptimizeOptions {
     fn default() -> Self {
         OptimizeOptions {
             target: Target::Ort,
+            passes: Vec::new(),
         }
     }
 }
@@ -51,9 +54,17 @@ pub fn pipeline(options: &OptimizeOptions) -> PassManager {
         .with(DeadCodeElimination)
 }
 
-/// Runs the pipeline on `model` to a fixpoint and records the target in the model's metadata.
+/// Runs the pipeline (or the passes `options` names) on `model` to a fixpoint and records the
+/// target in the model's metadata when a fusion pass ran (a clean-up alone builds for no
+/// runtime).
 pub fn optimize(model: &mut Model, options: &OptimizeOptions) -> Result<PassReport> {
-    let report = pipeline(options).run(model)?;
-    model.set_metadata(TARGET_KEY, options.target.name());
+    let mut passes = pipeline(options);
+    if !options.passes.is_empty() {
+        passes = passes.only(&options.passes)?;
+    }
+    let report = passes.run(model)?;
+    if passes.names().iter().any(|n| n.starts_with("fuse-")) {
+        model.set_metadata(TARGET_KEY, options.target.name());
+    }
     Ok(report)
 }

@@ -538,3 +538,28 @@ fn fp16_keeps_float32_io_when_asked() {
         .count();
     assert!(halves > 0);
 }
+
+#[test]
+fn passes_picks_passes_from_the_pipeline() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out.onnx");
+    let model = common::testdata("bert-tiny.ts.onnx");
+    let unknown = onnxopt(&["optimize", s(&model), s(&out), "--passes", "dce,fuse-magic"]);
+    assert_eq!(unknown.status.code(), Some(1));
+    let stderr = text(&unknown.stderr);
+    assert!(
+        stderr.contains("no pass `fuse-magic`") && stderr.contains("fuse-gelu"),
+        "{stderr}"
+    );
+    assert!(!out.exists());
+    let result = onnxopt(&["optimize", s(&model), s(&out), "--passes", "dce"]);
+    assert!(result.status.success(), "{}", text(&result.stderr));
+    let stdout = text(&result.stdout);
+    assert!(
+        stdout.contains("dce") && !stdout.contains("fuse-gelu"),
+        "{stdout}"
+    );
+    // No fusion ran: the output builds for no particular runtime.
+    let written = onnxopt::io::load(&out).unwrap();
+    assert_eq!(written.metadata("onnxopt.target"), None);
+}

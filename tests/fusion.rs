@@ -34,8 +34,14 @@ fn every_corpus_model_is_fused_and_keeps_its_outputs() {
         for target in [Target::Ort, Target::Onnx] {
             let original = onnxopt::io::load(&path).unwrap();
             let mut model = original.clone();
-            let report = optimize(&mut model, &OptimizeOptions { target })
-                .unwrap_or_else(|e| panic!("{name} {target:?}: {e}"));
+            let report = optimize(
+                &mut model,
+                &OptimizeOptions {
+                    target,
+                    ..Default::default()
+                },
+            )
+            .unwrap_or_else(|e| panic!("{name} {target:?}: {e}"));
             let ops = histogram(&model);
             let fused: Vec<String> = report
                 .passes

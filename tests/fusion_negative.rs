@@ -80,6 +80,7 @@ fn fused_ops(original: Model) -> Vec<String> {
         &mut model,
         &OptimizeOptions {
             target: Target::Ort,
+            ..Default::default()
         },
     )
     .unwrap();

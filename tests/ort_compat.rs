@@ -23,7 +23,14 @@ fn optimized_corpus_models_load_and_match_in_onnx_runtime() {
         let name = path.file_name().unwrap().to_string_lossy().into_owned();
         for target in [Target::Ort, Target::Onnx] {
             let mut model = io::load(&path).unwrap();
-            optimize(&mut model, &OptimizeOptions { target }).unwrap();
+            optimize(
+                &mut model,
+                &OptimizeOptions {
+                    target,
+                    ..Default::default()
+                },
+            )
+            .unwrap();
             let out = dir.path().join(format!("{}.{name}", target.name()));
             io::save(&model, &out, ExternalData::Auto).unwrap();
             for p in [path.clone(), out, common::calib_dir(&path)] {

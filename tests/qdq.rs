@@ -66,7 +66,14 @@ fn optimized(path: &Path, target: QuantTarget) -> Model {
         QuantTarget::Ort => Target::Ort,
         QuantTarget::Trt => Target::Onnx,
     };
-    optimize(&mut model, &OptimizeOptions { target }).unwrap();
+    optimize(
+        &mut model,
+        &OptimizeOptions {
+            target,
+            ..Default::default()
+        },
+    )
+    .unwrap();
     model
 }
 

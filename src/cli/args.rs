@@ -68,6 +68,9 @@ pub struct OptimizeArgs {
     /// gates only on the tolerances given.
     #[arg(long)]
     pub validate: bool,
+    /// Run only these passes, comma-separated (`--passes dce`; the report lists them all).
+    #[arg(long, value_delimiter = ',', value_name = "PASS,...")]
+    pub passes: Vec<String>,
     #[command(flatten)]
     pub quant: QuantArgs,
     #[command(flatten)]

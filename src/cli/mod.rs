@@ -130,6 +130,7 @@ fn optimize(args: OptimizeArgs) -> Result<()> {
     let original = (args.validate || quantizing).then(|| model.clone());
     let options = onnxopt::optimize::OptimizeOptions {
         target: args.target.fusion(),
+        passes: args.passes.clone(),
     };
     report.target = Some(options.target);
     report.passes = Some(onnxopt::optimize(&mut model, &options).context("optimization failed")?);

@@ -116,6 +116,24 @@ impl PassManager {
         self
     }
 
+    /// The names of the passes, in the order they run.
+    pub fn names(&self) -> Vec<&'static str> {
+        self.passes.iter().map(|p| p.name()).collect()
+    }
+
+    /// Keeps only the passes named in `names` (in pipeline order); a name that is no pass
+    /// of this manager is an error that lists the names there are.
+    pub fn only(mut self, names: &[String]) -> Result<Self> {
+        if let Some(unknown) = names.iter().find(|n| !self.names().contains(&n.as_str())) {
+            return Err(Error::InvalidArgument(format!(
+                "no pass `{unknown}`: the passes are {}",
+                self.names().join(", ")
+            )));
+        }
+        self.passes.retain(|p| names.iter().any(|n| n == p.name()));
+        Ok(self)
+    }
+
     pub fn max_rounds(mut self, rounds: usize) -> Self {
         self.max_rounds = rounds.max(1);
         self
