@@ -117,6 +117,35 @@ fn write_quantization(f: &mut fmt::Formatter<'_>, q: &QuantReport) -> fmt::Resul
             )?;
         }
     }
+    if let Some(a) = &q.auto_exclusion {
+        let worst: Vec<String> = a
+            .sensitivities
+            .iter()
+            .take(5)
+            .map(|s| format!("{} (cosine {:.5})", s.node, s.cosine))
+            .collect();
+        writeln!(
+            f,
+            "  auto-exclude: measured {} layers, most sensitive {}",
+            a.sensitivities.len(),
+            worst.join(", ")
+        )?;
+        let verdict = if a.passed {
+            "keeps the tolerance"
+        } else {
+            "still breaks the tolerance"
+        };
+        writeln!(
+            f,
+            "  kept float: {} ({} layers); the result {verdict}",
+            if a.excluded.is_empty() {
+                "none".to_string()
+            } else {
+                a.excluded.join(", ")
+            },
+            a.excluded.len()
+        )?;
+    }
     writeln!(f, "  {}", q.rewrites)
 }
 

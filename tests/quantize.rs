@@ -14,6 +14,7 @@ use onnxopt::quant::calibrate::calibrate;
 use onnxopt::quant::dynamic::quantize_dynamic;
 use onnxopt::quant::fp16::{convert_fp16, Fp16Options};
 use onnxopt::quant::qdq::{activations_to_calibrate, QdqOptions, Selection, Selector};
+use onnxopt::quant::sensitivity::quantize_static_auto_exclude;
 use onnxopt::quant::{quantize_static, QuantTarget, RangeMethod, StaticOptions};
 
 const METHODS: [RangeMethod; 4] = [
@@ -260,4 +261,79 @@ fn fp16_corpus_models_stay_close_to_float_in_tract_and_onnx_runtime() {
     }
     let option = ["--min-cosine".to_string(), "0.999".to_string()];
     common::ort_check(&[&option[..], &triples].concat());
+}
+
+#[test]
+fn auto_exclude_keeps_the_most_sensitive_layers_float_until_the_tolerance_holds() {
+    let float = optimized("bert-tiny.ts.onnx");
+    let batches = bert_batches(&float);
+    let (calibration, validation) = batches.split_at(1);
+    let options = StaticOptions {
+        qdq: ort_options(),
+        method: RangeMethod::MinMax,
+    };
+    // The pooler's Gemm alone costs the most (cosine 0.9992 on its output); everything
+    // else is near 1: a bound between the two must keep exactly it float.
+    let tolerance = Tolerance {
+        min_cosine: Some(0.99995),
+        ..Default::default()
+    };
+    let mut model = float.clone();
+    let report = quantize_static_auto_exclude(
+        &mut model,
+        calibration,
+        validation,
+        &options,
+        &tolerance,
+        &|_, _, _| {},
+    )
+    .unwrap();
+    let a = report.auto_exclusion.unwrap();
+    assert!(a.passed);
+    assert_eq!(a.excluded, ["/m/pooler/dense/Gemm"], "{a:#?}");
+    assert_eq!(a.sensitivities[0].node, "/m/pooler/dense/Gemm");
+    assert!(a
+        .sensitivities
+        .windows(2)
+        .all(|w| w[0].cosine <= w[1].cosine));
+    // The result is what the gate saw: it keeps the tolerance, and the Gemm reads float.
+    let check = ValidateOptions {
+        inputs: InputSource::Batches(validation.to_vec()),
+        tolerance,
+        ..Default::default()
+    };
+    assert!(exec::validate(&float, &model, &check, &|_, _| {})
+        .unwrap()
+        .passed());
+    let g = &model.graph;
+    let (_, gemm) = g
+        .nodes()
+        .find(|(_, n)| n.name() == "/m/pooler/dense/Gemm")
+        .unwrap();
+    let weight = gemm.input(1).unwrap();
+    assert!(
+        g.initializer(weight).is_some(),
+        "the Gemm's weight stays a float initializer"
+    );
+}
+
+#[test]
+fn auto_exclude_needs_a_tolerance() {
+    let float = optimized("bert-tiny.ts.onnx");
+    let batches = bert_batches(&float);
+    let options = StaticOptions {
+        qdq: ort_options(),
+        method: RangeMethod::MinMax,
+    };
+    let mut model = float.clone();
+    let err = quantize_static_auto_exclude(
+        &mut model,
+        &batches,
+        &batches,
+        &options,
+        &Tolerance::default(),
+        &|_, _, _| {},
+    )
+    .unwrap_err();
+    assert!(err.to_string().contains("needs a tolerance"), "{err}");
 }

@@ -148,6 +148,10 @@ pub struct QuantArgs {
     /// The percentile of |x| the `percentile` method keeps.
     #[arg(long, default_value_t = onnxopt::quant::calibrate::DEFAULT_PERCENTILE)]
     pub percentile: f64,
+    /// With --int8: measure each layer's cost alone, then keep the most sensitive layers
+    /// float until the output keeps the tolerance given (--min-cosine, --max-error, --max-kl).
+    #[arg(long, requires = "int8")]
+    pub auto_exclude: bool,
     /// Quantize these nodes too: a node name, `op:<OpType>` or `re:<regex over names>`.
     #[arg(long, value_name = "SELECTOR")]
     pub include: Vec<String>,

@@ -163,10 +163,29 @@ fn optimize(args: OptimizeArgs) -> Result<()> {
             method: args.quant.method(),
         };
         let bar = progress("calibrating");
-        let result = quant::quantize_static(&mut model, &calibration, &options, &|done, total| {
+        let on_batch = |done: usize, total: usize| {
             bar.set_length(total as u64);
             bar.set_position(done as u64);
-        });
+        };
+        let result = if args.quant.auto_exclude {
+            let validation = exec::batches_for(&model, &validation_inputs.0, &validation_inputs.1)
+                .context("cannot read the validation batches")?;
+            let tolerance =
+                validate_options(validation_inputs.clone(), &args.tolerance, true).tolerance;
+            quant::sensitivity::quantize_static_auto_exclude(
+                &mut model,
+                &calibration,
+                &validation,
+                &options,
+                &tolerance,
+                &|what, done, total| {
+                    bar.set_message(what.to_string());
+                    on_batch(done, total);
+                },
+            )
+        } else {
+            quant::quantize_static(&mut model, &calibration, &options, &on_batch)
+        };
         bar.finish_and_clear();
         report.quantization = Some(result.context("quantization failed")?);
     }
@@ -334,7 +353,7 @@ fn write_report(report: &Report, path: Option<&Path>) -> Result<()> {
 fn progress(what: &'static str) -> indicatif::ProgressBar {
     let bar = indicatif::ProgressBar::new(0);
     if let Ok(style) =
-        indicatif::ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} batches {elapsed}")
+        indicatif::ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} {elapsed}")
     {
         bar.set_style(style);
     }

@@ -51,6 +51,7 @@ pub fn quantize_dynamic(model: &mut Model, options: &QdqOptions) -> Result<Quant
         calibration: None,
         rewrites,
         already_quantized,
+        auto_exclusion: None,
     };
     let operators = qdq::quantization_ops(model);
     if !operators.is_empty() {

@@ -133,6 +133,7 @@ pub fn convert_fp16(model: &mut Model, options: &Fp16Options) -> Result<QuantRep
         calibration: None,
         rewrites,
         already_quantized: Vec::new(),
+        auto_exclusion: None,
     })
 }
 

@@ -9,6 +9,7 @@ pub mod calibrate;
 pub mod dynamic;
 pub mod fp16;
 pub mod qdq;
+pub mod sensitivity;
 
 use std::collections::BTreeMap;
 
@@ -81,6 +82,8 @@ pub struct QuantReport {
     /// Quantization operators the input already held, which left it unchanged (a
     /// quantization-aware-trained model is not quantized twice).
     pub already_quantized: Vec<String>,
+    /// `--auto-exclude`: the layers' sensitivities and those kept float.
+    pub auto_exclusion: Option<sensitivity::AutoExclusion>,
 }
 
 /// Static INT8: calibrates the activations QDQ insertion will quantize on `batches`, then
@@ -104,5 +107,6 @@ pub fn quantize_static(
         calibration: Some(calibration),
         rewrites,
         already_quantized,
+        auto_exclusion: None,
     })
 }

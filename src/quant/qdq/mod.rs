@@ -123,6 +123,31 @@ pub fn activations_to_calibrate(model: &Model, options: &QdqOptions) -> Vec<Stri
         .collect()
 }
 
+/// The names of the nodes whose weights `insert_qdq` will quantize with `options` (MatMul,
+/// Gemm, Conv, embedding Gathers, fused Attention), in graph order; unnamed nodes, which no
+/// selector can name, are left out.
+pub fn quantized_layers(model: &Model, options: &QdqOptions) -> Vec<String> {
+    let g = &model.graph;
+    let plan = Plan::new(model, options.target, &options.selection);
+    let readers = plan
+        .weights
+        .iter()
+        .flat_map(|w| w.readers.iter().map(|r| r.0));
+    let gathers = plan
+        .embeddings
+        .iter()
+        .flat_map(|e| e.gathers.iter().copied());
+    let mut nodes: Vec<NodeId> = readers.chain(gathers).collect();
+    let order = g.topological_order().unwrap_or_default();
+    nodes.sort_by_key(|n| order.iter().position(|o| o == n));
+    nodes.dedup();
+    nodes
+        .into_iter()
+        .map(|n| g.node(n).name().to_string())
+        .filter(|name| !name.is_empty())
+        .collect()
+}
+
 /// Quantizes `model` in QDQ form with the calibrated `ranges` (one per name
 /// `activations_to_calibrate` returned). Everything is computed before the first change, so
 /// on an error (a missing or unusable range, a non-finite weight, an opset that cannot be
