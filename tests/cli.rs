@@ -207,30 +207,31 @@ fn validation_refuses_what_tract_cannot_run_faithfully() {
     assert!(!out.exists());
 }
 
+/// Runs `optimize MODEL OUT ARGS --report R` and returns its output and the report, after
+/// checking that it succeeded.
+fn optimize_with_report(model: &Path, out: &Path, args: &[&str]) -> (Output, serde_json::Value) {
+    let report = out.with_extension("report.json");
+    let mut all = vec!["optimize", s(model), s(out)];
+    all.extend_from_slice(args);
+    all.extend_from_slice(&["--report", s(&report)]);
+    let result = onnxopt(&all);
+    assert!(result.status.success(), "{}", text(&result.stderr));
+    let json = serde_json::from_slice(&std::fs::read(&report).unwrap()).unwrap();
+    (result, json)
+}
+
 #[test]
 fn optimize_validates_and_writes_a_report() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("bert.onnx");
-    let report = dir.path().join("report.json");
     let model = common::testdata("bert-tiny.ts.onnx");
     let calib = common::testdata("calib/bert-tiny");
-    let result = onnxopt(&[
-        "optimize",
-        s(&model),
-        s(&out),
-        "--validate",
-        "--inputs",
-        s(&calib),
-        "--report",
-        s(&report),
-    ]);
+    let (result, json) = optimize_with_report(&model, &out, &["--validate", "--inputs", s(&calib)]);
     let stdout = text(&result.stdout);
-    assert!(result.status.success(), "{}", text(&result.stderr));
     assert!(
         stdout.contains("validation on 2 batches: within tolerance"),
         "{stdout}"
     );
-    let json: serde_json::Value = serde_json::from_slice(&std::fs::read(&report).unwrap()).unwrap();
     let passes: Vec<&str> = json["passes"]["passes"]
         .as_array()
         .unwrap()
@@ -401,23 +402,11 @@ fn run_writes_outputs_as_npy() {
 fn int8_calibrates_validates_on_held_back_batches_and_reports() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("bert.int8.onnx");
-    let report = dir.path().join("report.json");
     let model = common::testdata("bert-tiny.ts.onnx");
     let calib = common::testdata("calib/bert-tiny");
-    let result = onnxopt(&[
-        "optimize",
-        s(&model),
-        s(&out),
-        "--int8",
-        "--calib",
-        s(&calib),
-        "--report",
-        s(&report),
-    ]);
+    let (result, json) = optimize_with_report(&model, &out, &["--int8", "--calib", s(&calib)]);
     let stdout = text(&result.stdout);
-    assert!(result.status.success(), "{}", text(&result.stderr));
     assert!(stdout.contains("quantization: static-int8"), "{stdout}");
-    let json: serde_json::Value = serde_json::from_slice(&std::fs::read(&report).unwrap()).unwrap();
     let q = &json["quantization"];
     // Two batches: one calibrates, the other is held back for validation.
     assert_eq!(q["calibration"]["batches"], serde_json::json!(["batch_00"]));

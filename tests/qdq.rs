@@ -14,7 +14,6 @@ use std::process::Command;
 
 use onnxopt::exec::{self, GenerateOptions, InputSource, Runner, Tolerance, ValidateOptions};
 use onnxopt::io::{self, ExternalData};
-use onnxopt::ir::dump::dump_model;
 use onnxopt::ir::Model;
 use onnxopt::optimize::{optimize, OptimizeOptions};
 use onnxopt::passes::fuse::Target;
@@ -150,12 +149,7 @@ fn qdq_diff(target: QuantTarget) -> String {
     };
     let v = exec::validate(&float, &model, &validation, &|_, _| {}).unwrap();
     assert!(v.passed(), "{:?}", v.violations);
-    let before = dump_model(&float.to_proto().unwrap());
-    let after = dump_model(&model.to_proto().unwrap());
-    let diff = similar::TextDiff::from_lines(&before, &after)
-        .unified_diff()
-        .context_radius(0)
-        .to_string();
+    let diff = common::dump_diff(&float, &model);
     format!("rewrites {:?}\n{diff}", rewrites.0)
 }
 
@@ -198,8 +192,7 @@ fn every_tensorrt_output_of_the_corpus_keeps_tensorrt_rules() {
 fn quantized_corpus_models_stay_close_to_float_in_tract_and_onnx_runtime() {
     let has_ort = common::onnx_runtime_available();
     let dir = tempfile::tempdir().unwrap();
-    // ORIGINAL QUANTIZED INPUT_DIR triples for `ort_check.py`, by their cosine bound.
-    let mut triples: std::collections::BTreeMap<String, Vec<String>> = Default::default();
+    let mut checks = common::OrtChecks::default();
     for path in common::corpus_models() {
         let name = path.file_name().unwrap().to_string_lossy().into_owned();
         let tract_runs = !TRACT_CANNOT_RUN.contains(&name.as_str());
@@ -235,19 +228,8 @@ fn quantized_corpus_models_stay_close_to_float_in_tract_and_onnx_runtime() {
             }
             let out = dir.path().join(format!("{target:?}.{name}"));
             io::save(&model, &out, ExternalData::Auto).unwrap();
-            let group = triples.entry(bound.to_string()).or_default();
-            for p in [path.clone(), out, calib.clone()] {
-                group.push(p.to_string_lossy().into_owned());
-            }
+            checks.add(&bound.to_string(), &path, &out, &calib);
         }
     }
-    if !has_ort {
-        println!(
-            "skipped the ONNX Runtime check: python3 cannot import onnx, onnxruntime and numpy"
-        );
-        return;
-    }
-    for (bound, triples) in triples {
-        common::ort_check(&[&["--min-cosine".to_string(), bound][..], &triples].concat());
-    }
+    checks.run();
 }

@@ -124,12 +124,7 @@ fn dynamic_int8_of_bert_tiny() {
     let float = optimized("bert-tiny.dynamo.onnx");
     let mut model = float.clone();
     let report = quantize_dynamic(&mut model, &ort_options()).unwrap();
-    let before = dump_model(&float.to_proto().unwrap());
-    let after = dump_model(&model.to_proto().unwrap());
-    let diff = similar::TextDiff::from_lines(&before, &after)
-        .unified_diff()
-        .context_radius(0)
-        .to_string();
+    let diff = common::dump_diff(&float, &model);
     insta::assert_snapshot!(format!("rewrites {:?}\n{diff}", report.rewrites.0));
 }
 
@@ -140,18 +135,44 @@ fn tract_checks(name: &str) -> bool {
     name != "roberta-tiny.dynamo.onnx" && !name.starts_with("all-minilm")
 }
 
-#[test]
-fn dynamically_quantized_corpus_models_stay_close_to_float_in_tract_and_onnx_runtime() {
-    let has_ort = common::onnx_runtime_available();
-    let dir = tempfile::tempdir().unwrap();
-    // ORIGINAL QUANTIZED INPUT_DIR triples for `ort_check.py`, by their cosine bound. MiniLM's
-    // whole last_hidden_state, padding included, sits lower than its sentence embeddings
-    // (0.995 on held-back sentences: `benches/quant_vs_ort.rs`).
-    let mut triples: std::collections::BTreeMap<&str, Vec<String>> = Default::default();
-    for path in common::corpus_models() {
+/// Every output of `model` keeps a cosine of at least `min_cosine` with `float`'s in tract on
+/// the batches in `calib`.
+fn assert_close_in_tract(
+    float: &Model,
+    model: &Model,
+    calib: &std::path::Path,
+    min_cosine: f64,
+    what: &str,
+) {
+    let validation = ValidateOptions {
+        inputs: InputSource::Dir(calib.to_path_buf()),
+        tolerance: Tolerance {
+            min_cosine: Some(min_cosine),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let v = exec::validate(float, model, &validation, &|_, _| {}).unwrap();
+    assert!(v.passed(), "{what}: {:?}", v.violations);
+}
+
+/// Every corpus model (path, file name) after the default pipeline.
+fn optimized_corpus_models() -> impl Iterator<Item = (std::path::PathBuf, String, Model)> {
+    common::corpus_models().into_iter().map(|path| {
         let name = path.file_name().unwrap().to_string_lossy().into_owned();
         let mut float = io::load(&path).unwrap();
         optimize(&mut float, &OptimizeOptions::default()).unwrap();
+        (path, name, float)
+    })
+}
+
+#[test]
+fn dynamically_quantized_corpus_models_stay_close_to_float_in_tract_and_onnx_runtime() {
+    let dir = tempfile::tempdir().unwrap();
+    // MiniLM's whole last_hidden_state, padding included, sits lower than its sentence
+    // embeddings (0.995 on held-back sentences: `benches/quant_vs_ort.rs`).
+    let mut checks = common::OrtChecks::default();
+    for (path, name, float) in optimized_corpus_models() {
         let mut model = float.clone();
         let report = quantize_dynamic(&mut model, &ort_options()).unwrap();
         assert!(
@@ -161,16 +182,7 @@ fn dynamically_quantized_corpus_models_stay_close_to_float_in_tract_and_onnx_run
         );
         let calib = common::calib_dir(&path);
         if tract_checks(&name) {
-            let validation = ValidateOptions {
-                inputs: InputSource::Dir(calib.clone()),
-                tolerance: Tolerance {
-                    min_cosine: Some(0.99),
-                    ..Default::default()
-                },
-                ..Default::default()
-            };
-            let v = exec::validate(&float, &model, &validation, &|_, _| {}).unwrap();
-            assert!(v.passed(), "{name}: {:?}", v.violations);
+            assert_close_in_tract(&float, &model, &calib, 0.99, &name);
         }
         let out = dir.path().join(format!("dynamic.{name}"));
         io::save(&model, &out, ExternalData::Auto).unwrap();
@@ -179,21 +191,9 @@ fn dynamically_quantized_corpus_models_stay_close_to_float_in_tract_and_onnx_run
         } else {
             "0.99"
         };
-        let group = triples.entry(bound).or_default();
-        for p in [path.clone(), out, calib] {
-            group.push(p.to_string_lossy().into_owned());
-        }
+        checks.add(bound, &path, &out, &calib);
     }
-    if !has_ort {
-        println!(
-            "skipped the ONNX Runtime check: python3 cannot import onnx, onnxruntime and numpy"
-        );
-        return;
-    }
-    for (bound, triples) in triples {
-        let option = ["--min-cosine".to_string(), bound.to_string()];
-        common::ort_check(&[&option[..], &triples].concat());
-    }
+    checks.run();
 }
 
 #[test]
@@ -204,24 +204,15 @@ fn fp16_of_bert_tiny() {
         keep_io_types: true,
     };
     let report = convert_fp16(&mut model, &options).unwrap();
-    let before = dump_model(&float.to_proto().unwrap());
-    let after = dump_model(&model.to_proto().unwrap());
-    let diff = similar::TextDiff::from_lines(&before, &after)
-        .unified_diff()
-        .context_radius(0)
-        .to_string();
+    let diff = common::dump_diff(&float, &model);
     insta::assert_snapshot!(format!("rewrites {:?}\n{diff}", report.rewrites.0));
 }
 
 #[test]
 fn fp16_corpus_models_stay_close_to_float_in_tract_and_onnx_runtime() {
-    let has_ort = common::onnx_runtime_available();
     let dir = tempfile::tempdir().unwrap();
-    let mut triples = Vec::new();
-    for path in common::corpus_models() {
-        let name = path.file_name().unwrap().to_string_lossy().into_owned();
-        let mut float = io::load(&path).unwrap();
-        optimize(&mut float, &OptimizeOptions::default()).unwrap();
+    let mut checks = common::OrtChecks::default();
+    for (path, name, float) in optimized_corpus_models() {
         for keep_io_types in [true, false] {
             let mut model = float.clone();
             let report = convert_fp16(&mut model, &Fp16Options { keep_io_types }).unwrap();
@@ -232,35 +223,18 @@ fn fp16_corpus_models_stay_close_to_float_in_tract_and_onnx_runtime() {
             );
             let calib = common::calib_dir(&path);
             if tract_checks(&name) {
-                let validation = ValidateOptions {
-                    inputs: InputSource::Dir(calib.clone()),
-                    tolerance: Tolerance {
-                        min_cosine: Some(0.999),
-                        ..Default::default()
-                    },
-                    ..Default::default()
-                };
-                let v = exec::validate(&float, &model, &validation, &|_, _| {}).unwrap();
-                assert!(v.passed(), "{name} {keep_io_types}: {:?}", v.violations);
+                let what = format!("{name}, keep_io_types {keep_io_types}");
+                assert_close_in_tract(&float, &model, &calib, 0.999, &what);
             }
             // ort_check.py feeds the batches as they are: float32 inputs only.
             if keep_io_types {
                 let out = dir.path().join(format!("fp16.{name}"));
                 io::save(&model, &out, ExternalData::Auto).unwrap();
-                for p in [path.clone(), out, calib] {
-                    triples.push(p.to_string_lossy().into_owned());
-                }
+                checks.add("0.999", &path, &out, &calib);
             }
         }
     }
-    if !has_ort {
-        println!(
-            "skipped the ONNX Runtime check: python3 cannot import onnx, onnxruntime and numpy"
-        );
-        return;
-    }
-    let option = ["--min-cosine".to_string(), "0.999".to_string()];
-    common::ort_check(&[&option[..], &triples].concat());
+    checks.run();
 }
 
 #[test]

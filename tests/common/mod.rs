@@ -79,3 +79,40 @@ pub fn ort_check(args: &[String]) {
         String::from_utf8_lossy(&result.stderr)
     );
 }
+
+/// The unified diff of two models' dumps, without context lines: what a rewrite changed.
+pub fn dump_diff(before: &onnxopt::ir::Model, after: &onnxopt::ir::Model) -> String {
+    let dump = |m: &onnxopt::ir::Model| onnxopt::ir::dump::dump_model(&m.to_proto().unwrap());
+    similar::TextDiff::from_lines(&dump(before), &dump(after))
+        .unified_diff()
+        .context_radius(0)
+        .to_string()
+}
+
+/// Models for `scripts/ort_check.py` (ORIGINAL CHECKED INPUT_DIR triples), grouped by the
+/// cosine each must keep.
+#[derive(Default)]
+pub struct OrtChecks(std::collections::BTreeMap<String, Vec<String>>);
+
+impl OrtChecks {
+    pub fn add(&mut self, min_cosine: &str, original: &Path, checked: &Path, inputs: &Path) {
+        let group = self.0.entry(min_cosine.to_string()).or_default();
+        for p in [original, checked, inputs] {
+            group.push(p.to_string_lossy().into_owned());
+        }
+    }
+
+    /// Runs every group, or says that ONNX Runtime is not there (which fails under
+    /// `ONNXOPT_REQUIRE_ORT`).
+    pub fn run(self) {
+        if !onnx_runtime_available() {
+            println!(
+                "skipped the ONNX Runtime check: python3 cannot import onnx, onnxruntime and numpy"
+            );
+            return;
+        }
+        for (bound, triples) in self.0 {
+            ort_check(&[&["--min-cosine".to_string(), bound][..], &triples].concat());
+        }
+    }
+}
