@@ -390,12 +390,23 @@ pub fn validate(
     on_batch: &dyn Fn(usize, usize),
 ) -> Result<Validation, ExecError> {
     let batches = batches_for(reference, &options.inputs, &options.generate)?;
-    let mut a = Runner::new(reference)?;
+    let steps = 2 * batches.len();
+    // One model in tract at a time: the reference's outputs are kept (they are small next to
+    // a model's weights) and its runner dropped before the candidate's loads.
+    let (reference_inputs, expected) = {
+        let mut a = Runner::new(reference)?;
+        let mut expected = Vec::with_capacity(batches.len());
+        for (i, batch) in batches.iter().enumerate() {
+            expected.push(a.run(batch)?);
+            on_batch(i + 1, steps);
+        }
+        (a.inputs().to_vec(), expected)
+    };
     let mut b = Runner::new(candidate)?;
     // The same inputs, in the same order; a float input may have another float type (an
     // FP16 model), and gets the reference's values cast to it.
-    let same_inputs = a.inputs().len() == b.inputs().len()
-        && a.inputs().iter().zip(b.inputs()).all(|(x, y)| {
+    let same_inputs = reference_inputs.len() == b.inputs().len()
+        && reference_inputs.iter().zip(b.inputs()).all(|(x, y)| {
             x.name == y.name && (x.dtype == y.dtype || (x.dtype.is_float() && y.dtype.is_float()))
         });
     if !same_inputs {
@@ -427,8 +438,7 @@ pub fn validate(
         }
     };
     let mut outputs: Vec<OutputDiff> = Vec::new();
-    for (i, batch) in batches.iter().enumerate() {
-        let ra = a.run(batch)?;
+    for (i, (batch, ra)) in batches.iter().zip(&expected).enumerate() {
         let rb: HashMap<String, Tensor> = b.run(&candidate_batch(batch)?)?.into_iter().collect();
         for (k, (name, ta)) in ra.iter().enumerate() {
             let tb = rb
@@ -441,7 +451,7 @@ pub fn validate(
                 None => outputs.push(d),
             }
         }
-        on_batch(i + 1, batches.len());
+        on_batch(batches.len() + i + 1, steps);
     }
     let violations = outputs
         .iter()
