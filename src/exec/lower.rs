@@ -6,16 +6,19 @@
 //! semantics for the forms listed below (the ones onnxopt's fusions emit); a node outside
 //! them is left as it is and then refused by `support`, so it is never run wrongly.
 //!
-//! - `Attention(x, W, b?, attention_bias?)` (W constant, or dequantized from a constant) with `num_heads`, optional `scale`, no mask index,
-//!   no past, not unidirectional: `x·W + b`, split in three along the last axis, then the
-//!   standard 3-D `Attention`.
+//! - `Attention(x, W, b?, attention_bias?)` (W constant, or dequantized from a constant) with
+//!   `num_heads`, optional `scale`, no mask index, no past, not unidirectional: `x·W + b`,
+//!   split in three along the last axis, then the standard 3-D `Attention`.
 //! - `MultiHeadAttention(q, k, v, attention_bias?, past_key?, past_value?)` on 3-D inputs with
 //!   `num_heads` and `scale`, no bias, no key padding mask, not unidirectional: the standard
 //!   3-D `Attention` with the same past and present key/values.
+//! - `Gemm(A, B, C?)` with a float16 weight B, alpha and beta 1, A not transposed:
+//!   `MatMul(A, B or Bᵀ) + C` (tract 0.23 mistypes a float16 Gemm; see `float16_gemm`).
 
 use crate::error::Result;
 use crate::ir::{attr, Graph, Model, Node, NodeId, PValue, Patch, Tensor, ValueId};
 use crate::passes::fuse::MS_DOMAIN;
+use crate::passes::matching;
 
 /// Lowers every contrib node of `model` that has a lowering, and float16 Gemms.
 pub fn lower_contrib_ops(model: &mut Model) -> Result<()> {
@@ -49,13 +52,13 @@ fn float16_gemm(model: &Model, id: NodeId, node: &Node) -> Option<Patch> {
     let float16_weight = g
         .initializer(b)
         .is_some_and(|t| t.dtype() == crate::ir::DataType::Float16 && t.dims().len() == 2);
-    let one = |name: &str| attr::get_float(&node.proto, name).unwrap_or(1.0) == 1.0;
-    if !float16_weight || !one("alpha") || !one("beta") || int_attr(node, "transA") != 0 {
+    let transposed = matching::plain_gemm_trans_b(node)?;
+    if !float16_weight {
         return None;
     }
     let mut patch = Patch::new("lower-gemm");
     let mut weight: PValue = b.into();
-    if int_attr(node, "transB") == 1 {
+    if transposed {
         weight = patch.op(
             "Transpose",
             "",

@@ -39,6 +39,15 @@ const RANDOM_OPS: &[&str] = &[
     "Bernoulli",
 ];
 
+/// For a Gemm that is a plain product `A·B + C` or `A·Bᵀ + C` (alpha and beta 1, A not
+/// transposed): whether B is transposed. `None` for any other node.
+pub fn plain_gemm_trans_b(node: &Node) -> Option<bool> {
+    let one = |name: &str| attr::get_float(&node.proto, name).unwrap_or(1.0) == 1.0;
+    let int = |name: &str| attr::get_int(&node.proto, name).unwrap_or(0);
+    (node.is("Gemm") && one("alpha") && one("beta") && int("transA") == 0)
+        .then(|| int("transB") == 1)
+}
+
 /// True for the operator sets whose definitions we know (the default domain and
 /// `ai.onnx.ml`); a node of another domain may be anything, stateful or random included.
 pub fn is_onnx(node: &Node) -> bool {

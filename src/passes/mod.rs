@@ -11,7 +11,7 @@ pub mod dce;
 pub mod fold;
 pub mod fuse;
 pub mod identity;
-mod matching;
+pub(crate) mod matching;
 pub mod noop;
 pub mod opset;
 pub mod shape;

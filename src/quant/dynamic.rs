@@ -35,7 +35,7 @@ use crate::error::Result;
 use bytes::Bytes;
 
 use crate::ir::{attr, DataType, Model, NodeId, PValue, Patch, Tensor, ValueId};
-use crate::passes::{opset, Rewrites};
+use crate::passes::{matching, opset, Rewrites};
 use crate::quant::qdq::{self, QdqOptions};
 use crate::quant::{QuantReport, QuantTarget};
 
@@ -135,16 +135,7 @@ impl IntegerProduct {
         if n.is("MatMul") {
             return product(false, None);
         }
-        let float_attr = |name: &str| attr::get_float(&n.proto, name).unwrap_or(1.0);
-        let int_attr = |name: &str| attr::get_int(&n.proto, name).unwrap_or(0);
-        let plain_gemm = n.is("Gemm")
-            && float_attr("alpha") == 1.0
-            && float_attr("beta") == 1.0
-            && int_attr("transA") == 0;
-        if plain_gemm {
-            return product(int_attr("transB") == 1, n.input(2));
-        }
-        None
+        product(matching::plain_gemm_trans_b(n)?, n.input(2))
     }
 }
 

@@ -39,7 +39,7 @@ use super::pattern::{
 use super::{apply_rules, Rewrite, Rule, Target, MS_DOMAIN};
 use crate::error::Result;
 use crate::ir::{attr, DataType, DataTypeExt, Dim, Graph, Model, NodeId, PValue, Tensor, ValueId};
-use crate::passes::{Pass, Rewrites};
+use crate::passes::{matching, Pass, Rewrites};
 use crate::proto::AttributeProto;
 
 const ATTENTION_OPSET: i64 = 23;
@@ -473,10 +473,7 @@ fn split_projection(g: &Graph, q: ValueId, k: ValueId, v: ValueId) -> Option<Pac
     if !unflatten.is("Reshape") || !gemm.is("Gemm") {
         return None;
     }
-    let plain_gemm = attr::get_int(&gemm.proto, "transA").unwrap_or(0) == 0
-        && attr::get_int(&gemm.proto, "transB").unwrap_or(0) == 0
-        && attr::get_float(&gemm.proto, "alpha").unwrap_or(1.0) == 1.0
-        && attr::get_float(&gemm.proto, "beta").unwrap_or(1.0) == 1.0;
+    let plain_gemm = matching::plain_gemm_trans_b(gemm) == Some(false);
     let weights = g.constant(gemm.input(1)?)?;
     let bias = gemm.input(2).map(|b| g.constant(b)).unwrap_or(None);
     if !plain_gemm || weights.dims().len() != 2 || weights.dims()[1] != width {
