@@ -382,7 +382,7 @@ pub fn batches_for(
 }
 
 /// Runs `reference` and `candidate` on the same batches and compares every output.
-/// `on_batch` is called after each batch (for a progress bar).
+/// `on_batch` is called after each batch of each model (for a progress bar).
 pub fn validate(
     reference: &Model,
     candidate: &Model,
@@ -390,79 +390,112 @@ pub fn validate(
     on_batch: &dyn Fn(usize, usize),
 ) -> Result<Validation, ExecError> {
     let batches = batches_for(reference, &options.inputs, &options.generate)?;
-    let steps = 2 * batches.len();
-    // One model in tract at a time: the reference's outputs are kept (they are small next to
-    // a model's weights) and its runner dropped before the candidate's loads.
-    let (reference_inputs, expected) = {
-        let mut a = Runner::new(reference)?;
-        let mut expected = Vec::with_capacity(batches.len());
+    let n = batches.len();
+    let expected = Reference::run(reference, batches, &|done, _| on_batch(done, 2 * n))?;
+    expected.compare(candidate, options, &|done, _| on_batch(n + done, 2 * n))
+}
+
+/// A reference model's outputs on a set of batches, computed once and compared with as many
+/// candidates as needed. The outputs are small next to a model's weights; keeping them, not
+/// the reference's runner, means one model in tract at a time.
+pub struct Reference {
+    batches: Vec<Batch>,
+    inputs: Vec<InputSpec>,
+    outputs: Vec<Vec<(String, Tensor)>>,
+}
+
+impl Reference {
+    /// Runs `reference` on `batches`; `on_batch(done, total)` after each.
+    pub fn run(
+        reference: &Model,
+        batches: Vec<Batch>,
+        on_batch: &dyn Fn(usize, usize),
+    ) -> Result<Reference, ExecError> {
+        let mut runner = Runner::new(reference)?;
+        let mut outputs = Vec::with_capacity(batches.len());
         for (i, batch) in batches.iter().enumerate() {
-            expected.push(a.run(batch)?);
-            on_batch(i + 1, steps);
+            outputs.push(runner.run(batch)?);
+            on_batch(i + 1, batches.len());
         }
-        (a.inputs().to_vec(), expected)
-    };
-    let mut b = Runner::new(candidate)?;
-    // The same inputs, in the same order; a float input may have another float type (an
-    // FP16 model), and gets the reference's values cast to it.
-    let same_inputs = reference_inputs.len() == b.inputs().len()
-        && reference_inputs.iter().zip(b.inputs()).all(|(x, y)| {
-            x.name == y.name && (x.dtype == y.dtype || (x.dtype.is_float() && y.dtype.is_float()))
-        });
-    if !same_inputs {
-        return Err(ExecError::Input(
-            "the two models do not take the same inputs".into(),
-        ));
-    }
-    let candidate_types: Vec<_> = b.inputs().iter().map(|s| s.dtype).collect();
-    let candidate_batch = |batch: &Batch| -> Result<Batch, ExecError> {
-        let tensors = batch
-            .tensors
-            .iter()
-            .zip(&candidate_types)
-            .map(|((name, t), &dtype)| {
-                let t = t.cast_to_dt(dtype).map_err(tract_err)?.into_owned();
-                Ok((name.clone(), t))
-            })
-            .collect::<Result<_, ExecError>>()?;
-        Ok(Batch {
-            name: batch.name.clone(),
-            tensors,
+        Ok(Reference {
+            batches,
+            inputs: runner.inputs().to_vec(),
+            outputs,
         })
-    };
-    let is_logits = |name: &str| {
-        if options.logits.is_empty() {
-            name.to_ascii_lowercase().contains("logits")
-        } else {
-            options.logits.iter().any(|l| l == name)
-        }
-    };
-    let mut outputs: Vec<OutputDiff> = Vec::new();
-    for (i, (batch, ra)) in batches.iter().zip(&expected).enumerate() {
-        let rb: HashMap<String, Tensor> = b.run(&candidate_batch(batch)?)?.into_iter().collect();
-        for (k, (name, ta)) in ra.iter().enumerate() {
-            let tb = rb
-                .get(name)
-                .ok_or_else(|| ExecError::Input(format!("the candidate has no output `{name}`")))?;
-            let t = is_logits(name).then_some(options.kl_temperature);
-            let d = compare::diff(name, ta, tb, t).map_err(ExecError::Input)?;
-            match outputs.get_mut(k) {
-                Some(acc) => acc.merge(&d),
-                None => outputs.push(d),
-            }
-        }
-        on_batch(batches.len() + i + 1, steps);
     }
-    let violations = outputs
-        .iter()
-        .flat_map(|d| options.tolerance.violations(d))
-        .collect();
-    Ok(Validation {
-        batches: batches.iter().map(|b| b.name.clone()).collect(),
-        outputs,
-        tolerance: options.tolerance.clone(),
-        violations,
-    })
+
+    /// Runs `candidate` on the reference's batches and compares every output, by the
+    /// tolerance, logits and temperature of `options` (its inputs are the reference's).
+    pub fn compare(
+        &self,
+        candidate: &Model,
+        options: &ValidateOptions,
+        on_batch: &dyn Fn(usize, usize),
+    ) -> Result<Validation, ExecError> {
+        let mut b = Runner::new(candidate)?;
+        // The same inputs, in the same order; a float input may have another float type (an
+        // FP16 model), and gets the reference's values cast to it.
+        let same_inputs = self.inputs.len() == b.inputs().len()
+            && self.inputs.iter().zip(b.inputs()).all(|(x, y)| {
+                x.name == y.name
+                    && (x.dtype == y.dtype || (x.dtype.is_float() && y.dtype.is_float()))
+            });
+        if !same_inputs {
+            return Err(ExecError::Input(
+                "the two models do not take the same inputs".into(),
+            ));
+        }
+        let candidate_types: Vec<_> = b.inputs().iter().map(|s| s.dtype).collect();
+        let candidate_batch = |batch: &Batch| -> Result<Batch, ExecError> {
+            let tensors = batch
+                .tensors
+                .iter()
+                .zip(&candidate_types)
+                .map(|((name, t), &dtype)| {
+                    let t = t.cast_to_dt(dtype).map_err(tract_err)?.into_owned();
+                    Ok((name.clone(), t))
+                })
+                .collect::<Result<_, ExecError>>()?;
+            Ok(Batch {
+                name: batch.name.clone(),
+                tensors,
+            })
+        };
+        let is_logits = |name: &str| {
+            if options.logits.is_empty() {
+                name.to_ascii_lowercase().contains("logits")
+            } else {
+                options.logits.iter().any(|l| l == name)
+            }
+        };
+        let mut outputs: Vec<OutputDiff> = Vec::new();
+        for (i, (batch, ra)) in self.batches.iter().zip(&self.outputs).enumerate() {
+            let rb: HashMap<String, Tensor> =
+                b.run(&candidate_batch(batch)?)?.into_iter().collect();
+            for (k, (name, ta)) in ra.iter().enumerate() {
+                let tb = rb.get(name).ok_or_else(|| {
+                    ExecError::Input(format!("the candidate has no output `{name}`"))
+                })?;
+                let t = is_logits(name).then_some(options.kl_temperature);
+                let d = compare::diff(name, ta, tb, t).map_err(ExecError::Input)?;
+                match outputs.get_mut(k) {
+                    Some(acc) => acc.merge(&d),
+                    None => outputs.push(d),
+                }
+            }
+            on_batch(i + 1, self.batches.len());
+        }
+        let violations = outputs
+            .iter()
+            .flat_map(|d| options.tolerance.violations(d))
+            .collect();
+        Ok(Validation {
+            batches: self.batches.iter().map(|b| b.name.clone()).collect(),
+            outputs,
+            tolerance: options.tolerance.clone(),
+            violations,
+        })
+    }
 }
 
 #[cfg(test)]

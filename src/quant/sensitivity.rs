@@ -10,7 +10,7 @@
 //! validated against the float model on batches calibration did not see.
 
 use crate::error::{Error, Result};
-use crate::exec::{self, Batch, InputSource, Tolerance, ValidateOptions, Validation};
+use crate::exec::{Batch, Reference, Tolerance, ValidateOptions, Validation};
 use crate::ir::Model;
 use crate::passes::Rewrites;
 use crate::quant::qdq::{self, QdqOptions, QdqOutcome, Selector};
@@ -68,19 +68,23 @@ pub fn quantize_static_auto_exclude(
         &|done, total| on_step("calibrating", done, total),
     )?;
     let layers = qdq::quantized_layers(&float, &options.qdq);
+    let cannot_validate = |e| Error::Quantization(format!("cannot validate: {e}"));
+    // The float model's outputs, once for every candidate.
+    let expected =
+        Reference::run(&float, validation.to_vec(), &|_, _| {}).map_err(cannot_validate)?;
     let compare = |quantized: &Model, tolerance: Tolerance| -> Result<Validation> {
         let options = ValidateOptions {
-            inputs: InputSource::Batches(validation.to_vec()),
             tolerance,
             ..Default::default()
         };
-        exec::validate(&float, quantized, &options, &|_, _| {})
-            .map_err(|e| Error::Quantization(format!("cannot validate: {e}")))
+        expected
+            .compare(quantized, &options, &|_, _| {})
+            .map_err(cannot_validate)
     };
     let mut sensitivities = Vec::new();
     for (i, layer) in layers.iter().enumerate() {
-        let others = layers.iter().filter(|l| *l != layer).cloned();
-        let (alone, _) = quantized(&float, &calibration.ranges, options, others)?;
+        let others: Vec<String> = layers.iter().filter(|l| *l != layer).cloned().collect();
+        let (alone, _) = quantized(&float, &calibration.ranges, options, &others)?;
         let v = compare(&alone, Tolerance::default())?;
         sensitivities.push(LayerSensitivity {
             node: layer.clone(),
@@ -96,12 +100,7 @@ pub fn quantize_static_auto_exclude(
     });
     let mut excluded: Vec<String> = Vec::new();
     let (rewrites, passed) = loop {
-        let (candidate, rewrites) = quantized(
-            &float,
-            &calibration.ranges,
-            options,
-            excluded.iter().cloned(),
-        )?;
+        let (candidate, rewrites) = quantized(&float, &calibration.ranges, options, &excluded)?;
         let passed = compare(&candidate, tolerance.clone())?.passed();
         on_step("excluding layers", excluded.len(), sensitivities.len());
         match sensitivities.get(excluded.len()) {
@@ -139,11 +138,10 @@ fn quantized(
     float: &Model,
     ranges: &Ranges,
     options: &StaticOptions,
-    excluded: impl Iterator<Item = String>,
+    excluded: &[String],
 ) -> Result<(Model, Rewrites)> {
-    let excluded: Vec<String> = excluded.collect();
     let mut model = float.clone();
-    let rewrites = match qdq::insert_qdq(&mut model, ranges, &with_excluded(options, &excluded))? {
+    let rewrites = match qdq::insert_qdq(&mut model, ranges, &with_excluded(options, excluded))? {
         QdqOutcome::Quantized(r) => r,
         QdqOutcome::AlreadyQuantized { .. } => Rewrites::default(),
     };
