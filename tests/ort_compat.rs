@@ -8,7 +8,6 @@
 mod common;
 
 use onnxopt::io::{self, ExternalData};
-use onnxopt::optimize::{optimize, OptimizeOptions};
 use onnxopt::passes::fuse::Target;
 
 #[test]
@@ -22,15 +21,7 @@ fn optimized_corpus_models_load_and_match_in_onnx_runtime() {
     for path in common::corpus_models() {
         let name = path.file_name().unwrap().to_string_lossy().into_owned();
         for target in [Target::Ort, Target::Onnx] {
-            let mut model = io::load(&path).unwrap();
-            optimize(
-                &mut model,
-                &OptimizeOptions {
-                    target,
-                    ..Default::default()
-                },
-            )
-            .unwrap();
+            let model = common::optimized(&path, target);
             let out = dir.path().join(format!("{}.{name}", target.name()));
             io::save(&model, &out, ExternalData::Auto).unwrap();
             for p in [path.clone(), out, common::calib_dir(&path)] {

@@ -15,7 +15,6 @@ use std::process::Command;
 use onnxopt::exec::{self, GenerateOptions, InputSource, Runner, Tolerance, ValidateOptions};
 use onnxopt::io::{self, ExternalData};
 use onnxopt::ir::Model;
-use onnxopt::optimize::{optimize, OptimizeOptions};
 use onnxopt::passes::fuse::Target;
 use onnxopt::quant::qdq::{
     activations_to_calibrate, insert_qdq, trt_violations, QdqOptions, QdqOutcome, Selection,
@@ -60,20 +59,11 @@ fn options(target: QuantTarget) -> QdqOptions {
 
 /// `path` after the optimize pipeline for the runtime `target` builds for.
 fn optimized(path: &Path, target: QuantTarget) -> Model {
-    let mut model = io::load(path).unwrap();
     let target = match target {
         QuantTarget::Ort => Target::Ort,
         QuantTarget::Trt => Target::Onnx,
     };
-    optimize(
-        &mut model,
-        &OptimizeOptions {
-            target,
-            ..Default::default()
-        },
-    )
-    .unwrap();
-    model
+    common::optimized(path, target)
 }
 
 /// Min and max of the finite values of `names` over the batches in `dir`, run in tract.

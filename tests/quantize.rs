@@ -9,7 +9,7 @@ use onnxopt::exec::{self, GenerateOptions, InputSource, Tolerance, ValidateOptio
 use onnxopt::io::{self, ExternalData};
 use onnxopt::ir::dump::dump_model;
 use onnxopt::ir::Model;
-use onnxopt::optimize::{optimize, OptimizeOptions};
+use onnxopt::passes::fuse::Target;
 use onnxopt::quant::calibrate::calibrate;
 use onnxopt::quant::dynamic::quantize_dynamic;
 use onnxopt::quant::fp16::{convert_fp16, Fp16Options};
@@ -25,9 +25,7 @@ const METHODS: [RangeMethod; 4] = [
 ];
 
 fn optimized(name: &str) -> Model {
-    let mut model = io::load(&common::testdata(name)).unwrap();
-    optimize(&mut model, &OptimizeOptions::default()).unwrap();
-    model
+    common::optimized(&common::testdata(name), Target::Ort)
 }
 
 fn ort_options() -> QdqOptions {
@@ -160,8 +158,7 @@ fn assert_close_in_tract(
 fn optimized_corpus_models() -> impl Iterator<Item = (std::path::PathBuf, String, Model)> {
     common::corpus_models().into_iter().map(|path| {
         let name = path.file_name().unwrap().to_string_lossy().into_owned();
-        let mut float = io::load(&path).unwrap();
-        optimize(&mut float, &OptimizeOptions::default()).unwrap();
+        let float = common::optimized(&path, Target::Ort);
         (path, name, float)
     })
 }

@@ -116,3 +116,14 @@ impl OrtChecks {
         }
     }
 }
+
+/// The model at `path` after the optimize pipeline for `target`.
+pub fn optimized(path: &Path, target: onnxopt::passes::fuse::Target) -> onnxopt::ir::Model {
+    let mut model = onnxopt::io::load(path).unwrap();
+    let options = onnxopt::optimize::OptimizeOptions {
+        target,
+        ..Default::default()
+    };
+    onnxopt::optimize::optimize(&mut model, &options).unwrap();
+    model
+}
