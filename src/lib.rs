@@ -12,6 +12,7 @@ pub mod io;
 pub mod ir;
 pub mod optimize;
 pub mod passes;
+pub mod prune;
 pub mod quant;
 pub mod report;
 

@@ -1,0 +1,225 @@
+//! Pruning: magnitude and N:M sparsity written into the weights, and structured pruning of
+//! attention heads and FFN neurons that shrinks the weight matrices themselves.
+//!
+//! Structured pruning runs first (it removes rows and columns), then the unstructured kinds
+//! zero what is left. Neither is exact: pruning without fine-tuning changes the outputs, so
+//! callers validate afterwards like after any pass, and the report says what was cut.
+
+pub mod mask;
+pub mod structured;
+pub mod weights;
+
+use crate::error::{Error, Result};
+use crate::ir::{Model, Patch, Tensor};
+use crate::passes::dce::DeadCodeElimination;
+use crate::passes::shape::ShapeInference;
+use crate::passes::{Pass, Rewrites};
+use mask::{AxisLayout, Mask};
+use structured::StructuredReport;
+use weights::{prunable_weights, PrunableWeight, Skipped};
+
+/// Which weights magnitude pruning ranks together.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Scope {
+    /// Each weight loses the same fraction of its own values.
+    Layer,
+    /// One threshold over all prunable weights: layers with many small weights lose more.
+    Global,
+}
+
+/// Zeros written into the weights (the shapes stay).
+#[derive(Clone, Copy, Debug, PartialEq, serde::Serialize)]
+pub enum Unstructured {
+    /// Zero this fraction of the smallest-magnitude weights.
+    Magnitude { sparsity: f64, scope: Scope },
+    /// Keep the `n` largest of every `m` consecutive weights along the reduction axis.
+    NOfM { n: usize, m: usize },
+}
+
+impl Unstructured {
+    /// Parses `0.3` (magnitude, with `scope`) or `2:4` (N:M).
+    pub fn parse(text: &str, scope: Scope) -> Result<Unstructured> {
+        let bad = |why: &str| Error::InvalidArgument(format!("--prune `{text}`: {why}"));
+        if let Some((n, m)) = text.split_once(':') {
+            let (n, m) = (n.trim().parse::<usize>(), m.trim().parse::<usize>());
+            return match (n, m) {
+                (Ok(n), Ok(m)) if n >= 1 && n < m => Ok(Unstructured::NOfM { n, m }),
+                _ => Err(bad("expected N:M with 1 ≤ N < M, such as 2:4")),
+            };
+        }
+        match text.trim().parse::<f64>() {
+            Ok(s) if (0.0..1.0).contains(&s) => Ok(Unstructured::Magnitude { sparsity: s, scope }),
+            _ => Err(bad(
+                "expected a sparsity in [0, 1) such as 0.3, or N:M such as 2:4",
+            )),
+        }
+    }
+}
+
+/// What to prune.
+#[derive(Clone, Debug, Default)]
+pub struct PruneOptions {
+    pub unstructured: Option<Unstructured>,
+    /// Fraction of each attention block's heads to remove.
+    pub heads: Option<f64>,
+    /// Fraction of each FFN block's neurons to remove.
+    pub ffn: Option<f64>,
+}
+
+impl PruneOptions {
+    pub fn is_empty(&self) -> bool {
+        self.unstructured.is_none() && self.heads.is_none() && self.ffn.is_none()
+    }
+}
+
+/// The sparsity of one weight after pruning.
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+pub struct WeightSparsity {
+    pub weight: String,
+    pub dims: Vec<i64>,
+    /// Zeros the weight held before pruning.
+    pub zeros_before: usize,
+    pub zeros: usize,
+    pub sparsity: f64,
+}
+
+/// What pruning did, for the report.
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct PruneReport {
+    pub unstructured: Option<Unstructured>,
+    /// Every weight unstructured pruning touched.
+    pub weights: Vec<WeightSparsity>,
+    /// Zeros over all values of the touched weights.
+    pub sparsity: f64,
+    /// Weights left alone, and why.
+    pub skipped: Vec<Skipped>,
+    pub structured: StructuredReport,
+    /// Float parameters in the initializers, before and after.
+    pub parameters_before: usize,
+    pub parameters_after: usize,
+    pub rewrites: Rewrites,
+}
+
+/// Prunes `model` as `options` say; returns what it did.
+pub fn prune(model: &mut Model, options: &PruneOptions) -> Result<PruneReport> {
+    let mut report = PruneReport {
+        unstructured: options.unstructured,
+        parameters_before: float_parameters(model),
+        ..Default::default()
+    };
+    if options.heads.is_some() || options.ffn.is_some() {
+        // Shrinking needs every value's shape; the cut changes them, so types are recorded
+        // anew afterwards (stale value_info would contradict the smaller weights).
+        ShapeInference.run(model)?;
+        report.structured = structured::prune_structured(model, options, &mut report.rewrites)?;
+        ShapeInference.run(model)?;
+    }
+    if let Some(kind) = options.unstructured {
+        let (weights, skipped) = prunable_weights(&model.graph);
+        report.skipped = skipped;
+        prune_unstructured(model, &weights, kind, &mut report)?;
+    }
+    report.rewrites.merge(&DeadCodeElimination.run(model)?);
+    report.parameters_after = float_parameters(model);
+    Ok(report)
+}
+
+fn float_parameters(model: &Model) -> usize {
+    model
+        .graph
+        .initializers()
+        .filter(|(_, t)| t.dtype() == crate::ir::DataType::Float)
+        .map(|(_, t)| t.numel())
+        .sum()
+}
+
+fn prune_unstructured(
+    model: &mut Model,
+    weights: &[PrunableWeight],
+    kind: Unstructured,
+    report: &mut PruneReport,
+) -> Result<()> {
+    let g = &model.graph;
+    let mut values: Vec<Vec<f32>> = Vec::with_capacity(weights.len());
+    let mut eligible: Vec<&PrunableWeight> = Vec::with_capacity(weights.len());
+    for w in weights {
+        let Some(t) = g.initializer(w.value) else {
+            continue;
+        };
+        let dims: Vec<usize> = t.dims().iter().map(|&d| d as usize).collect();
+        if let Unstructured::NOfM { m, .. } = kind {
+            if !dims[w.reduction_axis].is_multiple_of(m) {
+                report.skipped.push(Skipped {
+                    weight: g.value_name(w.value).to_string(),
+                    reason: format!(
+                        "its reduction length {} does not divide by {m}",
+                        dims[w.reduction_axis]
+                    ),
+                });
+                continue;
+            }
+        }
+        values.push(t.to_f32_vec()?);
+        eligible.push(w);
+    }
+    let masks: Vec<Mask> = match kind {
+        Unstructured::Magnitude { sparsity, scope } => match scope {
+            Scope::Global => {
+                let slices: Vec<&[f32]> = values.iter().map(Vec::as_slice).collect();
+                mask::smallest_magnitudes(&slices, sparsity)
+            }
+            Scope::Layer => values
+                .iter()
+                .map(|v| mask::smallest_magnitudes(&[v], sparsity).remove(0))
+                .collect(),
+        },
+        Unstructured::NOfM { n, m } => eligible
+            .iter()
+            .zip(&values)
+            .map(|(w, v)| mask::n_of_m(v, layout(model, w), n, m))
+            .collect(),
+    };
+    let rewrite_kind = match kind {
+        Unstructured::Magnitude { .. } => "magnitude-pruned-weight",
+        Unstructured::NOfM { .. } => "n-of-m-pruned-weight",
+    };
+    let (mut zeros, mut total) = (0usize, 0usize);
+    for ((w, mut v), m) in eligible.into_iter().zip(values).zip(masks) {
+        let zeros_before = v.iter().filter(|&&x| x == 0.0).count();
+        mask::apply(&mut v, &m);
+        let after = v.iter().filter(|&&x| x == 0.0).count();
+        let (name, dims) = {
+            let t = model.graph.initializer(w.value);
+            (
+                model.graph.value_name(w.value).to_string(),
+                t.map(|t| t.dims().to_vec()).unwrap_or_default(),
+            )
+        };
+        zeros += after;
+        total += v.len();
+        report.weights.push(WeightSparsity {
+            weight: name.clone(),
+            dims: dims.clone(),
+            zeros_before,
+            zeros: after,
+            sparsity: after as f64 / v.len().max(1) as f64,
+        });
+        if after > zeros_before {
+            let mut patch = Patch::new(rewrite_kind);
+            patch.replace_initializer(w.value, Tensor::from_f32(&name, &dims, &v)?);
+            report.rewrites.apply(model, patch)?;
+        }
+    }
+    report.sparsity = zeros as f64 / total.max(1) as f64;
+    Ok(())
+}
+
+fn layout(model: &Model, w: &PrunableWeight) -> AxisLayout {
+    let dims: Vec<usize> = model
+        .graph
+        .initializer(w.value)
+        .map(|t| t.dims().iter().map(|&d| d as usize).collect())
+        .unwrap_or_default();
+    AxisLayout::new(&dims, w.reduction_axis)
+}
