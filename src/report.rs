@@ -7,6 +7,7 @@ use crate::exec::{OutputDiff, Validation};
 use crate::io::Saved;
 use crate::passes::fuse::Target;
 use crate::passes::PassReport;
+use crate::prune::{PruneReport, Unstructured};
 use crate::quant::{QuantReport, QuantTarget, RangeMethod};
 
 #[derive(Clone, Debug, Default, serde::Serialize)]
@@ -16,6 +17,7 @@ pub struct Report {
     /// The runtime the output was built for.
     pub target: Option<Target>,
     pub passes: Option<PassReport>,
+    pub pruning: Option<PruneReport>,
     pub quantization: Option<QuantReport>,
     pub validation: Option<Validation>,
     pub output: Option<Saved>,
@@ -62,6 +64,9 @@ impl fmt::Display for Report {
                 )?;
             }
         }
+        if let Some(p) = &self.pruning {
+            write_pruning(f, p)?;
+        }
         if let Some(q) = &self.quantization {
             write_quantization(f, q)?;
         }
@@ -77,6 +82,51 @@ impl fmt::Display for Report {
         }
         Ok(())
     }
+}
+
+fn write_pruning(f: &mut fmt::Formatter<'_>, p: &PruneReport) -> fmt::Result {
+    let (before, after) = (p.parameters_before, p.parameters_after);
+    writeln!(
+        f,
+        "pruning: float parameters {before} -> {after} ({:.1}% fewer)",
+        100.0 * before.saturating_sub(after) as f64 / before.max(1) as f64
+    )?;
+    for (what, blocks) in [
+        ("heads", &p.structured.heads),
+        ("FFN neurons", &p.structured.ffn),
+    ] {
+        if blocks.is_empty() {
+            continue;
+        }
+        let kept: usize = blocks.iter().map(|b| b.after).sum();
+        let total: usize = blocks.iter().map(|b| b.before).sum();
+        writeln!(
+            f,
+            "  {what}: kept {kept} of {total} in {} blocks",
+            blocks.len()
+        )?;
+    }
+    for s in &p.structured.skipped {
+        writeln!(f, "  left whole: {} ({})", s.weight, s.reason)?;
+    }
+    if let Some(kind) = &p.unstructured {
+        let kind = match kind {
+            Unstructured::Magnitude { sparsity, scope } => {
+                format!("magnitude {sparsity} ({scope:?} scope)")
+            }
+            Unstructured::NOfM { n, m } => format!("{n}:{m}"),
+        };
+        writeln!(
+            f,
+            "  {kind}: {} weights now {:.1}% zeros",
+            p.weights.len(),
+            100.0 * p.sparsity
+        )?;
+        for s in &p.skipped {
+            writeln!(f, "  not pruned: {} ({})", s.weight, s.reason)?;
+        }
+    }
+    writeln!(f, "  {}", p.rewrites)
 }
 
 fn write_quantization(f: &mut fmt::Formatter<'_>, q: &QuantReport) -> fmt::Result {

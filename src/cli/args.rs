@@ -72,6 +72,8 @@ pub struct OptimizeArgs {
     #[arg(long, value_delimiter = ',', value_name = "PASS,...")]
     pub passes: Vec<String>,
     #[command(flatten)]
+    pub prune: PruneArgs,
+    #[command(flatten)]
     pub quant: QuantArgs,
     #[command(flatten)]
     pub inputs: InputArgs,
@@ -113,6 +115,55 @@ impl TargetArg {
             TargetArg::Onnx | TargetArg::Trt => onnxopt::quant::QuantTarget::Trt,
         }
     }
+}
+
+/// Pruning (before quantization, which then calibrates the pruned model).
+#[derive(Args, Debug)]
+pub struct PruneArgs {
+    /// Zero weights of MatMul/Gemm/Conv/Attention: a sparsity such as `0.3` (the smallest
+    /// magnitudes), or `N:M` such as `2:4` (keep N of every M along the reduction axis).
+    #[arg(long, value_name = "SPARSITY|N:M")]
+    pub prune: Option<String>,
+    /// With a sparsity: rank each weight alone (`layer`) or all together (`global`).
+    #[arg(long, value_enum, default_value_t = ScopeArg::Layer)]
+    pub prune_scope: ScopeArg,
+    /// Remove this fraction of every attention block's heads (the weights shrink).
+    #[arg(long, value_name = "FRACTION")]
+    pub prune_heads: Option<f64>,
+    /// Remove this fraction of every FFN block's neurons (the weights shrink).
+    #[arg(long, value_name = "FRACTION")]
+    pub prune_ffn: Option<f64>,
+}
+
+impl PruneArgs {
+    pub fn options(&self) -> onnxopt::Result<onnxopt::prune::PruneOptions> {
+        use onnxopt::prune::{PruneOptions, Scope, Unstructured};
+        let scope = match self.prune_scope {
+            ScopeArg::Layer => Scope::Layer,
+            ScopeArg::Global => Scope::Global,
+        };
+        let fraction = |flag: &str, f: Option<f64>| match f {
+            Some(f) if !(0.0..1.0).contains(&f) => Err(onnxopt::Error::InvalidArgument(format!(
+                "{flag} {f}: expected a fraction in [0, 1)"
+            ))),
+            other => Ok(other),
+        };
+        Ok(PruneOptions {
+            unstructured: self
+                .prune
+                .as_deref()
+                .map(|t| Unstructured::parse(t, scope))
+                .transpose()?,
+            heads: fraction("--prune-heads", self.prune_heads)?,
+            ffn: fraction("--prune-ffn", self.prune_ffn)?,
+        })
+    }
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug)]
+pub enum ScopeArg {
+    Layer,
+    Global,
 }
 
 /// Quantization.

@@ -126,14 +126,22 @@ fn optimize(args: OptimizeArgs) -> Result<()> {
             ));
         }
     }
-    let quantizing = args.quant.int8 || args.quant.int8_dynamic || args.quant.fp16;
-    let original = (args.validate || quantizing).then(|| model.clone());
+    let pruning = args.prune.options()?;
+    // Pruning and quantization change the outputs on purpose: validation always runs, and
+    // gates only on the tolerances given.
+    let lossy =
+        !pruning.is_empty() || args.quant.int8 || args.quant.int8_dynamic || args.quant.fp16;
+    let original = (args.validate || lossy).then(|| model.clone());
     let options = onnxopt::optimize::OptimizeOptions {
         target: args.target.fusion(),
         passes: args.passes.clone(),
     };
     report.target = Some(options.target);
     report.passes = Some(onnxopt::optimize(&mut model, &options).context("optimization failed")?);
+    if !pruning.is_empty() {
+        let result = onnxopt::prune::prune(&mut model, &pruning);
+        report.pruning = Some(result.context("pruning failed")?);
+    }
     let mut validation_inputs = input_source(&args.inputs);
     if args.quant.int8_dynamic {
         let options = QdqOptions {
@@ -190,7 +198,7 @@ fn optimize(args: OptimizeArgs) -> Result<()> {
         report.quantization = Some(result.context("quantization failed")?);
     }
     if let Some(original) = &original {
-        let options = validate_options(validation_inputs, &args.tolerance, quantizing);
+        let options = validate_options(validation_inputs, &args.tolerance, lossy);
         let v = validate(original, &model, &options)?;
         report.validation = Some(v);
         if let Err(e) = check_passed(&report) {
