@@ -48,8 +48,6 @@ fn min_cosine(model: &str, target: QuantTarget) -> f64 {
 
 /// Models tract cannot run (see `tests/shape_inference.rs`): their ranges come from ONNX
 /// Runtime, and only ONNX Runtime checks them.
-const TRACT_CANNOT_RUN: &[&str] = &["roberta-tiny.dynamo.onnx"];
-
 fn options(target: QuantTarget) -> QdqOptions {
     QdqOptions {
         target,
@@ -185,7 +183,7 @@ fn quantized_corpus_models_stay_close_to_float_in_tract_and_onnx_runtime() {
     let mut checks = common::OrtChecks::default();
     for path in common::corpus_models() {
         let name = path.file_name().unwrap().to_string_lossy().into_owned();
-        let tract_runs = !TRACT_CANNOT_RUN.contains(&name.as_str());
+        let tract_runs = common::tract_runs(&path);
         if !tract_runs && !has_ort {
             println!("skipped {name}: tract cannot run it and ONNX Runtime is not available");
             continue;

@@ -25,9 +25,6 @@ use prost::Message;
 use rayon::prelude::*;
 use tract_onnx::prelude::{DatumType, Tensor};
 
-/// Models tract 0.23.9 cannot run (CumSum over a value it holds as a symbolic dim).
-const TRACT_CANNOT_RUN: &[&str] = &["roberta-tiny.dynamo.onnx"];
-
 /// Share of the dims of node outputs that must be known or symbolic.
 const MIN_DIM_COVERAGE: f64 = 0.95;
 
@@ -433,7 +430,7 @@ fn inferred_types_and_values_match_what_tract_computes() {
                 "checked against tract on 2 batches: {} values, {} dims, {} value elements",
                 compared.values, compared.dims, compared.elements
             ),
-            Err(e) if TRACT_CANNOT_RUN.contains(&name.as_str()) => {
+            Err(e) if common::TRACT_CANNOT_RUN.contains(&name.as_str()) => {
                 format!("tract cannot run it ({e})")
             }
             Err(e) => {

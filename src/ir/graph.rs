@@ -405,6 +405,15 @@ impl Graph {
         }
     }
 
+    /// Gives `v`'s `value_info` entry, if it has one, the type `t`; a graph input or output
+    /// that is `v` takes `t`'s element type (its declared shape stays, possibly symbolic).
+    pub(crate) fn declare_type(&mut self, v: ValueId, t: &ValueType) {
+        self.declare_elem_type(v, t.elem);
+        if let Some(info) = &mut self.values[v.index()].info {
+            info.r#type = Some(t.to_type_proto());
+        }
+    }
+
     pub(crate) fn take_initializer(&mut self, v: ValueId) -> Option<Tensor> {
         let t = self.values[v.index()].initializer.take();
         if t.is_some() {

@@ -15,6 +15,7 @@
 use std::collections::HashSet;
 
 use super::graph::{Graph, Node, NodeId, OrderKey, Use, ValueId};
+use super::shape::{Dim, ValueType};
 use super::tensor::Tensor;
 use crate::error::{Error, Result};
 use crate::proto::{AttributeProto, NodeProto};
@@ -302,10 +303,12 @@ impl Graph {
         }
         for (v, mut t) in patch.replaced_initializers {
             t.set_name(self.value_name(v));
-            let elem = t.dtype() as i32;
+            let shape = t.dims().iter().map(|&d| Dim::known(d)).collect();
+            let tensor_type = ValueType::new(t.dtype() as i32, shape);
             self.set_initializer(v, t);
-            // A value_info entry of the initializer must not contradict its new type.
-            self.declare_elem_type(v, elem);
+            // A value_info entry (or input declaration) of the initializer must not
+            // contradict its new type or shape.
+            self.declare_type(v, &tensor_type);
         }
         for (v, elem) in patch.declared_elem_types {
             self.declare_elem_type(v, elem);
