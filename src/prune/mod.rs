@@ -11,6 +11,7 @@ pub mod weights;
 
 use crate::error::{Error, Result};
 use crate::ir::{Model, Patch, Tensor};
+use crate::passes::cse::CommonSubexpressions;
 use crate::passes::dce::DeadCodeElimination;
 use crate::passes::shape::ShapeInference;
 use crate::passes::{Pass, Rewrites};
@@ -120,6 +121,8 @@ pub fn prune(model: &mut Model, options: &PruneOptions) -> Result<PruneReport> {
         report.skipped = skipped;
         prune_unstructured(model, &weights, kind, &mut report)?;
     }
+    // Each block's cut copied the shape constants it shares with others: merge the copies.
+    report.rewrites.merge(&CommonSubexpressions.run(model)?);
     report.rewrites.merge(&DeadCodeElimination.run(model)?);
     report.parameters_after = float_parameters(model);
     Ok(report)

@@ -813,8 +813,10 @@ fn apply(model: &mut Model, cut: Cut, rewrites: &mut Rewrites) -> Result<()> {
     rewrites.apply(model, patch)?;
     for (node, name, value) in cut.attrs {
         let proto = model.graph.node_mut_proto(node);
-        proto.attribute.retain(|a| a.name() != name);
-        proto.attribute.push(attr::int(name, value));
+        match proto.attribute.iter_mut().find(|a| a.name() == name) {
+            Some(a) => *a = attr::int(name, value),
+            None => proto.attribute.push(attr::int(name, value)),
+        }
     }
     Ok(())
 }
