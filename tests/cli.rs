@@ -552,3 +552,75 @@ fn passes_picks_passes_from_the_pipeline() {
     let written = onnxopt::io::load(&out).unwrap();
     assert_eq!(written.metadata("onnxopt.target"), None);
 }
+
+#[test]
+fn prune_then_int8_calibrates_the_pruned_model() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("bert.pruned.int8.onnx");
+    let model = common::testdata("bert-tiny.ts.onnx");
+    let calib = common::testdata("calib/bert-tiny");
+    let args = ["--prune", "2:4", "--int8", "--calib", s(&calib)];
+    let (result, json) = optimize_with_report(&model, &out, &args);
+    let stdout = text(&result.stdout);
+    assert!(stdout.contains("2:4: 9 weights now 50.0% zeros"), "{stdout}");
+    assert!(stdout.contains("quantization: static-int8"), "{stdout}");
+    assert_eq!(json["pruning"]["sparsity"], 0.5);
+    assert!(json["quantization"]["rewrites"]["qdq-weight"].as_u64().unwrap() > 0);
+    // The quantized weights keep the pattern: zero quantizes to the (symmetric) zero point.
+    let written = onnxopt::io::load(&out).unwrap();
+    for w in json["pruning"]["weights"].as_array().unwrap() {
+        let name = format!("{}.int8", w["weight"].as_str().unwrap());
+        let v = written.graph.find_value(&name).unwrap();
+        let t = written.graph.initializer(v).unwrap();
+        let zeros = t.raw_bytes().unwrap().iter().filter(|&&b| b == 0).count();
+        assert!(zeros * 2 >= t.numel(), "{name}: {zeros} of {}", t.numel());
+    }
+}
+
+#[test]
+fn structured_pruning_reports_what_it_cut_and_gates_on_the_tolerance() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = common::testdata("gpt2-tiny.dynamo.onnx");
+    let (dense, pruned) = (dir.path().join("dense.onnx"), dir.path().join("pruned.onnx"));
+    optimize_with_report(&model, &dense, &[]);
+    let args = ["--prune-heads", "0.5", "--prune-ffn", "0.5"];
+    let (result, json) = optimize_with_report(&model, &pruned, &args);
+    let stdout = text(&result.stdout);
+    assert!(stdout.contains("heads: kept 4 of 8 in 2 blocks"), "{stdout}");
+    assert!(stdout.contains("FFN neurons: kept 128 of 256 in 2 blocks"), "{stdout}");
+    // Validation ran and states the cost; it gates on no tolerance that was not given.
+    let cosine = json["validation"]["outputs"][0]["cosine"].as_f64().unwrap();
+    assert!(cosine < 0.9999 && cosine > 0.9, "{cosine}");
+    let size = |p: &Path| std::fs::metadata(p).unwrap().len();
+    assert!(size(&pruned) < size(&dense), "{} vs {}", size(&pruned), size(&dense));
+    let out = dir.path().join("refused.onnx");
+    let mut refused_args = vec!["optimize", s(&model), s(&out)];
+    refused_args.extend_from_slice(&args);
+    refused_args.extend_from_slice(&["--min-cosine", "0.9999"]);
+    let refused = onnxopt(&refused_args);
+    assert_eq!(refused.status.code(), Some(3), "{}", text(&refused.stderr));
+    assert!(!out.exists());
+}
+
+#[test]
+fn bad_pruning_arguments_are_refused_with_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out.onnx");
+    let model = common::testdata("bert-tiny.ts.onnx");
+    for (args, expected) in [
+        (&["--prune", "1.5"][..], "expected a sparsity in [0, 1)"),
+        (&["--prune", "4:2"][..], "expected N:M with 1 ≤ N < M"),
+        (&["--prune", "half"][..], "such as 2:4"),
+        (&["--prune-heads", "1"][..], "expected a fraction in [0, 1)"),
+        (&["--prune-ffn=-0.5"][..], "expected a fraction in [0, 1)"),
+    ] {
+        let mut all = vec!["optimize", s(&model), s(&out)];
+        all.extend_from_slice(args);
+        let result = onnxopt(&all);
+        let stderr = text(&result.stderr);
+        assert_eq!(result.status.code(), Some(1), "{args:?}: {stderr}");
+        assert!(stderr.contains(expected), "{args:?}: {stderr}");
+        assert_eq!(stderr.lines().count(), 1, "{stderr}");
+        assert!(!out.exists());
+    }
+}
