@@ -53,6 +53,9 @@ pub enum Error {
     #[error("cannot quantize: {0}")]
     Quantization(String),
 
+    #[error("cannot prune: {0}")]
+    Pruning(String),
+
     #[error("{0}")]
     InvalidArgument(String),
 }

@@ -7,6 +7,7 @@ use crate::exec::{OutputDiff, Validation};
 use crate::io::Saved;
 use crate::passes::fuse::Target;
 use crate::passes::PassReport;
+use crate::prune::structured::Importance;
 use crate::prune::{PruneReport, Unstructured};
 use crate::quant::{QuantReport, QuantTarget, RangeMethod};
 
@@ -100,9 +101,15 @@ fn write_pruning(f: &mut fmt::Formatter<'_>, p: &PruneReport) -> fmt::Result {
         }
         let kept: usize = blocks.iter().map(|b| b.after).sum();
         let total: usize = blocks.iter().map(|b| b.before).sum();
+        let ranked = match p.structured.importance {
+            Importance::Weights => "ranked by weight norms".to_string(),
+            Importance::Activations { batches } => {
+                format!("ranked by activations on {batches} batches")
+            }
+        };
         writeln!(
             f,
-            "  {what}: kept {kept} of {total} in {} blocks",
+            "  {what}: kept {kept} of {total} in {} blocks, {ranked}",
             blocks.len()
         )?;
     }

@@ -562,10 +562,18 @@ fn prune_then_int8_calibrates_the_pruned_model() {
     let args = ["--prune", "2:4", "--int8", "--calib", s(&calib)];
     let (result, json) = optimize_with_report(&model, &out, &args);
     let stdout = text(&result.stdout);
-    assert!(stdout.contains("2:4: 9 weights now 50.0% zeros"), "{stdout}");
+    assert!(
+        stdout.contains("2:4: 9 weights now 50.0% zeros"),
+        "{stdout}"
+    );
     assert!(stdout.contains("quantization: static-int8"), "{stdout}");
     assert_eq!(json["pruning"]["sparsity"], 0.5);
-    assert!(json["quantization"]["rewrites"]["qdq-weight"].as_u64().unwrap() > 0);
+    assert!(
+        json["quantization"]["rewrites"]["qdq-weight"]
+            .as_u64()
+            .unwrap()
+            > 0
+    );
     // The quantized weights keep the pattern: zero quantizes to the (symmetric) zero point.
     let written = onnxopt::io::load(&out).unwrap();
     for w in json["pruning"]["weights"].as_array().unwrap() {
@@ -581,18 +589,32 @@ fn prune_then_int8_calibrates_the_pruned_model() {
 fn structured_pruning_reports_what_it_cut_and_gates_on_the_tolerance() {
     let dir = tempfile::tempdir().unwrap();
     let model = common::testdata("gpt2-tiny.dynamo.onnx");
-    let (dense, pruned) = (dir.path().join("dense.onnx"), dir.path().join("pruned.onnx"));
+    let (dense, pruned) = (
+        dir.path().join("dense.onnx"),
+        dir.path().join("pruned.onnx"),
+    );
     optimize_with_report(&model, &dense, &[]);
     let args = ["--prune-heads", "0.5", "--prune-ffn", "0.5"];
     let (result, json) = optimize_with_report(&model, &pruned, &args);
     let stdout = text(&result.stdout);
-    assert!(stdout.contains("heads: kept 4 of 8 in 2 blocks"), "{stdout}");
-    assert!(stdout.contains("FFN neurons: kept 128 of 256 in 2 blocks"), "{stdout}");
+    assert!(
+        stdout.contains("heads: kept 4 of 8 in 2 blocks"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("FFN neurons: kept 128 of 256 in 2 blocks"),
+        "{stdout}"
+    );
     // Validation ran and states the cost; it gates on no tolerance that was not given.
     let cosine = json["validation"]["outputs"][0]["cosine"].as_f64().unwrap();
     assert!(cosine < 0.9999 && cosine > 0.9, "{cosine}");
     let size = |p: &Path| std::fs::metadata(p).unwrap().len();
-    assert!(size(&pruned) < size(&dense), "{} vs {}", size(&pruned), size(&dense));
+    assert!(
+        size(&pruned) < size(&dense),
+        "{} vs {}",
+        size(&pruned),
+        size(&dense)
+    );
     let out = dir.path().join("refused.onnx");
     let mut refused_args = vec!["optimize", s(&model), s(&out)];
     refused_args.extend_from_slice(&args);

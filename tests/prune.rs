@@ -8,10 +8,13 @@
 
 mod common;
 
+use std::path::Path;
+
 use onnxopt::exec::{self, InputSource, Tolerance, ValidateOptions};
 use onnxopt::io::{self, ExternalData};
 use onnxopt::ir::{attr, Graph, Model, Patch, Use, ValueId};
 use onnxopt::passes::fuse::Target;
+use onnxopt::prune::structured::Importance;
 use onnxopt::prune::{prune, PruneOptions, PruneReport, Scope, Unstructured};
 
 fn structured(fraction: f64) -> PruneOptions {
@@ -109,6 +112,47 @@ fn zeroed_like(model: &Model, report: &PruneReport) -> Model {
     zeroed
 }
 
+/// Whether tract gives `a` and `b` the same outputs (within 1e-4) on the batches in `inputs`.
+fn same_outputs(a: &Model, b: &Model, inputs: &Path) -> Result<(), String> {
+    let options = ValidateOptions {
+        inputs: InputSource::Dir(inputs.to_path_buf()),
+        tolerance: Tolerance {
+            max_abs: Some(1e-4),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    match exec::validate(a, b, &options, &|_, _| {}) {
+        Ok(v) if v.passed() => Ok(()),
+        Ok(v) => Err(format!("{:?}", v.violations)),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+#[test]
+fn calibration_ranks_the_units_by_their_activations() {
+    let base = common::optimized(&common::testdata("bert-tiny.ts.onnx"), Target::Ort);
+    let calib = common::testdata("calib/bert-tiny");
+    let source = InputSource::Dir(calib.clone());
+    let batches = exec::batches_for(&base, &source, &Default::default()).unwrap();
+    let by_weights = {
+        let mut pruned = base.clone();
+        prune(&mut pruned, &structured(0.5)).unwrap()
+    };
+    let mut pruned = base.clone();
+    let options = PruneOptions {
+        calibration: batches,
+        ..structured(0.5)
+    };
+    let report = prune(&mut pruned, &options).unwrap();
+    let s = &report.structured;
+    assert_eq!(s.importance, Importance::Activations { batches: 2 });
+    assert_eq!((s.heads.len(), s.ffn.len()), (2, 2));
+    // Activations pick other FFN neurons than the weights' norms do.
+    assert_ne!(s.ffn, by_weights.structured.ffn);
+    same_outputs(&zeroed_like(&base, &report), &pruned, &calib).unwrap();
+}
+
 #[test]
 fn structured_pruning_is_zeroing_the_pruned_units_in_tract_and_onnx_runtime() {
     let dir = tempfile::tempdir().unwrap();
@@ -137,18 +181,8 @@ fn structured_pruning_is_zeroing_the_pruned_units_in_tract_and_onnx_runtime() {
             }
             assert!(report.parameters_after < report.parameters_before);
             let zeroed = zeroed_like(&base, &report);
-            let options = ValidateOptions {
-                inputs: InputSource::Dir(common::calib_dir(&path)),
-                tolerance: Tolerance {
-                    max_abs: Some(1e-4),
-                    ..Default::default()
-                },
-                ..Default::default()
-            };
-            match exec::validate(&zeroed, &pruned, &options, &|_, _| {}) {
-                Ok(v) if v.passed() => {}
-                Ok(v) => failures.push(format!("{label}: {:?}", v.violations)),
-                Err(e) => failures.push(format!("{label}: {e}")),
+            if let Err(e) = same_outputs(&zeroed, &pruned, &common::calib_dir(&path)) {
+                failures.push(format!("{label}: {e}"));
             }
             let (z, p) = (
                 dir.path().join(format!("zeroed.{label}")),

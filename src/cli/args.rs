@@ -127,7 +127,9 @@ pub struct PruneArgs {
     /// With a sparsity: rank each weight alone (`layer`) or all together (`global`).
     #[arg(long, value_enum, default_value_t = ScopeArg::Layer)]
     pub prune_scope: ScopeArg,
-    /// Remove this fraction of every attention block's heads (the weights shrink).
+    /// Remove this fraction of every attention block's heads (the weights shrink). The
+    /// least important go: by their activations on --calib/--calib-random batches when
+    /// given, else by their weights' norms.
     #[arg(long, value_name = "FRACTION")]
     pub prune_heads: Option<f64>,
     /// Remove this fraction of every FFN block's neurons (the weights shrink).
@@ -156,6 +158,7 @@ impl PruneArgs {
                 .transpose()?,
             heads: fraction("--prune-heads", self.prune_heads)?,
             ffn: fraction("--prune-ffn", self.prune_ffn)?,
+            calibration: Vec::new(),
         })
     }
 }
@@ -183,7 +186,8 @@ pub struct QuantArgs {
     /// With --fp16: keep float32 graph inputs and outputs.
     #[arg(long, requires = "fp16")]
     pub keep_io_types: bool,
-    /// Folder of .npy/.npz calibration batches named after the graph inputs. Unless
+    /// Folder of .npy/.npz calibration batches named after the graph inputs (for --int8,
+    /// and to rank heads and neurons for --prune-heads/--prune-ffn). Unless
     /// --inputs is given, the last fifth of them (at least one, when there are two or more)
     /// is held back to validate on.
     #[arg(long, value_name = "DIR", conflicts_with = "calib_random")]

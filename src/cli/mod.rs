@@ -138,11 +138,28 @@ fn optimize(args: OptimizeArgs) -> Result<()> {
     };
     report.target = Some(options.target);
     report.passes = Some(onnxopt::optimize(&mut model, &options).context("optimization failed")?);
+    let mut validation_inputs = input_source(&args.inputs);
+    // One set of calibration batches serves pruning and quantization; validation runs on
+    // the batches held back from it.
+    let structured = pruning.heads.is_some() || pruning.ffn.is_some();
+    let has_calibration = args.quant.calib.is_some() || args.quant.calib_random.is_some();
+    let calibration = if args.quant.int8 || (structured && has_calibration) {
+        let (calibration, held_back) = calibration_batches(&model, &args, &mut report)?;
+        if let Some(held_back) = held_back {
+            validation_inputs.0 = InputSource::Batches(held_back);
+        }
+        calibration
+    } else {
+        Vec::new()
+    };
     if !pruning.is_empty() {
+        let mut pruning = pruning;
+        if structured {
+            pruning.calibration = calibration.clone();
+        }
         let result = onnxopt::prune::prune(&mut model, &pruning);
         report.pruning = Some(result.context("pruning failed")?);
     }
-    let mut validation_inputs = input_source(&args.inputs);
     if args.quant.int8_dynamic {
         let options = QdqOptions {
             target: args.target.quant(),
@@ -159,10 +176,6 @@ fn optimize(args: OptimizeArgs) -> Result<()> {
         report.quantization = Some(result.context("FP16 conversion failed")?);
     }
     if args.quant.int8 {
-        let (calibration, held_back) = calibration_batches(&model, &args, &mut report)?;
-        if let Some(held_back) = held_back {
-            validation_inputs.0 = InputSource::Batches(held_back);
-        }
         let options = StaticOptions {
             qdq: QdqOptions {
                 target: args.target.quant(),

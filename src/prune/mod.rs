@@ -5,6 +5,7 @@
 //! zero what is left. Neither is exact: pruning without fine-tuning changes the outputs, so
 //! callers validate afterwards like after any pass, and the report says what was cut.
 
+pub mod activations;
 pub mod mask;
 pub mod structured;
 pub mod weights;
@@ -66,6 +67,8 @@ pub struct PruneOptions {
     pub heads: Option<f64>,
     /// Fraction of each FFN block's neurons to remove.
     pub ffn: Option<f64>,
+    /// Batches whose activations rank heads and neurons; empty: the weights' norms do.
+    pub calibration: Vec<crate::exec::Batch>,
 }
 
 impl PruneOptions {

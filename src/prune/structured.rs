@@ -29,6 +29,7 @@
 
 use std::collections::{HashMap, HashSet};
 
+use super::activations::{feature_energy, FeatureEnergy};
 use super::weights::Skipped;
 use super::PruneOptions;
 use crate::error::{Error, Result};
@@ -49,8 +50,20 @@ pub struct PrunedBlock {
     pub removed: Vec<usize>,
 }
 
+/// What ranked the units.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Importance {
+    /// Norms of the weights each unit reads and writes.
+    #[default]
+    Weights,
+    /// Activations on calibration batches, times the weights that read them.
+    Activations { batches: usize },
+}
+
 #[derive(Clone, Debug, Default, PartialEq, serde::Serialize)]
 pub struct StructuredReport {
+    pub importance: Importance,
     pub heads: Vec<PrunedBlock>,
     pub ffn: Vec<PrunedBlock>,
     /// Attention operators left whole, and why.
@@ -101,13 +114,23 @@ pub fn prune_structured(
 ) -> Result<StructuredReport> {
     let mut report = StructuredReport::default();
     let order = model.graph.topological_order()?;
+    let energy = if options.calibration.is_empty() {
+        None
+    } else {
+        report.importance = Importance::Activations {
+            batches: options.calibration.len(),
+        };
+        let values = unit_values(&model.graph, &order);
+        Some(feature_energy(model, &values, &options.calibration)?)
+    };
+    let energy = energy.as_ref();
     if let Some(fraction) = options.heads {
         for &id in &order {
             let g = &model.graph;
             if !g.contains_node(id) || !is_attention(g, id) {
                 continue;
             }
-            match head_cut(g, id, fraction) {
+            match head_cut(g, id, fraction, energy) {
                 Ok(Some((cut, block))) => {
                     apply(model, cut, rewrites)?;
                     report.heads.push(block);
@@ -126,13 +149,27 @@ pub fn prune_structured(
             if !g.contains_node(id) {
                 continue;
             }
-            if let Some((cut, block)) = ffn_cut(g, id, fraction) {
+            if let Some((cut, block)) = ffn_cut(g, id, fraction, energy) {
                 apply(model, cut, rewrites)?;
                 report.ffn.push(block);
             }
         }
     }
     Ok(report)
+}
+
+/// The values whose features are candidate units: attention outputs and the inputs of
+/// projections (an FFN's hidden state is one), each once.
+fn unit_values(g: &Graph, order: &[NodeId]) -> Vec<ValueId> {
+    let mut seen = HashSet::new();
+    order
+        .iter()
+        .filter_map(|&id| match is_attention(g, id) {
+            true => g.node(id).output(0),
+            false => output_feature_axis(g, id).and_then(|_| g.node(id).input(0)),
+        })
+        .filter(|&v| g.value_type(v).and_then(|t| t.shape).is_some() && seen.insert(v))
+        .collect()
 }
 
 // ---- choosing units ------------------------------------------------------------------------
@@ -169,6 +206,20 @@ fn squared_norms(t: &Tensor, axis: usize) -> Option<Vec<f64>> {
 
 fn slot_norms(g: &Graph, s: FeatureSlot) -> Option<Vec<f64>> {
     squared_norms(&g.constant(g.node(s.node).input(s.slot)?)?, s.axis)
+}
+
+/// The squared norms of each index of several weight slots (of one length), summed.
+fn summed_norms(g: &Graph, slots: &[FeatureSlot]) -> Option<Vec<f64>> {
+    let mut sum: Vec<f64> = Vec::new();
+    for &s in slots {
+        let norms = slot_norms(g, s)?;
+        sum.resize(norms.len(), 0.0);
+        if sum.len() != norms.len() {
+            return None;
+        }
+        sum.iter_mut().zip(norms).for_each(|(a, n)| *a += n);
+    }
+    Some(sum)
 }
 
 // ---- shared matching -----------------------------------------------------------------------
@@ -436,6 +487,7 @@ fn head_cut(
     g: &Graph,
     id: NodeId,
     fraction: f64,
+    energy: Option<&FeatureEnergy>,
 ) -> std::result::Result<Option<(Cut, PrunedBlock)>, String> {
     let node = g.node(id);
     let input = |slot: usize| node.input(slot);
@@ -488,12 +540,27 @@ fn head_cut(
     let readers = feature_readers(g, out, width)
         .ok_or("its output is read by something other than a projection")?;
 
-    // Importance: summed squared norms of each head's columns and output rows.
+    // Importance: with activations, the energy each head's output sends through the output
+    // rows, Σ E[o_f²]·‖W_O[f]‖²; else the summed squared norms of its columns and rows.
     let mut importance = vec![0.0f64; heads as usize];
-    for &s in qkv.weights.iter().chain(&readers.weights) {
-        let norms = slot_norms(g, s).ok_or(NOT_PROJECTED)?;
-        for (f, n) in norms.iter().enumerate() {
-            importance[(f % width as usize) / head_size] += n;
+    let output_rows = summed_norms(g, &readers.weights).ok_or(NOT_PROJECTED)?;
+    match energy
+        .and_then(|e| e.get(&out))
+        .filter(|e| e.len() == width as usize)
+    {
+        Some(energy) => {
+            for (f, (e, n)) in energy.iter().zip(&output_rows).enumerate() {
+                importance[f / head_size] += e * n;
+            }
+        }
+        None => {
+            let columns = summed_norms(g, &qkv.weights).ok_or(NOT_PROJECTED)?;
+            for (f, c) in columns.iter().enumerate() {
+                importance[(f % width as usize) / head_size] += c;
+            }
+            for (f, n) in output_rows.iter().enumerate() {
+                importance[f / head_size] += n;
+            }
         }
     }
     let importance: Vec<f64> = importance.into_iter().map(f64::sqrt).collect();
@@ -608,7 +675,12 @@ fn is_elementwise(node: &crate::ir::Node) -> bool {
 
 /// The FFN block read as input 0 by `exit` (a projection), as a cut removing `fraction` of
 /// its neurons; `None` when `exit` does not read such a block.
-fn ffn_cut(g: &Graph, exit: NodeId, fraction: f64) -> Option<(Cut, PrunedBlock)> {
+fn ffn_cut(
+    g: &Graph,
+    exit: NodeId,
+    fraction: f64,
+    energy: Option<&FeatureEnergy>,
+) -> Option<(Cut, PrunedBlock)> {
     output_feature_axis(g, exit)?;
     let hidden = g.node(exit).input(0)?;
     let width = last_dim(g, hidden)?;
@@ -677,8 +749,21 @@ fn ffn_cut(g: &Graph, exit: NodeId, fraction: f64) -> Option<(Cut, PrunedBlock)>
             }
         }
     }
-    let mut importance = vec![1.0f64; width as usize];
-    for s in entries.iter().chain(&readers.weights) {
+    // Importance: a neuron's RMS activation (with calibration data), else the norms of its
+    // entry columns, times the norm of its exit rows.
+    let activation = energy
+        .and_then(|e| e.get(&hidden))
+        .filter(|e| e.len() == width as usize);
+    let mut importance: Vec<f64> = match activation {
+        Some(energy) => energy.iter().map(|e| e.sqrt()).collect(),
+        None => vec![1.0; width as usize],
+    };
+    let weighed = if activation.is_some() {
+        &readers.weights[..0]
+    } else {
+        &entries[..]
+    };
+    for s in weighed.iter().chain(&readers.weights) {
         for (i, n) in slot_norms(g, *s)?.iter().enumerate() {
             importance[i] *= n.sqrt();
         }
@@ -870,6 +955,66 @@ fn shape_ending_in(g: &Graph, patch: &mut Patch, v: ValueId, last: usize) -> Res
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ir::shape::{Dim, ValueType};
+    use crate::ir::testing::model_proto;
+    use crate::passes::shape::ShapeInference;
+    use crate::passes::Pass;
+
+    /// `y = Relu(x·w1)·w2`, x f32[3, 2], four hidden neurons: all entry columns alike, exit
+    /// rows of norms 4, 1, 3, 2.
+    fn ffn() -> Model {
+        let mut proto = model_proto(
+            &["x"],
+            &["y"],
+            &[],
+            &[
+                ("MatMul", &["x", "w1"], &["h"]),
+                ("Relu", &["h"], &["a"]),
+                ("MatMul", &["a", "w2"], &["y"]),
+            ],
+        );
+        let g = proto.graph.as_mut().unwrap();
+        let w1 = Tensor::from_f32("w1", &[2, 4], &[1.0; 8]).unwrap();
+        let w2 = Tensor::from_f32("w2", &[4, 1], &[4.0, 1.0, 3.0, 2.0]).unwrap();
+        g.initializer = vec![w1.into_proto(), w2.into_proto()];
+        let x = ValueType::new(1, vec![Dim::known(3), Dim::known(2)]);
+        g.input[0].r#type = Some(x.to_type_proto());
+        let mut m = Model::from_proto(proto).unwrap();
+        ShapeInference.run(&mut m).unwrap();
+        m
+    }
+
+    fn exit(g: &Graph) -> NodeId {
+        g.nodes().find(|(_, n)| n.name() == "MatMul_y").unwrap().0
+    }
+
+    #[test]
+    fn ffn_neurons_rank_by_weights_or_by_activations() {
+        let m = ffn();
+        let g = &m.graph;
+        let (_, by_weights) = ffn_cut(g, exit(g), 0.25, None).unwrap();
+        assert_eq!(by_weights.removed, [1]);
+        // Neuron 2 never fires on the calibration data: it goes first, whatever its weights.
+        let hidden = g.find_value("a").unwrap();
+        let energy = FeatureEnergy::from([(hidden, vec![1.0, 1.0, 0.0, 1.0])]);
+        let (cut, by_activations) = ffn_cut(g, exit(g), 0.25, Some(&energy)).unwrap();
+        assert_eq!(by_activations.removed, [2]);
+        assert_eq!((by_activations.before, by_activations.after), (4, 3));
+        let mut pruned = m.clone();
+        apply(&mut pruned, cut, &mut Rewrites::default()).unwrap();
+        let dims = |name: &str| {
+            let g = &pruned.graph;
+            g.initializer(g.find_value(name).unwrap())
+                .unwrap()
+                .dims()
+                .to_vec()
+        };
+        assert_eq!((dims("w1"), dims("w2")), (vec![2, 3], vec![3, 1]));
+        let w2 = pruned
+            .graph
+            .initializer(pruned.graph.find_value("w2").unwrap());
+        assert_eq!(w2.unwrap().to_f32_vec().unwrap(), [4.0, 1.0, 2.0]);
+    }
 
     #[test]
     fn the_least_important_units_go_ties_by_index() {
