@@ -1,0 +1,196 @@
+//! Applying a structured cut: constants sliced (copied where something else reads them),
+//! computed values narrowed by a Gather, Reshape shapes and Split sizes rewritten, head-count
+//! attributes set, all in one patch per block.
+
+use std::collections::HashMap;
+
+use crate::error::{Error, Result};
+use crate::ir::tensor::raw_byte_len;
+use crate::ir::{attr, Graph, Model, NodeId, PValue, Patch, Tensor, ValueId};
+use crate::passes::{matching, Rewrites};
+use crate::proto::NodeProto;
+
+use super::shape_concat;
+
+/// A constant input to cut: input `slot` of `node` keeps only the indices `keep` along `axis`.
+#[derive(Clone, Debug)]
+pub(super) struct Slice {
+    pub(super) node: NodeId,
+    pub(super) slot: usize,
+    pub(super) axis: usize,
+    pub(super) keep: Vec<usize>,
+}
+
+/// Everything one block's cut changes.
+pub(super) struct Cut {
+    pub(super) kind: &'static str,
+    /// Constants sliced; computed values (a per-head attention bias) narrowed by a Gather.
+    pub(super) slices: Vec<Slice>,
+    /// Reshapes whose target shape (input 1) gets this feature count as its last entry.
+    pub(super) reshapes: Vec<(NodeId, usize)>,
+    /// Inputs that become this int64 vector (a Split's section sizes).
+    pub(super) int_inputs: Vec<(NodeId, usize, Vec<i64>)>,
+    pub(super) attrs: Vec<(NodeId, &'static str, i64)>,
+}
+
+/// `t` keeping only the indices `keep` along `axis`.
+fn slice_tensor(t: &Tensor, axis: usize, keep: &[usize]) -> Result<Tensor> {
+    let dims: Vec<usize> = t.dims().iter().map(|&d| d as usize).collect();
+    let elem = raw_byte_len(t.dtype(), 1)
+        .filter(|&e| raw_byte_len(t.dtype(), t.numel()) == Some(e * t.numel()))
+        .ok_or_else(|| Error::invalid_tensor(t.name(), "cannot slice this element type"))?;
+    let bytes = t
+        .raw_bytes()
+        .ok_or_else(|| Error::invalid_tensor(t.name(), "cannot read its data"))?;
+    let layout = crate::prune::mask::AxisLayout::new(&dims, axis);
+    let run = layout.stride * elem;
+    let mut out = Vec::with_capacity(layout.outer * keep.len() * run);
+    for o in 0..layout.outer {
+        for &k in keep {
+            let start = (o * layout.len + k) * run;
+            out.extend_from_slice(&bytes[start..start + run]);
+        }
+    }
+    let mut new_dims: Vec<i64> = t.dims().to_vec();
+    new_dims[axis] = keep.len() as i64;
+    Tensor::from_raw(t.name(), t.dtype(), &new_dims, bytes::Bytes::from(out))
+}
+
+/// Input `slot` of `node` reads `tensor` instead: in place when nothing else reads the
+/// constant initializer, else from a copy (a shared constant keeps its other readers' value).
+fn set_input_constant(g: &Graph, patch: &mut Patch, node: NodeId, slot: usize, tensor: Tensor) {
+    let Some(v) = g.node(node).input(slot) else {
+        return;
+    };
+    if g.initializer(v).is_some() && g.uses(v).len() == 1 {
+        patch.replace_initializer(v, tensor);
+    } else {
+        let copy = patch.new_initializer(&format!("{}.pruned", g.value_name(v)), tensor);
+        patch.replace_input(node, slot, copy);
+    }
+}
+
+pub(super) fn apply(model: &mut Model, cut: Cut, rewrites: &mut Rewrites) -> Result<()> {
+    let g = &model.graph;
+    let mut patch = Patch::new(cut.kind);
+    for s in &cut.slices {
+        let v = g
+            .node(s.node)
+            .input(s.slot)
+            .ok_or_else(|| missing("an input"))?;
+        match g.constant(v) {
+            Some(t) => {
+                let sliced = slice_tensor(&t, s.axis, &s.keep)?;
+                set_input_constant(g, &mut patch, s.node, s.slot, sliced);
+            }
+            None => {
+                let keep: Vec<i64> = s.keep.iter().map(|&k| k as i64).collect();
+                let name = format!("{}.kept", g.value_name(v));
+                let indices = Tensor::from_i64(&name, &[keep.len() as i64], &keep)?;
+                let indices = patch.new_initializer(&name, indices);
+                let axis = vec![attr::int("axis", s.axis as i64)];
+                let kept = patch.op("Gather", "", &[PValue::from(v), indices], axis);
+                patch.replace_input(s.node, s.slot, kept);
+            }
+        }
+    }
+    for (node, slot, ints) in &cut.int_inputs {
+        let v = g
+            .node(*node)
+            .input(*slot)
+            .ok_or_else(|| missing("an input"))?;
+        let t = Tensor::from_i64(g.value_name(v), &[ints.len() as i64], ints)?;
+        set_input_constant(g, &mut patch, *node, *slot, t);
+    }
+    // One new shape per shape value and count: other Reshapes may read the original.
+    let mut shapes: HashMap<(ValueId, usize), PValue> = HashMap::new();
+    for &(reshape, features) in &cut.reshapes {
+        let v = g
+            .node(reshape)
+            .input(1)
+            .ok_or_else(|| missing("a Reshape shape"))?;
+        if g.constant(v).is_some() {
+            set_input_constant(g, &mut patch, reshape, 1, ending_in(g, v, features)?);
+            continue;
+        }
+        let shape = match shapes.get(&(v, features)) {
+            Some(&shape) => shape,
+            None => {
+                let shape = shape_ending_in(g, &mut patch, v, features)?;
+                *shapes.entry((v, features)).or_insert(shape)
+            }
+        };
+        patch.replace_input(reshape, 1, shape);
+    }
+    rewrites.apply(model, patch)?;
+    for (node, name, value) in cut.attrs {
+        let proto = model.graph.node_mut_proto(node);
+        match proto.attribute.iter_mut().find(|a| a.name() == name) {
+            Some(a) => *a = attr::int(name, value),
+            None => proto.attribute.push(attr::int(name, value)),
+        }
+    }
+    Ok(())
+}
+
+fn missing(what: &str) -> Error {
+    Error::Patch(format!("pruning: {what} is not there"))
+}
+
+/// Constant int vector `v` with its last entry set to `last`.
+fn ending_in(g: &Graph, v: ValueId, last: usize) -> Result<Tensor> {
+    let mut ints = matching::const_ints(g, v).ok_or_else(|| missing(g.value_name(v)))?;
+    if let Some(l) = ints.last_mut() {
+        *l = last as i64;
+    }
+    Tensor::from_i64(g.value_name(v), &[ints.len() as i64], &ints)
+}
+
+/// A new value holding computed shape `v` with its last entry set to `last`: its Concat
+/// again with the constant last piece rewritten where it has one, else
+/// `Concat(Slice(v, 0, -1), [last])`.
+fn shape_ending_in(g: &Graph, patch: &mut Patch, v: ValueId, last: usize) -> Result<PValue> {
+    if let Some((concat, piece)) = shape_concat(g, v) {
+        let node = g.node(concat);
+        let piece = patch.new_initializer(g.value_name(piece), ending_in(g, piece, last)?);
+        let mut inputs: Vec<Option<PValue>> =
+            node.inputs.iter().map(|i| i.map(PValue::from)).collect();
+        if let Some(l) = inputs.last_mut() {
+            *l = Some(piece);
+        }
+        let shape = patch.new_value(g.value_name(v));
+        // Unnamed, so the patch gives it a fresh name.
+        let proto = NodeProto {
+            name: None,
+            ..node.proto.clone()
+        };
+        patch.add_node_proto(proto, &inputs, &[shape]);
+        return Ok(shape);
+    }
+    let mut int = |name: &str, v: i64| -> Result<PValue> {
+        Ok(patch.new_initializer(name, Tensor::from_i64(name, &[1], &[v])?))
+    };
+    let (start, end, last) = (
+        int("start", 0)?,
+        int("end", -1)?,
+        int("features", last as i64)?,
+    );
+    let leading = patch.op("Slice", "", &[PValue::from(v), start, end], Vec::new());
+    Ok(patch.op("Concat", "", &[leading, last], vec![attr::int("axis", 0)]))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slicing_keeps_the_chosen_indices_along_the_axis() -> Result<()> {
+        let t = Tensor::from_f32("w", &[2, 3], &[1.0, 2.0, 3.0, 4.0, 5.0, 6.0])?;
+        let columns = slice_tensor(&t, 1, &[0, 2])?;
+        assert_eq!(columns.dims(), [2, 2]);
+        assert_eq!(columns.to_f32_vec()?, [1.0, 3.0, 4.0, 6.0]);
+        let rows = slice_tensor(&t, 0, &[1])?;
+        assert_eq!(rows.to_f32_vec()?, [4.0, 5.0, 6.0]);
+        Ok(())
+    }
+}
