@@ -154,6 +154,23 @@ fn calibration_ranks_the_units_by_their_activations() {
 }
 
 #[test]
+fn pruned_unfused_dynamo_bert_has_fewer_heads_in_every_shape() {
+    let diff = structured_diff("bert-tiny.dynamo.onnx", Target::Ort, unfused_pipeline());
+    insta::assert_snapshot!(diff);
+}
+
+/// The default pipeline without the attention fusion: attention stays in standard ops.
+fn unfused_pipeline() -> Vec<String> {
+    let all = onnxopt::optimize::pipeline(&Default::default());
+    let names = all.names();
+    names
+        .iter()
+        .filter(|p| **p != "fuse-attention")
+        .map(|p| p.to_string())
+        .collect()
+}
+
+#[test]
 fn structured_pruning_is_zeroing_the_pruned_units_in_tract_and_onnx_runtime() {
     let dir = tempfile::tempdir().unwrap();
     let mut ort = common::OrtChecks::default();
@@ -163,9 +180,18 @@ fn structured_pruning_is_zeroing_the_pruned_units_in_tract_and_onnx_runtime() {
         if !common::tract_runs(&path) {
             continue;
         }
-        for target in [Target::Ort, Target::Onnx] {
-            let label = format!("{name} {}", target.name());
-            let base = common::optimized(&path, target);
+        for (form, passes) in [
+            ("ort", Vec::new()),
+            ("onnx", Vec::new()),
+            ("unfused", unfused_pipeline()),
+        ] {
+            let label = format!("{name} {form}");
+            let target = if form == "onnx" {
+                Target::Onnx
+            } else {
+                Target::Ort
+            };
+            let base = common::optimized_with(&path, target, passes);
             let mut pruned = base.clone();
             let report = prune(&mut pruned, &structured(0.5)).unwrap();
             let s = &report.structured;
@@ -197,9 +223,9 @@ fn structured_pruning_is_zeroing_the_pruned_units_in_tract_and_onnx_runtime() {
     ort.run();
 }
 
-/// What structured pruning changed in `model` optimized for `target`.
-fn structured_diff(model: &str, target: Target) -> String {
-    let base = common::optimized(&common::testdata(model), target);
+/// What structured pruning changed in `model` after `passes` (all when empty) for `target`.
+fn structured_diff(model: &str, target: Target, passes: Vec<String>) -> String {
+    let base = common::optimized_with(&common::testdata(model), target, passes);
     let mut pruned = base.clone();
     prune(&mut pruned, &structured(0.5)).unwrap();
     common::dump_diff(&base, &pruned)
@@ -207,12 +233,20 @@ fn structured_diff(model: &str, target: Target) -> String {
 
 #[test]
 fn pruned_bert_with_packed_attention_has_the_smaller_shapes() {
-    insta::assert_snapshot!(structured_diff("bert-tiny.ts.onnx", Target::Ort));
+    insta::assert_snapshot!(structured_diff(
+        "bert-tiny.ts.onnx",
+        Target::Ort,
+        Vec::new()
+    ));
 }
 
 #[test]
 fn pruned_gpt2_with_split_qkv_and_computed_shapes_has_the_smaller_shapes() {
-    insta::assert_snapshot!(structured_diff("gpt2-tiny.dynamo.onnx", Target::Onnx));
+    insta::assert_snapshot!(structured_diff(
+        "gpt2-tiny.dynamo.onnx",
+        Target::Onnx,
+        Vec::new()
+    ));
 }
 
 /// The reduction axis of `weight` as its reader defines it (independent of the library's).

@@ -140,11 +140,17 @@ pub fn tract_runs(path: &Path) -> bool {
 
 /// The model at `path` after the optimize pipeline for `target`.
 pub fn optimized(path: &Path, target: onnxopt::passes::fuse::Target) -> onnxopt::ir::Model {
+    optimized_with(path, target, Vec::new())
+}
+
+/// The model at `path` after `passes` of the optimize pipeline (all when empty) for `target`.
+pub fn optimized_with(
+    path: &Path,
+    target: onnxopt::passes::fuse::Target,
+    passes: Vec<String>,
+) -> onnxopt::ir::Model {
     let mut model = onnxopt::io::load(path).unwrap();
-    let options = onnxopt::optimize::OptimizeOptions {
-        target,
-        ..Default::default()
-    };
+    let options = onnxopt::optimize::OptimizeOptions { target, passes };
     onnxopt::optimize::optimize(&mut model, &options).unwrap();
     model
 }

@@ -21,13 +21,32 @@ pub(super) struct Slice {
     pub(super) keep: Vec<usize>,
 }
 
+/// Reshape `node`'s target shape gets `value` as its entry `from_end` places from the end
+/// (1: the last, a feature count; 2: a head count before the head size).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub(super) struct ShapeEntry {
+    pub(super) node: NodeId,
+    pub(super) from_end: usize,
+    pub(super) value: usize,
+}
+
+impl ShapeEntry {
+    pub(super) fn last(node: NodeId, value: usize) -> ShapeEntry {
+        ShapeEntry {
+            node,
+            from_end: 1,
+            value,
+        }
+    }
+}
+
 /// Everything one block's cut changes.
 pub(super) struct Cut {
     pub(super) kind: &'static str,
     /// Constants sliced; computed values (a per-head attention bias) narrowed by a Gather.
     pub(super) slices: Vec<Slice>,
-    /// Reshapes whose target shape (input 1) gets this feature count as its last entry.
-    pub(super) reshapes: Vec<(NodeId, usize)>,
+    /// Reshape target shapes (input 1) to rewrite.
+    pub(super) reshapes: Vec<ShapeEntry>,
     /// Inputs that become this int64 vector (a Split's section sizes).
     pub(super) int_inputs: Vec<(NodeId, usize, Vec<i64>)>,
     pub(super) attrs: Vec<(NodeId, &'static str, i64)>,
@@ -102,25 +121,26 @@ pub(super) fn apply(model: &mut Model, cut: Cut, rewrites: &mut Rewrites) -> Res
         let t = Tensor::from_i64(g.value_name(v), &[ints.len() as i64], ints)?;
         set_input_constant(g, &mut patch, *node, *slot, t);
     }
-    // One new shape per shape value and count: other Reshapes may read the original.
-    let mut shapes: HashMap<(ValueId, usize), PValue> = HashMap::new();
-    for &(reshape, features) in &cut.reshapes {
+    // One new shape per shape value and edit: other Reshapes may read the original.
+    let mut shapes: HashMap<(ValueId, usize, usize), PValue> = HashMap::new();
+    for e in &cut.reshapes {
         let v = g
-            .node(reshape)
+            .node(e.node)
             .input(1)
             .ok_or_else(|| missing("a Reshape shape"))?;
         if g.constant(v).is_some() {
-            set_input_constant(g, &mut patch, reshape, 1, ending_in(g, v, features)?);
+            set_input_constant(g, &mut patch, e.node, 1, with_entry(g, v, *e)?);
             continue;
         }
-        let shape = match shapes.get(&(v, features)) {
+        let key = (v, e.from_end, e.value);
+        let shape = match shapes.get(&key) {
             Some(&shape) => shape,
             None => {
-                let shape = shape_ending_in(g, &mut patch, v, features)?;
-                *shapes.entry((v, features)).or_insert(shape)
+                let shape = computed_with_entry(g, &mut patch, v, *e)?;
+                *shapes.entry(key).or_insert(shape)
             }
         };
-        patch.replace_input(reshape, 1, shape);
+        patch.replace_input(e.node, 1, shape);
     }
     rewrites.apply(model, patch)?;
     for (node, name, value) in cut.attrs {
@@ -137,22 +157,27 @@ fn missing(what: &str) -> Error {
     Error::Patch(format!("pruning: {what} is not there"))
 }
 
-/// Constant int vector `v` with its last entry set to `last`.
-fn ending_in(g: &Graph, v: ValueId, last: usize) -> Result<Tensor> {
+/// Constant int vector `v` with entry `e.from_end` from its end set to `e.value`.
+fn with_entry(g: &Graph, v: ValueId, e: ShapeEntry) -> Result<Tensor> {
     let mut ints = matching::const_ints(g, v).ok_or_else(|| missing(g.value_name(v)))?;
-    if let Some(l) = ints.last_mut() {
-        *l = last as i64;
-    }
+    let i = ints
+        .len()
+        .checked_sub(e.from_end)
+        .ok_or_else(|| missing("the shape entry"))?;
+    ints[i] = e.value as i64;
     Tensor::from_i64(g.value_name(v), &[ints.len() as i64], &ints)
 }
 
-/// A new value holding computed shape `v` with its last entry set to `last`: its Concat
-/// again with the constant last piece rewritten where it has one, else
-/// `Concat(Slice(v, 0, -1), [last])`.
-fn shape_ending_in(g: &Graph, patch: &mut Patch, v: ValueId, last: usize) -> Result<PValue> {
-    if let Some((concat, piece)) = shape_concat(g, v) {
+/// A new value holding computed shape `v` with entry `e.from_end` from its end set to
+/// `e.value`: its Concat again with the constant last piece rewritten where that piece holds
+/// the entry, else `Concat(Slice(v, 0, -k), [value], Slice(v, 1 - k))` (k = `from_end`).
+fn computed_with_entry(g: &Graph, patch: &mut Patch, v: ValueId, e: ShapeEntry) -> Result<PValue> {
+    let in_last_piece = shape_concat(g, v).filter(|&(_, piece)| {
+        matching::const_ints(g, piece).is_some_and(|ints| ints.len() >= e.from_end)
+    });
+    if let Some((concat, piece)) = in_last_piece {
         let node = g.node(concat);
-        let piece = patch.new_initializer(g.value_name(piece), ending_in(g, piece, last)?);
+        let piece = patch.new_initializer(g.value_name(piece), with_entry(g, piece, e)?);
         let mut inputs: Vec<Option<PValue>> =
             node.inputs.iter().map(|i| i.map(PValue::from)).collect();
         if let Some(l) = inputs.last_mut() {
@@ -167,16 +192,19 @@ fn shape_ending_in(g: &Graph, patch: &mut Patch, v: ValueId, last: usize) -> Res
         patch.add_node_proto(proto, &inputs, &[shape]);
         return Ok(shape);
     }
-    let mut int = |name: &str, v: i64| -> Result<PValue> {
-        Ok(patch.new_initializer(name, Tensor::from_i64(name, &[1], &[v])?))
+    let k = e.from_end as i64;
+    let slice_of_v = |patch: &mut Patch, from: i64, to: i64| -> Result<PValue> {
+        let from = patch.new_initializer("start", Tensor::from_i64("start", &[1], &[from])?);
+        let to = patch.new_initializer("end", Tensor::from_i64("end", &[1], &[to])?);
+        Ok(patch.op("Slice", "", &[PValue::from(v), from, to], Vec::new()))
     };
-    let (start, end, last) = (
-        int("start", 0)?,
-        int("end", -1)?,
-        int("features", last as i64)?,
-    );
-    let leading = patch.op("Slice", "", &[PValue::from(v), start, end], Vec::new());
-    Ok(patch.op("Concat", "", &[leading, last], vec![attr::int("axis", 0)]))
+    let leading = slice_of_v(patch, 0, -k)?;
+    let entry = Tensor::from_i64("entry", &[1], &[e.value as i64])?;
+    let mut pieces = vec![leading, patch.new_initializer("entry", entry)];
+    if k > 1 {
+        pieces.push(slice_of_v(patch, 1 - k, i64::MAX)?);
+    }
+    Ok(patch.op("Concat", "", &pieces, vec![attr::int("axis", 0)]))
 }
 
 #[cfg(test)]

@@ -3,7 +3,7 @@
 
 use std::collections::HashSet;
 
-use super::cut::{Cut, Slice};
+use super::cut::{Cut, ShapeEntry, Slice};
 use super::*;
 
 /// Element-wise operators: output feature i depends only on input feature i.
@@ -163,7 +163,7 @@ pub(super) fn ffn_cut(
         reshapes: reshapes
             .into_iter()
             .chain(readers.reshapes)
-            .map(|r| (r, keep.len()))
+            .map(|r| ShapeEntry::last(r, keep.len()))
             .collect(),
         int_inputs: Vec::new(),
         attrs: Vec::new(),

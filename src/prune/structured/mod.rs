@@ -1,35 +1,41 @@
 //! Structured pruning: attention heads and FFN neurons removed from the weight matrices.
 //!
 //! Matches:
-//! - attention: `com.microsoft` Attention (packed `[D, 3·N·H]` Q/K/V weight), or
-//!   `com.microsoft` MultiHeadAttention / ONNX Attention on 3-D Q, K, V that are each a
-//!   projection `x·W (+ b)` of constant W read by nothing else; and every reader of the
-//!   attention output must be a projection reading its features (MatMul or Gemm with a
-//!   constant weight), possibly behind Reshapes that keep the features last;
-//! - FFN: a block whose output is read only as the features of such projections, computed
-//!   from one or more entry projections (`x·W (+ b)`, MatMul or Gemm) through element-wise
-//!   operators only (the GELU forms, fused or not; T5's gated Mul of two entries), whose
-//!   constants are scalars or per-feature vectors.
+//! - attention, fused (`heads`): `com.microsoft` Attention (packed `[D, 3·N·H]` Q/K/V
+//!   weight), or `com.microsoft` MultiHeadAttention / ONNX Attention whose Q, K, V are each a
+//!   projection `x·W (+ b)` of constant W, or one such projection split three ways;
+//! - attention written out in standard operators (`unfused`): the Reshapes splitting Q, K, V
+//!   into heads, followed to the Reshape merging them back;
+//! - in both, every reader of the attention output must be a projection reading its features
+//!   (MatMul or Gemm with a constant weight), possibly behind Reshapes that keep them last;
+//! - FFN (`ffn`): a block whose output is read only as the features of such projections,
+//!   computed from one or more entry projections through element-wise operators only (the
+//!   GELU forms, fused or not; T5's gated Mul of two entries), whose constants are scalars or
+//!   per-feature vectors.
 //!
-//! Produces: the same blocks with the pruned heads' or neurons' columns gone from the entry
-//! weights, biases and per-feature constants, their rows gone from the exit weights, the
-//! head counts (`num_heads`, `q_num_heads`/`kv_num_heads`) and the feature entries of the
-//! Reshape shapes in between rewritten. Constants read elsewhere are copied, not changed.
+//! Produces (`cut`): the same blocks with the pruned heads' or neurons' columns gone from the
+//! entry weights, biases and per-feature constants, their rows gone from the exit weights,
+//! per-head inputs (a relative position bias) narrowed, and the head counts (`num_heads`,
+//! `q_num_heads`/`kv_num_heads`, Reshape shapes) and feature counts rewritten. Constants read
+//! elsewhere are copied, not changed.
 //!
 //! Why it is exact apart from the pruned units: a head's output is computed from its own Q,
 //! K and V columns only and reaches the rest of the model through its own rows of the output
 //! projection; an FFN neuron likewise, because element-wise operators never mix features.
-//! Removing them is the same as zeroing their contribution, which is the intended change.
-//! Blocks whose layout the checks cannot prove (past key/values, a per-head attention bias,
+//! Removing them is the same as zeroing their contribution, which is the intended change (the
+//! tests check exactly that). Blocks whose layout the checks cannot prove (past key/values,
 //! an output read some other way) are skipped and listed with the reason.
 //!
-//! Importance is the weight norm of what a unit reads and writes: for an FFN neuron the
-//! product of the norms of its entry columns and its exit row; for a head the root of the
-//! summed squared norms of its Q, K, V columns and output rows. The least important go.
+//! Importance: without calibration data, the weight norm of what a unit reads and writes (an
+//! FFN neuron: the product of its entry columns' and exit row's norms; a head: the root of
+//! the summed squared norms of its Q, K, V columns and output rows). With calibration data,
+//! what a unit sends on: its mean squared activation times the squared norm of the rows that
+//! read it. The least important go.
 
 mod cut;
 mod ffn;
 mod heads;
+mod unfused;
 
 use std::collections::HashSet;
 
@@ -41,7 +47,8 @@ use crate::ir::{attr, Graph, Model, NodeId, Tensor, Use, ValueId};
 use crate::passes::{matching, Rewrites};
 use cut::apply;
 use ffn::ffn_cut;
-use heads::{head_cut, is_attention};
+use heads::{cut_heads, head_cut, is_attention};
+use unfused::unfused_layouts;
 
 /// One pruned block.
 #[derive(Clone, Debug, PartialEq, serde::Serialize)]
@@ -123,6 +130,20 @@ pub fn prune_structured(
                 Err(reason) => report.skipped.push(Skipped {
                     weight: g.node(id).name().to_string(),
                     reason,
+                }),
+            }
+        }
+        let order = model.graph.topological_order()?;
+        for layout in unfused_layouts(&model.graph, &order) {
+            match cut_heads(&model.graph, &layout, fraction, energy) {
+                Ok(Some((cut, block))) => {
+                    apply(model, cut, rewrites)?;
+                    report.heads.push(block);
+                }
+                Ok(None) => {}
+                Err(reason) => report.skipped.push(Skipped {
+                    weight: layout.name,
+                    reason: reason.to_string(),
                 }),
             }
         }
