@@ -7,8 +7,7 @@ use crate::exec::{OutputDiff, Validation};
 use crate::io::Saved;
 use crate::passes::fuse::Target;
 use crate::passes::PassReport;
-use crate::prune::structured::Importance;
-use crate::prune::{PruneReport, Unstructured};
+use crate::prune::{Importance, PruneReport, Unstructured};
 use crate::quant::{QuantReport, QuantTarget, RangeMethod};
 
 #[derive(Clone, Debug, Default, serde::Serialize)]
@@ -103,9 +102,7 @@ fn write_pruning(f: &mut fmt::Formatter<'_>, p: &PruneReport) -> fmt::Result {
         let total: usize = blocks.iter().map(|b| b.before).sum();
         let ranked = match p.structured.importance {
             Importance::Weights => "ranked by weight norms".to_string(),
-            Importance::Activations { batches } => {
-                format!("ranked by activations on {batches} batches")
-            }
+            Importance::Activations { batches } => ranked_by_activations(batches),
         };
         writeln!(
             f,
@@ -123,9 +120,15 @@ fn write_pruning(f: &mut fmt::Formatter<'_>, p: &PruneReport) -> fmt::Result {
             }
             Unstructured::NOfM { n, m } => format!("{n}:{m}"),
         };
+        let ranked = match p.unstructured_importance {
+            Importance::Weights => "ranked by |w|".to_string(),
+            Importance::Activations { batches } => {
+                format!("{} (|w|·‖x‖)", ranked_by_activations(batches))
+            }
+        };
         writeln!(
             f,
-            "  {kind}: {} weights now {:.1}% zeros",
+            "  {kind}: {} weights now {:.1}% zeros, {ranked}",
             p.weights.len(),
             100.0 * p.sparsity
         )?;
@@ -134,6 +137,10 @@ fn write_pruning(f: &mut fmt::Formatter<'_>, p: &PruneReport) -> fmt::Result {
         }
     }
     writeln!(f, "  {}", p.rewrites)
+}
+
+fn ranked_by_activations(batches: usize) -> String {
+    format!("ranked by activations on {batches} batches")
 }
 
 fn write_quantization(f: &mut fmt::Formatter<'_>, q: &QuantReport) -> fmt::Result {

@@ -14,8 +14,7 @@ use onnxopt::exec::{self, InputSource, Tolerance, ValidateOptions};
 use onnxopt::io::{self, ExternalData};
 use onnxopt::ir::{attr, Graph, Model, Patch, Use, ValueId};
 use onnxopt::passes::fuse::Target;
-use onnxopt::prune::structured::Importance;
-use onnxopt::prune::{prune, PruneOptions, PruneReport, Scope, Unstructured};
+use onnxopt::prune::{prune, Importance, PruneOptions, PruneReport, Scope, Unstructured};
 
 fn structured(fraction: f64) -> PruneOptions {
     PruneOptions {
@@ -257,6 +256,89 @@ fn reduction_axis(g: &Graph, weight: ValueId) -> usize {
         "MatMul" | "Attention" => 0,
         "Gemm" => usize::from(attr::get_int(&node.proto, "transB") == Some(1)),
         other => panic!("{other} reads a pruned weight"),
+    }
+}
+
+#[test]
+fn with_calibration_two_of_four_keeps_the_largest_weight_times_activation() {
+    let model = common::optimized(&common::testdata("bert-tiny.ts.onnx"), Target::Ort);
+    let source = InputSource::Dir(common::testdata("calib/bert-tiny"));
+    let batches = exec::batches_for(&model, &source, &Default::default()).unwrap();
+    let mut pruned = model.clone();
+    let options = PruneOptions {
+        calibration: batches.clone(),
+        ..unstructured(Unstructured::NOfM { n: 2, m: 4 })
+    };
+    let report = prune(&mut pruned, &options).unwrap();
+    assert_eq!(
+        report.unstructured_importance,
+        Importance::Activations { batches: 2 }
+    );
+    // Check every MatMul weight against |w|·RMS(x) computed here from the activations.
+    let g = &model.graph;
+    let matmuls: Vec<(ValueId, ValueId)> = g
+        .nodes()
+        .filter(|(_, n)| n.is("MatMul"))
+        .filter_map(|(_, n)| Some((n.input(0)?, n.input(1)?)))
+        .filter(|(_, w)| report.weights.iter().any(|r| r.weight == g.value_name(*w)))
+        .collect();
+    assert!(matmuls.len() >= 5, "{}", matmuls.len());
+    let names: Vec<String> = matmuls
+        .iter()
+        .map(|(x, _)| g.value_name(*x).to_string())
+        .collect();
+    let mut runner = exec::Runner::with_outputs(&model, &names).unwrap();
+    let mut energy: Vec<Vec<f64>> = vec![Vec::new(); names.len()];
+    let mut rows = vec![0usize; names.len()];
+    for batch in &batches {
+        for (i, (_, t)) in runner.run(batch).unwrap().iter().enumerate() {
+            let view = t.to_plain_array_view::<f32>().unwrap();
+            let width = *view.shape().last().unwrap();
+            energy[i].resize(width, 0.0);
+            for (k, x) in view.iter().enumerate() {
+                energy[i][k % width] += f64::from(*x) * f64::from(*x);
+            }
+            rows[i] += view.len() / width;
+        }
+    }
+    for (i, (_, w)) in matmuls.iter().enumerate() {
+        let before = g.initializer(*w).unwrap();
+        let cols = before.dims()[1] as usize;
+        let values = before.to_f32_vec().unwrap();
+        let p = &pruned.graph;
+        let after = p
+            .initializer(p.find_value(g.value_name(*w)).unwrap())
+            .unwrap();
+        let after = after.to_f32_vec().unwrap();
+        let score = |k: usize, j: usize| {
+            f64::from(values[k * cols + j].abs()) * (energy[i][k] / rows[i] as f64).sqrt()
+        };
+        for j in 0..cols {
+            for group in 0..values.len() / cols / 4 {
+                let ks: Vec<usize> = (group * 4..group * 4 + 4).collect();
+                let kept: Vec<usize> = ks
+                    .iter()
+                    .copied()
+                    .filter(|&k| after[k * cols + j] != 0.0)
+                    .collect();
+                let dropped: Vec<usize> = ks
+                    .iter()
+                    .copied()
+                    .filter(|&k| after[k * cols + j] == 0.0)
+                    .collect();
+                let low = kept
+                    .iter()
+                    .map(|&k| score(k, j))
+                    .fold(f64::INFINITY, f64::min);
+                let high = dropped.iter().map(|&k| score(k, j)).fold(0.0, f64::max);
+                // Equal up to the f32 rounding of the library's scores.
+                assert!(
+                    high <= low * (1.0 + 1e-5),
+                    "{} column {j} group {group}",
+                    g.value_name(*w)
+                );
+            }
+        }
     }
 }
 

@@ -127,6 +127,9 @@ pub struct PruneArgs {
     /// With a sparsity: rank each weight alone (`layer`) or all together (`global`).
     #[arg(long, value_enum, default_value_t = ScopeArg::Layer)]
     pub prune_scope: ScopeArg,
+    /// With a sparsity: prune the embedding tables too (left alone by default).
+    #[arg(long, requires = "prune")]
+    pub prune_embeddings: bool,
     /// Remove this fraction of every attention block's heads (the weights shrink). The
     /// least important go: by their activations on --calib/--calib-random batches when
     /// given, else by their weights' norms.
@@ -159,6 +162,7 @@ impl PruneArgs {
             heads: fraction("--prune-heads", self.prune_heads)?,
             ffn: fraction("--prune-ffn", self.prune_ffn)?,
             calibration: Vec::new(),
+            embeddings: self.prune_embeddings,
         })
     }
 }

@@ -141,9 +141,8 @@ fn optimize(args: OptimizeArgs) -> Result<()> {
     let mut validation_inputs = input_source(&args.inputs);
     // One set of calibration batches serves pruning and quantization; validation runs on
     // the batches held back from it.
-    let structured = pruning.heads.is_some() || pruning.ffn.is_some();
     let has_calibration = args.quant.calib.is_some() || args.quant.calib_random.is_some();
-    let calibration = if args.quant.int8 || (structured && has_calibration) {
+    let calibration = if args.quant.int8 || (!pruning.is_empty() && has_calibration) {
         let (calibration, held_back) = calibration_batches(&model, &args, &mut report)?;
         if let Some(held_back) = held_back {
             validation_inputs.0 = InputSource::Batches(held_back);
@@ -154,9 +153,7 @@ fn optimize(args: OptimizeArgs) -> Result<()> {
     };
     if !pruning.is_empty() {
         let mut pruning = pruning;
-        if structured {
-            pruning.calibration = calibration.clone();
-        }
+        pruning.calibration = calibration.clone();
         let result = onnxopt::prune::prune(&mut model, &pruning);
         report.pruning = Some(result.context("pruning failed")?);
     }

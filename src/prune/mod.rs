@@ -11,11 +11,13 @@ pub mod structured;
 pub mod weights;
 
 use crate::error::{Error, Result};
-use crate::ir::{Model, Patch, Tensor};
+use crate::exec::Batch;
+use crate::ir::{attr, Model, Patch, Tensor, ValueId};
 use crate::passes::cse::CommonSubexpressions;
 use crate::passes::dce::DeadCodeElimination;
 use crate::passes::shape::ShapeInference;
 use crate::passes::{Pass, Rewrites};
+use activations::feature_energy;
 use mask::{AxisLayout, Mask};
 use structured::StructuredReport;
 use weights::{prunable_weights, PrunableWeight, Skipped};
@@ -59,6 +61,17 @@ impl Unstructured {
     }
 }
 
+/// What ranked the pruned weights or units.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Importance {
+    /// The weights alone (magnitudes, norms).
+    #[default]
+    Weights,
+    /// Activations on calibration batches, times the weights that read them.
+    Activations { batches: usize },
+}
+
 /// What to prune.
 #[derive(Clone, Debug, Default)]
 pub struct PruneOptions {
@@ -67,8 +80,10 @@ pub struct PruneOptions {
     pub heads: Option<f64>,
     /// Fraction of each FFN block's neurons to remove.
     pub ffn: Option<f64>,
-    /// Batches whose activations rank heads and neurons; empty: the weights' norms do.
+    /// Batches whose activations rank heads, neurons and weights; empty: the weights do.
     pub calibration: Vec<crate::exec::Batch>,
+    /// Magnitude pruning also zeroes embedding tables (read by Gather).
+    pub embeddings: bool,
 }
 
 impl PruneOptions {
@@ -92,6 +107,8 @@ pub struct WeightSparsity {
 #[derive(Clone, Debug, Default, serde::Serialize)]
 pub struct PruneReport {
     pub unstructured: Option<Unstructured>,
+    /// What ranked the weights unstructured pruning zeroed.
+    pub unstructured_importance: Importance,
     /// Every weight unstructured pruning touched.
     pub weights: Vec<WeightSparsity>,
     /// Zeros over all values of the touched weights.
@@ -120,9 +137,10 @@ pub fn prune(model: &mut Model, options: &PruneOptions) -> Result<PruneReport> {
         ShapeInference.run(model)?;
     }
     if let Some(kind) = options.unstructured {
-        let (weights, skipped) = prunable_weights(&model.graph);
+        let (weights, skipped) = prunable_weights(&model.graph, options.embeddings);
         report.skipped = skipped;
-        prune_unstructured(model, &weights, kind, &mut report)?;
+        report.unstructured_importance = importance(&options.calibration);
+        prune_unstructured(model, &weights, kind, &options.calibration, &mut report)?;
     }
     // Each block's cut copied the shape constants it shares with others: merge the copies.
     report.rewrites.merge(&CommonSubexpressions.run(model)?);
@@ -140,10 +158,18 @@ fn float_parameters(model: &Model) -> usize {
         .sum()
 }
 
+fn importance(calibration: &[Batch]) -> Importance {
+    match calibration.len() {
+        0 => Importance::Weights,
+        batches => Importance::Activations { batches },
+    }
+}
+
 fn prune_unstructured(
     model: &mut Model,
     weights: &[PrunableWeight],
     kind: Unstructured,
+    calibration: &[Batch],
     report: &mut PruneReport,
 ) -> Result<()> {
     let g = &model.graph;
@@ -155,37 +181,48 @@ fn prune_unstructured(
         };
         let dims: Vec<usize> = t.dims().iter().map(|&d| d as usize).collect();
         if let Unstructured::NOfM { m, .. } = kind {
-            if !dims[w.reduction_axis].is_multiple_of(m) {
-                report.skipped.push(Skipped {
-                    weight: g.value_name(w.value).to_string(),
-                    reason: format!(
-                        "its reduction length {} does not divide by {m}",
-                        dims[w.reduction_axis]
-                    ),
-                });
+            let reason = match w.reduction_axis {
+                None => Some("an embedding table has no reduction axis to group".to_string()),
+                Some(axis) if !dims[axis].is_multiple_of(m) => Some(format!(
+                    "its reduction length {} does not divide by {m}",
+                    dims[axis]
+                )),
+                Some(_) => None,
+            };
+            if let Some(reason) = reason {
+                let weight = g.value_name(w.value).to_string();
+                report.skipped.push(Skipped { weight, reason });
                 continue;
             }
         }
         values.push(t.to_f32_vec()?);
         eligible.push(w);
     }
+    // The masks rank |w|, or |w|·‖x‖ with calibration data.
+    let scores = if calibration.is_empty() {
+        None
+    } else {
+        Some(activation_scores(model, &eligible, &values, calibration)?)
+    };
+    let ranked = scores.as_ref().unwrap_or(&values);
     let masks: Vec<Mask> = match kind {
         Unstructured::Magnitude { sparsity, scope } => match scope {
             Scope::Global => {
-                let slices: Vec<&[f32]> = values.iter().map(Vec::as_slice).collect();
+                let slices: Vec<&[f32]> = ranked.iter().map(Vec::as_slice).collect();
                 mask::smallest_magnitudes(&slices, sparsity)
             }
-            Scope::Layer => values
+            Scope::Layer => ranked
                 .iter()
                 .map(|v| mask::smallest_magnitudes(&[v], sparsity).remove(0))
                 .collect(),
         },
         Unstructured::NOfM { n, m } => eligible
             .iter()
-            .zip(&values)
+            .zip(ranked)
             .map(|(w, v)| mask::n_of_m(v, layout(model, w), n, m))
             .collect(),
     };
+    drop(scores);
     let rewrite_kind = match kind {
         Unstructured::Magnitude { .. } => "magnitude-pruned-weight",
         Unstructured::NOfM { .. } => "n-of-m-pruned-weight",
@@ -221,11 +258,72 @@ fn prune_unstructured(
     Ok(())
 }
 
+/// Each weight scored `|w|·√E[x_k²]`, `x_k` the input feature it multiplies, averaged over
+/// the calibration batches (Wanda's score: a small weight on a large activation matters more
+/// than its magnitude says). A weight whose readers do not all compute `x·W` from one `x`
+/// with features last (a transposed Gemm input, a Conv, an embedding table) keeps `|w|`.
+fn activation_scores(
+    model: &Model,
+    weights: &[&PrunableWeight],
+    values: &[Vec<f32>],
+    calibration: &[Batch],
+) -> Result<Vec<Vec<f32>>> {
+    let g = &model.graph;
+    let multiplied = |w: &PrunableWeight| -> Option<ValueId> {
+        w.reduction_axis?;
+        let mut inputs = g.uses(w.value).iter().map(|&(reader, _)| {
+            let node = g.node(reader);
+            let plain = match (node.domain(), node.op_type()) {
+                ("", "MatMul") | ("com.microsoft", "Attention") => true,
+                ("", "Gemm") => attr::get_int(&node.proto, "transA").unwrap_or(0) == 0,
+                _ => false,
+            };
+            plain.then(|| node.input(0)).flatten()
+        });
+        let first = inputs.next()??;
+        inputs.all(|x| x == Some(first)).then_some(first)
+    };
+    let inputs: Vec<Option<ValueId>> = weights.iter().map(|w| multiplied(w)).collect();
+    let mut distinct: Vec<ValueId> = inputs.iter().flatten().copied().collect();
+    distinct.sort();
+    distinct.dedup();
+    distinct.retain(|&x| g.value_type(x).and_then(|t| t.shape).is_some());
+    let energy = feature_energy(model, &distinct, calibration)?;
+    let scores = weights
+        .iter()
+        .zip(values)
+        .zip(&inputs)
+        .map(|((w, v), x)| {
+            let t = g.initializer(w.value);
+            let dims: Vec<usize> = t
+                .map(|t| t.dims().iter().map(|&d| d as usize).collect())
+                .unwrap_or_default();
+            let axis = w.reduction_axis.unwrap_or(0);
+            let features = x
+                .and_then(|x| energy.get(&x))
+                .filter(|e| Some(&e.len()) == dims.get(axis));
+            match features {
+                Some(e) => {
+                    let layout = AxisLayout::new(&dims, axis);
+                    let rms: Vec<f32> = e.iter().map(|e| e.sqrt() as f32).collect();
+                    v.iter()
+                        .enumerate()
+                        .map(|(i, w)| w.abs() * rms[(i / layout.stride) % layout.len])
+                        .collect()
+                }
+                None => v.iter().map(|w| w.abs()).collect(),
+            }
+        })
+        .collect();
+    Ok(scores)
+}
+
+/// The layout of `w` along its reduction axis (N:M runs only on weights that have one).
 fn layout(model: &Model, w: &PrunableWeight) -> AxisLayout {
     let dims: Vec<usize> = model
         .graph
         .initializer(w.value)
         .map(|t| t.dims().iter().map(|&d| d as usize).collect())
         .unwrap_or_default();
-    AxisLayout::new(&dims, w.reduction_axis)
+    AxisLayout::new(&dims, w.reduction_axis.unwrap_or(0))
 }

@@ -41,7 +41,7 @@ use std::collections::HashSet;
 
 use super::activations::{feature_energy, FeatureEnergy};
 use super::weights::Skipped;
-use super::PruneOptions;
+use super::{Importance, PruneOptions};
 use crate::error::Result;
 use crate::ir::{attr, Graph, Model, NodeId, Tensor, Use, ValueId};
 use crate::passes::{matching, Rewrites};
@@ -60,17 +60,6 @@ pub struct PrunedBlock {
     pub after: usize,
     /// The indices removed, ascending.
     pub removed: Vec<usize>,
-}
-
-/// What ranked the units.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Importance {
-    /// Norms of the weights each unit reads and writes.
-    #[default]
-    Weights,
-    /// Activations on calibration batches, times the weights that read them.
-    Activations { batches: usize },
 }
 
 #[derive(Clone, Debug, Default, PartialEq, serde::Serialize)]
