@@ -157,6 +157,16 @@ fn write_quantization(f: &mut fmt::Formatter<'_>, q: &QuantReport) -> fmt::Resul
         )?;
         return Ok(());
     }
+    if let Some(s) = &q.smoothing {
+        writeln!(
+            f,
+            "  SmoothQuant α = {}: {} normalizations smoothed, channel scales {:.3}..{:.3}",
+            s.alpha,
+            s.smoothed.len(),
+            s.min_scale,
+            s.max_scale
+        )?;
+    }
     if let Some(c) = &q.calibration {
         let method = match c.method {
             RangeMethod::MinMax => "min/max".to_string(),

@@ -646,3 +646,33 @@ fn bad_pruning_arguments_are_refused_with_a_clear_error() {
         assert!(!out.exists());
     }
 }
+
+#[test]
+fn smooth_quant_smooths_before_calibrating_and_reports() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("bert.smooth.int8.onnx");
+    let model = common::testdata("bert-tiny.ts.onnx");
+    let calib = common::testdata("calib/bert-tiny");
+    let args = ["--int8", "--calib", s(&calib), "--smooth-quant", "0.5"];
+    let (result, json) = optimize_with_report(&model, &out, &args);
+    let stdout = text(&result.stdout);
+    assert!(
+        stdout.contains("SmoothQuant α = 0.5: 4 normalizations smoothed"),
+        "{stdout}"
+    );
+    let smoothing = &json["quantization"]["smoothing"];
+    assert_eq!(smoothing["smoothed"].as_array().unwrap().len(), 4);
+    assert!(
+        json["quantization"]["rewrites"]["qdq-weight"]
+            .as_u64()
+            .unwrap()
+            > 0
+    );
+    // ONNX Runtime loads it and stays close to the float model.
+    let mut ort = common::OrtChecks::default();
+    ort.add("0.99", &model, &out, &calib);
+    ort.run();
+    // Without --int8 there is nothing to smooth for.
+    let refused = onnxopt(&["optimize", s(&model), s(&out), "--smooth-quant", "0.5"]);
+    assert_eq!(refused.status.code(), Some(2), "{}", text(&refused.stderr));
+}

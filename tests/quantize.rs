@@ -15,6 +15,7 @@ use onnxopt::quant::dynamic::quantize_dynamic;
 use onnxopt::quant::fp16::{convert_fp16, Fp16Options};
 use onnxopt::quant::qdq::{activations_to_calibrate, QdqOptions, Selection, Selector};
 use onnxopt::quant::sensitivity::quantize_static_auto_exclude;
+use onnxopt::quant::smooth::smooth_quant;
 use onnxopt::quant::{quantize_static, QuantTarget, RangeMethod, StaticOptions};
 
 const METHODS: [RangeMethod; 4] = [
@@ -84,6 +85,7 @@ fn masked_values_in_an_observed_activation_are_counted_and_left_out() {
     let static_options = StaticOptions {
         qdq: options,
         method: RangeMethod::Entropy,
+        smooth_quant: None,
     };
     let report = quantize_static(&mut quantized, &batches, &static_options, &|_, _| {}).unwrap();
     let calibration = report.calibration.unwrap();
@@ -109,6 +111,7 @@ fn a_model_holding_quantization_operators_is_not_quantized_twice() {
         &StaticOptions {
             qdq: ort_options(),
             method: RangeMethod::Mse,
+            smooth_quant: None,
         },
         &|_, _| {},
     )
@@ -242,6 +245,7 @@ fn auto_exclude_keeps_the_most_sensitive_layers_float_until_the_tolerance_holds(
     let options = StaticOptions {
         qdq: ort_options(),
         method: RangeMethod::MinMax,
+        smooth_quant: None,
     };
     // The pooler's Gemm alone costs the most (cosine 0.9992 on its output); everything
     // else is near 1: a bound between the two must keep exactly it float.
@@ -295,6 +299,7 @@ fn auto_exclude_needs_a_tolerance() {
     let options = StaticOptions {
         qdq: ort_options(),
         method: RangeMethod::MinMax,
+        smooth_quant: None,
     };
     let mut model = float.clone();
     let err = quantize_static_auto_exclude(
@@ -307,4 +312,47 @@ fn auto_exclude_needs_a_tolerance() {
     )
     .unwrap_err();
     assert!(err.to_string().contains("needs a tolerance"), "{err}");
+}
+
+/// SmoothQuant on its own changes no output beyond float rounding: folded into γ and β where
+/// the projections are a normalization's only readers (GPT-2, pre-LN), through a Mul where a
+/// residual reads it too (BERT, post-LN), for both targets' fused graphs.
+#[test]
+fn smoothing_keeps_the_float_outputs() {
+    for (name, expected_muls) in [
+        ("bert-tiny.ts.onnx", true),
+        ("gpt2-tiny.dynamo.onnx", false),
+    ] {
+        let path = common::corpus().join("tiny").join(name);
+        for target in [Target::Ort, Target::Onnx] {
+            let float = common::optimized(&path, target);
+            let mut smoothed = float.clone();
+            let source = InputSource::Dir(common::calib_dir(&path));
+            let batches = exec::batches_for(&float, &source, &GenerateOptions::default()).unwrap();
+            let report = smooth_quant(&mut smoothed, &batches, 0.5).unwrap();
+            assert!(!report.smoothed.is_empty(), "{name} {target:?}");
+            assert!(report.max_scale > report.min_scale, "{report:?}");
+            let muls = smoothed.graph.nodes().filter(|(_, n)| n.is("Mul")).count()
+                > float.graph.nodes().filter(|(_, n)| n.is("Mul")).count();
+            assert_eq!(muls, expected_muls, "{name} {target:?}");
+            let options = ValidateOptions {
+                inputs: source,
+                tolerance: Tolerance {
+                    max_abs: Some(1e-4),
+                    ..Default::default()
+                },
+                ..Default::default()
+            };
+            let v = exec::validate(&float, &smoothed, &options, &|_, _| {}).unwrap();
+            assert!(v.passed(), "{name} {target:?}: {:?}", v.violations);
+        }
+    }
+}
+
+#[test]
+fn smoothing_refuses_a_strength_outside_zero_to_one() {
+    let mut model = optimized("bert-tiny.ts.onnx");
+    let batches = bert_batches(&model);
+    let e = smooth_quant(&mut model, &batches, 1.5).unwrap_err();
+    assert!(e.to_string().contains("[0, 1]"), "{e}");
 }

@@ -18,7 +18,7 @@ pub struct Cli {
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Optimize a model and write the result.
-    Optimize(OptimizeArgs),
+    Optimize(Box<OptimizeArgs>),
     /// Print a model's IR version, opsets, inputs, outputs, operators and parameters.
     Inspect {
         model: PathBuf,
@@ -211,6 +211,10 @@ pub struct QuantArgs {
     /// float until the output keeps the tolerance given (--min-cosine, --max-error, --max-kl).
     #[arg(long, requires = "int8")]
     pub auto_exclude: bool,
+    /// SmoothQuant before calibration: move activation outliers into the weights with
+    /// migration strength α in [0, 1] (0.5 is the usual choice).
+    #[arg(long, value_name = "ALPHA", requires = "int8")]
+    pub smooth_quant: Option<f64>,
     /// Quantize these nodes too: a node name, `op:<OpType>` or `re:<regex over names>`.
     #[arg(long, value_name = "SELECTOR")]
     pub include: Vec<String>,

@@ -59,7 +59,7 @@ pub fn main() -> ExitCode {
 
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
-        Command::Optimize(args) => optimize(args),
+        Command::Optimize(args) => optimize(*args),
         Command::Inspect { model, json } => {
             let info = onnxopt::inspect::inspect(&load(&model)?);
             if json {
@@ -179,6 +179,7 @@ fn optimize(args: OptimizeArgs) -> Result<()> {
                 selection: selection(&args.quant)?,
             },
             method: args.quant.method(),
+            smooth_quant: args.quant.smooth_quant,
         };
         let bar = progress("calibrating");
         let on_batch = |done: usize, total: usize| {

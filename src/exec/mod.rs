@@ -10,6 +10,7 @@
 //! calibration uses to observe every tensor in one run.
 
 pub mod compare;
+pub mod features;
 pub mod inputs;
 pub mod lower;
 pub mod rng;

@@ -5,19 +5,18 @@
 //! zero what is left. Neither is exact: pruning without fine-tuning changes the outputs, so
 //! callers validate afterwards like after any pass, and the report says what was cut.
 
-pub mod activations;
 pub mod mask;
 pub mod structured;
 pub mod weights;
 
 use crate::error::{Error, Result};
+use crate::exec::features::feature_energy;
 use crate::exec::Batch;
 use crate::ir::{attr, Model, Patch, Tensor, ValueId};
 use crate::passes::cse::CommonSubexpressions;
 use crate::passes::dce::DeadCodeElimination;
 use crate::passes::shape::ShapeInference;
 use crate::passes::{Pass, Rewrites};
-use activations::feature_energy;
 use mask::{AxisLayout, Mask};
 use structured::StructuredReport;
 use weights::{prunable_weights, PrunableWeight, Skipped};
@@ -158,6 +157,10 @@ fn float_parameters(model: &Model) -> usize {
         .sum()
 }
 
+fn calibration_run(e: crate::exec::ExecError) -> Error {
+    Error::Pruning(format!("calibration run: {e}"))
+}
+
 fn importance(calibration: &[Batch]) -> Importance {
     match calibration.len() {
         0 => Importance::Weights,
@@ -288,7 +291,7 @@ fn activation_scores(
     distinct.sort();
     distinct.dedup();
     distinct.retain(|&x| g.value_type(x).and_then(|t| t.shape).is_some());
-    let energy = feature_energy(model, &distinct, calibration)?;
+    let energy = feature_energy(model, &distinct, calibration).map_err(calibration_run)?;
     let scores = weights
         .iter()
         .zip(values)

@@ -52,6 +52,7 @@ pub fn quantize_dynamic(model: &mut Model, options: &QdqOptions) -> Result<Quant
         rewrites,
         already_quantized,
         auto_exclusion: None,
+        smoothing: None,
     };
     let operators = qdq::quantization_ops(model);
     if !operators.is_empty() {

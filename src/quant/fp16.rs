@@ -134,6 +134,7 @@ pub fn convert_fp16(model: &mut Model, options: &Fp16Options) -> Result<QuantRep
         rewrites,
         already_quantized: Vec::new(),
         auto_exclusion: None,
+        smoothing: None,
     })
 }
 

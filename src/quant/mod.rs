@@ -10,6 +10,7 @@ pub mod dynamic;
 pub mod fp16;
 pub mod qdq;
 pub mod sensitivity;
+pub mod smooth;
 
 use std::collections::BTreeMap;
 
@@ -67,6 +68,8 @@ pub type Ranges = BTreeMap<String, Range>;
 pub struct StaticOptions {
     pub qdq: QdqOptions,
     pub method: RangeMethod,
+    /// SmoothQuant's migration strength α, applied before calibration; `None`: no smoothing.
+    pub smooth_quant: Option<f64>,
 }
 
 /// What a quantization did, for the report.
@@ -84,6 +87,8 @@ pub struct QuantReport {
     pub already_quantized: Vec<String>,
     /// `--auto-exclude`: the layers' sensitivities and those kept float.
     pub auto_exclusion: Option<sensitivity::AutoExclusion>,
+    /// `--smooth-quant`: what moved into the weights before calibration.
+    pub smoothing: Option<smooth::SmoothReport>,
 }
 
 /// Static INT8: calibrates the activations QDQ insertion will quantize on `batches`, then
@@ -94,6 +99,7 @@ pub fn quantize_static(
     options: &StaticOptions,
     on_batch: &(dyn Fn(usize, usize) + Sync),
 ) -> Result<QuantReport> {
+    let smoothing = smoothed(model, batches, options)?;
     let names = qdq::activations_to_calibrate(model, &options.qdq);
     let calibration = calibrate::calibrate(model, &names, batches, options.method, on_batch)?;
     let (rewrites, already_quantized) =
@@ -108,5 +114,20 @@ pub fn quantize_static(
         rewrites,
         already_quantized,
         auto_exclusion: None,
+        smoothing,
     })
+}
+
+/// Applies SmoothQuant when `options` ask for it (never to a model that already holds Q/DQ).
+fn smoothed(
+    model: &mut Model,
+    batches: &[Batch],
+    options: &StaticOptions,
+) -> Result<Option<smooth::SmoothReport>> {
+    match options.smooth_quant {
+        Some(alpha) if qdq::quantization_ops(model).is_empty() => {
+            smooth::smooth_quant(model, batches, alpha).map(Some)
+        }
+        _ => Ok(None),
+    }
 }

@@ -58,6 +58,7 @@ pub fn quantize_static_auto_exclude(
         // Nothing to choose: the model is left as it is, as `quantize_static` leaves it.
         return quantize_static(model, calibration_batches, options, &|_, _| {});
     }
+    let smoothing = super::smoothed(model, calibration_batches, options)?;
     let float = model.clone();
     let names = qdq::activations_to_calibrate(&float, &options.qdq);
     let calibration = calibrate::calibrate(
@@ -122,6 +123,7 @@ pub fn quantize_static_auto_exclude(
             excluded,
             passed,
         }),
+        smoothing,
     })
 }
 

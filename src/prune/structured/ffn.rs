@@ -52,7 +52,7 @@ pub(super) fn ffn_cut(
     g: &Graph,
     exit: NodeId,
     fraction: f64,
-    energy: Option<&FeatureEnergy>,
+    energy: Option<&FeatureStats>,
 ) -> Option<(Cut, PrunedBlock)> {
     output_feature_axis(g, exit)?;
     let hidden = g.node(exit).input(0)?;
@@ -223,7 +223,7 @@ mod tests {
         assert_eq!(by_weights.removed, [1]);
         // Neuron 2 never fires on the calibration data: it goes first, whatever its weights.
         let hidden = g.find_value("a").unwrap();
-        let energy = FeatureEnergy::from([(hidden, vec![1.0, 1.0, 0.0, 1.0])]);
+        let energy = FeatureStats::from([(hidden, vec![1.0, 1.0, 0.0, 1.0])]);
         let (cut, by_activations) = ffn_cut(g, exit(g), 0.25, Some(&energy)).unwrap();
         assert_eq!(by_activations.removed, [2]);
         assert_eq!((by_activations.before, by_activations.after), (4, 3));

@@ -158,7 +158,7 @@ pub(super) fn head_cut(
     g: &Graph,
     id: NodeId,
     fraction: f64,
-    energy: Option<&FeatureEnergy>,
+    energy: Option<&FeatureStats>,
 ) -> std::result::Result<Option<(Cut, PrunedBlock)>, String> {
     let layout = fused_layout(g, id)?;
     cut_heads(g, &layout, fraction, energy).map_err(str::to_string)
@@ -233,7 +233,7 @@ pub(super) fn cut_heads(
     g: &Graph,
     layout: &HeadLayout,
     fraction: f64,
-    energy: Option<&FeatureEnergy>,
+    energy: Option<&FeatureStats>,
 ) -> std::result::Result<Option<(Cut, PrunedBlock)>, &'static str> {
     let (heads, qkv, readers) = (layout.heads, &layout.qkv, &layout.readers);
     let width = qkv.width;

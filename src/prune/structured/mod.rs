@@ -39,10 +39,10 @@ mod unfused;
 
 use std::collections::HashSet;
 
-use super::activations::{feature_energy, FeatureEnergy};
 use super::weights::Skipped;
 use super::{Importance, PruneOptions};
 use crate::error::Result;
+use crate::exec::features::{feature_energy, FeatureStats};
 use crate::ir::{attr, Graph, Model, NodeId, Tensor, Use, ValueId};
 use crate::passes::{matching, Rewrites};
 use cut::apply;
@@ -101,7 +101,7 @@ pub fn prune_structured(
             batches: options.calibration.len(),
         };
         let values = unit_values(&model.graph, &order);
-        Some(feature_energy(model, &values, &options.calibration)?)
+        Some(feature_energy(model, &values, &options.calibration).map_err(super::calibration_run)?)
     };
     let energy = energy.as_ref();
     if let Some(fraction) = options.heads {
