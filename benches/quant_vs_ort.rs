@@ -1,8 +1,9 @@
 //! Benchmark: onnxopt's INT8 quantization against ONNX Runtime's quantizers, in three tables.
 //!
 //! a. Quality, size and speed on the real all-MiniLM-L6-v2. `onnxopt optimize --int8`
-//!    (`--target ort` and `--target trt`) calibrates on the first 8 batches of
-//!    `calib/minilm/dynamic` and holds the last 2 back; `--int8-dynamic` needs none.
+//!    (`--target ort`, with `--smooth-quant 0.5`, and `--target trt`) calibrates on the first
+//!    8 batches of `calib/minilm/dynamic` and holds the last 2 back; `--int8-dynamic` needs
+//!    none.
 //!    `scripts/quant_compare.py` then runs ONNX Runtime's `quantize_static` (QDQ, per-channel,
 //!    uint8 activations, MatMul only: its best static settings here) on the same 8 batches and
 //!    `quantize_dynamic` (per-channel), and scores every model in ONNX Runtime on the 20
@@ -92,8 +93,12 @@ mod bench {
         let corpus = common::corpus_dir();
         let model = corpus.join("minilm-l6/all-minilm-l6-v2.ts.onnx");
         let calib = corpus.join("calib/minilm/dynamic");
-        let ours: [(&str, &[&str]); 3] = [
+        let ours: [(&str, &[&str]); 4] = [
             ("onnxopt-static-ort", &["--int8", "--target", "ort"]),
+            (
+                "onnxopt-static-smooth",
+                &["--int8", "--target", "ort", "--smooth-quant", "0.5"],
+            ),
             ("onnxopt-static-trt", &["--int8", "--target", "trt"]),
             ("onnxopt-dynamic", &["--int8-dynamic"]),
         ];
