@@ -16,6 +16,7 @@ pub mod lower;
 pub mod rng;
 pub mod support;
 
+use rayon::prelude::*;
 use std::collections::HashMap;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::PathBuf;
@@ -251,6 +252,59 @@ impl Runner {
 
     /// Runs one batch; returns the requested values in order.
     pub fn run(&mut self, batch: &Batch) -> Result<Vec<(String, Tensor)>, ExecError> {
+        let plan = self.plan_for(batch)?;
+        execute(&plan, &self.outputs, batch)
+    }
+
+    /// Runs `batches` at the same time, one per thread (tract runs each on one core);
+    /// returns each batch's values, in order. Callers bound memory by the chunk they pass.
+    pub fn run_parallel(
+        &mut self,
+        batches: &[Batch],
+    ) -> Result<Vec<Vec<(String, Tensor)>>, ExecError> {
+        // Compile the shapes not seen yet at the same time too: compiling costs about as
+        // much as running.
+        let mut missing: HashMap<Vec<Vec<usize>>, &Batch> = HashMap::new();
+        for b in batches {
+            self.check_inputs(b)?;
+            let key = shape_key(b);
+            if !self.plans.contains_key(&key) {
+                missing.entry(key).or_insert(b);
+            }
+        }
+        let missing: Vec<&Batch> = missing.into_values().collect();
+        let this = &*self;
+        let compiled = missing
+            .par_iter()
+            .map(|b| Ok((shape_key(b), this.plan(b)?)))
+            .collect::<Result<Vec<_>, ExecError>>()?;
+        self.plans.extend(compiled);
+        let plans = batches
+            .iter()
+            .map(|b| self.plan_for(b))
+            .collect::<Result<Vec<_>, _>>()?;
+        let outputs = &self.outputs;
+        batches
+            .par_iter()
+            .zip(plans)
+            .map(|(batch, plan)| execute(&plan, outputs, batch))
+            .collect()
+    }
+
+    /// The plan for `batch`'s input shapes, compiled once per shape.
+    fn plan_for(&mut self, batch: &Batch) -> Result<Arc<TypedRunnableModel>, ExecError> {
+        self.check_inputs(batch)?;
+        let key = shape_key(batch);
+        if let Some(plan) = self.plans.get(&key) {
+            return Ok(plan.clone());
+        }
+        let plan = self.plan(batch)?;
+        self.plans.insert(key, plan.clone());
+        Ok(plan)
+    }
+
+    /// An error unless `batch` holds the model's inputs, in order.
+    fn check_inputs(&self, batch: &Batch) -> Result<(), ExecError> {
         if batch.tensors.len() != self.inputs.len()
             || batch
                 .tensors
@@ -265,31 +319,7 @@ impl Runner {
                 batch.name
             )));
         }
-        let key: Vec<Vec<usize>> = batch
-            .tensors
-            .iter()
-            .map(|(_, t)| t.shape().to_vec())
-            .collect();
-        let plan = match self.plans.get(&key) {
-            Some(plan) => plan.clone(),
-            None => {
-                let plan = self.plan(batch)?;
-                self.plans.insert(key, plan.clone());
-                plan
-            }
-        };
-        let values: TVec<TValue> = batch
-            .tensors
-            .iter()
-            .map(|(_, t)| t.clone().into())
-            .collect();
-        let results = guarded(|| plan.run(values).map_err(tract_err))?;
-        self.outputs
-            .iter()
-            .cloned()
-            .zip(results)
-            .map(|(name, v)| Ok((name, onnx_typed(v.into_tensor())?)))
-            .collect()
+        Ok(())
     }
 
     fn plan(&self, batch: &Batch) -> Result<Arc<TypedRunnableModel>, ExecError> {
@@ -306,6 +336,35 @@ impl Runner {
             tract_onnx::prelude::IntoRunnable::into_runnable(typed).map_err(tract_err)
         })
     }
+}
+
+/// What a plan is compiled for: the input shapes.
+fn shape_key(batch: &Batch) -> Vec<Vec<usize>> {
+    batch
+        .tensors
+        .iter()
+        .map(|(_, t)| t.shape().to_vec())
+        .collect()
+}
+
+/// Runs `plan` on `batch`, naming its results `outputs`.
+fn execute(
+    plan: &Arc<TypedRunnableModel>,
+    outputs: &[String],
+    batch: &Batch,
+) -> Result<Vec<(String, Tensor)>, ExecError> {
+    let values: TVec<TValue> = batch
+        .tensors
+        .iter()
+        .map(|(_, t)| t.clone().into())
+        .collect();
+    let results = guarded(|| plan.run(values).map_err(tract_err))?;
+    outputs
+        .iter()
+        .cloned()
+        .zip(results)
+        .map(|(name, v)| Ok((name, onnx_typed(v.into_tensor())?)))
+        .collect()
 }
 
 /// tract computes `Shape` and `Size` as symbolic dims (`TDim`); ONNX says int64.
@@ -414,9 +473,9 @@ impl Reference {
     ) -> Result<Reference, ExecError> {
         let mut runner = Runner::new(reference)?;
         let mut outputs = Vec::with_capacity(batches.len());
-        for (i, batch) in batches.iter().enumerate() {
-            outputs.push(runner.run(batch)?);
-            on_batch(i + 1, batches.len());
+        for chunk in batches.chunks(parallel_batches()) {
+            outputs.extend(runner.run_parallel(chunk)?);
+            on_batch(outputs.len(), batches.len());
         }
         Ok(Reference {
             batches,
@@ -470,21 +529,21 @@ impl Reference {
             }
         };
         let mut outputs: Vec<OutputDiff> = Vec::new();
-        for (i, (batch, ra)) in self.batches.iter().zip(&self.outputs).enumerate() {
-            let rb: HashMap<String, Tensor> =
-                b.run(&candidate_batch(batch)?)?.into_iter().collect();
-            for (k, (name, ta)) in ra.iter().enumerate() {
-                let tb = rb.get(name).ok_or_else(|| {
-                    ExecError::Input(format!("the candidate has no output `{name}`"))
-                })?;
-                let t = is_logits(name).then_some(options.kl_temperature);
-                let d = compare::diff(name, ta, tb, t).map_err(ExecError::Input)?;
-                match outputs.get_mut(k) {
-                    Some(acc) => acc.merge(&d),
-                    None => outputs.push(d),
-                }
+        let mut done = 0;
+        for (chunk, expected) in self
+            .batches
+            .chunks(parallel_batches())
+            .zip(self.outputs.chunks(parallel_batches()))
+        {
+            let inputs = chunk
+                .iter()
+                .map(candidate_batch)
+                .collect::<Result<Vec<_>, _>>()?;
+            for (ra, rb) in expected.iter().zip(b.run_parallel(&inputs)?) {
+                compare_batch(ra, rb, &is_logits, options, &mut outputs)?;
+                done += 1;
+                on_batch(done, self.batches.len());
             }
-            on_batch(i + 1, self.batches.len());
         }
         let violations = outputs
             .iter()
@@ -497,6 +556,35 @@ impl Reference {
             violations,
         })
     }
+}
+
+/// How many batches run at once: one per thread, as tract runs each on one core.
+pub fn parallel_batches() -> usize {
+    rayon::current_num_threads().max(1)
+}
+
+/// Folds one batch's differences between the reference's outputs `ra` and the candidate's
+/// `rb` into `outputs` (one entry per reference output).
+fn compare_batch(
+    ra: &[(String, Tensor)],
+    rb: Vec<(String, Tensor)>,
+    is_logits: &dyn Fn(&str) -> bool,
+    options: &ValidateOptions,
+    outputs: &mut Vec<OutputDiff>,
+) -> Result<(), ExecError> {
+    let rb: HashMap<String, Tensor> = rb.into_iter().collect();
+    for (k, (name, ta)) in ra.iter().enumerate() {
+        let tb = rb
+            .get(name)
+            .ok_or_else(|| ExecError::Input(format!("the candidate has no output `{name}`")))?;
+        let t = is_logits(name).then_some(options.kl_temperature);
+        let d = compare::diff(name, ta, tb, t).map_err(ExecError::Input)?;
+        match outputs.get_mut(k) {
+            Some(acc) => acc.merge(&d),
+            None => outputs.push(d),
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -133,13 +133,19 @@ pub fn calibrate(
             return Err(Error::Quantization("no calibration batches".into()));
         }
         let mut runner = Runner::with_outputs(model, names).map_err(calibration_error)?;
-        for (i, batch) in batches.iter().enumerate() {
-            let outputs = runner.run(batch).map_err(calibration_error)?;
-            observers
-                .par_iter_mut()
-                .zip(outputs.par_iter())
-                .try_for_each(|(observer, (name, t))| observe(observer, name, t))?;
-            on_batch(i + 1, batches.len());
+        // As many batches at once as threads: tract runs each on one core. Observing in
+        // batch order keeps the statistics independent of the thread count; memory holds
+        // one chunk's activations.
+        let mut done = 0;
+        for chunk in batches.chunks(crate::exec::parallel_batches()) {
+            for outputs in runner.run_parallel(chunk).map_err(calibration_error)? {
+                observers
+                    .par_iter_mut()
+                    .zip(outputs.par_iter())
+                    .try_for_each(|(observer, (name, t))| observe(observer, name, t))?;
+                done += 1;
+                on_batch(done, batches.len());
+            }
         }
     }
     let mut ranges = Ranges::new();
