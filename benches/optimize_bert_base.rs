@@ -60,15 +60,10 @@ mod bench {
         let skeleton_dir = common::skeleton_dir();
         let data_dir = common::bench_data_dir();
         let runs = common::runs(DEFAULT_RUNS);
-        // `cargo bench` passes `--bench`; any other argument picks models by substring.
-        let filters: Vec<String> = std::env::args()
-            .skip(1)
-            .filter(|a| !a.starts_with('-'))
-            .collect();
-
         let mut results = Vec::new();
         for name in MODELS {
-            if !filters.is_empty() && !filters.iter().any(|f| name.contains(f.as_str())) {
+            // Arguments pick models by substring.
+            if !common::wanted(name) {
                 continue;
             }
             let skeleton = skeleton_dir.join(format!("{name}.skel.onnx"));

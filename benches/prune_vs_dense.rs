@@ -36,17 +36,11 @@ mod bench {
     use common::{file_size, materialize_if_needed, megabytes, verdict};
 
     pub fn run() {
-        let filters: Vec<String> = std::env::args()
-            .skip(1)
-            .filter(|a| !a.starts_with('-'))
-            .collect();
-        let wants = |part: &str| filters.is_empty() || filters.iter().any(|f| part.contains(f));
-        let data = common::bench_data_dir().join("prune");
-        std::fs::create_dir_all(&data).expect("bench data folder");
-        if wants("bert") {
+        let data = common::bench_subdir("prune");
+        if common::wanted("bert") {
             bert_base(&data);
         }
-        if wants("minilm") {
+        if common::wanted("minilm") {
             minilm(&data);
         }
         println!("\nreproduce: {REPRODUCE}");

@@ -73,17 +73,11 @@ mod bench {
     }
 
     pub fn run() {
-        let filters: Vec<String> = std::env::args()
-            .skip(1)
-            .filter(|a| !a.starts_with('-'))
-            .collect();
-        let wants = |part: &str| filters.is_empty() || filters.iter().any(|f| part.contains(f));
-        let data = common::bench_data_dir().join("quant");
-        std::fs::create_dir_all(&data).expect("bench data folder");
-        if wants("minilm") {
+        let data = common::bench_subdir("quant");
+        if common::wanted("minilm") {
             minilm(&data);
         }
-        if wants("bert") {
+        if common::wanted("bert") {
             bert_base(&data);
         }
         println!("\nreproduce: {REPRODUCE}");

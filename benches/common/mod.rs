@@ -65,6 +65,25 @@ pub fn bench_data_dir() -> PathBuf {
     dir
 }
 
+/// `target/bench-data/<name>`, created if needed: one bench's outputs and logs.
+pub fn bench_subdir(name: &str) -> PathBuf {
+    let dir = bench_data_dir().join(name);
+    std::fs::create_dir_all(&dir)
+        .unwrap_or_else(|e| panic!("cannot create `{}`: {e}", dir.display()));
+    dir
+}
+
+/// Whether the bench was asked for `part`: `cargo bench --bench B -- minilm` runs the parts
+/// whose names contain an argument (flags, such as the `--bench` cargo passes, do not count);
+/// no argument runs every part.
+pub fn wanted(part: &str) -> bool {
+    let mut filters = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with('-'))
+        .peekable();
+    filters.peek().is_none() || filters.any(|f| part.contains(f.as_str()))
+}
+
 /// Measured rounds: `$ONNXOPT_BENCH_RUNS`, else `default`.
 pub fn runs(default: usize) -> usize {
     match std::env::var("ONNXOPT_BENCH_RUNS") {
