@@ -133,8 +133,10 @@ pub(super) fn unfused_layouts(g: &Graph, order: &[NodeId]) -> Vec<HeadLayout> {
         // One block per operator: merge the blocks it reads.
         let block = inputs[0].1.block;
         for &(_, t) in &inputs[1..] {
-            if t.block != block {
-                let other = std::mem::take(&mut blocks[t.block]);
+            // Two inputs of one other block merge it once.
+            let merged = root(&blocks, t.block);
+            if merged != block {
+                let other = std::mem::take(&mut blocks[merged]);
                 let b = &mut blocks[block];
                 b.broken |=
                     other.broken || other.heads != b.heads || other.head_size != b.head_size;
@@ -142,7 +144,7 @@ pub(super) fn unfused_layouts(g: &Graph, order: &[NodeId]) -> Vec<HeadLayout> {
                 b.head_counts.extend(other.head_counts);
                 b.merges.extend(other.merges);
                 b.per_head.extend(other.per_head);
-                blocks[t.block].merged_into = Some(block);
+                blocks[merged].merged_into = Some(block);
             }
         }
         match follow(g, id, &inputs, &blocks[block]) {
