@@ -142,7 +142,7 @@ fn optimize(args: OptimizeArgs) -> Result<()> {
     // One set of calibration batches serves pruning and quantization; validation runs on
     // the batches held back from it.
     let has_calibration = args.quant.calib.is_some() || args.quant.calib_random.is_some();
-    let calibration = if args.quant.int8 || (!pruning.is_empty() && has_calibration) {
+    let mut calibration = if args.quant.int8 || (!pruning.is_empty() && has_calibration) {
         let (calibration, held_back) = calibration_batches(&model, &args, &mut report)?;
         if let Some(held_back) = held_back {
             validation_inputs.0 = InputSource::Batches(held_back);
@@ -152,9 +152,11 @@ fn optimize(args: OptimizeArgs) -> Result<()> {
         Vec::new()
     };
     if !pruning.is_empty() {
+        // Lent to pruning, and taken back for quantization.
         let mut pruning = pruning;
-        pruning.calibration = calibration.clone();
+        pruning.calibration = std::mem::take(&mut calibration);
         let result = onnxopt::prune::prune(&mut model, &pruning);
+        calibration = pruning.calibration;
         report.pruning = Some(result.context("pruning failed")?);
     }
     if args.quant.int8_dynamic {

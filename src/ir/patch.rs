@@ -227,6 +227,29 @@ impl Patch {
         self
     }
 
+    /// Input `slot` of `node` in `g` reads `tensor` instead of its constant: that initializer
+    /// takes the new tensor in place when `node` is its only reader, else a new initializer
+    /// named after it with `suffix` feeds `node` alone (the other readers keep the old value).
+    /// An empty slot stays empty.
+    pub fn set_constant_input(
+        &mut self,
+        g: &Graph,
+        node: NodeId,
+        slot: usize,
+        tensor: Tensor,
+        suffix: &str,
+    ) -> &mut Self {
+        let Some(v) = g.node(node).input(slot) else {
+            return self;
+        };
+        if g.initializer(v).is_some() && g.uses(v).len() == 1 {
+            self.replace_initializer(v, tensor)
+        } else {
+            let copy = self.new_initializer(&format!("{}{suffix}", g.value_name(v)), tensor);
+            self.replace_input(node, slot, copy)
+        }
+    }
+
     /// Declares graph input or output `v` with the element type `elem` (its shape stays).
     pub fn declare_elem_type(&mut self, v: ValueId, elem: i32) -> &mut Self {
         self.declared_elem_types.push((v, elem));

@@ -12,11 +12,11 @@ pub mod weights;
 use crate::error::{Error, Result};
 use crate::exec::features::feature_energy;
 use crate::exec::Batch;
-use crate::ir::{attr, Model, Patch, Tensor, ValueId};
+use crate::ir::{Model, Patch, Tensor, ValueId};
 use crate::passes::cse::CommonSubexpressions;
 use crate::passes::dce::DeadCodeElimination;
 use crate::passes::shape::ShapeInference;
-use crate::passes::{Pass, Rewrites};
+use crate::passes::{matching, Pass, Rewrites};
 use mask::{AxisLayout, Mask};
 use structured::StructuredReport;
 use weights::{prunable_weights, PrunableWeight, Skipped};
@@ -80,7 +80,7 @@ pub struct PruneOptions {
     /// Fraction of each FFN block's neurons to remove.
     pub ffn: Option<f64>,
     /// Batches whose activations rank heads, neurons and weights; empty: the weights do.
-    pub calibration: Vec<crate::exec::Batch>,
+    pub calibration: Vec<Batch>,
     /// Magnitude pruning also zeroes embedding tables (read by Gather).
     pub embeddings: bool,
 }
@@ -177,7 +177,8 @@ fn prune_unstructured(
 ) -> Result<()> {
     let g = &model.graph;
     let mut values: Vec<Vec<f32>> = Vec::with_capacity(weights.len());
-    let mut eligible: Vec<&PrunableWeight> = Vec::with_capacity(weights.len());
+    // Each weight to prune with its dims.
+    let mut eligible: Vec<(&PrunableWeight, Vec<usize>)> = Vec::with_capacity(weights.len());
     for w in weights {
         let Some(t) = g.initializer(w.value) else {
             continue;
@@ -199,7 +200,7 @@ fn prune_unstructured(
             }
         }
         values.push(t.to_f32_vec()?);
-        eligible.push(w);
+        eligible.push((w, dims));
     }
     // The masks rank |w|, or |w|·‖x‖ with calibration data.
     let scores = if calibration.is_empty() {
@@ -222,7 +223,10 @@ fn prune_unstructured(
         Unstructured::NOfM { n, m } => eligible
             .iter()
             .zip(ranked)
-            .map(|(w, v)| mask::n_of_m(v, layout(model, w), n, m))
+            .map(|((w, dims), v)| {
+                let layout = AxisLayout::new(dims, w.reduction_axis.unwrap_or(0));
+                mask::n_of_m(v, layout, n, m)
+            })
             .collect(),
     };
     drop(scores);
@@ -231,17 +235,12 @@ fn prune_unstructured(
         Unstructured::NOfM { .. } => "n-of-m-pruned-weight",
     };
     let (mut zeros, mut total) = (0usize, 0usize);
-    for ((w, mut v), m) in eligible.into_iter().zip(values).zip(masks) {
+    for (((w, dims), mut v), m) in eligible.into_iter().zip(values).zip(masks) {
         let zeros_before = v.iter().filter(|&&x| x == 0.0).count();
         mask::apply(&mut v, &m);
         let after = v.iter().filter(|&&x| x == 0.0).count();
-        let (name, dims) = {
-            let t = model.graph.initializer(w.value);
-            (
-                model.graph.value_name(w.value).to_string(),
-                t.map(|t| t.dims().to_vec()).unwrap_or_default(),
-            )
-        };
+        let name = model.graph.value_name(w.value).to_string();
+        let dims: Vec<i64> = dims.iter().map(|&d| d as i64).collect();
         zeros += after;
         total += v.len();
         report.weights.push(WeightSparsity {
@@ -267,26 +266,24 @@ fn prune_unstructured(
 /// with features last (a transposed Gemm input, a Conv, an embedding table) keeps `|w|`.
 fn activation_scores(
     model: &Model,
-    weights: &[&PrunableWeight],
+    weights: &[(&PrunableWeight, Vec<usize>)],
     values: &[Vec<f32>],
     calibration: &[Batch],
 ) -> Result<Vec<Vec<f32>>> {
     let g = &model.graph;
-    let multiplied = |w: &PrunableWeight| -> Option<ValueId> {
+    let multiplied = |w: &PrunableWeight, rank: usize| -> Option<ValueId> {
         w.reduction_axis?;
         let mut inputs = g.uses(w.value).iter().map(|&(reader, _)| {
             let node = g.node(reader);
-            let plain = match (node.domain(), node.op_type()) {
-                ("", "MatMul") | ("com.microsoft", "Attention") => true,
-                ("", "Gemm") => attr::get_int(&node.proto, "transA").unwrap_or(0) == 0,
-                _ => false,
-            };
-            plain.then(|| node.input(0)).flatten()
+            matching::features_last_axis(node, rank).and_then(|_| node.input(0))
         });
         let first = inputs.next()??;
         inputs.all(|x| x == Some(first)).then_some(first)
     };
-    let inputs: Vec<Option<ValueId>> = weights.iter().map(|w| multiplied(w)).collect();
+    let inputs: Vec<Option<ValueId>> = weights
+        .iter()
+        .map(|(w, dims)| multiplied(w, dims.len()))
+        .collect();
     let mut distinct: Vec<ValueId> = inputs.iter().flatten().copied().collect();
     distinct.sort();
     distinct.dedup();
@@ -296,18 +293,14 @@ fn activation_scores(
         .iter()
         .zip(values)
         .zip(&inputs)
-        .map(|((w, v), x)| {
-            let t = g.initializer(w.value);
-            let dims: Vec<usize> = t
-                .map(|t| t.dims().iter().map(|&d| d as usize).collect())
-                .unwrap_or_default();
+        .map(|(((w, dims), v), x)| {
             let axis = w.reduction_axis.unwrap_or(0);
             let features = x
                 .and_then(|x| energy.get(&x))
                 .filter(|e| Some(&e.len()) == dims.get(axis));
             match features {
                 Some(e) => {
-                    let layout = AxisLayout::new(&dims, axis);
+                    let layout = AxisLayout::new(dims, axis);
                     let rms: Vec<f32> = e.iter().map(|e| e.sqrt() as f32).collect();
                     v.iter()
                         .enumerate()
@@ -319,14 +312,4 @@ fn activation_scores(
         })
         .collect();
     Ok(scores)
-}
-
-/// The layout of `w` along its reduction axis (N:M runs only on weights that have one).
-fn layout(model: &Model, w: &PrunableWeight) -> AxisLayout {
-    let dims: Vec<usize> = model
-        .graph
-        .initializer(w.value)
-        .map(|t| t.dims().iter().map(|&d| d as usize).collect())
-        .unwrap_or_default();
-    AxisLayout::new(&dims, w.reduction_axis.unwrap_or(0))
 }

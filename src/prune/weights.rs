@@ -1,7 +1,8 @@
 //! The weights pruning may touch: float initializers read only as the weight of a MatMul,
 //! Gemm, Conv or packed `com.microsoft` Attention, with the axis those operators reduce over.
 
-use crate::ir::{attr, DataType, Graph, Node, Use, ValueId};
+use crate::ir::{DataType, Graph, Use, ValueId};
+use crate::passes::matching;
 
 /// A weight initializer and the axis its readers sum over (the one N:M groups run along).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -16,21 +17,6 @@ pub struct PrunableWeight {
 pub struct Skipped {
     pub weight: String,
     pub reason: String,
-}
-
-/// The axis a rank-`rank` weight (input 1) of `node` is reduced over: MatMul B `[…, K, N]`:
-/// K; Gemm B: K is axis 1 with transB, else 0; Conv W `[M, C, k…]`: the input channels C;
-/// packed Attention `[D, 3·N·H]`: D. `None` for any other reader.
-pub fn reduction_axis(node: &Node, rank: usize) -> Option<usize> {
-    match (node.domain(), node.op_type()) {
-        ("", "MatMul") if rank >= 2 => Some(rank - 2),
-        ("", "Gemm") if rank == 2 => {
-            Some(usize::from(attr::get_int(&node.proto, "transB") == Some(1)))
-        }
-        ("", "Conv") if rank >= 3 => Some(1),
-        ("com.microsoft", "Attention") if rank == 2 => Some(0),
-        _ => None,
-    }
 }
 
 /// How one reader uses an initializer.
@@ -56,9 +42,8 @@ pub fn prunable_weights(g: &Graph, embeddings: bool) -> (Vec<PrunableWeight>, Ve
             .map(|&(n, u)| {
                 let node = g.node(n);
                 match u {
-                    Use::Input(1) => {
-                        reduction_axis(node, t.dims().len()).map_or(Read::Other, Read::Weight)
-                    }
+                    Use::Input(1) => matching::reduction_axis(node, t.dims().len())
+                        .map_or(Read::Other, Read::Weight),
                     Use::Input(0) if node.is("Gather") && embeddings => Read::Embedding,
                     _ => Read::Other,
                 }

@@ -25,7 +25,7 @@ use crate::error::{Error, Result};
 use crate::exec::features::feature_abs_max;
 use crate::exec::Batch;
 use crate::ir::{attr, Graph, Model, NodeId, Patch, Tensor, Use, ValueId};
-use crate::passes::Rewrites;
+use crate::passes::{matching, Rewrites};
 
 /// What smoothing did, for the report.
 #[derive(Clone, Debug, Default, serde::Serialize)]
@@ -185,7 +185,7 @@ fn site(g: &Graph, id: NodeId) -> Option<Site> {
         }
     }
     let out = node.output(0)?;
-    let width = g.value_type(out)?.shape?.last()?.value()? as usize;
+    let width = matching::last_dim(g, out)? as usize;
     let is_vector = |slot: usize| {
         node.input(slot)
             .and_then(|v| g.constant(v))
@@ -236,8 +236,7 @@ fn reader_rows(g: &Graph, reader: NodeId, width: usize) -> Option<Vec<(NodeId, u
     let node = g.node(reader);
     if node.is("Reshape") {
         let out = node.output(0)?;
-        let last = g.value_type(out)?.shape?.last()?.value()?;
-        if last != width as i64 || g.is_graph_output(out) {
+        if matching::last_dim(g, out)? != width as i64 || g.is_graph_output(out) {
             return None;
         }
         let mut rows = Vec::new();
@@ -250,14 +249,8 @@ fn reader_rows(g: &Graph, reader: NodeId, width: usize) -> Option<Vec<(NodeId, u
         }
         return (!rows.is_empty()).then_some(rows);
     }
-    let axis = match (node.domain(), node.op_type()) {
-        ("", "MatMul") | ("com.microsoft", "Attention") => 0,
-        ("", "Gemm") if attr::get_int(&node.proto, "transA").unwrap_or(0) == 0 => {
-            usize::from(attr::get_int(&node.proto, "transB") == Some(1))
-        }
-        _ => return None,
-    };
     let dims = g.constant(node.input(1)?)?.dims().to_vec();
+    let axis = matching::features_last_axis(node, dims.len())?;
     (dims.len() == 2 && dims[axis] == width as i64).then(|| vec![(reader, 1, axis)])
 }
 
@@ -298,11 +291,6 @@ fn scale_input(
     }
     let name = g.value_name(v);
     let scaled = Tensor::from_f32(name, &dims, &values)?;
-    if g.initializer(v).is_some() && g.uses(v).len() == 1 {
-        patch.replace_initializer(v, scaled);
-    } else {
-        let copy = patch.new_initializer(&format!("{name}.smoothed"), scaled);
-        patch.replace_input(node, slot, copy);
-    }
+    patch.set_constant_input(g, node, slot, scaled, ".smoothed");
     Ok(())
 }

@@ -75,20 +75,6 @@ fn slice_tensor(t: &Tensor, axis: usize, keep: &[usize]) -> Result<Tensor> {
     Tensor::from_raw(t.name(), t.dtype(), &new_dims, bytes::Bytes::from(out))
 }
 
-/// Input `slot` of `node` reads `tensor` instead: in place when nothing else reads the
-/// constant initializer, else from a copy (a shared constant keeps its other readers' value).
-fn set_input_constant(g: &Graph, patch: &mut Patch, node: NodeId, slot: usize, tensor: Tensor) {
-    let Some(v) = g.node(node).input(slot) else {
-        return;
-    };
-    if g.initializer(v).is_some() && g.uses(v).len() == 1 {
-        patch.replace_initializer(v, tensor);
-    } else {
-        let copy = patch.new_initializer(&format!("{}.pruned", g.value_name(v)), tensor);
-        patch.replace_input(node, slot, copy);
-    }
-}
-
 pub(super) fn apply(model: &mut Model, cut: Cut, rewrites: &mut Rewrites) -> Result<()> {
     let g = &model.graph;
     let mut patch = Patch::new(cut.kind);
@@ -100,7 +86,7 @@ pub(super) fn apply(model: &mut Model, cut: Cut, rewrites: &mut Rewrites) -> Res
         match g.constant(v) {
             Some(t) => {
                 let sliced = slice_tensor(&t, s.axis, &s.keep)?;
-                set_input_constant(g, &mut patch, s.node, s.slot, sliced);
+                patch.set_constant_input(g, s.node, s.slot, sliced, ".pruned");
             }
             None => {
                 let keep: Vec<i64> = s.keep.iter().map(|&k| k as i64).collect();
@@ -119,7 +105,7 @@ pub(super) fn apply(model: &mut Model, cut: Cut, rewrites: &mut Rewrites) -> Res
             .input(*slot)
             .ok_or_else(|| missing("an input"))?;
         let t = Tensor::from_i64(g.value_name(v), &[ints.len() as i64], ints)?;
-        set_input_constant(g, &mut patch, *node, *slot, t);
+        patch.set_constant_input(g, *node, *slot, t, ".pruned");
     }
     // One new shape per shape value and edit: other Reshapes may read the original.
     let mut shapes: HashMap<(ValueId, usize, usize), PValue> = HashMap::new();
@@ -129,7 +115,7 @@ pub(super) fn apply(model: &mut Model, cut: Cut, rewrites: &mut Rewrites) -> Res
             .input(1)
             .ok_or_else(|| missing("a Reshape shape"))?;
         if g.constant(v).is_some() {
-            set_input_constant(g, &mut patch, e.node, 1, with_entry(g, v, *e)?);
+            patch.set_constant_input(g, e.node, 1, with_entry(g, v, *e)?, ".pruned");
             continue;
         }
         let key = (v, e.from_end, e.value);

@@ -44,7 +44,8 @@ use super::{Importance, PruneOptions};
 use crate::error::Result;
 use crate::exec::features::{feature_energy, FeatureStats};
 use crate::ir::{attr, Graph, Model, NodeId, Tensor, Use, ValueId};
-use crate::passes::{matching, Rewrites};
+use crate::passes::matching::{self, last_dim};
+use crate::passes::Rewrites;
 use cut::apply;
 use ffn::ffn_cut;
 use heads::{cut_heads, head_cut, is_attention};
@@ -220,10 +221,6 @@ fn summed_norms(g: &Graph, slots: &[FeatureSlot]) -> Option<Vec<f64>> {
 
 fn const_dims(g: &Graph, v: ValueId) -> Option<Vec<i64>> {
     g.constant(v).map(|t| t.dims().to_vec())
-}
-
-fn last_dim(g: &Graph, v: ValueId) -> Option<i64> {
-    g.value_type(v)?.shape?.last()?.value()
 }
 
 /// The axis of `node`'s constant weight (input 1) that indexes its output features, when
