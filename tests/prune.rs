@@ -8,9 +8,7 @@
 
 mod common;
 
-use std::path::Path;
-
-use onnxopt::exec::{self, InputSource, Tolerance, ValidateOptions};
+use onnxopt::exec::{self, InputSource};
 use onnxopt::io::{self, ExternalData};
 use onnxopt::ir::{attr, Graph, Model, Patch, Use, ValueId};
 use onnxopt::passes::fuse::Target;
@@ -111,23 +109,6 @@ fn zeroed_like(model: &Model, report: &PruneReport) -> Model {
     zeroed
 }
 
-/// Whether tract gives `a` and `b` the same outputs (within 1e-4) on the batches in `inputs`.
-fn same_outputs(a: &Model, b: &Model, inputs: &Path) -> Result<(), String> {
-    let options = ValidateOptions {
-        inputs: InputSource::Dir(inputs.to_path_buf()),
-        tolerance: Tolerance {
-            max_abs: Some(1e-4),
-            ..Default::default()
-        },
-        ..Default::default()
-    };
-    match exec::validate(a, b, &options, &|_, _| {}) {
-        Ok(v) if v.passed() => Ok(()),
-        Ok(v) => Err(format!("{:?}", v.violations)),
-        Err(e) => Err(e.to_string()),
-    }
-}
-
 #[test]
 fn calibration_ranks_the_units_by_their_activations() {
     let base = common::optimized(&common::testdata("bert-tiny.ts.onnx"), Target::Ort);
@@ -149,7 +130,7 @@ fn calibration_ranks_the_units_by_their_activations() {
     assert_eq!((s.heads.len(), s.ffn.len()), (2, 2));
     // Activations pick other FFN neurons than the weights' norms do.
     assert_ne!(s.ffn, by_weights.structured.ffn);
-    same_outputs(&zeroed_like(&base, &report), &pruned, &calib).unwrap();
+    common::same_outputs(&zeroed_like(&base, &report), &pruned, &calib).unwrap();
 }
 
 #[test]
@@ -206,7 +187,7 @@ fn structured_pruning_is_zeroing_the_pruned_units_in_tract_and_onnx_runtime() {
             }
             assert!(report.parameters_after < report.parameters_before);
             let zeroed = zeroed_like(&base, &report);
-            if let Err(e) = same_outputs(&zeroed, &pruned, &common::calib_dir(&path)) {
+            if let Err(e) = common::same_outputs(&zeroed, &pruned, &common::calib_dir(&path)) {
                 failures.push(format!("{label}: {e}"));
             }
             let (z, p) = (

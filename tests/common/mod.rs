@@ -154,3 +154,25 @@ pub fn optimized_with(
     onnxopt::optimize::optimize(&mut model, &options).unwrap();
     model
 }
+
+/// Whether tract gives `a` and `b` the same outputs (within 1e-4) on the batches in `inputs`.
+pub fn same_outputs(
+    a: &onnxopt::ir::Model,
+    b: &onnxopt::ir::Model,
+    inputs: &Path,
+) -> Result<(), String> {
+    use onnxopt::exec::{self, InputSource, Tolerance, ValidateOptions};
+    let options = ValidateOptions {
+        inputs: InputSource::Dir(inputs.to_path_buf()),
+        tolerance: Tolerance {
+            max_abs: Some(1e-4),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    match exec::validate(a, b, &options, &|_, _| {}) {
+        Ok(v) if v.passed() => Ok(()),
+        Ok(v) => Err(format!("{:?}", v.violations)),
+        Err(e) => Err(e.to_string()),
+    }
+}
