@@ -676,3 +676,50 @@ fn smooth_quant_smooths_before_calibrating_and_reports() {
     let refused = onnxopt(&["optimize", s(&model), s(&out), "--smooth-quant", "0.5"]);
     assert_eq!(refused.status.code(), Some(2), "{}", text(&refused.stderr));
 }
+
+#[test]
+fn dynamic_int8_smooths_with_calibration_data_and_refuses_without() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("bert.smooth.dynamic.onnx");
+    let model = common::testdata("bert-tiny.ts.onnx");
+    let calib = common::testdata("calib/bert-tiny");
+    let args = [
+        "--int8-dynamic",
+        "--calib",
+        s(&calib),
+        "--smooth-quant",
+        "0.5",
+    ];
+    let (result, json) = optimize_with_report(&model, &out, &args);
+    assert!(result.status.success(), "{}", text(&result.stderr));
+    let quantization = &json["quantization"];
+    assert_eq!(quantization["mode"], "dynamic-int8");
+    assert_eq!(
+        quantization["smoothing"]["smoothed"]
+            .as_array()
+            .unwrap()
+            .len(),
+        4
+    );
+    assert_eq!(quantization["rewrites"]["unpack-attention"], 2);
+    let mut ort = common::OrtChecks::default();
+    ort.add("0.99", &model, &out, &calib);
+    ort.run();
+    // The channels' ranges come from data: without any, a one-line error and no file.
+    let bare = dir.path().join("bare.onnx");
+    let refused = onnxopt(&[
+        "optimize",
+        s(&model),
+        s(&bare),
+        "--int8-dynamic",
+        "--smooth-quant",
+        "0.5",
+    ]);
+    assert_eq!(refused.status.code(), Some(1));
+    assert!(
+        text(&refused.stderr).contains("--smooth-quant needs calibration data"),
+        "{}",
+        text(&refused.stderr)
+    );
+    assert!(!bare.exists());
+}

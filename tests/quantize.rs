@@ -8,10 +8,11 @@ mod common;
 use onnxopt::exec::{self, GenerateOptions, InputSource, Tolerance, ValidateOptions};
 use onnxopt::io::{self, ExternalData};
 use onnxopt::ir::dump::dump_model;
-use onnxopt::ir::Model;
+use onnxopt::ir::{DataType, Model};
 use onnxopt::passes::fuse::Target;
+use onnxopt::quant::attention_projection::unpack_attention_projections;
 use onnxopt::quant::calibrate::calibrate;
-use onnxopt::quant::dynamic::quantize_dynamic;
+use onnxopt::quant::dynamic::{quantize_dynamic, DynamicOptions, DynamicWeights};
 use onnxopt::quant::fp16::{convert_fp16, Fp16Options};
 use onnxopt::quant::qdq::{activations_to_calibrate, QdqOptions, Selection, Selector};
 use onnxopt::quant::sensitivity::quantize_static_auto_exclude;
@@ -33,6 +34,14 @@ fn ort_options() -> QdqOptions {
     QdqOptions {
         target: QuantTarget::Ort,
         selection: Selection::default(),
+    }
+}
+
+fn dynamic_options(weights: DynamicWeights) -> DynamicOptions {
+    DynamicOptions {
+        qdq: ort_options(),
+        weights,
+        smooth_quant: None,
     }
 }
 
@@ -99,9 +108,9 @@ fn masked_values_in_an_observed_activation_are_counted_and_left_out() {
 #[test]
 fn a_model_holding_quantization_operators_is_not_quantized_twice() {
     let mut model = optimized("bert-tiny.ts.onnx");
-    quantize_dynamic(&mut model, &ort_options()).unwrap();
+    quantize_dynamic(&mut model, &[], &dynamic_options(DynamicWeights::Int8)).unwrap();
     let before = dump_model(&model.to_proto().unwrap());
-    let again = quantize_dynamic(&mut model, &ort_options()).unwrap();
+    let again = quantize_dynamic(&mut model, &[], &dynamic_options(DynamicWeights::Int8)).unwrap();
     assert!(again
         .already_quantized
         .contains(&"MatMulInteger".to_string()));
@@ -124,7 +133,7 @@ fn a_model_holding_quantization_operators_is_not_quantized_twice() {
 fn dynamic_int8_of_bert_tiny() {
     let float = optimized("bert-tiny.dynamo.onnx");
     let mut model = float.clone();
-    let report = quantize_dynamic(&mut model, &ort_options()).unwrap();
+    let report = quantize_dynamic(&mut model, &[], &dynamic_options(DynamicWeights::Int8)).unwrap();
     let diff = common::dump_diff(&float, &model);
     insta::assert_snapshot!(format!("rewrites {:?}\n{diff}", report.rewrites.0));
 }
@@ -174,7 +183,8 @@ fn dynamically_quantized_corpus_models_stay_close_to_float_in_tract_and_onnx_run
     let mut checks = common::OrtChecks::default();
     for (path, name, float) in optimized_corpus_models() {
         let mut model = float.clone();
-        let report = quantize_dynamic(&mut model, &ort_options()).unwrap();
+        let report =
+            quantize_dynamic(&mut model, &[], &dynamic_options(DynamicWeights::Int8)).unwrap();
         assert!(
             report.rewrites.0.contains_key("dynamic-matmul"),
             "{name}: {:?}",
@@ -194,6 +204,82 @@ fn dynamically_quantized_corpus_models_stay_close_to_float_in_tract_and_onnx_run
         checks.add(bound, &path, &out, &calib);
     }
     checks.run();
+}
+
+#[test]
+fn unpacked_attention_projections_give_the_packed_outputs_in_tract_and_onnx_runtime() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut checks = common::OrtChecks::default();
+    let mut kept_packed = Vec::new();
+    for (path, name, float) in optimized_corpus_models() {
+        let mut model = float.clone();
+        let rewrites = unpack_attention_projections(&mut model, &Selection::default()).unwrap();
+        let Some(&n) = rewrites.0.get("unpack-attention") else {
+            kept_packed.push(name);
+            continue;
+        };
+        let attention = |m: &Model| {
+            m.graph
+                .nodes()
+                .filter(|(_, node)| node.op_type() == "Attention")
+                .count()
+        };
+        assert_eq!(attention(&float) - attention(&model), n, "{name}");
+        let calib = common::calib_dir(&path);
+        if tract_checks(&name) {
+            common::same_outputs(&float, &model, &calib).unwrap_or_else(|e| panic!("{name}: {e}"));
+        }
+        let (packed, unpacked) = (
+            dir.path().join(format!("packed.{name}")),
+            dir.path().join(format!("unpacked.{name}")),
+        );
+        io::save(&float, &packed, ExternalData::Auto).unwrap();
+        io::save(&model, &unpacked, ExternalData::Auto).unwrap();
+        checks.add_exact(&packed, &unpacked, &calib);
+    }
+    // Every model's attention is unpacked but GPT-2's with past key/values, whose fused
+    // attention carries the cache.
+    assert!(
+        kept_packed.iter().all(|n| n.starts_with("gpt2-tiny-past")),
+        "{kept_packed:?}"
+    );
+    checks.run();
+}
+
+#[test]
+fn an_excluded_attention_keeps_its_packed_projection() {
+    let mut model = optimized("bert-tiny.ts.onnx");
+    let selection = Selection {
+        exclude: vec![Selector::OpType("Attention".into())],
+        ..Default::default()
+    };
+    let rewrites = unpack_attention_projections(&mut model, &selection).unwrap();
+    assert_eq!(rewrites.total(), 0);
+}
+
+#[test]
+fn dynamic_weights_are_int8_or_uint8_with_matching_zero_points() {
+    for (codes, dtype, zero) in [
+        (DynamicWeights::Int8, DataType::Int8, 0u8),
+        (DynamicWeights::Uint8, DataType::Uint8, 128u8),
+    ] {
+        let mut model = optimized("bert-tiny.ts.onnx");
+        quantize_dynamic(&mut model, &[], &dynamic_options(codes)).unwrap();
+        let g = &model.graph;
+        let products: Vec<_> = g
+            .nodes()
+            .filter(|(_, n)| n.is("MatMulInteger"))
+            .map(|(_, n)| n.clone())
+            .collect();
+        assert!(!products.is_empty());
+        for n in products {
+            let weight = g.initializer(n.input(1).unwrap()).unwrap();
+            let zero_point = g.initializer(n.input(3).unwrap()).unwrap();
+            assert_eq!((weight.dtype(), zero_point.dtype()), (dtype, dtype));
+            let zero_points = zero_point.raw_bytes().unwrap();
+            assert!(zero_points.iter().all(|&z| z == zero), "{codes:?}");
+        }
+    }
 }
 
 #[test]

@@ -178,11 +178,16 @@ pub enum ScopeArg {
 pub struct QuantArgs {
     /// Static INT8: calibrate activations, then insert QuantizeLinear/DequantizeLinear pairs
     /// with int8 weights.
-    #[arg(long, conflicts_with = "int8_dynamic")]
+    #[arg(long, conflicts_with = "int8_dynamic", group = "int8_mode")]
     pub int8: bool,
     /// Dynamic INT8: int8 weights, activations quantized at run time (no calibration).
-    #[arg(long, conflicts_with = "fp16")]
+    #[arg(long, conflicts_with = "fp16", group = "int8_mode")]
     pub int8_dynamic: bool,
+    /// With --int8-dynamic: how the weights are stored. `int8` runs ONNX Runtime's fast
+    /// uint8×int8 kernel; `uint8` its uint8×uint8 kernel, slower but exact on x86 CPUs
+    /// without VNNI, where the int8 kernel can saturate.
+    #[arg(long, value_enum, default_value_t = DynamicWeightsArg::Int8, requires = "int8_dynamic")]
+    pub dynamic_weights: DynamicWeightsArg,
     /// FP16: weights and compute in float16, normalizations, Softmax, reductions, Pow and
     /// Exp kept in float32 behind Casts.
     #[arg(long, conflicts_with = "int8")]
@@ -212,8 +217,9 @@ pub struct QuantArgs {
     #[arg(long, requires = "int8")]
     pub auto_exclude: bool,
     /// SmoothQuant before calibration: move activation outliers into the weights with
-    /// migration strength α in [0, 1] (0.5 is the usual choice).
-    #[arg(long, value_name = "ALPHA", requires = "int8")]
+    /// migration strength α in [0, 1] (0.5 is the usual choice). With --int8-dynamic it needs
+    /// --calib or --calib-random for the channels' ranges.
+    #[arg(long, value_name = "ALPHA", requires = "int8_mode")]
     pub smooth_quant: Option<f64>,
     /// Quantize these nodes too: a node name, `op:<OpType>` or `re:<regex over names>`.
     #[arg(long, value_name = "SELECTOR")]
@@ -232,6 +238,22 @@ impl QuantArgs {
             MethodArg::Percentile => RangeMethod::Percentile(self.percentile),
             MethodArg::Entropy => RangeMethod::Entropy,
             MethodArg::Mse => RangeMethod::Mse,
+        }
+    }
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DynamicWeightsArg {
+    Int8,
+    Uint8,
+}
+
+impl DynamicWeightsArg {
+    pub fn codes(self) -> onnxopt::quant::dynamic::DynamicWeights {
+        use onnxopt::quant::dynamic::DynamicWeights;
+        match self {
+            DynamicWeightsArg::Int8 => DynamicWeights::Int8,
+            DynamicWeightsArg::Uint8 => DynamicWeights::Uint8,
         }
     }
 }

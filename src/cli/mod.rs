@@ -142,15 +142,17 @@ fn optimize(args: OptimizeArgs) -> Result<()> {
     // One set of calibration batches serves pruning and quantization; validation runs on
     // the batches held back from it.
     let has_calibration = args.quant.calib.is_some() || args.quant.calib_random.is_some();
-    let mut calibration = if args.quant.int8 || (!pruning.is_empty() && has_calibration) {
-        let (calibration, held_back) = calibration_batches(&model, &args, &mut report)?;
-        if let Some(held_back) = held_back {
-            validation_inputs.0 = InputSource::Batches(held_back);
-        }
-        calibration
-    } else {
-        Vec::new()
-    };
+    let smooth_dynamic = args.quant.int8_dynamic && args.quant.smooth_quant.is_some();
+    let mut calibration =
+        if args.quant.int8 || smooth_dynamic || (!pruning.is_empty() && has_calibration) {
+            let (calibration, held_back) = calibration_batches(&model, &args, &mut report)?;
+            if let Some(held_back) = held_back {
+                validation_inputs.0 = InputSource::Batches(held_back);
+            }
+            calibration
+        } else {
+            Vec::new()
+        };
     if !pruning.is_empty() {
         // Lent to pruning, and taken back for quantization.
         let mut pruning = pruning;
@@ -160,11 +162,15 @@ fn optimize(args: OptimizeArgs) -> Result<()> {
         report.pruning = Some(result.context("pruning failed")?);
     }
     if args.quant.int8_dynamic {
-        let options = QdqOptions {
-            target: args.target.quant(),
-            selection: selection(&args.quant)?,
+        let options = quant::dynamic::DynamicOptions {
+            qdq: QdqOptions {
+                target: args.target.quant(),
+                selection: selection(&args.quant)?,
+            },
+            weights: args.quant.dynamic_weights.codes(),
+            smooth_quant: args.quant.smooth_quant,
         };
-        let result = quant::dynamic::quantize_dynamic(&mut model, &options);
+        let result = quant::dynamic::quantize_dynamic(&mut model, &calibration, &options);
         report.quantization = Some(result.context("quantization failed")?);
     }
     if args.quant.fp16 {
@@ -278,7 +284,12 @@ fn calibration_batches(
             generate.seed ^= CALIBRATION_SEED_SALT;
             InputSource::Generated(n)
         }
-        (None, None) => bail!("--int8 needs calibration data: --calib DIR or --calib-random N"),
+        (None, None) if args.quant.int8 => {
+            bail!("--int8 needs calibration data: --calib DIR or --calib-random N")
+        }
+        (None, None) => {
+            bail!("--smooth-quant needs calibration data: --calib DIR or --calib-random N")
+        }
     };
     let mut batches = exec::batches_for(model, &source, &generate)
         .context("cannot read the calibration batches")?;

@@ -9,9 +9,10 @@
 //! - `Attention(x, W, b?, attention_bias?)` (W constant, or dequantized from a constant) with
 //!   `num_heads`, optional `scale`, no mask index, no past, not unidirectional: `x·W + b`,
 //!   split in three along the last axis, then the standard 3-D `Attention`.
-//! - `MultiHeadAttention(q, k, v, attention_bias?, past_key?, past_value?)` on 3-D inputs with
-//!   `num_heads` and `scale`, no bias, no key padding mask, not unidirectional: the standard
-//!   3-D `Attention` with the same past and present key/values.
+//! - `MultiHeadAttention(q, k, v, bias?, attention_bias?, past_key?, past_value?)` on 3-D
+//!   inputs with `num_heads`, `scale` when there is no bias, a constant `[3·hidden]` bias,
+//!   no key padding mask, not unidirectional: the bias's thirds added to q, k and v, then the
+//!   standard 3-D `Attention` with the same past and present key/values.
 //! - `Gemm(A, B, C?)` with a float16 weight B, alpha and beta 1, A not transposed:
 //!   `MatMul(A, B or Bᵀ) + C` (tract 0.23 mistypes a float16 Gemm; see `float16_gemm`).
 
@@ -32,7 +33,7 @@ pub fn lower_contrib_ops(model: &mut Model) -> Result<()> {
         let node = model.graph.node(id).clone();
         let patch = match (node.domain(), node.op_type()) {
             (MS_DOMAIN, "Attention") => packed_attention(model, id, &node),
-            (MS_DOMAIN, "MultiHeadAttention") => multi_head_attention(id, &node),
+            (MS_DOMAIN, "MultiHeadAttention") => multi_head_attention(model, id, &node),
             ("", "Gemm") => float16_gemm(model, id, &node),
             _ => None,
         };
@@ -189,22 +190,52 @@ fn packed_attention(model: &Model, id: NodeId, node: &Node) -> Option<Patch> {
     Some(patch)
 }
 
-fn multi_head_attention(id: NodeId, node: &Node) -> Option<Patch> {
-    let supported = absent(node, &[3, 4, 8, 9])
+fn multi_head_attention(model: &Model, id: NodeId, node: &Node) -> Option<Patch> {
+    let supported = absent(node, &[4, 8, 9])
         && node.input(1).is_some()
         && node.input(2).is_some()
         && node.input(6).is_some() == node.input(7).is_some()
         && int_attr(node, "unidirectional") == 0
         && node.output(3).is_none();
-    let scale = attr::get_float(&node.proto, "scale")?;
     let num_heads = int_attr(node, "num_heads");
     if !supported || num_heads <= 0 {
         return None;
     }
-    let slot = |s: usize| node.input(s).map(PValue::from);
-    let inputs = [slot(0), slot(1), slot(2), slot(5), slot(6), slot(7)];
-    let outputs: Vec<Option<PValue>> = (0..3).map(|s| node.output(s).map(PValue::from)).collect();
     let mut patch = Patch::new("lower-multi-head-attention");
+    let slot = |s: usize| node.input(s).map(PValue::from);
+    let (mut q, mut k, mut v) = (slot(0)?, slot(1)?, slot(2)?);
+    let scale = match node.input(3) {
+        None => attr::get_float(&node.proto, "scale")?,
+        Some(bias) => {
+            let bias = model.graph.constant(bias)?;
+            let width = *bias.dims().first()?;
+            if bias.dims().len() != 1 || width % (3 * num_heads) != 0 {
+                return None;
+            }
+            let hidden = width / 3;
+            let sizes = Tensor::from_i64("split", &[3], &[hidden; 3]).ok()?;
+            let sizes = patch.new_initializer("split", sizes);
+            let thirds = [
+                patch.new_value("bias_q"),
+                patch.new_value("bias_k"),
+                patch.new_value("bias_v"),
+            ];
+            patch.add_node(
+                "Split",
+                "",
+                &[node.input(3).map(PValue::from), Some(sizes)],
+                &thirds,
+                vec![attr::int("axis", 0)],
+            );
+            q = patch.op("Add", "", &[q, thirds[0]], vec![]);
+            k = patch.op("Add", "", &[k, thirds[1]], vec![]);
+            v = patch.op("Add", "", &[v, thirds[2]], vec![]);
+            attr::get_float(&node.proto, "scale")
+                .unwrap_or_else(|| 1.0 / ((hidden / num_heads) as f32).sqrt())
+        }
+    };
+    let inputs = [Some(q), Some(k), Some(v), slot(5), slot(6), slot(7)];
+    let outputs: Vec<Option<PValue>> = (0..3).map(|s| node.output(s).map(PValue::from)).collect();
     patch.remove_node(id);
     standard_attention(&mut patch, &inputs, &outputs, num_heads, scale);
     Some(patch)

@@ -6,22 +6,26 @@
 //!   beta 1, `x` not transposed; a `transB` weight is stored transposed): one
 //!   `DynamicQuantizeLinear(x) → (x_q: uint8, x_scale, x_zero_point)` per activation, shared by
 //!   all its integer readers, and per MatMul
-//!   `Cast(MatMulInteger(x_q, W.uint8, x_zero_point, W.zero_point), float) · (x_scale · W.scale)`
+//!   `Cast(MatMulInteger(x_q, W_q, x_zero_point, W.zero_point), float) · (x_scale · W.scale)`
 //!   (`+ c` for a Gemm)
-//!   with `W.scale [N]`; `W.uint8` holds the symmetric int8 weight plus 128, with zero points
-//!   `W.zero_point [N]` all 128 — exactly the chain ONNX
-//!   Runtime fuses into its `DynamicQuantizeMatMul` kernel (the fastest CPU form it has), and
-//!   a chain of standard operators every runtime loads;
-//! - for other weights (Gemm, Conv, the packed weight of a fused Attention) and embedding
+//!   with `W.scale [N]` and `W_q` the symmetric per-column int8 weight (zero points 0), or,
+//!   with `DynamicWeights::Uint8`, that weight plus 128 with zero points 128 — exactly the
+//!   chain ONNX Runtime fuses into its `DynamicQuantizeMatMul` kernel (the fastest CPU form
+//!   it has), and a chain of standard operators every runtime loads;
+//! - for ONNX Runtime, its fused `Attention` first gives up its Q/K/V projection to a MatMul
+//!   (`attention_projection`), which is then quantized as above;
+//! - for other weights (Gemm, Conv, an Attention that keeps its packed weight) and embedding
 //!   tables: the same int8 weights static quantization writes, dequantized by a
 //!   DequantizeLinear (weight-only), so the file shrinks everywhere.
 //!
-//! Why uint8 weights: ONNX Runtime's uint8×int8 kernel on x86 CPUs without VNNI (AVX2,
-//! AVX-512BW) sums pairs of products in int16 (`vpmaddubsw`), which saturates when codes are
-//! large (255 · 127 · 2 > 32 767); its uint8×uint8 kernel does not. Measured on
-//! all-MiniLM-L6-v2 on an AVX2 machine, sentence-embedding cosine to float on held-back
-//! sentences: int8 weights 0.9941, 7-bit int8 weights (ONNX Runtime's `reduce_range`)
-//! 0.9936, uint8 weights 0.9952, at about 15% more latency than int8 at 8×128 tokens.
+//! Why int8 weights by default, and uint8 on request: ONNX Runtime's uint8×int8 kernel is
+//! its fast one, but on x86 CPUs without VNNI (AVX2, AVX-512BW) it sums pairs of products in
+//! int16 (`vpmaddubsw`), which saturates when codes are large (255 · 127 · 2 > 32 767); its
+//! uint8×uint8 kernel does not saturate, and is slower. Measured on all-MiniLM-L6-v2,
+//! sentence-embedding cosine to float on held-back sentences: on an AVX2 machine int8
+//! weights 0.9941, uint8 0.9952; on an AVX-512-VNNI machine both 0.9952, with int8 running at
+//! 0.67× of float's latency at 8×128 tokens and uint8 at 0.96× (before the projection of
+//! Attention was quantized too).
 //!
 //! Safe because: `DynamicQuantizeLinear` picks, per run, the uint8 scale covering the
 //! activation's actual range (widened to hold 0), so nothing saturates; the integer product
@@ -31,9 +35,10 @@
 
 use std::collections::{HashMap, HashSet};
 
-use crate::error::Result;
 use bytes::Bytes;
 
+use crate::error::Result;
+use crate::exec::Batch;
 use crate::ir::{attr, DataType, Model, NodeId, PValue, Patch, Tensor, ValueId};
 use crate::passes::{matching, opset, Rewrites};
 use crate::quant::qdq::{self, QdqOptions};
@@ -42,23 +47,52 @@ use crate::quant::{QuantReport, QuantTarget};
 /// MatMulInteger, DynamicQuantizeLinear and per-axis DequantizeLinear: opset 13 has them all.
 const DYNAMIC_OPSET: i64 = 13;
 
-/// Quantizes `model` dynamically (see the module doc). `options.target` only names the report's
-/// runtime: the operators written are standard ones.
-pub fn quantize_dynamic(model: &mut Model, options: &QdqOptions) -> Result<QuantReport> {
+/// How the weights MatMulInteger reads are stored (see the module doc for the trade).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DynamicWeights {
+    /// Symmetric int8, zero points 0: ONNX Runtime's fast uint8×int8 kernel.
+    #[default]
+    Int8,
+    /// The int8 codes plus 128, zero points 128: the uint8×uint8 kernel, which does not
+    /// saturate on CPUs without VNNI.
+    Uint8,
+}
+
+#[derive(Clone, Debug)]
+pub struct DynamicOptions {
+    /// `target` names the report's runtime and, for ONNX Runtime, lets its fused Attention
+    /// give up its projection; the other operators written are standard ones.
+    pub qdq: QdqOptions,
+    pub weights: DynamicWeights,
+    /// SmoothQuant's migration strength α, applied before quantizing with the channel
+    /// maxima of the calibration batches; `None`: no smoothing, and no batches needed.
+    pub smooth_quant: Option<f64>,
+}
+
+/// Quantizes `model` dynamically (see the module doc). `calibration` is read only to smooth
+/// (`options.smooth_quant`).
+pub fn quantize_dynamic(
+    model: &mut Model,
+    calibration: &[Batch],
+    options: &DynamicOptions,
+) -> Result<QuantReport> {
+    let operators = qdq::quantization_ops(model);
+    let unpacked = super::unpack_attention_for(model, &options.qdq)?;
+    let smoothing = super::smoothed(model, calibration, options.smooth_quant)?;
     let report = |rewrites, already_quantized| QuantReport {
         mode: "dynamic-int8",
-        target: options.target,
+        target: options.qdq.target,
         calibration: None,
         rewrites,
         already_quantized,
         auto_exclusion: None,
-        smoothing: None,
+        smoothing,
     };
-    let operators = qdq::quantization_ops(model);
     if !operators.is_empty() {
         return Ok(report(Rewrites::default(), operators));
     }
-    let plan = qdq::Plan::new(model, QuantTarget::Ort, &options.selection);
+    let plan = qdq::Plan::new(model, QuantTarget::Ort, &options.qdq.selection);
     // Integer products, grouped by the activation they read.
     let mut integer: Vec<(ValueId, Vec<IntegerProduct>)> = Vec::new();
     let mut integer_weights = HashSet::new();
@@ -79,7 +113,7 @@ pub fn quantize_dynamic(model: &mut Model, options: &QdqOptions) -> Result<Quant
     }
     let activation_patches = integer
         .iter()
-        .map(|(x, products)| integer_products(model, *x, products))
+        .map(|(x, products)| integer_products(model, *x, products, options.weights))
         .collect::<Result<Vec<_>>>()?;
     // Every other weight and table, weight-only, as static quantization writes them.
     let mut weight_only = plan.clone();
@@ -96,6 +130,7 @@ pub fn quantize_dynamic(model: &mut Model, options: &QdqOptions) -> Result<Quant
     }
     let sources = plan.weights.iter().map(|w| w.value);
     qdq::drop_unread_weights(model, sources, &mut rewrites)?;
+    rewrites.merge(&unpacked);
     Ok(report(rewrites, Vec::new()))
 }
 
@@ -141,7 +176,12 @@ impl IntegerProduct {
 }
 
 /// One `DynamicQuantizeLinear` of `x` and the integer form of each of `products`.
-fn integer_products(model: &Model, x: ValueId, products: &[IntegerProduct]) -> Result<Patch> {
+fn integer_products(
+    model: &Model,
+    x: ValueId,
+    products: &[IntegerProduct],
+    codes: DynamicWeights,
+) -> Result<Patch> {
     let g = &model.graph;
     let name = g.value_name(x);
     let mut patch = Patch::new("dynamic-matmul");
@@ -161,10 +201,10 @@ fn integer_products(model: &Model, x: ValueId, products: &[IntegerProduct]) -> R
     let mut int8_weights: HashMap<(ValueId, bool), (PValue, PValue, PValue)> = HashMap::new();
     for p in products {
         let key = (p.weight, p.transposed);
-        let (w_uint8, w_scale, w_zero_point) = match int8_weights.get(&key) {
+        let (w_q, w_scale, w_zero_point) = match int8_weights.get(&key) {
             Some(&weight) => weight,
             None => {
-                let weight = uint8_k_by_n(model, p, &mut patch)?;
+                let weight = k_by_n_weight(model, p, codes, &mut patch)?;
                 int8_weights.insert(key, weight);
                 weight
             }
@@ -177,12 +217,7 @@ fn integer_products(model: &Model, x: ValueId, products: &[IntegerProduct]) -> R
         patch.add_node(
             "MatMulInteger",
             "",
-            &[
-                Some(x_q),
-                Some(w_uint8),
-                Some(x_zero_point),
-                Some(w_zero_point),
-            ],
+            &[Some(x_q), Some(w_q), Some(x_zero_point), Some(w_zero_point)],
             &[product],
             vec![],
         );
@@ -223,11 +258,12 @@ fn integer_products(model: &Model, x: ValueId, products: &[IntegerProduct]) -> R
     Ok(patch)
 }
 
-/// The weight of `p` laid out `[K, N]` as uint8 initializers, one scale per column: the
-/// symmetric int8 value plus 128, with zero points 128 (see the module doc for why not int8).
-fn uint8_k_by_n(
+/// The weight of `p` laid out `[K, N]` as `codes` initializers with one scale per column:
+/// symmetric int8 with zero points 0, or those codes plus 128 with zero points 128.
+fn k_by_n_weight(
     model: &Model,
     p: &IntegerProduct,
+    codes: DynamicWeights,
     patch: &mut Patch,
 ) -> Result<(PValue, PValue, PValue)> {
     let (mut data, mut dims) = qdq::float_weight(model, p.weight)?;
@@ -244,19 +280,27 @@ fn uint8_k_by_n(
         name.push_str(".transposed");
     }
     let q = qdq::quantize_per_channel(&name, &data, &dims, 1)?;
-    let offset =
-        |values: &[i8]| -> Bytes { values.iter().map(|&v| (v as i16 + 128) as u8).collect() };
-    let uint8 = |dims: &[i64], data: Bytes| Tensor::from_raw("", DataType::Uint8, dims, data);
+    let (dtype, suffix, offset) = match codes {
+        DynamicWeights::Int8 => (DataType::Int8, "int8", 0u8),
+        DynamicWeights::Uint8 => (DataType::Uint8, "uint8", 128u8),
+    };
+    // Two's complement: an int8 code's byte plus 128 (wrapping) is the uint8 code.
+    let stored: Bytes = q
+        .values
+        .iter()
+        .map(|&v| (v as u8).wrapping_add(offset))
+        .collect();
+    let tensor = |dims: &[i64], data: Bytes| Tensor::from_raw("", dtype, dims, data);
     let shape: Vec<i64> = dims.iter().map(|&d| d as i64).collect();
     let channels = [q.scales.len() as i64];
-    let weight = patch.new_initializer(&format!("{name}.uint8"), uint8(&shape, offset(&q.values))?);
+    let weight = patch.new_initializer(&format!("{name}.{suffix}"), tensor(&shape, stored)?);
     let scale = patch.new_initializer(
         &format!("{name}.scale"),
         Tensor::from_f32("", &channels, &q.scales)?,
     );
     let zero_point = patch.new_initializer(
         &format!("{name}.zero_point"),
-        uint8(&channels, Bytes::from(vec![128u8; q.scales.len()]))?,
+        tensor(&channels, Bytes::from(vec![offset; q.scales.len()]))?,
     );
     Ok((weight, scale, zero_point))
 }

@@ -5,6 +5,7 @@
 //! (`calibrate`), turning what it observed into a `Range` per tensor with a `RangeMethod`,
 //! and `qdq` rewrites the graph from those ranges for a `QuantTarget`.
 
+pub mod attention_projection;
 pub mod calibrate;
 pub mod dynamic;
 pub mod fp16;
@@ -99,14 +100,16 @@ pub fn quantize_static(
     options: &StaticOptions,
     on_batch: &(dyn Fn(usize, usize) + Sync),
 ) -> Result<QuantReport> {
-    let smoothing = smoothed(model, batches, options)?;
+    let unpacked = unpack_attention_for(model, &options.qdq)?;
+    let smoothing = smoothed(model, batches, options.smooth_quant)?;
     let names = qdq::activations_to_calibrate(model, &options.qdq);
     let calibration = calibrate::calibrate(model, &names, batches, options.method, on_batch)?;
-    let (rewrites, already_quantized) =
+    let (mut rewrites, already_quantized) =
         match qdq::insert_qdq(model, &calibration.ranges, &options.qdq)? {
             QdqOutcome::Quantized(rewrites) => (rewrites, Vec::new()),
             QdqOutcome::AlreadyQuantized { operators } => (Rewrites::default(), operators),
         };
+    rewrites.merge(&unpacked);
     Ok(QuantReport {
         mode: "static-int8",
         target: options.qdq.target,
@@ -118,13 +121,24 @@ pub fn quantize_static(
     })
 }
 
-/// Applies SmoothQuant when `options` ask for it (never to a model that already holds Q/DQ).
+/// For ONNX Runtime, takes the Q/K/V projections out of its fused Attention so that they
+/// are quantized (`attention_projection`); never in a model that already holds Q/DQ, and
+/// never for TensorRT, which runs no `com.microsoft` operator.
+fn unpack_attention_for(model: &mut Model, options: &QdqOptions) -> Result<Rewrites> {
+    if options.target != QuantTarget::Ort || !qdq::quantization_ops(model).is_empty() {
+        return Ok(Rewrites::default());
+    }
+    attention_projection::unpack_attention_projections(model, &options.selection)
+}
+
+/// Applies SmoothQuant with strength `alpha` when asked (never to a model that already holds
+/// quantization operators).
 fn smoothed(
     model: &mut Model,
     batches: &[Batch],
-    options: &StaticOptions,
+    alpha: Option<f64>,
 ) -> Result<Option<smooth::SmoothReport>> {
-    match options.smooth_quant {
+    match alpha {
         Some(alpha) if qdq::quantization_ops(model).is_empty() => {
             smooth::smooth_quant(model, batches, alpha).map(Some)
         }

@@ -58,7 +58,8 @@ pub fn quantize_static_auto_exclude(
         // Nothing to choose: the model is left as it is, as `quantize_static` leaves it.
         return quantize_static(model, calibration_batches, options, &|_, _| {});
     }
-    let smoothing = super::smoothed(model, calibration_batches, options)?;
+    let unpacked = super::unpack_attention_for(model, &options.qdq)?;
+    let smoothing = super::smoothed(model, calibration_batches, options.smooth_quant)?;
     let float = model.clone();
     let names = qdq::activations_to_calibrate(&float, &options.qdq);
     let calibration = calibrate::calibrate(
@@ -108,6 +109,8 @@ pub fn quantize_static_auto_exclude(
             Some(next) if !passed => excluded.push(next.node.clone()),
             _ => {
                 *model = candidate;
+                let mut rewrites = rewrites;
+                rewrites.merge(&unpacked);
                 break (rewrites, passed);
             }
         }
