@@ -2,8 +2,9 @@
 //!
 //! a. Quality, size and speed on the real all-MiniLM-L6-v2. `onnxopt optimize --int8`
 //!    (`--target ort`, with `--smooth-quant 0.5`, and `--target trt`) calibrates on the first
-//!    8 batches of `calib/minilm/dynamic` and holds the last 2 back; `--int8-dynamic` needs
-//!    none, except with `--smooth-quant 0.5`, which reads the same 8 batches.
+//!    8 batches of `calib/minilm/dynamic` and holds the last 2 back; `--int8-dynamic` reads
+//!    none (it smooths on generated batches), except with `--smooth-quant 0.5`, which reads
+//!    the same 8 batches; `--no-smooth-quant` shows what smoothing buys.
 //!    `scripts/quant_compare.py` then runs ONNX Runtime's `quantize_static` (QDQ, per-channel,
 //!    uint8 activations, MatMul only: its best static settings here) on the same 8 batches and
 //!    `quantize_dynamic` (per-channel), and scores every model in ONNX Runtime on the 20
@@ -87,7 +88,7 @@ mod bench {
         let corpus = common::corpus_dir();
         let model = corpus.join("minilm-l6/all-minilm-l6-v2.ts.onnx");
         let calib = corpus.join("calib/minilm/dynamic");
-        let ours: [(&str, &[&str]); 5] = [
+        let ours: [(&str, &[&str]); 6] = [
             ("onnxopt-static-ort", &["--int8", "--target", "ort"]),
             (
                 "onnxopt-static-smooth",
@@ -95,6 +96,10 @@ mod bench {
             ),
             ("onnxopt-static-trt", &["--int8", "--target", "trt"]),
             ("onnxopt-dynamic", &["--int8-dynamic"]),
+            (
+                "onnxopt-dynamic-nosmooth",
+                &["--int8-dynamic", "--no-smooth-quant"],
+            ),
             (
                 "onnxopt-dynamic-smooth",
                 &["--int8-dynamic", "--smooth-quant", "0.5"],
@@ -104,8 +109,9 @@ mod bench {
         let mut calibration = Vec::new();
         for (name, args) in ours {
             let out = data.join(format!("{name}.onnx"));
-            // Static INT8 and smoothing read the first 8 batches (the CLI holds the last
-            // fifth back for validation); plain dynamic INT8 reads none.
+            // Static INT8 and an explicit --smooth-quant read the first 8 batches (the CLI
+            // holds the last fifth back for validation); dynamic INT8 alone reads none and
+            // smooths on generated batches.
             let calibrates = args.contains(&"--int8") || args.contains(&"--smooth-quant");
             let calib_args: Vec<&str> = if calibrates {
                 vec!["--calib", calib.to_str().unwrap()]

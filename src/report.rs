@@ -160,8 +160,10 @@ fn write_quantization(f: &mut fmt::Formatter<'_>, q: &QuantReport) -> fmt::Resul
     if let Some(s) = &q.smoothing {
         writeln!(
             f,
-            "  SmoothQuant α = {}: {} normalizations smoothed, channel scales {:.3}..{:.3}",
+            "  SmoothQuant α = {} on {} batches: {} normalizations smoothed, channel scales \
+             {:.3}..{:.3}",
             s.alpha,
+            s.batches,
             s.smoothed.len(),
             s.min_scale,
             s.max_scale

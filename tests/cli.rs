@@ -678,48 +678,52 @@ fn smooth_quant_smooths_before_calibrating_and_reports() {
 }
 
 #[test]
-fn dynamic_int8_smooths_with_calibration_data_and_refuses_without() {
+fn dynamic_int8_smooths_on_calibration_data_or_generated_batches() {
     let dir = tempfile::tempdir().unwrap();
-    let out = dir.path().join("bert.smooth.dynamic.onnx");
     let model = common::testdata("bert-tiny.ts.onnx");
     let calib = common::testdata("calib/bert-tiny");
+    let smoothing = |json: &serde_json::Value| json["quantization"]["smoothing"].clone();
+    // The user's batches, less the one held back for validation (calib/bert-tiny has 2).
+    let out = dir.path().join("bert.calib.onnx");
     let args = [
         "--int8-dynamic",
         "--calib",
         s(&calib),
         "--smooth-quant",
-        "0.5",
+        "0.25",
     ];
-    let (result, json) = optimize_with_report(&model, &out, &args);
-    assert!(result.status.success(), "{}", text(&result.stderr));
-    let quantization = &json["quantization"];
-    assert_eq!(quantization["mode"], "dynamic-int8");
-    assert_eq!(
-        quantization["smoothing"]["smoothed"]
-            .as_array()
-            .unwrap()
-            .len(),
-        4
-    );
-    assert_eq!(quantization["rewrites"]["unpack-attention"], 2);
+    let (_, json) = optimize_with_report(&model, &out, &args);
+    let smoothed = smoothing(&json);
+    assert_eq!(json["quantization"]["mode"], "dynamic-int8");
+    assert_eq!(smoothed["alpha"], 0.25);
+    assert_eq!(smoothed["batches"], 1);
+    assert_eq!(smoothed["smoothed"].as_array().unwrap().len(), 4);
+    assert_eq!(json["quantization"]["rewrites"]["unpack-attention"], 2);
     let mut ort = common::OrtChecks::default();
     ort.add("0.99", &model, &out, &calib);
     ort.run();
-    // The channels' ranges come from data: without any, a one-line error and no file.
-    let bare = dir.path().join("bare.onnx");
-    let refused = onnxopt(&[
+    // No data from the user: α 0.5 on generated batches.
+    let out = dir.path().join("bert.generated.onnx");
+    let (result, json) = optimize_with_report(&model, &out, &["--int8-dynamic"]);
+    assert_eq!(smoothing(&json)["alpha"], 0.5);
+    assert_eq!(smoothing(&json)["batches"], 8);
+    let stdout = text(&result.stdout);
+    assert!(
+        stdout.contains("SmoothQuant α = 0.5 on 8 batches"),
+        "{stdout}"
+    );
+    // Asked for none: nothing smoothed.
+    let out = dir.path().join("bert.plain.onnx");
+    let (_, json) = optimize_with_report(&model, &out, &["--int8-dynamic", "--no-smooth-quant"]);
+    assert!(smoothing(&json).is_null(), "{json}");
+    let contradictory = onnxopt(&[
         "optimize",
         s(&model),
-        s(&bare),
+        s(&out),
         "--int8-dynamic",
+        "--no-smooth-quant",
         "--smooth-quant",
         "0.5",
     ]);
-    assert_eq!(refused.status.code(), Some(1));
-    assert!(
-        text(&refused.stderr).contains("--smooth-quant needs calibration data"),
-        "{}",
-        text(&refused.stderr)
-    );
-    assert!(!bare.exists());
+    assert_eq!(contradictory.status.code(), Some(2));
 }

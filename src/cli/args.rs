@@ -180,7 +180,9 @@ pub struct QuantArgs {
     /// with int8 weights.
     #[arg(long, conflicts_with = "int8_dynamic", group = "int8_mode")]
     pub int8: bool,
-    /// Dynamic INT8: int8 weights, activations quantized at run time (no calibration).
+    /// Dynamic INT8: int8 weights, activations quantized at run time. No calibration data
+    /// is needed: SmoothQuant (α 0.5 unless --smooth-quant or --no-smooth-quant says
+    /// otherwise) reads --calib/--calib-random batches when given, else 8 generated ones.
     #[arg(long, conflicts_with = "fp16", group = "int8_mode")]
     pub int8_dynamic: bool,
     /// With --int8-dynamic: how the weights are stored. `int8` runs ONNX Runtime's fast
@@ -216,11 +218,14 @@ pub struct QuantArgs {
     /// float until the output keeps the tolerance given (--min-cosine, --max-error, --max-kl).
     #[arg(long, requires = "int8")]
     pub auto_exclude: bool,
-    /// SmoothQuant before calibration: move activation outliers into the weights with
-    /// migration strength α in [0, 1] (0.5 is the usual choice). With --int8-dynamic it needs
-    /// --calib or --calib-random for the channels' ranges.
+    /// SmoothQuant before quantizing: move activation outliers into the weights with
+    /// migration strength α in [0, 1] (0.5 is the usual choice; the default with
+    /// --int8-dynamic).
     #[arg(long, value_name = "ALPHA", requires = "int8_mode")]
     pub smooth_quant: Option<f64>,
+    /// With --int8-dynamic: no SmoothQuant (and no float run to measure the channels).
+    #[arg(long, requires = "int8_dynamic", conflicts_with = "smooth_quant")]
+    pub no_smooth_quant: bool,
     /// Quantize these nodes too: a node name, `op:<OpType>` or `re:<regex over names>`.
     #[arg(long, value_name = "SELECTOR")]
     pub include: Vec<String>,
@@ -230,7 +235,21 @@ pub struct QuantArgs {
     pub exclude: Vec<String>,
 }
 
+/// SmoothQuant's strength when `--int8-dynamic` is given without `--smooth-quant`: the usual
+/// choice, which on all-MiniLM-L6-v2 takes the held-back sentence cosine from 0.9941 to 0.9960
+/// (measured with the 8 generated batches below; 0.9964 with the real calibration batches).
+const DYNAMIC_SMOOTHING: f64 = 0.5;
+
 impl QuantArgs {
+    /// SmoothQuant's strength, if any: as given, else `DYNAMIC_SMOOTHING` for dynamic INT8.
+    pub fn smoothing(&self) -> Option<f64> {
+        match self.smooth_quant {
+            Some(alpha) => Some(alpha),
+            None if self.int8_dynamic && !self.no_smooth_quant => Some(DYNAMIC_SMOOTHING),
+            None => None,
+        }
+    }
+
     pub fn method(&self) -> onnxopt::quant::RangeMethod {
         use onnxopt::quant::RangeMethod;
         match self.calib_method {

@@ -142,7 +142,7 @@ fn optimize(args: OptimizeArgs) -> Result<()> {
     // One set of calibration batches serves pruning and quantization; validation runs on
     // the batches held back from it.
     let has_calibration = args.quant.calib.is_some() || args.quant.calib_random.is_some();
-    let smooth_dynamic = args.quant.int8_dynamic && args.quant.smooth_quant.is_some();
+    let smooth_dynamic = args.quant.int8_dynamic && args.quant.smoothing().is_some();
     let mut calibration =
         if args.quant.int8 || smooth_dynamic || (!pruning.is_empty() && has_calibration) {
             let (calibration, held_back) = calibration_batches(&model, &args, &mut report)?;
@@ -168,7 +168,7 @@ fn optimize(args: OptimizeArgs) -> Result<()> {
                 selection: selection(&args.quant)?,
             },
             weights: args.quant.dynamic_weights.codes(),
-            smooth_quant: args.quant.smooth_quant,
+            smooth_quant: args.quant.smoothing(),
         };
         let result = quant::dynamic::quantize_dynamic(&mut model, &calibration, &options);
         report.quantization = Some(result.context("quantization failed")?);
@@ -187,7 +187,7 @@ fn optimize(args: OptimizeArgs) -> Result<()> {
                 selection: selection(&args.quant)?,
             },
             method: args.quant.method(),
-            smooth_quant: args.quant.smooth_quant,
+            smooth_quant: args.quant.smoothing(),
         };
         let bar = progress("calibrating");
         let on_batch = |done: usize, total: usize| {
@@ -270,6 +270,10 @@ fn same_file(input: &Path, output: &Path) -> bool {
 /// by this, so that validation never reruns the calibration inputs.
 const CALIBRATION_SEED_SALT: u64 = 0xca11_b4a7_e000_0000;
 
+/// Generated batches that measure the channels for dynamic INT8's smoothing when the user gives
+/// no calibration data.
+const SMOOTHING_BATCHES: usize = 8;
+
 /// The batches to calibrate on and, when they come from a folder and `--inputs` names none,
 /// the ones held back to validate on (the last fifth, at least one).
 fn calibration_batches(
@@ -288,7 +292,11 @@ fn calibration_batches(
             bail!("--int8 needs calibration data: --calib DIR or --calib-random N")
         }
         (None, None) => {
-            bail!("--smooth-quant needs calibration data: --calib DIR or --calib-random N")
+            // Dynamic INT8's smoothing, without data from the user. The channels' maxima
+            // after a normalization owe more to its γ and β than to the text: generated
+            // token ids give nearly the ranges real sentences give (see `args::DYNAMIC_SMOOTHING`).
+            generate.seed ^= CALIBRATION_SEED_SALT;
+            InputSource::Generated(SMOOTHING_BATCHES)
         }
     };
     let mut batches = exec::batches_for(model, &source, &generate)

@@ -31,6 +31,8 @@ use crate::passes::{matching, Rewrites};
 #[derive(Clone, Debug, Default, serde::Serialize)]
 pub struct SmoothReport {
     pub alpha: f64,
+    /// The batches that measured the channels' ranges.
+    pub batches: usize,
     /// The normalizations whose outputs were smoothed.
     pub smoothed: Vec<String>,
     /// The largest and smallest channel scale applied.
@@ -104,6 +106,7 @@ pub fn smooth_quant(model: &mut Model, batches: &[Batch], alpha: f64) -> Result<
         .collect();
     let mut report = SmoothReport {
         alpha,
+        batches: batches.len(),
         min_scale: f64::INFINITY,
         ..Default::default()
     };
