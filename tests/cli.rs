@@ -657,7 +657,7 @@ fn smooth_quant_smooths_before_calibrating_and_reports() {
     let (result, json) = optimize_with_report(&model, &out, &args);
     let stdout = text(&result.stdout);
     assert!(
-        stdout.contains("SmoothQuant α = 0.5: 4 normalizations smoothed"),
+        stdout.contains("SmoothQuant α = 0.5 on 1 batches: 4 normalizations smoothed"),
         "{stdout}"
     );
     let smoothing = &json["quantization"]["smoothing"];

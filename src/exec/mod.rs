@@ -166,8 +166,18 @@ pub fn from_tract(name: &str, t: &Tensor) -> Result<crate::ir::Tensor, ExecError
 }
 
 /// A model loaded into tract, ready to run on batches of any shape.
+///
+/// No parsed model is kept for the shapes to come: tract's plan packs the weights of every
+/// MatMul into a layout of its own, so a parsed model kept beside the plans would hold a
+/// second, unpacked copy of every weight (a 440 MB model would take 880 MB in tract). The
+/// first plan compiles the parse made on loading; a later shape parses the model again,
+/// which costs a fraction of compiling it.
 pub struct Runner {
-    parsed: InferenceModel,
+    /// The model as tract reads it (contrib operators lowered); its tensors share their
+    /// bytes with the caller's model.
+    model: Model,
+    /// The parse made on loading, until the first plan takes it.
+    spare: std::sync::Mutex<Option<InferenceModel>>,
     outlets: HashMap<String, OutletId>,
     inputs: Vec<InputSpec>,
     outputs: Vec<String>,
@@ -190,51 +200,19 @@ impl Runner {
     pub fn with_outputs(model: &Model, outputs: &[String]) -> Result<Runner, ExecError> {
         let mut lowered = model.clone();
         lower::lower_contrib_ops(&mut lowered)?;
-        let model = &lowered;
-        if let Some(u) = support::first_unsupported(model) {
+        if let Some(u) = support::first_unsupported(&lowered) {
             return Err(ExecError::Unsupported(u));
         }
-        let inputs = inputs::input_specs(model)?;
-        let mut proto = model.to_proto()?;
-        if let Some(g) = &mut proto.graph {
-            g.value_info.clear();
-        }
-        // tract reads some typed fields from the wrong place (uint32 from int32_data):
-        // hand it every tensor in raw form, the layout readers agree on.
-        crate::io::walk::model_tensors(&mut proto, &mut |t| {
-            *t = crate::ir::Tensor::from_proto(std::mem::take(t))?
-                .into_raw_form()
-                .into_proto();
-            Ok(())
-        })?;
-        let model_dir = point_at_source_files(&mut proto, model.source.as_ref());
-        let bytes = proto.encode_to_vec();
-        drop(proto);
-        let (parsed, outlets) = guarded(|| {
-            let pb = tract_onnx::pb::ModelProto::decode(&bytes[..]).map_err(tract_err)?;
-            let mut framework = tract_onnx::onnx()
-                .with_ignore_output_shapes(true)
-                .with_ignore_value_info(true);
-            // Plain reads: weights tract reads from the file do not also become resident
-            // pages of a second mapping.
-            framework.provider = Arc::new(tract_onnx::data_resolver::FopenDataResolver);
-            let dir = model_dir.as_deref().and_then(|d| d.to_str());
-            let result = framework.parse(&pb, dir).map_err(tract_err)?;
-            if !result.unresolved_inputs.is_empty() {
-                return Err(ExecError::Tract(format!(
-                    "unresolved inputs {:?}",
-                    result.unresolved_inputs
-                )));
-            }
-            Ok((result.model, result.outlets_by_name))
-        })?;
+        let inputs = inputs::input_specs(&lowered)?;
+        let (parsed, outlets) = parse(&lowered)?;
         if let Some(missing) = outputs.iter().find(|o| !outlets.contains_key(*o)) {
             return Err(ExecError::Input(format!(
                 "the model has no value `{missing}`"
             )));
         }
         Ok(Runner {
-            parsed,
+            model: lowered,
+            spare: std::sync::Mutex::new(Some(parsed)),
             outlets,
             inputs,
             outputs: outputs.to_vec(),
@@ -323,7 +301,15 @@ impl Runner {
     }
 
     fn plan(&self, batch: &Batch) -> Result<Arc<TypedRunnableModel>, ExecError> {
-        let mut model = self.parsed.clone();
+        let spare = self
+            .spare
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .take();
+        let mut model = match spare {
+            Some(parsed) => parsed,
+            None => parse(&self.model)?.0,
+        };
         let outlets: Vec<OutletId> = self.outputs.iter().map(|o| self.outlets[o]).collect();
         guarded(|| {
             for (i, (_, t)) in batch.tensors.iter().enumerate() {
@@ -335,7 +321,78 @@ impl Runner {
             let typed = model.into_optimized().map_err(tract_err)?;
             tract_onnx::prelude::IntoRunnable::into_runnable(typed).map_err(tract_err)
         })
+        .inspect(|_| return_freed_memory())
     }
+}
+
+impl Drop for Runner {
+    fn drop(&mut self) {
+        // The plans and the spare parse hold nearly all of tract's memory.
+        self.plans.clear();
+        self.spare
+            .get_mut()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .take();
+        return_freed_memory();
+    }
+}
+
+/// Asks the allocator to hand freed memory back to the kernel. glibc keeps freed blocks below
+/// its mmap threshold (which grows to the size of the largest block freed, up to 32 MB) in
+/// its heaps: a model's worth of tract tensors freed at once would stay counted against the
+/// process while the next step allocates as much again.
+pub fn return_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only returns free memory of the allocator's own heaps.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
+/// Parses `model` (contrib operators already lowered) into tract, with the names of its
+/// values. tract reads the weights that are still slices of the model's files from the files
+/// themselves, into a copy of its own: the pages of those files this process holds are handed
+/// back first, so that a weight is not resident twice.
+fn parse(model: &Model) -> Result<(InferenceModel, HashMap<String, OutletId>), ExecError> {
+    let mut proto = model.to_proto()?;
+    if let Some(g) = &mut proto.graph {
+        g.value_info.clear();
+    }
+    // tract reads some typed fields from the wrong place (uint32 from int32_data):
+    // hand it every tensor in raw form, the layout readers agree on.
+    crate::io::walk::model_tensors(&mut proto, &mut |t| {
+        *t = crate::ir::Tensor::from_proto(std::mem::take(t))?
+            .into_raw_form()
+            .into_proto();
+        Ok(())
+    })?;
+    let model_dir = point_at_source_files(&mut proto, model.source.as_ref());
+    let bytes = proto.encode_to_vec();
+    drop(proto);
+    if let Some(source) = &model.source {
+        source.release_resident_pages();
+    }
+    // tract decodes into its own proto types, copying the weights held inline (those passes
+    // made): drop the encoded form before tract copies them once more into its tensors.
+    let pb = guarded(|| tract_onnx::pb::ModelProto::decode(&bytes[..]).map_err(tract_err))?;
+    drop(bytes);
+    guarded(|| {
+        let mut framework = tract_onnx::onnx()
+            .with_ignore_output_shapes(true)
+            .with_ignore_value_info(true);
+        // Plain reads: weights tract reads from the file do not also become resident
+        // pages of a second mapping.
+        framework.provider = Arc::new(tract_onnx::data_resolver::FopenDataResolver);
+        let dir = model_dir.as_deref().and_then(|d| d.to_str());
+        let result = framework.parse(&pb, dir).map_err(tract_err)?;
+        if !result.unresolved_inputs.is_empty() {
+            return Err(ExecError::Tract(format!(
+                "unresolved inputs {:?}",
+                result.unresolved_inputs
+            )));
+        }
+        Ok((result.model, result.outlets_by_name))
+    })
 }
 
 /// What a plan is compiled for: the input shapes.

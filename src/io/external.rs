@@ -29,7 +29,7 @@ const ALIGNMENT: u64 = 1 << 16;
 /// Resolves external data of the tensors of one model, mapping each file once.
 pub struct ExternalReader {
     base_dir: PathBuf,
-    maps: HashMap<String, Bytes>,
+    maps: HashMap<String, crate::ir::FileMapping>,
 }
 
 impl ExternalReader {
@@ -45,7 +45,7 @@ impl ExternalReader {
         let mut files: Vec<_> = self
             .maps
             .iter()
-            .map(|(name, map)| crate::ir::FileMapping::new(name, map.clone()))
+            .map(|(_, mapping)| mapping.clone())
             .collect();
         files.sort_by(|a, b| a.location.cmp(&b.location));
         files
@@ -56,7 +56,7 @@ impl ExternalReader {
         let mut files: Vec<_> = self
             .maps
             .iter()
-            .map(|(name, map)| (name.clone(), map.len() as u64))
+            .map(|(name, mapping)| (name.clone(), mapping.bytes().len() as u64))
             .collect();
         files.sort();
         files
@@ -107,26 +107,16 @@ impl ExternalReader {
     }
 
     fn map(&mut self, location: &str) -> std::result::Result<Bytes, String> {
-        if let Some(map) = self.maps.get(location) {
-            return Ok(map.clone());
+        if let Some(mapping) = self.maps.get(location) {
+            return Ok(mapping.bytes().clone());
         }
         let path = confined_path(&self.base_dir, location)?;
         let file = std::fs::File::open(&path)
             .map_err(|e| format!("cannot open `{}`: {e}", path.display()))?;
-        let len = file
-            .metadata()
-            .map_err(|e| format!("cannot stat `{}`: {e}", path.display()))?
-            .len();
-        let bytes = if len == 0 {
-            Bytes::new()
-        } else {
-            // SAFETY: the map is read-only; like every memory-mapped reader we rely on the file
-            // not being truncated while the model is in use.
-            let map = unsafe { memmap2::Mmap::map(&file) }
-                .map_err(|e| format!("cannot map `{}`: {e}", path.display()))?;
-            Bytes::from_owner(map)
-        };
-        self.maps.insert(location.to_string(), bytes.clone());
+        let mapping = crate::ir::FileMapping::map(location, &file)
+            .map_err(|e| format!("cannot map `{}`: {e}", path.display()))?;
+        let bytes = mapping.bytes().clone();
+        self.maps.insert(location.to_string(), mapping);
         Ok(bytes)
     }
 }

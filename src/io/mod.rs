@@ -37,21 +37,19 @@ pub fn load(path: &Path) -> Result<Model> {
             path: path.to_path_buf(),
         });
     }
-    // SAFETY: a read-only map; like every memory-mapped reader we rely on the file not being
-    // truncated while the model is in use.
-    let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
     let base_dir = match path.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
         _ => PathBuf::from("."),
     };
-    let whole = Bytes::from_owner(map);
-    let mut model = load_bytes(whole.clone(), &base_dir)?;
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned());
+    let mapping = crate::ir::FileMapping::map(name.as_deref().unwrap_or_default(), &file)
+        .map_err(|e| Error::io(path, e))?;
+    let mut model = load_bytes(mapping.bytes().clone(), &base_dir)?;
     if let Some(source) = &mut model.source {
         source.path = path.to_path_buf();
-        let name = path.file_name().map(|n| n.to_string_lossy().into_owned());
-        source
-            .mappings
-            .extend(name.map(|n| crate::ir::FileMapping::new(&n, whole)));
+        if name.is_some() {
+            source.mappings.push(mapping);
+        }
     }
     Ok(model)
 }

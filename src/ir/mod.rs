@@ -40,21 +40,61 @@ pub struct Source {
     pub mappings: Vec<FileMapping>,
 }
 
-/// A memory-mapped file of a model (the model file or an external data file), kept mapped
-/// so that a tensor whose bytes are a slice of it can be found again in the file.
+impl Source {
+    /// `FileMapping::release_resident_pages` for every file of the model.
+    pub fn release_resident_pages(&self) {
+        for mapping in &self.mappings {
+            mapping.release_resident_pages();
+        }
+    }
+}
+
+/// A file of a model (the model file or an external data file) mapped read-only in memory,
+/// kept mapped so that a tensor whose bytes are a slice of it can be found again in the file,
+/// and so that the pages read from it can be handed back to the kernel.
 #[derive(Clone, Debug)]
 pub struct FileMapping {
     /// The file, relative to `Source::dir`.
     pub location: String,
+    /// `None` for an empty file, which cannot be mapped.
+    map: Option<std::sync::Arc<memmap2::Mmap>>,
     bytes: bytes::Bytes,
 }
 
+/// The map as the owner of `Bytes` slices.
+struct SharedMap(std::sync::Arc<memmap2::Mmap>);
+
+impl AsRef<[u8]> for SharedMap {
+    fn as_ref(&self) -> &[u8] {
+        &self.0
+    }
+}
+
 impl FileMapping {
-    pub fn new(location: &str, bytes: bytes::Bytes) -> FileMapping {
-        FileMapping {
+    /// Maps `file` read-only.
+    pub fn map(location: &str, file: &std::fs::File) -> std::io::Result<FileMapping> {
+        let empty = file.metadata()?.len() == 0;
+        let map = if empty {
+            None
+        } else {
+            // SAFETY: a read-only map; like every memory-mapped reader we rely on the file
+            // not being truncated while the model is in use.
+            Some(std::sync::Arc::new(unsafe { memmap2::Mmap::map(file)? }))
+        };
+        let bytes = match &map {
+            Some(map) => bytes::Bytes::from_owner(SharedMap(map.clone())),
+            None => bytes::Bytes::new(),
+        };
+        Ok(FileMapping {
             location: location.to_string(),
+            map,
             bytes,
-        }
+        })
+    }
+
+    /// The whole file; slices of it share the map.
+    pub fn bytes(&self) -> &bytes::Bytes {
+        &self.bytes
     }
 
     /// Where `data` lies in the file, if it is a slice of this mapping.
@@ -63,6 +103,24 @@ impl FileMapping {
         let start = data.as_ptr() as usize;
         let inside = start >= base && start + data.len() <= base + self.bytes.len();
         (inside && !data.is_empty()).then(|| (start - base) as u64)
+    }
+
+    /// Hands the pages of the file this process has read back to the kernel, so that they no
+    /// longer count in its memory. Nothing changes for readers: a page read again is read
+    /// back from the file (the page cache, usually). Worth it once the weights have been
+    /// copied elsewhere (into tract, or quantized), since a large model's pages would
+    /// otherwise stay resident beside the copy.
+    pub fn release_resident_pages(&self) {
+        let Some(map) = &self.map else {
+            return;
+        };
+        // SAFETY: the map is read-only and backed by the file, so MADV_DONTNEED only drops
+        // this process's copies of clean pages: every slice keeps its contents, read again
+        // from the file on the next access. A failure leaves the pages resident, no more.
+        #[cfg(unix)]
+        let _ = unsafe { map.unchecked_advise(memmap2::UncheckedAdvice::DontNeed) };
+        #[cfg(not(unix))]
+        let _ = map;
     }
 }
 

@@ -204,7 +204,9 @@ pub(crate) fn apply_plan(
     Ok(rewrites)
 }
 
-/// Drops the float initializers among `sources` that nothing reads any more.
+/// Drops the float initializers among `sources` that nothing reads any more. Quantizing read
+/// every float weight, so the model's file pages are handed back too: a large model's float
+/// weights would otherwise stay resident beside their int8 copies.
 pub(crate) fn drop_unread_weights(
     model: &mut Model,
     sources: impl Iterator<Item = ValueId>,
@@ -218,6 +220,9 @@ pub(crate) fn drop_unread_weights(
             patch.drop_initializer(v);
             rewrites.apply(model, patch)?;
         }
+    }
+    if let Some(source) = &model.source {
+        source.release_resident_pages();
     }
     Ok(())
 }
