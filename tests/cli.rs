@@ -257,7 +257,7 @@ fn optimize_validates_and_writes_a_report() {
     assert_eq!(written.metadata("onnxopt.target"), Some("ort"));
     written.envelope.metadata_props.clear();
     let original = onnxopt::io::load(&model).unwrap();
-    let fused = ["Attention", "BiasGelu", "SkipLayerNormalization"];
+    let fused = ["Attention", "BiasGelu", "Sum", "LayerNormalization"];
     let ops = |m: &onnxopt::ir::Model| -> Vec<String> {
         m.graph
             .nodes()

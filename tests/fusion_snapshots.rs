@@ -99,7 +99,7 @@ fn rms_norm_t5() {
 }
 
 #[test]
-fn skip_layer_norm_bert() {
+fn residual_sum_bert() {
     let diff = fused_diff(
         "bert-tiny.dynamo.onnx",
         LayerNormFusion {
