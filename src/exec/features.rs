@@ -53,6 +53,7 @@ fn reduce(
         .map(|&v| model.graph.value_name(v).to_string())
         .collect();
     let mut runner = Runner::with_outputs(model, &names)?;
+    runner.prepare(batches)?;
     let mut accumulators: Vec<Vec<f64>> = vec![Vec::new(); values.len()];
     let mut positions = vec![0usize; values.len()];
     for chunk in batches.chunks(super::parallel_batches()) {

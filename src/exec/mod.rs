@@ -170,14 +170,14 @@ pub fn from_tract(name: &str, t: &Tensor) -> Result<crate::ir::Tensor, ExecError
 /// No parsed model is kept for the shapes to come: tract's plan packs the weights of every
 /// MatMul into a layout of its own, so a parsed model kept beside the plans would hold a
 /// second, unpacked copy of every weight (a 440 MB model would take 880 MB in tract). The
-/// first plan compiles the parse made on loading; a later shape parses the model again,
-/// which costs a fraction of compiling it.
+/// plans for all the shapes a caller announces (`prepare`) are compiled from one parse,
+/// the one made on loading at first; a shape seen later parses the model again.
 pub struct Runner {
     /// The model as tract reads it (contrib operators lowered); its tensors share their
     /// bytes with the caller's model.
     model: Model,
-    /// The parse made on loading, until the first plan takes it.
-    spare: std::sync::Mutex<Option<InferenceModel>>,
+    /// The parse made on loading, until the first plans take it.
+    spare: Option<InferenceModel>,
     outlets: HashMap<String, OutletId>,
     inputs: Vec<InputSpec>,
     outputs: Vec<String>,
@@ -212,7 +212,7 @@ impl Runner {
         }
         Ok(Runner {
             model: lowered,
-            spare: std::sync::Mutex::new(Some(parsed)),
+            spare: Some(parsed),
             outlets,
             inputs,
             outputs: outputs.to_vec(),
@@ -240,23 +240,7 @@ impl Runner {
         &mut self,
         batches: &[Batch],
     ) -> Result<Vec<Vec<(String, Tensor)>>, ExecError> {
-        // Compile the shapes not seen yet at the same time too: compiling costs about as
-        // much as running.
-        let mut missing: HashMap<Vec<Vec<usize>>, &Batch> = HashMap::new();
-        for b in batches {
-            self.check_inputs(b)?;
-            let key = shape_key(b);
-            if !self.plans.contains_key(&key) {
-                missing.entry(key).or_insert(b);
-            }
-        }
-        let missing: Vec<&Batch> = missing.into_values().collect();
-        let this = &*self;
-        let compiled = missing
-            .par_iter()
-            .map(|b| Ok((shape_key(b), this.plan(b)?)))
-            .collect::<Result<Vec<_>, ExecError>>()?;
-        self.plans.extend(compiled);
+        self.prepare(batches)?;
         let plans = batches
             .iter()
             .map(|b| self.plan_for(b))
@@ -269,16 +253,48 @@ impl Runner {
             .collect()
     }
 
+    /// Compiles a plan for each input shape among `batches` not compiled yet, all at the same
+    /// time (compiling costs about as much as running) and from one parse, which the plans
+    /// share until the last one takes it: no unpacked copy of the weights outlives the
+    /// compiling. Callers that know all their batches before running them call it first, so
+    /// that the model is parsed once.
+    pub fn prepare(&mut self, batches: &[Batch]) -> Result<(), ExecError> {
+        let mut missing: HashMap<Vec<Vec<usize>>, &Batch> = HashMap::new();
+        for b in batches {
+            self.check_inputs(b)?;
+            let key = shape_key(b);
+            if !self.plans.contains_key(&key) {
+                missing.entry(key).or_insert(b);
+            }
+        }
+        let missing: Vec<&Batch> = missing.into_values().collect();
+        let Some((last, others)) = missing.split_last() else {
+            return Ok(());
+        };
+        let parsed = match self.spare.take() {
+            Some(parsed) => parsed,
+            None => parse(&self.model)?.0,
+        };
+        let mut jobs: Vec<(&Batch, InferenceModel)> =
+            others.iter().map(|&b| (b, parsed.clone())).collect();
+        jobs.push((last, parsed));
+        let outlets: Vec<OutletId> = self.outputs.iter().map(|o| self.outlets[o]).collect();
+        let compiled = jobs
+            .into_par_iter()
+            .map(|(b, parsed)| Ok((shape_key(b), compile(parsed, &outlets, b)?)))
+            .collect::<Result<Vec<_>, ExecError>>()?;
+        return_freed_memory();
+        self.plans.extend(compiled);
+        Ok(())
+    }
+
     /// The plan for `batch`'s input shapes, compiled once per shape.
     fn plan_for(&mut self, batch: &Batch) -> Result<Arc<TypedRunnableModel>, ExecError> {
-        self.check_inputs(batch)?;
-        let key = shape_key(batch);
-        if let Some(plan) = self.plans.get(&key) {
-            return Ok(plan.clone());
-        }
-        let plan = self.plan(batch)?;
-        self.plans.insert(key, plan.clone());
-        Ok(plan)
+        self.prepare(std::slice::from_ref(batch))?;
+        self.plans
+            .get(&shape_key(batch))
+            .cloned()
+            .ok_or_else(|| ExecError::Tract("no plan was compiled".into()))
     }
 
     /// An error unless `batch` holds the model's inputs, in order.
@@ -299,40 +315,13 @@ impl Runner {
         }
         Ok(())
     }
-
-    fn plan(&self, batch: &Batch) -> Result<Arc<TypedRunnableModel>, ExecError> {
-        let spare = self
-            .spare
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .take();
-        let mut model = match spare {
-            Some(parsed) => parsed,
-            None => parse(&self.model)?.0,
-        };
-        let outlets: Vec<OutletId> = self.outputs.iter().map(|o| self.outlets[o]).collect();
-        guarded(|| {
-            for (i, (_, t)) in batch.tensors.iter().enumerate() {
-                model
-                    .set_input_fact(i, InferenceFact::dt_shape(t.datum_type(), t.shape()))
-                    .map_err(tract_err)?;
-            }
-            model.select_output_outlets(&outlets).map_err(tract_err)?;
-            let typed = model.into_optimized().map_err(tract_err)?;
-            tract_onnx::prelude::IntoRunnable::into_runnable(typed).map_err(tract_err)
-        })
-        .inspect(|_| return_freed_memory())
-    }
 }
 
 impl Drop for Runner {
     fn drop(&mut self) {
         // The plans and the spare parse hold nearly all of tract's memory.
         self.plans.clear();
-        self.spare
-            .get_mut()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .take();
+        self.spare = None;
         return_freed_memory();
     }
 }
@@ -347,6 +336,24 @@ pub fn return_freed_memory() {
     unsafe {
         libc::malloc_trim(0);
     }
+}
+
+/// The plan of `parsed` for `batch`'s input shapes, returning `outlets`.
+fn compile(
+    mut parsed: InferenceModel,
+    outlets: &[OutletId],
+    batch: &Batch,
+) -> Result<Arc<TypedRunnableModel>, ExecError> {
+    guarded(|| {
+        for (i, (_, t)) in batch.tensors.iter().enumerate() {
+            parsed
+                .set_input_fact(i, InferenceFact::dt_shape(t.datum_type(), t.shape()))
+                .map_err(tract_err)?;
+        }
+        parsed.select_output_outlets(outlets).map_err(tract_err)?;
+        let typed = parsed.into_optimized().map_err(tract_err)?;
+        tract_onnx::prelude::IntoRunnable::into_runnable(typed).map_err(tract_err)
+    })
 }
 
 /// Parses `model` (contrib operators already lowered) into tract, with the names of its
@@ -529,6 +536,7 @@ impl Reference {
         on_batch: &dyn Fn(usize, usize),
     ) -> Result<Reference, ExecError> {
         let mut runner = Runner::new(reference)?;
+        runner.prepare(&batches)?;
         let mut outputs = Vec::with_capacity(batches.len());
         for chunk in batches.chunks(parallel_batches()) {
             outputs.extend(runner.run_parallel(chunk)?);
@@ -585,18 +593,19 @@ impl Reference {
                 options.logits.iter().any(|l| l == name)
             }
         };
+        let inputs = self
+            .batches
+            .iter()
+            .map(candidate_batch)
+            .collect::<Result<Vec<_>, _>>()?;
+        b.prepare(&inputs)?;
         let mut outputs: Vec<OutputDiff> = Vec::new();
         let mut done = 0;
-        for (chunk, expected) in self
-            .batches
+        for (chunk, expected) in inputs
             .chunks(parallel_batches())
             .zip(self.outputs.chunks(parallel_batches()))
         {
-            let inputs = chunk
-                .iter()
-                .map(candidate_batch)
-                .collect::<Result<Vec<_>, _>>()?;
-            for (ra, rb) in expected.iter().zip(b.run_parallel(&inputs)?) {
+            for (ra, rb) in expected.iter().zip(b.run_parallel(chunk)?) {
                 compare_batch(ra, rb, &is_logits, options, &mut outputs)?;
                 done += 1;
                 on_batch(done, self.batches.len());

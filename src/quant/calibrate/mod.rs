@@ -133,6 +133,7 @@ pub fn calibrate(
             return Err(Error::Quantization("no calibration batches".into()));
         }
         let mut runner = Runner::with_outputs(model, names).map_err(calibration_error)?;
+        runner.prepare(batches).map_err(calibration_error)?;
         // As many batches at once as threads: tract runs each on one core. Observing in
         // batch order keeps the statistics independent of the thread count; memory holds
         // one chunk's activations.
