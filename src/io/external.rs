@@ -42,11 +42,7 @@ impl ExternalReader {
 
     /// The data files read, as mappings tensors may still point into.
     pub fn mappings(&self) -> Vec<crate::ir::FileMapping> {
-        let mut files: Vec<_> = self
-            .maps
-            .iter()
-            .map(|(_, mapping)| mapping.clone())
-            .collect();
+        let mut files: Vec<_> = self.maps.values().cloned().collect();
         files.sort_by(|a, b| a.location.cmp(&b.location));
         files
     }
