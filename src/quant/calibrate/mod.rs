@@ -57,18 +57,24 @@ impl Observer {
 
     /// Folds one batch's values in.
     pub fn observe(&mut self, values: &[f32]) {
-        let finite: Vec<f32> = values
-            .iter()
-            .copied()
-            .filter(|v| v.abs() < MASK_MAGNITUDE)
-            .collect();
-        self.masked += (values.len() - finite.len()) as u64;
+        // NaN is masked too: it is not below the magnitude.
+        let unmasked = |v: &&f32| v.abs() < MASK_MAGNITUDE;
+        let masked = values.len() - values.iter().filter(unmasked).count();
+        // Activations are rarely masked: look at them in place unless some are.
+        let kept: Vec<f32>;
+        let finite = if masked == 0 {
+            values
+        } else {
+            kept = values.iter().filter(unmasked).copied().collect();
+            &kept
+        };
+        self.masked += masked as u64;
         self.finite += finite.len() as u64;
-        for &v in &finite {
-            self.min = self.min.min(v);
-            self.max = self.max.max(v);
-        }
-        self.histogram.add(&finite);
+        let (min, max) = finite
+            .iter()
+            .fold((self.min, self.max), |(lo, hi), &v| (lo.min(v), hi.max(v)));
+        (self.min, self.max) = (min, max);
+        self.histogram.add(finite);
     }
 
     /// The range `method` gives, or `None` when no finite value was seen. The histogram
