@@ -230,8 +230,8 @@ impl Runner {
 
     /// Runs one batch; returns the requested values in order.
     pub fn run(&mut self, batch: &Batch) -> Result<Vec<(String, Tensor)>, ExecError> {
-        let plan = self.plan_for(batch)?;
-        execute(&plan, &self.outputs, batch)
+        self.prepare(std::slice::from_ref(batch))?;
+        execute(&self.plan_for(batch)?, &self.outputs, batch)
     }
 
     /// Runs `batches` at the same time, one per thread (tract runs each on one core);
@@ -288,9 +288,8 @@ impl Runner {
         Ok(())
     }
 
-    /// The plan for `batch`'s input shapes, compiled once per shape.
-    fn plan_for(&mut self, batch: &Batch) -> Result<Arc<TypedRunnableModel>, ExecError> {
-        self.prepare(std::slice::from_ref(batch))?;
+    /// The plan `prepare` compiled for `batch`'s input shapes.
+    fn plan_for(&self, batch: &Batch) -> Result<Arc<TypedRunnableModel>, ExecError> {
         self.plans
             .get(&shape_key(batch))
             .cloned()

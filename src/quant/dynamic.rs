@@ -78,8 +78,8 @@ pub fn quantize_dynamic(
     options: &DynamicOptions,
 ) -> Result<QuantReport> {
     let operators = qdq::quantization_ops(model);
-    let unpacked = super::unpack_attention_for(model, &options.qdq)?;
-    let smoothing = super::smoothed(model, calibration, options.smooth_quant)?;
+    let (unpacked, smoothing) =
+        super::prepare_float(model, calibration, &options.qdq, options.smooth_quant)?;
     let report = |rewrites, already_quantized| QuantReport {
         mode: "dynamic-int8",
         target: options.qdq.target,

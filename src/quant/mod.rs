@@ -100,8 +100,7 @@ pub fn quantize_static(
     options: &StaticOptions,
     on_batch: &(dyn Fn(usize, usize) + Sync),
 ) -> Result<QuantReport> {
-    let unpacked = unpack_attention_for(model, &options.qdq)?;
-    let smoothing = smoothed(model, batches, options.smooth_quant)?;
+    let (unpacked, smoothing) = prepare_float(model, batches, &options.qdq, options.smooth_quant)?;
     let names = qdq::activations_to_calibrate(model, &options.qdq);
     let calibration = calibrate::calibrate(model, &names, batches, options.method, on_batch)?;
     let (mut rewrites, already_quantized) =
@@ -121,27 +120,28 @@ pub fn quantize_static(
     })
 }
 
-/// For ONNX Runtime, takes the Q/K/V projections out of its fused Attention so that they
-/// are quantized (`attention_projection`); never in a model that already holds Q/DQ, and
-/// never for TensorRT, which runs no `com.microsoft` operator.
-fn unpack_attention_for(model: &mut Model, options: &QdqOptions) -> Result<Rewrites> {
-    if options.target != QuantTarget::Ort || !qdq::quantization_ops(model).is_empty() {
-        return Ok(Rewrites::default());
-    }
-    attention_projection::unpack_attention_projections(model, &options.selection)
-}
-
-/// Applies SmoothQuant with strength `alpha` when asked (never to a model that already holds
-/// quantization operators).
-fn smoothed(
+/// The float rewrites every quantizer starts with, in this order: for ONNX Runtime, the
+/// Q/K/V projections taken out of its fused Attention so that they are quantized
+/// (`attention_projection`; never for TensorRT, which runs no `com.microsoft` operator), then
+/// SmoothQuant with strength `alpha` when asked. Nothing for a model that already holds
+/// quantization operators. Returns the unpacking's rewrites and the smoothing's report.
+fn prepare_float(
     model: &mut Model,
     batches: &[Batch],
+    options: &QdqOptions,
     alpha: Option<f64>,
-) -> Result<Option<smooth::SmoothReport>> {
-    match alpha {
-        Some(alpha) if qdq::quantization_ops(model).is_empty() => {
-            smooth::smooth_quant(model, batches, alpha).map(Some)
-        }
-        _ => Ok(None),
+) -> Result<(Rewrites, Option<smooth::SmoothReport>)> {
+    if !qdq::quantization_ops(model).is_empty() {
+        return Ok((Rewrites::default(), None));
     }
+    let unpacked = match options.target {
+        QuantTarget::Ort => {
+            attention_projection::unpack_attention_projections(model, &options.selection)?
+        }
+        QuantTarget::Trt => Rewrites::default(),
+    };
+    let smoothing = alpha
+        .map(|alpha| smooth::smooth_quant(model, batches, alpha))
+        .transpose()?;
+    Ok((unpacked, smoothing))
 }

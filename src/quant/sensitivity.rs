@@ -58,8 +58,12 @@ pub fn quantize_static_auto_exclude(
         // Nothing to choose: the model is left as it is, as `quantize_static` leaves it.
         return quantize_static(model, calibration_batches, options, &|_, _| {});
     }
-    let unpacked = super::unpack_attention_for(model, &options.qdq)?;
-    let smoothing = super::smoothed(model, calibration_batches, options.smooth_quant)?;
+    let (unpacked, smoothing) = super::prepare_float(
+        model,
+        calibration_batches,
+        &options.qdq,
+        options.smooth_quant,
+    )?;
     let float = model.clone();
     let names = qdq::activations_to_calibrate(&float, &options.qdq);
     let calibration = calibrate::calibrate(
