@@ -15,7 +15,11 @@
 //!    at most 1/10 of ORT's, our peak RSS at most 1.5x the file.
 //! c. Result speed. ONNX Runtime CPU latency (`scripts/ort_latency.py`, 2 threads) of each
 //!    model as exported, as we optimized it and as ORT's optimizer did, for MiniLM and both
-//!    BERT-base exports. Goal: ours at most 0.85x the original's latency.
+//!    BERT-base exports. Goal: ours at most 0.85x the original's latency. Beside it, the
+//!    original's GEMM floor (`scripts/ort_profile.py`): its GEMM kernels' time over its
+//!    latency. A float32 rewrite keeps every multiply-add of those GEMMs, so no output of
+//!    ours can run faster than that fraction; where the floor is above the goal, the goal is
+//!    out of reach for any float32 graph rewrite.
 //!
 //! Without Python's onnxruntime the ORT columns and table c are skipped, and without the
 //! corpus everything is, each with a message saying why. `ONNXOPT_BENCH_RUNS` sets our runs
@@ -726,6 +730,8 @@ mod bench {
         original_ms: f64,
         ours_ms: Option<f64>,
         ort_ms: Option<f64>,
+        /// The original's GEMM kernel time over its latency, from its own profiled run.
+        gemm_floor: Result<f64, String>,
     }
 
     /// One ort_latency.py run: a model as exported and whichever optimized versions exist.
@@ -800,6 +806,12 @@ mod bench {
                 job.ort.as_deref(),
             )
         });
+        let shapes = shapes.map(|mut shapes| {
+            for s in &mut shapes {
+                s.gemm_floor = gemm_floor(&job.original, &s.shape, job.rounds, work);
+            }
+            shapes
+        });
         LatencyRow {
             name,
             command: printed.join(" "),
@@ -830,6 +842,7 @@ mod bench {
                     original_ms: ms(&json, original).ok_or("no latency for the original")?,
                     ours_ms: ours.and_then(|p| ms(&json, p)),
                     ort_ms: ort.and_then(|p| ms(&json, p)),
+                    gemm_floor: Err("not measured".into()),
                 })
             })
             .collect::<Result<_, String>>()?;
@@ -837,6 +850,26 @@ mod bench {
             return Err("ort_latency.py printed no JSON".into());
         }
         Ok(shapes)
+    }
+
+    /// `ort_profile.py MODEL --shape SHAPE`'s GEMM floor (the last word it prints).
+    fn gemm_floor(model: &Path, shape: &str, runs: usize, work: &Path) -> Result<f64, String> {
+        let mut command = Command::new(PYTHON);
+        command
+            .arg(scripts_dir().join("ort_profile.py"))
+            .arg(model)
+            .args(["--shape", shape, "--top", "0"])
+            .args(["--threads", &LATENCY_THREADS.to_string()])
+            .args(["--runs", &runs.to_string()]);
+        let run = run_tool(command, work, "ort_profile")?;
+        let printed = read_log(&run.stdout_path);
+        printed
+            .lines()
+            .last()
+            .and_then(|line| line.strip_prefix("unprofiled median"))
+            .and_then(|line| line.split_whitespace().last())
+            .and_then(|word| word.parse().ok())
+            .ok_or_else(|| format!("ort_profile.py printed no GEMM floor: {printed}"))
     }
 
     fn print_latency(rows: &[LatencyRow], ort: &Result<String, String>) {
@@ -853,9 +886,10 @@ mod bench {
             return;
         }
         println!(
-            "  {:<30} {:>6} {:>6} {:>10} {:>18} {:>18}  goal ours <= {MAX_LATENCY_RATIO}x",
-            "model", "shape", "rounds", "original", "ours", "ORT optimizer"
+            "  {:<30} {:>6} {:>6} {:>10} {:>18} {:>18} {:>11}  goal ours <= {MAX_LATENCY_RATIO}x",
+            "model", "shape", "rounds", "original", "ours", "ORT optimizer", "GEMM floor"
         );
+        let mut floor_errors = Vec::new();
         for row in rows {
             match &row.shapes {
                 Ok(shapes) => {
@@ -867,20 +901,39 @@ mod bench {
                         let goal = s
                             .ours_ms
                             .map_or("-", |ms| verdict(ms / s.original_ms <= MAX_LATENCY_RATIO));
+                        let floor = match &s.gemm_floor {
+                            Ok(floor) if *floor > MAX_LATENCY_RATIO => {
+                                format!("{floor:.3}x (above the goal)")
+                            }
+                            Ok(floor) => format!("{floor:.3}x"),
+                            Err(e) => {
+                                floor_errors.push(format!("{} {}: {e}", row.name, s.shape));
+                                "-".to_string()
+                            }
+                        };
                         println!(
-                            "  {:<30} {:>6} {:>6} {:>10.2} {:>18} {:>18}  {goal}",
+                            "  {:<30} {:>6} {:>6} {:>10.2} {:>18} {:>18} {:>11}  {goal}",
                             row.name,
                             s.shape,
                             s.rounds,
                             s.original_ms,
                             versus(s.ours_ms),
-                            versus(s.ort_ms)
+                            versus(s.ort_ms),
+                            floor
                         );
                     }
                 }
                 Err(e) => println!("  {:<30} error: {e}", row.name),
             }
         }
+        for error in &floor_errors {
+            println!("  GEMM floor error, {error}");
+        }
+        println!(
+            "  GEMM floor: the original's MatMul/FusedMatMul/Gemm/FusedGemm kernel time over its \
+             unprofiled latency (scripts/ort_profile.py MODEL --shape SHAPE); a float32 rewrite \
+             keeps those multiply-adds, so it cannot run below the floor"
+        );
         println!("  measured with (load average at the start):");
         for row in rows {
             println!("    {}  ({})", row.command, row.load_average);
