@@ -16,10 +16,10 @@
 //! c. Result speed. ONNX Runtime CPU latency (`scripts/ort_latency.py`, 2 threads) of each
 //!    model as exported, as we optimized it and as ORT's optimizer did, for MiniLM and both
 //!    BERT-base exports. Goal: ours at most 0.85x the original's latency. Beside it, the
-//!    original's GEMM floor (`scripts/ort_profile.py`): its GEMM kernels' time over its
-//!    latency. A float32 rewrite keeps every multiply-add of those GEMMs, so no output of
-//!    ours can run faster than that fraction; where the floor is above the goal, the goal is
-//!    out of reach for any float32 graph rewrite.
+//!    original's GEMM floor (`scripts/gemm_floor.py`): the latency of its MatMul and Gemm
+//!    nodes alone, on the activations the model feeds them, over the model's. A float32
+//!    rewrite keeps every multiply-add of those GEMMs, so no output of ours can run faster
+//!    than that fraction; where the floor is above the goal, no float32 rewrite reaches it.
 //!
 //! Without Python's onnxruntime the ORT columns and table c are skipped, and without the
 //! corpus everything is, each with a message saying why. `ONNXOPT_BENCH_RUNS` sets our runs
@@ -730,7 +730,7 @@ mod bench {
         original_ms: f64,
         ours_ms: Option<f64>,
         ort_ms: Option<f64>,
-        /// The original's GEMM kernel time over its latency, from its own profiled run.
+        /// The latency of the original's GEMMs alone over its own (`gemm_floor.py`).
         gemm_floor: Result<f64, String>,
     }
 
@@ -807,8 +807,15 @@ mod bench {
             )
         });
         let shapes = shapes.map(|mut shapes| {
+            let floors = gemm_floors(&job.original, job.rounds, work);
             for s in &mut shapes {
-                s.gemm_floor = gemm_floor(&job.original, &s.shape, job.rounds, work);
+                s.gemm_floor = match &floors {
+                    Ok(floors) => floors
+                        .get(&s.shape)
+                        .copied()
+                        .ok_or_else(|| "gemm_floor.py printed no floor for this shape".into()),
+                    Err(e) => Err(e.clone()),
+                };
             }
             shapes
         });
@@ -852,24 +859,33 @@ mod bench {
         Ok(shapes)
     }
 
-    /// `ort_profile.py MODEL --shape SHAPE`'s GEMM floor (the last word it prints).
-    fn gemm_floor(model: &Path, shape: &str, runs: usize, work: &Path) -> Result<f64, String> {
+    /// `gemm_floor.py MODEL`'s floor for each latency shape.
+    fn gemm_floors(
+        model: &Path,
+        rounds: usize,
+        work: &Path,
+    ) -> Result<BTreeMap<String, f64>, String> {
         let mut command = Command::new(PYTHON);
+        command.arg(scripts_dir().join("gemm_floor.py")).arg(model);
+        for shape in LATENCY_SHAPES {
+            command.args(["--shape", shape]);
+        }
         command
-            .arg(scripts_dir().join("ort_profile.py"))
-            .arg(model)
-            .args(["--shape", shape, "--top", "0"])
             .args(["--threads", &LATENCY_THREADS.to_string()])
-            .args(["--runs", &runs.to_string()]);
-        let run = run_tool(command, work, "ort_profile")?;
-        let printed = read_log(&run.stdout_path);
-        printed
+            .args(["--rounds", &rounds.to_string()]);
+        let run = run_tool(command, work, "gemm_floor")?;
+        read_log(&run.stdout_path)
             .lines()
-            .last()
-            .and_then(|line| line.strip_prefix("unprofiled median"))
-            .and_then(|line| line.split_whitespace().last())
-            .and_then(|word| word.parse().ok())
-            .ok_or_else(|| format!("ort_profile.py printed no GEMM floor: {printed}"))
+            .filter(|l| l.starts_with('{'))
+            .map(|line| {
+                let json: serde_json::Value = serde_json::from_str(line)
+                    .map_err(|e| format!("gemm_floor.py printed bad JSON ({e})"))?;
+                match (json["shape"].as_str(), json["floor"].as_f64()) {
+                    (Some(shape), Some(floor)) => Ok((shape.to_string(), floor)),
+                    _ => Err(format!("gemm_floor.py printed no shape or floor: {line}")),
+                }
+            })
+            .collect()
     }
 
     fn print_latency(rows: &[LatencyRow], ort: &Result<String, String>) {
@@ -930,9 +946,9 @@ mod bench {
             println!("  GEMM floor error, {error}");
         }
         println!(
-            "  GEMM floor: the original's MatMul/FusedMatMul/Gemm/FusedGemm kernel time over its \
-             unprofiled latency (scripts/ort_profile.py MODEL --shape SHAPE); a float32 rewrite \
-             keeps those multiply-adds, so it cannot run below the floor"
+            "  GEMM floor: the original's MatMul and Gemm nodes alone, on the activations the model \
+             feeds them, over the model's latency (scripts/gemm_floor.py MODEL, alternately in one \
+             process); a float32 rewrite keeps those multiply-adds, so it cannot run below it"
         );
         println!("  measured with (load average at the start):");
         for row in rows {

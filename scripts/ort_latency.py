@@ -22,7 +22,19 @@ import time
 
 import numpy as np
 import onnxruntime as ort
-from onnxruntime.capi import _pybind_state as ort_c
+
+
+def use_one_thread_pool(threads):
+    """Makes every session of this process share one intra-op pool of `threads` threads
+    (see the module's doc); call it before the process's first session."""
+    ort.set_global_thread_pool_sizes(threads, 1)
+
+
+def session_on_shared_pool(path):
+    """An ONNX Runtime CPU session on the pool `use_one_thread_pool` made."""
+    options = ort.SessionOptions()
+    options.use_per_session_threads = False
+    return ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
 
 
 def feeds_for(session, batch, seq, rng):
@@ -51,11 +63,8 @@ def main():
     p.add_argument("--rounds", type=int, default=20)
     a = p.parse_args()
     shapes = a.shape or ["1x128", "8x128"]
-    ort_c.set_global_thread_pool_sizes(a.threads, 1)
-    options = ort.SessionOptions()
-    options.use_per_session_threads = False
-    sessions = [ort.InferenceSession(m, options, providers=["CPUExecutionProvider"])
-                for m in a.models]
+    use_one_thread_pool(a.threads)
+    sessions = [session_on_shared_pool(m) for m in a.models]
     rng = np.random.default_rng(0)
     for shape in shapes:
         batch, seq = (int(x) for x in shape.split("x"))

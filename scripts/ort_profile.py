@@ -8,11 +8,6 @@ place of SkipLayerNormalization).
 Inputs are made as `ort_latency.py` makes them. After 3 warm-up runs, --runs runs are
 profiled; prints the median run time and, per operator type, the kernel time per run and its
 share of all kernel time. Needs onnxruntime, numpy.
-
-Then the same number of runs without the profiler (which slows a run by a fixed cost per
-node) gives the GEMM floor: the GEMM kernels' time (MatMul, FusedMatMul, Gemm, FusedGemm)
-over the unprofiled median. A float32 rewrite keeps every multiply-add of those GEMMs, so on
-an unfused model no such rewrite can run faster than this fraction of the original.
 """
 import argparse
 import collections
@@ -20,14 +15,11 @@ import json
 import os
 import statistics
 import tempfile
-import time
 
 import numpy as np
 import onnxruntime as ort
 
 from ort_latency import feeds_for
-
-GEMM_OPS = ("MatMul", "FusedMatMul", "Gemm", "FusedGemm")
 
 
 def main():
@@ -67,19 +59,6 @@ def main():
           f"(profiled), kernel time {total / count / 1000:.2f} ms per run")
     for op, us in by_op.most_common(a.top):
         print(f"  {op:<32} {us / count / 1000:8.2f} ms  {100 * us / total:5.1f}%")
-    options.enable_profiling = False
-    session = ort.InferenceSession(a.model, options, providers=["CPUExecutionProvider"])
-    for _ in range(warm_up):
-        session.run(None, feeds)
-    plain = []
-    for _ in range(a.runs):
-        start = time.perf_counter()
-        session.run(None, feeds)
-        plain.append(time.perf_counter() - start)
-    plain_ms = statistics.median(plain) * 1000
-    gemm_ms = sum(by_op[op] for op in GEMM_OPS) / count / 1000
-    print(f"unprofiled median {plain_ms:.2f} ms; GEMM kernels {gemm_ms:.2f} ms per run: "
-          f"GEMM floor {gemm_ms / plain_ms:.3f}")
 
 
 if __name__ == "__main__":

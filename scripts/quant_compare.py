@@ -12,7 +12,8 @@ activations, MatMul only, min/max on the other batches) and `quantize_dynamic` (
 are written into DIR and scored alongside. Quality is the cosine between each sentence's
 embedding (last_hidden_state mean-pooled over the attention mask, L2-normalized) from the
 model and from FLOAT, over the held-back sentences. Latency is the median over --rounds of
-each model at each shape, run alternately in one process, as a ratio to FLOAT. Prints one
+each model at each shape, run alternately in one process on one shared thread pool (why:
+`ort_latency.py`), as a ratio to FLOAT. Prints one
 JSON line per model. Needs onnxruntime, onnx, numpy.
 """
 import argparse
@@ -24,7 +25,8 @@ import sys
 import time
 
 import numpy as np
-import onnxruntime as ort
+
+from ort_latency import session_on_shared_pool, use_one_thread_pool
 
 
 def read_batches(folder):
@@ -34,13 +36,6 @@ def read_batches(folder):
             batch, name, _ = f.split(".")
             found[batch][name] = np.load(os.path.join(folder, f))
     return dict(found)
-
-
-def session(path, threads):
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    return ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
 
 
 def embeddings(s, batches):
@@ -113,6 +108,7 @@ def main():
     p.add_argument("--rounds", type=int, default=10)
     p.add_argument("--shape", action="append")
     a = p.parse_intermixed_args()
+    use_one_thread_pool(a.threads)
     batches = read_batches(a.calib_dir)
     held_back = a.eval.split(",")
     missing = [b for b in held_back if b not in batches]
@@ -124,7 +120,7 @@ def main():
     models += [(m.split("=", 1)[0], m.split("=", 1)[1], None) for m in a.models]
     if a.anchors:
         models += anchors(a.float_model, calib, a.anchors)
-    sessions = [session(path, a.threads) for _, path, _ in models]
+    sessions = [session_on_shared_pool(path) for _, path, _ in models]
     reference = embeddings(sessions[0], evaluation)
     timing = latencies(sessions, a.shape or ["1x128", "8x128"], a.rounds)
     float_bytes = os.path.getsize(a.float_model)

@@ -1,0 +1,123 @@
+#!/usr/bin/env python3
+"""The GEMM floor of a model in ONNX Runtime (CPU): how fast its matrix products alone run,
+as a fraction of the whole model's latency.
+
+    gemm_floor.py MODEL [--shape 1x128 --shape 8x128] [--threads 2] [--rounds 10]
+
+A float32 graph rewrite (fusion, clean-up) keeps every multiply-add of a model's MatMul and
+Gemm nodes, so its output cannot run faster than those products do. This script measures
+that bound: it runs MODEL once with every MatMul/Gemm input as an extra output, builds a
+model of those nodes alone (same weights; activations fed as inputs of the shapes seen),
+and times the two alternately in one process as `ort_latency.py` times models (one shared
+thread pool). The GEMM-only model's outputs go to preallocated buffers (I/O binding), so
+handing them to Python costs nothing that the real model does not pay.
+
+Prints one JSON line per shape: both medians in ms and `floor` = GEMM-only / model.
+Needs onnxruntime, onnx, numpy.
+"""
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from ort_latency import feeds_for, session_on_shared_pool, use_one_thread_pool
+
+GEMM_OPS = ("MatMul", "Gemm")
+
+
+def gemm_nodes(model):
+    return [n for n in model.graph.node if n.op_type in GEMM_OPS and n.domain in ("", "ai.onnx")]
+
+
+def activations(model, gemms, feeds):
+    """The value of every non-constant GEMM input, from one run of the whole model."""
+    constants = {i.name for i in model.graph.initializer}
+    constants |= {o for n in model.graph.node if n.op_type == "Constant" for o in n.output}
+    wanted = sorted({i for n in gemms for i in n.input if i and i not in constants})
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    known = {o.name for o in probe.graph.output}
+    for name in wanted:
+        if name not in known:
+            probe.graph.output.append(onnx.ValueInfoProto(name=name))
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "probe.onnx")
+        onnx.save(probe, path)
+        session = session_on_shared_pool(path)
+        values = session.run(wanted, feeds)
+    return dict(zip(wanted, values)), constants
+
+
+def gemm_only_model(model, gemms, inputs, constants):
+    used = {i for n in gemms for i in n.input}
+    graph = onnx.helper.make_graph(
+        gemms,
+        "gemm_only",
+        [onnx.helper.make_tensor_value_info(name, onnx.helper.np_dtype_to_tensor_dtype(v.dtype),
+                                            v.shape)
+         for name, v in inputs.items()],
+        [onnx.ValueInfoProto(name=o) for n in gemms for o in n.output],
+        [i for i in model.graph.initializer if i.name in used],
+    )
+    graph.node.extend(n for n in model.graph.node
+                      if n.op_type == "Constant" and n.output[0] in used and n.output[0] in constants)
+    only = onnx.helper.make_model(graph, opset_imports=model.opset_import)
+    only.ir_version = model.ir_version
+    return only
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("model")
+    p.add_argument("--shape", action="append", default=None, help="BATCHxSEQ")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--rounds", type=int, default=10)
+    a = p.parse_args()
+    use_one_thread_pool(a.threads)
+    model = onnx.load(a.model)
+    gemms = gemm_nodes(model)
+    if not gemms:
+        sys.exit(f"{a.model} has no MatMul or Gemm")
+    whole = session_on_shared_pool(a.model)
+    rng = np.random.default_rng(0)
+    for shape in a.shape or ["1x128", "8x128"]:
+        batch, seq = (int(x) for x in shape.split("x"))
+        feeds = feeds_for(whole, batch, seq, rng)
+        inputs, constants = activations(model, gemms, feeds)
+        with tempfile.TemporaryDirectory() as tmp:
+            path = os.path.join(tmp, "gemm_only.onnx")
+            onnx.save(gemm_only_model(model, gemms, inputs, constants), path)
+            only = session_on_shared_pool(path)
+        binding = only.io_binding()
+        for name, value in inputs.items():
+            binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(value))
+        for output in only.get_outputs():
+            binding.bind_output(output.name, "cpu")
+        only.run_with_iobinding(binding)  # allocates the outputs, which later runs reuse
+        for o, value in zip(only.get_outputs(), binding.get_outputs()):
+            binding.bind_ortvalue_output(o.name, value)
+        whole.run(None, feeds)
+        runs = {"model": [], "gemm_only": []}
+        for _ in range(a.rounds):
+            start = time.perf_counter()
+            whole.run(None, feeds)
+            runs["model"].append(time.perf_counter() - start)
+            start = time.perf_counter()
+            only.run_with_iobinding(binding)
+            runs["gemm_only"].append(time.perf_counter() - start)
+        ms = {k: statistics.median(v) * 1000 for k, v in runs.items()}
+        print(json.dumps({"shape": shape, "threads": a.threads, "rounds": a.rounds,
+                          "gemms": len(gemms), "model_ms": ms["model"],
+                          "gemm_only_ms": ms["gemm_only"],
+                          "floor": ms["gemm_only"] / ms["model"]}))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
