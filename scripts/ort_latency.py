@@ -25,8 +25,9 @@ import onnxruntime as ort
 
 
 def use_one_thread_pool(threads):
-    """Makes every session of this process share one intra-op pool of `threads` threads
-    (see the module's doc); call it before the process's first session."""
+    """Makes the sessions `session_on_shared_pool` opens share one intra-op pool of `threads`
+    threads (see the module's doc). Afterwards ONNX Runtime refuses sessions with a pool of
+    their own."""
     ort.set_global_thread_pool_sizes(threads, 1)
 
 

@@ -108,7 +108,6 @@ def main():
     p.add_argument("--rounds", type=int, default=10)
     p.add_argument("--shape", action="append")
     a = p.parse_intermixed_args()
-    use_one_thread_pool(a.threads)
     batches = read_batches(a.calib_dir)
     held_back = a.eval.split(",")
     missing = [b for b in held_back if b not in batches]
@@ -120,6 +119,9 @@ def main():
     models += [(m.split("=", 1)[0], m.split("=", 1)[1], None) for m in a.models]
     if a.anchors:
         models += anchors(a.float_model, calib, a.anchors)
+    # After the anchors: ORT's quantizers open sessions with a pool of their own, which ONNX
+    # Runtime refuses once a global pool exists.
+    use_one_thread_pool(a.threads)
     sessions = [session_on_shared_pool(path) for _, path, _ in models]
     reference = embeddings(sessions[0], evaluation)
     timing = latencies(sessions, a.shape or ["1x128", "8x128"], a.rounds)
