@@ -120,7 +120,7 @@ mod bench {
             let report = optimize(&model, &out, args, label);
             let p = &report["pruning"];
             let size = file_size(&out);
-            let dense = outputs.first().map_or(size, |(_, _, s)| *s);
+            let dense = outputs.first().map_or(size, |(_, _, s, _)| *s);
             println!(
                 "{label:<16} {:>10} {:>8.3}x {:>8.3}x {:>12} {:>9}",
                 megabytes(size),
@@ -134,10 +134,13 @@ mod bench {
                     .filter(|_| !p["weights"].as_array().is_none_or(Vec::is_empty))
                     .map_or("-".into(), |s| format!("{s:.4}")),
             );
-            outputs.push((label, out, size));
+            outputs.push((label, out, size, report));
         }
         // The input too: the dense output is itself faster than the file users start from.
-        let mut models: Vec<String> = outputs[..2].iter().map(|(_, p, _)| path_text(p)).collect();
+        let mut models: Vec<String> = outputs[..2]
+            .iter()
+            .map(|(_, p, _, _)| path_text(p))
+            .collect();
         models.push(path_text(&model));
         let mut args = models.clone();
         args.extend(["--rounds", "20", "--shape", "1x128", "--shape", "8x128"].map(String::from));
@@ -163,6 +166,18 @@ mod bench {
             verdict(worst <= MAX_LATENCY_RATIO),
             verdict(size_ratio <= MAX_SIZE_RATIO)
         );
+        // A file holds its parameters: the fraction these flags keep bounds the file's ratio.
+        let pruning = &outputs[1].3["pruning"];
+        if let (Some(before), Some(after)) = (
+            pruning["parameters_before"].as_u64(),
+            pruning["parameters_after"].as_u64(),
+        ) {
+            println!(
+                "  heads25-ffn25 keeps {after} of {before} parameters ({:.4}x): no file of them \
+                 is smaller than that; heads and FFN pruning leave the embeddings",
+                after as f64 / before as f64
+            );
+        }
     }
 
     fn minilm(data: &Path) {
