@@ -189,6 +189,55 @@ fn bad_inputs_are_refused_with_a_clear_error() {
     assert_refused(&d.join("does-not-exist.onnx"), "No such file");
 }
 
+/// Damaged copies of a real model (bytes overwritten, truncated, or a stretch copied from
+/// elsewhere in the file: what a bad download or disk does) either still optimize or are
+/// refused with one line; none may panic. The damage is drawn from a fixed seed.
+#[test]
+fn damaged_models_are_optimized_or_refused_never_panic() {
+    let dir = tempfile::tempdir().unwrap();
+    let good = std::fs::read(common::testdata("bert-tiny.ts.onnx")).unwrap();
+    let mut draws = (0u64..).map(|i| onnxopt::exec::rng::splitmix64(7, i) as usize);
+    let mut draw = |below: usize| draws.next().unwrap() % below;
+    let (mut optimized, mut refused) = (0, 0);
+    for case in 0..60 {
+        let mut bytes = good.clone();
+        match case % 3 {
+            0 => {
+                for _ in 0..1 + draw(8) {
+                    let at = draw(bytes.len());
+                    bytes[at] = draw(256) as u8;
+                }
+            }
+            1 => bytes.truncate(draw(bytes.len())),
+            _ => {
+                let (to, from) = (draw(bytes.len() - 16), draw(good.len() - 16));
+                bytes[to..to + 16].copy_from_slice(&good[from..from + 16]);
+            }
+        }
+        let model = write(dir.path(), "damaged.onnx", &bytes);
+        let out = dir.path().join("out.onnx");
+        let result = onnxopt(&["optimize", s(&model), s(&out)]);
+        let stderr = text(&result.stderr);
+        assert!(!stderr.contains("panicked"), "case {case}: {stderr}");
+        match result.status.code() {
+            Some(0) => optimized += 1,
+            Some(1) => {
+                assert_eq!(stderr.lines().count(), 1, "case {case}: {stderr}");
+                assert!(stderr.starts_with("error: "), "case {case}: {stderr}");
+                assert!(!out.exists(), "case {case}: refused but wrote an output");
+                refused += 1;
+            }
+            other => panic!("case {case}: exit {other:?}: {stderr}"),
+        }
+        let _ = std::fs::remove_file(&out);
+    }
+    // Both outcomes occur, so the damage is neither always fatal nor always harmless.
+    assert!(
+        optimized > 0 && refused > 0,
+        "{optimized} optimized, {refused} refused"
+    );
+}
+
 #[test]
 fn validation_refuses_what_tract_cannot_run_faithfully() {
     let dir = tempfile::tempdir().unwrap();
