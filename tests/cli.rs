@@ -503,6 +503,61 @@ fn int8_gates_only_on_the_tolerances_given() {
     assert!(out.exists());
 }
 
+/// Token ids from another vocabulary are refused with the input and value named, before
+/// tract (which would panic inside its Gather) sees them.
+#[test]
+fn token_ids_outside_the_vocabulary_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let batches = dir.path().join("batches");
+    std::fs::create_dir(&batches).unwrap();
+    for entry in std::fs::read_dir(common::testdata("calib/bert-tiny")).unwrap() {
+        let path = entry.unwrap().path();
+        std::fs::copy(&path, batches.join(path.file_name().unwrap())).unwrap();
+    }
+    let ids = batches.join("batch_01.input_ids.npy");
+    let mut array: ArrayD<i64> =
+        ndarray_npy::ReadNpyExt::read_npy(std::fs::File::open(&ids).unwrap()).unwrap();
+    array[[0, 3]] = 50_000;
+    ndarray_npy::WriteNpyExt::write_npy(&array, std::fs::File::create(&ids).unwrap()).unwrap();
+    let model = common::testdata("bert-tiny.ts.onnx");
+    // `run` refuses the batch (exit 1); `optimize --int8` calibrates on batch_00 and holds
+    // batch_01 back, so its validation is what cannot run (exit 3).
+    for (args, code) in [
+        (
+            vec![
+                "run",
+                s(&model),
+                "--inputs",
+                s(&batches),
+                "--output-dir",
+                s(dir.path()),
+            ],
+            1,
+        ),
+        (
+            vec![
+                "optimize",
+                s(&model),
+                s(&dir.path().join("out.onnx")),
+                "--int8",
+                "--calib",
+                s(&batches),
+            ],
+            3,
+        ),
+    ] {
+        let result = onnxopt(&args);
+        let stderr = text(&result.stderr);
+        assert_eq!(result.status.code(), Some(code), "{args:?}: {stderr}");
+        assert!(
+            stderr.contains("batch `batch_01`: input `input_ids` holds 50000 (element 3)"),
+            "{stderr}"
+        );
+        assert!(!stderr.contains("panicked"), "{stderr}");
+    }
+    assert!(!dir.path().join("out.onnx").exists());
+}
+
 #[test]
 fn int8_without_calibration_data_says_what_it_needs() {
     let dir = tempfile::tempdir().unwrap();

@@ -96,6 +96,20 @@ fn input_files_with_a_wrong_shape_or_missing_input_are_refused() {
         err.contains("shape [8] does not fit input `token_type_ids`"),
         "{err}"
     );
+    // Each array fits its input, but they disagree on `sequence`.
+    let short = tract_onnx::tract_hir::internal::tract_ndarray::Array2::<i64>::zeros((8, 10));
+    let file = std::fs::File::create(dir.path().join("batch_00.token_type_ids.npy")).unwrap();
+    ndarray_npy::WriteNpyExt::write_npy(&short, file).unwrap();
+    let err = inputs::load_batches(dir.path(), &specs)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains(
+            "batch `batch_00`: input `token_type_ids` has sequence = 10 where input `input_ids` \
+             has 16"
+        ),
+        "{err}"
+    );
     let empty = tempfile::tempdir().unwrap();
     let err = inputs::load_batches(empty.path(), &specs)
         .unwrap_err()

@@ -300,7 +300,8 @@ pub fn load_batches(dir: &Path, specs: &[InputSpec]) -> Result<Vec<Batch>, ExecE
                     check_shape(spec, &tensor, &source)?;
                     Ok((spec.name.clone(), tensor))
                 })
-                .collect::<Result<_, ExecError>>()?;
+                .collect::<Result<Vec<_>, ExecError>>()?;
+            check_symbols(&name, specs, &tensors)?;
             Ok(Batch { name, tensors })
         })
         .collect()
@@ -432,6 +433,38 @@ fn check_shape(spec: &InputSpec, t: &Tensor, source: &Source) -> Result<(), Exec
         spec.name,
         dims_text(&spec.dims)
     )))
+}
+
+/// An error unless the arrays of one batch agree on every named dim (`input_ids` and
+/// `attention_mask` on `sequence`): tract would otherwise stop deep inside the graph, at the
+/// first operator that cannot broadcast one against the other.
+fn check_symbols(
+    batch: &str,
+    specs: &[InputSpec],
+    tensors: &[(String, Tensor)],
+) -> Result<(), ExecError> {
+    let mut seen: HashMap<&str, (&str, usize)> = HashMap::new();
+    for (spec, (_, tensor)) in specs.iter().zip(tensors) {
+        for (dim, &size) in spec.dims.iter().zip(tensor.shape()) {
+            let DimSpec::Symbol(symbol) = dim else {
+                continue;
+            };
+            match seen.get(symbol.as_str()) {
+                Some(&(first, first_size)) if first_size != size => {
+                    return Err(ExecError::Input(format!(
+                        "batch `{batch}`: input `{}` has {symbol} = {size} where input `{first}` \
+                         has {first_size}",
+                        spec.name
+                    )))
+                }
+                Some(_) => {}
+                None => {
+                    seen.insert(symbol, (&spec.name, size));
+                }
+            }
+        }
+    }
+    Ok(())
 }
 
 pub fn dims_text(dims: &[DimSpec]) -> String {

@@ -312,7 +312,37 @@ impl Runner {
                 batch.name
             )));
         }
+        for ((name, tensor), spec) in batch.tensors.iter().zip(&self.inputs) {
+            if let Some((_, last_row)) = spec.inferred_range {
+                check_indices(&batch.name, name, tensor, last_row + 1)?;
+            }
+        }
         Ok(())
+    }
+}
+
+/// An error unless every value of `tensor`, an input that indexes a table of `rows` rows
+/// (token ids into an embedding), is a row of it (ONNX's Gather counts negative indices from
+/// the end). Checked before tract runs, which panics deep inside its Gather otherwise; ids
+/// from another tokenizer or vocabulary are the usual cause.
+fn check_indices(batch: &str, name: &str, tensor: &Tensor, rows: i64) -> Result<(), ExecError> {
+    let Ok(values) = tensor.cast_to::<i64>() else {
+        return Ok(());
+    };
+    let Ok(values) = values.to_plain_array_view::<i64>() else {
+        return Ok(());
+    };
+    match values
+        .iter()
+        .enumerate()
+        .find(|(_, v)| !(-rows..rows).contains(*v))
+    {
+        None => Ok(()),
+        Some((at, value)) => Err(ExecError::Input(format!(
+            "batch `{batch}`: input `{name}` holds {value} (element {at}), but it indexes a \
+             table of {rows} rows: were these inputs made for this model (its tokenizer, its \
+             vocabulary)?"
+        ))),
     }
 }
 
