@@ -26,8 +26,7 @@ fn cleanup() -> PassManager {
         .with(DeadCodeElimination)
 }
 
-/// The worst absolute error of `candidate` against `original` over every output, or why it
-/// could not be measured. A model tract cannot run must fail the same way before and after.
+/// The worst absolute error of `candidate` against `original` over every output.
 fn max_error(name: &str, original: &Model, candidate: &Model, calib: InputSource) -> String {
     let options = ValidateOptions {
         inputs: calib,
@@ -42,14 +41,7 @@ fn max_error(name: &str, original: &Model, candidate: &Model, calib: InputSource
             let worst = v.outputs.iter().map(|d| d.max_abs).fold(0.0, f64::max);
             format!("max abs error {worst} on {} batches", v.batches.len())
         }
-        Err(e) => {
-            let alone = exec::validate(original, original, &options, &|_, _| {});
-            assert!(
-                alone.is_err(),
-                "{name}: the original runs but the cleaned-up model does not: {e}"
-            );
-            format!("tract cannot run it: {e}")
-        }
+        Err(e) => panic!("{name}: tract cannot run it: {e}"),
     }
 }
 

@@ -71,7 +71,10 @@ fn every_corpus_model_is_fused_and_keeps_its_outputs() {
                     failures.push(format!("{name} {target:?}: {}", v.violations.join("; ")));
                     "OUT OF TOLERANCE".into()
                 }
-                Err(e) => format!("not compared ({e})"),
+                Err(e) => {
+                    failures.push(format!("{name} {target:?}: not compared: {e}"));
+                    "NOT COMPARED".into()
+                }
             };
             if !left.is_empty() {
                 failures.push(format!("{name} {target:?}: unfused {left:?}"));

@@ -10,7 +10,6 @@
 mod common;
 
 use std::path::Path;
-use std::process::Command;
 
 use onnxopt::exec::{self, GenerateOptions, InputSource, Runner, Tolerance, ValidateOptions};
 use onnxopt::io::{self, ExternalData};
@@ -86,29 +85,6 @@ fn min_max(model: &Model, names: &[String], dir: &Path) -> Ranges {
         }
     }
     ranges
-}
-
-/// `min_max` in ONNX Runtime, through `scripts/ort_ranges.py` (the model is saved at `saved`).
-fn ort_min_max(model: &Model, names: &[String], dir: &Path, saved: &Path) -> Ranges {
-    io::save(model, saved, ExternalData::Auto).unwrap();
-    let result = Command::new("python3")
-        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/ort_ranges.py"))
-        .arg(saved)
-        .arg(dir)
-        .args(names)
-        .output()
-        .expect("run scripts/ort_ranges.py");
-    assert!(
-        result.status.success(),
-        "{}",
-        String::from_utf8_lossy(&result.stderr)
-    );
-    let found: std::collections::BTreeMap<String, (f32, f32)> =
-        serde_json::from_slice(&result.stdout).unwrap();
-    found
-        .into_iter()
-        .map(|(name, (min, max))| (name, Range { min, max }))
-        .collect()
 }
 
 fn quantize(model: &mut Model, ranges: &Ranges, target: QuantTarget) -> onnxopt::passes::Rewrites {
@@ -190,42 +166,28 @@ fn every_tensorrt_output_of_the_corpus_keeps_tensorrt_rules() {
 
 #[test]
 fn quantized_corpus_models_stay_close_to_float_in_tract_and_onnx_runtime() {
-    let has_ort = common::onnx_runtime_available();
     let dir = tempfile::tempdir().unwrap();
     let mut checks = common::OrtChecks::default();
     for path in common::corpus_models() {
         let name = path.file_name().unwrap().to_string_lossy().into_owned();
-        let tract_runs = common::tract_runs(&path);
-        if !tract_runs && !has_ort {
-            println!("skipped {name}: tract cannot run it and ONNX Runtime is not available");
-            continue;
-        }
         let calib = common::calib_dir(&path);
         for target in [QuantTarget::Ort, QuantTarget::Trt] {
             let bound = min_cosine(&name, target);
             let float = optimized(&path, target);
             let mut model = float.clone();
             let names = activations_to_calibrate(&model, &options(target));
-            let ranges = match tract_runs {
-                true => min_max(&model, &names, &calib),
-                false => {
-                    let saved = dir.path().join(format!("float.{target:?}.{name}"));
-                    ort_min_max(&model, &names, &calib, &saved)
-                }
-            };
+            let ranges = min_max(&model, &names, &calib);
             quantize(&mut model, &ranges, target);
-            if tract_runs {
-                let validation = ValidateOptions {
-                    inputs: InputSource::Dir(calib.clone()),
-                    tolerance: Tolerance {
-                        min_cosine: Some(bound),
-                        ..Default::default()
-                    },
+            let validation = ValidateOptions {
+                inputs: InputSource::Dir(calib.clone()),
+                tolerance: Tolerance {
+                    min_cosine: Some(bound),
                     ..Default::default()
-                };
-                let v = exec::validate(&float, &model, &validation, &|_, _| {}).unwrap();
-                assert!(v.passed(), "{name} {target:?}: {:?}", v.violations);
-            }
+                },
+                ..Default::default()
+            };
+            let v = exec::validate(&float, &model, &validation, &|_, _| {}).unwrap();
+            assert!(v.passed(), "{name} {target:?}: {:?}", v.violations);
             let out = dir.path().join(format!("{target:?}.{name}"));
             io::save(&model, &out, ExternalData::Auto).unwrap();
             checks.add(&bound.to_string(), &path, &out, &calib);

@@ -138,11 +138,10 @@ fn dynamic_int8_of_bert_tiny() {
     insta::assert_snapshot!(format!("rewrites {:?}\n{diff}", report.rewrites.0));
 }
 
-/// Models tract cannot run (see `common::TRACT_CANNOT_RUN`), and MiniLM, whose integer and
-/// float16 MatMuls tract runs too slowly for a debug-build test: ONNX Runtime alone checks
-/// them.
+/// Every model but MiniLM, whose integer and float16 MatMuls tract runs too slowly for a
+/// debug-build test: ONNX Runtime alone checks it.
 fn tract_checks(name: &str) -> bool {
-    !common::TRACT_CANNOT_RUN.contains(&name) && !name.starts_with("all-minilm")
+    !name.starts_with("all-minilm")
 }
 
 /// Every output of `model` keeps a cosine of at least `min_cosine` with `float`'s in tract on

@@ -1,5 +1,6 @@
 //! Lowering ONNX Runtime contrib operators that tract cannot run faithfully into standard
-//! operators that it can, before a model goes to tract.
+//! operators that it can, before a model goes to tract (and two standard forms that tract
+//! 0.23 refuses).
 //!
 //! tract resolves operators by name and would read `com.microsoft::Attention` as the standard
 //! `Attention`, a different operator. These lowerings implement ONNX Runtime's documented
@@ -15,18 +16,20 @@
 //!   standard 3-D `Attention` with the same past and present key/values.
 //! - `Gemm(A, B, C?)` with a float16 weight B, alpha and beta 1, A not transposed:
 //!   `MatMul(A, B or Bᵀ) + C` (tract 0.23 mistypes a float16 Gemm; see `float16_gemm`).
+//! - `CumSum(x, axis)` of int64 `x`: summed in float64 and cast back (tract 0.23 cannot sum
+//!   int64; see `int64_cumsum`).
 
 use crate::error::Result;
 use crate::ir::{attr, Graph, Model, Node, NodeId, PValue, Patch, Tensor, ValueId};
 use crate::passes::fuse::MS_DOMAIN;
 use crate::passes::matching;
 
-/// Lowers every contrib node of `model` that has a lowering, and float16 Gemms.
+/// Lowers every contrib node of `model` that has a lowering, float16 Gemms and int64 sums.
 pub fn lower_contrib_ops(model: &mut Model) -> Result<()> {
     let nodes: Vec<NodeId> = model
         .graph
         .nodes()
-        .filter(|(_, n)| n.domain() == MS_DOMAIN || n.is("Gemm"))
+        .filter(|(_, n)| n.domain() == MS_DOMAIN || n.is("Gemm") || n.is("CumSum"))
         .map(|(id, _)| id)
         .collect();
     for id in nodes {
@@ -35,6 +38,7 @@ pub fn lower_contrib_ops(model: &mut Model) -> Result<()> {
             (MS_DOMAIN, "Attention") => packed_attention(model, id, &node),
             (MS_DOMAIN, "MultiHeadAttention") => multi_head_attention(model, id, &node),
             ("", "Gemm") => float16_gemm(model, id, &node),
+            ("", "CumSum") => int64_cumsum(model, id, &node),
             _ => None,
         };
         if let Some(patch) = patch {
@@ -89,6 +93,43 @@ fn float16_gemm(model: &Model, id: NodeId, node: &Node) -> Option<Patch> {
             );
         }
     }
+    patch.remove_node(id);
+    Some(patch)
+}
+
+/// `CumSum(x, axis)` of an int64 `x` as `Cast(CumSum(Cast(x, double), axis), int64)`.
+/// tract reads every ONNX cast to int64 as a cast to its symbolic-dimension type, which its
+/// CumSum cannot sum ("TDim is not a number"): the position ids of RoBERTa's dynamo export
+/// (`CumSum(Cast(mask, int64))`) stopped validation and calibration of that model. A float64
+/// sum is exact while the sums stay below 2^53 in magnitude (position ids count tokens).
+fn int64_cumsum(model: &Model, id: NodeId, node: &Node) -> Option<Patch> {
+    let g = &model.graph;
+    let data = node.input(0)?;
+    let int64 = crate::ir::DataType::Int64 as i32;
+    let from_cast_to_int64 = g
+        .producer(data)
+        .map(|p| g.node(p))
+        .is_some_and(|p| p.is("Cast") && attr::get_int(&p.proto, "to") == Some(int64.into()));
+    let typed_int64 = g.value_type(data).is_some_and(|t| t.elem == int64);
+    if !(from_cast_to_int64 || typed_int64) {
+        return None;
+    }
+    let double = crate::ir::DataType::Double as i64;
+    let mut patch = Patch::new("lower-cumsum");
+    let wide = patch.op("Cast", "", &[data.into()], vec![attr::int("to", double)]);
+    let sum = patch.op(
+        "CumSum",
+        "",
+        &[wide, node.input(1)?.into()],
+        node.proto.attribute.clone(),
+    );
+    patch.add_node(
+        "Cast",
+        "",
+        &[Some(sum)],
+        &[PValue::Old(node.output(0)?)],
+        vec![attr::int("to", int64.into())],
+    );
     patch.remove_node(id);
     Some(patch)
 }

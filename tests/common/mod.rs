@@ -129,15 +129,6 @@ impl OrtChecks {
     }
 }
 
-/// Models tract 0.23.9 cannot run (CumSum over a value it holds as a symbolic dim).
-pub const TRACT_CANNOT_RUN: &[&str] = &["roberta-tiny.dynamo.onnx"];
-
-/// True unless tract cannot run the model at `path` (see `TRACT_CANNOT_RUN`).
-pub fn tract_runs(path: &Path) -> bool {
-    let name = path.file_name().unwrap().to_string_lossy();
-    !TRACT_CANNOT_RUN.contains(&name.as_ref())
-}
-
 /// The model at `path` after the optimize pipeline for `target`.
 pub fn optimized(path: &Path, target: onnxopt::passes::fuse::Target) -> onnxopt::ir::Model {
     optimized_with(path, target, Vec::new())
