@@ -36,23 +36,27 @@ def gemm_nodes(model):
     return [n for n in model.graph.node if n.op_type in GEMM_OPS and n.domain in ("", "ai.onnx")]
 
 
-def activations(model, gemms, feeds):
-    """The value of every non-constant GEMM input, from one run of the whole model."""
-    constants = {i.name for i in model.graph.initializer}
-    constants |= {o for n in model.graph.node if n.op_type == "Constant" for o in n.output}
-    wanted = sorted({i for n in gemms for i in n.input if i and i not in constants})
-    probe = onnx.ModelProto()
-    probe.CopyFrom(model)
-    known = {o.name for o in probe.graph.output}
-    for name in wanted:
-        if name not in known:
-            probe.graph.output.append(onnx.ValueInfoProto(name=name))
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "probe.onnx")
-        onnx.save(probe, path)
-        session = session_on_shared_pool(path)
-        values = session.run(wanted, feeds)
-    return dict(zip(wanted, values))
+class ActivationProbe:
+    """The whole model with every non-constant GEMM input as an extra output: one session,
+    run once per shape to read the activations the GEMMs are fed."""
+
+    def __init__(self, model, gemms):
+        constants = {i.name for i in model.graph.initializer}
+        constants |= {o for n in model.graph.node if n.op_type == "Constant" for o in n.output}
+        self.wanted = sorted({i for n in gemms for i in n.input if i and i not in constants})
+        probe = onnx.ModelProto()
+        probe.CopyFrom(model)
+        known = {o.name for o in probe.graph.output}
+        for name in self.wanted:
+            if name not in known:
+                probe.graph.output.append(onnx.ValueInfoProto(name=name))
+        with tempfile.TemporaryDirectory() as tmp:
+            path = os.path.join(tmp, "probe.onnx")
+            onnx.save(probe, path)
+            self.session = session_on_shared_pool(path)
+
+    def activations(self, feeds):
+        return dict(zip(self.wanted, self.session.run(self.wanted, feeds)))
 
 
 def gemm_only_model(model, gemms, inputs):
@@ -86,11 +90,12 @@ def main():
     if not gemms:
         sys.exit(f"{a.model} has no MatMul or Gemm")
     whole = session_on_shared_pool(a.model)
+    probe = ActivationProbe(model, gemms)
     rng = np.random.default_rng(0)
     for shape in a.shape or ["1x128", "8x128"]:
         batch, seq = (int(x) for x in shape.split("x"))
         feeds = feeds_for(whole, batch, seq, rng)
-        inputs = activations(model, gemms, feeds)
+        inputs = probe.activations(feeds)
         with tempfile.TemporaryDirectory() as tmp:
             path = os.path.join(tmp, "gemm_only.onnx")
             onnx.save(gemm_only_model(model, gemms, inputs), path)
