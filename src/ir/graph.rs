@@ -176,8 +176,19 @@ impl Graph {
         &self.dag[id]
     }
 
-    pub fn node_mut_proto(&mut self, id: NodeId) -> &mut NodeProto {
+    /// Edits a node in place, bypassing `Patch`: for tests that build odd graphs only.
+    #[cfg(test)]
+    pub(crate) fn node_mut_proto(&mut self, id: NodeId) -> &mut NodeProto {
         &mut self.dag[id].proto
+    }
+
+    /// Sets attribute `a` of `node`, replacing one of the same name (`Patch::set_attribute`).
+    pub(crate) fn set_attribute(&mut self, node: NodeId, a: crate::proto::AttributeProto) {
+        let attributes = &mut self.dag[node].proto.attribute;
+        match attributes.iter_mut().find(|x| x.name == a.name) {
+            Some(x) => *x = a,
+            None => attributes.push(a),
+        }
     }
 
     pub fn contains_node(&self, id: NodeId) -> bool {
@@ -272,8 +283,10 @@ impl Graph {
 
     /// Records `t` as the type of `v` in its `value_info` entry (created if missing); graph
     /// inputs, outputs and initializers keep their declarations.
+    /// A type without an element type is not recorded (ONNX Runtime refuses `elem_type 0`).
     pub fn set_value_type(&mut self, v: ValueId, t: &ValueType) {
-        if self.initializer(v).is_some() || self.is_graph_input(v) || self.is_graph_output(v) {
+        let declared = self.initializer(v).is_some() || self.is_graph_input(v);
+        if t.elem == 0 || declared || self.is_graph_output(v) {
             return;
         }
         let mut info = self.value(v).info.clone().unwrap_or_default();
@@ -293,6 +306,119 @@ impl Graph {
             return None;
         }
         constant_node_value(&node.proto, self.value_name(v))
+    }
+
+    /// Checks that the graph's tables agree with one another and with petgraph's edges:
+    /// every value has one name and at most one producer, each node's inputs and outputs
+    /// are recorded on their values and mirrored by one edge each, every value read or
+    /// written out exists, and the graph has no cycle. Patches keep these true; the pass
+    /// manager checks them after every pass so that a bad rewrite is caught at its pass,
+    /// never written out.
+    pub fn check_invariants(&self) -> Result<()> {
+        let broken = |msg: String| Err(Error::Patch(format!("broken graph: {msg}")));
+        for (id, v) in self.values.iter().enumerate() {
+            if self.by_name.get(&v.name) != Some(&ValueId(id as u32)) {
+                return broken(format!("`{}` is not found by its name", v.name));
+            }
+        }
+        if self.by_name.len() != self.values.len() {
+            return broken("the name table and the value table differ".into());
+        }
+        let exists = |v: ValueId| {
+            let value = self.value(v);
+            !value.removed
+                && (value.producer.is_some()
+                    || value.initializer.is_some()
+                    || value.sparse
+                    || self.is_graph_input(v))
+        };
+        let mut edges = 0;
+        for (id, node) in self.nodes() {
+            for (slot, v) in node.outputs.iter().enumerate() {
+                if let Some(v) = v {
+                    if self.value(*v).producer != Some((id, slot)) {
+                        return broken(format!(
+                            "`{}` does not know `{}` produces it",
+                            self.value_name(*v),
+                            self.node_label(id)
+                        ));
+                    }
+                }
+            }
+            let reads = node
+                .inputs
+                .iter()
+                .enumerate()
+                .filter_map(|(slot, v)| v.map(|v| (v, Use::Input(slot))))
+                .chain(node.captured.iter().map(|&v| (v, Use::Captured)));
+            for (v, use_) in reads {
+                if !self.value(v).uses.contains(&(id, use_)) {
+                    return broken(format!(
+                        "`{}` does not know `{}` reads it",
+                        self.value_name(v),
+                        self.node_label(id)
+                    ));
+                }
+                if !exists(v) {
+                    return broken(format!(
+                        "`{}` reads `{}`, which nothing writes",
+                        self.node_label(id),
+                        self.value_name(v)
+                    ));
+                }
+                if self.value(v).producer.is_some() {
+                    edges += 1;
+                }
+            }
+        }
+        let ordered: HashSet<ValueId> = self.initializer_order.iter().copied().collect();
+        if ordered.len() != self.initializer_order.len() {
+            return broken("an initializer is listed twice".into());
+        }
+        for (i, v) in self.values.iter().enumerate() {
+            let me = Some(ValueId(i as u32));
+            if let Some((p, slot)) = v.producer {
+                if !self.contains_node(p) || self.node(p).outputs.get(slot).copied().flatten() != me
+                {
+                    return broken(format!(
+                        "`{}` names a producer that does not write it",
+                        v.name
+                    ));
+                }
+            }
+            for &(n, use_) in &v.uses {
+                let recorded = self.contains_node(n)
+                    && match use_ {
+                        Use::Input(slot) => self.node(n).inputs.get(slot).copied().flatten() == me,
+                        Use::Captured => me.is_some_and(|me| self.node(n).captured.contains(&me)),
+                    };
+                if !recorded {
+                    return broken(format!("`{}` names a reader that does not read it", v.name));
+                }
+            }
+            if v.initializer.is_some() != ordered.contains(&ValueId(i as u32)) {
+                return broken(format!(
+                    "initializer `{}` is not in the written order",
+                    v.name
+                ));
+            }
+        }
+        if edges != self.dag.edge_count() {
+            return broken(format!(
+                "{} edges for {edges} reads of produced values",
+                self.dag.edge_count()
+            ));
+        }
+        for port in &self.outputs {
+            if !exists(port.value) {
+                return broken(format!(
+                    "graph output `{}` is not written",
+                    self.value_name(port.value)
+                ));
+            }
+        }
+        self.topological_order()?;
+        Ok(())
     }
 
     /// Nodes in the order they are written: topological, ties broken by `OrderKey`.
@@ -725,6 +851,38 @@ mod tests {
             &[("Relu", &["x"], &["y"]), ("Neg", &["x"], &["y"])],
         );
         assert!(matches!(Model::from_proto(twice), Err(Error::DuplicateProducer(n)) if n == "y"));
+    }
+
+    #[test]
+    fn values_written_by_several_constants_keep_the_last_as_onnx_runtime_does() {
+        use crate::ir::testing::{builder, written};
+        use crate::ir::{DataType, Tensor};
+        let c = |v: f32| Tensor::from_f32("c", &[], &[v]).unwrap();
+        let same = builder()
+            .input("x", DataType::Float, &["2"])
+            .output("y", DataType::Float, &["2"])
+            .constant("c", c(2.0))
+            .constant("c", c(2.0))
+            .node("Mul", &["x", "c"], &["y"], vec![])
+            .build();
+        assert_eq!(written(&same).node.len(), 2);
+        assert_eq!(
+            same.repairs,
+            ["value `c` was written by 2 Constant nodes (identical; one is kept)"]
+        );
+        let different = builder()
+            .input("x", DataType::Float, &["2"])
+            .output("y", DataType::Float, &["2"])
+            .init(c(1.0))
+            .constant("c", c(2.0))
+            .node("Mul", &["x", "c"], &["y"], vec![])
+            .constant("c", c(3.0))
+            .build();
+        let c = different.graph.find_value("c").unwrap();
+        assert_eq!(different.graph.constant(c).unwrap().scalar_f64(), Some(3.0));
+        assert!(different.graph.initializer(c).is_none());
+        assert!(different.repairs[0].contains("an initializer and 2 Constant nodes"));
+        different.graph.check_invariants().unwrap();
     }
 
     #[test]

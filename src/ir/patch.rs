@@ -70,6 +70,7 @@ pub struct Patch {
     initialized: Vec<(ValueId, Tensor)>,
     replaced_initializers: Vec<(ValueId, Tensor)>,
     declared_elem_types: Vec<(ValueId, i32)>,
+    attributes: Vec<(NodeId, AttributeProto)>,
 }
 
 impl Patch {
@@ -86,6 +87,7 @@ impl Patch {
             initialized: Vec::new(),
             replaced_initializers: Vec::new(),
             declared_elem_types: Vec::new(),
+            attributes: Vec::new(),
         }
     }
 
@@ -256,6 +258,13 @@ impl Patch {
         self
     }
 
+    /// Gives `node`, a node the patch keeps, the attribute `a` (replacing the one of the same
+    /// name, if any): a head count after pruning, say.
+    pub fn set_attribute(&mut self, node: NodeId, a: AttributeProto) -> &mut Self {
+        self.attributes.push((node, a));
+        self
+    }
+
     pub fn is_empty(&self) -> bool {
         self.nodes.is_empty()
             && self.remove.is_empty()
@@ -266,6 +275,7 @@ impl Patch {
             && self.initialized.is_empty()
             && self.replaced_initializers.is_empty()
             && self.declared_elem_types.is_empty()
+            && self.attributes.is_empty()
     }
 }
 
@@ -336,6 +346,9 @@ impl Graph {
         for (v, elem) in patch.declared_elem_types {
             self.declare_elem_type(v, elem);
         }
+        for (node, a) in patch.attributes {
+            self.set_attribute(node, a);
+        }
         Ok(())
     }
 
@@ -380,7 +393,27 @@ impl Graph {
                 return fail(format!("`{}` already has a producer", self.value_name(v)));
             }
         }
-        let redirected: HashSet<ValueId> = patch.redirects.iter().map(|(o, _)| *o).collect();
+        // Each new value has exactly one source: a new node's output or its initializer.
+        let mut written = vec![false; patch.values.len()];
+        for (i, nv) in patch.values.iter().enumerate() {
+            written[i] = nv.initializer.is_some();
+        }
+        let new_outputs = patch.nodes.iter().flat_map(|n| n.outputs.iter().flatten());
+        for out in new_outputs {
+            if let PValue::New(i) = *out {
+                match written.get_mut(i) {
+                    None => return fail(format!("unknown new value {i}")),
+                    Some(true) => return fail(format!("new value {i} is written twice")),
+                    Some(w) => *w = true,
+                }
+            }
+        }
+        let mut redirected: HashSet<ValueId> = HashSet::new();
+        for (old, _) in &patch.redirects {
+            if !redirected.insert(*old) {
+                return fail(format!("`{}` is redirected twice", self.value_name(*old)));
+            }
+        }
         let dangling = |v: ValueId| freed.contains(&v) && !reproduced.contains(&v);
         let check_source = |p: &PValue, what: &str| match *p {
             PValue::Old(v) if dangling(v) => fail(format!(
@@ -388,6 +421,7 @@ impl Graph {
                 self.value_name(v)
             )),
             PValue::New(i) if i >= patch.values.len() => fail(format!("unknown new value {i}")),
+            PValue::New(i) if !written[i] => fail(format!("{what} new value {i}, never written")),
             _ => Ok(()),
         };
         for node in &patch.nodes {
@@ -408,6 +442,11 @@ impl Graph {
                 ));
             }
         }
+        for (node, _) in &patch.attributes {
+            if removed.contains(node) || !self.contains_node(*node) {
+                return fail(format!("node {node:?} given an attribute does not stay"));
+            }
+        }
         for (node, slot, new) in &patch.rewired {
             check_source(new, "a rewired input reads")?;
             if removed.contains(node) || !self.contains_node(*node) {
@@ -420,13 +459,45 @@ impl Graph {
                 ));
             }
         }
+        let captured = |v: ValueId| self.uses(v).iter().any(|(_, u)| *u == Use::Captured);
         for (old, new) in &patch.redirects {
             check_source(new, "a redirect points at")?;
-            if self.uses(*old).iter().any(|(_, u)| *u == Use::Captured) {
+            if captured(*old) {
                 return fail(format!(
                     "`{}` is read by name inside a subgraph",
                     self.value_name(*old)
                 ));
+            }
+            // What `redirect` does with the name of a graph output (or of a removed value
+            // that a new one replaces), checked here so that it cannot fail half-way.
+            let inherit = matches!(new, PValue::New(_)) && freed.contains(old);
+            if !self.is_graph_output(*old) && !inherit {
+                continue;
+            }
+            let new_has_own_name = match *new {
+                PValue::Old(v) => {
+                    self.is_graph_input(v)
+                        || self.is_graph_output(v)
+                        || self.initializer(v).is_some()
+                }
+                PValue::New(i) => patch.values[i].initializer.is_some(),
+            };
+            let keeps_producer =
+                (self.producer(*old).is_some() && !freed.contains(old)) || reproduced.contains(old);
+            if new_has_own_name && self.is_graph_output(*old) && keeps_producer {
+                return fail(format!(
+                    "graph output `{}` would be written twice: it keeps its producer",
+                    self.value_name(*old)
+                ));
+            }
+            if let PValue::Old(v) = *new {
+                if !new_has_own_name && captured(v) {
+                    return fail(format!(
+                        "`{}` would take the name `{}`, but a subgraph reads it by name",
+                        self.value_name(v),
+                        self.value_name(*old)
+                    ));
+                }
             }
         }
         for &v in &freed {
@@ -589,6 +660,89 @@ mod tests {
         let g = m.to_proto().unwrap().graph.unwrap();
         assert_eq!(g.node[0].output, ["a"]);
         assert_eq!(g.node[1].input, ["a"]);
+    }
+
+    /// Applies `p`, which must fail with `expected` in its message and leave `m` unchanged.
+    fn refused_whole(m: &mut crate::ir::Model, p: Patch, expected: &str) {
+        let before = m.to_proto().unwrap();
+        let err = m.graph.apply(p).unwrap_err().to_string();
+        assert!(err.contains(expected), "{err}");
+        assert_eq!(m.to_proto().unwrap(), before);
+        m.graph.check_invariants().unwrap();
+    }
+
+    #[test]
+    fn two_new_nodes_writing_one_value_change_nothing() {
+        let mut m = double_negation();
+        let g = &m.graph;
+        let (x, y) = (g.find_value("x").unwrap(), g.find_value("y").unwrap());
+        let second = g.producer(y).unwrap();
+        let mut p = Patch::new("bad");
+        let out = p.new_value("twice");
+        p.add_node("Relu", "", &[Some(x.into())], &[out], vec![]);
+        p.add_node("Abs", "", &[Some(x.into())], &[out], vec![]);
+        p.remove_node(second).replace_uses(y, out);
+        refused_whole(&mut m, p, "new value 0 is written twice");
+
+        // Two new nodes taking over one removed value.
+        let mut p = Patch::new("bad");
+        p.remove_node(second);
+        p.add_node("Relu", "", &[Some(x.into())], &[y.into()], vec![]);
+        p.add_node("Abs", "", &[Some(x.into())], &[y.into()], vec![]);
+        refused_whole(&mut m, p, "`y` already has a producer");
+    }
+
+    #[test]
+    fn redirecting_a_graph_output_whose_producer_stays_changes_nothing() {
+        // y is a graph output and keeps its producer: pointing its readers at an initializer
+        // would need a second writer of `y`.
+        let mut m = double_negation();
+        let y = m.graph.find_value("y").unwrap();
+        let mut p = Patch::new("bad");
+        let zero = p.new_initializer(
+            "zero",
+            crate::ir::Tensor::from_f32("", &[], &[0.0]).unwrap(),
+        );
+        p.replace_uses(y, zero);
+        refused_whole(&mut m, p, "graph output `y` would be written twice");
+    }
+
+    #[test]
+    fn reading_a_new_value_nothing_writes_changes_nothing() {
+        let mut m = double_negation();
+        let y = m.graph.find_value("y").unwrap();
+        let second = m.graph.producer(y).unwrap();
+        let mut p = Patch::new("bad");
+        let never = p.new_value("never");
+        let relu = p.op("Relu", "", &[never], vec![]);
+        p.remove_node(second).replace_uses(y, relu);
+        refused_whole(&mut m, p, "never written");
+    }
+
+    #[test]
+    fn an_attribute_is_set_on_a_kept_node_only() {
+        let mut m = double_negation();
+        let a = m.graph.find_value("a").unwrap();
+        let first = m.graph.producer(a).unwrap();
+        let mut p = Patch::new("attr");
+        p.set_attribute(first, attr::int("k", 2));
+        m.graph.apply(p).unwrap();
+        assert_eq!(attr::get_int(&m.graph.node(first).proto, "k"), Some(2));
+        let mut p = Patch::new("attr");
+        p.set_attribute(first, attr::int("k", 3));
+        m.graph.apply(p).unwrap();
+        assert_eq!(
+            m.graph.node(first).proto.attribute.len(),
+            1,
+            "replaced, not added"
+        );
+        assert_eq!(attr::get_int(&m.graph.node(first).proto, "k"), Some(3));
+
+        let mut p = Patch::new("bad");
+        let x = m.graph.find_value("x").unwrap();
+        p.remove_node(first).replace_uses(a, x.into());
+        p.set_attribute(first, attr::int("k", 4));
+        refused_whole(&mut m, p, "does not stay");
     }
 
     #[test]

@@ -164,7 +164,7 @@ impl PassManager {
                 let rewrites = pass.run(model)?;
                 // A pass must leave a graph that can be written: catch a bad rewrite here,
                 // naming the pass, rather than as a broken output file.
-                model.graph.topological_order().map_err(|e| {
+                model.graph.check_invariants().map_err(|e| {
                     Error::Patch(format!("pass `{}` left an invalid graph: {e}", pass.name()))
                 })?;
                 stat.seconds += start.elapsed().as_secs_f64();

@@ -128,14 +128,10 @@ pub(super) fn apply(model: &mut Model, cut: Cut, rewrites: &mut Rewrites) -> Res
         };
         patch.replace_input(e.node, 1, shape);
     }
-    rewrites.apply(model, patch)?;
     for (node, name, value) in cut.attrs {
-        let proto = model.graph.node_mut_proto(node);
-        match proto.attribute.iter_mut().find(|a| a.name() == name) {
-            Some(a) => *a = attr::int(name, value),
-            None => proto.attribute.push(attr::int(name, value)),
-        }
+        patch.set_attribute(node, attr::int(name, value));
     }
+    rewrites.apply(model, patch)?;
     Ok(())
 }
 
