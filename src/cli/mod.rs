@@ -126,6 +126,7 @@ fn optimize(args: OptimizeArgs) -> Result<()> {
             ));
         }
     }
+    report.warnings.extend(model.repairs.iter().cloned());
     let pruning = args.prune.options()?;
     // Pruning and quantization change the outputs on purpose: validation always runs, and
     // gates only on the tolerances given.

@@ -3,17 +3,19 @@
 //! back every field, in an order fixed by the graph alone, so the same graph always gives the
 //! same bytes and an untouched graph gives the bytes it was read from.
 
-use std::collections::{BTreeSet, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
 
 use super::graph::{Graph, Node, OrderKey, Port};
 use super::tensor::Tensor;
 use crate::error::{Error, Result};
-use crate::proto::{AttributeProto, GraphProto, NodeProto, ValueInfoProto};
+use crate::proto::{AttributeProto, GraphProto, NodeProto, TensorProto, ValueInfoProto};
 
 /// Builds the IR of a top-level graph. Tensors must have had their external data resolved.
-pub fn graph_from_proto(mut proto: GraphProto) -> Result<Graph> {
-    let nodes = std::mem::take(&mut proto.node);
-    let initializers = std::mem::take(&mut proto.initializer);
+/// Returns the graph and what loading repaired (see `drop_duplicate_constants`).
+pub fn graph_from_proto(mut proto: GraphProto) -> Result<(Graph, Vec<String>)> {
+    let mut nodes = std::mem::take(&mut proto.node);
+    let mut initializers = std::mem::take(&mut proto.initializer);
+    let repairs = drop_duplicate_constants(&mut nodes, &mut initializers);
     let sparse = std::mem::take(&mut proto.sparse_initializer);
     let inputs = std::mem::take(&mut proto.input);
     let outputs = std::mem::take(&mut proto.output);
@@ -115,7 +117,67 @@ pub fn graph_from_proto(mut proto: GraphProto) -> Result<Graph> {
         g.outputs.push(Port { value, decl });
     }
     g.topological_order()?;
-    Ok(g)
+    Ok((g, repairs))
+}
+
+/// Resolves a value written by several `Constant` nodes (or by Constant nodes and an
+/// initializer) the way ONNX Runtime does, which turns each Constant node into an
+/// initializer, appended after the file's own, and keeps the last one of a name: old
+/// exporters wrote such duplicates (a GPT-2 export with two identical Constants of one
+/// name), and a user's file that ONNX Runtime runs must load here too. Only Constant nodes
+/// are merged; any other value written twice stays an error. Returns one line per repaired
+/// value, for the report.
+fn drop_duplicate_constants(
+    nodes: &mut Vec<NodeProto>,
+    initializers: &mut Vec<TensorProto>,
+) -> Vec<String> {
+    let constant_output = |n: &NodeProto| -> Option<String> {
+        let plain = n.op_type() == "Constant" && matches!(n.domain(), "" | "ai.onnx");
+        (plain && n.output.len() == 1 && !n.output[0].is_empty()).then(|| n.output[0].clone())
+    };
+    let mut writers: HashMap<String, Vec<usize>> = HashMap::new();
+    for (i, n) in nodes.iter().enumerate() {
+        if let Some(name) = constant_output(n) {
+            writers.entry(name).or_default().push(i);
+        }
+    }
+    let mut dropped_nodes: HashSet<usize> = HashSet::new();
+    let mut dropped_initializers: HashSet<String> = HashSet::new();
+    let mut repairs = Vec::new();
+    let mut names: Vec<&String> = writers.keys().collect();
+    names.sort();
+    for name in names {
+        let at = &writers[name];
+        let initializer = initializers.iter().any(|t| t.name() == name);
+        if at.len() + usize::from(initializer) < 2 {
+            continue;
+        }
+        let (kept, earlier) = at.split_last().expect("at least one writer");
+        let identical = earlier
+            .iter()
+            .all(|&i| nodes[i].attribute == nodes[*kept].attribute);
+        dropped_nodes.extend(earlier.iter().copied());
+        let mut what = format!("{} Constant nodes", at.len());
+        if initializer {
+            dropped_initializers.insert(name.clone());
+            what = format!("an initializer and {what}");
+        }
+        let how = if identical && !initializer {
+            "identical; one is kept"
+        } else {
+            "the last Constant node is kept, as ONNX Runtime does"
+        };
+        repairs.push(format!("value `{name}` was written by {what} ({how})"));
+    }
+    if !dropped_nodes.is_empty() {
+        let mut i = 0;
+        nodes.retain(|_| {
+            i += 1;
+            !dropped_nodes.contains(&(i - 1))
+        });
+    }
+    initializers.retain(|t| !dropped_initializers.contains(t.name()));
+    repairs
 }
 
 fn proto_label(node: &NodeProto) -> String {

@@ -131,6 +131,9 @@ pub struct Model {
     pub envelope: ModelProto,
     pub graph: Graph,
     pub source: Option<Source>,
+    /// What loading changed to make the file well-formed (a value written by two Constant
+    /// nodes, say), one line each, for the report.
+    pub repairs: Vec<String>,
 }
 
 impl Model {
@@ -146,10 +149,12 @@ impl Model {
             .graph
             .take()
             .ok_or_else(|| Error::NotAModel("no graph".into()))?;
+        let (graph, repairs) = convert::graph_from_proto(graph)?;
         Ok(Model {
             envelope: proto,
-            graph: convert::graph_from_proto(graph)?,
+            graph,
             source: None,
+            repairs,
         })
     }
 
