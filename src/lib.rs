@@ -10,6 +10,7 @@ pub mod exec;
 pub mod inspect;
 pub mod io;
 pub mod ir;
+pub mod ops;
 pub mod optimize;
 pub mod passes;
 pub mod prune;

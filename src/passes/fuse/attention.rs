@@ -39,6 +39,7 @@ use super::pattern::{
 use super::{apply_rules, Rewrite, Rule, Target, MS_DOMAIN};
 use crate::error::Result;
 use crate::ir::{attr, DataType, DataTypeExt, Dim, Graph, Model, NodeId, PValue, Tensor, ValueId};
+use crate::ops::attention::{BiasFit, BiasShape};
 use crate::passes::{matching, Pass, Rewrites};
 use crate::proto::AttributeProto;
 
@@ -240,12 +241,57 @@ fn check_heads(m: &Match, g: &Graph) -> Option<i64> {
             return None;
         }
     }
-    if let Some(bias) = m.value("bias") {
-        if dims(g, bias)?.len() != 4 {
-            return None;
-        }
-    }
     Some(n)
+}
+
+/// The bias as the fused operator must receive it (see `ops::attention`): as it is, or
+/// expanded over the query rows when it broadcasts over them, reading the query length
+/// off dim 1 of `rows_of` (a value the rewrite keeps); `None` when its shape does not
+/// prove the contract.
+fn fitted_bias(
+    m: &Match,
+    rw: &mut Rewrite,
+    heads: i64,
+    rows_of: ValueId,
+) -> Option<Option<PValue>> {
+    let g = rw.graph;
+    let Some(bias) = m.value("bias") else {
+        return Some(None);
+    };
+    let (q, k) = (m.value("q")?, m.value("k")?);
+    let (q_dims, k_dims) = (dims(g, q)?, dims(g, k)?);
+    let (batch, q_len) = (q_dims.first()?, q_dims.get(1)?);
+    let total = match m.value("past_k") {
+        Some(past) => dims(g, past)?.get(2)?.add(k_dims.get(1)?),
+        None => k_dims.get(1)?.clone(),
+    };
+    let contract = BiasShape {
+        batch,
+        heads,
+        q_len,
+        total: &total,
+    };
+    match contract.fit(&dims(g, bias)?) {
+        BiasFit::Fits => Some(Some(bias.into())),
+        BiasFit::ExpandRows => {
+            // Expand(bias, [1, 1, q_len, 1]), q_len read off the query at run time (Gather
+            // of Shape rather than Shape's start/end, which needs opset 15).
+            let ints = |n: &[i64]| Tensor::from_i64("ints", &[n.len() as i64], n).ok();
+            let (second, ones, one) = (ints(&[1])?, ints(&[1, 1])?, ints(&[1])?);
+            let shape = rw.op("Shape", "", &[rows_of.into()], vec![]);
+            let second = rw.constant("second", second);
+            let q_len = rw.op("Gather", "", &[shape, second], vec![attr::int("axis", 0)]);
+            let (ones, one) = (rw.constant("ones", ones), rw.constant("one", one));
+            let target = rw.op(
+                "Concat",
+                "",
+                &[ones, q_len, one],
+                vec![attr::int("axis", 0)],
+            );
+            Some(Some(rw.op("Expand", "", &[bias.into(), target], vec![])))
+        }
+        BiasFit::Refused(_) => None,
+    }
 }
 
 // ---- the builders -------------------------------------------------------------------------
@@ -257,7 +303,6 @@ fn build_attention(m: &Match, rw: &mut Rewrite) -> Option<()> {
     let root = *m.nodes().first()?;
     let root_out = g.node(root).output(0)?;
     let (q, k, v) = (m.value("q")?, m.value("k")?, m.value("v")?);
-    let bias = m.value("bias").map(PValue::from);
     let past = m.value("past_k").zip(m.value("past_v"));
     let presents = [m.value("k_total"), m.value("v_total")];
 
@@ -270,6 +315,7 @@ fn build_attention(m: &Match, rw: &mut Rewrite) -> Option<()> {
             };
             match packed {
                 Some(p) => {
+                    let bias = fitted_bias(m, rw, n, p.input)?;
                     for node in &p.absorbed {
                         rw.absorb(*node);
                     }
@@ -295,6 +341,7 @@ fn build_attention(m: &Match, rw: &mut Rewrite) -> Option<()> {
                     (outs[0]?, vec![])
                 }
                 None => {
+                    let bias = fitted_bias(m, rw, n, q)?;
                     let inputs = [
                         Some(q.into()),
                         Some(k.into()),
@@ -321,6 +368,7 @@ fn build_attention(m: &Match, rw: &mut Rewrite) -> Option<()> {
             if !rw.require_opset(ATTENTION_OPSET) {
                 return None;
             }
+            let bias = fitted_bias(m, rw, n, q)?;
             let inputs = [
                 Some(q.into()),
                 Some(k.into()),
