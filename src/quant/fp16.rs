@@ -24,7 +24,7 @@ use std::collections::HashMap;
 use bytes::Bytes;
 use half::f16;
 
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::ir::{attr, DataType, Graph, Model, NodeId, PValue, Patch, Tensor, Use, ValueId};
 use crate::passes::fuse::MS_DOMAIN;
 use crate::passes::shape::{self, ShapeInference};
@@ -98,7 +98,7 @@ pub struct Fp16Options {
 
 /// Converts `model` to float16 (see the module doc).
 pub fn convert_fp16(model: &mut Model, options: &Fp16Options) -> Result<QuantReport> {
-    let mut precision = precisions(model, options);
+    let mut precision = precisions(model, options)?;
     let mut rewrites = Rewrites::default();
     // In steps, each computed on the graph the one before left: rebuilding a node (a
     // Constant, a Cast, the producer of an output) gives it a new id.
@@ -151,17 +151,37 @@ fn expects(g: &Graph, reader: NodeId, slot: usize) -> Precision {
     }
 }
 
-/// The precision of every float value (see the module doc).
-fn precisions(model: &Model, options: &Fp16Options) -> HashMap<ValueId, Precision> {
+/// The precision of every float value (see the module doc). A value whose element type
+/// nothing tells (an operator without a type rule, a file without `value_info`) is an
+/// error: whether it is float decides where Casts go, and a guess could leave an operator
+/// with a float16 and a float32 input, a model no runtime loads.
+fn precisions(model: &Model, options: &Fp16Options) -> Result<HashMap<ValueId, Precision>> {
     let types = shape::infer(model).types;
     let g = &model.graph;
-    let is_float = |v: ValueId| {
+    let elem = |v: ValueId| {
         types
             .get(&v)
             .cloned()
             .or_else(|| g.value_type(v))
-            .is_some_and(|t| t.elem == DataType::Float as i32)
+            .map_or(0, |t| t.elem)
     };
+    for (id, node) in g.nodes() {
+        let untyped = node
+            .outputs
+            .iter()
+            .flatten()
+            .find(|&&v| elem(v) == 0 && (!g.uses(v).is_empty() || g.is_graph_output(v)));
+        if let Some(&v) = untyped {
+            return Err(Error::Quantization(format!(
+                "FP16 needs the element type of every value, and `{}` ({} `{}`) has none \
+                 that onnxopt can infer",
+                g.value_name(v),
+                node.op_type(),
+                g.node_label(id)
+            )));
+        }
+    }
+    let is_float = |v: ValueId| elem(v) == DataType::Float as i32;
     let at_edge = if options.keep_io_types {
         Precision::F32
     } else {
@@ -190,7 +210,7 @@ fn precisions(model: &Model, options: &Fp16Options) -> HashMap<ValueId, Precisio
         };
         precision.insert(v, p);
     }
-    precision
+    Ok(precision)
 }
 
 /// Float16 initializers, Constant and ConstantOfShape values, and Casts to float16.

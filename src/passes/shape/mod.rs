@@ -184,6 +184,8 @@ fn normalize_axis(axis: i64, rank: usize) -> Option<usize> {
 const BOOL: i32 = DataType::Bool as i32;
 const INT64: i32 = DataType::Int64 as i32;
 const FLOAT: i32 = DataType::Float as i32;
+const INT32: i32 = DataType::Int32 as i32;
+const UINT8: i32 = DataType::Uint8 as i32;
 
 /// Records every inferred type of an intermediate value in the graph.
 ///
@@ -212,7 +214,9 @@ impl Pass for ShapeInference {
                 };
                 let recorded = g.value_type(v);
                 let t = keep_recorded_where_unknown(inferred, recorded.as_ref());
-                let says_something = t.elem != 0 || t.shape.is_some();
+                // A type without its element type is no type: ONNX Runtime refuses a file
+                // whose value_info says `elem_type 0` ("Invalid tensor data type 0").
+                let says_something = t.elem != 0;
                 // Compared as it will read back: a dim whose text does not parse back to the
                 // same dim must not count as a change on every run.
                 let written = ValueType::from_type_proto(&t.to_type_proto());

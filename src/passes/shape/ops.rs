@@ -3,7 +3,7 @@
 //! Each rule gives the types of the node's outputs from the types and symbolic values of
 //! its inputs; a dim it cannot decide is `Unknown`, a rank it cannot decide is `None`.
 
-use super::{normalize_axis, Ctx, BOOL, FLOAT, INT64};
+use super::{normalize_axis, Ctx, BOOL, FLOAT, INT32, INT64, UINT8};
 use crate::ir::shape::broadcast_shapes;
 use crate::ir::{Dim, ValueType};
 
@@ -62,7 +62,41 @@ fn standard(cx: &Ctx) -> Option<Vec<ValueType>> {
         "Range" => range(cx),
         "Tile" => tile(cx),
         "Conv" => conv(cx),
+        // In inference mode (one output) the input's type; training mode's running mean
+        // and variance outputs are left to the file.
+        "BatchNormalization" | "InstanceNormalization" | "LpNormalization" => same(cx, 0),
+        "GlobalAveragePool" | "GlobalMaxPool" | "GlobalLpPool" => global_pool(cx),
+        "MaxPool" | "AveragePool" | "LpPool" => {
+            unknown_dims(cx.elem(0), cx.shape(0).map(<[Dim]>::len))
+        }
         "MatMul" => matmul(cx),
+        "MatMulInteger" => matmul_as(cx, INT32),
+        "ConvInteger" => ValueType {
+            elem: INT32,
+            shape: conv(cx).shape,
+        },
+        "QLinearMatMul" => matmul_as(cx, known_elem(cx, &[7])),
+        "DynamicQuantizeLinear" => {
+            return Some(vec![
+                with_elem(cx, 0, UINT8),
+                ValueType::new(FLOAT, vec![]),
+                ValueType::new(UINT8, vec![]),
+            ])
+        }
+        // The zero point's type, uint8 without one (opset 19's output_dtype aside).
+        "QuantizeLinear" => {
+            let elem = match cx.attr_int("output_dtype", 0) {
+                0 => [cx.elem(2), UINT8]
+                    .into_iter()
+                    .find(|&e| e != 0)
+                    .unwrap_or(0),
+                e => i32::try_from(e).unwrap_or(0),
+            };
+            with_elem(cx, 0, elem)
+        }
+        // The scale's type (float32 unless float16 scales).
+        "DequantizeLinear" => with_elem(cx, 0, cx.elem(1)),
+        "LSTM" | "GRU" | "RNN" => return Some(recurrent(cx)),
         "Gemm" => gemm(cx),
         "LayerNormalization" => return Some(normalization(cx, Stats::MeanAndInvStdDev)),
         "SimplifiedLayerNormalization" | "RMSNormalization" => {
@@ -89,6 +123,10 @@ fn contrib(cx: &Ctx) -> Option<Vec<ValueType>> {
         "LayerNormalization" => normalization(cx, Stats::MeanAndInvStdDev),
         "SimplifiedLayerNormalization" => normalization(cx, Stats::InvStdDev),
         "Attention" => contrib_attention(cx),
+        "DynamicQuantizeLSTM" => recurrent(cx),
+        "MatMulIntegerToFloat" | "DynamicQuantizeMatMul" => {
+            vec![matmul_as(cx, known_elem(cx, &[2]))]
+        }
         "MultiHeadAttention" => multi_head_attention(cx),
         _ => return None,
     })
@@ -678,6 +716,19 @@ fn tile(cx: &Ctx) -> ValueType {
     }
 }
 
+/// `[N, C, d…]` → `[N, C, 1…]`.
+fn global_pool(cx: &Ctx) -> ValueType {
+    let elem = cx.elem(0);
+    match cx.shape(0) {
+        Some(s) if s.len() >= 2 => {
+            let mut dims = s[..2].to_vec();
+            dims.resize(s.len(), Dim::known(1));
+            ValueType::new(elem, dims)
+        }
+        _ => unknown(elem),
+    }
+}
+
 fn conv(cx: &Ctx) -> ValueType {
     let elem = cx.elem(0);
     let (Some(x), Some(w)) = (cx.shape(0), cx.shape(1)) else {
@@ -781,6 +832,44 @@ fn matmul(cx: &Ctx) -> ValueType {
         (Some(a), Some(b)) => matmul_shape(a, b).map_or(unknown(elem), |d| ValueType::new(elem, d)),
         _ => unknown(elem),
     }
+}
+
+/// A matrix product's shape with element type `elem` (integer products accumulate in int32).
+fn matmul_as(cx: &Ctx, elem: i32) -> ValueType {
+    ValueType {
+        elem,
+        shape: matmul(cx).shape,
+    }
+}
+
+/// LSTM/GRU/RNN (`direction`, `hidden_size`, `layout`) on X `[seq, batch, in]`: Y `[seq,
+/// dirs, batch, hidden]`, then Y_h (and LSTM's Y_c) `[dirs, batch, hidden]`; `layout = 1`
+/// puts batch first in X and in each output.
+fn recurrent(cx: &Ctx) -> Vec<ValueType> {
+    let elem = cx.elem(0);
+    let bidirectional = crate::ir::attr::get_string(&cx.node.proto, "direction").as_deref()
+        == Some("bidirectional");
+    let dirs = Dim::known(if bidirectional { 2 } else { 1 });
+    let hidden = positive_attr(cx, "hidden_size");
+    let batch_first = cx.attr_int("layout", 0) == 1;
+    let (seq, batch) = match cx.shape(0) {
+        Some([a, b, _]) if batch_first => (b.clone(), a.clone()),
+        Some([a, b, _]) => (a.clone(), b.clone()),
+        _ => (Dim::Unknown, Dim::Unknown),
+    };
+    let y = if batch_first {
+        vec![batch.clone(), seq, dirs.clone(), hidden.clone()]
+    } else {
+        vec![seq, dirs.clone(), batch.clone(), hidden.clone()]
+    };
+    let state = if batch_first {
+        vec![batch, dirs, hidden]
+    } else {
+        vec![dirs, batch, hidden]
+    };
+    let mut out = vec![ValueType::new(elem, y)];
+    out.resize(cx.output_count().max(1), ValueType::new(elem, state));
+    out
 }
 
 fn gemm(cx: &Ctx) -> ValueType {
