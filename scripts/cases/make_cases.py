@@ -223,8 +223,10 @@ def export_t21():
                         {"case": "1d", "arch": "sentence-transformers: BertModel -> Pooling(mean) -> Normalize",
                          "description": "sentence-transformers 2.7.0 SentenceTransformer (tiny local BERT saved to a "
                                         "folder and loaded back) exported whole: finfo additive mask in attention, "
-                                        "mean pooling over the mask (Unsqueeze/Expand/Cast/Mul/ReduceSum/Clip/Div), "
-                                        "L2 normalize (ReduceL2/Clip/Expand/Div)",
+                                        "mean pooling over the mask (Unsqueeze/Expand/Cast/Mul/ReduceSum/Clip 1e-9/"
+                                        "Div, then a one-input Concat), L2 normalize written out as Abs/Pow 2/"
+                                        "ReduceSum/Pow 0.5/Clip 1e-12/Expand/Div. The exporter names the output's "
+                                        "second dim Divsentence_embedding_dim_1 (it is 64)",
                          "config": "corpus tiny/bert-tiny.config.json", "seed": 1004,
                          "uses_sentence_transformers": True})
 
@@ -414,12 +416,17 @@ def load_batches(folder):
 
 
 def ort_run(path, batches):
+    import numpy as np
     import onnxruntime as ort
     so = ort.SessionOptions()
     so.intra_op_num_threads = 1
     sess = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
     names = [o.name for o in sess.get_outputs()]
-    return [dict(zip(names, sess.run(None, b))) for b in batches]
+    want = {i.name: i.type for i in sess.get_inputs()}
+    cast = {"tensor(float16)": np.float16, "tensor(float)": np.float32, "tensor(int64)": np.int64,
+            "tensor(int32)": np.int32}
+    feeds = [{k: v.astype(cast.get(want[k], v.dtype)) for k, v in b.items() if k in want} for b in batches]
+    return [dict(zip(names, sess.run(None, f))) for f in feeds]
 
 
 def max_diff(a_list, b_list):
