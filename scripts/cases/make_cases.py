@@ -415,11 +415,13 @@ def load_batches(folder):
     return [batches[k] for k in sorted(batches)]
 
 
-def ort_run(path, batches):
+def ort_run(path, batches, graph_opts=True):
     import numpy as np
     import onnxruntime as ort
     so = ort.SessionOptions()
     so.intra_op_num_threads = 1
+    if not graph_opts:
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     sess = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
     names = [o.name for o in sess.get_outputs()]
     want = {i.name: i.type for i in sess.get_inputs()}
@@ -642,8 +644,9 @@ def evaluate(onnxopt, workdir):
         batches = load_batches(calib)
         try:
             ref = ort_run(src, batches)
+            ref_plain = ort_run(src, batches, graph_opts=False)
         except Exception:  # noqa: BLE001
-            ref = None
+            ref = ref_plain = None
         variants = []
         for target in ("ort", "onnx"):
             variants.append((target, []))
@@ -667,9 +670,14 @@ def evaluate(onnxopt, workdir):
             if os.path.exists(out):
                 try:
                     got = ort_run(out, batches)
-                    res = "runs, max abs diff %.3g" % max_diff(got, ref) if ref else "runs (original does not)"
+                    got_plain = ort_run(out, batches, graph_opts=False)
+                    res = ("runs, max abs diff %.3g (ORT graph opts off on both: %.3g)"
+                           % (max_diff(got, ref), max_diff(got_plain, ref_plain))) if ref else "runs (original does not)"
                 except Exception as e:  # noqa: BLE001
                     res = "ORT FAILS: " + str(e).strip().splitlines()[0][:200]
+                ops = describe(out)["op_histogram"]
+                res += "; ops: " + ", ".join("%s %d" % (k, v) for k, v in ops.items()
+                                             if "." in k or k in ("Attention", "BatchNormalization", "Conv"))
             else:
                 res = "no output written"
             rows.append({"case": stem, "target": tag, "exit": p.returncode, "message": one[:240], "ort": res,
