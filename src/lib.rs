@@ -13,6 +13,7 @@ pub mod ir;
 pub mod ops;
 pub mod optimize;
 pub mod passes;
+pub mod pipeline;
 pub mod prune;
 pub mod quant;
 pub mod report;

@@ -27,6 +27,8 @@ pub struct OptimizeOptions {
     pub target: Target,
     /// Run only these passes of the pipeline (by name); empty: all of them.
     pub passes: Vec<String>,
+    /// Leave these passes out (by name).
+    pub skip: Vec<String>,
 }
 
 impl Default for OptimizeOptions {
@@ -34,6 +36,7 @@ impl Default for OptimizeOptions {
         OptimizeOptions {
             target: Target::Ort,
             passes: Vec::new(),
+            skip: Vec::new(),
         }
     }
 }
@@ -62,6 +65,7 @@ pub fn optimize(model: &mut Model, options: &OptimizeOptions) -> Result<PassRepo
     if !options.passes.is_empty() {
         passes = passes.only(&options.passes)?;
     }
+    passes = passes.without(&options.skip)?;
     let report = passes.run(model)?;
     if passes.names().iter().any(|n| n.starts_with("fuse-")) {
         model.set_metadata(TARGET_KEY, options.target.name());

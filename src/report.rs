@@ -20,8 +20,50 @@ pub struct Report {
     pub pruning: Option<PruneReport>,
     pub quantization: Option<QuantReport>,
     pub validation: Option<Validation>,
+    /// The output check, when nothing else validated the output.
+    pub check: Option<Check>,
     pub output: Option<Saved>,
     pub warnings: Vec<String>,
+}
+
+/// The output check of a lossless run: the input and the output model on the same
+/// generated inputs.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Check {
+    pub outcome: CheckOutcome,
+}
+
+#[derive(Clone, Debug, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CheckOutcome {
+    /// The outputs matched: the comparison.
+    Passed(Validation),
+    /// The output failed to run or differed: why.
+    Failed(String),
+    /// The check could not be made (the input model does not run on generated inputs).
+    NotDone(String),
+    /// Not asked for (`--no-check`).
+    Skipped,
+}
+
+impl Check {
+    pub fn passed(v: Validation) -> Check {
+        Check {
+            outcome: CheckOutcome::Passed(v),
+        }
+    }
+
+    pub fn not_done(why: String) -> Check {
+        Check {
+            outcome: CheckOutcome::NotDone(why),
+        }
+    }
+
+    pub fn skipped() -> Check {
+        Check {
+            outcome: CheckOutcome::Skipped,
+        }
+    }
 }
 
 #[derive(Clone, Debug, serde::Serialize)]
@@ -72,6 +114,9 @@ impl fmt::Display for Report {
         }
         if let Some(v) = &self.validation {
             write_validation(f, v)?;
+        }
+        if let Some(c) = &self.check {
+            write_check(f, c)?;
         }
         if let Some(o) = &self.output {
             write!(f, "wrote {} ({} bytes", o.path.display(), o.bytes)?;
@@ -244,6 +289,25 @@ fn write_validation(f: &mut fmt::Formatter<'_>, v: &Validation) -> fmt::Result {
         writeln!(f, "  violation: {line}")?;
     }
     Ok(())
+}
+
+fn write_check(f: &mut fmt::Formatter<'_>, c: &Check) -> fmt::Result {
+    match &c.outcome {
+        CheckOutcome::Passed(v) => {
+            let worst = v.outputs.iter().map(|d| d.max_abs).fold(0.0f64, f64::max);
+            let cosine = v.outputs.iter().map(|d| d.cosine).fold(1.0f64, f64::min);
+            writeln!(
+                f,
+                "check: the output matches the input model on {} generated batch{} \
+                 (max abs error {worst:.2e}, lowest cosine {cosine:.6})",
+                v.batches.len(),
+                if v.batches.len() == 1 { "" } else { "es" }
+            )
+        }
+        CheckOutcome::Failed(why) => writeln!(f, "check: FAILED: {why}"),
+        CheckOutcome::NotDone(why) => writeln!(f, "check: not done: {why}"),
+        CheckOutcome::Skipped => writeln!(f, "check: skipped (--no-check)"),
+    }
 }
 
 fn write_diff(f: &mut fmt::Formatter<'_>, d: &OutputDiff) -> fmt::Result {

@@ -68,6 +68,10 @@ pub struct OptimizeArgs {
     /// gates only on the tolerances given.
     #[arg(long)]
     pub validate: bool,
+    /// Skip the output check (both models run on small generated inputs before writing,
+    /// when nothing else validates the output).
+    #[arg(long, conflicts_with = "validate")]
+    pub no_check: bool,
     /// Run only these passes, comma-separated (`--passes dce`; the report lists them all).
     #[arg(long, value_delimiter = ',', value_name = "PASS,...")]
     pub passes: Vec<String>,

@@ -15,6 +15,7 @@ use args::{Cli, Command, InputArgs, OptimizeArgs, QuantArgs, ToleranceArgs};
 use onnxopt::exec::{self, Batch, GenerateOptions, InputSource, Tolerance, ValidateOptions};
 use onnxopt::io::{self, ExternalData};
 use onnxopt::ir::Model;
+use onnxopt::pipeline::{self, Mode, Outcome, PipelineError, Tolerances};
 use onnxopt::quant::{
     self,
     qdq::{QdqOptions, Selection, Selector},
@@ -115,118 +116,29 @@ fn optimize(args: OptimizeArgs) -> Result<()> {
             args.output.display()
         );
     }
-    let mut model = load(&args.input)?;
-    let mut report = Report::new();
-    report.input = Some(stats(&model, &args.input));
-    if let Some(src) = &model.source {
-        if src.unknown_field_bytes > 0 {
-            report.warnings.push(format!(
-                "{} bytes of the input hold fields unknown to ONNX 1.23; they are not written",
-                src.unknown_field_bytes
-            ));
-        }
-    }
-    report.warnings.extend(model.repairs.iter().cloned());
-    let pruning = args.prune.options()?;
-    // Pruning and quantization change the outputs on purpose: validation always runs, and
-    // gates only on the tolerances given.
-    let lossy =
-        !pruning.is_empty() || args.quant.int8 || args.quant.int8_dynamic || args.quant.fp16;
-    let original = (args.validate || lossy).then(|| model.clone());
-    let options = onnxopt::optimize::OptimizeOptions {
-        target: args.target.fusion(),
-        passes: args.passes.clone(),
+    let model = load(&args.input)?;
+    let input = stats(&model, &args.input);
+    let options = pipeline_options(&args)?;
+    let bar = progress("");
+    let on_progress = |what: &str, done: usize, total: usize| {
+        bar.set_message(what.to_string());
+        bar.set_length(total as u64);
+        bar.set_position(done as u64);
     };
-    report.target = Some(options.target);
-    report.passes = Some(onnxopt::optimize(&mut model, &options).context("optimization failed")?);
-    let mut validation_inputs = input_source(&args.inputs);
-    // One set of calibration batches serves pruning and quantization; validation runs on
-    // the batches held back from it.
-    let has_calibration = args.quant.calib.is_some() || args.quant.calib_random.is_some();
-    let smooth_dynamic = args.quant.int8_dynamic && args.quant.smoothing().is_some();
-    let mut calibration =
-        if args.quant.int8 || smooth_dynamic || (!pruning.is_empty() && has_calibration) {
-            let (calibration, held_back) = calibration_batches(&model, &args, &mut report)?;
-            if let Some(held_back) = held_back {
-                validation_inputs.0 = InputSource::Batches(held_back);
-            }
-            calibration
-        } else {
-            Vec::new()
-        };
-    if !pruning.is_empty() {
-        // Lent to pruning, and taken back for quantization.
-        let mut pruning = pruning;
-        pruning.calibration = std::mem::take(&mut calibration);
-        let result = onnxopt::prune::prune(&mut model, &pruning);
-        calibration = pruning.calibration;
-        report.pruning = Some(result.context("pruning failed")?);
-    }
-    if args.quant.int8_dynamic {
-        let options = quant::dynamic::DynamicOptions {
-            qdq: QdqOptions {
-                target: args.target.quant(),
-                selection: selection(&args.quant)?,
-            },
-            weights: args.quant.dynamic_weights.codes(),
-            smooth_quant: args.quant.smoothing(),
-        };
-        let result = quant::dynamic::quantize_dynamic(&mut model, &calibration, &options);
-        report.quantization = Some(result.context("quantization failed")?);
-    }
-    if args.quant.fp16 {
-        let options = quant::fp16::Fp16Options {
-            keep_io_types: args.quant.keep_io_types,
-        };
-        let result = quant::fp16::convert_fp16(&mut model, &options);
-        report.quantization = Some(result.context("FP16 conversion failed")?);
-    }
-    if args.quant.int8 {
-        let options = StaticOptions {
-            qdq: QdqOptions {
-                target: args.target.quant(),
-                selection: selection(&args.quant)?,
-            },
-            method: args.quant.method(),
-            smooth_quant: args.quant.smoothing(),
-        };
-        let bar = progress("calibrating");
-        let on_batch = |done: usize, total: usize| {
-            bar.set_length(total as u64);
-            bar.set_position(done as u64);
-        };
-        let result = if args.quant.auto_exclude {
-            let validation = exec::batches_for(&model, &validation_inputs.0, &validation_inputs.1)
-                .context("cannot read the validation batches")?;
-            let tolerance =
-                validate_options(validation_inputs.clone(), &args.tolerance, true).tolerance;
-            quant::sensitivity::quantize_static_auto_exclude(
-                &mut model,
-                &calibration,
-                &validation,
-                &options,
-                &tolerance,
-                &|what, done, total| {
-                    bar.set_message(what.to_string());
-                    on_batch(done, total);
-                },
-            )
-        } else {
-            quant::quantize_static(&mut model, &calibration, &options, &on_batch)
-        };
-        bar.finish_and_clear();
-        report.quantization = Some(result.context("quantization failed")?);
-    }
-    if let Some(original) = &original {
-        let options = validate_options(validation_inputs, &args.tolerance, lossy);
-        let v = validate(original, &model, &options)?;
-        report.validation = Some(v);
-        if let Err(e) = check_passed(&report) {
+    let outcome = pipeline::run(model, &options, &on_progress);
+    bar.finish_and_clear();
+    let Outcome { model, mut report } = match outcome {
+        Ok(outcome) => outcome,
+        Err(PipelineError::NotWritten { reason, mut report }) => {
+            report.input = Some(input);
             emit(&report.to_string())?;
             write_report(&report, args.report.as_deref())?;
-            return Err(e.context(format!("`{}` was not written", args.output.display())));
+            return Err(anyhow::Error::from(ValidationFailed(reason))
+                .context(format!("`{}` was not written", args.output.display())));
         }
-    }
+        Err(e) => return Err(e.into()),
+    };
+    report.input = Some(input);
     let external = if args.external_data {
         ExternalData::Always
     } else if args.no_external_data {
@@ -239,6 +151,67 @@ fn optimize(args: OptimizeArgs) -> Result<()> {
     report.output = Some(saved);
     emit(&report.to_string())?;
     write_report(&report, args.report.as_deref())
+}
+
+/// The pipeline's options from the command line.
+fn pipeline_options(args: &OptimizeArgs) -> Result<pipeline::Options> {
+    let (inputs, generate) = input_source(&args.inputs);
+    let qdq = || -> Result<QdqOptions> {
+        Ok(QdqOptions {
+            target: args.target.quant(),
+            selection: selection(&args.quant)?,
+        })
+    };
+    let q = &args.quant;
+    let mode = if q.int8 {
+        Mode::Static {
+            options: StaticOptions {
+                qdq: qdq()?,
+                method: q.method(),
+                smooth_quant: q.smoothing(),
+            },
+            auto_exclude: q.auto_exclude,
+        }
+    } else if q.int8_dynamic {
+        Mode::Dynamic(quant::dynamic::DynamicOptions {
+            qdq: qdq()?,
+            weights: q.dynamic_weights.codes(),
+            smooth_quant: q.smoothing(),
+        })
+    } else if q.fp16 {
+        Mode::Fp16(quant::fp16::Fp16Options {
+            keep_io_types: q.keep_io_types,
+        })
+    } else {
+        Mode::Float
+    };
+    let calibration = match (&q.calib, q.calib_random) {
+        (Some(dir), _) => Some(InputSource::Dir(dir.clone())),
+        (None, Some(n)) => Some(InputSource::Generated(n)),
+        (None, None) => None,
+    };
+    let t = &args.tolerance;
+    Ok(pipeline::Options {
+        optimize: onnxopt::optimize::OptimizeOptions {
+            target: args.target.fusion(),
+            passes: args.passes.clone(),
+            skip: Vec::new(),
+        },
+        prune: args.prune.options()?,
+        mode,
+        calibration,
+        inputs,
+        generate,
+        validate: args.validate,
+        tolerances: Tolerances {
+            max_error: t.max_error,
+            min_cosine: t.min_cosine,
+            max_kl: t.max_kl,
+            kl_temperature: t.kl_temperature,
+            logits: t.logits.clone(),
+        },
+        check: !args.no_check,
+    })
 }
 
 fn stats(model: &Model, path: &Path) -> ModelStats {
@@ -267,54 +240,6 @@ fn same_file(input: &Path, output: &Path) -> bool {
     }
 }
 
-/// Seeds of generated calibration batches differ from those of generated validation batches
-/// by this, so that validation never reruns the calibration inputs.
-const CALIBRATION_SEED_SALT: u64 = 0xca11_b4a7_e000_0000;
-
-/// Generated batches that measure the channels for dynamic INT8's smoothing when the user gives
-/// no calibration data.
-const SMOOTHING_BATCHES: usize = 8;
-
-/// The batches to calibrate on and, when they come from a folder and `--inputs` names none,
-/// the ones held back to validate on (the last fifth, at least one).
-fn calibration_batches(
-    model: &Model,
-    args: &OptimizeArgs,
-    report: &mut Report,
-) -> Result<(Vec<Batch>, Option<Vec<Batch>>)> {
-    let (_, mut generate) = input_source(&args.inputs);
-    let source = match (&args.quant.calib, args.quant.calib_random) {
-        (Some(dir), _) => InputSource::Dir(dir.clone()),
-        (None, Some(n)) => {
-            generate.seed ^= CALIBRATION_SEED_SALT;
-            InputSource::Generated(n)
-        }
-        (None, None) if args.quant.int8 => {
-            bail!("--int8 needs calibration data: --calib DIR or --calib-random N")
-        }
-        (None, None) => {
-            // Dynamic INT8's smoothing, without data from the user. The channels' maxima
-            // after a normalization owe more to its γ and β than to the text: generated
-            // token ids give nearly the ranges real sentences give (see `args::DYNAMIC_SMOOTHING`).
-            generate.seed ^= CALIBRATION_SEED_SALT;
-            InputSource::Generated(SMOOTHING_BATCHES)
-        }
-    };
-    let mut batches = exec::batches_for(model, &source, &generate)
-        .context("cannot read the calibration batches")?;
-    if args.quant.calib.is_none() || args.inputs.inputs.is_some() {
-        return Ok((batches, None));
-    }
-    if batches.len() < 2 {
-        report
-            .warnings
-            .push("one calibration batch: validation runs on the batch calibration saw".into());
-        return Ok((batches.clone(), Some(batches)));
-    }
-    let held_back = batches.split_off(batches.len() - (batches.len() / 5).max(1));
-    Ok((batches, Some(held_back)))
-}
-
 fn selection(args: &QuantArgs) -> Result<Selection> {
     let parse = |texts: &[String]| -> Result<Vec<Selector>> {
         texts
@@ -337,6 +262,7 @@ fn input_source(inputs: &InputArgs) -> (InputSource, GenerateOptions) {
         dims: inputs.dims.iter().cloned().collect(),
         ranges: inputs.ranges.iter().cloned().collect(),
         seed: inputs.seed,
+        ..Default::default()
     };
     (source, generate)
 }

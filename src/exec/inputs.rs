@@ -47,13 +47,71 @@ pub struct Batch {
 }
 
 /// How to make inputs when none are given.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug)]
 pub struct GenerateOptions {
     /// Values of symbolic dims, by name.
     pub dims: HashMap<String, usize>,
     /// Inclusive value ranges, by input name.
     pub ranges: HashMap<String, (f64, f64)>,
     pub seed: u64,
+    /// The size of a symbolic dim named like a batch, when `dims` does not give it.
+    pub default_batch: usize,
+    /// The size of any other symbolic dim, when `dims` does not give it.
+    pub default_length: usize,
+    /// Right-pad the rows of a 2-D integer mask after the first (row r of R loses its last
+    /// r/(2R) of positions), so that a mask read the wrong way changes the outputs.
+    pub pad_masks: bool,
+}
+
+impl Default for GenerateOptions {
+    fn default() -> Self {
+        GenerateOptions {
+            dims: HashMap::new(),
+            ranges: HashMap::new(),
+            seed: 0,
+            default_batch: 1,
+            default_length: 16,
+            pad_masks: false,
+        }
+    }
+}
+
+impl GenerateOptions {
+    /// The size of a symbolic dim: its `dims` value, the default for its kind, or, for an
+    /// expression of symbols such as `past_sequence + sequence` (the legacy exporter's
+    /// attention mask with past key/values), the expression evaluated on those.
+    fn symbol_size(&self, symbol: &str) -> usize {
+        if let Some(&n) = self.dims.get(symbol) {
+            return n;
+        }
+        let factor = |f: &str| -> Option<usize> {
+            let f = f.trim();
+            match f.parse::<usize>() {
+                Ok(n) => Some(n),
+                Err(_) if is_identifier(f) => Some(self.named_size(f)),
+                Err(_) => None,
+            }
+        };
+        let term = |t: &str| t.split('*').map(factor).product::<Option<usize>>();
+        let sum: Option<usize> = symbol.split('+').map(term).sum();
+        sum.unwrap_or_else(|| self.named_size(symbol))
+    }
+
+    fn named_size(&self, symbol: &str) -> usize {
+        match self.dims.get(symbol) {
+            Some(&n) => n,
+            None if symbol.to_ascii_lowercase().contains("batch") => self.default_batch,
+            None => self.default_length,
+        }
+    }
+}
+
+fn is_identifier(s: &str) -> bool {
+    let mut chars = s.chars();
+    chars
+        .next()
+        .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
 }
 
 /// The inputs `model` must be fed.
@@ -165,15 +223,6 @@ pub fn generate(
         .collect()
 }
 
-/// The default value of a symbolic dim: 1 for batch-like names, 16 for everything else.
-fn default_dim(symbol: &str) -> usize {
-    if symbol.to_ascii_lowercase().contains("batch") {
-        1
-    } else {
-        16
-    }
-}
-
 fn generate_one(
     spec: &InputSpec,
     options: &GenerateOptions,
@@ -184,12 +233,8 @@ fn generate_one(
         .iter()
         .map(|d| match d {
             DimSpec::Fixed(n) => *n,
-            DimSpec::Symbol(s) => options
-                .dims
-                .get(s)
-                .copied()
-                .unwrap_or_else(|| default_dim(s)),
-            DimSpec::Unknown => 16,
+            DimSpec::Symbol(s) => options.symbol_size(s),
+            DimSpec::Unknown => options.default_length,
         })
         .collect();
     let n: usize = shape.iter().product();
@@ -237,9 +282,20 @@ fn generate_one(
         )));
     }
     let span = (hi - lo + 1) as u64;
-    let values: Vec<i64> = (0..n as u64)
+    let mut values: Vec<i64> = (0..n as u64)
         .map(|i| lo + (rng::splitmix64(seed, i + 1) % span) as i64)
         .collect();
+    let is_mask = range.is_none()
+        && spec.inferred_range.is_none()
+        && spec.name.to_ascii_lowercase().contains("mask");
+    if options.pad_masks && is_mask && shape.len() == 2 {
+        let (rows, len) = (shape[0], shape[1]);
+        for (r, row) in values.chunks_mut(len.max(1)).enumerate() {
+            let padded = len * r / (2 * rows);
+            let kept = len - padded;
+            row[kept..].iter_mut().for_each(|v| *v = 0);
+        }
+    }
     cast(
         ArrayD::from_shape_vec(IxDyn(&shape), values)
             .map_err(shaped)?

@@ -124,13 +124,26 @@ impl PassManager {
     /// Keeps only the passes named in `names` (in pipeline order); a name that is no pass
     /// of this manager is an error that lists the names there are.
     pub fn only(mut self, names: &[String]) -> Result<Self> {
-        if let Some(unknown) = names.iter().find(|n| !self.names().contains(&n.as_str())) {
-            return Err(Error::InvalidArgument(format!(
+        self.check_names(names)?;
+        self.passes.retain(|p| names.iter().any(|n| n == p.name()));
+        Ok(self)
+    }
+
+    /// An error that lists the passes there are, when a name in `names` is none of them.
+    fn check_names(&self, names: &[String]) -> Result<()> {
+        match names.iter().find(|n| !self.names().contains(&n.as_str())) {
+            Some(unknown) => Err(Error::InvalidArgument(format!(
                 "no pass `{unknown}`: the passes are {}",
                 self.names().join(", ")
-            )));
+            ))),
+            None => Ok(()),
         }
-        self.passes.retain(|p| names.iter().any(|n| n == p.name()));
+    }
+
+    /// Drops the passes named in `names`; a name that is no pass of this manager is an error.
+    pub fn without(mut self, names: &[String]) -> Result<Self> {
+        self.check_names(names)?;
+        self.passes.retain(|p| !names.iter().any(|n| n == p.name()));
         Ok(self)
     }
 

@@ -141,7 +141,11 @@ pub fn optimized_with(
     passes: Vec<String>,
 ) -> onnxopt::ir::Model {
     let mut model = onnxopt::io::load(path).unwrap();
-    let options = onnxopt::optimize::OptimizeOptions { target, passes };
+    let options = onnxopt::optimize::OptimizeOptions {
+        target,
+        passes,
+        ..Default::default()
+    };
     onnxopt::optimize::optimize(&mut model, &options).unwrap();
     model
 }

@@ -70,12 +70,13 @@ fn standard(cx: &Ctx) -> Option<Vec<ValueType>> {
             unknown_dims(cx.elem(0), cx.shape(0).map(<[Dim]>::len))
         }
         "MatMul" => matmul(cx),
-        "MatMulInteger" => matmul_as(cx, INT32),
+        "MatMulInteger" => matmul_of(cx, 1, INT32),
         "ConvInteger" => ValueType {
             elem: INT32,
             shape: conv(cx).shape,
         },
-        "QLinearMatMul" => matmul_as(cx, known_elem(cx, &[7])),
+        // (a, a_scale, a_zero_point, b, b_scale, b_zero_point, y_scale, y_zero_point)
+        "QLinearMatMul" => matmul_of(cx, 3, cx.elem(7)),
         "DynamicQuantizeLinear" => {
             return Some(vec![
                 with_elem(cx, 0, UINT8),
@@ -124,9 +125,8 @@ fn contrib(cx: &Ctx) -> Option<Vec<ValueType>> {
         "SimplifiedLayerNormalization" => normalization(cx, Stats::InvStdDev),
         "Attention" => contrib_attention(cx),
         "DynamicQuantizeLSTM" => recurrent(cx),
-        "MatMulIntegerToFloat" | "DynamicQuantizeMatMul" => {
-            vec![matmul_as(cx, known_elem(cx, &[2]))]
-        }
+        // (a, b, a_scale, …) and (a, b, b_scale, …): a float result of the scales' type.
+        "MatMulIntegerToFloat" | "DynamicQuantizeMatMul" => vec![matmul_of(cx, 1, cx.elem(2))],
         "MultiHeadAttention" => multi_head_attention(cx),
         _ => return None,
     })
@@ -827,18 +827,15 @@ fn matmul_shape(a: &[Dim], b: &[Dim]) -> Option<Vec<Dim>> {
 }
 
 fn matmul(cx: &Ctx) -> ValueType {
-    let elem = cx.elem(0);
-    match (cx.shape(0), cx.shape(1)) {
-        (Some(a), Some(b)) => matmul_shape(a, b).map_or(unknown(elem), |d| ValueType::new(elem, d)),
-        _ => unknown(elem),
-    }
+    matmul_of(cx, 1, cx.elem(0))
 }
 
-/// A matrix product's shape with element type `elem` (integer products accumulate in int32).
-fn matmul_as(cx: &Ctx, elem: i32) -> ValueType {
-    ValueType {
-        elem,
-        shape: matmul(cx).shape,
+/// The product of input 0 and input `b`, of element type `elem` (integer products
+/// accumulate in int32; quantized ones take their output zero point's type).
+fn matmul_of(cx: &Ctx, b: usize, elem: i32) -> ValueType {
+    match (cx.shape(0), cx.shape(b)) {
+        (Some(a), Some(b)) => matmul_shape(a, b).map_or(unknown(elem), |d| ValueType::new(elem, d)),
+        _ => unknown(elem),
     }
 }
 

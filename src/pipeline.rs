@@ -1,0 +1,440 @@
+//! The whole of `onnxopt optimize`, as a library call: options in, the optimized model and
+//! its report out. The command line and the Python binding are two thin callers of it.
+//!
+//! The order of the steps, and why:
+//! 1. the pass pipeline (`optimize`): fusions first, so that what follows sees fused blocks;
+//! 2. pruning, on the fused model, before any quantization, so that calibration sees the
+//!    pruned weights (`--prune 2:4 --int8` calibrates the pruned model);
+//! 3. one of dynamic INT8, FP16 or static INT8 (they exclude each other);
+//! 4. validation of the result against the input model, on batches calibration did not see
+//!    (the last fifth of a calibration folder, or the `inputs`), when asked for or when a step
+//!    was lossy — a lossy run gates only on the tolerances given;
+//! 5. otherwise the output check: both models run on small generated inputs (two rows, the
+//!    second padded, so that a mask read the wrong way shows) and the output must match the
+//!    input's within a float tolerance. A rewrite that breaks a model the passes did not
+//!    foresee is caught here: the pipeline then retries with each fusion left out in turn and
+//!    keeps the first result that passes, saying which fusion it left out and why; if none
+//!    passes, nothing is returned for writing.
+//!
+//! Nothing here writes files: the caller saves `Outcome::model` (or does not, on error).
+
+use crate::error::Error;
+use crate::exec::{
+    self, Batch, ExecError, GenerateOptions, InputSource, Tolerance, ValidateOptions, Validation,
+};
+use crate::ir::Model;
+use crate::optimize::OptimizeOptions;
+use crate::prune::PruneOptions;
+use crate::quant::{self, dynamic::DynamicOptions, fp16::Fp16Options, StaticOptions};
+use crate::report::{Check, CheckOutcome, Report};
+
+/// The lossy step, if any.
+#[derive(Clone, Debug, Default)]
+pub enum Mode {
+    /// Float32 as read: only lossless rewrites.
+    #[default]
+    Float,
+    /// Static INT8: calibrated Q/DQ (`auto_exclude`: keep the most sensitive layers float
+    /// until the tolerance holds).
+    Static {
+        options: StaticOptions,
+        auto_exclude: bool,
+    },
+    /// Dynamic INT8.
+    Dynamic(DynamicOptions),
+    Fp16(Fp16Options),
+}
+
+/// Limits given by the user; a lossless run checks against the defaults where none is given.
+#[derive(Clone, Debug, Default)]
+pub struct Tolerances {
+    pub max_error: Option<f64>,
+    pub min_cosine: Option<f64>,
+    pub max_kl: Option<f64>,
+    /// Softmax temperature of the KL divergence.
+    pub kl_temperature: f64,
+    /// Outputs compared as logits (default: outputs named like logits).
+    pub logits: Vec<String>,
+}
+
+#[derive(Clone, Debug)]
+pub struct Options {
+    pub optimize: OptimizeOptions,
+    pub prune: PruneOptions,
+    pub mode: Mode,
+    /// Calibration batches (a folder, or generated); lent to pruning too.
+    pub calibration: Option<InputSource>,
+    /// Validation batches; with `InputSource::Generated`, a calibration folder's last fifth
+    /// is used instead.
+    pub inputs: InputSource,
+    /// How generated batches are made (dims, value ranges, seed).
+    pub generate: GenerateOptions,
+    /// Validate even a lossless run, on `inputs`.
+    pub validate: bool,
+    pub tolerances: Tolerances,
+    /// Run the output check when nothing else validates the output.
+    pub check: bool,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            optimize: OptimizeOptions::default(),
+            prune: PruneOptions::default(),
+            mode: Mode::Float,
+            calibration: None,
+            inputs: InputSource::Generated(2),
+            generate: GenerateOptions::default(),
+            validate: false,
+            tolerances: Tolerances {
+                kl_temperature: 1.0,
+                ..Default::default()
+            },
+            check: true,
+        }
+    }
+}
+
+impl Options {
+    fn lossy(&self) -> bool {
+        !self.prune.is_empty() || !matches!(self.mode, Mode::Float)
+    }
+}
+
+/// The result: the model to write and the report to show.
+#[derive(Debug)]
+pub struct Outcome {
+    pub model: Model,
+    pub report: Report,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PipelineError {
+    /// A step failed (a pass, calibration, quantization); `what` names the step.
+    #[error("{what}: {source}")]
+    Step {
+        what: &'static str,
+        #[source]
+        source: Error,
+    },
+    /// The result must not be written: validation failed or could not be done, or the
+    /// output check failed. The report says what was measured.
+    #[error("{reason}")]
+    NotWritten { reason: String, report: Box<Report> },
+}
+
+/// Progress: a stage (`"calibrating"`, `"validating"`, `"checking"`), and how far it got.
+pub type Progress<'a> = &'a (dyn Fn(&str, usize, usize) + Sync);
+
+/// Defaults of a lossless validation (the output check and `--validate` without limits).
+pub const LOSSLESS_MAX_ERROR: f64 = 1e-4;
+pub const LOSSLESS_MIN_COSINE: f64 = 0.9999;
+
+/// Seeds of generated calibration batches differ from those of generated validation batches
+/// by this, so that validation never reruns the calibration inputs.
+const CALIBRATION_SEED_SALT: u64 = 0xca11_b4a7_e000_0000;
+
+/// Generated batches that measure the channels for dynamic INT8's smoothing when the user
+/// gives no calibration data.
+const SMOOTHING_BATCHES: usize = 8;
+
+/// The output check's inputs: two rows of this length.
+const CHECK_ROWS: usize = 2;
+const CHECK_LENGTH: usize = 8;
+
+/// Runs the pipeline on `model` (see the module doc).
+pub fn run(model: Model, options: &Options, progress: Progress) -> Result<Outcome, PipelineError> {
+    let original = model.clone();
+    let mut report = Report::new();
+    report.warnings.extend(model.repairs.iter().cloned());
+    if let Some(src) = &model.source {
+        if src.unknown_field_bytes > 0 {
+            report.warnings.push(format!(
+                "{} bytes of the input hold fields unknown to ONNX 1.23; they are not written",
+                src.unknown_field_bytes
+            ));
+        }
+    }
+    let (model, held_back) = transform(model, options, &mut report, progress)?;
+    let validated = options.validate || options.lossy();
+    if validated {
+        let validation = validate(&original, &model, options, held_back, &mut report, progress)?;
+        report.validation = Some(validation);
+        return Ok(Outcome { model, report });
+    }
+    if !options.check {
+        report.check = Some(Check::skipped());
+        return Ok(Outcome { model, report });
+    }
+    check_or_fall_back(original, model, options, report, progress)
+}
+
+/// Steps 1–3 of the module doc. Returns the model and the calibration batches held back for
+/// validation, if any.
+fn transform(
+    mut model: Model,
+    options: &Options,
+    report: &mut Report,
+    progress: Progress,
+) -> Result<(Model, Option<Vec<Batch>>), PipelineError> {
+    let step = |what| move |source| PipelineError::Step { what, source };
+    report.target = Some(options.optimize.target);
+    report.passes =
+        Some(crate::optimize(&mut model, &options.optimize).map_err(step("optimization failed"))?);
+    let smooth_dynamic = matches!(&options.mode, Mode::Dynamic(d) if d.smooth_quant.is_some());
+    let wants_calibration = matches!(options.mode, Mode::Static { .. })
+        || smooth_dynamic
+        || (!options.prune.is_empty() && options.calibration.is_some());
+    let (mut calibration, held_back) = if wants_calibration {
+        calibration_batches(&model, options, report).map_err(step("calibration data"))?
+    } else {
+        (Vec::new(), None)
+    };
+    if !options.prune.is_empty() {
+        // Lent to pruning, and taken back for quantization.
+        let mut pruning = options.prune.clone();
+        pruning.calibration = std::mem::take(&mut calibration);
+        let result = crate::prune::prune(&mut model, &pruning);
+        calibration = pruning.calibration;
+        report.pruning = Some(result.map_err(step("pruning failed"))?);
+    }
+    let quantized = match &options.mode {
+        Mode::Float => None,
+        Mode::Dynamic(dynamic) => Some(
+            quant::dynamic::quantize_dynamic(&mut model, &calibration, dynamic)
+                .map_err(step("quantization failed"))?,
+        ),
+        Mode::Fp16(fp16) => Some(
+            quant::fp16::convert_fp16(&mut model, fp16).map_err(step("FP16 conversion failed"))?,
+        ),
+        Mode::Static {
+            options: quant_options,
+            auto_exclude,
+        } => {
+            let on_batch = |done, total| progress("calibrating", done, total);
+            let result = if *auto_exclude {
+                let (source, generate) = validation_inputs(options, held_back.clone());
+                let validation = exec::batches_for(&model, &source, &generate)
+                    .map_err(|e| exec_step("the validation batches", e))?;
+                quant::sensitivity::quantize_static_auto_exclude(
+                    &mut model,
+                    &calibration,
+                    &validation,
+                    quant_options,
+                    &validate_options(options, source, generate).tolerance,
+                    progress,
+                )
+            } else {
+                quant::quantize_static(&mut model, &calibration, quant_options, &on_batch)
+            };
+            Some(result.map_err(step("quantization failed"))?)
+        }
+    };
+    report.quantization = quantized;
+    Ok((model, held_back))
+}
+
+fn exec_step(what: &str, e: ExecError) -> PipelineError {
+    PipelineError::Step {
+        what: "cannot read the batches",
+        source: Error::InvalidArgument(format!("{what}: {e}")),
+    }
+}
+
+/// The batches to calibrate on and, when they come from a folder and no `inputs` folder is
+/// given, the ones held back for validation (the last fifth, at least one).
+fn calibration_batches(
+    model: &Model,
+    options: &Options,
+    report: &mut Report,
+) -> crate::Result<(Vec<Batch>, Option<Vec<Batch>>)> {
+    let mut generate = options.generate.clone();
+    let source = match &options.calibration {
+        Some(InputSource::Generated(n)) => {
+            generate.seed ^= CALIBRATION_SEED_SALT;
+            InputSource::Generated(*n)
+        }
+        Some(other) => other.clone(),
+        None if matches!(options.mode, Mode::Static { .. }) => {
+            return Err(Error::InvalidArgument(
+                "--int8 needs calibration data: --calib DIR or --calib-random N".into(),
+            ))
+        }
+        None => {
+            // Dynamic INT8's smoothing, without data from the user. The channels' maxima
+            // after a normalization owe more to its γ and β than to the text: generated
+            // token ids give nearly the ranges real sentences give.
+            generate.seed ^= CALIBRATION_SEED_SALT;
+            InputSource::Generated(SMOOTHING_BATCHES)
+        }
+    };
+    let mut batches = exec::batches_for(model, &source, &generate)
+        .map_err(|e| Error::InvalidArgument(format!("cannot read the calibration batches: {e}")))?;
+    let from_folder = matches!(options.calibration, Some(InputSource::Dir(_)));
+    let own_inputs = !matches!(options.inputs, InputSource::Generated(_));
+    if !from_folder || own_inputs {
+        return Ok((batches, None));
+    }
+    if batches.len() < 2 {
+        report
+            .warnings
+            .push("one calibration batch: validation runs on the batch calibration saw".into());
+        return Ok((batches.clone(), Some(batches)));
+    }
+    let held_back = batches.split_off(batches.len() - (batches.len() / 5).max(1));
+    Ok((batches, Some(held_back)))
+}
+
+/// Where validation's batches come from: the `inputs`, else the batches calibration held
+/// back, else generated ones.
+fn validation_inputs(
+    options: &Options,
+    held_back: Option<Vec<Batch>>,
+) -> (InputSource, GenerateOptions) {
+    let source = match (&options.inputs, held_back) {
+        (InputSource::Generated(_), Some(held_back)) => InputSource::Batches(held_back),
+        (inputs, _) => inputs.clone(),
+    };
+    (source, options.generate.clone())
+}
+
+/// Validation options; a lossy run has no default limits, only the given ones.
+fn validate_options(
+    options: &Options,
+    inputs: InputSource,
+    generate: GenerateOptions,
+) -> ValidateOptions {
+    let lossy = options.lossy();
+    let t = &options.tolerances;
+    let or_default = |given: Option<f64>, default: f64| given.or((!lossy).then_some(default));
+    ValidateOptions {
+        inputs,
+        generate,
+        kl_temperature: t.kl_temperature,
+        logits: t.logits.clone(),
+        tolerance: Tolerance {
+            max_abs: or_default(t.max_error, LOSSLESS_MAX_ERROR),
+            min_cosine: or_default(t.min_cosine, LOSSLESS_MIN_COSINE),
+            max_kl: t.max_kl,
+        },
+    }
+}
+
+/// Step 4: validation, which must run and keep the tolerance for the result to be written.
+fn validate(
+    original: &Model,
+    model: &Model,
+    options: &Options,
+    held_back: Option<Vec<Batch>>,
+    report: &mut Report,
+    progress: Progress,
+) -> Result<Validation, PipelineError> {
+    let (source, generate) = validation_inputs(options, held_back);
+    let validate_options = validate_options(options, source, generate);
+    let on_batch = |done, total| progress("validating", done, total);
+    let validation = exec::validate(original, model, &validate_options, &on_batch);
+    match validation {
+        Ok(v) if v.passed() => Ok(v),
+        Ok(v) => {
+            let reason = format!(
+                "outputs differ beyond the tolerance: {}",
+                v.violations.join("; ")
+            );
+            report.validation = Some(v);
+            Err(not_written(reason, report))
+        }
+        Err(e) => Err(not_written(format!("cannot validate: {e}"), report)),
+    }
+}
+
+fn not_written(reason: String, report: &Report) -> PipelineError {
+    PipelineError::NotWritten {
+        reason,
+        report: Box::new(report.clone()),
+    }
+}
+
+/// The output check's options: two generated rows of `CHECK_LENGTH` tokens (unless the
+/// caller set the dims), the second padded, compared within the lossless defaults.
+fn check_options(options: &Options) -> ValidateOptions {
+    let mut generate = options.generate.clone();
+    generate.default_batch = CHECK_ROWS;
+    generate.default_length = CHECK_LENGTH;
+    generate.pad_masks = true;
+    let mut check = options.clone();
+    check.validate = true;
+    validate_options(&check, InputSource::Generated(1), generate)
+}
+
+/// Step 5 of the module doc.
+fn check_or_fall_back(
+    original: Model,
+    model: Model,
+    options: &Options,
+    mut report: Report,
+    progress: Progress,
+) -> Result<Outcome, PipelineError> {
+    let check_options = check_options(options);
+    let on_batch = |done, total| progress("checking", done, total);
+    let inputs = exec::batches_for(&original, &check_options.inputs, &check_options.generate);
+    let reference = inputs.and_then(|batches| exec::Reference::run(&original, batches, &on_batch));
+    let reference = match reference {
+        Ok(reference) => reference,
+        Err(e) => {
+            // Without the input model's outputs there is nothing to compare with: say so,
+            // and write what the passes made (they were not shown wrong).
+            report.check = Some(Check::not_done(format!(
+                "the input model does not run on generated inputs: {e}"
+            )));
+            return Ok(Outcome { model, report });
+        }
+    };
+    let failure = match reference.compare(&model, &check_options, &on_batch) {
+        Ok(v) if v.passed() => {
+            report.check = Some(Check::passed(v));
+            return Ok(Outcome { model, report });
+        }
+        Ok(v) => format!("outputs differ: {}", v.violations.join("; ")),
+        Err(e) => format!("the output does not run: {e}"),
+    };
+    // Leave out one fusion at a time, then all of them.
+    let fusions: Vec<&'static str> = crate::optimize::pipeline(&options.optimize)
+        .names()
+        .into_iter()
+        .filter(|n| n.starts_with("fuse-"))
+        .collect();
+    let mut attempts: Vec<Vec<&'static str>> = fusions.iter().map(|&f| vec![f]).collect();
+    if fusions.len() > 1 {
+        attempts.push(fusions.clone());
+    }
+    for left_out in attempts {
+        let mut retry = options.clone();
+        retry.optimize.skip = left_out.iter().map(|s| s.to_string()).collect();
+        let mut retry_report = Report::new();
+        let Ok((candidate, _)) = transform(original.clone(), &retry, &mut retry_report, progress)
+        else {
+            continue;
+        };
+        if let Ok(v) = reference.compare(&candidate, &check_options, &on_batch) {
+            if v.passed() {
+                retry_report.warnings = report.warnings;
+                retry_report.warnings.push(format!(
+                    "{} left out: with it the output failed the check ({failure})",
+                    left_out.join(", ")
+                ));
+                retry_report.check = Some(Check::passed(v));
+                return Ok(Outcome {
+                    model: candidate,
+                    report: retry_report,
+                });
+            }
+        }
+    }
+    report.check = Some(Check {
+        outcome: CheckOutcome::Failed(failure.clone()),
+    });
+    Err(not_written(
+        format!("the optimized model failed the output check: {failure}"),
+        &report,
+    ))
+}
