@@ -57,6 +57,7 @@ fn every_corpus_model_is_fused_and_keeps_its_outputs() {
             let options = ValidateOptions {
                 inputs: InputSource::Dir(common::calib_dir(&path)),
                 tolerance: Tolerance {
+                    max_abs_scaled: None,
                     max_abs: Some(1e-4),
                     ..Default::default()
                 },

@@ -103,6 +103,7 @@ fn qdq_diff(target: QuantTarget) -> String {
     let ranges = min_max(&model, &names, &common::testdata("calib/bert-tiny"));
     let rewrites = quantize(&mut model, &ranges, target);
     let tolerance = Tolerance {
+        max_abs_scaled: None,
         min_cosine: Some(min_cosine("bert-tiny", target)),
         ..Default::default()
     };
@@ -181,6 +182,7 @@ fn quantized_corpus_models_stay_close_to_float_in_tract_and_onnx_runtime() {
             let validation = ValidateOptions {
                 inputs: InputSource::Dir(calib.clone()),
                 tolerance: Tolerance {
+                    max_abs_scaled: None,
                     min_cosine: Some(bound),
                     ..Default::default()
                 },

@@ -156,6 +156,7 @@ fn assert_close_in_tract(
     let validation = ValidateOptions {
         inputs: InputSource::Dir(calib.to_path_buf()),
         tolerance: Tolerance {
+            max_abs_scaled: None,
             min_cosine: Some(min_cosine),
             ..Default::default()
         },
@@ -335,6 +336,7 @@ fn auto_exclude_keeps_the_most_sensitive_layers_float_until_the_tolerance_holds(
     // The pooler's Gemm alone costs the most (cosine 0.9992 on its output); everything
     // else is near 1: a bound between the two must keep exactly it float.
     let tolerance = Tolerance {
+        max_abs_scaled: None,
         min_cosine: Some(0.99995),
         ..Default::default()
     };

@@ -280,6 +280,7 @@ fn validate_options(
         kl_temperature: tolerance.kl_temperature,
         logits: tolerance.logits.clone(),
         tolerance: Tolerance {
+            max_abs_scaled: None,
             max_abs: or_default(tolerance.max_error, 1e-4),
             min_cosine: or_default(tolerance.min_cosine, 0.9999),
             max_kl: tolerance.max_kl,

@@ -19,6 +19,9 @@ pub struct OutputDiff {
     pub elements: usize,
     pub max_abs: f64,
     pub max_rel: f64,
+    /// The reference's largest finite magnitude: the scale `Tolerance::max_abs_scaled`
+    /// measures errors against.
+    pub reference_max: f64,
     pub cosine: f64,
     /// Mean KL divergence over the last axis, for outputs compared as logits.
     pub kl_divergence: Option<f64>,
@@ -31,6 +34,7 @@ impl OutputDiff {
         self.elements += other.elements;
         self.max_abs = self.max_abs.max(other.max_abs);
         self.max_rel = self.max_rel.max(other.max_rel);
+        self.reference_max = self.reference_max.max(other.reference_max);
         self.cosine = self.cosine.min(other.cosine);
         self.kl_divergence = match (self.kl_divergence, other.kl_divergence) {
             (Some(a), Some(b)) => Some(a.max(b)),
@@ -57,6 +61,7 @@ pub fn diff(
     let a = as_f64(reference).map_err(|e| format!("output `{name}`: {e}"))?;
     let b = as_f64(candidate).map_err(|e| format!("output `{name}`: {e}"))?;
     let (mut max_abs, mut max_rel, mut mismatches) = (0.0f64, 0.0f64, 0usize);
+    let mut reference_max = 0.0f64;
     let (mut dot, mut na, mut nb) = (0.0f64, 0.0f64, 0.0f64);
     for (&x, &y) in a.iter().zip(&b) {
         if !x.is_finite() || !y.is_finite() {
@@ -66,6 +71,7 @@ pub fn diff(
         }
         let d = (x - y).abs();
         max_abs = max_abs.max(d);
+        reference_max = reference_max.max(x.abs());
         max_rel = max_rel.max(d / x.abs().max(REL_FLOOR));
         dot += x * y;
         na += x * x;
@@ -85,6 +91,7 @@ pub fn diff(
         elements: a.len(),
         max_abs,
         max_rel,
+        reference_max,
         cosine,
         kl_divergence,
         nonfinite_mismatches: mismatches,
@@ -137,6 +144,10 @@ fn mean_kl(a: &[f64], b: &[f64], row: usize, temperature: f64) -> f64 {
 #[derive(Clone, Debug, Default, serde::Serialize)]
 pub struct Tolerance {
     pub max_abs: Option<f64>,
+    /// A max abs error relative to the output's scale: at most this × max(1, the
+    /// reference's largest magnitude). Float rounding grows with the values (logits of 40
+    /// carry errors 40 times those of values near 1), which an absolute bound ignores.
+    pub max_abs_scaled: Option<f64>,
     pub min_cosine: Option<f64>,
     pub max_kl: Option<f64>,
 }
@@ -156,6 +167,16 @@ impl Tolerance {
                 "`{}`: max abs error {:.3e} > {limit:.3e}",
                 d.name, d.max_abs
             ));
+        }
+        if let Some(scaled) = self.max_abs_scaled {
+            let limit = scaled * d.reference_max.max(1.0);
+            if d.max_abs > limit {
+                out.push(format!(
+                    "`{}`: max abs error {:.3e} > {limit:.3e} ({scaled:e} of its largest \
+                     value {:.3e})",
+                    d.name, d.max_abs, d.reference_max
+                ));
+            }
         }
         if let Some(limit) = self.min_cosine.filter(|&l| d.cosine < l) {
             out.push(format!("`{}`: cosine {:.6} < {limit}", d.name, d.cosine));
@@ -218,6 +239,33 @@ mod tests {
         let d = diff("y", &a, &b, None).unwrap();
         assert_eq!(d.nonfinite_mismatches, 1);
         assert_eq!(Tolerance::default().violations(&d).len(), 1);
+    }
+
+    #[test]
+    fn a_scaled_bound_grows_with_the_outputs_magnitude() {
+        let a = tensor1(&[40.0f32, -1.0]);
+        let b = tensor1(&[40.002f32, -1.0]);
+        let d = diff("logits", &a, &b, None).unwrap();
+        assert_eq!(d.reference_max, 40.0);
+        let scaled = Tolerance {
+            max_abs_scaled: Some(1e-4),
+            ..Default::default()
+        };
+        assert!(
+            scaled.violations(&d).is_empty(),
+            "2e-3 of 40 is within 1e-4 × 40"
+        );
+        let absolute = Tolerance {
+            max_abs: Some(1e-4),
+            ..Default::default()
+        };
+        assert_eq!(absolute.violations(&d).len(), 1);
+        let small = diff("y", &tensor1(&[0.5f32]), &tensor1(&[0.5002f32]), None).unwrap();
+        assert_eq!(
+            scaled.violations(&small).len(),
+            1,
+            "values below 1 are held to 1e-4"
+        );
     }
 
     #[test]

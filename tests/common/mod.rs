@@ -160,6 +160,7 @@ pub fn same_outputs(
     let options = ValidateOptions {
         inputs: InputSource::Dir(inputs.to_path_buf()),
         tolerance: Tolerance {
+            max_abs_scaled: None,
             max_abs: Some(1e-4),
             ..Default::default()
         },
