@@ -78,6 +78,20 @@ fn engines_diff(
     Ok(worst)
 }
 
+/// The `com.microsoft` operators of `model`, with their counts (`Attention×2`).
+fn contrib_ops(model: &Model) -> Vec<String> {
+    let mut counts = std::collections::BTreeMap::<String, usize>::new();
+    for (_, node) in model.graph.nodes() {
+        if node.domain() == "com.microsoft" {
+            *counts.entry(node.op_type().to_string()).or_default() += 1;
+        }
+    }
+    counts
+        .into_iter()
+        .map(|(op, n)| format!("{op}×{n}"))
+        .collect()
+}
+
 #[test]
 fn tract_and_onnx_runtime_agree_on_corpus_models() {
     if !ort_loaded() {
@@ -85,11 +99,15 @@ fn tract_and_onnx_runtime_agree_on_corpus_models() {
     }
     let mut failures = Vec::new();
     let mut compared = 0;
+    let mut contrib_nodes = 0;
     for path in common::corpus_models() {
         let name = path.file_name().unwrap().to_string_lossy().into_owned();
         let inputs = common::calib_dir(&path);
         let original = onnxopt::io::load(&path).unwrap();
         let optimized = common::optimized(&path, Target::Ort);
+        let contrib = contrib_ops(&optimized);
+        println!("{name}: optimized with {}", contrib.join(", "));
+        contrib_nodes += contrib.len();
         for (kind, model) in [("original", &original), ("optimized", &optimized)] {
             match engines_diff(model, &inputs) {
                 Err(why) => failures.push(format!("{name} ({kind}): {why}")),
@@ -114,5 +132,9 @@ fn tract_and_onnx_runtime_agree_on_corpus_models() {
         }
     }
     assert!(compared > 0, "no output was compared");
+    assert!(
+        contrib_nodes > 0,
+        "no optimized model holds a contrib operator"
+    );
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
