@@ -7,7 +7,8 @@
 //! is built per input shape and cached. Every node is first checked against
 //! `support`, because tract ignores operator domains. A panic inside tract becomes an
 //! `ExecError`, never a crash. `Runner::with_outputs` returns intermediate values too, which
-//! calibration uses to observe every tensor in one run.
+//! calibration uses to observe every tensor in one run. `ort::OrtRunner` runs models in
+//! ONNX Runtime instead, with the same surface.
 
 pub mod compare;
 pub mod features;
