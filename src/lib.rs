@@ -3,7 +3,7 @@
 //! The pipeline, and the modules that mirror it:
 //! `io::load` (bytes → `proto::ModelProto`, zero-copy) → `ir::Model` (petgraph IR) →
 //! `passes` (run to a fixpoint by `PassManager`, with statistics) → `io::save` (streamed,
-//! atomic, lossless) and `exec` (run models in tract, compare them).
+//! atomic, lossless) and `exec` (run models in tract or ONNX Runtime, compare them).
 
 pub mod error;
 pub mod exec;

@@ -7,12 +7,14 @@
 //! is built per input shape and cached. Every node is first checked against
 //! `support`, because tract ignores operator domains. A panic inside tract becomes an
 //! `ExecError`, never a crash. `Runner::with_outputs` returns intermediate values too, which
-//! calibration uses to observe every tensor in one run.
+//! calibration uses to observe every tensor in one run. `ort::OrtRunner` runs models in
+//! ONNX Runtime instead, with the same surface.
 
 pub mod compare;
 pub mod features;
 pub mod inputs;
 pub mod lower;
+pub mod ort;
 pub mod rng;
 pub mod support;
 
@@ -31,6 +33,7 @@ use tract_onnx::prelude::{
 use crate::ir::{Model, Source};
 pub use compare::{OutputDiff, Tolerance};
 pub use inputs::{Batch, GenerateOptions, InputSpec};
+pub use ort::{OrtOptions, OrtRunner};
 pub use support::Unsupported;
 
 #[derive(Debug, thiserror::Error)]
@@ -41,6 +44,10 @@ pub enum ExecError {
     Tract(String),
     #[error("tract panicked: {0}")]
     Panic(String),
+    #[error("ONNX Runtime is not available: {0}")]
+    OrtUnavailable(String),
+    #[error("ONNX Runtime cannot run the model: {0}")]
+    Ort(String),
     #[error("{0}")]
     Input(String),
     #[error(transparent)]
@@ -298,27 +305,33 @@ impl Runner {
 
     /// An error unless `batch` holds the model's inputs, in order.
     fn check_inputs(&self, batch: &Batch) -> Result<(), ExecError> {
-        if batch.tensors.len() != self.inputs.len()
-            || batch
-                .tensors
-                .iter()
-                .zip(&self.inputs)
-                .any(|((name, _), spec)| *name != spec.name)
-        {
-            let want: Vec<&str> = self.inputs.iter().map(|s| s.name.as_str()).collect();
-            let got: Vec<&str> = batch.tensors.iter().map(|(n, _)| n.as_str()).collect();
-            return Err(ExecError::Input(format!(
-                "batch `{}` has inputs {got:?}, the model wants {want:?}",
-                batch.name
-            )));
-        }
-        for ((name, tensor), spec) in batch.tensors.iter().zip(&self.inputs) {
-            if let Some((_, last_row)) = spec.inferred_range {
-                check_indices(&batch.name, name, tensor, last_row + 1)?;
-            }
-        }
-        Ok(())
+        check_batch(&self.inputs, batch)
     }
+}
+
+/// An error unless `batch` holds the inputs `inputs` (a model's), in order, with every token
+/// id within the table it indexes.
+fn check_batch(inputs: &[InputSpec], batch: &Batch) -> Result<(), ExecError> {
+    if batch.tensors.len() != inputs.len()
+        || batch
+            .tensors
+            .iter()
+            .zip(inputs)
+            .any(|((name, _), spec)| *name != spec.name)
+    {
+        let want: Vec<&str> = inputs.iter().map(|s| s.name.as_str()).collect();
+        let got: Vec<&str> = batch.tensors.iter().map(|(n, _)| n.as_str()).collect();
+        return Err(ExecError::Input(format!(
+            "batch `{}` has inputs {got:?}, the model wants {want:?}",
+            batch.name
+        )));
+    }
+    for ((name, tensor), spec) in batch.tensors.iter().zip(inputs) {
+        if let Some((_, last_row)) = spec.inferred_range {
+            check_indices(&batch.name, name, tensor, last_row + 1)?;
+        }
+    }
+    Ok(())
 }
 
 /// An error unless every value of `tensor`, an input that indexes a table of `rows` rows

@@ -1,0 +1,460 @@
+//! Running models in ONNX Runtime, the second execution engine beside tract.
+//!
+//! tract runs ONNX Runtime's `com.microsoft` operators only through the lowerings of
+//! `exec::lower`, which are our reading of ONNX Runtime's documentation; ONNX Runtime runs
+//! them with its own kernels, so a model checked in both engines checks those lowerings too.
+//! `OrtRunner` has the surface of tract's `Runner` (`new`, `with_outputs` for intermediate
+//! values, `inputs`, `output_names`, `run`, `run_parallel`, `prepare`) and takes and gives
+//! tract tensors, so callers compare the two engines' results with the same code.
+//!
+//! The library is never linked: it is found at run time (`locate`: `$ONNXOPT_ORT_LIB`, else
+//! `$ORT_DYLIB_PATH`, else the `onnxruntime` Python package's `capi/libonnxruntime.so*`) and
+//! loaded once per process (`available`), behind the cargo feature `ort` (on by default;
+//! without it every constructor says so). ONNX Runtime 1.17 or newer loads: the `ort` crate
+//! is used at its lowest C API level, 17. A library that is missing, unloadable or too old is
+//! an `ExecError::OrtUnavailable` naming the file and the reason, never a panic.
+//!
+//! The model goes to ONNX Runtime as serialized bytes, with its graph outputs replaced by the
+//! requested values and its weights copied in. A model past protobuf's 2 GB keeps the weights
+//! it was read with in their files: the bytes point at them and the session is told their
+//! folder, a setting ONNX Runtime 1.23 reads and 1.20 ignores (it then refuses the model).
+
+#[cfg(feature = "ort")]
+mod session;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use prost::Message;
+use tract_onnx::prelude::Tensor;
+
+use super::{check_batch, Batch, ExecError, InputSpec};
+use crate::ir::Model;
+use crate::proto::ValueInfoProto;
+
+/// A path to the ONNX Runtime shared library (`libonnxruntime.so*`), which wins over every
+/// other place.
+pub const LIB_VAR: &str = "ONNXOPT_ORT_LIB";
+/// The `ort` crate's own variable for the library, read after `LIB_VAR`.
+pub const ORT_DYLIB_VAR: &str = "ORT_DYLIB_PATH";
+
+/// How much of ONNX Runtime's own graph optimizer runs on loading.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Optimization {
+    /// None: the graph runs as written, so that a check runs our rewrites, not ONNX Runtime's
+    /// (its extended level fuses on its own and could hide a broken fusion of ours). Every
+    /// operator onnxopt emits has a CPU kernel of its own; the transformations ONNX Runtime
+    /// needs to run a graph at all (casts around float16 nodes without a float16 kernel)
+    /// run at every level.
+    #[default]
+    Disabled,
+    /// Constant folding and removal of redundant nodes.
+    Basic,
+    /// Basic, and fusions of ONNX Runtime's own.
+    Extended,
+    /// Everything, layout changes included: what a deployment gets.
+    All,
+}
+
+/// How a session is made.
+#[derive(Clone, Debug, Default)]
+pub struct OrtOptions {
+    /// Intra-op threads of the session; 0: one per thread of rayon's pool, the cores tract's
+    /// `run_parallel` would use. Threads wait without spinning between runs.
+    pub threads: usize,
+    pub optimization: Optimization,
+}
+
+/// Where the ONNX Runtime library is, without loading it: `$ONNXOPT_ORT_LIB`, else
+/// `$ORT_DYLIB_PATH`, else the shared library inside the `onnxruntime` Python package
+/// (found by `python3` without importing it). A variable that is set but names no file is an
+/// error, not a reason to look elsewhere.
+pub fn locate() -> Result<PathBuf, String> {
+    locate_with(&|var| std::env::var_os(var))
+}
+
+/// `locate`, reading the variables through `var`.
+fn locate_with(var: &dyn Fn(&str) -> Option<std::ffi::OsString>) -> Result<PathBuf, String> {
+    for name in [LIB_VAR, ORT_DYLIB_VAR] {
+        match var(name) {
+            Some(path) if !path.is_empty() => {
+                let path = PathBuf::from(path);
+                return if path.is_file() {
+                    Ok(std::path::absolute(&path).unwrap_or(path))
+                } else {
+                    Err(format!("{name}={} is not a file", path.display()))
+                };
+            }
+            _ => {}
+        }
+    }
+    python_wheel_library()
+}
+
+/// The library of the `onnxruntime` Python package that `python3` finds.
+fn python_wheel_library() -> Result<PathBuf, String> {
+    const FIND: &str = "import importlib.util as u; \
+                        print(u.find_spec('onnxruntime').submodule_search_locations[0])";
+    let python = if cfg!(windows) { "python" } else { "python3" };
+    let out = Command::new(python)
+        .args(["-c", FIND])
+        .output()
+        .map_err(|e| {
+            format!("{LIB_VAR} and {ORT_DYLIB_VAR} are not set, and {python} cannot run: {e}")
+        })?;
+    if !out.status.success() {
+        return Err(format!(
+            "{LIB_VAR} and {ORT_DYLIB_VAR} are not set, and {python} has no onnxruntime \
+             package (pip install onnxruntime)"
+        ));
+    }
+    let package = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+    library_in(&package.join("capi")).ok_or_else(|| {
+        format!(
+            "the onnxruntime package at {} holds no ONNX Runtime library in capi/",
+            package.display()
+        )
+    })
+}
+
+/// The ONNX Runtime library in `dir` (the versioned name when there are several).
+fn library_in(dir: &Path) -> Option<PathBuf> {
+    let is_library = |name: &str| {
+        if cfg!(target_os = "macos") {
+            name.starts_with("libonnxruntime.") && name.ends_with(".dylib")
+        } else if cfg!(windows) {
+            name == "onnxruntime.dll"
+        } else {
+            name.starts_with("libonnxruntime.so")
+        }
+    };
+    let mut found: Vec<PathBuf> = std::fs::read_dir(dir)
+        .ok()?
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_str().is_some_and(is_library))
+        .map(|e| e.path())
+        .filter(|p| p.is_file())
+        .collect();
+    found.sort();
+    found.pop()
+}
+
+/// The ONNX Runtime library this process uses, loading it on the first call (once per
+/// process; a failure is remembered too): where it was found, or why it cannot be used.
+pub fn available() -> Result<PathBuf, String> {
+    runtime_path()
+}
+
+#[cfg(feature = "ort")]
+fn runtime_path() -> Result<PathBuf, String> {
+    session::runtime().map(|r| r.path.clone())
+}
+
+#[cfg(not(feature = "ort"))]
+fn runtime_path() -> Result<PathBuf, String> {
+    Err(NOT_BUILT.to_string())
+}
+
+#[cfg(not(feature = "ort"))]
+const NOT_BUILT: &str = "onnxopt was built without the `ort` feature";
+
+#[cfg(feature = "ort")]
+type Engine = session::Engine;
+/// Without the `ort` feature no runner can be made: methods that need a session cannot be
+/// reached.
+#[cfg(not(feature = "ort"))]
+type Engine = std::convert::Infallible;
+
+/// A model loaded into ONNX Runtime, with the surface of tract's `exec::Runner`.
+pub struct OrtRunner {
+    engine: Engine,
+    inputs: Vec<InputSpec>,
+    outputs: Vec<String>,
+}
+
+impl OrtRunner {
+    /// Loads `model`, returning its graph outputs when run.
+    pub fn new(model: &Model) -> Result<OrtRunner, ExecError> {
+        let outputs: Vec<String> = model
+            .graph
+            .outputs
+            .iter()
+            .map(|p| model.graph.value_name(p.value).to_string())
+            .collect();
+        OrtRunner::with_outputs(model, &outputs)
+    }
+
+    /// Loads `model`, returning the named values (graph outputs or intermediates) when run.
+    pub fn with_outputs(model: &Model, outputs: &[String]) -> Result<OrtRunner, ExecError> {
+        OrtRunner::with_options(model, outputs, &OrtOptions::default())
+    }
+
+    /// `with_outputs`, with the session made as `options` says.
+    pub fn with_options(
+        model: &Model,
+        outputs: &[String],
+        options: &OrtOptions,
+    ) -> Result<OrtRunner, ExecError> {
+        let inputs = super::inputs::input_specs(model)?;
+        let (bytes, dir) = session_bytes(model, outputs)?;
+        let engine = new_engine(&bytes, dir.as_deref(), options)?;
+        Ok(OrtRunner {
+            engine,
+            inputs,
+            outputs: outputs.to_vec(),
+        })
+    }
+
+    pub fn inputs(&self) -> &[InputSpec] {
+        &self.inputs
+    }
+
+    pub fn output_names(&self) -> &[String] {
+        &self.outputs
+    }
+
+    /// Runs one batch; returns the requested values in order.
+    pub fn run(&mut self, batch: &Batch) -> Result<Vec<(String, Tensor)>, ExecError> {
+        check_batch(&self.inputs, batch)?;
+        run_engine(&mut self.engine, &self.outputs, batch)
+    }
+
+    /// Runs `batches` one after the other, each on all the session's threads (ONNX Runtime
+    /// parallelizes inside operators, where tract runs one batch per core); returns each
+    /// batch's values, in order.
+    pub fn run_parallel(
+        &mut self,
+        batches: &[Batch],
+    ) -> Result<Vec<Vec<(String, Tensor)>>, ExecError> {
+        self.prepare(batches)?;
+        batches.iter().map(|b| self.run(b)).collect()
+    }
+
+    /// Checks that `batches` hold the model's inputs; ONNX Runtime needs no plan per shape.
+    pub fn prepare(&mut self, batches: &[Batch]) -> Result<(), ExecError> {
+        batches
+            .iter()
+            .try_for_each(|b| check_batch(&self.inputs, b))
+    }
+}
+
+#[cfg(feature = "ort")]
+fn new_engine(bytes: &[u8], dir: Option<&Path>, options: &OrtOptions) -> Result<Engine, ExecError> {
+    session::Engine::new(bytes, dir, options)
+}
+
+#[cfg(not(feature = "ort"))]
+fn new_engine(_: &[u8], _: Option<&Path>, _: &OrtOptions) -> Result<Engine, ExecError> {
+    Err(ExecError::OrtUnavailable(NOT_BUILT.to_string()))
+}
+
+#[cfg(feature = "ort")]
+fn run_engine(
+    engine: &mut Engine,
+    outputs: &[String],
+    batch: &Batch,
+) -> Result<Vec<(String, Tensor)>, ExecError> {
+    engine.run(outputs, batch)
+}
+
+#[cfg(not(feature = "ort"))]
+fn run_engine(
+    engine: &mut Engine,
+    _: &[String],
+    _: &Batch,
+) -> Result<Vec<(String, Tensor)>, ExecError> {
+    match *engine {}
+}
+
+/// `model` serialized for ONNX Runtime, its graph outputs being `outputs`, with the folder
+/// external data locations are relative to when some weights stay in the model's files.
+fn session_bytes(
+    model: &Model,
+    outputs: &[String],
+) -> Result<(Vec<u8>, Option<PathBuf>), ExecError> {
+    session_bytes_within(model, outputs, crate::io::PROTOBUF_LIMIT as usize)
+}
+
+/// `session_bytes`, for messages of at most `limit` bytes. The weights are copied into the
+/// bytes whenever they fit, as every version of ONNX Runtime reads them there. Past the limit
+/// the weights still in the files the model was read from point at their place there (as for
+/// tract), and the session is told their folder, a setting older versions ignore (1.20 does,
+/// 1.23 reads it).
+fn session_bytes_within(
+    model: &Model,
+    outputs: &[String],
+    limit: usize,
+) -> Result<(Vec<u8>, Option<PathBuf>), ExecError> {
+    let g = &model.graph;
+    let mut declared: Vec<ValueInfoProto> = Vec::with_capacity(outputs.len());
+    for name in outputs {
+        if declared.iter().any(|d| d.name() == name) {
+            continue;
+        }
+        let value = g
+            .find_value(name)
+            .filter(|&v| !g.value(v).removed)
+            .ok_or_else(|| ExecError::Input(format!("the model has no value `{name}`")))?;
+        let decl = match g.outputs.iter().find(|p| p.value == value) {
+            Some(port) => port.decl.clone(),
+            // The element type only: a shape recorded for an intermediate may name its dims
+            // otherwise than ONNX Runtime's own inference, which then refuses the model.
+            None => ValueInfoProto {
+                name: Some(name.clone()),
+                r#type: g.value_type(value).map(|t| {
+                    crate::ir::ValueType {
+                        elem: t.elem,
+                        shape: None,
+                    }
+                    .to_type_proto()
+                }),
+                ..Default::default()
+            },
+        };
+        declared.push(decl);
+    }
+    let mut proto = model.to_proto()?;
+    let graph = proto
+        .graph
+        .as_mut()
+        .ok_or_else(|| ExecError::Input("the model has no graph".into()))?;
+    graph.output = declared;
+    let mut dir = None;
+    if proto.encoded_len() > limit {
+        dir = super::point_at_source_files(&mut proto, model.source.as_ref())
+            .map(|d| std::path::absolute(&d).unwrap_or(d));
+    }
+    if proto.encoded_len() > limit {
+        return Err(ExecError::Input(format!(
+            "the model takes {} bytes besides the weights still in its files, more than \
+             protobuf's {limit}-byte limit: save it with external data first",
+            proto.encoded_len()
+        )));
+    }
+    Ok((proto.encode_to_vec(), dir))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// True when the library has loaded; else prints why (the test then skips), or fails
+    /// under `$ONNXOPT_REQUIRE_ORT`, which CI sets so that no check passes by skipping.
+    #[cfg(feature = "ort")]
+    pub(super) fn loaded_or_skip(test: &str) -> bool {
+        match available() {
+            Ok(_) => true,
+            Err(why) => {
+                assert!(
+                    std::env::var_os("ONNXOPT_REQUIRE_ORT").is_none(),
+                    "ONNXOPT_REQUIRE_ORT is set but ONNX Runtime is not available: {why}"
+                );
+                println!("{test}: skipped, ONNX Runtime is not available: {why}");
+                false
+            }
+        }
+    }
+
+    #[test]
+    fn the_variables_come_first_in_their_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let (ours, theirs) = (dir.path().join("ours.so"), dir.path().join("theirs.so"));
+        std::fs::write(&ours, b"").unwrap();
+        std::fs::write(&theirs, b"").unwrap();
+        let env = |pairs: Vec<(&'static str, PathBuf)>| {
+            move |var: &str| {
+                pairs
+                    .iter()
+                    .find(|(k, _)| *k == var)
+                    .map(|(_, v)| v.clone().into_os_string())
+            }
+        };
+        let both = env(vec![
+            (LIB_VAR, ours.clone()),
+            (ORT_DYLIB_VAR, theirs.clone()),
+        ]);
+        assert_eq!(locate_with(&both).unwrap(), ours);
+        let only_ort = env(vec![(ORT_DYLIB_VAR, theirs.clone())]);
+        assert_eq!(locate_with(&only_ort).unwrap(), theirs);
+        // A variable naming no file is an error, not a reason to look elsewhere.
+        let missing = env(vec![
+            (LIB_VAR, dir.path().join("nope.so")),
+            (ORT_DYLIB_VAR, theirs),
+        ]);
+        let why = locate_with(&missing).unwrap_err();
+        assert!(why.contains(LIB_VAR) && why.contains("not a file"), "{why}");
+    }
+
+    #[test]
+    fn the_versioned_library_is_picked_from_a_folder() {
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(library_in(dir.path()), None);
+        for name in [
+            "libonnxruntime_providers_shared.so",
+            "libonnxruntime.so.1.32.0",
+            "__init__.py",
+        ] {
+            std::fs::write(dir.path().join(name), b"").unwrap();
+        }
+        let found = library_in(dir.path()).unwrap();
+        if cfg!(target_os = "linux") {
+            assert_eq!(found.file_name().unwrap(), "libonnxruntime.so.1.32.0");
+        }
+    }
+
+    #[test]
+    fn discovery_finds_a_library_or_says_why() {
+        match locate() {
+            Ok(path) => assert!(path.is_file(), "{}", path.display()),
+            Err(why) => {
+                assert!(!why.is_empty());
+                println!("no ONNX Runtime library: {why}");
+            }
+        }
+        #[cfg(feature = "ort")]
+        if loaded_or_skip("discovery_finds_a_library_or_says_why") {
+            let loaded = available().unwrap();
+            assert!(loaded.is_file());
+            // Loaded once: the second answer is the first.
+            assert_eq!(available().unwrap(), loaded);
+        }
+        #[cfg(not(feature = "ort"))]
+        assert!(available().unwrap_err().contains("`ort` feature"));
+    }
+
+    #[test]
+    fn an_unknown_value_is_refused_before_loading() {
+        let model = crate::ir::testing::model(&["x"], &["y"], &[], &[("Relu", &["x"], &["y"])]);
+        let err = session_bytes(&model, &["nope".to_string()]).unwrap_err();
+        assert!(err.to_string().contains("no value `nope`"), "{err}");
+    }
+
+    #[test]
+    fn intermediates_become_the_graph_outputs_with_their_element_type() {
+        use crate::proto::tensor_proto::DataType;
+        let model = crate::ir::testing::builder()
+            .input("x", DataType::Float, &["batch", "4"])
+            .typed("h", DataType::Float, &["batch", "4"])
+            .output("y", DataType::Float, &["batch", "4"])
+            .node("Relu", &["x"], &["h"], vec![])
+            .node("Neg", &["h"], &["y"], vec![])
+            .build();
+        let wanted = ["h".to_string(), "y".to_string(), "h".to_string()];
+        let (bytes, dir) = session_bytes(&model, &wanted).unwrap();
+        assert_eq!(dir, None);
+        let proto = crate::proto::ModelProto::decode(&bytes[..]).unwrap();
+        let outputs = &proto.graph.unwrap().output;
+        let names: Vec<&str> = outputs.iter().map(|o| o.name()).collect();
+        assert_eq!(names, ["h", "y"]);
+        let tt = |o: &ValueInfoProto| match o.r#type.as_ref().unwrap().value.clone().unwrap() {
+            crate::proto::type_proto::Value::TensorType(t) => t,
+            _ => panic!("not a tensor"),
+        };
+        assert_eq!(tt(&outputs[0]).elem_type(), DataType::Float as i32);
+        assert!(tt(&outputs[0]).shape.is_none());
+        assert!(
+            tt(&outputs[1]).shape.is_some(),
+            "a graph output keeps its declaration"
+        );
+    }
+}

@@ -1,0 +1,238 @@
+//! tract and ONNX Runtime agree on every corpus model, before and after optimizing for
+//! ONNX Runtime.
+//!
+//! An optimized model holds ONNX Runtime's `com.microsoft` operators (Attention,
+//! MultiHeadAttention, FastGelu, BiasGelu, …): tract runs them through our own lowerings
+//! (`exec::lower`) or its own implementations, ONNX Runtime (`exec::ort::OrtRunner`) with its
+//! real kernels, on the calibration batches of each model. Every output must agree within
+//! 1e-4, which checks those lowerings against the kernels they stand for. The original
+//! models are compared the same way, which checks the engines against each other.
+//!
+//! The quantized (static and dynamic INT8) and float16 variants of four tiny models are
+//! compared too, by cosine (see below why not within 1e-4).
+//!
+//! Needs the ONNX Runtime library (see `exec::ort::locate`); without it the test says why and
+//! skips, unless `ONNXOPT_REQUIRE_ORT` is set (CI), which makes its absence a failure.
+#![cfg(feature = "ort")]
+
+mod common;
+
+use onnxopt::exec::{self, compare, InputSource, OrtRunner, Runner};
+use onnxopt::ir::Model;
+use onnxopt::passes::fuse::Target;
+
+/// Largest absolute difference allowed between the engines.
+const MAX_ABS: f64 = 1e-4;
+
+/// True when ONNX Runtime has loaded; else prints why, or fails under `ONNXOPT_REQUIRE_ORT`.
+fn ort_loaded() -> bool {
+    match exec::ort::available() {
+        Ok(path) => {
+            println!("ONNX Runtime: {}", path.display());
+            true
+        }
+        Err(why) => {
+            assert!(
+                std::env::var_os("ONNXOPT_REQUIRE_ORT").is_none(),
+                "ONNXOPT_REQUIRE_ORT is set but ONNX Runtime is not available: {why}"
+            );
+            println!("skipped: ONNX Runtime is not available: {why}");
+            false
+        }
+    }
+}
+
+/// The worst difference per output between tract and ONNX Runtime on `model`, over the
+/// batches of `inputs`, with the largest |value| tract gave for it.
+fn engines_diff(
+    model: &Model,
+    inputs: &std::path::Path,
+) -> Result<Vec<(compare::OutputDiff, f64)>, String> {
+    let batches = exec::batches_for(
+        model,
+        &InputSource::Dir(inputs.to_path_buf()),
+        &Default::default(),
+    )
+    .map_err(|e| e.to_string())?;
+    let mut tract = Runner::new(model).map_err(|e| format!("tract: {e}"))?;
+    let mut ort = OrtRunner::new(model).map_err(|e| format!("ONNX Runtime: {e}"))?;
+    let mut worst: Vec<(compare::OutputDiff, f64)> = Vec::new();
+    for batch in &batches {
+        let a = tract.run(batch).map_err(|e| format!("tract: {e}"))?;
+        let b = ort.run(batch).map_err(|e| format!("ONNX Runtime: {e}"))?;
+        for (k, ((name, ta), (_, tb))) in a.iter().zip(&b).enumerate() {
+            let d = compare::diff(name, ta, tb, None)?;
+            let largest = ta
+                .cast_to::<f64>()
+                .map_err(|e| e.to_string())?
+                .to_plain_array_view::<f64>()
+                .map_err(|e| e.to_string())?
+                .iter()
+                .fold(0.0f64, |m, v| m.max(v.abs()));
+            match worst.get_mut(k) {
+                Some((acc, big)) => {
+                    acc.merge(&d);
+                    *big = big.max(largest);
+                }
+                None => worst.push((d, largest)),
+            }
+        }
+    }
+    Ok(worst)
+}
+
+/// The `com.microsoft` operators of `model`, with their counts (`Attention×2`).
+fn contrib_ops(model: &Model) -> Vec<String> {
+    let mut counts = std::collections::BTreeMap::<String, usize>::new();
+    for (_, node) in model.graph.nodes() {
+        if node.domain() == "com.microsoft" {
+            *counts.entry(node.op_type().to_string()).or_default() += 1;
+        }
+    }
+    counts
+        .into_iter()
+        .map(|(op, n)| format!("{op}×{n}"))
+        .collect()
+}
+
+#[test]
+fn tract_and_onnx_runtime_agree_on_corpus_models() {
+    if !ort_loaded() {
+        return;
+    }
+    let mut failures = Vec::new();
+    let mut compared = 0;
+    let mut contrib_nodes = 0;
+    for path in common::corpus_models() {
+        let name = path.file_name().unwrap().to_string_lossy().into_owned();
+        let inputs = common::calib_dir(&path);
+        let original = onnxopt::io::load(&path).unwrap();
+        let optimized = common::optimized(&path, Target::Ort);
+        let contrib = contrib_ops(&optimized);
+        println!("{name}: optimized with {}", contrib.join(", "));
+        contrib_nodes += contrib.len();
+        for (kind, model) in [("original", &original), ("optimized", &optimized)] {
+            match engines_diff(model, &inputs) {
+                Err(why) => failures.push(format!("{name} ({kind}): {why}")),
+                Ok(outputs) => {
+                    for (d, largest) in outputs {
+                        compared += 1;
+                        println!(
+                            "{name:36} {kind:9} {:22} max abs {:.2e}  max |x| {largest:9.3}  \
+                             cosine {:.8}",
+                            d.name, d.max_abs, d.cosine
+                        );
+                        if d.max_abs > MAX_ABS || d.nonfinite_mismatches > 0 {
+                            failures.push(format!(
+                                "{name} ({kind}) `{}`: max abs {:.3e} (max |x| {largest:.3}, \
+                                 cosine {:.8}, {} non-finite mismatches)",
+                                d.name, d.max_abs, d.cosine, d.nonfinite_mismatches
+                            ));
+                        }
+                    }
+                }
+            }
+        }
+    }
+    assert!(compared > 0, "no output was compared");
+    assert!(
+        contrib_nodes > 0,
+        "no optimized model holds a contrib operator"
+    );
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+/// The variants of a model optimized for ONNX Runtime that its quantizers and float16
+/// conversion make, by name.
+fn variants(optimized: &Model, batches: &[exec::Batch]) -> Vec<(&'static str, Model)> {
+    use onnxopt::quant::dynamic::{quantize_dynamic, DynamicOptions, DynamicWeights};
+    use onnxopt::quant::fp16::{convert_fp16, Fp16Options};
+    use onnxopt::quant::qdq::{QdqOptions, Selection};
+    use onnxopt::quant::{quantize_static, QuantTarget, RangeMethod, StaticOptions};
+    let qdq = QdqOptions {
+        target: QuantTarget::Ort,
+        selection: Selection::default(),
+    };
+    let mut int8 = optimized.clone();
+    let options = StaticOptions {
+        qdq: qdq.clone(),
+        method: RangeMethod::MinMax,
+        smooth_quant: None,
+    };
+    quantize_static(&mut int8, batches, &options, &|_, _| {}).unwrap();
+    let mut dynamic = optimized.clone();
+    let options = DynamicOptions {
+        qdq,
+        weights: DynamicWeights::Int8,
+        smooth_quant: None,
+    };
+    quantize_dynamic(&mut dynamic, batches, &options).unwrap();
+    let mut fp16 = optimized.clone();
+    convert_fp16(
+        &mut fp16,
+        &Fp16Options {
+            keep_io_types: true,
+        },
+    )
+    .unwrap();
+    vec![("int8", int8), ("int8-dyn", dynamic), ("fp16", fp16)]
+}
+
+/// Lowest cosine allowed between the engines on a quantized or float16 model.
+const MIN_COSINE_REDUCED: f64 = 0.9999;
+
+/// Quantized and float16 models cannot be held to 1e-4 across engines: a last-bit difference
+/// in a float sum before a QuantizeLinear moves that value one int8 step (a scale of about
+/// 1e-2), a DynamicQuantizeLinear's range moves all of them, and the engines accumulate
+/// float16 products differently. A wrong lowering gives far worse than a cosine of 0.9999
+/// (the tiny models give 0.999996 at worst). Static INT8 runs the Q/K/V projections unpacked
+/// from the fused Attention, so it checks the MultiHeadAttention lowering with a bias too.
+#[test]
+fn tract_and_onnx_runtime_agree_on_quantized_and_float16_models() {
+    if !ort_loaded() {
+        return;
+    }
+    let mut failures = Vec::new();
+    for family in [
+        "bert-tiny.ts",
+        "distilbert-tiny.ts",
+        "gpt2-tiny-past.ts",
+        "vit-tiny.ts",
+    ] {
+        let path = common::corpus().join(format!("tiny/{family}.onnx"));
+        let inputs = common::calib_dir(&path);
+        let optimized = common::optimized(&path, Target::Ort);
+        let batches = exec::batches_for(
+            &optimized,
+            &InputSource::Dir(inputs.clone()),
+            &Default::default(),
+        )
+        .unwrap();
+        for (kind, model) in variants(&optimized, &batches) {
+            let contrib = contrib_ops(&model);
+            match engines_diff(&model, &inputs) {
+                Err(why) => failures.push(format!("{family} ({kind}): {why}")),
+                Ok(outputs) => {
+                    for (d, largest) in outputs {
+                        println!(
+                            "{family:20} {kind:9} {:18} max abs {:.2e}  max |x| {largest:7.3}  \
+                             cosine {:.8}  [{}]",
+                            d.name,
+                            d.max_abs,
+                            d.cosine,
+                            contrib.join(", ")
+                        );
+                        if d.cosine < MIN_COSINE_REDUCED || d.nonfinite_mismatches > 0 {
+                            failures.push(format!(
+                                "{family} ({kind}) `{}`: cosine {:.8}, max abs {:.3e}, {} \
+                                 non-finite mismatches",
+                                d.name, d.cosine, d.max_abs, d.nonfinite_mismatches
+                            ));
+                        }
+                    }
+                }
+            }
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
