@@ -40,7 +40,7 @@ fn main() {
     let mut optimized = original.clone();
     let options = onnxopt::optimize::OptimizeOptions {
         target: onnxopt::passes::fuse::Target::Ort,
-        passes: Vec::new(),
+        ..Default::default()
     };
     onnxopt::optimize::optimize(&mut optimized, &options).expect("MiniLM optimizes");
     let specs = exec::inputs::input_specs(&original).expect("inputs");

@@ -41,6 +41,21 @@ def session(path):
     return ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
 
 
+FLOAT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64}
+
+
+def as_inputs_of(session, feed):
+    """`feed` with each float array in the float type `session` declares for it (a float16
+    model's inputs are float16; the batches are float32)."""
+    declared = {i.name: i.type for i in session.get_inputs()}
+    return {
+        name: value.astype(FLOAT_TYPES[declared[name]])
+        if value.dtype.kind == "f" and declared.get(name) in FLOAT_TYPES
+        else value
+        for name, value in feed.items()
+    }
+
+
 def cosine(a, b):
     a, b = a.astype(np.float64).ravel(), b.astype(np.float64).ravel()
     finite = np.isfinite(a) & np.isfinite(b)
@@ -61,8 +76,8 @@ def check(original, optimized, input_dir, atol, min_cosine):
     outputs = [o.name for o in reference.get_outputs()]
     worst, lowest_cosine = 0.0, 1.0
     for feed in feeds:
-        want = reference.run(outputs, feed)
-        got = candidate.run(outputs, feed)
+        want = reference.run(outputs, as_inputs_of(reference, feed))
+        got = candidate.run(outputs, as_inputs_of(candidate, feed))
         for name, a, b in zip(outputs, want, got):
             if a.shape != b.shape:
                 raise RuntimeError(f"{name}: shape {b.shape}, expected {a.shape}")

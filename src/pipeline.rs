@@ -9,6 +9,8 @@
 //! 4. validation of the result against the input model, on batches calibration did not see
 //!    (the last fifth of a calibration folder, or the `inputs`), when asked for or when a step
 //!    was lossy — a lossy run gates only on the tolerances given;
+//!    (`check: false` waives a lossy step's validation when no limit was given: the output is
+//!    then written unvalidated, for a model no engine here can run);
 //! 5. otherwise the output check: both models run on small generated inputs (two rows, the
 //!    second padded, so that a mask read the wrong way shows) and the output must match the
 //!    input's within a float tolerance. A rewrite that breaks a model the passes did not
@@ -20,7 +22,8 @@
 
 use crate::error::Error;
 use crate::exec::{
-    self, Batch, ExecError, GenerateOptions, InputSource, Tolerance, ValidateOptions, Validation,
+    self, Batch, Engine, ExecError, GenerateOptions, InputSource, Tolerance, ValidateOptions,
+    Validation,
 };
 use crate::ir::Model;
 use crate::optimize::OptimizeOptions;
@@ -72,8 +75,11 @@ pub struct Options {
     /// Validate even a lossless run, on `inputs`.
     pub validate: bool,
     pub tolerances: Tolerances,
-    /// Run the output check when nothing else validates the output.
+    /// Run the output check when nothing else validates the output; false also waives the
+    /// validation of a lossy step that has no limit to keep.
     pub check: bool,
+    /// The engine validation and the output check run models in.
+    pub engine: Engine,
 }
 
 impl Default for Options {
@@ -91,6 +97,7 @@ impl Default for Options {
                 ..Default::default()
             },
             check: true,
+            engine: Engine::Auto,
         }
     }
 }
@@ -161,13 +168,21 @@ pub fn run(model: Model, options: &Options, progress: Progress) -> Result<Outcom
         }
     }
     let (model, held_back) = transform(model, options, &mut report, progress)?;
-    let validated = options.validate || options.lossy();
+    // A lossy step validates unless the user waived it (`check: false`) and gave no limit
+    // to keep: then the output is written unvalidated, and the report says so.
+    let gated = options.tolerances.any_given();
+    let validated = options.validate || (options.lossy() && (options.check || gated));
     if validated {
         let validation = validate(&original, &model, options, held_back, &mut report, progress)?;
         report.validation = Some(validation);
         return Ok(Outcome { model, report });
     }
     if !options.check {
+        if options.lossy() {
+            report
+                .warnings
+                .push("the output was not validated (--no-check): its errors are not known".into());
+        }
         report.check = Some(Check::skipped());
         return Ok(Outcome { model, report });
     }
@@ -313,23 +328,36 @@ fn validate_options(
     generate: GenerateOptions,
 ) -> ValidateOptions {
     let t = &options.tolerances;
-    let given = t.max_error.is_some() || t.min_cosine.is_some() || t.max_kl.is_some();
-    let tolerance = if given || options.lossy() {
-        Tolerance {
-            max_abs: t.max_error,
-            max_abs_scaled: None,
-            min_cosine: t.min_cosine,
-            max_kl: t.max_kl,
-        }
-    } else {
-        check_tolerance(original)
-    };
     ValidateOptions {
         inputs,
         generate,
         kl_temperature: t.kl_temperature,
         logits: t.logits.clone(),
-        tolerance,
+        tolerance: t.limits(original, options.lossy()),
+        engine: options.engine,
+    }
+}
+
+impl Tolerances {
+    /// True when the user gave a limit to keep.
+    pub fn any_given(&self) -> bool {
+        self.max_error.is_some() || self.min_cosine.is_some() || self.max_kl.is_some()
+    }
+
+    /// The limits to hold a model to against `reference`: those given; where none is given,
+    /// those of a lossless rewrite of `reference` (see `check_tolerance`), or none at all
+    /// for a lossy one (the report then states the errors without judging them).
+    pub fn limits(&self, reference: &Model, lossy: bool) -> Tolerance {
+        if self.any_given() || lossy {
+            Tolerance {
+                max_abs: self.max_error,
+                max_abs_scaled: None,
+                min_cosine: self.min_cosine,
+                max_kl: self.max_kl,
+            }
+        } else {
+            check_tolerance(reference)
+        }
     }
 }
 
@@ -386,7 +414,16 @@ fn validate(
             report.validation = Some(v);
             Err(not_written(reason, report))
         }
-        Err(e) => Err(not_written(format!("cannot validate: {e}"), report)),
+        Err(e) => {
+            let remedy = match (&e, exec::ort::available()) {
+                (ExecError::Unsupported(_), Err(_)) => {
+                    "; ONNX Runtime runs it (pip install onnxruntime, or $ONNXOPT_ORT_LIB), \
+                     or --no-check writes the output without validation"
+                }
+                _ => "",
+            };
+            Err(not_written(format!("cannot validate: {e}{remedy}"), report))
+        }
     }
 }
 
@@ -417,26 +454,23 @@ fn check_or_fall_back(
 ) -> Result<Outcome, PipelineError> {
     let check_options = check_options(options, &original);
     let on_batch = |done, total| progress("checking", done, total);
-    let inputs = exec::batches_for(&original, &check_options.inputs, &check_options.generate);
-    let reference = inputs.and_then(|batches| exec::Reference::run(&original, batches, &on_batch));
-    let reference = match reference {
-        Ok(reference) => reference,
-        Err(e) => {
-            // Without the input model's outputs there is nothing to compare with: say so,
-            // and write what the passes made (they were not shown wrong).
-            report.check = Some(Check::not_done(format!(
-                "the input model does not run on generated inputs: {e}"
-            )));
-            return Ok(Outcome { model, report });
-        }
-    };
-    let failure = match reference.compare(&model, &check_options, &on_batch) {
+    let failure = match exec::validate(&original, &model, &check_options, &on_batch) {
         Ok(v) if v.passed() => {
             report.check = Some(Check::passed(v));
             return Ok(Outcome { model, report });
         }
         Ok(v) => format!("outputs differ: {}", v.violations.join("; ")),
-        Err(e) => format!("the output does not run: {e}"),
+        Err(e) => {
+            if let Err(why) = runs_on_generated_inputs(&original, &check_options) {
+                // Without the input model's outputs there is nothing to compare with: say
+                // so, and write what the passes made (nothing showed it wrong).
+                report.check = Some(Check::not_done(format!(
+                    "the input model does not run on generated inputs: {why}"
+                )));
+                return Ok(Outcome { model, report });
+            }
+            format!("the output does not run: {e}")
+        }
     };
     // Leave out one fusion at a time, then all of them.
     let fusions: Vec<&'static str> = crate::optimize::pipeline(&options.optimize)
@@ -456,7 +490,7 @@ fn check_or_fall_back(
         else {
             continue;
         };
-        if let Ok(v) = reference.compare(&candidate, &check_options, &on_batch) {
+        if let Ok(v) = exec::validate(&original, &candidate, &check_options, &on_batch) {
             if v.passed() {
                 retry_report.warnings = report.warnings;
                 retry_report.warnings.push(format!(
@@ -478,4 +512,19 @@ fn check_or_fall_back(
         format!("the optimized model failed the output check: {failure}"),
         &report,
     ))
+}
+
+/// Whether `model` runs on the check's generated inputs, in some engine.
+fn runs_on_generated_inputs(model: &Model, check: &ValidateOptions) -> Result<(), ExecError> {
+    let batches = exec::batches_for(model, &check.inputs, &check.generate)?;
+    let first = check.engine.choose(&[model]);
+    let engines = std::iter::once(first).chain(check.engine.second_opinion(first));
+    let mut last = None;
+    for engine in engines {
+        match exec::Reference::run(model, batches.clone(), engine, &|_, _| {}) {
+            Ok(_) => return Ok(()),
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(last.expect("one engine at least"))
 }

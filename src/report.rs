@@ -276,7 +276,15 @@ fn write_validation(f: &mut fmt::Formatter<'_>, v: &Validation) -> fmt::Result {
     } else {
         "OUT OF TOLERANCE"
     };
-    writeln!(f, "validation on {} batches: {verdict}", v.batches.len())?;
+    writeln!(
+        f,
+        "validation on {} batches in {}: {verdict}",
+        v.batches.len(),
+        v.engine.name()
+    )?;
+    if let Some(first) = &v.second_opinion {
+        writeln!(f, "  (asked {} again: {first})", v.engine.name())?;
+    }
     writeln!(
         f,
         "  {:<28} {:>10} {:>10} {:>10} {:>10}",
@@ -298,11 +306,16 @@ fn write_check(f: &mut fmt::Formatter<'_>, c: &Check) -> fmt::Result {
             let cosine = v.outputs.iter().map(|d| d.cosine).fold(1.0f64, f64::min);
             writeln!(
                 f,
-                "check: the output matches the input model on {} generated batch{} \
+                "check: the output matches the input model in {} on {} generated batch{} \
                  (max abs error {worst:.2e}, lowest cosine {cosine:.6})",
+                v.engine.name(),
                 v.batches.len(),
                 if v.batches.len() == 1 { "" } else { "es" }
-            )
+            )?;
+            match &v.second_opinion {
+                Some(first) => writeln!(f, "  (asked {} again: {first})", v.engine.name()),
+                None => Ok(()),
+            }
         }
         CheckOutcome::Failed(why) => writeln!(f, "check: FAILED: {why}"),
         CheckOutcome::NotDone(why) => writeln!(f, "check: not done: {why}"),

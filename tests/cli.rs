@@ -278,9 +278,11 @@ fn optimize_validates_and_writes_a_report() {
     let (result, json) = optimize_with_report(&model, &out, &["--validate", "--inputs", s(&calib)]);
     let stdout = text(&result.stdout);
     assert!(
-        stdout.contains("validation on 2 batches: within tolerance"),
+        stdout.contains("validation on 2 batches in ") && stdout.contains(": within tolerance"),
         "{stdout}"
     );
+    let engine = json["validation"]["engine"].as_str().unwrap();
+    assert!(engine == "tract" || engine == "onnxruntime", "{engine}");
     let passes: Vec<&str> = json["passes"]["passes"]
         .as_array()
         .unwrap()
@@ -830,4 +832,23 @@ fn dynamic_int8_smooths_on_calibration_data_or_generated_batches() {
         "0.5",
     ]);
     assert_eq!(contradictory.status.code(), Some(2));
+}
+
+#[test]
+fn optimize_checks_its_output_unless_told_not_to() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("bert.onnx");
+    let model = common::testdata("bert-tiny.ts.onnx");
+    let (result, json) = optimize_with_report(&model, &out, &["--engine", "tract"]);
+    let stdout = text(&result.stdout);
+    assert!(
+        stdout.contains("check: the output matches the input model in tract on 1 generated batch"),
+        "{stdout}"
+    );
+    let check = &json["check"]["outcome"]["passed"];
+    assert_eq!(check["engine"], "tract");
+    assert_eq!(check["batches"].as_array().unwrap().len(), 1);
+    let (result, json) = optimize_with_report(&model, &out, &["--no-check"]);
+    assert!(text(&result.stdout).contains("check: skipped (--no-check)"));
+    assert_eq!(json["check"]["outcome"], "skipped");
 }

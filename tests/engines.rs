@@ -11,8 +11,8 @@
 //! The quantized (static and dynamic INT8) and float16 variants of four tiny models are
 //! compared too, by cosine (see below why not within 1e-4).
 //!
-//! Needs the ONNX Runtime library (see `exec::ort::locate`); without it the test says why and
-//! skips, unless `ONNXOPT_REQUIRE_ORT` is set (CI), which makes its absence a failure.
+//! Needs the ONNX Runtime library (see `exec::ort::locate`); without it the test fails,
+//! unless `ONNXOPT_SKIP_ORT_ENGINE` (or `ONNXOPT_SKIP_ORT`) says to skip it.
 #![cfg(feature = "ort")]
 
 mod common;
@@ -23,24 +23,6 @@ use onnxopt::passes::fuse::Target;
 
 /// Largest absolute difference allowed between the engines.
 const MAX_ABS: f64 = 1e-4;
-
-/// True when ONNX Runtime has loaded; else prints why, or fails under `ONNXOPT_REQUIRE_ORT`.
-fn ort_loaded() -> bool {
-    match exec::ort::available() {
-        Ok(path) => {
-            println!("ONNX Runtime: {}", path.display());
-            true
-        }
-        Err(why) => {
-            assert!(
-                std::env::var_os("ONNXOPT_REQUIRE_ORT").is_none(),
-                "ONNXOPT_REQUIRE_ORT is set but ONNX Runtime is not available: {why}"
-            );
-            println!("skipped: ONNX Runtime is not available: {why}");
-            false
-        }
-    }
-}
 
 /// The worst difference per output between tract and ONNX Runtime on `model`, over the
 /// batches of `inputs`, with the largest |value| tract gave for it.
@@ -97,7 +79,7 @@ fn contrib_ops(model: &Model) -> Vec<String> {
 
 #[test]
 fn tract_and_onnx_runtime_agree_on_corpus_models() {
-    if !ort_loaded() {
+    if !common::ort_engine_available() {
         return;
     }
     let mut failures = Vec::new();
@@ -189,7 +171,7 @@ const MIN_COSINE_REDUCED: f64 = 0.9999;
 /// from the fused Attention, so it checks the MultiHeadAttention lowering with a bias too.
 #[test]
 fn tract_and_onnx_runtime_agree_on_quantized_and_float16_models() {
-    if !ort_loaded() {
+    if !common::ort_engine_available() {
         return;
     }
     let mut failures = Vec::new();

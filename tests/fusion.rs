@@ -43,6 +43,16 @@ fn every_corpus_model_is_fused_and_keeps_its_outputs() {
             )
             .unwrap_or_else(|e| panic!("{name} {target:?}: {e}"));
             let ops = histogram(&model);
+            // Every contrib operator a fusion wrote is one `ops` knows it emits (its type
+            // rule and its way to run are checked in `passes::shape`'s tests).
+            for (_, n) in model.graph.nodes() {
+                if n.domain() == onnxopt::ops::MS_DOMAIN {
+                    let known = onnxopt::ops::contrib(n.op_type()).is_some_and(|o| o.emitted);
+                    if !known {
+                        failures.push(format!("{name} {target:?}: {} not in ops", n.op_type()));
+                    }
+                }
+            }
             let fused: Vec<String> = report
                 .passes
                 .iter()
@@ -61,6 +71,9 @@ fn every_corpus_model_is_fused_and_keeps_its_outputs() {
                     max_abs: Some(1e-4),
                     ..Default::default()
                 },
+                // Our lowerings of the contrib operators, as tract runs them (tests/engines.rs
+                // holds them to ONNX Runtime's kernels).
+                engine: exec::Engine::Tract,
                 ..Default::default()
             };
             let numerics = match exec::validate(&original, &model, &options, &|_, _| {}) {

@@ -4,8 +4,7 @@
 //!
 //! Ranges here are plain min/max over the calibration batches, computed with tract
 //! (calibration proper is `quant::calibrate`'s job). The ONNX Runtime check needs Python with
-//! onnx and onnxruntime: CI sets `ONNXOPT_REQUIRE_ORT=1`, which makes their absence a failure;
-//! elsewhere that part says it skipped and why.
+//! onnx and onnxruntime; their absence fails it unless `ONNXOPT_SKIP_ORT=1` asks to skip.
 
 mod common;
 

@@ -39,12 +39,17 @@ pub enum Command {
         /// Write the comparison as JSON to this file.
         #[arg(long, value_name = "FILE.json")]
         report: Option<PathBuf>,
+        #[command(flatten)]
+        engine: EngineArgs,
     },
-    /// Run a model in tract and write its outputs as .npy files.
+    /// Run a model (in tract, or ONNX Runtime: see --engine) and write its outputs as .npy
+    /// files.
     Run {
         model: PathBuf,
         #[command(flatten)]
         inputs: InputArgs,
+        #[command(flatten)]
+        engine: EngineArgs,
         /// Folder for the outputs (`<batch>.<output>.npy`).
         #[arg(long, value_name = "DIR")]
         output_dir: PathBuf,
@@ -63,13 +68,14 @@ pub struct OptimizeArgs {
     /// TensorRT's Q/DQ rules: int8 only, zero points 0).
     #[arg(long, value_enum, default_value_t = TargetArg::Ort)]
     pub target: TargetArg,
-    /// Run the input and the output in tract and refuse to write an output that breaks the
-    /// tolerance. Quantizing validates always (on batches calibration did not see), and
+    /// Run the input and the output (see --engine) and refuse to write an output that breaks
+    /// the tolerance. Quantizing validates always (on batches calibration did not see), and
     /// gates only on the tolerances given.
     #[arg(long)]
     pub validate: bool,
     /// Skip the output check (both models run on small generated inputs before writing,
-    /// when nothing else validates the output).
+    /// when nothing else validates the output), and the validation of a lossy step given no
+    /// tolerance: the output is written unvalidated (for a model no engine here runs).
     #[arg(long, conflicts_with = "validate")]
     pub no_check: bool,
     /// Run only these passes, comma-separated (`--passes dce`; the report lists them all).
@@ -93,6 +99,36 @@ pub struct OptimizeArgs {
     /// Write the report as JSON to this file.
     #[arg(long, value_name = "FILE.json")]
     pub report: Option<PathBuf>,
+    #[command(flatten)]
+    pub engine: EngineArgs,
+}
+
+#[derive(Args, Debug)]
+pub struct EngineArgs {
+    /// The engine that runs models for validation and the output check: tract, ONNX Runtime
+    /// (its library found from $ONNXOPT_ORT_LIB, $ORT_DYLIB_PATH or the onnxruntime Python
+    /// package), or auto: ONNX Runtime for models built for it or that tract cannot run,
+    /// and to decide when tract fails or finds a difference; tract otherwise.
+    #[arg(long, value_enum, default_value_t = EngineArg::Auto)]
+    pub engine: EngineArg,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug)]
+pub enum EngineArg {
+    Tract,
+    Ort,
+    Auto,
+}
+
+impl EngineArgs {
+    pub fn engine(&self) -> onnxopt::exec::Engine {
+        use onnxopt::exec::Engine;
+        match self.engine {
+            EngineArg::Tract => Engine::Tract,
+            EngineArg::Ort => Engine::Ort,
+            EngineArg::Auto => Engine::Auto,
+        }
+    }
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug)]

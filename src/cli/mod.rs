@@ -12,7 +12,7 @@ use anyhow::{bail, Context, Result};
 use clap::Parser;
 
 use args::{Cli, Command, InputArgs, OptimizeArgs, QuantArgs, ToleranceArgs};
-use onnxopt::exec::{self, Batch, GenerateOptions, InputSource, Tolerance, ValidateOptions};
+use onnxopt::exec::{self, Batch, GenerateOptions, InputSource, ValidateOptions};
 use onnxopt::io::{self, ExternalData};
 use onnxopt::ir::Model;
 use onnxopt::pipeline::{self, Mode, Outcome, PipelineError, Tolerances};
@@ -79,10 +79,19 @@ fn run(cli: Cli) -> Result<()> {
             inputs,
             tolerance,
             report,
+            engine,
         } => {
             let (a, b) = (load(&reference)?, load(&candidate)?);
             let mut r = Report::new();
-            let options = validate_options(input_source(&inputs), &tolerance, false);
+            let (inputs, generate) = input_source(&inputs);
+            let options = ValidateOptions {
+                inputs,
+                generate,
+                kl_temperature: tolerance.kl_temperature,
+                logits: tolerance.logits.clone(),
+                tolerance: tolerances(&tolerance).limits(&a, false),
+                engine: engine.engine(),
+            };
             r.validation = Some(validate(&a, &b, &options)?);
             emit(&r.to_string())?;
             write_report(&r, report.as_deref())?;
@@ -92,7 +101,8 @@ fn run(cli: Cli) -> Result<()> {
             model,
             inputs,
             output_dir,
-        } => run_model(&model, &inputs, &output_dir),
+            engine,
+        } => run_model(&model, &inputs, &output_dir, engine.engine()),
     }
 }
 
@@ -190,7 +200,6 @@ fn pipeline_options(args: &OptimizeArgs) -> Result<pipeline::Options> {
         (None, Some(n)) => Some(InputSource::Generated(n)),
         (None, None) => None,
     };
-    let t = &args.tolerance;
     Ok(pipeline::Options {
         optimize: onnxopt::optimize::OptimizeOptions {
             target: args.target.fusion(),
@@ -203,14 +212,9 @@ fn pipeline_options(args: &OptimizeArgs) -> Result<pipeline::Options> {
         inputs,
         generate,
         validate: args.validate,
-        tolerances: Tolerances {
-            max_error: t.max_error,
-            min_cosine: t.min_cosine,
-            max_kl: t.max_kl,
-            kl_temperature: t.kl_temperature,
-            logits: t.logits.clone(),
-        },
+        tolerances: tolerances(&args.tolerance),
         check: !args.no_check,
+        engine: args.engine.engine(),
     })
 }
 
@@ -267,24 +271,13 @@ fn input_source(inputs: &InputArgs) -> (InputSource, GenerateOptions) {
     (source, generate)
 }
 
-/// Validation options; a lossy run (quantization) has no default limits, only the given ones.
-fn validate_options(
-    (source, generate): (InputSource, GenerateOptions),
-    tolerance: &ToleranceArgs,
-    lossy: bool,
-) -> ValidateOptions {
-    let or_default = |given: Option<f64>, default: f64| given.or((!lossy).then_some(default));
-    ValidateOptions {
-        inputs: source,
-        generate,
-        kl_temperature: tolerance.kl_temperature,
-        logits: tolerance.logits.clone(),
-        tolerance: Tolerance {
-            max_abs_scaled: None,
-            max_abs: or_default(tolerance.max_error, 1e-4),
-            min_cosine: or_default(tolerance.min_cosine, 0.9999),
-            max_kl: tolerance.max_kl,
-        },
+fn tolerances(t: &ToleranceArgs) -> Tolerances {
+    Tolerances {
+        max_error: t.max_error,
+        min_cosine: t.min_cosine,
+        max_kl: t.max_kl,
+        kl_temperature: t.kl_temperature,
+        logits: t.logits.clone(),
     }
 }
 
@@ -329,11 +322,16 @@ fn progress(what: &'static str) -> indicatif::ProgressBar {
     bar
 }
 
-fn run_model(path: &Path, inputs: &InputArgs, output_dir: &Path) -> Result<()> {
+fn run_model(
+    path: &Path,
+    inputs: &InputArgs,
+    output_dir: &Path,
+    engine: exec::Engine,
+) -> Result<()> {
     let model = load(path)?;
     let (source, generate) = input_source(inputs);
     let batches: Vec<Batch> = exec::batches_for(&model, &source, &generate)?;
-    let mut runner = exec::Runner::new(&model)?;
+    let mut runner = exec::EngineRunner::new(engine.choose(&[&model]), &model)?;
     std::fs::create_dir_all(output_dir)
         .with_context(|| format!("cannot create `{}`", output_dir.display()))?;
     let bar = progress("running");

@@ -403,13 +403,16 @@ fn npz_names(path: &Path) -> Result<Vec<String>, ExecError> {
 }
 
 /// Reads an array as `want`, accepting the element types NumPy users commonly save instead
-/// (int32 for int64 ids, float64 for float32) and converting them.
+/// (int32 for int64 ids, float64 for float32, float32 for a float16 model's inputs) and
+/// converting them.
 fn read_array(source: &Source, want: DatumType) -> Result<Tensor, ExecError> {
     let candidates: &[DatumType] = match want {
         DatumType::I64 => &[DatumType::I64, DatumType::I32],
         DatumType::I32 => &[DatumType::I32, DatumType::I64],
         DatumType::F32 => &[DatumType::F32, DatumType::F64],
         DatumType::F64 => &[DatumType::F64, DatumType::F32],
+        // ndarray-npy reads no float16: the float32 arrays float16 models are fed.
+        DatumType::F16 => &[DatumType::F32, DatumType::F64],
         other => std::slice::from_ref(match other {
             DatumType::I8 => &DatumType::I8,
             DatumType::I16 => &DatumType::I16,

@@ -1,28 +1,18 @@
-//! Lowering ONNX Runtime contrib operators that tract cannot run faithfully into standard
-//! operators that it can, before a model goes to tract (and two standard forms that tract
-//! 0.23 refuses).
+//! Lowering, before a model goes to tract, what tract cannot run as it is:
 //!
-//! tract resolves operators by name and would read `com.microsoft::Attention` as the standard
-//! `Attention`, a different operator. These lowerings implement ONNX Runtime's documented
-//! semantics for the forms listed below (the ones onnxopt's fusions emit); a node outside
-//! them is left as it is and then refused by `support`, so it is never run wrongly.
-//!
-//! - `Attention(x, W, b?, attention_bias?)` (W constant, or dequantized from a constant) with
-//!   `num_heads`, optional `scale`, no mask index, no past, not unidirectional: `x·W + b`,
-//!   split in three along the last axis, then the standard 3-D `Attention`.
-//! - `MultiHeadAttention(q, k, v, bias?, attention_bias?, past_key?, past_value?)` on 3-D
-//!   inputs with `num_heads`, `scale` when there is no bias, a constant `[3·hidden]` bias,
-//!   no key padding mask, not unidirectional: the bias's thirds added to q, k and v, then the
-//!   standard 3-D `Attention` with the same past and present key/values.
+//! - ONNX Runtime contrib operators that tract would misread (it resolves operators by name
+//!   and would read `com.microsoft::Attention` as the standard `Attention`): the lowerings
+//!   of `ops::attention`, for the forms onnxopt's fusions emit; a node outside them is left
+//!   as it is and then refused by `support`, so it is never run wrongly.
 //! - `Gemm(A, B, C?)` with a float16 weight B, alpha and beta 1, A not transposed:
 //!   `MatMul(A, B or Bᵀ) + C` (tract 0.23 mistypes a float16 Gemm; see `float16_gemm`).
 //! - `CumSum(x, axis)` of int64 `x`: summed in float64 and cast back (tract 0.23 cannot sum
 //!   int64; see `int64_cumsum`).
 
 use crate::error::Result;
-use crate::ir::{attr, Graph, Model, Node, NodeId, PValue, Patch, Tensor, ValueId};
-use crate::passes::fuse::MS_DOMAIN;
-use crate::passes::matching;
+use crate::ir::{attr, Model, Node, NodeId, PValue, Patch};
+use crate::ops::weights::plain_gemm_trans_b;
+use crate::ops::{attention, MS_DOMAIN};
 
 /// Lowers every contrib node of `model` that has a lowering, float16 Gemms and int64 sums.
 pub fn lower_contrib_ops(model: &mut Model) -> Result<()> {
@@ -35,8 +25,10 @@ pub fn lower_contrib_ops(model: &mut Model) -> Result<()> {
     for id in nodes {
         let node = model.graph.node(id).clone();
         let patch = match (node.domain(), node.op_type()) {
-            (MS_DOMAIN, "Attention") => packed_attention(model, id, &node),
-            (MS_DOMAIN, "MultiHeadAttention") => multi_head_attention(model, id, &node),
+            (MS_DOMAIN, "Attention") => attention::lower_packed(&model.graph, id, &node),
+            (MS_DOMAIN, "MultiHeadAttention") => {
+                attention::lower_multi_head(&model.graph, id, &node)
+            }
             ("", "Gemm") => float16_gemm(model, id, &node),
             ("", "CumSum") => int64_cumsum(model, id, &node),
             _ => None,
@@ -57,7 +49,7 @@ fn float16_gemm(model: &Model, id: NodeId, node: &Node) -> Option<Patch> {
     let float16_weight = g
         .initializer(b)
         .is_some_and(|t| t.dtype() == crate::ir::DataType::Float16 && t.dims().len() == 2);
-    let transposed = matching::plain_gemm_trans_b(node)?;
+    let transposed = plain_gemm_trans_b(node)?;
     if !float16_weight {
         return None;
     }
@@ -131,153 +123,5 @@ fn int64_cumsum(model: &Model, id: NodeId, node: &Node) -> Option<Patch> {
         vec![attr::int("to", int64.into())],
     );
     patch.remove_node(id);
-    Some(patch)
-}
-
-fn int_attr(node: &Node, name: &str) -> i64 {
-    attr::get_int(&node.proto, name).unwrap_or(0)
-}
-
-fn absent(node: &Node, slots: &[usize]) -> bool {
-    slots.iter().all(|&s| node.input(s).is_none())
-}
-
-fn standard_attention(
-    patch: &mut Patch,
-    inputs: &[Option<PValue>],
-    outputs: &[Option<PValue>],
-    num_heads: i64,
-    scale: f32,
-) {
-    patch.add_node_with_optional_outputs(
-        "Attention",
-        "",
-        inputs,
-        outputs,
-        vec![
-            attr::int("q_num_heads", num_heads),
-            attr::int("kv_num_heads", num_heads),
-            attr::float("scale", scale),
-        ],
-    );
-}
-
-/// The dims of a constant weight, or of the constant a DequantizeLinear dequantizes (a weight
-/// quantized to int8 keeps its dims).
-fn weight_dims(g: &Graph, w: ValueId) -> Option<Vec<i64>> {
-    if let Some(t) = g.constant(w) {
-        return Some(t.dims().to_vec());
-    }
-    let dq = g.node(g.producer(w)?);
-    if !dq.is("DequantizeLinear") {
-        return None;
-    }
-    g.constant(dq.input(0)?).map(|t| t.dims().to_vec())
-}
-
-fn packed_attention(model: &Model, id: NodeId, node: &Node) -> Option<Patch> {
-    let g = &model.graph;
-    let supported = absent(node, &[3, 4, 6])
-        && int_attr(node, "unidirectional") == 0
-        && int_attr(node, "do_rotary") == 0
-        && attr::get(&node.proto, "qkv_hidden_sizes").is_none()
-        && node.outputs.iter().skip(1).all(Option::is_none);
-    if !supported {
-        return None;
-    }
-    let num_heads = int_attr(node, "num_heads");
-    let dims = weight_dims(g, node.input(1)?)?;
-    let width = *dims.get(1)?;
-    if num_heads <= 0 || dims.len() != 2 || width % (3 * num_heads) != 0 {
-        return None;
-    }
-    let hidden = width / 3;
-    let scale = attr::get_float(&node.proto, "scale")
-        .unwrap_or_else(|| 1.0 / ((hidden / num_heads) as f32).sqrt());
-
-    let mut patch = Patch::new("lower-attention");
-    let mut qkv = patch.op(
-        "MatMul",
-        "",
-        &[node.input(0)?.into(), node.input(1)?.into()],
-        vec![],
-    );
-    if let Some(b) = node.input(2) {
-        qkv = patch.op("Add", "", &[qkv, b.into()], vec![]);
-    }
-    let sizes = Tensor::from_i64("split", &[3], &[hidden; 3]).ok()?;
-    let sizes = patch.new_initializer("split", sizes);
-    let (q, k, v) = (
-        patch.new_value("q"),
-        patch.new_value("k"),
-        patch.new_value("v"),
-    );
-    patch.add_node(
-        "Split",
-        "",
-        &[Some(qkv), Some(sizes)],
-        &[q, k, v],
-        vec![attr::int("axis", -1)],
-    );
-    let inputs = [Some(q), Some(k), Some(v), node.input(5).map(PValue::from)];
-    standard_attention(
-        &mut patch,
-        &inputs,
-        &[Some(node.output(0)?.into())],
-        num_heads,
-        scale,
-    );
-    patch.remove_node(id);
-    Some(patch)
-}
-
-fn multi_head_attention(model: &Model, id: NodeId, node: &Node) -> Option<Patch> {
-    let supported = absent(node, &[4, 8, 9])
-        && node.input(1).is_some()
-        && node.input(2).is_some()
-        && node.input(6).is_some() == node.input(7).is_some()
-        && int_attr(node, "unidirectional") == 0
-        && node.output(3).is_none();
-    let num_heads = int_attr(node, "num_heads");
-    if !supported || num_heads <= 0 {
-        return None;
-    }
-    let mut patch = Patch::new("lower-multi-head-attention");
-    let slot = |s: usize| node.input(s).map(PValue::from);
-    let (mut q, mut k, mut v) = (slot(0)?, slot(1)?, slot(2)?);
-    let scale = match node.input(3) {
-        None => attr::get_float(&node.proto, "scale")?,
-        Some(bias) => {
-            let bias = model.graph.constant(bias)?;
-            let width = *bias.dims().first()?;
-            if bias.dims().len() != 1 || width % (3 * num_heads) != 0 {
-                return None;
-            }
-            let hidden = width / 3;
-            let sizes = Tensor::from_i64("split", &[3], &[hidden; 3]).ok()?;
-            let sizes = patch.new_initializer("split", sizes);
-            let thirds = [
-                patch.new_value("bias_q"),
-                patch.new_value("bias_k"),
-                patch.new_value("bias_v"),
-            ];
-            patch.add_node(
-                "Split",
-                "",
-                &[node.input(3).map(PValue::from), Some(sizes)],
-                &thirds,
-                vec![attr::int("axis", 0)],
-            );
-            q = patch.op("Add", "", &[q, thirds[0]], vec![]);
-            k = patch.op("Add", "", &[k, thirds[1]], vec![]);
-            v = patch.op("Add", "", &[v, thirds[2]], vec![]);
-            attr::get_float(&node.proto, "scale")
-                .unwrap_or_else(|| 1.0 / ((hidden / num_heads) as f32).sqrt())
-        }
-    };
-    let inputs = [Some(q), Some(k), Some(v), slot(5), slot(6), slot(7)];
-    let outputs: Vec<Option<PValue>> = (0..3).map(|s| node.output(s).map(PValue::from)).collect();
-    patch.remove_node(id);
-    standard_attention(&mut patch, &inputs, &outputs, num_heads, scale);
     Some(patch)
 }

@@ -11,6 +11,7 @@
 //! ONNX Runtime instead, with the same surface.
 
 pub mod compare;
+pub mod engine;
 pub mod features;
 pub mod inputs;
 pub mod lower;
@@ -32,6 +33,7 @@ use tract_onnx::prelude::{
 
 use crate::ir::{Model, Source};
 pub use compare::{OutputDiff, Tolerance};
+pub use engine::{Engine, EngineKind, EngineRunner};
 pub use inputs::{Batch, GenerateOptions, InputSpec};
 pub use ort::{OrtOptions, OrtRunner};
 pub use support::Unsupported;
@@ -502,6 +504,8 @@ pub struct ValidateOptions {
     /// "logits".
     pub logits: Vec<String>,
     pub tolerance: Tolerance,
+    /// The engine both models run in.
+    pub engine: Engine,
 }
 
 impl Default for ValidateOptions {
@@ -512,6 +516,7 @@ impl Default for ValidateOptions {
             kl_temperature: 1.0,
             logits: Vec::new(),
             tolerance: Tolerance::default(),
+            engine: Engine::default(),
         }
     }
 }
@@ -519,6 +524,10 @@ impl Default for ValidateOptions {
 /// The outcome of comparing a candidate model with a reference on the same inputs.
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct Validation {
+    /// The engine both models ran in.
+    pub engine: EngineKind,
+    /// What the first engine tried said, when another one had to decide.
+    pub second_opinion: Option<String>,
     pub batches: Vec<String>,
     /// Worst error per output over all batches.
     pub outputs: Vec<OutputDiff>,
@@ -549,6 +558,10 @@ pub fn batches_for(
 
 /// Runs `reference` and `candidate` on the same batches and compares every output.
 /// `on_batch` is called after each batch of each model (for a progress bar).
+/// Both run in the engine `options.engine` chooses for the pair; with `Engine::Auto`, when
+/// tract fails to run either model, or finds them apart, ONNX Runtime (if there) decides:
+/// its kernels are the ones the models are written for, where tract runs our lowerings or
+/// has a gap of its own (it casts float to int64 through int32, say).
 pub fn validate(
     reference: &Model,
     candidate: &Model,
@@ -556,28 +569,51 @@ pub fn validate(
     on_batch: &dyn Fn(usize, usize),
 ) -> Result<Validation, ExecError> {
     let batches = batches_for(reference, &options.inputs, &options.generate)?;
-    let n = batches.len();
-    let expected = Reference::run(reference, batches, &|done, _| on_batch(done, 2 * n))?;
-    expected.compare(candidate, options, &|done, _| on_batch(n + done, 2 * n))
+    let first = options.engine.choose(&[reference, candidate]);
+    let run_in = |engine: EngineKind| {
+        let n = batches.len();
+        let expected = Reference::run(reference, batches.clone(), engine, &|done, _| {
+            on_batch(done, 2 * n)
+        })?;
+        expected.compare(candidate, options, &|done, _| on_batch(n + done, 2 * n))
+    };
+    let first_result = run_in(first);
+    let first_said = match &first_result {
+        Ok(v) if v.passed() => return first_result,
+        Err(ExecError::Input(_) | ExecError::Model(_)) => return first_result,
+        Ok(v) => format!("{} found: {}", first.name(), v.violations.join("; ")),
+        Err(e) => format!("{} could not run them: {e}", first.name()),
+    };
+    match options.engine.second_opinion(first) {
+        Some(other) if first == EngineKind::Tract => {
+            let mut v = run_in(other)?;
+            v.second_opinion = Some(first_said);
+            Ok(v)
+        }
+        _ => first_result,
+    }
 }
 
 /// A reference model's outputs on a set of batches, computed once and compared with as many
 /// candidates as needed. The outputs are small next to a model's weights; keeping them, not
 /// the reference's runner, means one model in tract at a time.
 pub struct Reference {
+    engine: EngineKind,
     batches: Vec<Batch>,
     inputs: Vec<InputSpec>,
     outputs: Vec<Vec<(String, Tensor)>>,
 }
 
 impl Reference {
-    /// Runs `reference` on `batches`; `on_batch(done, total)` after each.
+    /// Runs `reference` in `engine` on `batches`; `on_batch(done, total)` after each.
+    /// Candidates are run in the same engine.
     pub fn run(
         reference: &Model,
         batches: Vec<Batch>,
+        engine: EngineKind,
         on_batch: &dyn Fn(usize, usize),
     ) -> Result<Reference, ExecError> {
-        let mut runner = Runner::new(reference)?;
+        let mut runner = EngineRunner::new(engine, reference)?;
         runner.prepare(&batches)?;
         let mut outputs = Vec::with_capacity(batches.len());
         for chunk in batches.chunks(parallel_batches()) {
@@ -585,6 +621,7 @@ impl Reference {
             on_batch(outputs.len(), batches.len());
         }
         Ok(Reference {
+            engine,
             batches,
             inputs: runner.inputs().to_vec(),
             outputs,
@@ -599,7 +636,7 @@ impl Reference {
         options: &ValidateOptions,
         on_batch: &dyn Fn(usize, usize),
     ) -> Result<Validation, ExecError> {
-        let mut b = Runner::new(candidate)?;
+        let mut b = EngineRunner::new(self.engine, candidate)?;
         // The same inputs, in the same order; a float input may have another float type (an
         // FP16 model), and gets the reference's values cast to it.
         let same_inputs = self.inputs.len() == b.inputs().len()
@@ -658,6 +695,8 @@ impl Reference {
             .flat_map(|d| options.tolerance.violations(d))
             .collect();
         Ok(Validation {
+            engine: self.engine,
+            second_opinion: None,
             batches: self.batches.iter().map(|b| b.name.clone()).collect(),
             outputs,
             tolerance: options.tolerance.clone(),

@@ -19,7 +19,7 @@
 //! and `total`; a bias that only broadcasts over the query rows (`q_len` written as 1) is
 //! expanded first, once per distinct bias; anything else keeps the block unfused.
 
-use crate::ir::Dim;
+use crate::ir::{attr, Dim, Graph, Node, NodeId, PValue, Patch, Tensor, ValueId};
 
 /// The one bias form every attention kernel onnxopt emits for accepts:
 /// `[batch | 1, heads | 1, q_len, total]`.
@@ -79,6 +79,169 @@ impl BiasShape<'_> {
             ))
         }
     }
+}
+
+// ---- how tract runs them ------------------------------------------------------------------
+//
+// tract would read `com.microsoft::Attention` as the standard `Attention`, a different
+// operator; these lowerings implement ONNX Runtime's documented semantics with standard
+// operators, for the forms the fusions emit (`exec::lower` applies them before a model goes
+// to tract). `tests/engines.rs` runs them against ONNX Runtime's kernels on every corpus
+// model.
+
+fn int_attr(node: &Node, name: &str) -> i64 {
+    attr::get_int(&node.proto, name).unwrap_or(0)
+}
+
+fn absent(node: &Node, slots: &[usize]) -> bool {
+    slots.iter().all(|&s| node.input(s).is_none())
+}
+
+fn standard_attention(
+    patch: &mut Patch,
+    inputs: &[Option<PValue>],
+    outputs: &[Option<PValue>],
+    num_heads: i64,
+    scale: f32,
+) {
+    patch.add_node_with_optional_outputs(
+        "Attention",
+        "",
+        inputs,
+        outputs,
+        vec![
+            attr::int("q_num_heads", num_heads),
+            attr::int("kv_num_heads", num_heads),
+            attr::float("scale", scale),
+        ],
+    );
+}
+
+/// The dims of a constant weight, or of the constant a DequantizeLinear dequantizes (a weight
+/// quantized to int8 keeps its dims).
+fn weight_dims(g: &Graph, w: ValueId) -> Option<Vec<i64>> {
+    if let Some(t) = g.constant(w) {
+        return Some(t.dims().to_vec());
+    }
+    let dq = g.node(g.producer(w)?);
+    if !dq.is("DequantizeLinear") {
+        return None;
+    }
+    g.constant(dq.input(0)?).map(|t| t.dims().to_vec())
+}
+
+/// `com.microsoft::Attention(x, W, b?, attention_bias?)` (W constant, or dequantized from a
+/// constant) with `num_heads`, optional `scale`, no mask index, no past, not unidirectional:
+/// `x·W + b`, split in three along the last axis, then the standard 3-D `Attention`. Any
+/// other form: `None` (tract then refuses the node, see `exec::support`).
+pub fn lower_packed(g: &Graph, id: NodeId, node: &Node) -> Option<Patch> {
+    let supported = absent(node, &[3, 4, 6])
+        && int_attr(node, "unidirectional") == 0
+        && int_attr(node, "do_rotary") == 0
+        && attr::get(&node.proto, "qkv_hidden_sizes").is_none()
+        && node.outputs.iter().skip(1).all(Option::is_none);
+    if !supported {
+        return None;
+    }
+    let num_heads = int_attr(node, "num_heads");
+    let dims = weight_dims(g, node.input(1)?)?;
+    let width = *dims.get(1)?;
+    if num_heads <= 0 || dims.len() != 2 || width % (3 * num_heads) != 0 {
+        return None;
+    }
+    let hidden = width / 3;
+    let scale = attr::get_float(&node.proto, "scale")
+        .unwrap_or_else(|| 1.0 / ((hidden / num_heads) as f32).sqrt());
+
+    let mut patch = Patch::new("lower-attention");
+    let mut qkv = patch.op(
+        "MatMul",
+        "",
+        &[node.input(0)?.into(), node.input(1)?.into()],
+        vec![],
+    );
+    if let Some(b) = node.input(2) {
+        qkv = patch.op("Add", "", &[qkv, b.into()], vec![]);
+    }
+    let sizes = Tensor::from_i64("split", &[3], &[hidden; 3]).ok()?;
+    let sizes = patch.new_initializer("split", sizes);
+    let (q, k, v) = (
+        patch.new_value("q"),
+        patch.new_value("k"),
+        patch.new_value("v"),
+    );
+    patch.add_node(
+        "Split",
+        "",
+        &[Some(qkv), Some(sizes)],
+        &[q, k, v],
+        vec![attr::int("axis", -1)],
+    );
+    let inputs = [Some(q), Some(k), Some(v), node.input(5).map(PValue::from)];
+    standard_attention(
+        &mut patch,
+        &inputs,
+        &[Some(node.output(0)?.into())],
+        num_heads,
+        scale,
+    );
+    patch.remove_node(id);
+    Some(patch)
+}
+
+/// `com.microsoft::MultiHeadAttention(q, k, v, bias?, attention_bias?, past_key?,
+/// past_value?)` on 3-D inputs with `num_heads`, `scale` when there is no bias, a constant
+/// `[3·hidden]` bias, no key padding mask, not unidirectional: the bias's thirds added to q,
+/// k and v, then the standard 3-D `Attention` with the same past and present key/values.
+pub fn lower_multi_head(g: &Graph, id: NodeId, node: &Node) -> Option<Patch> {
+    let supported = absent(node, &[4, 8, 9])
+        && node.input(1).is_some()
+        && node.input(2).is_some()
+        && node.input(6).is_some() == node.input(7).is_some()
+        && int_attr(node, "unidirectional") == 0
+        && node.output(3).is_none();
+    let num_heads = int_attr(node, "num_heads");
+    if !supported || num_heads <= 0 {
+        return None;
+    }
+    let mut patch = Patch::new("lower-multi-head-attention");
+    let slot = |s: usize| node.input(s).map(PValue::from);
+    let (mut q, mut k, mut v) = (slot(0)?, slot(1)?, slot(2)?);
+    let scale = match node.input(3) {
+        None => attr::get_float(&node.proto, "scale")?,
+        Some(bias) => {
+            let bias = g.constant(bias)?;
+            let width = *bias.dims().first()?;
+            if bias.dims().len() != 1 || width % (3 * num_heads) != 0 {
+                return None;
+            }
+            let hidden = width / 3;
+            let sizes = Tensor::from_i64("split", &[3], &[hidden; 3]).ok()?;
+            let sizes = patch.new_initializer("split", sizes);
+            let thirds = [
+                patch.new_value("bias_q"),
+                patch.new_value("bias_k"),
+                patch.new_value("bias_v"),
+            ];
+            patch.add_node(
+                "Split",
+                "",
+                &[node.input(3).map(PValue::from), Some(sizes)],
+                &thirds,
+                vec![attr::int("axis", 0)],
+            );
+            q = patch.op("Add", "", &[q, thirds[0]], vec![]);
+            k = patch.op("Add", "", &[k, thirds[1]], vec![]);
+            v = patch.op("Add", "", &[v, thirds[2]], vec![]);
+            attr::get_float(&node.proto, "scale")
+                .unwrap_or_else(|| 1.0 / ((hidden / num_heads) as f32).sqrt())
+        }
+    };
+    let inputs = [Some(q), Some(k), Some(v), slot(5), slot(6), slot(7)];
+    let outputs: Vec<Option<PValue>> = (0..3).map(|s| node.output(s).map(PValue::from)).collect();
+    patch.remove_node(id);
+    standard_attention(&mut patch, &inputs, &outputs, num_heads, scale);
+    Some(patch)
 }
 
 #[cfg(test)]

@@ -1,9 +1,102 @@
 //! What onnxopt knows about the operators it emits or treats specially, in one place below
 //! both `passes` (which build them) and `exec` (which runs them): the domain they live in,
 //! the input forms each runtime's kernel accepts (a fusion builds an operator only when the
-//! inferred shapes prove that contract), and how tract runs them.
+//! inferred shapes prove that contract: `attention`), how tract runs them (`CONTRIB_OPS`,
+//! and the lowerings in `attention`), which element types their schema takes, and which
+//! axis of their weights is which (`weights`).
 
 pub mod attention;
+pub mod weights;
 
 /// The domain of ONNX Runtime's contrib operators.
 pub const MS_DOMAIN: &str = "com.microsoft";
+
+/// Given which input slots of a node are present, the case tract gets wrong, if any.
+pub type Caveat = fn(&[bool]) -> Option<&'static str>;
+
+/// How tract runs a contrib operator. tract looks operators up by `op_type` and ignores
+/// their domain, so each contrib operator must be one of these, never left to chance.
+#[derive(Clone, Copy)]
+pub enum Tract {
+    /// tract's operator of that name follows ONNX Runtime's definition, except in the case
+    /// the caveat names.
+    Native(Option<Caveat>),
+    /// Lowered to standard operators before tract sees it (`exec::lower`), in the forms
+    /// onnxopt emits; any other form is refused.
+    Lowered,
+    /// tract has no faithful implementation: only ONNX Runtime runs it.
+    Unfaithful,
+}
+
+/// One `com.microsoft` operator.
+pub struct ContribOp {
+    pub name: &'static str,
+    pub tract: Tract,
+    /// Its ONNX Runtime schema takes float16 wherever it takes float32 (FP16 conversion
+    /// keeps every other contrib operator in float32, behind Casts).
+    pub float16: bool,
+    /// A fusion or quantizer of onnxopt can write it.
+    pub emitted: bool,
+}
+
+impl std::fmt::Debug for ContribOp {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "com.microsoft::{}", self.name)
+    }
+}
+
+const fn op(name: &'static str, tract: Tract, float16: bool, emitted: bool) -> ContribOp {
+    ContribOp {
+        name,
+        tract,
+        float16,
+        emitted,
+    }
+}
+
+/// tract counts present inputs, so a SkipLayerNormalization bias (input 4) without a beta
+/// (input 3) is read from the wrong slot.
+fn skip_layer_norm_caveat(present: &[bool]) -> Option<&'static str> {
+    let has = |slot: usize| present.get(slot).copied().unwrap_or(false);
+    (has(4) && !has(3)).then_some("a bias without a beta")
+}
+
+/// The contrib operators onnxopt emits or meets in users' files.
+pub const CONTRIB_OPS: &[ContribOp] = &[
+    op("Attention", Tract::Lowered, true, true),
+    op("MultiHeadAttention", Tract::Lowered, true, true),
+    // Same definition as ONNX Gelu with approximate="none".
+    op("Gelu", Tract::Native(None), true, false),
+    op("FastGelu", Tract::Native(None), true, true),
+    op("BiasGelu", Tract::Native(None), true, true),
+    op("QuickGelu", Tract::Native(None), true, true),
+    op(
+        "SkipLayerNormalization",
+        Tract::Native(Some(skip_layer_norm_caveat)),
+        true,
+        false,
+    ),
+    op(
+        "SkipSimplifiedLayerNormalization",
+        Tract::Unfaithful,
+        true,
+        false,
+    ),
+    op(
+        "SimplifiedLayerNormalization",
+        Tract::Unfaithful,
+        true,
+        false,
+    ),
+    // ONNX Runtime's dynamic quantization: float32 inputs only.
+    op("DynamicQuantizeLSTM", Tract::Unfaithful, false, false),
+    op("DynamicQuantizeMatMul", Tract::Unfaithful, false, false),
+    op("MatMulIntegerToFloat", Tract::Unfaithful, true, false),
+    op("QAttention", Tract::Unfaithful, false, false),
+    op("QGemm", Tract::Unfaithful, false, false),
+];
+
+/// The entry of contrib operator `name`, if onnxopt knows it.
+pub fn contrib(name: &str) -> Option<&'static ContribOp> {
+    CONTRIB_OPS.iter().find(|o| o.name == name)
+}

@@ -13,10 +13,11 @@ use crate::error::{Error, Result};
 use crate::exec::features::feature_energy;
 use crate::exec::Batch;
 use crate::ir::{Model, Patch, Tensor, ValueId};
+use crate::ops::weights::features_last_axis;
 use crate::passes::cse::CommonSubexpressions;
 use crate::passes::dce::DeadCodeElimination;
 use crate::passes::shape::ShapeInference;
-use crate::passes::{matching, Pass, Rewrites};
+use crate::passes::{Pass, Rewrites};
 use mask::{AxisLayout, Mask};
 use structured::StructuredReport;
 use weights::{prunable_weights, PrunableWeight, Skipped};
@@ -275,7 +276,7 @@ fn activation_scores(
         w.reduction_axis?;
         let mut inputs = g.uses(w.value).iter().map(|&(reader, _)| {
             let node = g.node(reader);
-            matching::features_last_axis(node, rank).and_then(|_| node.input(0))
+            features_last_axis(node, rank).and_then(|_| node.input(0))
         });
         let first = inputs.next()??;
         inputs.all(|x| x == Some(first)).then_some(first)

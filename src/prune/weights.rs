@@ -2,7 +2,7 @@
 //! Gemm, Conv or packed `com.microsoft` Attention, with the axis those operators reduce over.
 
 use crate::ir::{DataType, Graph, Use, ValueId};
-use crate::passes::matching;
+use crate::ops::weights::reduction_axis;
 
 /// A weight initializer and the axis its readers sum over (the one N:M groups run along).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -42,8 +42,9 @@ pub fn prunable_weights(g: &Graph, embeddings: bool) -> (Vec<PrunableWeight>, Ve
             .map(|&(n, u)| {
                 let node = g.node(n);
                 match u {
-                    Use::Input(1) => matching::reduction_axis(node, t.dims().len())
-                        .map_or(Read::Other, Read::Weight),
+                    Use::Input(1) => {
+                        reduction_axis(node, t.dims().len()).map_or(Read::Other, Read::Weight)
+                    }
                     Use::Input(0) if node.is("Gather") && embeddings => Read::Embedding,
                     _ => Read::Other,
                 }

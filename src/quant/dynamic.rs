@@ -40,7 +40,8 @@ use bytes::Bytes;
 use crate::error::Result;
 use crate::exec::Batch;
 use crate::ir::{attr, DataType, Model, NodeId, PValue, Patch, Tensor, ValueId};
-use crate::passes::{matching, opset, Rewrites};
+use crate::ops::weights::plain_gemm_trans_b;
+use crate::passes::{opset, Rewrites};
 use crate::quant::qdq::{self, QdqOptions};
 use crate::quant::{QuantReport, QuantTarget};
 
@@ -171,7 +172,7 @@ impl IntegerProduct {
         if n.is("MatMul") {
             return product(false, None);
         }
-        product(matching::plain_gemm_trans_b(n)?, n.input(2))
+        product(plain_gemm_trans_b(n)?, n.input(2))
     }
 }
 

@@ -26,7 +26,7 @@ use half::f16;
 
 use crate::error::{Error, Result};
 use crate::ir::{attr, DataType, Graph, Model, NodeId, PValue, Patch, Tensor, Use, ValueId};
-use crate::passes::fuse::MS_DOMAIN;
+use crate::ops::{self, MS_DOMAIN};
 use crate::passes::shape::{self, ShapeInference};
 use crate::passes::{Pass, Rewrites};
 use crate::quant::{QuantReport, QuantTarget};
@@ -96,8 +96,24 @@ pub struct Fp16Options {
     pub keep_io_types: bool,
 }
 
-/// Converts `model` to float16 (see the module doc).
+/// Converts `model` to float16 (see the module doc). A model that already quantizes its
+/// activations is left as it is (the report lists its quantization operators): its integer
+/// accumulators (MatMulInteger's int32 sums pass 65 504 easily) would become infinite in
+/// float16 between the product and its scale.
 pub fn convert_fp16(model: &mut Model, options: &Fp16Options) -> Result<QuantReport> {
+    let report = |rewrites, already_quantized| QuantReport {
+        mode: "fp16",
+        target: QuantTarget::Ort,
+        calibration: None,
+        rewrites,
+        already_quantized,
+        auto_exclusion: None,
+        smoothing: None,
+    };
+    let operators = crate::quant::qdq::quantization_ops(model);
+    if !operators.is_empty() {
+        return Ok(report(Rewrites::default(), operators));
+    }
     let mut precision = precisions(model, options)?;
     let mut rewrites = Rewrites::default();
     // In steps, each computed on the graph the one before left: rebuilding a node (a
@@ -127,15 +143,7 @@ pub fn convert_fp16(model: &mut Model, options: &Fp16Options) -> Result<QuantRep
     }
     // value_info: every value's element type as it now is.
     ShapeInference.run(model)?;
-    Ok(QuantReport {
-        mode: "fp16",
-        target: QuantTarget::Ort,
-        calibration: None,
-        rewrites,
-        already_quantized: Vec::new(),
-        auto_exclusion: None,
-        smoothing: None,
-    })
+    Ok(report(rewrites, Vec::new()))
 }
 
 /// The precision a reader wants in input `slot`.
@@ -380,8 +388,12 @@ fn cast_patches(model: &Model, precision: &HashMap<ValueId, Precision>) -> Vec<P
 
 fn keeps_float32(g: &Graph, id: NodeId) -> bool {
     let node = g.node(id);
-    let known_domain = node.domain().is_empty() || node.domain() == MS_DOMAIN;
-    !known_domain || KEEP_FLOAT32.contains(&node.op_type())
+    let float16_schema = match node.domain() {
+        "" => true,
+        MS_DOMAIN => ops::contrib(node.op_type()).is_some_and(|o| o.float16),
+        _ => false,
+    };
+    !float16_schema || KEEP_FLOAT32.contains(&node.op_type())
 }
 
 /// `t` as float16, values beyond float16's range clamped to ±65 504.

@@ -10,7 +10,7 @@
 //! validated against the float model on batches calibration did not see.
 
 use crate::error::{Error, Result};
-use crate::exec::{Batch, Reference, Tolerance, ValidateOptions, Validation};
+use crate::exec::{Batch, Engine, Reference, Tolerance, ValidateOptions, Validation};
 use crate::ir::Model;
 use crate::passes::Rewrites;
 use crate::quant::qdq::{self, QdqOptions, QdqOutcome, Selector};
@@ -76,8 +76,13 @@ pub fn quantize_static_auto_exclude(
     let layers = qdq::quantized_layers(&float, &options.qdq);
     let cannot_validate = |e| Error::Quantization(format!("cannot validate: {e}"));
     // The float model's outputs, once for every candidate.
-    let expected =
-        Reference::run(&float, validation.to_vec(), &|_, _| {}).map_err(cannot_validate)?;
+    let expected = Reference::run(
+        &float,
+        validation.to_vec(),
+        Engine::Auto.choose(&[&float]),
+        &|_, _| {},
+    )
+    .map_err(cannot_validate)?;
     let compare = |quantized: &Model, tolerance: Tolerance| -> Result<Validation> {
         let options = ValidateOptions {
             tolerance,

@@ -25,6 +25,7 @@ use crate::error::{Error, Result};
 use crate::exec::features::feature_abs_max;
 use crate::exec::Batch;
 use crate::ir::{attr, Graph, Model, NodeId, Patch, Tensor, Use, ValueId};
+use crate::ops::weights::features_last_axis;
 use crate::passes::{matching, Rewrites};
 
 /// What smoothing did, for the report.
@@ -253,7 +254,7 @@ fn reader_rows(g: &Graph, reader: NodeId, width: usize) -> Option<Vec<(NodeId, u
         return (!rows.is_empty()).then_some(rows);
     }
     let dims = g.constant(node.input(1)?)?.dims().to_vec();
-    let axis = matching::features_last_axis(node, dims.len())?;
+    let axis = features_last_axis(node, dims.len())?;
     (dims.len() == 2 && dims[axis] == width as i64).then(|| vec![(reader, 1, axis)])
 }
 

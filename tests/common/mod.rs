@@ -49,17 +49,54 @@ pub fn calib_dir(model: &Path) -> PathBuf {
 }
 
 /// True when python3 can import onnx, onnxruntime and numpy, which the ONNX Runtime checks
-/// need. CI sets `ONNXOPT_REQUIRE_ORT`, which makes their absence a failure here.
+/// need. Their absence fails the test: skipping is an explicit choice, `ONNXOPT_SKIP_ORT=1`.
 pub fn onnx_runtime_available() -> bool {
+    if opted_out(&["ONNXOPT_SKIP_ORT"]) {
+        return false;
+    }
     let available = std::process::Command::new("python3")
         .args(["-c", "import onnx, onnxruntime, numpy"])
         .output()
         .is_ok_and(|o| o.status.success());
     assert!(
-        available || std::env::var_os("ONNXOPT_REQUIRE_ORT").is_none(),
-        "ONNXOPT_REQUIRE_ORT is set but python3 cannot import onnx and onnxruntime"
+        available,
+        "python3 cannot import onnx, onnxruntime and numpy (pip install onnx onnxruntime numpy), \
+         which the ONNX Runtime checks need; set ONNXOPT_SKIP_ORT=1 to skip them"
     );
-    available
+    true
+}
+
+/// True when the ONNX Runtime engine (`exec::ort`) has loaded its library. Its absence fails
+/// the test: skipping is an explicit choice, `ONNXOPT_SKIP_ORT=1` or
+/// `ONNXOPT_SKIP_ORT_ENGINE=1` (CI runs the tests once without the library that way).
+pub fn ort_engine_available() -> bool {
+    if opted_out(&["ONNXOPT_SKIP_ORT", "ONNXOPT_SKIP_ORT_ENGINE"]) {
+        return false;
+    }
+    match onnxopt::exec::ort::available() {
+        Ok(path) => {
+            println!("ONNX Runtime: {}", path.display());
+            true
+        }
+        Err(why) => panic!(
+            "ONNX Runtime is not available to the engine: {why}; set ONNXOPT_SKIP_ORT_ENGINE=1 \
+             to skip the checks that need it"
+        ),
+    }
+}
+
+/// True (with a line saying so) when one of `vars` is set to a non-empty value.
+fn opted_out(vars: &[&str]) -> bool {
+    match vars
+        .iter()
+        .find(|v| std::env::var_os(v).is_some_and(|x| !x.is_empty()))
+    {
+        Some(var) => {
+            println!("skipped: {var} is set");
+            true
+        }
+        None => false,
+    }
 }
 
 /// Runs `scripts/ort_check.py` with `args` (options, then ORIGINAL CHECKED INPUT_DIR
@@ -114,13 +151,9 @@ impl OrtChecks {
         }
     }
 
-    /// Runs every group, or says that ONNX Runtime is not there (which fails under
-    /// `ONNXOPT_REQUIRE_ORT`).
+    /// Runs every group (unless `ONNXOPT_SKIP_ORT` is set).
     pub fn run(self) {
         if !onnx_runtime_available() {
-            println!(
-                "skipped the ONNX Runtime check: python3 cannot import onnx, onnxruntime and numpy"
-            );
             return;
         }
         for (bound, triples) in self.0 {

@@ -40,7 +40,8 @@ use super::{apply_rules, Rewrite, Rule, Target, MS_DOMAIN};
 use crate::error::Result;
 use crate::ir::{attr, DataType, DataTypeExt, Dim, Graph, Model, NodeId, PValue, Tensor, ValueId};
 use crate::ops::attention::{BiasFit, BiasShape};
-use crate::passes::{matching, Pass, Rewrites};
+use crate::ops::weights::plain_gemm_trans_b;
+use crate::passes::{Pass, Rewrites};
 use crate::proto::AttributeProto;
 
 const ATTENTION_OPSET: i64 = 23;
@@ -521,7 +522,7 @@ fn split_projection(g: &Graph, q: ValueId, k: ValueId, v: ValueId) -> Option<Pac
     if !unflatten.is("Reshape") || !gemm.is("Gemm") {
         return None;
     }
-    let plain_gemm = matching::plain_gemm_trans_b(gemm) == Some(false);
+    let plain_gemm = plain_gemm_trans_b(gemm) == Some(false);
     let weights = g.constant(gemm.input(1)?)?;
     let bias = gemm.input(2).map(|b| g.constant(b)).unwrap_or(None);
     if !plain_gemm || weights.dims().len() != 2 || weights.dims()[1] != width {

@@ -22,7 +22,7 @@ use crate::passes::{opset, Rewrites};
 use crate::proto::AttributeProto;
 use pattern::{Match, Pat};
 
-pub const MS_DOMAIN: &str = "com.microsoft";
+pub use crate::ops::MS_DOMAIN;
 
 /// The runtime a fused model is built for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]

@@ -889,3 +889,32 @@ fn recorded_dims_fill_what_inference_leaves_unknown() {
         recorded
     );
 }
+
+#[test]
+fn every_contrib_operator_onnxopt_emits_has_a_type_rule_and_runs_in_tract() {
+    // Each with float inputs of the shapes its fusion gives it: the rule must at least type
+    // the first output float, and tract must run it (natively or lowered).
+    for op in crate::ops::CONTRIB_OPS.iter().filter(|o| o.emitted) {
+        let t = Net::new(17)
+            .input("x", F32, "2,4,8")
+            .floats("w", &[8, 24])
+            .floats("b", &[24])
+            .node_in(
+                "com.microsoft",
+                op.name,
+                &["x", "w", "b"],
+                &["y"],
+                vec![attr::int("num_heads", 2)],
+            )
+            .infer();
+        assert!(
+            t.ty("y").starts_with("f32"),
+            "{op:?} has no type rule: {}",
+            t.ty("y")
+        );
+        assert!(
+            !matches!(op.tract, crate::ops::Tract::Unfaithful),
+            "{op:?} is emitted but tract cannot run it"
+        );
+    }
+}

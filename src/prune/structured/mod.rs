@@ -44,6 +44,7 @@ use super::{Importance, PruneOptions};
 use crate::error::Result;
 use crate::exec::features::{feature_energy, FeatureStats};
 use crate::ir::{attr, Graph, Model, NodeId, Tensor, Use, ValueId};
+use crate::ops::weights::plain_gemm_trans_b;
 use crate::passes::matching::{self, last_dim};
 use crate::passes::Rewrites;
 use cut::apply;
@@ -234,7 +235,7 @@ fn output_feature_axis(g: &Graph, node: NodeId) -> Option<usize> {
     }
     match n.op_type() {
         "MatMul" if matching::is_onnx(n) => Some(1),
-        "Gemm" => matching::plain_gemm_trans_b(n).map(|t| if t { 0 } else { 1 }),
+        "Gemm" => plain_gemm_trans_b(n).map(|t| if t { 0 } else { 1 }),
         _ => None,
     }
 }

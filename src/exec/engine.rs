@@ -1,0 +1,160 @@
+//! Which engine runs a model: tract, in-process and always there, or ONNX Runtime, when its
+//! library can be found (`exec::ort`).
+//!
+//! `Engine::Auto`, the default, picks per comparison, and runs both models of a comparison in
+//! the same engine: the engines round differently, and a model that quantizes its
+//! activations turns a last-bit difference into a quantization step, so a comparison across
+//! engines would measure the engines, not the rewrite. It picks ONNX Runtime when a model
+//! holds `com.microsoft` operators (built for ONNX Runtime: its kernels, not our lowerings of
+//! them, are the ground truth) or when tract cannot run a model faithfully, and tract
+//! otherwise; `second_opinion` names the engine to retry in when the first one fails to run
+//! a model (tract refuses some valid shapes that ONNX Runtime runs).
+
+use tract_onnx::prelude::Tensor;
+
+use super::ort::OrtRunner;
+use super::{support, Batch, ExecError, InputSpec, Runner};
+use crate::ir::Model;
+use crate::ops::MS_DOMAIN;
+
+/// The engine a user asks for.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Engine {
+    Tract,
+    Ort,
+    /// tract, or ONNX Runtime where it is the faithful one (see the module doc).
+    #[default]
+    Auto,
+}
+
+/// An engine that runs models.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EngineKind {
+    Tract,
+    #[serde(rename = "onnxruntime")]
+    Ort,
+}
+
+impl EngineKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            EngineKind::Tract => "tract",
+            EngineKind::Ort => "ONNX Runtime",
+        }
+    }
+}
+
+impl Engine {
+    /// The engine to run all of `models` in (see the module doc).
+    pub fn choose(self, models: &[&Model]) -> EngineKind {
+        match self {
+            Engine::Tract => EngineKind::Tract,
+            Engine::Ort => EngineKind::Ort,
+            Engine::Auto => {
+                let ort = super::ort::available().is_ok();
+                let contrib = models.iter().any(|m| holds_contrib_ops(m));
+                let tract_refuses = || models.iter().any(|m| tract_refusal(m).is_some());
+                if ort && (contrib || tract_refuses()) {
+                    EngineKind::Ort
+                } else {
+                    EngineKind::Tract
+                }
+            }
+        }
+    }
+
+    /// The engine to retry in after `failed` could not run a model, if the choice was ours
+    /// to make and the other engine is there.
+    pub fn second_opinion(self, failed: EngineKind) -> Option<EngineKind> {
+        let other = match failed {
+            EngineKind::Tract => EngineKind::Ort,
+            EngineKind::Ort => EngineKind::Tract,
+        };
+        let there = other == EngineKind::Tract || super::ort::available().is_ok();
+        (self == Engine::Auto && there).then_some(other)
+    }
+}
+
+fn holds_contrib_ops(model: &Model) -> bool {
+    model.graph.nodes().any(|(_, n)| n.domain() == MS_DOMAIN)
+}
+
+/// Why tract cannot run `model` faithfully, once its contrib operators are lowered.
+pub fn tract_refusal(model: &Model) -> Option<support::Unsupported> {
+    let mut lowered = model.clone();
+    super::lower::lower_contrib_ops(&mut lowered).ok()?;
+    support::first_unsupported(&lowered)
+}
+
+/// A model loaded into one engine.
+pub enum EngineRunner {
+    Tract(Box<Runner>),
+    Ort(OrtRunner),
+}
+
+impl EngineRunner {
+    /// Loads `model` into `engine`, returning the named values when run.
+    pub fn with_outputs(
+        engine: EngineKind,
+        model: &Model,
+        outputs: &[String],
+    ) -> Result<EngineRunner, ExecError> {
+        Ok(match engine {
+            EngineKind::Tract => {
+                EngineRunner::Tract(Box::new(Runner::with_outputs(model, outputs)?))
+            }
+            EngineKind::Ort => EngineRunner::Ort(OrtRunner::with_outputs(model, outputs)?),
+        })
+    }
+
+    /// Loads `model` into `engine`, returning its graph outputs when run.
+    pub fn new(engine: EngineKind, model: &Model) -> Result<EngineRunner, ExecError> {
+        let g = &model.graph;
+        let outputs: Vec<String> = g
+            .outputs
+            .iter()
+            .map(|p| g.value_name(p.value).to_string())
+            .collect();
+        EngineRunner::with_outputs(engine, model, &outputs)
+    }
+
+    pub fn kind(&self) -> EngineKind {
+        match self {
+            EngineRunner::Tract(_) => EngineKind::Tract,
+            EngineRunner::Ort(_) => EngineKind::Ort,
+        }
+    }
+
+    pub fn inputs(&self) -> &[InputSpec] {
+        match self {
+            EngineRunner::Tract(r) => r.inputs(),
+            EngineRunner::Ort(r) => r.inputs(),
+        }
+    }
+
+    pub fn prepare(&mut self, batches: &[Batch]) -> Result<(), ExecError> {
+        match self {
+            EngineRunner::Tract(r) => r.prepare(batches),
+            EngineRunner::Ort(r) => r.prepare(batches),
+        }
+    }
+
+    pub fn run(&mut self, batch: &Batch) -> Result<Vec<(String, Tensor)>, ExecError> {
+        match self {
+            EngineRunner::Tract(r) => r.run(batch),
+            EngineRunner::Ort(r) => r.run(batch),
+        }
+    }
+
+    pub fn run_parallel(
+        &mut self,
+        batches: &[Batch],
+    ) -> Result<Vec<Vec<(String, Tensor)>>, ExecError> {
+        match self {
+            EngineRunner::Tract(r) => r.run_parallel(batches),
+            EngineRunner::Ort(r) => r.run_parallel(batches),
+        }
+    }
+}
