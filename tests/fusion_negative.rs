@@ -2,6 +2,9 @@
 //! is fused (so that each test fails if the matcher stops matching at all): a LayerNorm
 //! reducing over axis 1, RMSNorm written with `Mul(x, x)`, a GELU with a wrong constant, and
 //! a GELU whose intermediate value has another reader. Fused results are checked in tract.
+//! And files whose recorded types lie, which the fusions must survive.
+
+mod common;
 
 use onnxopt::exec::{self, InputSource, ValidateOptions};
 use onnxopt::ir::{attr, Model, Tensor};
@@ -201,4 +204,47 @@ fn gelu_whose_intermediate_has_another_reader_is_not_fused() {
     let kept = fused_ops(gelu(std::f32::consts::SQRT_2, true));
     assert!(kept.contains(&"Erf".to_string()), "{kept:?}");
     assert!(!kept.contains(&"Gelu".to_string()), "{kept:?}");
+}
+
+/// A file's `value_info` is the user's, and may be wrong: the fusions read ranks and dims
+/// from it when run alone (`--passes fuse-attention`), and must give up, never panic, when
+/// it lies. Each intermediate value in turn is given a wrong rank (a K-heads value of rank 2
+/// once made the attention fusion index past its dims).
+#[test]
+fn fusions_survive_value_info_of_any_rank() {
+    use onnxopt::ir::{Dim, ValueType};
+    let passes: Vec<String> = ["fuse-attention", "fuse-layernorm", "fuse-gelu"]
+        .iter()
+        .map(|p| p.to_string())
+        .collect();
+    let options = OptimizeOptions {
+        target: Target::Ort,
+        passes,
+        ..Default::default()
+    };
+    for file in [
+        "bert-tiny.dynamo.onnx",
+        "bert-tiny.ts.onnx",
+        "gpt2-tiny.dynamo.onnx",
+    ] {
+        let original = onnxopt::io::load(&common::testdata(file)).unwrap();
+        let g = &original.graph;
+        let produced: Vec<_> = g
+            .value_ids()
+            .filter(|&v| g.producer(v).is_some() && !g.is_graph_output(v))
+            .collect();
+        for v in produced {
+            for rank in [0usize, 2] {
+                let mut model = original.clone();
+                let elem = model.graph.value_type(v).map_or(1, |t| t.elem);
+                let wrong = ValueType::new(elem, vec![Dim::symbol("n"); rank]);
+                model.graph.set_value_type(v, &wrong);
+                let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    optimize(&mut model, &options)
+                }));
+                let name = original.graph.value_name(v);
+                assert!(run.is_ok(), "{file}: `{name}` of rank {rank}: panicked");
+            }
+        }
+    }
 }

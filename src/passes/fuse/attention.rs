@@ -228,7 +228,9 @@ fn check_heads(m: &Match, g: &Graph) -> Option<i64> {
     if let Some(flat) = m.value("k_flat") {
         let heads = dims(g, g.node(g.producer(flat)?).input(0)?)?;
         let (f, t) = (dims(g, flat)?, dims(g, m.value("k_t")?)?);
-        let (b, nn, tt, hh) = (&heads[0], &heads[1], &heads[2], &heads[3]);
+        let [b, nn, tt, hh] = heads.as_slice() else {
+            return None;
+        };
         let merged = f.len() == 3 && f[0].same(&b.mul(nn)) && f[1].same(tt) && f[2].same(hh);
         let split = t.len() == 4 && t[0].same(b) && t[1].same(nn) && t[2].same(hh) && t[3].same(tt);
         if !merged || !split {
