@@ -518,7 +518,7 @@ fn check_or_fall_back(
 fn runs_on_generated_inputs(model: &Model, check: &ValidateOptions) -> Result<(), ExecError> {
     let batches = exec::batches_for(model, &check.inputs, &check.generate)?;
     let first = check.engine.choose(&[model]);
-    let engines = std::iter::once(first).chain(check.engine.second_opinion(first));
+    let engines = std::iter::once(first).chain(check.engine.second_opinion());
     let mut last = None;
     for engine in engines {
         match exec::Reference::run(model, batches.clone(), engine, &|_, _| {}) {

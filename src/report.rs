@@ -280,7 +280,7 @@ fn write_validation(f: &mut fmt::Formatter<'_>, v: &Validation) -> fmt::Result {
         f,
         "validation on {} batches in {}: {verdict}",
         v.batches.len(),
-        v.engine.name()
+        engines(v)
     )?;
     if let Some(first) = &v.second_opinion {
         writeln!(f, "  (asked {} again: {first})", v.engine.name())?;
@@ -299,6 +299,19 @@ fn write_validation(f: &mut fmt::Formatter<'_>, v: &Validation) -> fmt::Result {
     Ok(())
 }
 
+/// Where the two models of a comparison ran: `tract`, or `tract (input) and ONNX Runtime`.
+fn engines(v: &Validation) -> String {
+    if v.reference_engine == v.engine {
+        v.engine.name().to_string()
+    } else {
+        format!(
+            "{} (input) and {} (output)",
+            v.reference_engine.name(),
+            v.engine.name()
+        )
+    }
+}
+
 fn write_check(f: &mut fmt::Formatter<'_>, c: &Check) -> fmt::Result {
     match &c.outcome {
         CheckOutcome::Passed(v) => {
@@ -308,7 +321,7 @@ fn write_check(f: &mut fmt::Formatter<'_>, c: &Check) -> fmt::Result {
                 f,
                 "check: the output matches the input model in {} on {} generated batch{} \
                  (max abs error {worst:.2e}, lowest cosine {cosine:.6})",
-                v.engine.name(),
+                engines(v),
                 v.batches.len(),
                 if v.batches.len() == 1 { "" } else { "es" }
             )?;

@@ -1,21 +1,22 @@
 //! Which engine runs a model: tract, in-process and always there, or ONNX Runtime, when its
 //! library can be found (`exec::ort`).
 //!
-//! `Engine::Auto`, the default, picks per comparison, and runs both models of a comparison in
-//! the same engine: the engines round differently, and a model that quantizes its
-//! activations turns a last-bit difference into a quantization step, so a comparison across
-//! engines would measure the engines, not the rewrite. It picks ONNX Runtime when a model
+//! `Engine::Auto`, the default, picks per comparison. It runs a model in ONNX Runtime when it
 //! holds `com.microsoft` operators (built for ONNX Runtime: its kernels, not our lowerings of
-//! them, are the ground truth) or when tract cannot run a model faithfully, and tract
-//! otherwise; `second_opinion` names the engine to retry in when the first one fails to run
-//! a model (tract refuses some valid shapes that ONNX Runtime runs).
+//! them, are the ground truth) or when tract cannot run it faithfully, and in tract
+//! otherwise. The reference of a comparison runs in tract only when it is a float model of
+//! standard operators; else both run in one engine: the engines round differently, and a
+//! model that quantizes its activations turns a last-bit difference into a quantization
+//! step, so a comparison across engines would measure the engines, not the rewrite.
+//! `second_opinion` is ONNX Runtime, asked again when tract fails to run a model or finds
+//! two models apart (tract has gaps of its own: it casts float to int64 through int32).
 
 use tract_onnx::prelude::Tensor;
 
 use super::ort::OrtRunner;
 use super::{support, Batch, ExecError, InputSpec, Runner};
 use crate::ir::Model;
-use crate::ops::MS_DOMAIN;
+use crate::ops::{self, MS_DOMAIN};
 
 /// The engine a user asks for.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
@@ -65,15 +66,32 @@ impl Engine {
         }
     }
 
-    /// The engine to retry in after `failed` could not run a model, if the choice was ours
-    /// to make and the other engine is there.
-    pub fn second_opinion(self, failed: EngineKind) -> Option<EngineKind> {
-        let other = match failed {
-            EngineKind::Tract => EngineKind::Ort,
-            EngineKind::Ort => EngineKind::Tract,
+    /// The engines to run a comparison's `reference` and `candidate` in: the candidate where
+    /// `choose` puts it; with `Auto`, a reference of standard float operators that tract runs
+    /// goes to tract (the engines then agree to float rounding, and tract loads a model in
+    /// a third of ONNX Runtime's time), anything else to the candidate's engine.
+    pub fn choose_pair(self, reference: &Model, candidate: &Model) -> (EngineKind, EngineKind) {
+        let for_candidate = self.choose(&[candidate]);
+        let plain = |m: &Model| {
+            !holds_contrib_ops(m)
+                && !m
+                    .graph
+                    .nodes()
+                    .any(|(_, n)| ops::quantization::quantizes(n))
+                && tract_refusal(m).is_none()
         };
-        let there = other == EngineKind::Tract || super::ort::available().is_ok();
-        (self == Engine::Auto && there).then_some(other)
+        if self == Engine::Auto && plain(reference) {
+            (EngineKind::Tract, for_candidate)
+        } else {
+            let both = self.choose(&[reference, candidate]);
+            (both, both)
+        }
+    }
+
+    /// ONNX Runtime, to retry a comparison in after tract failed to run a model or found
+    /// the two apart: only when the choice was ours (`Auto`) and ONNX Runtime is there.
+    pub fn second_opinion(self) -> Option<EngineKind> {
+        (self == Engine::Auto && super::ort::available().is_ok()).then_some(EngineKind::Ort)
     }
 }
 

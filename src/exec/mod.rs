@@ -524,7 +524,9 @@ impl Default for ValidateOptions {
 /// The outcome of comparing a candidate model with a reference on the same inputs.
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct Validation {
-    /// The engine both models ran in.
+    /// The engine the reference ran in.
+    pub reference_engine: EngineKind,
+    /// The engine the candidate ran in.
     pub engine: EngineKind,
     /// What the first engine tried said, when another one had to decide.
     pub second_opinion: Option<String>,
@@ -558,10 +560,10 @@ pub fn batches_for(
 
 /// Runs `reference` and `candidate` on the same batches and compares every output.
 /// `on_batch` is called after each batch of each model (for a progress bar).
-/// Both run in the engine `options.engine` chooses for the pair; with `Engine::Auto`, when
-/// tract fails to run either model, or finds them apart, ONNX Runtime (if there) decides:
-/// its kernels are the ones the models are written for, where tract runs our lowerings or
-/// has a gap of its own (it casts float to int64 through int32, say).
+/// They run in the engines `options.engine` chooses for the pair (`Engine::choose_pair`);
+/// with `Engine::Auto`, when tract fails to run either model or finds them apart, ONNX
+/// Runtime (if there) runs both and decides: its kernels are the ones the models are written
+/// for, where tract runs our lowerings or has a gap of its own.
 pub fn validate(
     reference: &Model,
     candidate: &Model,
@@ -569,24 +571,27 @@ pub fn validate(
     on_batch: &dyn Fn(usize, usize),
 ) -> Result<Validation, ExecError> {
     let batches = batches_for(reference, &options.inputs, &options.generate)?;
-    let first = options.engine.choose(&[reference, candidate]);
-    let run_in = |engine: EngineKind| {
+    let run_in = |(ours, theirs): (EngineKind, EngineKind)| {
         let n = batches.len();
-        let expected = Reference::run(reference, batches.clone(), engine, &|done, _| {
+        let expected = Reference::run(reference, batches.clone(), ours, &|done, _| {
             on_batch(done, 2 * n)
         })?;
-        expected.compare(candidate, options, &|done, _| on_batch(n + done, 2 * n))
+        expected.compare(candidate, theirs, options, &|done, _| {
+            on_batch(n + done, 2 * n)
+        })
     };
-    let first_result = run_in(first);
+    let engines = options.engine.choose_pair(reference, candidate);
+    let first_result = run_in(engines);
     let first_said = match &first_result {
         Ok(v) if v.passed() => return first_result,
         Err(ExecError::Input(_) | ExecError::Model(_)) => return first_result,
-        Ok(v) => format!("{} found: {}", first.name(), v.violations.join("; ")),
-        Err(e) => format!("{} could not run them: {e}", first.name()),
+        Ok(v) => format!("tract found: {}", v.violations.join("; ")),
+        Err(e) => format!("tract could not run them: {e}"),
     };
-    match options.engine.second_opinion(first) {
-        Some(other) if first == EngineKind::Tract => {
-            let mut v = run_in(other)?;
+    let tract_ran = engines.0 == EngineKind::Tract || engines.1 == EngineKind::Tract;
+    match options.engine.second_opinion() {
+        Some(ort) if tract_ran => {
+            let mut v = run_in((ort, ort))?;
             v.second_opinion = Some(first_said);
             Ok(v)
         }
@@ -606,7 +611,6 @@ pub struct Reference {
 
 impl Reference {
     /// Runs `reference` in `engine` on `batches`; `on_batch(done, total)` after each.
-    /// Candidates are run in the same engine.
     pub fn run(
         reference: &Model,
         batches: Vec<Batch>,
@@ -628,15 +632,16 @@ impl Reference {
         })
     }
 
-    /// Runs `candidate` on the reference's batches and compares every output, by the
-    /// tolerance, logits and temperature of `options` (its inputs are the reference's).
+    /// Runs `candidate` in `engine` on the reference's batches and compares every output, by
+    /// the tolerance, logits and temperature of `options` (its inputs are the reference's).
     pub fn compare(
         &self,
         candidate: &Model,
+        engine: EngineKind,
         options: &ValidateOptions,
         on_batch: &dyn Fn(usize, usize),
     ) -> Result<Validation, ExecError> {
-        let mut b = EngineRunner::new(self.engine, candidate)?;
+        let mut b = EngineRunner::new(engine, candidate)?;
         // The same inputs, in the same order; a float input may have another float type (an
         // FP16 model), and gets the reference's values cast to it.
         let same_inputs = self.inputs.len() == b.inputs().len()
@@ -695,7 +700,8 @@ impl Reference {
             .flat_map(|d| options.tolerance.violations(d))
             .collect();
         Ok(Validation {
-            engine: self.engine,
+            reference_engine: self.engine,
+            engine,
             second_opinion: None,
             batches: self.batches.iter().map(|b| b.name.clone()).collect(),
             outputs,

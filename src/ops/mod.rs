@@ -6,6 +6,7 @@
 //! axis of their weights is which (`weights`).
 
 pub mod attention;
+pub mod quantization;
 pub mod weights;
 
 /// The domain of ONNX Runtime's contrib operators.

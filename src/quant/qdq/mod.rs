@@ -39,7 +39,8 @@ mod trt;
 use bytes::Bytes;
 
 use crate::error::{Error, Result};
-use crate::ir::{attr, DataType, Model, Node, NodeId, PValue, Patch, Tensor, ValueId};
+use crate::ir::{attr, DataType, Model, NodeId, PValue, Patch, Tensor, ValueId};
+pub(crate) use crate::ops::quantization::{is_integer_op, is_q_or_dq, quantizes};
 use crate::passes::{opset, Rewrites};
 use crate::quant::{QuantTarget, Ranges};
 pub use params::{
@@ -52,33 +53,6 @@ pub use trt::trt_violations;
 
 /// Per-axis DequantizeLinear (per-channel weights) first appears in opset 13.
 const QDQ_OPSET: i64 = 13;
-
-/// Operators that compute on quantized integers: besides Q/DQ, what an already quantized
-/// model holds, and what TensorRT's parser refuses (it takes explicit Q/DQ only).
-const INTEGER_OPS: &[&str] = &[
-    "MatMulInteger",
-    "ConvInteger",
-    "DynamicQuantizeLinear",
-    "MatMulIntegerToFloat",
-    "DynamicQuantizeMatMul",
-    "QGemm",
-    "QAttention",
-    "QEmbedLayerNormalization",
-    "QOrderedMatMul",
-    "QOrderedAttention",
-    "QOrderedLayerNormalization",
-    "QOrderedGelu",
-    "MatMulNBits",
-];
-
-/// True for QLinear* and the other integer operators of `INTEGER_OPS`.
-fn is_integer_op(node: &Node) -> bool {
-    node.op_type().starts_with("QLinear") || INTEGER_OPS.contains(&node.op_type())
-}
-
-fn is_q_or_dq(node: &Node) -> bool {
-    matches!(node.op_type(), "QuantizeLinear" | "DequantizeLinear")
-}
 
 #[derive(Clone, Debug)]
 pub struct QdqOptions {
@@ -102,7 +76,7 @@ pub(crate) fn quantization_ops(model: &Model) -> Vec<String> {
     let mut found: Vec<String> = model
         .graph
         .nodes()
-        .filter(|(_, n)| is_q_or_dq(n) || is_integer_op(n))
+        .filter(|(_, n)| quantizes(n))
         .map(|(_, n)| n.op_type().to_string())
         .collect();
     found.sort();
