@@ -454,25 +454,58 @@ fn check_or_fall_back(
 ) -> Result<Outcome, PipelineError> {
     let check_options = check_options(options, &original);
     let on_batch = |done, total| progress("checking", done, total);
-    let failure = match exec::validate(&original, &model, &check_options, &on_batch) {
-        Ok(v) if v.passed() => {
+    let check = |candidate: &Model| -> Result<Validation, String> {
+        match exec::validate(&original, candidate, &check_options, &on_batch) {
+            Ok(v) if v.passed() => Ok(v),
+            Ok(v) => Err(format!("outputs differ: {}", v.violations.join("; "))),
+            Err(e) => Err(format!("the output does not run: {e}")),
+        }
+    };
+    let failure = match check(&model) {
+        Ok(v) => {
             report.check = Some(Check::passed(v));
             return Ok(Outcome { model, report });
         }
-        Ok(v) => format!("outputs differ: {}", v.violations.join("; ")),
-        Err(e) => {
-            if let Err(why) = runs_on_generated_inputs(&original, &check_options) {
-                // Without the input model's outputs there is nothing to compare with: say
-                // so, and write what the passes made (nothing showed it wrong).
-                report.check = Some(Check::not_done(format!(
-                    "the input model does not run on generated inputs: {why}"
-                )));
-                return Ok(Outcome { model, report });
-            }
-            format!("the output does not run: {e}")
-        }
+        Err(failure) => failure,
     };
-    // Leave out one fusion at a time, then all of them.
+    if let Err(why) = runs_on_generated_inputs(&original, &check_options) {
+        // Without the input model's outputs there is nothing to compare with: say so, and
+        // write what the passes made (nothing showed it wrong).
+        report.check = Some(Check::not_done(format!(
+            "the input model does not run on generated inputs: {why}"
+        )));
+        return Ok(Outcome { model, report });
+    }
+    if let Some(outcome) = without_a_fusion(
+        &original,
+        options,
+        &failure,
+        &report.warnings,
+        progress,
+        &check,
+    ) {
+        return Ok(outcome);
+    }
+    report.check = Some(Check {
+        outcome: CheckOutcome::Failed(failure.clone()),
+    });
+    Err(not_written(
+        format!("the optimized model failed the output check: {failure}"),
+        &report,
+    ))
+}
+
+/// The pipeline's result on `original` with one fusion left out, for each fusion in turn,
+/// then with all of them left out: the first that `check` passes, with a warning that says
+/// which fusion was left out and the `failure` it caused. `None` when none passes.
+fn without_a_fusion(
+    original: &Model,
+    options: &Options,
+    failure: &str,
+    warnings: &[String],
+    progress: Progress,
+    check: &dyn Fn(&Model) -> Result<Validation, String>,
+) -> Option<Outcome> {
     let fusions: Vec<&'static str> = crate::optimize::pipeline(&options.optimize)
         .names()
         .into_iter()
@@ -485,33 +518,24 @@ fn check_or_fall_back(
     for left_out in attempts {
         let mut retry = options.clone();
         retry.optimize.skip = left_out.iter().map(|s| s.to_string()).collect();
-        let mut retry_report = Report::new();
-        let Ok((candidate, _)) = transform(original.clone(), &retry, &mut retry_report, progress)
-        else {
+        let mut report = Report::new();
+        let Ok((candidate, _)) = transform(original.clone(), &retry, &mut report, progress) else {
             continue;
         };
-        if let Ok(v) = exec::validate(&original, &candidate, &check_options, &on_batch) {
-            if v.passed() {
-                retry_report.warnings = report.warnings;
-                retry_report.warnings.push(format!(
-                    "{} left out: with it the output failed the check ({failure})",
-                    left_out.join(", ")
-                ));
-                retry_report.check = Some(Check::passed(v));
-                return Ok(Outcome {
-                    model: candidate,
-                    report: retry_report,
-                });
-            }
+        if let Ok(v) = check(&candidate) {
+            report.warnings = warnings.to_vec();
+            report.warnings.push(format!(
+                "{} left out: with it the output failed the check ({failure})",
+                left_out.join(", ")
+            ));
+            report.check = Some(Check::passed(v));
+            return Some(Outcome {
+                model: candidate,
+                report,
+            });
         }
     }
-    report.check = Some(Check {
-        outcome: CheckOutcome::Failed(failure.clone()),
-    });
-    Err(not_written(
-        format!("the optimized model failed the output check: {failure}"),
-        &report,
-    ))
+    None
 }
 
 /// Whether `model` runs on the check's generated inputs, in some engine.
@@ -527,4 +551,69 @@ fn runs_on_generated_inputs(model: &Model, check: &ValidateOptions) -> Result<()
         }
     }
     Err(last.expect("one engine at least"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn bert_tiny() -> Model {
+        let path =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("testdata/bert-tiny.ts.onnx");
+        crate::io::load(&path).unwrap()
+    }
+
+    #[test]
+    fn a_fusion_whose_output_fails_the_check_is_left_out() {
+        let original = bert_tiny();
+        let options = Options::default();
+        let passing = exec::validate(
+            &original,
+            &original,
+            &ValidateOptions {
+                engine: Engine::Tract,
+                ..check_options(&options, &original)
+            },
+            &|_, _| {},
+        )
+        .unwrap();
+        // A check that refuses any fused attention, as if its kernel refused the inputs.
+        let check = |m: &Model| -> Result<Validation, String> {
+            let attention = m.graph.nodes().any(|(_, n)| n.op_type() == "Attention");
+            match attention {
+                true => Err("Attention refused its bias".into()),
+                false => Ok(passing.clone()),
+            }
+        };
+        let outcome = without_a_fusion(
+            &original,
+            &options,
+            "Attention refused its bias",
+            &["earlier".into()],
+            &|_, _, _| {},
+            &check,
+        )
+        .expect("a result without the attention fusion");
+        assert!(!outcome
+            .model
+            .graph
+            .nodes()
+            .any(|(_, n)| n.op_type() == "Attention"));
+        // The other fusions still ran.
+        assert!(outcome
+            .model
+            .graph
+            .nodes()
+            .any(|(_, n)| n.op_type() == "BiasGelu"));
+        assert_eq!(outcome.report.warnings[0], "earlier");
+        assert!(
+            outcome.report.warnings[1].starts_with("fuse-attention left out"),
+            "{:?}",
+            outcome.report.warnings
+        );
+        // A check nothing passes: no result.
+        let never = |_: &Model| -> Result<Validation, String> { Err("no".into()) };
+        let none = without_a_fusion(&original, &options, "no", &[], &|_, _, _| {}, &never);
+        assert!(none.is_none());
+    }
 }
