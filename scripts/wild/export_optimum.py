@@ -96,7 +96,11 @@ def pad_inputs(inputs, decoder_with_past):
 def refs_for(config, model, shapes, seed, decoder_only_past, onnx_input_names):
     """Optimum's own validation recipe (optimum.exporters.onnx.convert._run_validation) with our shapes."""
     torch = W._torch()
+    import random
+    import numpy as np
     torch.manual_seed(seed)
+    random.seed(seed)  # Optimum's random_mask_tensor draws the masks' lengths from python's random
+    np.random.seed(seed % (1 << 32))
     b, s = shapes
     kw = dict(batch_size=b, sequence_length=s, nb_max_frames=32, height=32, width=32, num_channels=3)
     inputs = config.generate_dummy_inputs(framework="pt", **kw)

@@ -36,6 +36,7 @@ def add_noise(model, seed):
 def build(arch, seed):
     import tensorflow as tf
     import transformers as T
+    tf.keras.backend.clear_session()  # layer names (and so tf2onnx's node names) restart for each model
     tf.keras.utils.set_random_seed(seed)
     common = dict(num_hidden_layers=W.L, hidden_size=W.H, num_attention_heads=W.NH, intermediate_size=W.FF,
                   vocab_size=W.V)
