@@ -1,0 +1,207 @@
+#!/usr/bin/env python3
+"""Optimum exports (optimum.exporters.onnx.main_export, what `optimum-cli export onnx` runs) of tiny random models
+saved to a local folder. Runs inside the `optimum` venv; called by `make_wild.py export optimum`.
+
+The calibration batches and torch's reference outputs are made the way Optimum's own validation makes them
+(config.generate_dummy_inputs with our shapes and seed, the model patched as for export, outputs flattened to the
+ONNX names), with right padding added to the second batch's attention mask (left padding of the past for GPT-2).
+
+    /work/venvs/wild-optimum/bin/python scripts/wild/export_optimum.py export-env optimum
+"""
+import copy
+import os
+import shutil
+import sys
+import tempfile
+import traceback
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import make_wild as W  # noqa: E402
+
+# (arch, model class, task, submodels kept -> arch name in the corpus)
+PLAN = [
+    ("bert", "feature-extraction", {"model": "optimum-bert"}),
+    ("distilbert", "feature-extraction", {"model": "optimum-distilbert"}),
+    ("vit", "feature-extraction", {"model": "optimum-vit"}),
+    ("gpt2", "text-generation-with-past", {"model": "optimum-gpt2"}),
+    ("t5", "text2text-generation-with-past", {"encoder_model": "optimum-t5-enc",
+                                              "decoder_with_past_model": "optimum-t5-dec-past"}),
+    ("bart", "text2text-generation-with-past", {"decoder_with_past_model": "optimum-bart-dec-past"}),
+    ("whisper", "automatic-speech-recognition-with-past", {"decoder_with_past_model": "optimum-whisper-dec-past"}),
+]
+# (batch_size, sequence_length): Optimum's dummy-input shapes for the two batches (for a decoder with past,
+# sequence_length is the past length and the new tokens are 1)
+SHAPES = [(1, 8), (2, 12)]
+NAMES = {
+    "optimum-bert": "BERT (BertModel, feature-extraction)", "optimum-distilbert": "DistilBERT (feature-extraction)",
+    "optimum-vit": "ViT (ViTModel, feature-extraction)",
+    "optimum-gpt2": "GPT-2 LM with past (text-generation-with-past, one model: past may be empty)",
+    "optimum-t5-enc": "T5 v1.1 encoder (encoder_model)", "optimum-t5-dec-past": "T5 v1.1 decoder_with_past_model",
+    "optimum-bart-dec-past": "BART decoder_with_past_model", "optimum-whisper-enc": "Whisper encoder_model",
+    "optimum-whisper-dec-past": "Whisper decoder_with_past_model",
+}
+
+
+def build(arch, seed):
+    import transformers as T
+    torch = W._torch()
+    common = dict(num_hidden_layers=W.L, hidden_size=W.H, num_attention_heads=W.NH, intermediate_size=W.FF,
+                  vocab_size=W.V)
+    if arch == "bert":
+        cfg, cls = T.BertConfig(max_position_embeddings=64, **common), T.BertModel
+    elif arch == "distilbert":
+        cfg, cls = T.DistilBertConfig(n_layers=W.L, dim=W.H, n_heads=W.NH, hidden_dim=W.FF, vocab_size=W.V,
+                                      max_position_embeddings=64), T.DistilBertModel
+    elif arch == "vit":
+        c = dict(common)
+        c.pop("vocab_size")
+        cfg, cls = T.ViTConfig(image_size=32, patch_size=8, **c), T.ViTModel
+    elif arch == "gpt2":
+        cfg, cls = T.GPT2Config(vocab_size=W.V_SMALL, n_positions=64, n_embd=W.H, n_layer=W.L, n_head=W.NH,
+                                n_inner=W.FF), T.GPT2LMHeadModel
+    elif arch == "t5":
+        cfg, cls = T.T5Config(vocab_size=W.V_SMALL, d_model=W.H, d_kv=W.H // W.NH, d_ff=W.FF, num_layers=W.L,
+                              num_decoder_layers=W.L, num_heads=W.NH, feed_forward_proj="gated-gelu",
+                              relative_attention_num_buckets=8, decoder_start_token_id=0), \
+            T.T5ForConditionalGeneration
+    elif arch == "bart":
+        cfg, cls = T.BartConfig(vocab_size=W.V_SMALL, d_model=W.H, encoder_layers=W.L, decoder_layers=W.L,
+                                encoder_attention_heads=W.NH, decoder_attention_heads=W.NH, encoder_ffn_dim=W.FF,
+                                decoder_ffn_dim=W.FF, max_position_embeddings=64), T.BartForConditionalGeneration
+    elif arch == "whisper":
+        cfg, cls = T.WhisperConfig(vocab_size=W.V_SMALL, num_mel_bins=80, encoder_layers=W.L, decoder_layers=W.L,
+                                   encoder_attention_heads=W.NH, decoder_attention_heads=W.NH, encoder_ffn_dim=W.FF,
+                                   decoder_ffn_dim=W.FF, d_model=W.H, max_source_positions=16,
+                                   max_target_positions=32, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+                                   decoder_start_token_id=1), T.WhisperForConditionalGeneration
+    torch.manual_seed(seed)
+    m = cls(cfg)
+    W.add_noise(m, seed)
+    return m.eval()
+
+
+def pad_inputs(inputs, decoder_with_past):
+    """Padding in the second batch: right padding of the (encoder) attention mask's row 1, or left padding of the
+    past for a decoder-only model with past."""
+    for k in ("attention_mask", "encoder_attention_mask"):
+        v = inputs.get(k)
+        if v is None or v.shape[0] < 2:
+            continue
+        if decoder_with_past and k == "attention_mask":
+            v[1, :2] = 0
+        else:
+            v[1, -3:] = 0
+
+
+def refs_for(config, model, shapes, seed, decoder_only_past, onnx_input_names):
+    """Optimum's own validation recipe (optimum.exporters.onnx.convert._run_validation) with our shapes."""
+    torch = W._torch()
+    import random
+    import numpy as np
+    torch.manual_seed(seed)
+    random.seed(seed)  # Optimum's random_mask_tensor draws the masks' lengths from python's random
+    np.random.seed(seed % (1 << 32))
+    b, s = shapes
+    kw = dict(batch_size=b, sequence_length=s, nb_max_frames=32, height=32, width=32, num_channels=3)
+    inputs = config.generate_dummy_inputs(framework="pt", **kw)
+    pad_inputs(inputs, decoder_only_past)
+    if "cache_position" in inputs:
+        # the dummy generator draws a random cache_position; a real step's is past_length + 0..new-1 (with a random
+        # one torch and the export disagree by 0.04-0.17 on Whisper: the graph takes positions from the past length)
+        past = inputs["past_key_values"][0][0].shape[2]
+        n = inputs["cache_position"].shape[0]
+        inputs["cache_position"] = torch.arange(past, past + n, dtype=inputs["cache_position"].dtype)
+    ref_in = config.rename_ambiguous_inputs(copy.deepcopy(inputs))
+    with config.patch_model_for_export(model, model_kwargs={}):
+        with torch.inference_mode():
+            out = model(**ref_in)
+    refs = {}
+    for name, value in out.items():
+        if value is None:
+            continue
+        if name == "past_key_values":
+            name = "present"
+        if isinstance(value, (list, tuple)):
+            value = config.flatten_output_collection_property(config.torch_to_onnx_output_map.get(name, name), value)
+            refs.update({k: v.numpy() for k, v in value.items() if v is not None})
+        else:
+            refs[name] = value.numpy()
+    # as Optimum's validation feeds ONNX Runtime: renamed (decoder_input_ids -> input_ids, ...) and flattened
+    inputs = config.generate_dummy_inputs_for_validation(inputs, onnx_input_names=onnx_input_names)
+    feeds = {}
+    for name, value in inputs.items():
+        if isinstance(value, (list, tuple)):
+            value = config.flatten_output_collection_property(name, value)
+            feeds.update({k: v.numpy() for k, v in value.items() if v is not None})
+        else:
+            feeds[name] = value.numpy()
+    return feeds, refs
+
+
+def export_arch(arch, task, keep, seed):
+    import onnx
+    from optimum.exporters.onnx import main_export
+    from optimum.exporters.onnx.utils import _get_submodels_and_onnx_configs
+    from optimum.exporters.tasks import TasksManager
+    torch = W._torch()
+    tmp = tempfile.mkdtemp()
+    model_dir, out_dir = os.path.join(tmp, "model"), os.path.join(tmp, "onnx")
+    build(arch, seed).save_pretrained(model_dir)
+    main_export(model_dir, out_dir, task=task, no_post_process=True, library_name="transformers",
+                nb_max_frames=32, height=32, width=32, num_channels=3)
+    model = TasksManager.get_model_from_task(task, model_dir, framework="pt", library_name="transformers")
+    model.eval()
+    _, subs = _get_submodels_and_onnx_configs(model=model, task=task, monolith=False, custom_onnx_configs={},
+                                              custom_architecture=False, _variant="default",
+                                              library_name="transformers")
+    res = []
+    for sub, corpus_arch in keep.items():
+        submodel, config = subs[sub]
+        src = os.path.join(out_dir, sub + ".onnx")
+        m = onnx.load(src)
+        opset = next(o.version for o in m.opset_import if o.domain in ("", "ai.onnx"))
+        stem = "%s.optimum%d.%s" % (corpus_arch, opset, W.torch_short())
+        shutil.copy(src, os.path.join(W.OUT, stem + ".onnx"))
+        onnx_ins = [i.name for i in m.graph.input]
+        onnx_outs = [o.name for o in m.graph.output]
+        feeds, refs = [], []
+        for k, shp in enumerate(SHAPES):
+            f, r = refs_for(config, submodel, shp, seed + 10 * k, arch == "gpt2", onnx_ins)
+            feeds.append({n: v for n, v in f.items() if n in onnx_ins})
+            refs.append({n: v for n, v in r.items() if n in onnx_outs})
+        W.save(stem, feeds, "calib")
+        W.save(stem, refs, ".build/refs")
+        info = {"file": stem + ".onnx", "stem": stem, "env": "optimum", "arch": corpus_arch,
+                "arch_name": NAMES[corpus_arch], "exporter": "optimum", "opset_requested": None, "opset": opset,
+                "attn_requested": None, "attn_implementation": getattr(model.config, "_attn_implementation", None),
+                "seed": seed, "versions": W.versions(), "optimum_task": task, "optimum_submodel": sub,
+                "exporter_call": "optimum.exporters.onnx.main_export(<local folder>, task=%r, no_post_process=True) "
+                                 "(default opset; = optimum-cli export onnx --task %s --no-post-process); "
+                                 "file %s.onnx" % (task, task, sub),
+                "inputs_declared": onnx_ins, "outputs_declared": onnx_outs}
+        res.append((stem, info))
+    shutil.rmtree(tmp, ignore_errors=True)
+    return res
+
+
+def main():
+    os.makedirs(os.path.join(W.BUILD, "info"), exist_ok=True)
+    for k, (arch, task, keep) in enumerate(PLAN):
+        seed = 2500 + k
+        try:
+            for stem, info in export_arch(arch, task, keep, seed):
+                W.write_info(stem, info)
+                print("exported", stem, flush=True)
+        except Exception as e:  # noqa: BLE001
+            msg = "%s: %s" % (type(e).__name__, str(e).strip().splitlines()[0][:400] if str(e).strip() else "")
+            for corpus_arch in keep.values():
+                tag = "%s.optimum.%s" % (corpus_arch, W.torch_short())
+                W.write_info(tag + ".FAILED", {"file": None, "stem": tag, "env": "optimum", "arch": corpus_arch,
+                                               "exporter": "optimum", "optimum_task": task,
+                                               "versions": W.versions(), "error": "export failed: " + msg})
+            print("FAILED", arch, msg, flush=True)
+            traceback.print_exc(limit=5)
+
+
+if __name__ == "__main__":
+    main()
