@@ -1,8 +1,11 @@
 //! Constant folding.
 //!
 //! Matches: nodes whose inputs are all constants (initializers that are not graph inputs,
-//! `Constant` node outputs, and values folded in the same run), and `Shape` and `Size` of a
-//! value whose recorded type (`Graph::value_type`) has a fully static shape.
+//! `Constant` node outputs, and values folded in the same run), and small integer values
+//! (rank 0 or 1) whose every element shape inference knows although they are computed from
+//! graph inputs: `Shape` and `Size` of a value of static shape, and the shape chains built
+//! on them (a head size sliced off `Concat(Shape(x)[0:2], [4, 16])`, which the SDPA export
+//! scales attention by).
 //! Produces: each value that the rest of the graph (or a graph output) reads from this
 //! constant region becomes an initializer holding its value, under its own name; the region's
 //! nodes go, and so do the constants that only they read.
@@ -33,7 +36,8 @@ use super::matching::{has_subgraph, is_deterministic};
 use super::{Pass, Rewrites};
 use crate::error::Result;
 use crate::exec::{self, Batch, ExecError, Runner};
-use crate::ir::{attr, Graph, Model, Node, NodeId, Patch, Tensor, ValueId};
+use crate::ir::{DataType, Dim, Graph, Model, Node, NodeId, Patch, Tensor, ValueId};
+use crate::passes::shape::Inference;
 use crate::proto::{GraphProto, ModelProto, ValueInfoProto};
 
 /// Results of at most this many bytes are always worth folding: each replaces at least a
@@ -56,7 +60,7 @@ impl Pass for ConstantFolding {
         let values = region.evaluate(model);
         let g = &model.graph;
         let evaluated = region.evaluated(g, &values);
-        let plan = Plan::within_budget(g, &evaluated, &values, &region.from_types);
+        let plan = Plan::within_budget(g, &evaluated, &values, &region.inferred);
         if plan.removed.is_empty() {
             return Ok(rewrites);
         }
@@ -75,14 +79,14 @@ impl Pass for ConstantFolding {
                 patch.replace_with_initializer(v, t.clone());
             }
         }
-        let from_types = plan
+        let inferred = plan
             .removed
             .iter()
-            .filter(|&&n| region.from_types.contains(&n))
+            .filter(|&&n| region.inferred.contains(&n))
             .count();
         model.graph.apply(patch)?;
-        rewrites.add("fold", plan.removed.len() - from_types);
-        rewrites.add("fold-shape", from_types);
+        rewrites.add("fold", plan.removed.len() - inferred);
+        rewrites.add("fold-shape", inferred);
         Ok(rewrites)
     }
 }
@@ -90,10 +94,10 @@ impl Pass for ConstantFolding {
 /// The nodes that compute constants, in written order.
 struct Region {
     nodes: Vec<NodeId>,
-    /// Shape and Size nodes whose value comes from a recorded type, not from tract.
-    from_types: HashSet<NodeId>,
+    /// Nodes whose value comes from shape inference (see `inferred_value`), not from tract.
+    inferred: HashSet<NodeId>,
     /// Their values.
-    type_values: HashMap<ValueId, Tensor>,
+    inferred_values: HashMap<ValueId, Tensor>,
 }
 
 impl Region {
@@ -101,18 +105,24 @@ impl Region {
     /// outside it (the rest is dead code, for DCE).
     fn find(model: &Model) -> Result<Region> {
         let g = &model.graph;
+        let inference = crate::passes::shape::infer(model);
         let mut constant: HashSet<ValueId> = HashSet::new();
         let mut region = Region {
             nodes: Vec::new(),
-            from_types: HashSet::new(),
-            type_values: HashMap::new(),
+            inferred: HashSet::new(),
+            inferred_values: HashMap::new(),
         };
         for id in g.topological_order()? {
             let node = g.node(id);
             let outputs = node.outputs.iter().flatten().copied();
-            if let Some((out, t)) = shape_from_type(g, node) {
-                region.from_types.insert(id);
-                region.type_values.insert(out, t);
+            let leaf = |v| constant.contains(&v) || is_leaf(g, v);
+            let inferred = match foldable(model, node, &leaf) {
+                true => None,
+                false => inferred_value(model, &inference, node),
+            };
+            if let Some((out, t)) = inferred {
+                region.inferred.insert(id);
+                region.inferred_values.insert(out, t);
                 region.nodes.push(id);
                 constant.insert(out);
             } else if foldable(model, node, &|v| constant.contains(&v) || is_leaf(g, v)) {
@@ -135,7 +145,7 @@ impl Region {
             .filter(|&n| !results_of(g, n, &inside).is_empty())
             .collect();
         while let Some(n) = stack.pop() {
-            if !needed.insert(n) || self.from_types.contains(&n) {
+            if !needed.insert(n) || self.inferred.contains(&n) {
                 continue;
             }
             stack.extend(
@@ -152,12 +162,12 @@ impl Region {
 
     /// The value of everything the region computes that tract (or a recorded type) gives.
     fn evaluate(&self, model: &Model) -> HashMap<ValueId, Tensor> {
-        let mut values = self.type_values.clone();
+        let mut values = self.inferred_values.clone();
         let in_tract: Vec<NodeId> = self
             .nodes
             .iter()
             .copied()
-            .filter(|n| !self.from_types.contains(n))
+            .filter(|n| !self.inferred.contains(n))
             .collect();
         if in_tract.is_empty() {
             return values;
@@ -192,7 +202,7 @@ impl Region {
         let mut nodes = Vec::new();
         for &n in &self.nodes {
             let node = g.node(n);
-            let inputs_good = self.from_types.contains(&n)
+            let inputs_good = self.inferred.contains(&n)
                 || node
                     .inputs
                     .iter()
@@ -245,27 +255,43 @@ fn leaf_bytes(g: &Graph, v: ValueId) -> usize {
     }
 }
 
-/// The value of `Shape(x)` or `Size(x)` when `x`'s recorded type has a static shape.
-fn shape_from_type(g: &Graph, node: &Node) -> Option<(ValueId, Tensor)> {
-    if !(node.is("Shape") || node.is("Size")) {
+/// The value of `node`'s one output when shape inference knows every element of it: an
+/// int64 or int32 tensor of rank 0 or 1 (a shape, a dim, a head size), computed by a
+/// deterministic ONNX operator. Exact, as inference only knows values it derived exactly.
+fn inferred_value(model: &Model, inference: &Inference, node: &Node) -> Option<(ValueId, Tensor)> {
+    let g = &model.graph;
+    let computes = !node.is("Constant") && is_deterministic(model, node) && !has_subgraph(node);
+    let [Some(out)] = node.outputs.as_slice() else {
+        return None;
+    };
+    if !computes || !node.domain().is_empty() {
         return None;
     }
-    let dims = g.value_type(node.input(0)?)?.static_shape()?;
-    let out = node.output(0)?;
-    let name = g.value_name(out);
-    let t = if node.is("Size") {
-        let n = dims.iter().try_fold(1i64, |acc, &d| acc.checked_mul(d))?;
-        Tensor::from_i64(name, &[], &[n])
-    } else {
-        // Opset 15 slices the shape with `start` and `end`, clamped to the rank.
-        let rank = dims.len() as i64;
-        let clamp = |i: i64| (if i < 0 { i + rank } else { i }).clamp(0, rank) as usize;
-        let start = clamp(attr::get_int(&node.proto, "start").unwrap_or(0));
-        let end = clamp(attr::get_int(&node.proto, "end").unwrap_or(rank));
-        let slice = dims.get(start..end).unwrap_or_default();
-        Tensor::from_i64(name, &[slice.len() as i64], slice)
+    let t = inference.types.get(out)?;
+    let elements: Vec<i64> = inference
+        .value(*out)?
+        .iter()
+        .map(Dim::value)
+        .collect::<Option<_>>()?;
+    let dims: Vec<i64> = match t.shape.as_deref()? {
+        [] if elements.len() == 1 => vec![],
+        [d] if d.value() == Some(elements.len() as i64) => vec![elements.len() as i64],
+        _ => return None,
     };
-    Some((out, t.ok()?))
+    let name = g.value_name(*out);
+    let tensor = match DataType::try_from(t.elem).ok()? {
+        DataType::Int64 => Tensor::from_i64(name, &dims, &elements).ok()?,
+        DataType::Int32 => {
+            let narrow: Vec<i32> = elements
+                .iter()
+                .map(|&e| i32::try_from(e).ok())
+                .collect::<Option<_>>()?;
+            let raw: Vec<u8> = narrow.iter().flat_map(|v| v.to_le_bytes()).collect();
+            Tensor::from_raw(name, DataType::Int32, &dims, raw.into()).ok()?
+        }
+        _ => return None,
+    };
+    Some((*out, tensor))
 }
 
 /// True unless `v`'s recorded type says another element type or other static dims than `t`
@@ -375,7 +401,7 @@ impl Plan {
         g: &Graph,
         evaluated: &[NodeId],
         values: &HashMap<ValueId, Tensor>,
-        from_types: &HashSet<NodeId>,
+        inferred: &HashSet<NodeId>,
     ) -> Plan {
         let bytes = |v: &ValueId| values.get(v).map_or(0, Tensor::byte_len);
         let mut kept: HashSet<NodeId> = HashSet::new();
@@ -396,7 +422,7 @@ impl Plan {
             let mut group_of: Vec<usize> = (0..results.len()).collect();
             let mut owner: HashMap<ValueId, usize> = HashMap::new();
             for (i, &v) in results.iter().enumerate() {
-                for leaf in cone_leaves(g, v, &removed_set, from_types) {
+                for leaf in cone_leaves(g, v, &removed_set, inferred) {
                     if !dead.contains(&leaf) {
                         continue;
                     }
@@ -461,7 +487,7 @@ fn cone_leaves(
     g: &Graph,
     v: ValueId,
     removed: &HashSet<NodeId>,
-    from_types: &HashSet<NodeId>,
+    inferred: &HashSet<NodeId>,
 ) -> HashSet<ValueId> {
     let mut leaves = HashSet::new();
     let mut seen = HashSet::new();
@@ -472,7 +498,7 @@ fn cone_leaves(
         }
         match g.producer(v).filter(|n| removed.contains(n)) {
             // A Shape folded from a type reads no constant: its input is computed.
-            Some(n) if from_types.contains(&n) => {}
+            Some(n) if inferred.contains(&n) => {}
             Some(n) => stack.extend(g.node(n).inputs.iter().flatten()),
             None if is_leaf(g, v) => {
                 leaves.insert(v);
@@ -505,6 +531,7 @@ fn union(parent: &mut [usize], a: usize, b: usize) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ir::attr;
     use crate::ir::testing::{builder, ops, written, Builder};
     use crate::ir::DataType;
 
@@ -577,8 +604,14 @@ mod tests {
         let shape = initializer(&m, "shape");
         assert_eq!(shape.dtype(), DataType::Int64);
         assert_eq!(shape.to_i64_vec().unwrap(), [3, -1]);
-        // A symbolic dim: nothing is constant.
+        // A symbolic batch: the dim read is still known, so the shape folds (the Shape node
+        // is left to dead-code elimination).
         let mut m = shape_plumbing(&["batch", "3"]);
+        assert!(ConstantFolding.run(&mut m).unwrap().total() > 0);
+        assert_eq!(initializer(&m, "shape").to_i64_vec().unwrap(), [3, -1]);
+        assert_eq!(ops(&m), ["Shape", "Reshape"]);
+        // The dim read symbolic: nothing is constant.
+        let mut m = shape_plumbing(&["2", "n"]);
         assert_eq!(ConstantFolding.run(&mut m).unwrap().total(), 0);
     }
 
@@ -593,11 +626,31 @@ mod tests {
             .node("Size", &["x"], &["n"], vec![])
             .build();
         let g = &m.graph;
+        let inference = crate::passes::shape::infer(&m);
         let node = |out: &str| g.node(g.producer(g.find_value(out).unwrap()).unwrap());
-        let (_, s) = shape_from_type(g, node("s")).unwrap();
+        let (_, s) = inferred_value(&m, &inference, node("s")).unwrap();
         assert_eq!(s.to_i64_vec().unwrap(), [3, 4]);
-        let (_, n) = shape_from_type(g, node("n")).unwrap();
+        let (_, n) = inferred_value(&m, &inference, node("n")).unwrap();
         assert_eq!((n.dims(), n.to_i64_vec().unwrap()), (&[][..], vec![24]));
+    }
+
+    #[test]
+    fn a_static_dim_computed_from_a_dynamic_shape_folds() {
+        // The SDPA export's head size: the last element of Shape(x) for x [batch, 4, 16].
+        let mut m = builder()
+            .input("x", F32, &["batch", "4", "16"])
+            .output("y", F32, &["1"])
+            .init(Tensor::from_i64("last", &[1], &[-1]).unwrap())
+            .init(Tensor::from_i64("end", &[1], &[i64::MAX]).unwrap())
+            .node("Shape", &["x"], &["s"], vec![])
+            .node("Slice", &["s", "last", "end"], &["h"], vec![])
+            .node("Cast", &["h"], &["y"], vec![attr::int("to", 1)])
+            .build();
+        let rewrites = ConstantFolding.run(&mut m).unwrap();
+        assert!(rewrites.0.contains_key("fold-shape"), "{rewrites}");
+        assert_eq!(ops(&m), ["Shape"], "the dead Shape is left to dead-code elimination");
+        let y = initializer(&m, "y");
+        assert_eq!(y.to_f32_vec().unwrap(), [16.0]);
     }
 
     /// x + `op`(one, shape): a broadcast of a small constant.
