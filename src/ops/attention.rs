@@ -193,6 +193,8 @@ pub fn lower_packed(g: &Graph, id: NodeId, node: &Node) -> Option<Patch> {
 /// past_value?)` on 3-D inputs with `num_heads`, `scale` when there is no bias, a constant
 /// `[3·hidden]` bias, no key padding mask, not unidirectional: the bias's thirds added to q,
 /// k and v, then the standard 3-D `Attention` with the same past and present key/values.
+/// Also with k and v in the heads layout `[B, N, T, H]` (no bias, no past), as
+/// cross-attention over cached K/V gives them.
 pub fn lower_multi_head(g: &Graph, id: NodeId, node: &Node) -> Option<Patch> {
     let supported = absent(node, &[4, 8, 9])
         && node.input(1).is_some()
@@ -237,6 +239,26 @@ pub fn lower_multi_head(g: &Graph, id: NodeId, node: &Node) -> Option<Patch> {
                 .unwrap_or_else(|| 1.0 / ((hidden / num_heads) as f32).sqrt())
         }
     };
+    // Key and value given in the heads layout [B, N, T, H] (cross-attention over cached K/V,
+    // no bias, no past): back to [B, T, N·H], as the standard 3-D Attention reads them.
+    let rank = |v: Option<ValueId>| v.and_then(|v| g.value_type(v)?.rank());
+    if rank(node.input(1)) == Some(4) {
+        if rank(node.input(2)) != Some(4) || node.input(3).is_some() || node.input(6).is_some() {
+            return None;
+        }
+        let flat = Tensor::from_i64("flat", &[3], &[0, 0, -1]).ok()?;
+        let flat = patch.new_initializer("flat", flat);
+        let mut to_3d = |x: PValue| {
+            let t = patch.op(
+                "Transpose",
+                "",
+                &[x],
+                vec![attr::ints("perm", &[0, 2, 1, 3])],
+            );
+            patch.op("Reshape", "", &[t, flat], vec![])
+        };
+        (k, v) = (to_3d(k), to_3d(v));
+    }
     let inputs = [Some(q), Some(k), Some(v), slot(5), slot(6), slot(7)];
     let outputs: Vec<Option<PValue>> = (0..3).map(|s| node.output(s).map(PValue::from)).collect();
     patch.remove_node(id);

@@ -648,7 +648,11 @@ mod tests {
             .build();
         let rewrites = ConstantFolding.run(&mut m).unwrap();
         assert!(rewrites.0.contains_key("fold-shape"), "{rewrites}");
-        assert_eq!(ops(&m), ["Shape"], "the dead Shape is left to dead-code elimination");
+        assert_eq!(
+            ops(&m),
+            ["Shape"],
+            "the dead Shape is left to dead-code elimination"
+        );
         let y = initializer(&m, "y");
         assert_eq!(y.to_f32_vec().unwrap(), [16.0]);
     }

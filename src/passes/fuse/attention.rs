@@ -8,13 +8,19 @@
 //! Kᵀ = Transpose[0,2,3,1](Reshape(k, [B,T,N,H]))            legacy exporter
 //!    | Transpose[0,1,3,2](Kh)                                past key/values
 //!    | Reshape(Transpose[0,2,1](Reshape(Kh, [B·N,T,H])), [B,N,H,T])   dynamo exporter
-//!      where Kh = heads(k), or Concat(past_k, heads(k), axis 2)       (· scale)
-//! P  = Softmax(Qh·Kᵀ (· or / scale) (+ bias))    then Where(IsNaN(P), 0, P) (SDPA)
+//!      where Kh = heads(k), or Concat(past_k, heads(k), axis 2),
+//!      or a [B,N,T,H] value (the encoder's cached K/V of cross-attention)  (· scale)
+//! P  = Softmax(S + bias | Where(masked, fill, S) | S)   with S = Qh·Kᵀ (· or / scale)
+//!      then Where(IsNaN(P), 0, P) (SDPA)
 //! y  = Reshape(Transpose[0,2,1,3](P · Vh), [B,S,N·H])   (an identity Reshape may follow P · Vh)
 //! ```
 //!
 //! The additive bias carries everything masks do (padding as `Where(mask, 0, -inf)`, GPT-2's
-//! causal mask folded into it, T5's relative position bias), so no mask form is special.
+//! causal mask folded into it, T5's relative position bias), so no mask form is special. A
+//! fill written over masked scores (`Where(masked, fill, S)` with a fill of -inf or at most
+//! -10000) is the bias `Where(masked, fill, 0)`: `S + fill` rounds to `fill` for finfo's
+//! minimum and -inf, and for -10000 both give weights that underflow to 0 (rows whose every
+//! key is masked aside, as below).
 //! The number of heads and the head size come from the types of the Reshape outputs.
 //!
 //! Produces:
@@ -45,6 +51,9 @@ use crate::passes::{Pass, Rewrites};
 use crate::proto::AttributeProto;
 
 const ATTENTION_OPSET: i64 = 23;
+/// The largest fill `is_mask_fill` takes for a masked score: -10000, what BERT-era exports
+/// add; every larger mask constant seen is finfo's minimum or -inf.
+const MASK_FILL_AT_MOST: f64 = -1e4;
 
 pub struct AttentionFusion {
     pub target: Target,
@@ -85,32 +94,47 @@ fn heads(src: &'static str, reshape: &'static str) -> Pat {
     })
 }
 
-/// Heads, optionally after the past ones: `Concat(past, heads, axis=2)`.
+/// Heads, optionally after the past ones: `Concat(past, heads, axis=2)`; or a value already
+/// in the heads layout `[B, N, T, H]` (cross-attention over the encoder's cached K/V, fed as
+/// graph inputs), bound to `bnsh`.
 fn with_past(
     src: &'static str,
     reshape: &'static str,
     past: &'static str,
     total: &'static str,
+    bnsh: &'static str,
 ) -> Pat {
     either([
         op("Concat", [value(past), heads(src, reshape)])
             .attr("axis", |a| a.is_some_and(|a| a.i() == 2 || a.i() == -2))
             .named(total),
         heads(src, reshape),
+        value(bnsh),
     ])
+}
+
+/// A scalar constant that masks a score out: -inf, or a value no score comes near (finfo's
+/// minimum, -10000 in older exports).
+fn is_mask_fill(t: &Tensor) -> bool {
+    is_scalar(t) && t.scalar_f64().is_some_and(|v| v <= MASK_FILL_AT_MOST)
 }
 
 fn is_scalar(t: &Tensor) -> bool {
     t.numel() == 1 && t.dtype().is_float()
 }
 
-/// `p · c` with a scalar constant `c` bound to `name`, or `p` itself.
-fn maybe_scaled(p: Pat, name: &'static str) -> Pat {
-    either([mul(p.clone(), constant_where(name, is_scalar)), p])
+/// `p · c` with a scalar constant `c` bound to `name`, `p / c` with `c` bound to `divisor`,
+/// or `p` itself.
+fn maybe_scaled(p: Pat, name: &'static str, divisor: &'static str) -> Pat {
+    either([
+        mul(p.clone(), constant_where(name, is_scalar)),
+        div(p.clone(), constant_where(divisor, is_scalar)),
+        p,
+    ])
 }
 
 fn attention() -> Pat {
-    let k_heads = with_past("k", "k_reshape", "past_k", "k_total");
+    let k_heads = with_past("k", "k_reshape", "past_k", "k_total", "k_bnsh");
     let k_transposed = either([
         transpose(op("Reshape", [value("k"), any()]).named("k_reshape"), |a| {
             perm_is(a, &[0, 2, 3, 1])
@@ -130,8 +154,8 @@ fn attention() -> Pat {
     let scores = op(
         "MatMul",
         [
-            maybe_scaled(heads("q", "q_reshape"), "q_scale"),
-            maybe_scaled(k_transposed, "k_scale"),
+            maybe_scaled(heads("q", "q_reshape"), "q_scale", "q_div"),
+            maybe_scaled(k_transposed, "k_scale", "k_div"),
         ],
     );
     let scaled_scores = either([
@@ -139,7 +163,20 @@ fn attention() -> Pat {
         div(scores.clone(), constant_where("s_div", is_scalar)),
         scores,
     ]);
-    let biased = either([add(scaled_scores.clone(), value("bias")), scaled_scores]);
+    // Masked scores replaced by a fill (DistilBERT: `Where(mask == 0, finfo.min, scores)`).
+    let filled = op(
+        "Where",
+        [
+            value("fill_where"),
+            constant_where("fill", is_mask_fill),
+            scaled_scores.clone(),
+        ],
+    );
+    let biased = either([
+        add(scaled_scores.clone(), value("bias")),
+        filled,
+        scaled_scores,
+    ]);
     let probs = op("Softmax", [biased])
         .attr("axis", |a| a.is_some_and(|a| a.i() == -1 || a.i() == 3))
         .named("probs");
@@ -152,7 +189,10 @@ fn attention() -> Pat {
     ]);
     let context = op(
         "MatMul",
-        [cleaned, with_past("v", "v_reshape", "past_v", "v_total")],
+        [
+            cleaned,
+            with_past("v", "v_reshape", "past_v", "v_total", "v_bnsh"),
+        ],
     )
     .named("context");
     let context = either([
@@ -195,32 +235,64 @@ fn scale_of(m: &Match, g: &Graph) -> Option<f32> {
     for name in ["q_scale", "k_scale", "s_scale"] {
         scale *= value(name)?.unwrap_or(1.0);
     }
-    if let Some(d) = value("s_div")? {
-        scale /= d;
+    for name in ["q_div", "k_div", "s_div"] {
+        scale /= value(name)?.unwrap_or(1.0);
     }
     Some(scale as f32)
 }
 
+/// What the checks prove of a match: the head count and the dims the fused operator's
+/// contracts are stated in (`ops::attention`).
+struct Layout {
+    heads: i64,
+    batch: Dim,
+    q_len: Dim,
+    /// The key length, past included.
+    total: Dim,
+    /// K and V are `[B, N, T, H]` values already (cross-attention over cached K/V).
+    bnsh: bool,
+}
+
 /// The checks the pattern cannot express: layouts from types, consistent head counts, past
-/// key/values in pairs, the dynamo Kᵀ detour, an identity context Reshape, a 4-D bias.
-/// Returns the number of heads.
-fn check_heads(m: &Match, g: &Graph) -> Option<i64> {
+/// key/values in pairs, the dynamo Kᵀ detour, an identity context Reshape.
+fn check_heads(m: &Match, g: &Graph) -> Option<Layout> {
     let (q_bs, n, h) = split_heads(g, m.value("q")?, m.value("q_reshape")?)?;
-    let (k_bs, kn, kh) = split_heads(g, m.value("k")?, m.value("k_reshape")?)?;
-    let (v_bs, vn, vh) = split_heads(g, m.value("v")?, m.value("v_reshape")?)?;
-    if (kn, kh, vn, vh) != (n, h, n, h) || !q_bs[0].same(&k_bs[0]) || !k_bs[1].same(&v_bs[1]) {
+    // (batch, length, heads, head size) of K or V, split from 3-D or given as [B, N, T, H].
+    let kv = |src, reshape, bnsh| -> Option<(Dim, Dim, i64, i64)> {
+        match m.value(bnsh) {
+            Some(v) => match dims(g, v)?.as_slice() {
+                [b, nn, t, hh] => Some((b.clone(), t.clone(), nn.value()?, hh.value()?)),
+                _ => None,
+            },
+            None => {
+                let (bs, nn, hh) = split_heads(g, m.value(src)?, m.value(reshape)?)?;
+                Some((bs[0].clone(), bs[1].clone(), nn, hh))
+            }
+        }
+    };
+    let (k_batch, k_len, kn, kh) = kv("k", "k_reshape", "k_bnsh")?;
+    let (_, v_len, vn, vh) = kv("v", "v_reshape", "v_bnsh")?;
+    if (kn, kh, vn, vh) != (n, h, n, h) || !q_bs[0].same(&k_batch) || !k_len.same(&v_len) {
         return None;
     }
-    if m.value("k_total").is_some() != m.value("v_total").is_some()
-        || m.value("past_k").is_some() != m.value("past_v").is_some()
+    let bnsh = m.value("k_bnsh").is_some();
+    let past = m.value("past_k").is_some();
+    if bnsh != m.value("v_bnsh").is_some()
+        || (bnsh && past)
+        || m.value("k_total").is_some() != m.value("v_total").is_some()
+        || past != m.value("past_v").is_some()
     {
         return None;
     }
-    for past in ["past_k", "past_v"] {
-        if let Some(p) = m.value(past) {
+    let mut total = k_len;
+    for p in ["past_k", "past_v"] {
+        if let Some(p) = m.value(p) {
             let d = dims(g, p)?;
             if d.len() != 4 || d[1].value() != Some(n) || d[3].value() != Some(h) {
                 return None;
+            }
+            if p == m.value("past_k")? {
+                total = d[2].add(&total);
             }
         }
     }
@@ -244,7 +316,33 @@ fn check_heads(m: &Match, g: &Graph) -> Option<i64> {
             return None;
         }
     }
-    Some(n)
+    Some(Layout {
+        heads: n,
+        batch: q_bs[0].clone(),
+        q_len: q_bs[1].clone(),
+        total,
+        bnsh,
+    })
+}
+
+/// The additive bias of the match, if any, with its dims: the one the graph adds, or the
+/// one a fill over masked scores stands for, `Where(masked, fill, 0)` (see the module doc).
+fn bias_of(m: &Match, rw: &mut Rewrite) -> Option<Option<(PValue, Vec<Dim>)>> {
+    let g = rw.graph;
+    if let Some(bias) = m.value("bias") {
+        return Some(Some((bias.into(), dims(g, bias)?)));
+    }
+    let Some(masked) = m.value("fill_where") else {
+        return Some(None);
+    };
+    let fill = m.value("fill")?;
+    let zero = Tensor::from_f32("zero", &[], &[0.0]).ok()?;
+    if g.constant(fill)?.dtype() != DataType::Float {
+        return None;
+    }
+    let zero = rw.constant("zero", zero);
+    let bias = rw.op("Where", "", &[masked.into(), fill.into(), zero], vec![]);
+    Some(Some((bias, dims(g, masked)?)))
 }
 
 /// The bias as the fused operator must receive it (see `ops::attention`): as it is, or
@@ -252,30 +350,22 @@ fn check_heads(m: &Match, g: &Graph) -> Option<i64> {
 /// off dim 1 of `rows_of` (a value the rewrite keeps); `None` when its shape does not
 /// prove the contract.
 fn fitted_bias(
-    m: &Match,
+    bias: Option<(PValue, Vec<Dim>)>,
+    layout: &Layout,
     rw: &mut Rewrite,
-    heads: i64,
     rows_of: ValueId,
 ) -> Option<Option<PValue>> {
-    let g = rw.graph;
-    let Some(bias) = m.value("bias") else {
+    let Some((bias, bias_dims)) = bias else {
         return Some(None);
     };
-    let (q, k) = (m.value("q")?, m.value("k")?);
-    let (q_dims, k_dims) = (dims(g, q)?, dims(g, k)?);
-    let (batch, q_len) = (q_dims.first()?, q_dims.get(1)?);
-    let total = match m.value("past_k") {
-        Some(past) => dims(g, past)?.get(2)?.add(k_dims.get(1)?),
-        None => k_dims.get(1)?.clone(),
-    };
     let contract = BiasShape {
-        batch,
-        heads,
-        q_len,
-        total: &total,
+        batch: &layout.batch,
+        heads: layout.heads,
+        q_len: &layout.q_len,
+        total: &layout.total,
     };
-    match contract.fit(&dims(g, bias)?) {
-        BiasFit::Fits => Some(Some(bias.into())),
+    match contract.fit(&bias_dims) {
+        BiasFit::Fits => Some(Some(bias)),
         BiasFit::ExpandRows => {
             // Expand(bias, [1, 1, q_len, 1]), q_len read off the query at run time (Gather
             // of Shape rather than Shape's start/end, which needs opset 15).
@@ -291,7 +381,7 @@ fn fitted_bias(
                 &[ones, q_len, one],
                 vec![attr::int("axis", 0)],
             );
-            Some(Some(rw.op("Expand", "", &[bias.into(), target], vec![])))
+            Some(Some(rw.op("Expand", "", &[bias, target], vec![])))
         }
         BiasFit::Refused(_) => None,
     }
@@ -301,24 +391,31 @@ fn fitted_bias(
 
 fn build_attention(m: &Match, rw: &mut Rewrite) -> Option<()> {
     let g = rw.graph;
-    let n = check_heads(m, g)?;
+    let layout = check_heads(m, g)?;
+    let n = layout.heads;
     let scale = scale_of(m, g)?;
     let root = *m.nodes().first()?;
     let root_out = g.node(root).output(0)?;
-    let (q, k, v) = (m.value("q")?, m.value("k")?, m.value("v")?);
+    let q = m.value("q")?;
+    // K and V: the 3-D projections, or the [B, N, T, H] values of cross-attention.
+    let (k, v) = match layout.bnsh {
+        true => (m.value("k_bnsh")?, m.value("v_bnsh")?),
+        false => (m.value("k")?, m.value("v")?),
+    };
     let past = m.value("past_k").zip(m.value("past_v"));
     let presents = [m.value("k_total"), m.value("v_total")];
+    let bias = bias_of(m, rw)?;
 
     let (out, present_values) = match rw.target {
         Target::Ort => {
-            let packed = if past.is_none() {
+            let packed = if past.is_none() && !layout.bnsh {
                 packed_qkv(g, q, k, v)
             } else {
                 None
             };
             match packed {
                 Some(p) => {
-                    let bias = fitted_bias(m, rw, n, p.input)?;
+                    let bias = fitted_bias(bias, &layout, rw, p.input)?;
                     for node in &p.absorbed {
                         rw.absorb(*node);
                     }
@@ -344,7 +441,7 @@ fn build_attention(m: &Match, rw: &mut Rewrite) -> Option<()> {
                     (outs[0]?, vec![])
                 }
                 None => {
-                    let bias = fitted_bias(m, rw, n, q)?;
+                    let bias = fitted_bias(bias, &layout, rw, q)?;
                     let inputs = [
                         Some(q.into()),
                         Some(k.into()),
@@ -368,10 +465,12 @@ fn build_attention(m: &Match, rw: &mut Rewrite) -> Option<()> {
             }
         }
         Target::Onnx => {
-            if !rw.require_opset(ATTENTION_OPSET) {
+            // ONNX Attention takes Q, K and V all 3-D or all 4-D: cross-attention over 4-D K/V
+            // stays as it is for this target.
+            if layout.bnsh || !rw.require_opset(ATTENTION_OPSET) {
                 return None;
             }
-            let bias = fitted_bias(m, rw, n, q)?;
+            let bias = fitted_bias(bias, &layout, rw, q)?;
             let inputs = [
                 Some(q.into()),
                 Some(k.into()),
