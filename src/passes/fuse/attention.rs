@@ -67,11 +67,18 @@ impl Pass for AttentionFusion {
     fn run(&self, model: &mut Model) -> Result<Rewrites> {
         apply_rules(
             model,
-            &[Rule {
-                kind: "attention",
-                pattern: attention(),
-                build: build_attention,
-            }],
+            &[
+                Rule {
+                    kind: "attention",
+                    pattern: attention(),
+                    build: build_attention,
+                },
+                Rule {
+                    kind: "attention-op",
+                    pattern: standard_attention_op(),
+                    build: build_attention,
+                },
+            ],
             self.target,
         )
     }
@@ -205,6 +212,33 @@ fn attention() -> Pat {
     )
 }
 
+/// The standard `Attention` (opset 23) on heads, as torch's dynamo exporter writes SDPA at
+/// opset 23: `Reshape(Transpose[0,2,1,3](Attention(Qh, Kh, Vh, mask?)), [B,S,N·H])`, with
+/// Kh/Vh as `with_past` takes them, no causal flag, no soft cap and no extra outputs. For
+/// ONNX Runtime it becomes MultiHeadAttention like the written-out form (its kernel is the
+/// one the written-out form gets too); for other runtimes it stays as it is.
+fn standard_attention_op() -> Pat {
+    let zero = |a: Option<&AttributeProto>| a.is_none_or(|a| a.i() == 0);
+    let k = with_past("k", "k_reshape", "past_k", "k_total", "k_bnsh");
+    let v = with_past("v", "v_reshape", "past_v", "v_total", "v_bnsh");
+    let q = heads("q", "q_reshape");
+    let core = |inputs: Vec<Pat>| {
+        op("Attention", inputs)
+            .attr("is_causal", zero)
+            .attr("softcap", |a| a.is_none_or(|a| a.f() == 0.0))
+            .attr("q_num_heads", |a| a.is_none())
+            .named("attention_op")
+    };
+    let core = either([
+        core(vec![q.clone(), k.clone(), v.clone()]),
+        core(vec![q, k, v, value("attn_mask")]),
+    ]);
+    op(
+        "Reshape",
+        [transpose(core, |a| perm_is(a, &[0, 2, 1, 3])), any()],
+    )
+}
+
 // ---- checks on types ----------------------------------------------------------------------
 
 fn dims(g: &Graph, v: ValueId) -> Option<Vec<Dim>> {
@@ -224,7 +258,13 @@ fn split_heads(g: &Graph, src: ValueId, reshaped: ValueId) -> Option<(Vec<Dim>, 
     fits.then(|| (s[..2].to_vec(), n, h))
 }
 
-fn scale_of(m: &Match, g: &Graph) -> Option<f32> {
+fn scale_of(m: &Match, g: &Graph, layout: &Layout) -> Option<f32> {
+    if let Some(op) = m.value("attention_op") {
+        // The standard op's own scale, 1/√H by default.
+        let node = g.node(g.producer(op)?);
+        let default = 1.0 / (layout.head_size as f32).sqrt();
+        return Some(attr::get_float(&node.proto, "scale").unwrap_or(default));
+    }
     let value = |name| -> Option<Option<f64>> {
         match m.value(name) {
             Some(v) => Some(Some(g.constant(v)?.scalar_f64()?)),
@@ -245,6 +285,7 @@ fn scale_of(m: &Match, g: &Graph) -> Option<f32> {
 /// contracts are stated in (`ops::attention`).
 struct Layout {
     heads: i64,
+    head_size: i64,
     batch: Dim,
     q_len: Dim,
     /// The key length, past included.
@@ -318,6 +359,7 @@ fn check_heads(m: &Match, g: &Graph) -> Option<Layout> {
     }
     Some(Layout {
         heads: n,
+        head_size: h,
         batch: q_bs[0].clone(),
         q_len: q_bs[1].clone(),
         total,
@@ -331,6 +373,22 @@ fn bias_of(m: &Match, rw: &mut Rewrite) -> Option<Option<(PValue, Vec<Dim>)>> {
     let g = rw.graph;
     if let Some(bias) = m.value("bias") {
         return Some(Some((bias.into(), dims(g, bias)?)));
+    }
+    if let Some(mask) = m.value("attn_mask") {
+        // The standard op's mask: additive when float; when boolean, true where a key is
+        // attended, which the op itself reads as 0 there and -inf elsewhere.
+        let t = g.value_type(mask)?;
+        if t.elem == DataType::Float as i32 {
+            return Some(Some((mask.into(), t.shape?)));
+        }
+        if t.elem != DataType::Bool as i32 {
+            return None;
+        }
+        let zero = rw.constant("zero", Tensor::from_f32("zero", &[], &[0.0]).ok()?);
+        let never = Tensor::from_f32("never", &[], &[f32::NEG_INFINITY]).ok()?;
+        let never = rw.constant("never", never);
+        let bias = rw.op("Where", "", &[mask.into(), zero, never], vec![]);
+        return Some(Some((bias, t.shape?)));
     }
     let Some(masked) = m.value("fill_where") else {
         return Some(None);
@@ -393,7 +451,11 @@ fn build_attention(m: &Match, rw: &mut Rewrite) -> Option<()> {
     let g = rw.graph;
     let layout = check_heads(m, g)?;
     let n = layout.heads;
-    let scale = scale_of(m, g)?;
+    let scale = scale_of(m, g, &layout)?;
+    // The standard op is already what other runtimes are given.
+    if m.value("attention_op").is_some() && rw.target == Target::Onnx {
+        return None;
+    }
     let root = *m.nodes().first()?;
     let root_out = g.node(root).output(0)?;
     let q = m.value("q")?;
