@@ -49,6 +49,21 @@ impl Dim {
         }
     }
 
+    /// A product of a known factor other than 1 and a symbolic rest, as `(factor, rest)`:
+    /// `4*batch` → `(4, batch)`.
+    pub fn split_factor(&self) -> Option<(i64, Dim)> {
+        match self {
+            Dim::Product { coeff, symbols } if *coeff != 1 && !symbols.is_empty() => Some((
+                *coeff,
+                Dim::Product {
+                    coeff: 1,
+                    symbols: symbols.clone(),
+                },
+            )),
+            _ => None,
+        }
+    }
+
     /// True when both dims are provably the same size.
     pub fn same(&self, other: &Dim) -> bool {
         !matches!(self, Dim::Unknown) && self == other

@@ -15,9 +15,10 @@
 //!   and Q)"), and so does tract's (`FlashSDPA: incompatible shapes`), although the
 //!   standard allows any broadcastable mask.
 //!
-//! So a fusion hands these operators a bias whose last two dims are proven to be `q_len`
-//! and `total`; a bias that only broadcasts over the query rows (`q_len` written as 1) is
-//! expanded first, once per distinct bias; anything else keeps the block unfused.
+//! So a fusion hands these operators a bias whose last two dims are `q_len` and `total`:
+//! as proven from the inferred shapes, or by expanding a bias that broadcasts there (the
+//! classic BERT mask `[batch, 1, 1, seq]`, see `BiasFit::Expand`). A bias whose batch or
+//! head dim is not proven to be 1 or the score's keeps the block unfused.
 
 use crate::ir::{attr, Dim, Graph, Node, NodeId, PValue, Patch, Tensor, ValueId};
 
@@ -36,9 +37,15 @@ pub struct BiasShape<'a> {
 pub enum BiasFit {
     /// Already `[batch | 1, heads | 1, q_len, total]`.
     Fits,
-    /// `[batch | 1, heads | 1, 1, total]` where `q_len` may exceed 1 (a padding mask
-    /// broadcast over the query rows): expand dim 2 to `q_len` first.
-    ExpandRows,
+    /// `[batch | 1, heads | 1, rows, cols]` where `rows` (`cols`) is not proven to be
+    /// `q_len` (`total`): a padding mask `[batch, 1, 1, total]` broadcast over the query
+    /// rows, a causal mask sliced off a `[1, 1, max, max]` buffer by lengths computed at run
+    /// time (GPT-2 before transformers 4.3x). In the original graph the bias is added to (or
+    /// selects among) the scores `[batch, heads, q_len, total]`, so in any run it broadcasts
+    /// to them: each such dim is 1 or the score's. Expanding it to exactly `q_len` and
+    /// `total` is then the same tensor the original broadcast to, in the form the kernels
+    /// take.
+    Expand { rows: bool, cols: bool },
     /// Neither: why, for the report.
     Refused(String),
 }
@@ -62,21 +69,10 @@ impl BiasShape<'_> {
                 self.heads
             ));
         }
-        if !cols.same(self.total) {
-            return BiasFit::Refused(format!(
-                "bias dim 3 is {cols}: not proven to be the key length {}",
-                self.total
-            ));
-        }
-        if rows.same(self.q_len) {
-            BiasFit::Fits
-        } else if is_one(rows) {
-            BiasFit::ExpandRows
-        } else {
-            BiasFit::Refused(format!(
-                "bias dim 2 is {rows}: not proven to be 1 or the query length {}",
-                self.q_len
-            ))
+        let (rows, cols) = (!rows.same(self.q_len), !cols.same(self.total));
+        match rows || cols {
+            false => BiasFit::Fits,
+            true => BiasFit::Expand { rows, cols },
         }
     }
 }
@@ -282,7 +278,10 @@ mod tests {
         let one = Dim::known(1);
         assert_eq!(
             shape.fit(&[b.clone(), one.clone(), one.clone(), s.clone()]),
-            BiasFit::ExpandRows
+            BiasFit::Expand {
+                rows: true,
+                cols: false
+            }
         );
         assert_eq!(
             shape.fit(&[one.clone(), Dim::known(4), s.clone(), s.clone()]),
@@ -297,10 +296,18 @@ mod tests {
             decode.fit(&[b.clone(), one.clone(), one.clone(), s.clone()]),
             BiasFit::Fits
         );
+        // GPT-2's causal slice: neither dim proven.
+        assert_eq!(
+            shape.fit(&[one.clone(), one.clone(), Dim::Unknown, Dim::Unknown]),
+            BiasFit::Expand {
+                rows: true,
+                cols: true
+            }
+        );
     }
 
     #[test]
-    fn a_bias_whose_dims_are_not_proven_is_refused_with_the_reason() {
+    fn a_bias_whose_batch_or_heads_are_not_proven_is_refused_with_the_reason() {
         let (b, s) = (Dim::symbol("batch"), Dim::symbol("sequence"));
         let shape = BiasShape {
             batch: &b,
@@ -308,17 +315,16 @@ mod tests {
             q_len: &s,
             total: &s,
         };
-        let one = Dim::known(1);
-        let BiasFit::Refused(why) = shape.fit(&[b.clone(), one.clone(), one.clone(), Dim::Unknown])
-        else {
-            panic!("an unknown key length must be refused");
-        };
-        assert!(why.contains("dim 3"), "{why}");
         let BiasFit::Refused(why) = shape.fit(&[b.clone(), Dim::known(2), s.clone(), s.clone()])
         else {
             panic!("2 heads of 4 must be refused");
         };
         assert!(why.contains("4 heads"), "{why}");
+        let BiasFit::Refused(why) = shape.fit(&[Dim::Unknown, Dim::known(1), s.clone(), s.clone()])
+        else {
+            panic!("an unknown batch must be refused");
+        };
+        assert!(why.contains("dim 0"), "{why}");
         assert!(matches!(
             shape.fit(&[s.clone(), s.clone()]),
             BiasFit::Refused(_)

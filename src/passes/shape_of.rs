@@ -1,10 +1,12 @@
 //! Rebuilds `Shape` of intermediate values from the graph inputs.
 //!
 //! Matches: `Shape(v)` (with its `start`/`end`) where `v` is computed inside the graph and its
-//! recorded type says, for every dim taken, either its size or a symbol that is also a dim of
-//! a graph input (`sequence` = dim 1 of `input_ids`).
+//! recorded type says, for every dim taken, either its size, a symbol that is also a dim of
+//! a graph input (`sequence` = dim 1 of `input_ids`), or such a symbol times a known size
+//! (`4*batch`, the heads merged into the batch).
 //! Produces: the same shape vector from constants and `Shape` of graph inputs (one node per
-//! symbolic dim, joined by `Concat`); fully static shapes become a constant.
+//! symbolic dim, times its factor with a `Mul`, joined by `Concat`); fully static shapes
+//! become a constant.
 //! Safe because: a value's shape is fixed by its type; equal symbols are equal sizes, which is
 //! what shape inference (or the exporter's `value_info`) asserts. Exporters compute reshape
 //! targets from `Shape` of intermediate values (the attention heads, say); after this pass
@@ -105,15 +107,23 @@ fn slice_range(
     (s <= e).then_some(s..e)
 }
 
-/// A run of the shape vector: known sizes, or one dim read from a graph input.
+/// A run of the shape vector: known sizes, or one dim read from a graph input, times a
+/// known factor.
 enum Piece {
     Sizes(Vec<i64>),
     InputDim(ValueId, usize),
+    Scaled(ValueId, usize, i64),
 }
 
 impl Piece {
     fn build(self, patch: &mut Patch, slice_attrs: bool) -> Result<PValue> {
         Ok(match self {
+            Piece::Scaled(input, axis, factor) => {
+                let dim = Piece::InputDim(input, axis).build(patch, slice_attrs)?;
+                let factor = Tensor::from_i64("factor", &[1], &[factor])?;
+                let factor = patch.new_initializer("factor", factor);
+                patch.op("Mul", "", &[dim, factor], vec![])
+            }
             Piece::Sizes(sizes) => patch.new_initializer(
                 "shape",
                 Tensor::from_i64("shape", &[sizes.len() as i64], &sizes)?,
@@ -146,10 +156,14 @@ fn pieces(dims: &[Dim], sources: &HashMap<Dim, (ValueId, usize)>) -> Option<Vec<
                 Some(Piece::Sizes(sizes)) => sizes.push(n),
                 _ => pieces.push(Piece::Sizes(vec![n])),
             },
-            None => {
-                let &(input, axis) = sources.get(d)?;
-                pieces.push(Piece::InputDim(input, axis));
-            }
+            None => match sources.get(d) {
+                Some(&(input, axis)) => pieces.push(Piece::InputDim(input, axis)),
+                None => {
+                    let (factor, symbol) = d.split_factor()?;
+                    let &(input, axis) = sources.get(&symbol)?;
+                    pieces.push(Piece::Scaled(input, axis, factor));
+                }
+            },
         }
     }
     if pieces.is_empty() {
@@ -205,6 +219,18 @@ mod tests {
         assert_eq!(attr::get_int(shape, "start"), Some(1));
         let concat = g.node.iter().find(|n| n.op_type() == "Concat").unwrap();
         assert_eq!(concat.input.len(), 2, "sequence, then [4, 16]");
+    }
+
+    #[test]
+    fn a_multiple_of_an_input_dim_is_read_and_multiplied() {
+        let four_batch = Dim::symbol("batch").mul(&Dim::known(4));
+        let t = ValueType::new(1, vec![four_batch, Dim::symbol("sequence")]);
+        let mut m = typed_model(t);
+        assert_eq!(ShapeFromInputs.run(&mut m).unwrap().total(), 1);
+        assert_eq!(
+            ops(&m),
+            ["Relu", "Shape", "Mul", "Shape", "Concat", "Reshape"]
+        );
     }
 
     #[test]

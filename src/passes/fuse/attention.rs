@@ -44,6 +44,7 @@ use super::pattern::{
 };
 use super::{apply_rules, Rewrite, Rule, Target, MS_DOMAIN};
 use crate::error::Result;
+use crate::ir::shape::broadcast_shapes;
 use crate::ir::{attr, DataType, DataTypeExt, Dim, Graph, Model, NodeId, PValue, Tensor, ValueId};
 use crate::ops::attention::{BiasFit, BiasShape};
 use crate::ops::weights::plain_gemm_trans_b;
@@ -74,6 +75,11 @@ impl Pass for AttentionFusion {
                     build: build_attention,
                 },
                 Rule {
+                    kind: "attention-3d",
+                    pattern: merged_heads_attention(),
+                    build: build_attention,
+                },
+                Rule {
                     kind: "attention-op",
                     pattern: standard_attention_op(),
                     build: build_attention,
@@ -97,6 +103,17 @@ fn transpose(input: Pat, perm: fn(Option<&AttributeProto>) -> bool) -> Pat {
 /// `Transpose[0,2,1,3](Reshape(src))`: [B,S,N·H] → [B,N,S,H].
 fn heads(src: &'static str, reshape: &'static str) -> Pat {
     transpose(op("Reshape", [value(src), any()]).named(reshape), |a| {
+        perm_is(a, &[0, 2, 1, 3])
+    })
+}
+
+/// The query's heads, the query perhaps scaled before the split (CLIP, Whisper: `q · s`).
+fn query_heads() -> Pat {
+    let query = either([
+        mul(value("q"), constant_where("q_pre", is_scalar)),
+        value("q"),
+    ]);
+    transpose(op("Reshape", [query, any()]).named("q_reshape"), |a| {
         perm_is(a, &[0, 2, 1, 3])
     })
 }
@@ -161,7 +178,7 @@ fn attention() -> Pat {
     let scores = op(
         "MatMul",
         [
-            maybe_scaled(heads("q", "q_reshape"), "q_scale", "q_div"),
+            maybe_scaled(query_heads(), "q_scale", "q_div"),
             maybe_scaled(k_transposed, "k_scale", "k_div"),
         ],
     );
@@ -170,7 +187,8 @@ fn attention() -> Pat {
         div(scores.clone(), constant_where("s_div", is_scalar)),
         scores,
     ]);
-    // Masked scores replaced by a fill (DistilBERT: `Where(mask == 0, finfo.min, scores)`).
+    // Masked scores replaced by a fill (DistilBERT: `Where(mask == 0, finfo.min, scores)`),
+    // or kept where allowed (GPT-2's causal `Where(causal, scores, finfo.min)`).
     let filled = op(
         "Where",
         [
@@ -179,11 +197,16 @@ fn attention() -> Pat {
             scaled_scores.clone(),
         ],
     );
-    let biased = either([
-        add(scaled_scores.clone(), value("bias")),
-        filled,
-        scaled_scores,
-    ]);
+    let kept = op(
+        "Where",
+        [
+            value("keep_where"),
+            scaled_scores.clone(),
+            constant_where("fill", is_mask_fill),
+        ],
+    );
+    let masked = either([filled, kept, scaled_scores]);
+    let biased = either([add(masked.clone(), value("bias")), masked]);
     let probs = op("Softmax", [biased])
         .attr("axis", |a| a.is_some_and(|a| a.i() == -1 || a.i() == 3))
         .named("probs");
@@ -208,7 +231,50 @@ fn attention() -> Pat {
     ]);
     op(
         "Reshape",
-        [transpose(context, |a| perm_is(a, &[0, 2, 1, 3])), any()],
+        [
+            transpose(context, |a| perm_is(a, &[0, 2, 1, 3])).named("context_t"),
+            any(),
+        ],
+    )
+}
+
+/// The attention core with the heads merged into the batch, as the eager attention of CLIP,
+/// Whisper and BART in transformers ≤ 4.4x writes it: Q, K and V reshaped from
+/// `[B, N, ·, H]` to `[B·N, ·, H]`, 3-D products, masks added to the scores reshaped to
+/// `[B, N, S, T]` and back (CLIP's text tower adds two, a causal and a padding one), and
+/// the context reshaped back to `[B, N, S, H]`.
+fn merged_heads_attention() -> Pat {
+    let merged = |heads: Pat, name: &'static str| op("Reshape", [heads, any()]).named(name);
+    let k_heads = with_past("k", "k_reshape", "past_k", "k_total", "k_bnsh");
+    let v_heads = with_past("v", "v_reshape", "past_v", "v_total", "v_bnsh");
+    let k_t = transpose(merged(k_heads, "k3"), |a| perm_is(a, &[0, 2, 1]));
+    let scores = op(
+        "MatMul",
+        [
+            maybe_scaled(merged(query_heads(), "q3"), "q_scale", "q_div"),
+            k_t,
+        ],
+    )
+    .named("scores3");
+    // A bias added to the scores in 4-D: Reshape(Reshape(S, [B,N,S,T]) + bias, [B·N,S,T]).
+    let add_4d = |x: Pat, bias: &'static str, at: &'static str| {
+        op(
+            "Reshape",
+            [add(op("Reshape", [x, any()]).named(at), value(bias)), any()],
+        )
+    };
+    let once = add_4d(scores.clone(), "bias", "scores4");
+    let twice = add_4d(once.clone(), "bias2", "scores4_2");
+    let probs = op("Softmax", [either([twice, once, scores])])
+        .attr("axis", |a| a.is_some_and(|a| a.i() == -1 || a.i() == 2));
+    let context = op("MatMul", [probs, merged(v_heads, "v3")]).named("context3");
+    let context = op("Reshape", [context, any()]).named("context4");
+    op(
+        "Reshape",
+        [
+            transpose(context, |a| perm_is(a, &[0, 2, 1, 3])).named("context_t"),
+            any(),
+        ],
     )
 }
 
@@ -221,7 +287,7 @@ fn standard_attention_op() -> Pat {
     let zero = |a: Option<&AttributeProto>| a.is_none_or(|a| a.i() == 0);
     let k = with_past("k", "k_reshape", "past_k", "k_total", "k_bnsh");
     let v = with_past("v", "v_reshape", "past_v", "v_total", "v_bnsh");
-    let q = heads("q", "q_reshape");
+    let q = query_heads();
     let core = |inputs: Vec<Pat>| {
         op("Attention", inputs)
             .attr("is_causal", zero)
@@ -235,7 +301,10 @@ fn standard_attention_op() -> Pat {
     ]);
     op(
         "Reshape",
-        [transpose(core, |a| perm_is(a, &[0, 2, 1, 3])), any()],
+        [
+            transpose(core, |a| perm_is(a, &[0, 2, 1, 3])).named("context_t"),
+            any(),
+        ],
     )
 }
 
@@ -259,12 +328,6 @@ fn split_heads(g: &Graph, src: ValueId, reshaped: ValueId) -> Option<(Vec<Dim>, 
 }
 
 fn scale_of(m: &Match, g: &Graph, layout: &Layout) -> Option<f32> {
-    if let Some(op) = m.value("attention_op") {
-        // The standard op's own scale, 1/√H by default.
-        let node = g.node(g.producer(op)?);
-        let default = 1.0 / (layout.head_size as f32).sqrt();
-        return Some(attr::get_float(&node.proto, "scale").unwrap_or(default));
-    }
     let value = |name| -> Option<Option<f64>> {
         match m.value(name) {
             Some(v) => Some(Some(g.constant(v)?.scalar_f64()?)),
@@ -272,7 +335,13 @@ fn scale_of(m: &Match, g: &Graph, layout: &Layout) -> Option<f32> {
         }
     };
     let mut scale = 1.0;
-    for name in ["q_scale", "k_scale", "s_scale"] {
+    if let Some(op) = m.value("attention_op") {
+        // The standard op's own scale, 1/√H by default.
+        let node = g.node(g.producer(op)?);
+        let default = 1.0 / (layout.head_size as f64).sqrt();
+        scale = attr::get_float(&node.proto, "scale").map_or(default, f64::from);
+    }
+    for name in ["q_pre", "q_scale", "k_scale", "s_scale"] {
         scale *= value(name)?.unwrap_or(1.0);
     }
     for name in ["q_div", "k_div", "s_div"] {
@@ -357,6 +426,9 @@ fn check_heads(m: &Match, g: &Graph) -> Option<Layout> {
             return None;
         }
     }
+    if m.value("q3").is_some() {
+        check_merged(m, g, n, &q_bs[1], &total)?;
+    }
     Some(Layout {
         heads: n,
         head_size: h,
@@ -367,51 +439,116 @@ fn check_heads(m: &Match, g: &Graph) -> Option<Layout> {
     })
 }
 
-/// The additive bias of the match, if any, with its dims: the one the graph adds, or the
-/// one a fill over masked scores stands for, `Where(masked, fill, 0)` (see the module doc).
+/// The additive bias of the match, if any, with its dims: the sum of the ones the graph
+/// adds and of the one a fill over masked scores stands for, `Where(masked, fill, 0)` or
+/// `Where(kept, 0, fill)` (see the module doc).
 fn bias_of(m: &Match, rw: &mut Rewrite) -> Option<Option<(PValue, Vec<Dim>)>> {
     let g = rw.graph;
-    if let Some(bias) = m.value("bias") {
-        return Some(Some((bias.into(), dims(g, bias)?)));
+    let mut parts: Vec<(PValue, Vec<Dim>)> = Vec::new();
+    let fill_where = [("fill_where", true), ("keep_where", false)]
+        .into_iter()
+        .find_map(|(name, masked)| Some((m.value(name)?, masked)));
+    if let Some((condition, masked)) = fill_where {
+        let fill = m.value("fill")?;
+        if g.constant(fill)?.dtype() != DataType::Float {
+            return None;
+        }
+        let zero = rw.constant("zero", Tensor::from_f32("zero", &[], &[0.0]).ok()?);
+        let (then, otherwise) = match masked {
+            true => (fill.into(), zero),
+            false => (zero, fill.into()),
+        };
+        let bias = rw.op("Where", "", &[condition.into(), then, otherwise], vec![]);
+        parts.push((bias, dims(g, condition)?));
+    }
+    for name in ["bias", "bias2"] {
+        if let Some(bias) = m.value(name) {
+            parts.push((bias.into(), dims(g, bias)?));
+        }
     }
     if let Some(mask) = m.value("attn_mask") {
         // The standard op's mask: additive when float; when boolean, true where a key is
         // attended, which the op itself reads as 0 there and -inf elsewhere.
         let t = g.value_type(mask)?;
-        if t.elem == DataType::Float as i32 {
-            return Some(Some((mask.into(), t.shape?)));
-        }
-        if t.elem != DataType::Bool as i32 {
-            return None;
-        }
-        let zero = rw.constant("zero", Tensor::from_f32("zero", &[], &[0.0]).ok()?);
-        let never = Tensor::from_f32("never", &[], &[f32::NEG_INFINITY]).ok()?;
-        let never = rw.constant("never", never);
-        let bias = rw.op("Where", "", &[mask.into(), zero, never], vec![]);
-        return Some(Some((bias, t.shape?)));
+        let bias = match t.elem {
+            e if e == DataType::Float as i32 => mask.into(),
+            e if e == DataType::Bool as i32 => {
+                let zero = rw.constant("zero", Tensor::from_f32("zero", &[], &[0.0]).ok()?);
+                let never = Tensor::from_f32("never", &[], &[f32::NEG_INFINITY]).ok()?;
+                let never = rw.constant("never", never);
+                rw.op("Where", "", &[mask.into(), zero, never], vec![])
+            }
+            _ => return None,
+        };
+        parts.push((bias, t.shape?));
     }
-    let Some(masked) = m.value("fill_where") else {
+    // Several masks (causal and padding) add up, in the order the graph added them.
+    let mut parts = parts.into_iter();
+    let Some(first) = parts.next() else {
         return Some(None);
     };
-    let fill = m.value("fill")?;
-    let zero = Tensor::from_f32("zero", &[], &[0.0]).ok()?;
-    if g.constant(fill)?.dtype() != DataType::Float {
+    let sum = parts.fold(first, |(sum, sum_dims), (bias, bias_dims)| {
+        let both = broadcast_shapes(&sum_dims, &bias_dims);
+        (rw.op("Add", "", &[sum, bias], vec![]), both)
+    });
+    Some(Some(sum))
+}
+
+/// The merged-heads form (`merged_heads_attention`): every `[B·N, ·, ·]` value must merge
+/// exactly B and N of the `[B, N, ·, ·]` one it reshapes or is reshaped to, with the same
+/// last two dims, and the scores the masks are added to must be `[B, N, S, T]`.
+fn check_merged(m: &Match, g: &Graph, n: i64, q_len: &Dim, total: &Dim) -> Option<()> {
+    let heads_dims = |v: ValueId| -> Option<Vec<Dim>> {
+        let d = dims(g, v)?;
+        (d.len() == 4 && d[1].value() == Some(n)).then_some(d)
+    };
+    // `merged` ([B·N, x, y]) is `split` ([B, N, x, y]) with B and N merged.
+    let merges = |merged: &[Dim], split: &[Dim]| {
+        merged.len() == 3
+            && split.len() == 4
+            && merged[0].same(&split[0].mul(&split[1]))
+            && merged[1].same(&split[2])
+            && merged[2].same(&split[3])
+    };
+    for merged in ["q3", "k3", "v3"] {
+        let merged = m.value(merged)?;
+        let heads = g.node(g.producer(merged)?).input(0)?;
+        if !merges(&dims(g, merged)?, &heads_dims(heads)?) {
+            return None;
+        }
+    }
+    let scores = dims(g, m.value("scores3")?)?;
+    let context = heads_dims(m.value("context4")?)?;
+    if !merges(&dims(g, m.value("context3")?)?, &context)
+        || !context[2].same(q_len)
+        || scores.len() != 3
+        || !scores[1].same(q_len)
+        || !scores[2].same(total)
+    {
         return None;
     }
-    let zero = rw.constant("zero", zero);
-    let bias = rw.op("Where", "", &[masked.into(), fill.into(), zero], vec![]);
-    Some(Some((bias, dims(g, masked)?)))
+    for at in ["scores4", "scores4_2"] {
+        if let Some(v) = m.value(at) {
+            let d = heads_dims(v)?;
+            if !merges(&scores, &d) {
+                return None;
+            }
+        }
+    }
+    Some(())
 }
 
 /// The bias as the fused operator must receive it (see `ops::attention`): as it is, or
-/// expanded over the query rows when it broadcasts over them, reading the query length
-/// off dim 1 of `rows_of` (a value the rewrite keeps); `None` when its shape does not
-/// prove the contract.
+/// expanded to the query length (dim 1 of `q_of`, a 3-D value the rewrite keeps) and the key
+/// length (the sum of the dims `keys` names, values the rewrite keeps: the past's and the new
+/// keys') where its dims are not proven to be those; `None` when its batch or head dim is not
+/// proven.
 fn fitted_bias(
     bias: Option<(PValue, Vec<Dim>)>,
     layout: &Layout,
     rw: &mut Rewrite,
-    rows_of: ValueId,
+    q_of: ValueId,
+    keys: &[(ValueId, i64)],
 ) -> Option<Option<PValue>> {
     let Some((bias, bias_dims)) = bias else {
         return Some(None);
@@ -422,27 +559,46 @@ fn fitted_bias(
         q_len: &layout.q_len,
         total: &layout.total,
     };
-    match contract.fit(&bias_dims) {
-        BiasFit::Fits => Some(Some(bias)),
-        BiasFit::ExpandRows => {
-            // Expand(bias, [1, 1, q_len, 1]), q_len read off the query at run time (Gather
-            // of Shape rather than Shape's start/end, which needs opset 15).
-            let ints = |n: &[i64]| Tensor::from_i64("ints", &[n.len() as i64], n).ok();
-            let (second, ones, one) = (ints(&[1])?, ints(&[1, 1])?, ints(&[1])?);
-            let shape = rw.op("Shape", "", &[rows_of.into()], vec![]);
-            let second = rw.constant("second", second);
-            let q_len = rw.op("Gather", "", &[shape, second], vec![attr::int("axis", 0)]);
-            let (ones, one) = (rw.constant("ones", ones), rw.constant("one", one));
-            let target = rw.op(
-                "Concat",
-                "",
-                &[ones, q_len, one],
-                vec![attr::int("axis", 0)],
-            );
-            Some(Some(rw.op("Expand", "", &[bias, target], vec![])))
+    let (rows, cols) = match contract.fit(&bias_dims) {
+        BiasFit::Fits => return Some(Some(bias)),
+        BiasFit::Refused(_) => return None,
+        BiasFit::Expand { rows, cols } => (rows, cols),
+    };
+    // Expand(bias, [1, 1, q_len or 1, total or 1]), the lengths read at run time (Gather of
+    // Shape rather than Shape's start/end, which needs opset 15).
+    let ints = |n: &[i64]| Tensor::from_i64("ints", &[n.len() as i64], n).ok();
+    let dim_of = |rw: &mut Rewrite, v: ValueId, axis: i64| -> Option<PValue> {
+        let shape = rw.op("Shape", "", &[v.into()], vec![]);
+        let axis = rw.constant("axis", ints(&[axis])?);
+        Some(rw.op("Gather", "", &[shape, axis], vec![attr::int("axis", 0)]))
+    };
+    let one = |rw: &mut Rewrite| Some(rw.constant("one", ints(&[1])?));
+    let rows = match rows {
+        true => dim_of(rw, q_of, 1)?,
+        false => one(rw)?,
+    };
+    let cols = match cols {
+        true => {
+            let mut total = None;
+            for &(v, axis) in keys {
+                let dim = dim_of(rw, v, axis)?;
+                total = Some(match total {
+                    None => dim,
+                    Some(sum) => rw.op("Add", "", &[sum, dim], vec![]),
+                });
+            }
+            total?
         }
-        BiasFit::Refused(_) => None,
-    }
+        false => one(rw)?,
+    };
+    let ones = rw.constant("ones", ints(&[1, 1])?);
+    let target = rw.op(
+        "Concat",
+        "",
+        &[ones, rows, cols],
+        vec![attr::int("axis", 0)],
+    );
+    Some(Some(rw.op("Expand", "", &[bias, target], vec![])))
 }
 
 // ---- the builders -------------------------------------------------------------------------
@@ -467,6 +623,11 @@ fn build_attention(m: &Match, rw: &mut Rewrite) -> Option<()> {
     let past = m.value("past_k").zip(m.value("past_v"));
     let presents = [m.value("k_total"), m.value("v_total")];
     let bias = bias_of(m, rw)?;
+    // Where the key length is read at run time: the past's and the new keys' lengths.
+    let mut key_lengths = vec![(k, if layout.bnsh { 2 } else { 1 })];
+    if let Some((past_k, _)) = past {
+        key_lengths.push((past_k, 2));
+    }
 
     let (out, present_values) = match rw.target {
         Target::Ort => {
@@ -477,7 +638,7 @@ fn build_attention(m: &Match, rw: &mut Rewrite) -> Option<()> {
             };
             match packed {
                 Some(p) => {
-                    let bias = fitted_bias(bias, &layout, rw, p.input)?;
+                    let bias = fitted_bias(bias, &layout, rw, p.input, &[(p.input, 1)])?;
                     for node in &p.absorbed {
                         rw.absorb(*node);
                     }
@@ -503,7 +664,7 @@ fn build_attention(m: &Match, rw: &mut Rewrite) -> Option<()> {
                     (outs[0]?, vec![])
                 }
                 None => {
-                    let bias = fitted_bias(bias, &layout, rw, q)?;
+                    let bias = fitted_bias(bias, &layout, rw, q, &key_lengths)?;
                     let inputs = [
                         Some(q.into()),
                         Some(k.into()),
@@ -532,7 +693,7 @@ fn build_attention(m: &Match, rw: &mut Rewrite) -> Option<()> {
             if layout.bnsh || !rw.require_opset(ATTENTION_OPSET) {
                 return None;
             }
-            let bias = fitted_bias(bias, &layout, rw, q)?;
+            let bias = fitted_bias(bias, &layout, rw, q, &key_lengths)?;
             let inputs = [
                 Some(q.into()),
                 Some(k.into()),
@@ -567,6 +728,20 @@ fn build_attention(m: &Match, rw: &mut Rewrite) -> Option<()> {
         }
     };
     rw.replace(root_out, out);
+    // The context in [B, S, N, H], before the heads are joined, read outside the block (a
+    // Shape of it that shape inference could not rebuild from the inputs): the fused output
+    // split into heads again, a view of it.
+    let context_t = m.value("context_t")?;
+    let read_outside = g
+        .uses(context_t)
+        .iter()
+        .any(|(r, _)| !m.nodes().contains(r));
+    if read_outside {
+        let split = Tensor::from_i64("heads", &[4], &[0, 0, n, layout.head_size]).ok()?;
+        let split = rw.constant("heads", split);
+        let heads = rw.op("Reshape", "", &[out, split], vec![]);
+        rw.replace(context_t, heads);
+    }
     for (old, new) in presents.iter().zip(present_values) {
         if let (Some(old), Some(new)) = (old, new) {
             rw.replace(*old, new);

@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# Every corpus model and every case of testdata/cases, for both targets, as written and with
+# --int8, --int8-dynamic and --fp16: optimized by the release binary (with its output check or
+# validation), and every output written run in ONNX Runtime against the original on the
+# model's calibration batches (scripts/ort_check.py: within 1e-4 for a lossless run, cosine
+# 0.99 for a lossy one). Prints one line per run and a summary; exits non-zero if any output
+# fails in ONNX Runtime or any run is refused.
+#
+#   scripts/sweep_ort.sh [ONNXOPT_BIN]      (default target/release/onnxopt; needs ../shared)
+#
+# Run by hand (it takes minutes); the tests check the same on fewer combinations.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+bin=${1:-target/release/onnxopt}
+corpus=${ONNXOPT_CORPUS:-../shared/corpus}
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+
+calib_of() {
+    local model=$1 name family
+    name=$(basename "$model" .onnx)
+    case $model in
+    */testdata/cases/*) echo "testdata/cases/calib/$name" ;;
+    *all-minilm*) echo "$corpus/calib/minilm/dynamic" ;;
+    *) family=${name%%.*}; echo "$corpus/calib/$family" ;;
+    esac
+}
+
+written=0 refused=0 failed=0
+models=("$corpus"/tiny/*.onnx "$corpus"/minilm-l6/all-minilm-l6-v2.ts.onnx testdata/cases/*.onnx)
+for model in "${models[@]}"; do
+    calib=$(calib_of "$model")
+    for target in ort onnx; do
+        for mode in float int8 int8-dynamic fp16; do
+            out="$work/$target.$mode.$(basename "$model")"
+            case $mode in
+            float) args=() ; check=(--atol 1e-4) ;;
+            int8) args=(--int8 --calib "$calib") ; check=(--min-cosine 0.99) ;;
+            *) args=("--$mode") ; check=(--min-cosine 0.99) ;;
+            esac
+            if ! log=$("$bin" optimize "$model" "$out" --target "$target" "${args[@]}" 2>&1); then
+                refused=$((refused + 1))
+                echo "REFUSED $(basename "$model") $target $mode: $(echo "$log" | tail -1)"
+                continue
+            fi
+            written=$((written + 1))
+            if result=$(python3 scripts/ort_check.py "${check[@]}" "$model" "$out" "$calib" 2>&1); then
+                echo "ok      $(basename "$model") $target $mode: $(echo "$result" | head -1 | sed 's/.*ONNX Runtime/ONNX Runtime/')"
+            else
+                failed=$((failed + 1))
+                echo "FAIL    $(basename "$model") $target $mode: $(echo "$result" | head -1)"
+            fi
+            rm -f "$out"
+        done
+    done
+done
+echo "${#models[@]} models: $written outputs written, $failed failed in ONNX Runtime, $refused refused"
+[ "$failed" -eq 0 ] && [ "$refused" -eq 0 ]

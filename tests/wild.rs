@@ -1,0 +1,126 @@
+//! The wild corpus (`testdata/wild/`, made by `scripts/wild/make_wild.py` with real exporters:
+//! torch 2.1–2.10's legacy and dynamo exporters at opsets 11–23, Optimum 1.22, tf2onnx 1.16),
+//! through the whole pipeline for both targets:
+//!
+//! - the output check passes without leaving any fusion out (a fusion the check had to drop
+//!   is a fusion that broke a model, which the fall-back would otherwise hide);
+//! - every output runs in ONNX Runtime with the original's outputs on the model's padded
+//!   calibration batches (`scripts/ort_check.py`, within 1e-4);
+//! - for ONNX Runtime, every model has at least as many fused attention blocks as ONNX
+//!   Runtime's own transformers optimizer reached on it (`manifest.json`'s `ort_fused`), and
+//!   the corpus as a whole at least `MIN_ATTENTION_FUSED` of its blocks (Softmax nodes and
+//!   standard Attention ops of the originals), a floor raised as fusions are added.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use onnxopt::io::{self, ExternalData};
+use onnxopt::passes::fuse::Target;
+use onnxopt::pipeline;
+
+/// Fused attention blocks over the corpus for ONNX Runtime, at least (of 146).
+const MIN_ATTENTION_FUSED: usize = 94;
+
+const ATTENTION_OPS: &[&str] = &["Attention", "MultiHeadAttention", "GroupQueryAttention"];
+
+struct Entry {
+    file: String,
+    /// Attention blocks of the original: Softmax nodes and standard Attention ops.
+    blocks: usize,
+    /// Attention operators ONNX Runtime's optimizer wrote.
+    ort_attention: usize,
+}
+
+fn manifest() -> Vec<Entry> {
+    let text = std::fs::read_to_string(common::testdata("wild/manifest.json")).unwrap();
+    let json: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let count = |v: &serde_json::Value| v.as_u64().unwrap_or(0) as usize;
+    json["models"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| {
+            let ort = &m["ort_fused"]["counts"];
+            Entry {
+                file: m["file"].as_str().unwrap().to_string(),
+                blocks: count(&m["structure"]["softmax"])
+                    + count(&m["structure"]["onnx_attention"]),
+                ort_attention: ATTENTION_OPS.iter().map(|op| count(&ort[*op])).sum(),
+            }
+        })
+        .collect()
+}
+
+fn path_of(file: &str) -> PathBuf {
+    common::testdata("wild").join(Path::new(file).file_name().unwrap())
+}
+
+fn calib_of(file: &str) -> PathBuf {
+    let stem = Path::new(file)
+        .file_stem()
+        .unwrap()
+        .to_string_lossy()
+        .into_owned();
+    common::testdata("wild/calib").join(stem)
+}
+
+#[test]
+fn every_wild_model_is_fused_and_runs_in_onnx_runtime() {
+    let entries = manifest();
+    assert!(entries.len() >= 60, "{} models", entries.len());
+    let dir = tempfile::tempdir().unwrap();
+    let mut checks = common::OrtChecks::default();
+    let mut failures = Vec::new();
+    let (mut blocks, mut fused) = (0, 0);
+    for e in &entries {
+        let path = path_of(&e.file);
+        for target in [Target::Ort, Target::Onnx] {
+            let mut options = pipeline::Options::default();
+            options.optimize.target = target;
+            let model = io::load(&path).unwrap();
+            let outcome = match pipeline::run(model, &options, &|_, _, _| {}) {
+                Ok(outcome) => outcome,
+                Err(err) => {
+                    failures.push(format!("{} {target:?}: {err}", e.file));
+                    continue;
+                }
+            };
+            if let Some(w) = outcome
+                .report
+                .warnings
+                .iter()
+                .find(|w| w.contains("left out"))
+            {
+                failures.push(format!("{} {target:?}: {w}", e.file));
+            }
+            let out = dir.path().join(format!("{}.{}", target.name(), e.file));
+            io::save(&outcome.model, &out, ExternalData::Never).unwrap();
+            checks.add_exact(&path, &out, &calib_of(&e.file));
+            if target == Target::Ort {
+                let ours = outcome
+                    .model
+                    .graph
+                    .nodes()
+                    .filter(|(_, n)| n.domain() == onnxopt::ops::MS_DOMAIN)
+                    .filter(|(_, n)| ATTENTION_OPS.contains(&n.op_type()))
+                    .count();
+                if ours < e.ort_attention {
+                    failures.push(format!(
+                        "{}: {ours} attention blocks fused, ONNX Runtime's optimizer {}",
+                        e.file, e.ort_attention
+                    ));
+                }
+                blocks += e.blocks;
+                fused += ours.min(e.blocks);
+            }
+        }
+    }
+    println!("attention fused for ONNX Runtime: {fused} of {blocks} blocks");
+    assert!(failures.is_empty(), "{failures:#?}");
+    assert!(
+        fused >= MIN_ATTENTION_FUSED,
+        "{fused} of {blocks} blocks fused, fewer than {MIN_ATTENTION_FUSED}"
+    );
+    checks.run();
+}
