@@ -1,6 +1,6 @@
 //! Chains that look like a fusion but must not be fused, each beside the correct chain that
 //! is fused (so that each test fails if the matcher stops matching at all): a LayerNorm
-//! reducing over axis 1, RMSNorm written with `Mul(x, x)`, a GELU with a wrong constant, and
+//! reducing over axis 1, an RMSNorm of the mean of x·(−x), a GELU with a wrong constant, and
 //! a GELU whose intermediate value has another reader. Fused results are checked in tract.
 //! And files whose recorded types lie, which the fusions must survive.
 
@@ -139,18 +139,21 @@ fn layer_norm_over_another_axis_is_not_fused() {
     );
 }
 
-/// RMSNorm with x² written as `square_op`.
-fn rms_norm(square: NodeProto) -> Model {
+/// RMSNorm with x² written by `square` (nodes writing `x2`).
+fn rms_norm(square: Vec<NodeProto>) -> Model {
     let axes = vec![attr::ints("axes", &[-1])];
     model(
-        vec![
+        [
             square,
-            node("ReduceMean", &["x2"], "ms", axes),
-            node("Add", &["ms", "eps"], "ms_eps", vec![]),
-            node("Sqrt", &["ms_eps"], "rms", vec![]),
-            node("Div", &["x", "rms"], "n", vec![]),
-            node("Mul", &["n", "gamma"], "y", vec![]),
-        ],
+            vec![
+                node("ReduceMean", &["x2"], "ms", axes),
+                node("Add", &["ms", "eps"], "ms_eps", vec![]),
+                node("Sqrt", &["ms_eps"], "rms", vec![]),
+                node("Div", &["x", "rms"], "n", vec![]),
+                node("Mul", &["n", "gamma"], "y", vec![]),
+            ],
+        ]
+        .concat(),
         vec![
             scalar("two", 2.0),
             scalar("eps", 1e-6),
@@ -161,10 +164,17 @@ fn rms_norm(square: NodeProto) -> Model {
 }
 
 #[test]
-fn rms_norm_written_with_mul_is_not_fused() {
+fn rms_norm_of_something_other_than_a_square_is_not_fused() {
+    // `Pow(x, 2)` and `x·x` are one form (`passes::canonical`): both fuse.
     let pow = node("Pow", &["x", "two"], "x2", vec![]);
-    assert_eq!(fused_ops(rms_norm(pow)), ["RMSNormalization"]);
-    let kept = fused_ops(rms_norm(node("Mul", &["x", "x"], "x2", vec![])));
+    assert_eq!(fused_ops(rms_norm(vec![pow])), ["RMSNormalization"]);
+    let mul = node("Mul", &["x", "x"], "x2", vec![]);
+    assert_eq!(fused_ops(rms_norm(vec![mul])), ["RMSNormalization"]);
+    // The mean of x·(−x) is no mean square.
+    let kept = fused_ops(rms_norm(vec![
+        node("Neg", &["x"], "nx", vec![]),
+        node("Mul", &["x", "nx"], "x2", vec![]),
+    ]));
     assert!(kept.contains(&"ReduceMean".to_string()), "{kept:?}");
     assert!(
         !kept.iter().any(|o| o.ends_with("Normalization")),

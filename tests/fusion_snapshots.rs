@@ -1,12 +1,14 @@
 //! One snapshot per fusion: the `dump` diff that the fusion pass (then dead-code elimination)
-//! makes on a small corpus model, with types inferred beforehand so the diff shows only the
-//! rewrite. Each also runs both graphs in tract on the model's calibration batches.
+//! makes on a small corpus model, with types inferred and spellings made canonical
+//! (`passes::canonical`, which the fusions expect, then dead code dropped) beforehand so the
+//! diff shows only the rewrite. Each also runs both graphs in tract on the model's calibration batches.
 //! Review these as carefully as code: a changed snapshot is a changed rewrite.
 
 mod common;
 
 use onnxopt::ir::dump::dump_model;
 use onnxopt::ir::Model;
+use onnxopt::passes::canonical::Canonicalize;
 use onnxopt::passes::dce::DeadCodeElimination;
 use onnxopt::passes::fuse::attention::AttentionFusion;
 use onnxopt::passes::fuse::gelu::GeluFusion;
@@ -16,14 +18,16 @@ use onnxopt::passes::shape::ShapeInference;
 use onnxopt::passes::shape_of::ShapeFromInputs;
 use onnxopt::passes::{Pass, PassManager};
 
-/// Loads `corpus/tiny/<model>`, infers types, applies `fusion` and DCE, checks the outputs in
-/// tract, and returns the rewrite counts and the dump diff.
+/// Loads `corpus/tiny/<model>`, infers types, makes spellings canonical, applies `fusion` and
+/// DCE, checks the outputs in tract, and returns the rewrite counts and the dump diff.
 fn fused_diff(model: &str, fusion: impl Pass + 'static) -> String {
     let path = common::corpus().join("tiny").join(model);
     let mut typed = onnxopt::io::load(&path).unwrap();
     PassManager::new()
         .with(ShapeInference)
         .with(ShapeFromInputs)
+        .with(Canonicalize)
+        .with(DeadCodeElimination)
         .run(&mut typed)
         .unwrap();
     let before = dump_model(&typed.to_proto().unwrap());

@@ -1,11 +1,11 @@
 //! Normalization fusions: LayerNorm written out, RMSNorm, and residual Add + LayerNorm.
 //!
-//! Matches:
+//! Matches, in the canonical forms of `passes::canonical` (`Pow(x, 2)` is `x·x`, `Div(1, v)`
+//! is `Reciprocal(v)`):
 //! - LayerNorm as exporters write it before opset 17: `d = x - ReduceMean(x)`,
-//!   `v = ReduceMean(d²)` (`Pow(d, 2)` or `d·d`), `y = d / √(v + ε)` (or `d · 1/√(v + ε)`),
-//!   then `· γ` and `+ β` (β optional);
-//! - RMSNorm (T5): `x · 1/√(ReduceMean(x²) + ε) · γ`, the reciprocal as `Div(1, ·)` or
-//!   `Reciprocal`, `x²` as `Pow(x, 2)`;
+//!   `v = ReduceMean(d·d)`, `y = d / √(v + ε)` (or `d · 1/√(v + ε)`), then `· γ` and `+ β`
+//!   (β optional); at opset 11 too, once `opset` can raise the model;
+//! - RMSNorm (T5): `x · 1/√(ReduceMean(x·x) + ε) · γ`, or `x / √(…)`;
 //! - `LayerNormalization(a + b)` where `a` and `b` are activations of the same shape (a
 //!   residual connection), optionally `a = m + bias` with a 1-D constant bias.
 //!
@@ -14,14 +14,13 @@
 //! `build_residual_sum` for why not `com.microsoft` SkipLayerNormalization).
 //! Safe because: every reduction must be over the last axis only (`axes` is `[-1]` or
 //! `[rank-1]` with the rank known) with `keepdims` set, ε is a scalar constant, γ and β are 1-D
-//! constants, a squared deviation must be the square of the same `d`, and RMSNorm (no mean
-//! subtraction) cannot match the LayerNorm pattern, which requires the `x - mean` node. A
-//! chain reducing over any other axis is left alone (ONNX Runtime's own optimizer fuses it
+//! constants, a squared deviation must be the square of the same `d`, and RMSNorm (no
+//! mean subtraction) cannot match the LayerNorm pattern, which requires the `x - mean` node.
+//! A chain reducing over any other axis is left alone (ONNX Runtime's own optimizer fuses it
 //! and changes the result).
 
 use super::pattern::{
-    add, constant, constant_where, div, either, int_attr_is, mul, op, pow, scalar, sub, unary,
-    value, Match, Pat,
+    add, constant, constant_where, div, either, int_attr_is, mul, op, sub, unary, value, Match, Pat,
 };
 use super::{apply_rules, Rewrite, Rule, Target};
 use crate::error::Result;
@@ -96,8 +95,7 @@ fn std_dev(variance: Pat) -> Pat {
 fn divided_by(numerator: Pat, denominator: Pat) -> Pat {
     either([
         div(numerator.clone(), denominator.clone()),
-        mul(numerator.clone(), unary("Reciprocal", denominator.clone())),
-        mul(numerator, div(scalar(1.0), denominator)),
+        mul(numerator, unary("Reciprocal", denominator)),
     ])
 }
 
@@ -112,13 +110,12 @@ fn scaled(normalized: Pat) -> Pat {
 
 fn layer_norm() -> Pat {
     let d = sub(value("x"), reduce_mean(value("x"), "mean", "mean_axes")).named("d");
-    let square = either([pow(value("d"), scalar(2.0)), mul(value("d"), value("d"))]);
-    let variance = reduce_mean(square, "variance", "variance_axes");
+    let variance = reduce_mean(mul(value("d"), value("d")), "variance", "variance_axes");
     scaled(divided_by(d, std_dev(variance)))
 }
 
 fn rms_norm() -> Pat {
-    let mean_square = reduce_mean(pow(value("x"), scalar(2.0)), "variance", "variance_axes");
+    let mean_square = reduce_mean(mul(value("x"), value("x")), "variance", "variance_axes");
     scaled(divided_by(value("x"), std_dev(mean_square)))
 }
 
