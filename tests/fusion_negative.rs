@@ -6,75 +6,12 @@
 
 mod common;
 
+use common::chain::{model, node, scalar};
 use onnxopt::exec::{self, InputSource, ValidateOptions};
 use onnxopt::ir::{attr, Model, Tensor};
 use onnxopt::optimize::{optimize, OptimizeOptions};
 use onnxopt::passes::fuse::Target;
-use onnxopt::proto::tensor_proto::DataType;
-use onnxopt::proto::tensor_shape_proto::{dimension, Dimension};
-use onnxopt::proto::type_proto::{Tensor as TensorType, Value as Type};
-use onnxopt::proto::{
-    AttributeProto, GraphProto, ModelProto, NodeProto, OperatorSetIdProto, TensorShapeProto,
-    TypeProto, ValueInfoProto,
-};
-
-fn f32_value(name: &str, dims: &[i64]) -> ValueInfoProto {
-    ValueInfoProto {
-        name: Some(name.into()),
-        r#type: Some(TypeProto {
-            value: Some(Type::TensorType(TensorType {
-                elem_type: Some(DataType::Float as i32),
-                shape: Some(TensorShapeProto {
-                    dim: dims
-                        .iter()
-                        .map(|&d| Dimension {
-                            value: Some(dimension::Value::DimValue(d)),
-                            denotation: None,
-                        })
-                        .collect(),
-                }),
-            })),
-            ..Default::default()
-        }),
-        ..Default::default()
-    }
-}
-
-fn node(op: &str, inputs: &[&str], output: &str, attributes: Vec<AttributeProto>) -> NodeProto {
-    NodeProto {
-        op_type: Some(op.into()),
-        input: inputs.iter().map(|s| s.to_string()).collect(),
-        output: vec![output.into()],
-        attribute: attributes,
-        ..Default::default()
-    }
-}
-
-fn scalar(name: &str, v: f32) -> Tensor {
-    Tensor::from_f32(name, &[], &[v]).unwrap()
-}
-
-/// x: f32[2, 3, 8] → nodes → the listed outputs (f32[2, 3, 8]), at opset 17.
-fn model(nodes: Vec<NodeProto>, constants: Vec<Tensor>, outputs: &[&str]) -> Model {
-    let dims = [2, 3, 8];
-    Model::from_proto(ModelProto {
-        ir_version: Some(8),
-        opset_import: vec![OperatorSetIdProto {
-            domain: Some(String::new()),
-            version: Some(17),
-        }],
-        graph: Some(GraphProto {
-            name: Some("negative".into()),
-            node: nodes,
-            initializer: constants.into_iter().map(Tensor::into_proto).collect(),
-            input: vec![f32_value("x", &dims)],
-            output: outputs.iter().map(|o| f32_value(o, &dims)).collect(),
-            ..Default::default()
-        }),
-        ..Default::default()
-    })
-    .unwrap()
-}
+use onnxopt::proto::NodeProto;
 
 /// Optimizes for ONNX Runtime, checks the outputs in tract, returns the operators left.
 fn fused_ops(original: Model) -> Vec<String> {

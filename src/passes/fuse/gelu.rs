@@ -4,10 +4,13 @@
 //! product with its reciprocal, `Pow(x, 2)` is `x·x`), with the operands of Add and Mul in
 //! either order and every product of three factors associated any way (`(x·a)·0.5`,
 //! `(x·0.5)·a`, `x·(a·0.5)`):
-//! - exact GELU `x · 0.5 · (1 + erf(x · 1/√2))`, as torch's legacy exporter (`x / √2`) and
-//!   tf2onnx write it;
+//! - exact GELU `x · 0.5 · (1 + erf(x · 1/√2))`, as torch's legacy exporter (`x / √2`),
+//!   tf2onnx and the `x·Φ(x)` form `x · (0.5 · (1 + erf(x · 0.70710678)))` write it; and
+//!   Megatron's `x · 0.5 · (1 + erf(x / 1.41421))` (see below);
 //! - tanh GELU `x · 0.5 · (1 + tanh(√(2/π) · (x + 0.044715 · x³)))` (`x³` as `Pow(x, 3)` or
-//!   `x·x·x`), as GPT-2 and T5 write it by hand in both exporters;
+//!   `x·x·x`; HF `gelu_new`, GPT-2, T5, FastGelu's definition), and its factored form
+//!   `x · 0.5 · (1 + tanh(√(2/π) · x · (1 + 0.044715 · x·x)))` (HF `gelu_fast`, Megatron's
+//!   fast GELU), the same polynomial;
 //! - QuickGELU `x · sigmoid(α · x)`;
 //! - a 1-D constant bias added just before a GELU node.
 //!
@@ -19,6 +22,14 @@
 //! float32 rounding (`pattern::close`), each intermediate value must have no reader outside
 //! the pattern, and the replacements compute the same function (the tanh forms are the
 //! definition of FastGelu and of Gelu(approximate="tanh")).
+//!
+//! One constant is accepted although it is not the one the fused operator uses: Megatron-LM
+//! writes √2 as 1.41421 (float32 1.4142099…, 2.5·10⁻⁶ below √2, outside float32 rounding).
+//! Fusing it is a choice: the fused Gelu computes the GELU the model was trained to
+//! approximate, and differs from the written expression by the effect of that constant alone,
+//! 0.5·|x|·erf′(z)·|Δz| with z = x/√2 and |Δz| = 2.5·10⁻⁶·|z|, at most 0.5·√2·(2/√π)·z²e^(−z²)
+//! ·2.5·10⁻⁶ ≤ 7.5·10⁻⁷ (at z = 1); measured: 7.47·10⁻⁷ at x = −√2 in float64, 9.5·10⁻⁷ with
+//! both sides evaluated in float32.
 
 use std::f64::consts::{FRAC_1_SQRT_2, PI};
 
@@ -47,6 +58,10 @@ impl Pass for GeluFusion {
     }
 }
 
+/// Megatron-LM's √2 (deliberately not `SQRT_2`: see the module's doc).
+#[allow(clippy::approx_constant)]
+const MEGATRON_SQRT_2: f64 = 1.41421;
+
 /// `a · b · c` in any order and association.
 fn product3(a: Pat, b: Pat, c: Pat) -> Pat {
     either([
@@ -62,18 +77,24 @@ fn half_x_times(inner: Pat) -> Pat {
 }
 
 fn erf_form() -> Pat {
-    half_x_times(add(
-        unary("Erf", mul(value("x"), scalar(FRAC_1_SQRT_2))),
-        scalar(1.0),
-    ))
+    let reciprocal = either([scalar(FRAC_1_SQRT_2), scalar(1.0 / MEGATRON_SQRT_2)]);
+    half_x_times(add(unary("Erf", mul(value("x"), reciprocal)), scalar(1.0)))
 }
 
 fn tanh_form() -> Pat {
     let x = || value("x");
     let sqrt_2_over_pi = || scalar((2.0 / PI).sqrt());
     let cube = either([pow(x(), scalar(3.0)), mul(mul(x(), x()), x())]);
-    let inner = mul(add(x(), mul(cube, scalar(0.044715))), sqrt_2_over_pi());
-    half_x_times(add(unary("Tanh", inner), scalar(1.0)))
+    let expanded = mul(add(x(), mul(cube, scalar(0.044715))), sqrt_2_over_pi());
+    let factored = product3(
+        x(),
+        sqrt_2_over_pi(),
+        add(product3(x(), x(), scalar(0.044715)), scalar(1.0)),
+    );
+    half_x_times(add(
+        unary("Tanh", either([expanded, factored])),
+        scalar(1.0),
+    ))
 }
 
 fn quick_form() -> Pat {

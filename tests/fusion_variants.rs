@@ -1,0 +1,278 @@
+//! The spellings of GELU and LayerNorm that exporters write, as small chains on `x: f32[2, 3,
+//! 8]`: each fuses, for both targets, into the operator it should, and keeps its outputs
+//! (tract within 1e-5, ONNX Runtime within 1e-4 after the full onnx.checker); the near misses
+//! beside them (a constant beyond float32 rounding) do not fuse. A snapshot per spelling holds the `dump` diff of its fusion
+//! for ONNX Runtime, on the canonical form (see `fusion_snapshots.rs`).
+
+// The constants are written as the exporters write them, √2 to five decimals included.
+#![allow(clippy::approx_constant)]
+
+mod common;
+
+use std::path::Path;
+
+use onnxopt::exec::{self, InputSource, ValidateOptions};
+use onnxopt::io::{self, ExternalData};
+use onnxopt::ir::Model;
+use onnxopt::optimize::{optimize, OptimizeOptions};
+use onnxopt::passes::canonical::Canonicalize;
+use onnxopt::passes::dce::DeadCodeElimination;
+use onnxopt::passes::fuse::gelu::GeluFusion;
+use onnxopt::passes::fuse::Target;
+use onnxopt::passes::shape::ShapeInference;
+use onnxopt::passes::{Pass, PassManager};
+use onnxopt::proto::NodeProto;
+
+use common::chain::{model, node, scalar};
+
+const DIMS: [i64; 3] = [2, 3, 8];
+
+/// `x · 0.5 · (1 + erf(x / root2))`, Megatron-LM's order: `x * 0.5 * (1.0 + erf(x / c))`.
+fn gelu_erf_div(root2: f32) -> Model {
+    model(
+        vec![
+            node("Mul", &["x", "half"], "xh", vec![]),
+            node("Div", &["x", "c"], "t", vec![]),
+            node("Erf", &["t"], "e", vec![]),
+            node("Add", &["one", "e"], "a", vec![]),
+            node("Mul", &["xh", "a"], "y", vec![]),
+        ],
+        vec![scalar("half", 0.5), scalar("c", root2), scalar("one", 1.0)],
+        &["y"],
+    )
+}
+
+/// `x · Φ(x)` with `Φ(x) = 0.5 · (1 + erf(x · 0.70710678))`, the constant as written.
+fn gelu_phi() -> Model {
+    model(
+        vec![
+            node("Mul", &["x", "c"], "t", vec![]),
+            node("Erf", &["t"], "e", vec![]),
+            node("Add", &["e", "one"], "a", vec![]),
+            node("Mul", &["half", "a"], "phi", vec![]),
+            node("Mul", &["x", "phi"], "y", vec![]),
+        ],
+        vec![
+            scalar("c", 0.707_106_78),
+            scalar("one", 1.0),
+            scalar("half", 0.5),
+        ],
+        &["y"],
+    )
+}
+
+/// HF `gelu_new`, `0.5 * x * (1 + tanh(√(2/π) * (x + 0.044715 * x³)))`, with the cube as
+/// `Pow(x, 3)` and 0.5 first, or as `x·x·x` and 0.5 last.
+fn gelu_new(pow: bool) -> Model {
+    let cube: Vec<NodeProto> = if pow {
+        vec![node("Pow", &["x", "three"], "x3", vec![])]
+    } else {
+        vec![
+            node("Mul", &["x", "x"], "x2", vec![]),
+            node("Mul", &["x2", "x"], "x3", vec![]),
+        ]
+    };
+    let head = if pow {
+        vec![
+            node("Mul", &["half", "x"], "xh", vec![]),
+            node("Mul", &["xh", "a"], "y", vec![]),
+        ]
+    } else {
+        vec![
+            node("Mul", &["x", "a"], "xa", vec![]),
+            node("Mul", &["xa", "half"], "y", vec![]),
+        ]
+    };
+    let body = vec![
+        node("Mul", &["k", "x3"], "kx3", vec![]),
+        node("Add", &["x", "kx3"], "p", vec![]),
+        node("Mul", &["s", "p"], "t", vec![]),
+        node("Tanh", &["t"], "th", vec![]),
+        node("Add", &["one", "th"], "a", vec![]),
+    ];
+    model(
+        [cube, body, head].concat(),
+        vec![
+            scalar("three", 3.0),
+            scalar("k", 0.044715),
+            scalar("s", 0.797_884_6),
+            scalar("one", 1.0),
+            scalar("half", 0.5),
+        ],
+        &["y"],
+    )
+}
+
+/// HF `gelu_fast`, `0.5 * x * (1 + tanh(x * 0.7978845608 * (1 + k * x * x)))`, or
+/// Megatron-LM's fast GELU, `x * 0.5 * (1 + tanh(0.79788456 * x * (1 + k * x * x)))`.
+fn gelu_fast(megatron: bool, k: f32) -> Model {
+    let (scaled, head) = if megatron {
+        (
+            node("Mul", &["s", "x"], "xs", vec![]),
+            vec![
+                node("Mul", &["x", "half"], "xh", vec![]),
+                node("Mul", &["xh", "a"], "y", vec![]),
+            ],
+        )
+    } else {
+        (
+            node("Mul", &["x", "s"], "xs", vec![]),
+            vec![
+                node("Mul", &["half", "x"], "xh", vec![]),
+                node("Mul", &["xh", "a"], "y", vec![]),
+            ],
+        )
+    };
+    let body = vec![
+        node("Mul", &["k", "x"], "kx", vec![]),
+        node("Mul", &["kx", "x"], "kx2", vec![]),
+        node("Add", &["one", "kx2"], "p", vec![]),
+        scaled,
+        node("Mul", &["xs", "p"], "t", vec![]),
+        node("Tanh", &["t"], "th", vec![]),
+        node("Add", &["one", "th"], "a", vec![]),
+    ];
+    // HF writes 0.7978845608, Megatron 0.79788456: the same float32.
+    let s = 0.797_884_6;
+    model(
+        [body, head].concat(),
+        vec![
+            scalar("k", k),
+            scalar("s", s),
+            scalar("one", 1.0),
+            scalar("half", 0.5),
+        ],
+        &["y"],
+    )
+}
+
+/// A folder holding the one batch every chain here reads: `x.npy`.
+fn inputs() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    let x: Vec<f32> = (0..48)
+        .map(|i| ((i * 37 % 48) as f32 - 23.5) / 6.0)
+        .collect();
+    common::write_npy_f32(&dir.path().join("x.npy"), &DIMS, &x);
+    dir
+}
+
+/// Optimizes `original` for `target` and returns the optimized model and its operators,
+/// sorted; checks its outputs in tract (within 1e-5 on the batch in `inputs`).
+fn optimized(original: &Model, target: Target, inputs: &Path) -> (Model, Vec<String>) {
+    let mut model = original.clone();
+    let options = OptimizeOptions {
+        target,
+        ..Default::default()
+    };
+    optimize(&mut model, &options).unwrap();
+    let validate = ValidateOptions {
+        inputs: InputSource::Dir(inputs.to_path_buf()),
+        ..Default::default()
+    };
+    let v = exec::validate(original, &model, &validate, &|_, _| {}).unwrap();
+    let worst = v.outputs.iter().map(|d| d.max_abs).fold(0.0, f64::max);
+    assert!(worst <= 1e-5, "{target:?}: outputs changed by {worst}");
+    let mut ops: Vec<String> = model
+        .graph
+        .nodes()
+        .map(|(_, n)| n.op_type().to_string())
+        .collect();
+    ops.sort();
+    (model, ops)
+}
+
+/// The `dump` diff that `fusion` (then DCE) makes on `model`'s canonical form.
+fn fused_diff(model: &Model, fusion: impl Pass + 'static) -> String {
+    let mut typed = model.clone();
+    PassManager::new()
+        .with(ShapeInference)
+        .with(Canonicalize)
+        .with(DeadCodeElimination)
+        .run(&mut typed)
+        .unwrap();
+    let mut fused = typed.clone();
+    let report = PassManager::new()
+        .with(fusion)
+        .with(DeadCodeElimination)
+        .run(&mut fused)
+        .unwrap();
+    format!(
+        "rewrites {:?}\n{}",
+        report.passes[0].rewrites.0,
+        common::dump_diff(&typed, &fused)
+    )
+}
+
+/// Each fusing spelling: (name, model, operators for ONNX Runtime, for the standard target).
+fn fusing() -> Vec<(
+    &'static str,
+    Model,
+    &'static [&'static str],
+    &'static [&'static str],
+)> {
+    vec![
+        (
+            "gelu_erf_megatron",
+            gelu_erf_div(1.41421),
+            &["Gelu"],
+            &["Gelu"],
+        ),
+        ("gelu_erf_phi", gelu_phi(), &["Gelu"], &["Gelu"]),
+        ("gelu_new_pow", gelu_new(true), &["FastGelu"], &["Gelu"]),
+        ("gelu_new_cube", gelu_new(false), &["FastGelu"], &["Gelu"]),
+        (
+            "gelu_fast_hf",
+            gelu_fast(false, 0.044715),
+            &["FastGelu"],
+            &["Gelu"],
+        ),
+        (
+            "gelu_fast_megatron",
+            gelu_fast(true, 0.044715),
+            &["FastGelu"],
+            &["Gelu"],
+        ),
+    ]
+}
+
+#[test]
+fn every_spelling_fuses_for_both_targets_and_keeps_its_outputs() {
+    let dir = tempfile::tempdir().unwrap();
+    let batch = inputs();
+    let inputs = batch.path();
+    let mut ort = common::OrtChecks::default();
+    for (name, original, for_ort, for_onnx) in fusing() {
+        let original_path = dir.path().join(format!("{name}.onnx"));
+        io::save(&original, &original_path, ExternalData::Never).unwrap();
+        for (target, expected) in [(Target::Ort, for_ort), (Target::Onnx, for_onnx)] {
+            let (model, ops) = optimized(&original, target, inputs);
+            assert_eq!(ops, expected, "{name} {target:?}");
+            let out = dir.path().join(format!("{name}.{}.onnx", target.name()));
+            io::save(&model, &out, ExternalData::Never).unwrap();
+            ort.add_exact(&original_path, &out, inputs);
+        }
+        let diff = fused_diff(
+            &original,
+            GeluFusion {
+                target: Target::Ort,
+            },
+        );
+        insta::assert_snapshot!(name, diff);
+    }
+    ort.run();
+}
+
+/// The operators `optimize` leaves of `model` for ONNX Runtime.
+fn kept(model: Model) -> Vec<String> {
+    optimized(&model, Target::Ort, inputs().path()).1
+}
+
+#[test]
+fn near_misses_do_not_fuse() {
+    // √2 to four decimals is 2.5e-5 off, ten times Megatron's: not a GELU constant.
+    let ops = kept(gelu_erf_div(1.4142));
+    assert!(ops.contains(&"Erf".to_string()), "{ops:?}");
+    // 0.0447 is not 0.044715.
+    let ops = kept(gelu_fast(false, 0.0447));
+    assert!(ops.contains(&"Tanh".to_string()), "{ops:?}");
+}
