@@ -22,7 +22,19 @@ use onnxopt::passes::{Pass, PassManager};
 /// DCE, checks the outputs in tract, and returns the rewrite counts and the dump diff.
 fn fused_diff(model: &str, fusion: impl Pass + 'static) -> String {
     let path = common::corpus().join("tiny").join(model);
-    let mut typed = onnxopt::io::load(&path).unwrap();
+    diff_of(&path, &common::calib_dir(&path), fusion)
+}
+
+/// `fused_diff` of the wild corpus model `stem` (`testdata/wild/`).
+fn wild_fused_diff(stem: &str, fusion: impl Pass + 'static) -> String {
+    let wild = common::testdata("wild");
+    let path = wild.join(format!("{stem}.onnx"));
+    diff_of(&path, &wild.join("calib").join(stem), fusion)
+}
+
+fn diff_of(path: &std::path::Path, calib: &std::path::Path, fusion: impl Pass + 'static) -> String {
+    let model = path.file_name().unwrap().to_string_lossy();
+    let mut typed = onnxopt::io::load(path).unwrap();
     PassManager::new()
         .with(ShapeInference)
         .with(ShapeFromInputs)
@@ -37,7 +49,7 @@ fn fused_diff(model: &str, fusion: impl Pass + 'static) -> String {
         .with(DeadCodeElimination)
         .run(&mut fused)
         .unwrap();
-    let same = common::same_outputs(&typed, &fused, &common::calib_dir(&path));
+    let same = common::same_outputs(&typed, &fused, calib);
     assert!(same.is_ok(), "{model}: {same:?}");
     let after = dump_model(&fused.to_proto().unwrap());
     let diff = similar::TextDiff::from_lines(&before, &after)
@@ -86,6 +98,28 @@ fn layer_norm_written_out_at_opset_14() {
         "bert-tiny.ts14.onnx",
         LayerNormFusion {
             target: Target::Onnx,
+        },
+    );
+    insta::assert_snapshot!(diff);
+}
+
+#[test]
+fn layer_norm_at_opset_11_raised_to_17() {
+    let diff = wild_fused_diff(
+        "deit.ts11.t21.eager",
+        LayerNormFusion {
+            target: Target::Onnx,
+        },
+    );
+    insta::assert_snapshot!(diff);
+}
+
+#[test]
+fn layer_norm_tf2onnx() {
+    let diff = wild_fused_diff(
+        "tf-distilbert.tf2onnx15.tf215",
+        LayerNormFusion {
+            target: Target::Ort,
         },
     );
     insta::assert_snapshot!(diff);

@@ -1,7 +1,8 @@
 //! The spellings of GELU and LayerNorm that exporters write, as small chains on `x: f32[2, 3,
 //! 8]`: each fuses, for both targets, into the operator it should, and keeps its outputs
 //! (tract within 1e-5, ONNX Runtime within 1e-4 after the full onnx.checker); the near misses
-//! beside them (a constant beyond float32 rounding) do not fuse. A snapshot per spelling holds the `dump` diff of its fusion
+//! beside them (a constant beyond float32 rounding, a mean over another axis, a different
+//! mean subtracted) do not fuse. A snapshot per spelling holds the `dump` diff of its fusion
 //! for ONNX Runtime, on the canonical form (see `fusion_snapshots.rs`).
 
 // The constants are written as the exporters write them, √2 to five decimals included.
@@ -13,11 +14,12 @@ use std::path::Path;
 
 use onnxopt::exec::{self, InputSource, ValidateOptions};
 use onnxopt::io::{self, ExternalData};
-use onnxopt::ir::Model;
+use onnxopt::ir::{attr, Model, Tensor};
 use onnxopt::optimize::{optimize, OptimizeOptions};
 use onnxopt::passes::canonical::Canonicalize;
 use onnxopt::passes::dce::DeadCodeElimination;
 use onnxopt::passes::fuse::gelu::GeluFusion;
+use onnxopt::passes::fuse::layernorm::LayerNormFusion;
 use onnxopt::passes::fuse::Target;
 use onnxopt::passes::shape::ShapeInference;
 use onnxopt::passes::{Pass, PassManager};
@@ -146,6 +148,36 @@ fn gelu_fast(megatron: bool, k: f32) -> Model {
     )
 }
 
+/// Keras LayerNormalization as tf2onnx writes it: the moments as GlobalAveragePool, then
+/// `s = γ · 1/√(v + ε)` and `x·s + (β − m·s)`, with `m` the mean (or, `other_mean`, a second
+/// mean of the same x that the variance is not taken around).
+fn layer_norm_tf(other_mean: bool) -> Model {
+    let subtracted = if other_mean { "m2" } else { "m" };
+    model(
+        vec![
+            node("GlobalAveragePool", &["x"], "m", vec![]),
+            node("ReduceMean", &["x"], "m2", vec![attr::ints("axes", &[-1])]),
+            node("Sub", &["x", "m"], "d", vec![]),
+            node("Mul", &["d", "d"], "d2", vec![]),
+            node("GlobalAveragePool", &["d2"], "v", vec![]),
+            node("Add", &["v", "eps"], "ve", vec![]),
+            node("Sqrt", &["ve"], "sd", vec![]),
+            node("Reciprocal", &["sd"], "r", vec![]),
+            node("Mul", &["r", "gamma"], "s", vec![]),
+            node("Mul", &[subtracted, "s"], "ms", vec![]),
+            node("Sub", &["beta", "ms"], "shift", vec![]),
+            node("Mul", &["x", "s"], "xs", vec![]),
+            node("Add", &["xs", "shift"], "y", vec![]),
+        ],
+        vec![
+            scalar("eps", 1e-12),
+            Tensor::from_f32("gamma", &[8], &[1.5, 0.5, 1.0, 2.0, 0.75, 1.25, 1.0, 0.9]).unwrap(),
+            Tensor::from_f32("beta", &[8], &[0.1, -0.2, 0.0, 0.3, 0.05, -0.1, 0.2, 0.0]).unwrap(),
+        ],
+        &["y"],
+    )
+}
+
 /// A folder holding the one batch every chain here reads: `x.npy`.
 fn inputs() -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
@@ -232,6 +264,12 @@ fn fusing() -> Vec<(
             &["FastGelu"],
             &["Gelu"],
         ),
+        (
+            "layer_norm_tf2onnx",
+            layer_norm_tf(false),
+            &["LayerNormalization"],
+            &["LayerNormalization"],
+        ),
     ]
 }
 
@@ -251,12 +289,20 @@ fn every_spelling_fuses_for_both_targets_and_keeps_its_outputs() {
             io::save(&model, &out, ExternalData::Never).unwrap();
             ort.add_exact(&original_path, &out, inputs);
         }
-        let diff = fused_diff(
-            &original,
-            GeluFusion {
-                target: Target::Ort,
-            },
-        );
+        let diff = match name {
+            n if n.starts_with("gelu") => fused_diff(
+                &original,
+                GeluFusion {
+                    target: Target::Ort,
+                },
+            ),
+            _ => fused_diff(
+                &original,
+                LayerNormFusion {
+                    target: Target::Ort,
+                },
+            ),
+        };
         insta::assert_snapshot!(name, diff);
     }
     ort.run();
@@ -275,4 +321,7 @@ fn near_misses_do_not_fuse() {
     // 0.0447 is not 0.044715.
     let ops = kept(gelu_fast(false, 0.0447));
     assert!(ops.contains(&"Tanh".to_string()), "{ops:?}");
+    // A variance taken around one mean, another mean subtracted.
+    let ops = kept(layer_norm_tf(true));
+    assert!(!ops.contains(&"LayerNormalization".to_string()), "{ops:?}");
 }

@@ -1,10 +1,12 @@
 //! Normalization fusions: LayerNorm written out, RMSNorm, and residual Add + LayerNorm.
 //!
 //! Matches, in the canonical forms of `passes::canonical` (`Pow(x, 2)` is `x·x`, `Div(1, v)`
-//! is `Reciprocal(v)`):
+//! is `Reciprocal(v)`, tf2onnx's GlobalAveragePool of a sequence is a ReduceMean):
 //! - LayerNorm as exporters write it before opset 17: `d = x - ReduceMean(x)`,
 //!   `v = ReduceMean(d·d)`, `y = d / √(v + ε)` (or `d · 1/√(v + ε)`), then `· γ` and `+ β`
 //!   (β optional); at opset 11 too, once `opset` can raise the model;
+//! - tf2onnx's (Keras LayerNormalization, batch-norm style): the same mean and variance,
+//!   `s = γ / √(v + ε)`, `y = x·s + (β − mean·s)`;
 //! - RMSNorm (T5): `x · 1/√(ReduceMean(x·x) + ε) · γ`, or `x / √(…)`;
 //! - `LayerNormalization(a + b)` where `a` and `b` are activations of the same shape (a
 //!   residual connection), optionally `a = m + bias` with a 1-D constant bias.
@@ -14,10 +16,13 @@
 //! `build_residual_sum` for why not `com.microsoft` SkipLayerNormalization).
 //! Safe because: every reduction must be over the last axis only (`axes` is `[-1]` or
 //! `[rank-1]` with the rank known) with `keepdims` set, ε is a scalar constant, γ and β are 1-D
-//! constants, a squared deviation must be the square of the same `d`, and RMSNorm (no
-//! mean subtraction) cannot match the LayerNorm pattern, which requires the `x - mean` node.
-//! A chain reducing over any other axis is left alone (ONNX Runtime's own optimizer fuses it
-//! and changes the result).
+//! constants, a squared deviation must be the square of the same `d`, the mean tf2onnx
+//! subtracts must be the mean its variance is taken around, and RMSNorm (no mean
+//! subtraction) cannot match the LayerNorm pattern, which requires the `x - mean` node. A
+//! chain reducing over any other axis is left alone (ONNX Runtime's own optimizer fuses it
+//! and changes the result). tf2onnx's `x·s + (β − mean·s)` is `(x − mean)·s + β` rounded
+//! differently: it loses digits to cancellation when |mean| ≫ the deviation, which the fused
+//! operator does not.
 
 use super::pattern::{
     add, constant, constant_where, div, either, int_attr_is, mul, op, sub, unary, value, Match, Pat,
@@ -49,6 +54,11 @@ fn rules() -> Vec<Rule> {
         Rule {
             kind: "layer-norm",
             pattern: layer_norm(),
+            build: build_layer_norm,
+        },
+        Rule {
+            kind: "layer-norm-tf",
+            pattern: layer_norm_tf(),
             build: build_layer_norm,
         },
         Rule {
@@ -112,6 +122,25 @@ fn layer_norm() -> Pat {
     let d = sub(value("x"), reduce_mean(value("x"), "mean", "mean_axes")).named("d");
     let variance = reduce_mean(mul(value("d"), value("d")), "variance", "variance_axes");
     scaled(divided_by(d, std_dev(variance)))
+}
+
+/// tf2onnx's LayerNorm: `s = γ · 1/√(v + ε)`, `x·s + (β − mean·s)`.
+fn layer_norm_tf() -> Pat {
+    let mean = reduce_mean(value("x"), "mean", "mean_axes").named("mean");
+    let d = sub(value("x"), mean).named("d");
+    let variance = reduce_mean(mul(d, value("d")), "variance", "variance_axes");
+    let s = mul(
+        unary("Reciprocal", std_dev(variance)),
+        constant_where("gamma", is_vector),
+    )
+    .named("s");
+    add(
+        mul(value("x"), s),
+        sub(
+            constant_where("beta", is_vector),
+            mul(value("mean"), value("s")),
+        ),
+    )
 }
 
 fn rms_norm() -> Pat {
