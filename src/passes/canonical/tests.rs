@@ -106,23 +106,26 @@ fn division_by_zero_a_subnormal_reciprocal_or_a_matrix_stays() {
 }
 
 #[test]
-fn one_over_x_is_a_reciprocal() {
+fn a_reciprocal_is_one_over_x() {
     let mut m = graph(&["2", "3", "4"])
-        .init(scalar("one", 1.0))
-        .node("Div", &["one", "x"], &["y"], vec![])
+        .node("Reciprocal", &["x"], &["y"], vec![])
         .build();
     assert_eq!(canonicalized(&mut m, 0.0), ["reciprocal"]);
-    assert_eq!(ops(&m), ["Reciprocal"]);
+    assert_eq!(ops(&m), ["Div"]);
+    assert_eq!(written(&m).node[0].input[1], "x");
 }
 
 #[test]
-fn squares_and_square_roots_lose_their_pow() {
+fn squares_are_pow_2_and_square_roots_lose_their_pow() {
     let mut m = graph(&["2", "3", "4"])
-        .init(scalar("two", 2.0))
-        .node("Pow", &["x", "two"], &["y"], vec![])
+        .node("Mul", &["x", "x"], &["y"], vec![])
         .build();
     assert_eq!(canonicalized(&mut m, 0.0), ["square"]);
-    assert_eq!(written(&m).node[0].input, ["x", "x"]);
+    let g = written(&m);
+    assert_eq!(
+        (g.node[0].op_type(), g.node[0].input[0].as_str()),
+        ("Pow", "x")
+    );
     let mut m = graph(&["2", "3", "4"])
         .init(scalar("half", 0.5))
         .node("Abs", &["x"], &["a"], vec![])
@@ -130,7 +133,13 @@ fn squares_and_square_roots_lose_their_pow() {
         .build();
     assert_eq!(canonicalized(&mut m, f32::EPSILON), ["sqrt"]);
     assert_eq!(ops(&m), ["Abs", "Sqrt"]);
-    // A cube, and a one-element exponent that would raise a scalar's rank, stay.
+    // A product of two values, a cube, and a one-element exponent that would raise a
+    // scalar's rank, stay.
+    let mut m = graph(&["2", "3", "4"])
+        .node("Neg", &["x"], &["n"], vec![])
+        .node("Mul", &["x", "n"], &["y"], vec![])
+        .build();
+    assert!(canonicalized(&mut m, 0.0).is_empty());
     let mut m = graph(&["2", "3", "4"])
         .init(scalar("three", 3.0))
         .node("Pow", &["x", "three"], &["y"], vec![])
@@ -139,8 +148,8 @@ fn squares_and_square_roots_lose_their_pow() {
     let mut m = builder()
         .input("x", DataType::Float, &[])
         .output("y", DataType::Float, &["1"])
-        .init(Tensor::from_f32("two", &[1], &[2.0]).unwrap())
-        .node("Pow", &["x", "two"], &["y"], vec![])
+        .init(Tensor::from_f32("half", &[1], &[0.5]).unwrap())
+        .node("Pow", &["x", "half"], &["y"], vec![])
         .build();
     ShapeInference.run(&mut m).unwrap();
     assert!(Canonicalize.run(&mut m).unwrap().0.is_empty());

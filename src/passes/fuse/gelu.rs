@@ -1,7 +1,7 @@
 //! GELU fusions.
 //!
 //! Matches, in the canonical forms of `passes::canonical` (a division by a constant is a
-//! product with its reciprocal, `Pow(x, 2)` is `x·x`), with the operands of Add and Mul in
+//! product with its reciprocal, `x·x` is `Pow(x, 2)`), with the operands of Add and Mul in
 //! either order and every product of three factors associated any way (`(x·a)·0.5`,
 //! `(x·0.5)·a`, `x·(a·0.5)`):
 //! - exact GELU `x · 0.5 · (1 + erf(x · 1/√2))`, as torch's legacy exporter (`x / √2`),
@@ -84,12 +84,19 @@ fn erf_form() -> Pat {
 fn tanh_form() -> Pat {
     let x = || value("x");
     let sqrt_2_over_pi = || scalar((2.0 / PI).sqrt());
-    let cube = either([pow(x(), scalar(3.0)), mul(mul(x(), x()), x())]);
+    let square = || pow(x(), scalar(2.0));
+    let cube = either([pow(x(), scalar(3.0)), mul(square(), x())]);
     let expanded = mul(add(x(), mul(cube, scalar(0.044715))), sqrt_2_over_pi());
     let factored = product3(
         x(),
         sqrt_2_over_pi(),
-        add(product3(x(), x(), scalar(0.044715)), scalar(1.0)),
+        add(
+            either([
+                mul(square(), scalar(0.044715)),
+                mul(mul(x(), scalar(0.044715)), x()),
+            ]),
+            scalar(1.0),
+        ),
     );
     half_x_times(add(
         unary("Tanh", either([expanded, factored])),

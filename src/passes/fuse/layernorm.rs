@@ -1,13 +1,13 @@
 //! Normalization fusions: LayerNorm written out, RMSNorm, and residual Add + LayerNorm.
 //!
-//! Matches, in the canonical forms of `passes::canonical` (`Pow(x, 2)` is `x·x`, `Div(1, v)`
-//! is `Reciprocal(v)`, tf2onnx's GlobalAveragePool of a sequence is a ReduceMean):
+//! Matches, in the canonical forms of `passes::canonical` (`x·x` is `Pow(x, 2)`,
+//! `Reciprocal(v)` is `Div(1, v)`, tf2onnx's GlobalAveragePool of a sequence is a ReduceMean):
 //! - LayerNorm as exporters write it before opset 17: `d = x - ReduceMean(x)`,
-//!   `v = ReduceMean(d·d)`, `y = d / √(v + ε)` (or `d · 1/√(v + ε)`), then `· γ` and `+ β`
+//!   `v = ReduceMean(d²)`, `y = d / √(v + ε)` (or `d · 1/√(v + ε)`), then `· γ` and `+ β`
 //!   (β optional); at opset 11 too, once `opset` can raise the model;
 //! - tf2onnx's (Keras LayerNormalization, batch-norm style): the same mean and variance,
 //!   `s = γ / √(v + ε)`, `y = x·s + (β − mean·s)`;
-//! - RMSNorm (T5): `x · 1/√(ReduceMean(x·x) + ε) · γ`, or `x / √(…)`;
+//! - RMSNorm (T5): `x · 1/√(ReduceMean(x²) + ε) · γ`, or `x / √(…)`;
 //! - `LayerNormalization(a + b)` where `a` and `b` are activations of the same shape (a
 //!   residual connection), optionally `a = m + bias` with a 1-D constant bias.
 //!
@@ -25,7 +25,8 @@
 //! operator does not.
 
 use super::pattern::{
-    add, constant, constant_where, div, either, int_attr_is, mul, op, sub, unary, value, Match, Pat,
+    add, constant, constant_where, div, either, int_attr_is, mul, op, pow, scalar, sub, unary,
+    value, Match, Pat,
 };
 use super::{apply_rules, Rewrite, Rule, Target};
 use crate::error::Result;
@@ -105,7 +106,7 @@ fn std_dev(variance: Pat) -> Pat {
 fn divided_by(numerator: Pat, denominator: Pat) -> Pat {
     either([
         div(numerator.clone(), denominator.clone()),
-        mul(numerator, unary("Reciprocal", denominator)),
+        mul(numerator, div(scalar(1.0), denominator)),
     ])
 }
 
@@ -120,7 +121,7 @@ fn scaled(normalized: Pat) -> Pat {
 
 fn layer_norm() -> Pat {
     let d = sub(value("x"), reduce_mean(value("x"), "mean", "mean_axes")).named("d");
-    let variance = reduce_mean(mul(value("d"), value("d")), "variance", "variance_axes");
+    let variance = reduce_mean(pow(value("d"), scalar(2.0)), "variance", "variance_axes");
     scaled(divided_by(d, std_dev(variance)))
 }
 
@@ -128,9 +129,9 @@ fn layer_norm() -> Pat {
 fn layer_norm_tf() -> Pat {
     let mean = reduce_mean(value("x"), "mean", "mean_axes").named("mean");
     let d = sub(value("x"), mean).named("d");
-    let variance = reduce_mean(mul(d, value("d")), "variance", "variance_axes");
+    let variance = reduce_mean(pow(d, scalar(2.0)), "variance", "variance_axes");
     let s = mul(
-        unary("Reciprocal", std_dev(variance)),
+        div(scalar(1.0), std_dev(variance)),
         constant_where("gamma", is_vector),
     )
     .named("s");
@@ -144,7 +145,7 @@ fn layer_norm_tf() -> Pat {
 }
 
 fn rms_norm() -> Pat {
-    let mean_square = reduce_mean(mul(value("x"), value("x")), "variance", "variance_axes");
+    let mean_square = reduce_mean(pow(value("x"), scalar(2.0)), "variance", "variance_axes");
     scaled(divided_by(value("x"), std_dev(mean_square)))
 }
 
