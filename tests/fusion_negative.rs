@@ -1,7 +1,8 @@
 //! Chains that look like a fusion but must not be fused, each beside the correct chain that
 //! is fused (so that each test fails if the matcher stops matching at all): a LayerNorm
-//! reducing over axis 1, an RMSNorm of the mean of x·(−x), a GELU with a wrong constant, and
-//! a GELU whose intermediate value has another reader. Fused results are checked in tract.
+//! reducing over axis 1, an RMSNorm of the mean of x·(−x) (and an RMSNorm for ONNX Runtime
+//! below opset 23), a GELU with a wrong constant, and a GELU whose intermediate value has
+//! another reader. Fused results are checked in tract.
 //! And files whose recorded types lie, which the fusions must survive.
 
 mod common;
@@ -15,11 +16,16 @@ use onnxopt::proto::NodeProto;
 
 /// Optimizes for ONNX Runtime, checks the outputs in tract, returns the operators left.
 fn fused_ops(original: Model) -> Vec<String> {
+    fused_ops_for(original, Target::Ort)
+}
+
+/// `fused_ops` for `target`.
+fn fused_ops_for(original: Model, target: Target) -> Vec<String> {
     let mut model = original.clone();
     optimize(
         &mut model,
         &OptimizeOptions {
-            target: Target::Ort,
+            target,
             ..Default::default()
         },
     )
@@ -103,12 +109,13 @@ fn rms_norm(square: Vec<NodeProto>) -> Model {
 #[test]
 fn rms_norm_of_something_other_than_a_square_is_not_fused() {
     // `Pow(x, 2)` and `x·x` are one form (`passes::canonical`): both fuse.
+    let onnx = |m| fused_ops_for(m, Target::Onnx);
     let pow = node("Pow", &["x", "two"], "x2", vec![]);
-    assert_eq!(fused_ops(rms_norm(vec![pow])), ["RMSNormalization"]);
+    assert_eq!(onnx(rms_norm(vec![pow])), ["RMSNormalization"]);
     let mul = node("Mul", &["x", "x"], "x2", vec![]);
-    assert_eq!(fused_ops(rms_norm(vec![mul])), ["RMSNormalization"]);
+    assert_eq!(onnx(rms_norm(vec![mul])), ["RMSNormalization"]);
     // The mean of x·(−x) is no mean square.
-    let kept = fused_ops(rms_norm(vec![
+    let kept = onnx(rms_norm(vec![
         node("Neg", &["x"], "nx", vec![]),
         node("Mul", &["x", "nx"], "x2", vec![]),
     ]));
@@ -117,6 +124,22 @@ fn rms_norm_of_something_other_than_a_square_is_not_fused() {
         !kept.iter().any(|o| o.ends_with("Normalization")),
         "{kept:?}"
     );
+}
+
+#[test]
+fn rms_norm_for_onnx_runtime_is_fused_only_at_opset_23() {
+    // Below it, written out in the form ONNX Runtime fuses when it loads the model (see
+    // `fuse::layernorm::build_rms_norm`); the opset stays.
+    let mul = || node("Mul", &["x", "x"], "x2", vec![]);
+    let mut model = rms_norm(vec![mul()]);
+    let before = model.opset("");
+    optimize(&mut model, &OptimizeOptions::default()).unwrap();
+    assert_eq!(model.opset(""), before);
+    let kept = fused_ops(rms_norm(vec![mul()]));
+    assert_eq!(kept, ["Add", "Div", "Mul", "Pow", "ReduceMean", "Sqrt"]);
+    let mut at_23 = rms_norm(vec![mul()]);
+    onnxopt::passes::opset::raise(&mut at_23, 23).unwrap();
+    assert_eq!(fused_ops(at_23), ["RMSNormalization"]);
 }
 
 /// Exact GELU with the given √2 constant; `extra_output` also exposes the Erf result.

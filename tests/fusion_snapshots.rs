@@ -130,7 +130,7 @@ fn rms_norm_t5() {
     let diff = fused_diff(
         "t5-encoder-tiny.dynamo.onnx",
         LayerNormFusion {
-            target: Target::Ort,
+            target: Target::Onnx,
         },
     );
     insta::assert_snapshot!(diff);
