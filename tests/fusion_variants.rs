@@ -1,9 +1,11 @@
 //! The spellings of GELU and LayerNorm that exporters write, as small chains on `x: f32[2, 3,
 //! 8]`: each fuses, for both targets, into the operator it should, and keeps its outputs
 //! (tract within 1e-5, ONNX Runtime within 1e-4 after the full onnx.checker); the near misses
-//! beside them (a constant beyond float32 rounding, a mean over another axis, a different
-//! mean subtracted) do not fuse. A snapshot per spelling holds the `dump` diff of its fusion
-//! for ONNX Runtime, on the canonical form (see `fusion_snapshots.rs`).
+//! beside them (a constant beyond float32 rounding, a different mean subtracted; a mean over
+//! another axis is in `fusion_negative.rs`) do not fuse. A snapshot per spelling holds the
+//! `dump` diff of its fusion for ONNX Runtime, on the canonical form (see
+//! `fusion_snapshots.rs`). The float16 norms of fp16-safe exports (Casts to float32 and back
+//! inside) fuse too, within float16 rounding.
 
 // The constants are written as the exporters write them, √2 to five decimals included.
 #![allow(clippy::approx_constant)]
@@ -14,7 +16,7 @@ use std::path::Path;
 
 use onnxopt::exec::{self, InputSource, ValidateOptions};
 use onnxopt::io::{self, ExternalData};
-use onnxopt::ir::{attr, Model, Tensor};
+use onnxopt::ir::{attr, DataType, Model, Tensor};
 use onnxopt::optimize::{optimize, OptimizeOptions};
 use onnxopt::passes::canonical::Canonicalize;
 use onnxopt::passes::dce::DeadCodeElimination;
@@ -25,7 +27,7 @@ use onnxopt::passes::shape::ShapeInference;
 use onnxopt::passes::{Pass, PassManager};
 use onnxopt::proto::NodeProto;
 
-use common::chain::{model, node, scalar};
+use common::chain::{model, model_of, node, scalar};
 
 const DIMS: [i64; 3] = [2, 3, 8];
 
@@ -176,6 +178,124 @@ fn layer_norm_tf(other_mean: bool) -> Model {
         ],
         &["y"],
     )
+}
+
+/// A float16 vector of `values`.
+fn half(name: &str, values: &[f32]) -> Tensor {
+    let bytes: Vec<u8> = values
+        .iter()
+        .flat_map(|v| half::f16::from_f32(*v).to_le_bytes())
+        .collect();
+    let dims = [values.len() as i64];
+    Tensor::from_raw(name, DataType::Float16, &dims, bytes.into()).unwrap()
+}
+
+/// A float16 LayerNorm as torch's legacy exporter writes it below opset 17: the mean and
+/// `x - mean` in float16, `x - mean` cast to float32 for the variance and the division, the
+/// quotient cast back to float16 before γ and β.
+fn layer_norm_half() -> Model {
+    let to = |t: DataType| vec![attr::int("to", t as i64)];
+    model_of(
+        DataType::Float16,
+        vec![
+            node("ReduceMean", &["x"], "m", vec![attr::ints("axes", &[-1])]),
+            node("Sub", &["x", "m"], "d", vec![]),
+            node("Cast", &["d"], "dw", to(DataType::Float)),
+            node("Pow", &["dw", "two"], "d2", vec![]),
+            node("ReduceMean", &["d2"], "v", vec![attr::ints("axes", &[-1])]),
+            node("Add", &["v", "eps"], "ve", vec![]),
+            node("Sqrt", &["ve"], "sd", vec![]),
+            node("Div", &["dw", "sd"], "n", vec![]),
+            node("Cast", &["n"], "nh", to(DataType::Float16)),
+            node("Mul", &["nh", "gamma"], "s", vec![]),
+            node("Add", &["s", "beta"], "y", vec![]),
+        ],
+        vec![
+            scalar("two", 2.0),
+            scalar("eps", 1e-5),
+            half("gamma", &[1.5, 0.5, 1.0, 2.0, 0.75, 1.25, 1.0, 0.9]),
+            half("beta", &[0.1, -0.2, 0.0, 0.3, 0.05, -0.1, 0.2, 0.0]),
+        ],
+        &["y"],
+    )
+}
+
+/// A float16 RMSNorm as T5 writes it: x cast to float32, `x · 1/√(mean(x²) + ε)`, cast back
+/// to float16 before γ.
+fn rms_norm_half() -> Model {
+    let to = |t: DataType| vec![attr::int("to", t as i64)];
+    model_of(
+        DataType::Float16,
+        vec![
+            node("Cast", &["x"], "xw", to(DataType::Float)),
+            node("Pow", &["xw", "two"], "x2", vec![]),
+            node("ReduceMean", &["x2"], "v", vec![attr::ints("axes", &[-1])]),
+            node("Add", &["v", "eps"], "ve", vec![]),
+            node("Sqrt", &["ve"], "sd", vec![]),
+            node("Reciprocal", &["sd"], "r", vec![]),
+            node("Mul", &["xw", "r"], "n", vec![]),
+            node("Cast", &["n"], "nh", to(DataType::Float16)),
+            node("Mul", &["gamma", "nh"], "y", vec![]),
+        ],
+        vec![
+            scalar("two", 2.0),
+            scalar("eps", 1e-6),
+            half("gamma", &[1.5, 0.5, 1.0, 2.0, 0.75, 1.25, 1.0, 0.9]),
+        ],
+        &["y"],
+    )
+}
+
+#[test]
+fn half_precision_norms_fuse_with_their_casts() {
+    let dir = tempfile::tempdir().unwrap();
+    let batch = inputs();
+    let mut ort = common::OrtChecks::default();
+    let cases: [(&str, Model, &[&str], &[&str]); 2] = [
+        (
+            "layer_norm_half",
+            layer_norm_half(),
+            &["LayerNormalization"],
+            &["LayerNormalization"],
+        ),
+        // Below opset 23 an RMSNorm stays written out for ONNX Runtime (fuse::layernorm).
+        ("rms_norm_half", rms_norm_half(), &[], &["RMSNormalization"]),
+    ];
+    for (name, original, for_ort, for_onnx) in cases {
+        let original_path = dir.path().join(format!("{name}.onnx"));
+        io::save(&original, &original_path, ExternalData::Never).unwrap();
+        for (target, expected) in [(Target::Ort, for_ort), (Target::Onnx, for_onnx)] {
+            let mut model = original.clone();
+            let options = OptimizeOptions {
+                target,
+                ..Default::default()
+            };
+            optimize(&mut model, &options).unwrap();
+            let fused: Vec<String> = model
+                .graph
+                .nodes()
+                .map(|(_, n)| n.op_type().to_string())
+                .filter(|op| op.ends_with("Normalization"))
+                .collect();
+            assert_eq!(fused, expected, "{name} {target:?}");
+            // float16 results up to 5 or so, where one half ulp is 3.9e-3: two ulps at most.
+            let validate = ValidateOptions {
+                inputs: InputSource::Generated(2),
+                ..Default::default()
+            };
+            let v = exec::validate(&original, &model, &validate, &|_, _| {}).unwrap();
+            let worst = v.outputs.iter().map(|d| d.max_abs).fold(0.0, f64::max);
+            println!("{name} {target:?}: max abs {worst:.2e} in tract");
+            assert!(
+                worst <= 4e-3,
+                "{name} {target:?}: outputs changed by {worst}"
+            );
+            let out = dir.path().join(format!("{name}.{}.onnx", target.name()));
+            io::save(&model, &out, ExternalData::Never).unwrap();
+            ort.add("0.9999", &original_path, &out, batch.path());
+        }
+    }
+    ort.run();
 }
 
 /// A folder holding the one batch every chain here reads: `x.npy`.

@@ -11,11 +11,15 @@ use onnxopt::proto::{
 };
 
 pub fn f32_value(name: &str, dims: &[i64]) -> ValueInfoProto {
+    typed_value(name, DataType::Float, dims)
+}
+
+pub fn typed_value(name: &str, elem: DataType, dims: &[i64]) -> ValueInfoProto {
     ValueInfoProto {
         name: Some(name.into()),
         r#type: Some(TypeProto {
             value: Some(Type::TensorType(TensorType {
-                elem_type: Some(DataType::Float as i32),
+                elem_type: Some(elem as i32),
                 shape: Some(TensorShapeProto {
                     dim: dims
                         .iter()
@@ -48,6 +52,16 @@ pub fn scalar(name: &str, v: f32) -> Tensor {
 
 /// x: f32[2, 3, 8] → nodes → the listed outputs (f32[2, 3, 8]), at opset 17.
 pub fn model(nodes: Vec<NodeProto>, constants: Vec<Tensor>, outputs: &[&str]) -> Model {
+    model_of(DataType::Float, nodes, constants, outputs)
+}
+
+/// `model` with x and the outputs of element type `elem`.
+pub fn model_of(
+    elem: DataType,
+    nodes: Vec<NodeProto>,
+    constants: Vec<Tensor>,
+    outputs: &[&str],
+) -> Model {
     let dims = [2, 3, 8];
     Model::from_proto(ModelProto {
         ir_version: Some(8),
@@ -59,8 +73,11 @@ pub fn model(nodes: Vec<NodeProto>, constants: Vec<Tensor>, outputs: &[&str]) ->
             name: Some("negative".into()),
             node: nodes,
             initializer: constants.into_iter().map(Tensor::into_proto).collect(),
-            input: vec![f32_value("x", &dims)],
-            output: outputs.iter().map(|o| f32_value(o, &dims)).collect(),
+            input: vec![typed_value("x", elem, &dims)],
+            output: outputs
+                .iter()
+                .map(|o| typed_value(o, elem, &dims))
+                .collect(),
             ..Default::default()
         }),
         ..Default::default()
