@@ -2,12 +2,14 @@
 //!
 //! Each round: infer types (fusions read ranks and head counts from them), clean up (the
 //! legacy exporter writes the same constant and shape computation dozens of times), fold
-//! constants, cut shape computations loose from the values fusions replace, fuse, drop what
+//! constants, cut shape computations loose from the values fusions replace, write each
+//! computation exporters spell several ways in one form (`canonical`), fuse, drop what
 //! became dead. Rounds repeat until nothing changes.
 
 use crate::error::Result;
 use crate::inspect::TARGET_KEY;
 use crate::ir::Model;
+use crate::passes::canonical::Canonicalize;
 use crate::passes::cse::CommonSubexpressions;
 use crate::passes::dce::DeadCodeElimination;
 use crate::passes::fold::ConstantFolding;
@@ -51,6 +53,7 @@ pub fn pipeline(options: &OptimizeOptions) -> PassManager {
         .with(ConstantFolding)
         .with(NoOpElimination)
         .with(ShapeFromInputs)
+        .with(Canonicalize)
         .with(AttentionFusion { target })
         .with(LayerNormFusion { target })
         .with(GeluFusion { target })

@@ -218,3 +218,65 @@ fn tract_and_onnx_runtime_agree_on_quantized_and_float16_models() {
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
+
+/// The RMSNorm operators ONNX Runtime's own optimizer writes (a user's file may hold them; a
+/// T5 optimized by ONNX Runtime does): `SimplifiedLayerNormalization` (default domain) and
+/// `com.microsoft::SkipSimplifiedLayerNormalization` with its residual-sum output, on an input
+/// whose mean is far from 0. tract runs both natively; they must agree with ONNX Runtime's
+/// kernels within 1e-5. (With a bias, ONNX Runtime 1.32 adds it and tract does not: refused,
+/// see `ops::CONTRIB_OPS`.)
+#[test]
+fn tract_and_onnx_runtime_agree_on_onnx_runtimes_rms_norms() {
+    use common::chain::{model, node, scalar};
+    use onnxopt::ir::{attr, Tensor};
+    if !common::ort_engine_available() {
+        return;
+    }
+    let gamma = || Tensor::from_f32("gamma", &[8], &[1.5, 0.5, 1.0, 2.0, 0.75, 1.25, 1.0, 0.9]);
+    let epsilon = || vec![attr::float("epsilon", 1e-6)];
+    let simplified = model(
+        vec![onnxopt::proto::NodeProto {
+            attribute: vec![attr::int("axis", -1), attr::float("epsilon", 1e-6)],
+            ..node("SimplifiedLayerNormalization", &["x", "gamma"], "y", vec![])
+        }],
+        vec![gamma().unwrap()],
+        &["y"],
+    );
+    let mut skip = node(
+        "SkipSimplifiedLayerNormalization",
+        &["x", "r", "gamma"],
+        "y",
+        epsilon(),
+    );
+    skip.domain = Some("com.microsoft".into());
+    skip.output = vec!["y".into(), String::new(), String::new(), "s".into()];
+    let skipped = model(
+        vec![node("Mul", &["x", "half"], "r", vec![]), skip],
+        vec![gamma().unwrap(), scalar("half", -0.5)],
+        &["y", "s"],
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let x: Vec<f32> = (0..48)
+        .map(|i| 3.0 + ((i * 37 % 48) as f32 - 23.5) / 6.0)
+        .collect();
+    common::write_npy_f32(&dir.path().join("x.npy"), &[2, 3, 8], &x);
+    for (name, m) in [
+        ("SimplifiedLayerNormalization", simplified),
+        ("SkipSimplified", skipped),
+    ] {
+        let outputs = engines_diff(&m, dir.path()).unwrap_or_else(|e| panic!("{name}: {e}"));
+        assert_eq!(outputs.len(), m.graph.outputs.len());
+        for (d, largest) in outputs {
+            println!(
+                "{name}: `{}` max abs {:.2e} (max |x| {largest:.3})",
+                d.name, d.max_abs
+            );
+            assert!(
+                d.max_abs <= 1e-5,
+                "{name} `{}`: max abs {:.3e}",
+                d.name,
+                d.max_abs
+            );
+        }
+    }
+}

@@ -1,88 +1,31 @@
 //! Chains that look like a fusion but must not be fused, each beside the correct chain that
 //! is fused (so that each test fails if the matcher stops matching at all): a LayerNorm
-//! reducing over axis 1, RMSNorm written with `Mul(x, x)`, a GELU with a wrong constant, and
-//! a GELU whose intermediate value has another reader. Fused results are checked in tract.
+//! reducing over axis 1, an RMSNorm of the mean of x·(−x) (and an RMSNorm for ONNX Runtime
+//! below opset 23), a GELU with a wrong constant, and a GELU whose intermediate value has
+//! another reader. Fused results are checked in tract.
 //! And files whose recorded types lie, which the fusions must survive.
 
 mod common;
 
+use common::chain::{model, node, scalar};
 use onnxopt::exec::{self, InputSource, ValidateOptions};
 use onnxopt::ir::{attr, Model, Tensor};
 use onnxopt::optimize::{optimize, OptimizeOptions};
 use onnxopt::passes::fuse::Target;
-use onnxopt::proto::tensor_proto::DataType;
-use onnxopt::proto::tensor_shape_proto::{dimension, Dimension};
-use onnxopt::proto::type_proto::{Tensor as TensorType, Value as Type};
-use onnxopt::proto::{
-    AttributeProto, GraphProto, ModelProto, NodeProto, OperatorSetIdProto, TensorShapeProto,
-    TypeProto, ValueInfoProto,
-};
-
-fn f32_value(name: &str, dims: &[i64]) -> ValueInfoProto {
-    ValueInfoProto {
-        name: Some(name.into()),
-        r#type: Some(TypeProto {
-            value: Some(Type::TensorType(TensorType {
-                elem_type: Some(DataType::Float as i32),
-                shape: Some(TensorShapeProto {
-                    dim: dims
-                        .iter()
-                        .map(|&d| Dimension {
-                            value: Some(dimension::Value::DimValue(d)),
-                            denotation: None,
-                        })
-                        .collect(),
-                }),
-            })),
-            ..Default::default()
-        }),
-        ..Default::default()
-    }
-}
-
-fn node(op: &str, inputs: &[&str], output: &str, attributes: Vec<AttributeProto>) -> NodeProto {
-    NodeProto {
-        op_type: Some(op.into()),
-        input: inputs.iter().map(|s| s.to_string()).collect(),
-        output: vec![output.into()],
-        attribute: attributes,
-        ..Default::default()
-    }
-}
-
-fn scalar(name: &str, v: f32) -> Tensor {
-    Tensor::from_f32(name, &[], &[v]).unwrap()
-}
-
-/// x: f32[2, 3, 8] → nodes → the listed outputs (f32[2, 3, 8]), at opset 17.
-fn model(nodes: Vec<NodeProto>, constants: Vec<Tensor>, outputs: &[&str]) -> Model {
-    let dims = [2, 3, 8];
-    Model::from_proto(ModelProto {
-        ir_version: Some(8),
-        opset_import: vec![OperatorSetIdProto {
-            domain: Some(String::new()),
-            version: Some(17),
-        }],
-        graph: Some(GraphProto {
-            name: Some("negative".into()),
-            node: nodes,
-            initializer: constants.into_iter().map(Tensor::into_proto).collect(),
-            input: vec![f32_value("x", &dims)],
-            output: outputs.iter().map(|o| f32_value(o, &dims)).collect(),
-            ..Default::default()
-        }),
-        ..Default::default()
-    })
-    .unwrap()
-}
+use onnxopt::proto::NodeProto;
 
 /// Optimizes for ONNX Runtime, checks the outputs in tract, returns the operators left.
 fn fused_ops(original: Model) -> Vec<String> {
+    fused_ops_for(original, Target::Ort)
+}
+
+/// `fused_ops` for `target`.
+fn fused_ops_for(original: Model, target: Target) -> Vec<String> {
     let mut model = original.clone();
     optimize(
         &mut model,
         &OptimizeOptions {
-            target: Target::Ort,
+            target,
             ..Default::default()
         },
     )
@@ -139,18 +82,21 @@ fn layer_norm_over_another_axis_is_not_fused() {
     );
 }
 
-/// RMSNorm with x² written as `square_op`.
-fn rms_norm(square: NodeProto) -> Model {
+/// RMSNorm with x² written by `square` (nodes writing `x2`).
+fn rms_norm(square: Vec<NodeProto>) -> Model {
     let axes = vec![attr::ints("axes", &[-1])];
     model(
-        vec![
+        [
             square,
-            node("ReduceMean", &["x2"], "ms", axes),
-            node("Add", &["ms", "eps"], "ms_eps", vec![]),
-            node("Sqrt", &["ms_eps"], "rms", vec![]),
-            node("Div", &["x", "rms"], "n", vec![]),
-            node("Mul", &["n", "gamma"], "y", vec![]),
-        ],
+            vec![
+                node("ReduceMean", &["x2"], "ms", axes),
+                node("Add", &["ms", "eps"], "ms_eps", vec![]),
+                node("Sqrt", &["ms_eps"], "rms", vec![]),
+                node("Div", &["x", "rms"], "n", vec![]),
+                node("Mul", &["n", "gamma"], "y", vec![]),
+            ],
+        ]
+        .concat(),
         vec![
             scalar("two", 2.0),
             scalar("eps", 1e-6),
@@ -161,15 +107,39 @@ fn rms_norm(square: NodeProto) -> Model {
 }
 
 #[test]
-fn rms_norm_written_with_mul_is_not_fused() {
+fn rms_norm_of_something_other_than_a_square_is_not_fused() {
+    // `Pow(x, 2)` and `x·x` are one form (`passes::canonical`): both fuse.
+    let onnx = |m| fused_ops_for(m, Target::Onnx);
     let pow = node("Pow", &["x", "two"], "x2", vec![]);
-    assert_eq!(fused_ops(rms_norm(pow)), ["RMSNormalization"]);
-    let kept = fused_ops(rms_norm(node("Mul", &["x", "x"], "x2", vec![])));
+    assert_eq!(onnx(rms_norm(vec![pow])), ["RMSNormalization"]);
+    let mul = node("Mul", &["x", "x"], "x2", vec![]);
+    assert_eq!(onnx(rms_norm(vec![mul])), ["RMSNormalization"]);
+    // The mean of x·(−x) is no mean square.
+    let kept = onnx(rms_norm(vec![
+        node("Neg", &["x"], "nx", vec![]),
+        node("Mul", &["x", "nx"], "x2", vec![]),
+    ]));
     assert!(kept.contains(&"ReduceMean".to_string()), "{kept:?}");
     assert!(
         !kept.iter().any(|o| o.ends_with("Normalization")),
         "{kept:?}"
     );
+}
+
+#[test]
+fn rms_norm_for_onnx_runtime_is_fused_only_at_opset_23() {
+    // Below it, written out in the form ONNX Runtime fuses when it loads the model (see
+    // `fuse::layernorm::build_rms_norm`); the opset stays.
+    let mul = || node("Mul", &["x", "x"], "x2", vec![]);
+    let mut model = rms_norm(vec![mul()]);
+    let before = model.opset("");
+    optimize(&mut model, &OptimizeOptions::default()).unwrap();
+    assert_eq!(model.opset(""), before);
+    let kept = fused_ops(rms_norm(vec![mul()]));
+    assert_eq!(kept, ["Add", "Div", "Mul", "Pow", "ReduceMean", "Sqrt"]);
+    let mut at_23 = rms_norm(vec![mul()]);
+    onnxopt::passes::opset::raise(&mut at_23, 23).unwrap();
+    assert_eq!(fused_ops(at_23), ["RMSNormalization"]);
 }
 
 /// Exact GELU with the given √2 constant; `extra_output` also exposes the Erf result.

@@ -1,12 +1,14 @@
 //! One snapshot per fusion: the `dump` diff that the fusion pass (then dead-code elimination)
-//! makes on a small corpus model, with types inferred beforehand so the diff shows only the
-//! rewrite. Each also runs both graphs in tract on the model's calibration batches.
+//! makes on a small corpus model, with types inferred and spellings made canonical
+//! (`passes::canonical`, which the fusions expect, then dead code dropped) beforehand so the
+//! diff shows only the rewrite. Each also runs both graphs in tract on the model's calibration batches.
 //! Review these as carefully as code: a changed snapshot is a changed rewrite.
 
 mod common;
 
 use onnxopt::ir::dump::dump_model;
 use onnxopt::ir::Model;
+use onnxopt::passes::canonical::Canonicalize;
 use onnxopt::passes::dce::DeadCodeElimination;
 use onnxopt::passes::fuse::attention::AttentionFusion;
 use onnxopt::passes::fuse::gelu::GeluFusion;
@@ -16,14 +18,28 @@ use onnxopt::passes::shape::ShapeInference;
 use onnxopt::passes::shape_of::ShapeFromInputs;
 use onnxopt::passes::{Pass, PassManager};
 
-/// Loads `corpus/tiny/<model>`, infers types, applies `fusion` and DCE, checks the outputs in
-/// tract, and returns the rewrite counts and the dump diff.
+/// Loads `corpus/tiny/<model>`, infers types, makes spellings canonical, applies `fusion` and
+/// DCE, checks the outputs in tract, and returns the rewrite counts and the dump diff.
 fn fused_diff(model: &str, fusion: impl Pass + 'static) -> String {
     let path = common::corpus().join("tiny").join(model);
-    let mut typed = onnxopt::io::load(&path).unwrap();
+    diff_of(&path, &common::calib_dir(&path), fusion)
+}
+
+/// `fused_diff` of the wild corpus model `stem` (`testdata/wild/`).
+fn wild_fused_diff(stem: &str, fusion: impl Pass + 'static) -> String {
+    let wild = common::testdata("wild");
+    let path = wild.join(format!("{stem}.onnx"));
+    diff_of(&path, &wild.join("calib").join(stem), fusion)
+}
+
+fn diff_of(path: &std::path::Path, calib: &std::path::Path, fusion: impl Pass + 'static) -> String {
+    let model = path.file_name().unwrap().to_string_lossy();
+    let mut typed = onnxopt::io::load(path).unwrap();
     PassManager::new()
         .with(ShapeInference)
         .with(ShapeFromInputs)
+        .with(Canonicalize)
+        .with(DeadCodeElimination)
         .run(&mut typed)
         .unwrap();
     let before = dump_model(&typed.to_proto().unwrap());
@@ -33,7 +49,7 @@ fn fused_diff(model: &str, fusion: impl Pass + 'static) -> String {
         .with(DeadCodeElimination)
         .run(&mut fused)
         .unwrap();
-    let same = common::same_outputs(&typed, &fused, &common::calib_dir(&path));
+    let same = common::same_outputs(&typed, &fused, calib);
     assert!(same.is_ok(), "{model}: {same:?}");
     let after = dump_model(&fused.to_proto().unwrap());
     let diff = similar::TextDiff::from_lines(&before, &after)
@@ -88,11 +104,33 @@ fn layer_norm_written_out_at_opset_14() {
 }
 
 #[test]
+fn layer_norm_at_opset_11_raised_to_17() {
+    let diff = wild_fused_diff(
+        "deit.ts11.t21.eager",
+        LayerNormFusion {
+            target: Target::Onnx,
+        },
+    );
+    insta::assert_snapshot!(diff);
+}
+
+#[test]
+fn layer_norm_tf2onnx() {
+    let diff = wild_fused_diff(
+        "tf-distilbert.tf2onnx15.tf215",
+        LayerNormFusion {
+            target: Target::Ort,
+        },
+    );
+    insta::assert_snapshot!(diff);
+}
+
+#[test]
 fn rms_norm_t5() {
     let diff = fused_diff(
         "t5-encoder-tiny.dynamo.onnx",
         LayerNormFusion {
-            target: Target::Ort,
+            target: Target::Onnx,
         },
     );
     insta::assert_snapshot!(diff);

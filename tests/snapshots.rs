@@ -1,12 +1,13 @@
 //! Snapshots of `dump`: the text form of two corpus models, what dead-code elimination
-//! removes from a real model when the user drops one of its outputs, and what the clean-up
-//! passes do to a legacy export. Review every change to these files as carefully as code: a
+//! removes from a real model when the user drops one of its outputs, what the clean-up
+//! passes do to a legacy export, and what `canonical` does to a legacy and a tf2onnx export. Review every change to these files as carefully as code: a
 //! snapshot change is a change in what we write.
 
 mod common;
 
 use onnxopt::ir::dump::dump_model;
 use onnxopt::ir::Model;
+use onnxopt::passes::canonical::Canonicalize;
 use onnxopt::passes::cse::CommonSubexpressions;
 use onnxopt::passes::fold::ConstantFolding;
 use onnxopt::passes::identity::IdentityElimination;
@@ -80,4 +81,30 @@ fn cleanup_of_bert_tiny_legacy_export() {
         report.rounds,
         stats.join("\n")
     ));
+}
+
+/// What `canonical` (then DCE) does to `model`, types inferred beforehand.
+fn canonical_diff(path: &std::path::Path) -> String {
+    let mut model = onnxopt::io::load(path).unwrap();
+    PassManager::new()
+        .with(onnxopt::passes::shape::ShapeInference)
+        .run(&mut model)
+        .unwrap();
+    let before = dump_model(&model.to_proto().unwrap());
+    let passes = PassManager::new()
+        .with(Canonicalize)
+        .with(DeadCodeElimination);
+    let (report, diff) = run_and_diff(&before, &mut model, passes);
+    format!("rewrites {:?}\n{diff}", report.passes[0].rewrites.0)
+}
+
+#[test]
+fn canonical_of_bert_tiny_legacy_export() {
+    insta::assert_snapshot!(canonical_diff(&common::testdata("bert-tiny.ts.onnx")));
+}
+
+#[test]
+fn canonical_of_a_tf2onnx_export() {
+    let path = common::testdata("wild/tf-distilbert.tf2onnx15.tf215.onnx");
+    insta::assert_snapshot!(canonical_diff(&path));
 }

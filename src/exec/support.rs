@@ -171,5 +171,10 @@ mod tests {
         );
         let u = first_unsupported(&bias_only).unwrap();
         assert!(u.reason.contains("a bias without a beta"), "{}", u.reason);
+        let simplified =
+            |inputs| with_domain("SkipSimplifiedLayerNormalization", "com.microsoft", inputs);
+        assert_eq!(first_unsupported(&simplified(&["x", "x", "g"])), None);
+        let u = first_unsupported(&simplified(&["x", "x", "g", "b"])).unwrap();
+        assert!(u.reason.contains("a bias"), "{}", u.reason);
     }
 }

@@ -62,6 +62,15 @@ fn skip_layer_norm_caveat(present: &[bool]) -> Option<&'static str> {
     (has(4) && !has(3)).then_some("a bias without a beta")
 }
 
+/// tract ignores a SkipSimplifiedLayerNormalization bias (input 3); ONNX Runtime 1.32 adds it.
+fn skip_simplified_layer_norm_caveat(present: &[bool]) -> Option<&'static str> {
+    present
+        .get(3)
+        .copied()
+        .unwrap_or(false)
+        .then_some("a bias, which tract ignores")
+}
+
 /// The contrib operators onnxopt emits or meets in users' files.
 pub const CONTRIB_OPS: &[ContribOp] = &[
     op("Attention", Tract::Lowered, true, true),
@@ -77,12 +86,19 @@ pub const CONTRIB_OPS: &[ContribOp] = &[
         true,
         false,
     ),
+    // tract 0.23.9 runs it as ONNX Runtime 1.32 does (the sum, then the RMSNorm; its
+    // residual-sum output), except that it ignores a bias, which ONNX Runtime adds
+    // (tests/engines).
     op(
         "SkipSimplifiedLayerNormalization",
-        Tract::Unfaithful,
+        Tract::Native(Some(skip_simplified_layer_norm_caveat)),
         true,
         false,
     ),
+    // ONNX Runtime registers its SimplifiedLayerNormalization kernel in the default domain
+    // only (1.32 refuses `com.microsoft::SimplifiedLayerNormalization` as "not a registered
+    // function/op"): a default-domain node goes to tract, which runs it as RMSNorm, agreeing
+    // with that kernel (tests/engines); this spelling has no kernel to be faithful to.
     op(
         "SimplifiedLayerNormalization",
         Tract::Unfaithful,

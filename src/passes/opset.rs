@@ -1,22 +1,42 @@
 //! Raising the default-domain opset import, for fusions whose replacement exists only in a
 //! newer opset (LayerNormalization 17, Gelu 20, RMSNormalization and Attention 23).
 //!
-//! Matches: a model importing ONNX opset 13 or later.
+//! Matches: a model importing ONNX opset 11 or later.
 //! Produces: the same model importing the requested opset, with the operators whose
-//! signature changed in between rewritten: from opset 18 the Reduce operators (except
-//! ReduceSum, which moved at 13) take `axes` as an input instead of an attribute. The IR
-//! version is raised to the lowest one that defines the opset, never lowered.
-//! Safe because: between opsets 13 and 23 the other operators only gained element types or
-//! attributes whose defaults keep the old behaviour, except the few listed in
-//! `CHANGED_MEANING`, whose presence stops the raise.
+//! signature changed in between rewritten (the adapters of onnx's version converter):
+//! - at 12, Dropout takes `ratio` as an input instead of an attribute;
+//! - at 13, Squeeze, Unsqueeze and ReduceSum take `axes`, and Split its `split`, as an input;
+//!   Softmax, LogSoftmax and Hardmax normalize over their one `axis` instead of over the
+//!   input flattened from `axis` on (and `axis` defaults to -1, no longer 1);
+//! - at 18, the other Reduce operators take `axes` as an input, and a Split without `split`
+//!   says how many parts it makes (`num_outputs`).
+//!
+//! The IR version is raised to the lowest one that defines the opset, never lowered.
+//!
+//! Safe because: the rewritten operators compute what they computed (the same axes, sizes and
+//! ratio, now read from a constant input), a Softmax-family node is raised only when its
+//! axis is the last one of an input of known rank (where the flattened and the one-axis
+//! forms are the same function; any other keeps the model at its opset), and between opsets
+//! 11 and 23 the other operators only gained element types or attributes whose defaults keep
+//! the old behaviour, except the few listed in `CHANGED_MEANING`, whose presence stops the
+//! raise, as do subgraphs holding an operator the raise would rewrite (the rewrites here do
+//! not reach into subgraphs) and opsets below 11.
 
 use crate::error::{Error, Result};
-use crate::ir::{attr, Model, Patch, Tensor};
+use crate::ir::{attr, Model, Node, NodeId, Patch, Tensor};
+use crate::proto::NodeProto;
 
 /// The newest opset this module raises to.
 pub const NEWEST: i64 = 23;
 /// Operators whose meaning (not only types or optional attributes) changed between 13 and 23.
 const CHANGED_MEANING: &[&str] = &["RoiAlign", "DFT", "GroupNormalization"];
+/// The lowest opset raised from.
+const OLDEST: i64 = 11;
+/// Operators that take `axes` as an input from opset 13.
+const AXES_13: &[&str] = &["Squeeze", "Unsqueeze", "ReduceSum"];
+/// Operators that normalize over one axis from opset 13, over the flattened trailing
+/// dimensions before.
+const SOFTMAX_13: &[&str] = &["Softmax", "LogSoftmax", "Hardmax"];
 /// Reduce operators that take `axes` as an input from opset 18.
 const REDUCE_AXES_18: &[&str] = &[
     "ReduceMean",
@@ -33,22 +53,63 @@ const REDUCE_AXES_18: &[&str] = &[
 /// The highest default-domain opset `model` can be raised to (its own when it cannot).
 pub fn highest_reachable(model: &Model) -> i64 {
     let now = model.opset("").unwrap_or(0);
-    let blocked = now < 13
-        || model
-            .graph
-            .nodes()
+    let g = &model.graph;
+    let blocked = now < OLDEST
+        || g.nodes()
             .any(|(_, n)| n.domain().is_empty() && CHANGED_MEANING.contains(&n.op_type()))
-        || model.graph.nodes().any(|(_, n)| {
-            n.proto
-                .attribute
-                .iter()
-                .any(|a| a.g.is_some() || !a.graphs.is_empty())
-        });
+        || g.nodes().any(|(_, n)| {
+            let mut inner = Vec::new();
+            subgraph_ops(&n.proto, &mut inner);
+            inner.iter().any(|op| rewritten_or_changed(op, now))
+        })
+        || (now < 13
+            && g.nodes().any(|(_, n)| {
+                n.domain().is_empty()
+                    && SOFTMAX_13.contains(&n.op_type())
+                    && !normalizes_last_axis(model, n)
+            }));
     if blocked {
         now
     } else {
         now.max(NEWEST)
     }
+}
+
+/// The default-domain operators of the subgraphs of `node` (If branches, Loop and Scan
+/// bodies), at any depth.
+fn subgraph_ops<'a>(node: &'a NodeProto, ops: &mut Vec<&'a str>) {
+    let graphs = node
+        .attribute
+        .iter()
+        .flat_map(|a| a.g.iter().chain(&a.graphs));
+    for inner in graphs.flat_map(|g| &g.node) {
+        if inner.domain().is_empty() || inner.domain() == "ai.onnx" {
+            ops.push(inner.op_type());
+        }
+        subgraph_ops(inner, ops);
+    }
+}
+
+/// True when raising from opset `from` would rewrite operator `op` or change its meaning:
+/// such an operator inside a subgraph (which the rewrites here do not reach) stops the raise.
+fn rewritten_or_changed(op: &str, from: i64) -> bool {
+    CHANGED_MEANING.contains(&op)
+        || REDUCE_AXES_18.contains(&op)
+        || op == "Split"
+        || (from < 13 && (AXES_13.contains(&op) || SOFTMAX_13.contains(&op) || op == "Dropout"))
+}
+
+/// True when a Softmax-family node of opset < 13 normalizes over the last axis of its input
+/// (rank known): there the old form (over the input flattened from `axis`) and the new one
+/// (over `axis` alone) are the same.
+fn normalizes_last_axis(model: &Model, n: &Node) -> bool {
+    let g = &model.graph;
+    let axis = attr::get_int(&n.proto, "axis").unwrap_or(1);
+    let rank = n
+        .input(0)
+        .and_then(|v| g.value_type(v))
+        .and_then(|t| t.rank());
+    rank.is_some_and(|r| axis == -1 || axis == r as i64 - 1)
 }
 
 /// The lowest IR version that defines ONNX opset `opset` (onnx's `VERSION_TABLE`).
@@ -72,8 +133,17 @@ pub fn raise(model: &mut Model, to: i64) -> Result<()> {
             "cannot raise the ONNX opset from {from} to {to}"
         )));
     }
+    if from < 12 && to >= 12 {
+        move_dropout_ratio_to_input(model)?;
+    }
+    if from < 13 && to >= 13 {
+        move_ints_to_input(model, AXES_13, "axes")?;
+        move_ints_to_input(model, &["Split"], "split")?;
+        pin_softmax_axis(model)?;
+    }
     if from < 18 && to >= 18 {
-        move_reduce_axes_to_inputs(model)?;
+        move_ints_to_input(model, REDUCE_AXES_18, "axes")?;
+        count_split_outputs(model)?;
     }
     model.require_opset("", to);
     let ir = ir_version_for(to);
@@ -83,38 +153,98 @@ pub fn raise(model: &mut Model, to: i64) -> Result<()> {
     Ok(())
 }
 
-fn move_reduce_axes_to_inputs(model: &mut Model) -> Result<()> {
-    let g = &model.graph;
-    let targets: Vec<_> = g
+/// Default-domain nodes of `ops` that set the attribute `name`.
+fn nodes_with(model: &Model, ops: &[&str], name: &str) -> Vec<NodeId> {
+    model
+        .graph
         .nodes()
-        .filter(|(_, n)| n.domain().is_empty() && REDUCE_AXES_18.contains(&n.op_type()))
-        .filter(|(_, n)| attr::get(&n.proto, "axes").is_some())
+        .filter(|(_, n)| n.domain().is_empty() && ops.contains(&n.op_type()))
+        .filter(|(_, n)| attr::get(&n.proto, name).is_some())
+        .map(|(id, _)| id)
+        .collect()
+}
+
+/// Replaces node `id` by the same operator reading `input` at slot 1 (after its data input),
+/// without the attribute `name`.
+fn with_input_for(model: &mut Model, id: NodeId, name: &str, input: Tensor) -> Result<()> {
+    let node = model.graph.node(id).clone();
+    let mut patch = Patch::new("opset-attribute-to-input");
+    let value = patch.new_initializer(name, input);
+    let mut inputs: Vec<_> = node.inputs.iter().map(|v| v.map(Into::into)).collect();
+    inputs.truncate(1);
+    inputs.push(Some(value));
+    let outputs: Vec<_> = node.outputs.iter().flatten().map(|&v| v.into()).collect();
+    let mut proto = node.proto.clone();
+    proto.attribute.retain(|a| a.name() != name);
+    patch
+        .remove_node(id)
+        .add_node_proto(proto, &inputs, &outputs);
+    model.graph.apply(patch)
+}
+
+/// The ints attribute `name` of each node of `ops` becomes its second input.
+fn move_ints_to_input(model: &mut Model, ops: &[&str], name: &str) -> Result<()> {
+    for id in nodes_with(model, ops, name) {
+        let values = attr::get_ints(&model.graph.node(id).proto, name)
+            .unwrap_or_default()
+            .to_vec();
+        let tensor = Tensor::from_i64(name, &[values.len() as i64], &values)?;
+        with_input_for(model, id, name, tensor)?;
+    }
+    Ok(())
+}
+
+/// Dropout's `ratio` attribute (opset 10) becomes its second input (opset 12).
+fn move_dropout_ratio_to_input(model: &mut Model) -> Result<()> {
+    for id in nodes_with(model, &["Dropout"], "ratio") {
+        let node = model.graph.node(id);
+        if node.inputs.len() > 1 {
+            return Err(Error::InvalidModel(
+                "a Dropout with inputs past the first".into(),
+            ));
+        }
+        let ratio = attr::get_float(&node.proto, "ratio").unwrap_or(0.5);
+        with_input_for(
+            model,
+            id,
+            "ratio",
+            Tensor::from_f32("ratio", &[], &[ratio])?,
+        )?;
+    }
+    Ok(())
+}
+
+/// Writes out the axis of each Softmax-family node (its default moves from 1 to -1 at opset
+/// 13); `highest_reachable` has checked that it is the last one.
+fn pin_softmax_axis(model: &mut Model) -> Result<()> {
+    let targets: Vec<_> = model
+        .graph
+        .nodes()
+        .filter(|(_, n)| n.domain().is_empty() && SOFTMAX_13.contains(&n.op_type()))
+        .filter(|(_, n)| attr::get(&n.proto, "axis").is_none())
         .map(|(id, _)| id)
         .collect();
     for id in targets {
-        let node = model.graph.node(id).clone();
-        let axes = attr::get_ints(&node.proto, "axes")
-            .unwrap_or_default()
-            .to_vec();
-        let mut patch = Patch::new("opset-reduce-axes");
-        let axes_value = patch.new_initializer(
-            "axes",
-            Tensor::from_i64("axes", &[axes.len() as i64], &axes)?,
-        );
-        let mut inputs: Vec<_> = node.inputs.iter().map(|v| v.map(Into::into)).collect();
-        inputs.truncate(1);
-        inputs.push(Some(axes_value));
-        let outputs: Vec<_> = node.outputs.iter().flatten().map(|&v| v.into()).collect();
-        let attributes = node
-            .proto
-            .attribute
-            .iter()
-            .filter(|a| a.name() != "axes")
-            .cloned()
-            .collect();
-        patch
-            .remove_node(id)
-            .add_node(node.op_type(), "", &inputs, &outputs, attributes);
+        let mut patch = Patch::new("opset-softmax-axis");
+        patch.set_attribute(id, attr::int("axis", 1));
+        model.graph.apply(patch)?;
+    }
+    Ok(())
+}
+
+/// A Split without sizes splits into equal parts; from opset 18 it must say how many
+/// (`num_outputs`).
+fn count_split_outputs(model: &mut Model) -> Result<()> {
+    let targets: Vec<_> = model
+        .graph
+        .nodes()
+        .filter(|(_, n)| n.domain().is_empty() && n.is("Split"))
+        .filter(|(_, n)| n.input(1).is_none() && attr::get(&n.proto, "num_outputs").is_none())
+        .map(|(id, n)| (id, n.outputs.len() as i64))
+        .collect();
+    for (id, parts) in targets {
+        let mut patch = Patch::new("opset-split-outputs");
+        patch.set_attribute(id, attr::int("num_outputs", parts));
         model.graph.apply(patch)?;
     }
     Ok(())
@@ -155,5 +285,142 @@ mod tests {
         assert_eq!(highest_reachable(&m), 17);
         let mut m = m;
         assert!(raise(&mut m, 20).is_err());
+    }
+    /// A model at opset 11 (what the legacy exporter writes by default).
+    fn at_opset_11(
+        nodes: &[crate::ir::testing::NodeSpec],
+        attrs: &[Vec<crate::proto::AttributeProto>],
+    ) -> Model {
+        let mut p = model_proto(&["x"], &["y"], &[], nodes);
+        p.opset_import[0].version = Some(11);
+        p.ir_version = Some(6);
+        let g = p.graph.as_mut().unwrap();
+        for (n, a) in g.node.iter_mut().zip(attrs) {
+            n.attribute = a.clone();
+        }
+        Model::from_proto(p).unwrap()
+    }
+
+    fn with_rank(m: &mut Model, name: &str, rank: usize) {
+        use crate::ir::{Dim, ValueType};
+        let v = m.graph.find_value(name).unwrap();
+        m.graph
+            .set_value_type(v, &ValueType::new(1, vec![Dim::symbol("n"); rank]));
+    }
+
+    #[test]
+    fn opset_11_axes_splits_and_ratios_become_inputs() {
+        let mut m = at_opset_11(
+            &[
+                ("Unsqueeze", &["x"], &["u"]),
+                ("Squeeze", &["u"], &["s"]),
+                ("ReduceSum", &["s"], &["r"]),
+                ("Dropout", &["r"], &["d"]),
+                ("Split", &["d"], &["y", "z"]),
+            ],
+            &[
+                vec![attr::ints("axes", &[0])],
+                vec![attr::ints("axes", &[0])],
+                vec![attr::ints("axes", &[-1]), attr::int("keepdims", 1)],
+                vec![attr::float("ratio", 0.1)],
+                vec![attr::int("axis", -1), attr::ints("split", &[3, 5])],
+            ],
+        );
+        assert_eq!(highest_reachable(&m), NEWEST);
+        raise(&mut m, 17).unwrap();
+        assert_eq!((m.opset(""), m.ir_version()), (Some(17), 8));
+        let g = m.to_proto().unwrap().graph.unwrap();
+        for n in &g.node {
+            assert_eq!(n.input.len(), 2, "{}: {:?}", n.op_type(), n.input);
+        }
+        let names: Vec<Vec<&str>> = g
+            .node
+            .iter()
+            .map(|n| n.attribute.iter().map(|a| a.name()).collect())
+            .collect();
+        assert_eq!(
+            names,
+            [vec![], vec![], vec!["keepdims"], vec![], vec!["axis"]]
+        );
+        let split = g
+            .initializer
+            .iter()
+            .find(|t| t.name().starts_with("split"))
+            .unwrap();
+        assert_eq!(split.dims, [2]);
+        let ratio = g
+            .initializer
+            .iter()
+            .find(|t| t.name().starts_with("ratio"))
+            .unwrap();
+        assert_eq!(ratio.dims, [0i64; 0]);
+    }
+
+    #[test]
+    fn a_split_without_sizes_counts_its_parts_at_opset_18() {
+        let mut m = at_opset_11(&[("Split", &["x"], &["y", "z", "w"])], &[vec![]]);
+        raise(&mut m, 18).unwrap();
+        let g = m.to_proto().unwrap().graph.unwrap();
+        assert_eq!(g.node[0].input.len(), 1);
+        assert_eq!(attr::get_int(&g.node[0], "num_outputs"), Some(3));
+    }
+
+    #[test]
+    fn opset_11_softmax_is_raised_only_over_its_last_axis() {
+        let softmax = |axis: Option<i64>, rank: usize| {
+            let a: Vec<_> = axis.map(|a| attr::int("axis", a)).into_iter().collect();
+            let mut m = at_opset_11(
+                &[("Identity", &["x"], &["t"]), ("Softmax", &["t"], &["y"])],
+                &[vec![], a],
+            );
+            with_rank(&mut m, "t", rank);
+            m
+        };
+        assert_eq!(highest_reachable(&softmax(Some(3), 4)), NEWEST);
+        assert_eq!(highest_reachable(&softmax(Some(-1), 3)), NEWEST);
+        assert_eq!(highest_reachable(&softmax(Some(1), 3)), 11);
+        assert_eq!(
+            highest_reachable(&softmax(None, 3)),
+            11,
+            "the default axis was 1"
+        );
+        let mut m = softmax(None, 2);
+        raise(&mut m, 13).unwrap();
+        let g = m.to_proto().unwrap().graph.unwrap();
+        assert_eq!(
+            attr::get_int(&g.node[1], "axis"),
+            Some(1),
+            "the old default, written"
+        );
+        let mut unknown = at_opset_11(
+            &[("Softmax", &["x"], &["y"])],
+            &[vec![attr::int("axis", 2)]],
+        );
+        assert_eq!(highest_reachable(&unknown), 11, "rank unknown");
+        assert!(raise(&mut unknown, 17).is_err());
+    }
+    #[test]
+    fn a_subgraph_stops_the_raise_only_when_it_holds_an_operator_the_raise_rewrites() {
+        use crate::proto::attribute_proto::AttributeType;
+        use crate::proto::{AttributeProto, GraphProto};
+        let with_branch = |op: &str| {
+            let mut p = model_proto(&["c", "x"], &["y"], &[], &[("If", &["c"], &["y"])]);
+            let inner = model_proto(&["x"], &["z"], &[], &[(op, &["x"], &["z"])]);
+            let branch = |name: &str| AttributeProto {
+                name: Some(name.into()),
+                r#type: Some(AttributeType::Graph as i32),
+                g: Some(GraphProto {
+                    input: vec![],
+                    ..inner.graph.clone().unwrap()
+                }),
+                ..Default::default()
+            };
+            p.graph.as_mut().unwrap().node[0].attribute =
+                vec![branch("then_branch"), branch("else_branch")];
+            Model::from_proto(p).unwrap()
+        };
+        assert_eq!(highest_reachable(&with_branch("Identity")), NEWEST);
+        assert_eq!(highest_reachable(&with_branch("ReduceMean")), 17);
+        assert_eq!(highest_reachable(&with_branch("Split")), 17);
     }
 }

@@ -3,9 +3,10 @@
 //!
 //! Matches every float32 value of the graph and decides its precision: a value computed by a
 //! node that `keeps_float32` (normalizations, whose mean and variance lose digits in float16;
-//! Softmax and Exp, which overflow at 11.1; reductions and Pow, whose sums and squares pass
-//! float16's 65 504; subgraph and quantization operators) stays float32, and so do the graph
-//! inputs and outputs with `keep_io_types`; every other float value becomes float16.
+//! Softmax and Exp, which overflow at 11.1; reductions, Pow and squares `Mul(x, x)`, whose
+//! sums and squares pass float16's 65 504; subgraph and quantization operators) stays
+//! float32, and so do the graph inputs and outputs with `keep_io_types`; every other float
+//! value becomes float16.
 //! Produces:
 //! - float16 copies of float32 initializers and `Constant`/`ConstantOfShape` values read in
 //!   float16 (values beyond ±65 504 clamped there rather than made infinite);
@@ -393,7 +394,9 @@ fn keeps_float32(g: &Graph, id: NodeId) -> bool {
         MS_DOMAIN => ops::contrib(node.op_type()).is_some_and(|o| o.float16),
         _ => false,
     };
-    !float16_schema || KEEP_FLOAT32.contains(&node.op_type())
+    // A square (`Mul(x, x)`, the canonical `Pow(x, 2)`) passes float16's range as Pow does.
+    let square = node.is("Mul") && node.inputs.len() == 2 && node.inputs[0] == node.inputs[1];
+    !float16_schema || KEEP_FLOAT32.contains(&node.op_type()) || square
 }
 
 /// `t` as float16, values beyond float16's range clamped to ±65 504.

@@ -1,6 +1,8 @@
 //! Shared helpers of the integration tests.
 #![allow(dead_code)]
 
+pub mod chain;
+
 use std::path::{Path, PathBuf};
 
 /// The shared corpus (`../shared/corpus` beside the checkout, or `$ONNXOPT_CORPUS`). Tests
@@ -204,4 +206,28 @@ pub fn same_outputs(
         Ok(v) => Err(format!("{:?}", v.violations)),
         Err(e) => Err(e.to_string()),
     }
+}
+
+/// Writes `values` as a float32 `.npy` array of `dims` (NPY format 1.0), the batch format
+/// the calibration folders and `scripts/ort_check.py` read.
+pub fn write_npy_f32(path: &Path, dims: &[i64], values: &[f32]) {
+    assert_eq!(dims.iter().product::<i64>() as usize, values.len());
+    let shape: Vec<String> = dims.iter().map(|d| d.to_string()).collect();
+    let shape = match shape.len() {
+        1 => format!("({},)", shape[0]),
+        _ => format!("({})", shape.join(", ")),
+    };
+    let mut header = format!("{{'descr': '<f4', 'fortran_order': False, 'shape': {shape}, }}");
+    // Magic (6) + version (2) + length (2) + header + newline: a multiple of 64.
+    while (10 + header.len() + 1) % 64 != 0 {
+        header.push(' ');
+    }
+    header.push('\n');
+    let mut bytes = b"\x93NUMPY\x01\x00".to_vec();
+    bytes.extend_from_slice(&(header.len() as u16).to_le_bytes());
+    bytes.extend_from_slice(header.as_bytes());
+    for v in values {
+        bytes.extend_from_slice(&v.to_le_bytes());
+    }
+    std::fs::write(path, bytes).unwrap();
 }

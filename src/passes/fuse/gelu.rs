@@ -1,11 +1,16 @@
 //! GELU fusions.
 //!
-//! Matches, with operands of Add and Mul in either order and the product associated any way
-//! exporters write it (`(x·a)·0.5`, `(x·0.5)·a`, `x·(a·0.5)`):
-//! - exact GELU `x · 0.5 · (1 + erf(x / √2))` (also `x · (1/√2)`), as torch's legacy exporter
-//!   writes it;
+//! Matches, in the canonical forms of `passes::canonical` (a division by a constant is a
+//! product with its reciprocal, `x·x` is `Pow(x, 2)`), with the operands of Add and Mul in
+//! either order and every product of three factors associated any way (`(x·a)·0.5`,
+//! `(x·0.5)·a`, `x·(a·0.5)`):
+//! - exact GELU `x · 0.5 · (1 + erf(x · 1/√2))`, as torch's legacy exporter (`x / √2`),
+//!   tf2onnx and the `x·Φ(x)` form `x · (0.5 · (1 + erf(x · 0.70710678)))` write it; and
+//!   Megatron's `x · 0.5 · (1 + erf(x / 1.41421))` (see below);
 //! - tanh GELU `x · 0.5 · (1 + tanh(√(2/π) · (x + 0.044715 · x³)))` (`x³` as `Pow(x, 3)` or
-//!   `x·x·x`), as GPT-2 and T5 write it by hand in both exporters;
+//!   `x·x·x`; HF `gelu_new`, GPT-2, T5, FastGelu's definition), and its factored form
+//!   `x · 0.5 · (1 + tanh(√(2/π) · x · (1 + 0.044715 · x·x)))` (HF `gelu_fast`, Megatron's
+//!   fast GELU), the same polynomial;
 //! - QuickGELU `x · sigmoid(α · x)`;
 //! - a 1-D constant bias added just before a GELU node.
 //!
@@ -13,15 +18,23 @@
 //! FastGelu with bias; for `Target::Onnx` the standard `Gelu` (approximate "none" or "tanh",
 //! opset 20, raising the import); QuickGELU and bias folding have no standard operator and are
 //! left alone for that target.
-//! Safe because: every constant is checked (0.5, 1, √2 or 1/√2, 0.044715, √(2/π), the cube),
-//! each intermediate value must have no reader outside the pattern, and the replacements
-//! compute the same function (the tanh form is the definition of FastGelu and of
-//! Gelu(approximate="tanh")).
+//! Safe because: every constant is checked (0.5, 1, 1/√2, 0.044715, √(2/π), the cube) to
+//! float32 rounding (`pattern::close`), each intermediate value must have no reader outside
+//! the pattern, and the replacements compute the same function (the tanh forms are the
+//! definition of FastGelu and of Gelu(approximate="tanh")).
+//!
+//! One constant is accepted although it is not the one the fused operator uses: Megatron-LM
+//! writes √2 as 1.41421 (float32 1.4142099…, 2.5·10⁻⁶ below √2, outside float32 rounding).
+//! Fusing it is a choice: the fused Gelu computes the GELU the model was trained to
+//! approximate, and differs from the written expression by the effect of that constant alone,
+//! 0.5·|x|·erf′(z)·|Δz| with z = x/√2 and |Δz| = 2.5·10⁻⁶·|z|, at most 0.5·√2·(2/√π)·z²e^(−z²)
+//! ·2.5·10⁻⁶ ≤ 7.5·10⁻⁷ (at z = 1); measured: 7.47·10⁻⁷ at x = −√2 in float64, 9.5·10⁻⁷ with
+//! both sides evaluated in float32.
 
-use std::f64::consts::{FRAC_1_SQRT_2, PI, SQRT_2};
+use std::f64::consts::{FRAC_1_SQRT_2, PI};
 
 use super::pattern::{
-    add, any, constant_where, div, either, mul, op, pow, scalar, unary, value, Match, Pat,
+    add, any, constant_where, either, mul, op, pow, scalar, unary, value, Match, Pat,
 };
 use super::{apply_rules, Rewrite, Rule, Target, MS_DOMAIN};
 use crate::error::Result;
@@ -45,36 +58,50 @@ impl Pass for GeluFusion {
     }
 }
 
-/// `x · 0.5 · inner`, in each of the three ways the product is associated.
-fn half_x_times(inner: Pat) -> Pat {
-    let x = || value("x");
+/// Megatron-LM's √2 (deliberately not `SQRT_2`: see the module's doc).
+#[allow(clippy::approx_constant)]
+const MEGATRON_SQRT_2: f64 = 1.41421;
+
+/// `a · b · c` in any order and association.
+fn product3(a: Pat, b: Pat, c: Pat) -> Pat {
     either([
-        mul(mul(x(), inner.clone()), scalar(0.5)),
-        mul(mul(x(), scalar(0.5)), inner.clone()),
-        mul(x(), mul(inner, scalar(0.5))),
+        mul(mul(a.clone(), b.clone()), c.clone()),
+        mul(mul(a.clone(), c.clone()), b.clone()),
+        mul(mul(b, c), a),
     ])
 }
 
+/// `x · 0.5 · inner`.
+fn half_x_times(inner: Pat) -> Pat {
+    product3(value("x"), scalar(0.5), inner)
+}
+
 fn erf_form() -> Pat {
-    let scaled = either([
-        div(value("x"), scalar(SQRT_2)),
-        mul(value("x"), scalar(FRAC_1_SQRT_2)),
-    ]);
-    half_x_times(add(unary("Erf", scaled), scalar(1.0)))
+    let reciprocal = either([scalar(FRAC_1_SQRT_2), scalar(1.0 / MEGATRON_SQRT_2)]);
+    half_x_times(add(unary("Erf", mul(value("x"), reciprocal)), scalar(1.0)))
 }
 
 fn tanh_form() -> Pat {
     let x = || value("x");
-    let cube = either([
-        pow(x(), scalar(3.0)),
-        mul(mul(x(), x()), x()),
-        mul(x(), mul(x(), x())),
-    ]);
-    let inner = mul(
-        add(x(), mul(cube, scalar(0.044715))),
-        scalar((2.0 / PI).sqrt()),
+    let sqrt_2_over_pi = || scalar((2.0 / PI).sqrt());
+    let square = || pow(x(), scalar(2.0));
+    let cube = either([pow(x(), scalar(3.0)), mul(square(), x())]);
+    let expanded = mul(add(x(), mul(cube, scalar(0.044715))), sqrt_2_over_pi());
+    let factored = product3(
+        x(),
+        sqrt_2_over_pi(),
+        add(
+            either([
+                mul(square(), scalar(0.044715)),
+                mul(mul(x(), scalar(0.044715)), x()),
+            ]),
+            scalar(1.0),
+        ),
     );
-    half_x_times(add(unary("Tanh", inner), scalar(1.0)))
+    half_x_times(add(
+        unary("Tanh", either([expanded, factored])),
+        scalar(1.0),
+    ))
 }
 
 fn quick_form() -> Pat {
