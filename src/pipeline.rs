@@ -125,9 +125,15 @@ pub enum PipelineError {
         source: Error,
     },
     /// The result must not be written: validation failed or could not be done, or the
-    /// output check failed. The report says what was measured.
+    /// output check failed. The report says what was measured. `unsupported`: validation
+    /// could not be done because no engine here runs a model faithfully (an operator tract
+    /// does not run as its domain defines it, and no ONNX Runtime to run it).
     #[error("{reason}")]
-    NotWritten { reason: String, report: Box<Report> },
+    NotWritten {
+        reason: String,
+        report: Box<Report>,
+        unsupported: bool,
+    },
 }
 
 /// Progress: a stage (`"calibrating"`, `"validating"`, `"checking"`), and how far it got.
@@ -415,7 +421,7 @@ fn validate(
                 v.violations.join("; ")
             );
             report.validation = Some(v);
-            Err(not_written(reason, report))
+            Err(not_written(reason, report, false))
         }
         Err(e) => {
             let remedy = match (&e, exec::ort::available()) {
@@ -425,15 +431,21 @@ fn validate(
                 }
                 _ => "",
             };
-            Err(not_written(format!("cannot validate: {e}{remedy}"), report))
+            let unsupported = matches!(e, ExecError::Unsupported(_) | ExecError::OrtUnavailable(_));
+            Err(not_written(
+                format!("cannot validate: {e}{remedy}"),
+                report,
+                unsupported,
+            ))
         }
     }
 }
 
-fn not_written(reason: String, report: &Report) -> PipelineError {
+fn not_written(reason: String, report: &Report, unsupported: bool) -> PipelineError {
     PipelineError::NotWritten {
         reason,
         report: Box::new(report.clone()),
+        unsupported,
     }
 }
 
@@ -514,6 +526,7 @@ fn check_or_fall_back(
     Err(not_written(
         format!("the optimized model failed the output check: {failure}"),
         &report,
+        false,
     ))
 }
 

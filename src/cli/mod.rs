@@ -139,7 +139,9 @@ fn optimize(args: OptimizeArgs) -> Result<()> {
     bar.finish_and_clear();
     let Outcome { model, mut report } = match outcome {
         Ok(outcome) => outcome,
-        Err(PipelineError::NotWritten { reason, mut report }) => {
+        Err(PipelineError::NotWritten {
+            reason, mut report, ..
+        }) => {
             report.input = Some(input);
             emit(&report.to_string())?;
             write_report(&report, args.report.as_deref())?;
