@@ -9,6 +9,7 @@ subclasses carrying the command line's message. The package also installs the ``
 command (the same command line, run from the extension module).
 """
 
+from . import _ort
 from ._api import dump, inspect, optimize, validate
 from ._errors import (
     InvalidArgumentError,
@@ -19,6 +20,8 @@ from ._errors import (
 )
 from ._onnxopt import __version__
 from ._report import Facts, Report
+
+_ort.point_at_this_interpreters_onnxruntime()
 
 __all__ = [
     "optimize",
