@@ -115,8 +115,8 @@ class _Bar:
     def __call__(self, stage, done, total):
         if stage != self.stage:
             self.stage, self.done = stage, 0
+            self.bar.set_description(stage, refresh=False)
             self.bar.reset(total=total)
-            self.bar.set_description(stage)
         elif total != self.bar.total:
             self.bar.total = total
         self.bar.update(done - self.done)
@@ -239,6 +239,8 @@ def optimize(
         _fail("auto_exclude needs int8=True")
     if dynamic_weights != "int8" and not int8_dynamic:
         _fail("dynamic_weights needs int8_dynamic=True")
+    if smooth_quant is True:
+        _fail("smooth_quant takes a strength α in [0, 1] (or False: no smoothing)")
     if smooth_quant is not None and smooth_quant is not False and not (int8 or int8_dynamic):
         _fail("smooth_quant needs int8=True or int8_dynamic=True")
     if smooth_quant is False and not int8_dynamic:

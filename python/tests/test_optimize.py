@@ -190,13 +190,16 @@ def test_progress_reports_each_stage():
 class FakeTqdm:
     """The part of tqdm's interface the package uses."""
 
+    made = []
+
     def __init__(self, total=0, leave=True):
         self.total, self.n, self.descriptions, self.closed = total, 0, [], False
+        FakeTqdm.made.append(self)
 
     def reset(self, total=None):
         self.total, self.n = total, 0
 
-    def set_description(self, text):
+    def set_description(self, text, refresh=True):
         self.descriptions.append(text)
 
     def update(self, n):
@@ -212,6 +215,12 @@ def test_progress_drives_a_tqdm_bar():
     assert bar.descriptions[0] == "calibrating"
     assert bar.n == bar.total  # the last stage ran to its end
     assert not bar.closed  # the caller's bar stays open
+
+    # A tqdm class: the package makes a bar, and closes it.
+    onnxopt.optimize(BERT, int8=True, calib=random_batches(5), progress=FakeTqdm)
+    made = FakeTqdm.made[-1]
+    assert made is not bar and made.closed
+    assert made.descriptions == ["calibrating", "validating"]
 
 
 def test_an_exception_in_the_progress_callback_is_raised():
@@ -241,3 +250,11 @@ def test_calibration_folder_of_the_repository(tmp_path, cli):
     assert cli("optimize", BERT, out, "--int8", "--calib", CALIB).returncode == 0
     report = onnxopt.optimize(BERT, int8=True, calib=load_batches(CALIB))
     assert report.model == out.read_bytes()
+
+
+def test_progress_true_shows_a_tqdm_bar():
+    pytest.importorskip("tqdm")
+    report = onnxopt.optimize(BERT, int8=True, calib=random_batches(5), progress=True)
+    assert report.passed is not False
+    with pytest.raises(onnxopt.InvalidArgumentError, match="smooth_quant takes"):
+        onnxopt.optimize(BERT, int8_dynamic=True, smooth_quant=True)
