@@ -734,8 +734,25 @@ fn cli_main(py: Python<'_>, argv: Vec<OsString>) -> u8 {
     py.detach(|| onnxopt::cli::main_with_args(argv))
 }
 
+/// tract panics on some malformed models; `exec` catches those panics and reports them as
+/// errors (as the command line does), so their message would be noise on the caller's
+/// stderr. Other panics are bugs, and keep the default report. The hook is this extension's
+/// own: a cdylib carries its own copy of Rust's runtime.
+fn quiet_tract_panics() {
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let in_tract = info
+            .location()
+            .is_some_and(|l| l.file().contains("/tract-"));
+        if !in_tract {
+            default(info);
+        }
+    }));
+}
+
 #[pymodule]
 fn _onnxopt(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    quiet_tract_panics();
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     m.add("ONNXOPT_VERSION", Report::new().onnxopt_version)?;
     m.add(
