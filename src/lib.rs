@@ -4,7 +4,13 @@
 //! `io::load` (bytes → `proto::ModelProto`, zero-copy) → `ir::Model` (petgraph IR) →
 //! `passes` (run to a fixpoint by `PassManager`, with statistics) → `io::save` (streamed,
 //! atomic, lossless) and `exec` (run models in tract or ONNX Runtime, compare them).
+//! `pipeline` is the whole of `optimize` as one call; `cli` is the command line over it,
+//! run by the `onnxopt` binary and by the Python package's console script.
 
+// The command line names the crate as its callers do (`onnxopt::…`).
+extern crate self as onnxopt;
+
+pub mod cli;
 pub mod error;
 pub mod exec;
 pub mod inspect;

@@ -7,8 +7,8 @@
 //!    pruned weights (`--prune 2:4 --int8` calibrates the pruned model);
 //! 3. one of dynamic INT8, FP16 or static INT8 (they exclude each other);
 //! 4. validation of the result against the input model, on batches calibration did not see
-//!    (the last fifth of a calibration folder, or the `inputs`), when asked for or when a step
-//!    was lossy — a lossy run gates only on the tolerances given;
+//!    (the last fifth of the calibration batches given, or the `inputs`), when asked for or
+//!    when a step was lossy — a lossy run gates only on the tolerances given;
 //!    (`check: false` waives a lossy step's validation when no limit was given: the output is
 //!    then written unvalidated, for a model no engine here can run);
 //! 5. otherwise the output check: both models run on small generated inputs (two rows, the
@@ -65,10 +65,10 @@ pub struct Options {
     pub optimize: OptimizeOptions,
     pub prune: PruneOptions,
     pub mode: Mode,
-    /// Calibration batches (a folder, or generated); lent to pruning too.
+    /// Calibration batches (a folder, arrays, or generated); lent to pruning too.
     pub calibration: Option<InputSource>,
-    /// Validation batches; with `InputSource::Generated`, a calibration folder's last fifth
-    /// is used instead.
+    /// Validation batches; with `InputSource::Generated`, the last fifth of the calibration
+    /// batches given (a folder or arrays) is used instead.
     pub inputs: InputSource,
     /// How generated batches are made (dims, value ranges, seed).
     pub generate: GenerateOptions,
@@ -125,9 +125,15 @@ pub enum PipelineError {
         source: Error,
     },
     /// The result must not be written: validation failed or could not be done, or the
-    /// output check failed. The report says what was measured.
+    /// output check failed. The report says what was measured. `unsupported`: validation
+    /// could not be done because no engine here runs a model faithfully (an operator tract
+    /// does not run as its domain defines it, and no ONNX Runtime to run it).
     #[error("{reason}")]
-    NotWritten { reason: String, report: Box<Report> },
+    NotWritten {
+        reason: String,
+        report: Box<Report>,
+        unsupported: bool,
+    },
 }
 
 /// Progress: a stage (`"calibrating"`, `"validating"`, `"checking"`), and how far it got.
@@ -262,8 +268,8 @@ fn exec_step(what: &str, e: ExecError) -> PipelineError {
     }
 }
 
-/// The batches to calibrate on and, when they come from a folder and no `inputs` folder is
-/// given, the ones held back for validation (the last fifth, at least one).
+/// The batches to calibrate on and, when they are the user's (a folder or arrays) and no
+/// `inputs` are given, the ones held back for validation (the last fifth, at least one).
 fn calibration_batches(
     model: &Model,
     options: &Options,
@@ -291,9 +297,12 @@ fn calibration_batches(
     };
     let mut batches = exec::batches_for(model, &source, &generate)
         .map_err(|e| Error::InvalidArgument(format!("cannot read the calibration batches: {e}")))?;
-    let from_folder = matches!(options.calibration, Some(InputSource::Dir(_)));
+    let given = matches!(
+        options.calibration,
+        Some(InputSource::Dir(_) | InputSource::Arrays(_))
+    );
     let own_inputs = !matches!(options.inputs, InputSource::Generated(_));
-    if !from_folder || own_inputs {
+    if !given || own_inputs {
         return Ok((batches, None));
     }
     if batches.len() < 2 {
@@ -412,7 +421,7 @@ fn validate(
                 v.violations.join("; ")
             );
             report.validation = Some(v);
-            Err(not_written(reason, report))
+            Err(not_written(reason, report, false))
         }
         Err(e) => {
             let remedy = match (&e, exec::ort::available()) {
@@ -422,15 +431,21 @@ fn validate(
                 }
                 _ => "",
             };
-            Err(not_written(format!("cannot validate: {e}{remedy}"), report))
+            let unsupported = matches!(e, ExecError::Unsupported(_) | ExecError::OrtUnavailable(_));
+            Err(not_written(
+                format!("cannot validate: {e}{remedy}"),
+                report,
+                unsupported,
+            ))
         }
     }
 }
 
-fn not_written(reason: String, report: &Report) -> PipelineError {
+fn not_written(reason: String, report: &Report, unsupported: bool) -> PipelineError {
     PipelineError::NotWritten {
         reason,
         report: Box::new(report.clone()),
+        unsupported,
     }
 }
 
@@ -492,6 +507,7 @@ fn check_or_fall_back(
     Err(not_written(
         format!("the optimized model failed the output check: {failure}"),
         &report,
+        false,
     ))
 }
 

@@ -32,30 +32,51 @@ thread_local! {
     static LAST_PANIC: std::cell::RefCell<String> = const { std::cell::RefCell::new(String::new()) };
 }
 
+/// The `onnxopt` binary: the command line of this process.
 pub fn main() -> ExitCode {
-    let cli = Cli::parse();
+    ExitCode::from(main_with_args(std::env::args_os()))
+}
+
+/// Runs the command line on `args` (the program name first) and returns its exit code; the
+/// Python package's console script calls this in its own process.
+pub fn main_with_args<I, T>(args: I) -> u8
+where
+    I: IntoIterator<Item = T>,
+    T: Into<std::ffi::OsString> + Clone,
+{
+    let cli = match Cli::try_parse_from(args) {
+        Ok(cli) => cli,
+        Err(e) => {
+            // Usage errors (2), and --help and --version (0).
+            let _ = e.print();
+            return u8::try_from(e.exit_code()).unwrap_or(2);
+        }
+    };
     // tract panics on some malformed models; `exec` catches those and reports them as
     // errors, so the default hook's message would be noise. The hook keeps the message (with
     // its location) for the one case that is not caught: a bug of ours.
     std::panic::set_hook(Box::new(|info| {
         LAST_PANIC.with(|p| *p.borrow_mut() = info.to_string());
     }));
-    match std::panic::catch_unwind(|| run(cli)) {
-        Ok(Ok(())) => ExitCode::SUCCESS,
+    let code = match std::panic::catch_unwind(|| run(cli)) {
+        Ok(Ok(())) => 0,
         Ok(Err(e)) => {
             eprintln!("error: {e:#}");
             if e.downcast_ref::<ValidationFailed>().is_some() {
-                ExitCode::from(3)
+                3
             } else {
-                ExitCode::FAILURE
+                1
             }
         }
         Err(_) => {
             let msg = LAST_PANIC.with(|p| p.borrow().clone());
             eprintln!("internal error: {msg} (this is a bug in onnxopt; please report it)");
-            ExitCode::from(101)
+            101
         }
-    }
+    };
+    // A host process (Python) outlives this call: flush what is buffered now.
+    let _ = std::io::Write::flush(&mut std::io::stdout());
+    code
 }
 
 fn run(cli: Cli) -> Result<()> {
@@ -139,7 +160,9 @@ fn optimize(args: OptimizeArgs) -> Result<()> {
     bar.finish_and_clear();
     let Outcome { model, mut report } = match outcome {
         Ok(outcome) => outcome,
-        Err(PipelineError::NotWritten { reason, mut report }) => {
+        Err(PipelineError::NotWritten {
+            reason, mut report, ..
+        }) => {
             report.input = Some(input);
             emit(&report.to_string())?;
             write_report(&report, args.report.as_deref())?;

@@ -4,10 +4,11 @@
 //! A batch directory holds, for each batch, one `.npy` per graph input named
 //! `<batch>.<input>.npy` (or `<input>.npy` for a single batch), or one `.npz` per batch whose
 //! arrays are named after the inputs. Files that name no graph input (reference outputs,
-//! say) are ignored. Generated inputs are deterministic: symbolic dims take their `--dim`
-//! value (default 1 for a batch-like name, 16 otherwise), integer inputs are drawn from
-//! `--input-range` or, for token ids, from the rows of the embedding table they index, and
-//! float inputs from a standard normal.
+//! say) are ignored. Batches held in memory as arrays by input name (`NamedArrays`) get the
+//! same checks and conversions. Generated inputs are deterministic: symbolic dims take their
+//! `--dim` value (default 1 for a batch-like name, 16 otherwise), integer inputs are drawn
+//! from `--input-range` or, for token ids, from the rows of the embedding table they index,
+//! and float inputs from a standard normal.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -363,6 +364,68 @@ pub fn load_batches(dir: &Path, specs: &[InputSpec]) -> Result<Vec<Batch>, ExecE
         .collect()
 }
 
+/// One batch given as arrays by input name, in any order: a caller's own data in memory
+/// (a dict of NumPy arrays, through the Python binding).
+#[derive(Clone, Debug)]
+pub struct NamedArrays {
+    pub name: String,
+    pub arrays: Vec<(String, Tensor)>,
+}
+
+/// Batches for `specs` from arrays given by name, checked as `load_batches` checks a
+/// folder's: an array for every input (arrays that name no input, reference outputs say, are
+/// ignored, as files are), element types converted as a file's would be (or kept, when they
+/// are the input's own), shapes that fit the declared ones, and named dims that agree within
+/// a batch.
+pub fn batches_from_arrays(
+    given: &[NamedArrays],
+    specs: &[InputSpec],
+) -> Result<Vec<Batch>, ExecError> {
+    given
+        .iter()
+        .map(|batch| {
+            let tensors = specs
+                .iter()
+                .map(|spec| {
+                    let (_, t) = batch
+                        .arrays
+                        .iter()
+                        .find(|(name, _)| *name == spec.name)
+                        .ok_or_else(|| {
+                            ExecError::Input(format!(
+                                "batch `{}` has no array for input `{}`",
+                                batch.name, spec.name
+                            ))
+                        })?;
+                    let at = format!("batch `{}`, array `{}`", batch.name, spec.name);
+                    let tensor = convert_array(t, spec.dtype, &at)?;
+                    check_shape(spec, &tensor, &at)?;
+                    Ok((spec.name.clone(), tensor))
+                })
+                .collect::<Result<Vec<_>, ExecError>>()?;
+            check_symbols(&batch.name, specs, &tensors)?;
+            Ok(Batch {
+                name: batch.name.clone(),
+                tensors,
+            })
+        })
+        .collect()
+}
+
+/// `t` as `want`, if it holds `want` or a type `accepted_types` converts.
+fn convert_array(t: &Tensor, want: DatumType, at: &str) -> Result<Tensor, ExecError> {
+    let dt = t.datum_type();
+    let accepted = accepted_types(want).unwrap_or_default();
+    if dt != want && !accepted.contains(&dt) {
+        return Err(ExecError::Input(format!(
+            "{at}: expected an array of {want:?}, got {dt:?}"
+        )));
+    }
+    t.cast_to_dt(want)
+        .map(|t| t.into_owned())
+        .map_err(|e| ExecError::Input(format!("{at}: {e}")))
+}
+
 /// `("batch_00", "input_ids")` for `batch_00.input_ids`, `("", "input_ids")` for
 /// `input_ids`; `None` when the name ends with no input's name. Input names may contain dots
 /// (`past_key_values.0.key`), so the longest matching input name wins.
@@ -402,32 +465,36 @@ fn npz_names(path: &Path) -> Result<Vec<String>, ExecError> {
         .map_err(|e| ExecError::Input(format!("{}: not a readable .npz: {e}", path.display())))
 }
 
-/// Reads an array as `want`, accepting the element types NumPy users commonly save instead
-/// (int32 for int64 ids, float64 for float32, float32 for a float16 model's inputs) and
-/// converting them.
-fn read_array(source: &Source, want: DatumType) -> Result<Tensor, ExecError> {
-    let candidates: &[DatumType] = match want {
+/// The element types an array may hold to be fed as `want`: `want` itself, or one NumPy
+/// users commonly save instead (int32 for int64 ids, float64 for float32, float32 for a
+/// float16 model's inputs), converted on reading. `None`: such inputs cannot be read.
+fn accepted_types(want: DatumType) -> Option<&'static [DatumType]> {
+    Some(match want {
         DatumType::I64 => &[DatumType::I64, DatumType::I32],
         DatumType::I32 => &[DatumType::I32, DatumType::I64],
         DatumType::F32 => &[DatumType::F32, DatumType::F64],
         DatumType::F64 => &[DatumType::F64, DatumType::F32],
         // ndarray-npy reads no float16: the float32 arrays float16 models are fed.
         DatumType::F16 => &[DatumType::F32, DatumType::F64],
-        other => std::slice::from_ref(match other {
-            DatumType::I8 => &DatumType::I8,
-            DatumType::I16 => &DatumType::I16,
-            DatumType::U8 => &DatumType::U8,
-            DatumType::U16 => &DatumType::U16,
-            DatumType::U32 => &DatumType::U32,
-            DatumType::U64 => &DatumType::U64,
-            DatumType::Bool => &DatumType::Bool,
-            _ => {
-                return Err(ExecError::Input(format!(
-                    "{source}: reading {want:?} arrays is not supported"
-                )))
-            }
-        }),
-    };
+        DatumType::I8 => &[DatumType::I8],
+        DatumType::I16 => &[DatumType::I16],
+        DatumType::U8 => &[DatumType::U8],
+        DatumType::U16 => &[DatumType::U16],
+        DatumType::U32 => &[DatumType::U32],
+        DatumType::U64 => &[DatumType::U64],
+        DatumType::Bool => &[DatumType::Bool],
+        _ => return None,
+    })
+}
+
+/// Reads an array as `want`, accepting the element types `accepted_types` lists and
+/// converting them.
+fn read_array(source: &Source, want: DatumType) -> Result<Tensor, ExecError> {
+    let candidates = accepted_types(want).ok_or_else(|| {
+        ExecError::Input(format!(
+            "{source}: reading {want:?} arrays is not supported"
+        ))
+    })?;
     let mut last = String::new();
     for &dt in candidates {
         match read_as(source, dt) {
@@ -477,7 +544,12 @@ fn read_as(source: &Source, dt: DatumType) -> Result<Tensor, String> {
     }
 }
 
-fn check_shape(spec: &InputSpec, t: &Tensor, source: &Source) -> Result<(), ExecError> {
+/// An error unless `t`, read from `source`, fits the declared shape of `spec`.
+fn check_shape(
+    spec: &InputSpec,
+    t: &Tensor,
+    source: &dyn std::fmt::Display,
+) -> Result<(), ExecError> {
     let shape = t.shape();
     let fits = shape.len() == spec.dims.len()
         && spec.dims.iter().zip(shape).all(|(d, &n)| match d {
@@ -536,4 +608,76 @@ pub fn dims_text(dims: &[DimSpec]) -> String {
         })
         .collect();
     format!("[{}]", d.join(", "))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tract_onnx::tract_hir::internal::tract_ndarray::arr2;
+
+    fn spec(name: &str, dtype: DatumType, dims: Vec<DimSpec>) -> InputSpec {
+        InputSpec {
+            name: name.into(),
+            dtype,
+            dims,
+            inferred_range: None,
+        }
+    }
+
+    fn specs() -> Vec<InputSpec> {
+        let seq = || {
+            vec![
+                DimSpec::Symbol("batch".into()),
+                DimSpec::Symbol("seq".into()),
+            ]
+        };
+        vec![
+            spec("ids", DatumType::I64, seq()),
+            spec("mask", DatumType::I64, seq()),
+        ]
+    }
+
+    fn batch(arrays: Vec<(&str, Tensor)>) -> NamedArrays {
+        NamedArrays {
+            name: "b".into(),
+            arrays: arrays
+                .into_iter()
+                .map(|(n, t)| (n.to_string(), t))
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn arrays_are_put_in_input_order_and_converted() {
+        let given = batch(vec![
+            ("mask", arr2(&[[1i32, 1, 0]]).into_dyn().into()),
+            // An array that names no input is left out, as a file would be.
+            ("logits", arr2(&[[0.5f32]]).into_dyn().into()),
+            ("ids", arr2(&[[5i64, 6, 7]]).into_dyn().into()),
+        ]);
+        let batches = batches_from_arrays(&[given], &specs()).unwrap();
+        let names: Vec<&str> = batches[0].tensors.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(names, ["ids", "mask"]);
+        assert_eq!(batches[0].tensors[1].1.datum_type(), DatumType::I64);
+    }
+
+    #[test]
+    fn arrays_get_the_checks_of_a_folder() {
+        let ids: Tensor = arr2(&[[5i64, 6, 7]]).into_dyn().into();
+        let error = |arrays| {
+            batches_from_arrays(&[batch(arrays)], &specs())
+                .unwrap_err()
+                .to_string()
+        };
+        assert!(error(vec![("ids", ids.clone())]).contains("no array for input `mask`"));
+        let floats: Tensor = arr2(&[[1f32, 1., 0.]]).into_dyn().into();
+        let typed = error(vec![("ids", ids.clone()), ("mask", floats)]);
+        assert!(
+            typed.contains("expected an array of I64, got F32"),
+            "{typed}"
+        );
+        let short: Tensor = arr2(&[[1i64, 1]]).into_dyn().into();
+        let dims = error(vec![("ids", ids), ("mask", short)]);
+        assert!(dims.contains("seq = 2 where input `ids` has 3"), "{dims}");
+    }
 }

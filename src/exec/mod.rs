@@ -34,7 +34,7 @@ use tract_onnx::prelude::{
 use crate::ir::{Model, Source};
 pub use compare::{OutputDiff, Tolerance};
 pub use engine::{Engine, EngineKind, EngineRunner};
-pub use inputs::{Batch, GenerateOptions, InputSpec};
+pub use inputs::{Batch, GenerateOptions, InputSpec, NamedArrays};
 pub use ort::{OrtOptions, OrtRunner};
 pub use support::Unsupported;
 
@@ -492,6 +492,9 @@ pub enum InputSource {
     Generated(usize),
     /// Batches already read (those a calibration held back).
     Batches(Vec<Batch>),
+    /// The caller's batches as arrays by input name (NumPy arrays from the Python binding),
+    /// checked and put in input order like a folder's.
+    Arrays(Vec<NamedArrays>),
 }
 
 #[derive(Clone, Debug)]
@@ -555,6 +558,7 @@ pub fn batches_for(
         InputSource::Dir(dir) => inputs::load_batches(dir, &specs),
         InputSource::Generated(n) => inputs::generate(&specs, generate, *n),
         InputSource::Batches(batches) => Ok(batches.clone()),
+        InputSource::Arrays(arrays) => inputs::batches_from_arrays(arrays, &specs),
     }
 }
 
