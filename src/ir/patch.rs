@@ -12,7 +12,7 @@
 //! can take over such a value (`replace_with_initializer`), which is how constant folding
 //! replaces a computation by its result.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 
 use super::graph::{Graph, Node, NodeId, OrderKey, Use, ValueId};
 use super::shape::{Dim, ValueType};
@@ -21,7 +21,7 @@ use crate::error::{Error, Result};
 use crate::proto::{AttributeProto, NodeProto};
 
 /// A value a patch refers to: one already in the graph, or the `n`-th one the patch creates.
-#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+#[derive(Copy, Clone, Debug, PartialEq, Eq, Hash)]
 pub enum PValue {
     Old(ValueId),
     New(usize),
@@ -367,7 +367,7 @@ impl Graph {
     }
 
     /// Every check that can fail, done before anything changes.
-    fn check_patch(&self, patch: &Patch) -> Result<()> {
+    pub fn check_patch(&self, patch: &Patch) -> Result<()> {
         let fail = |msg: String| Err(Error::Patch(format!("{}: {msg}", patch.kind)));
         let removed: HashSet<NodeId> = patch.remove.iter().copied().collect();
         for &n in &patch.remove {
@@ -518,6 +518,9 @@ impl Graph {
                 ));
             }
         }
+        if let Some(node) = self.cycle_through(patch, &removed) {
+            return fail(format!("it would make a cycle through `{node}`"));
+        }
         for &v in &patch.drop_initializers {
             if self.initializer(v).is_none() {
                 return fail(format!("`{}` is not an initializer", self.value_name(v)));
@@ -532,6 +535,109 @@ impl Graph {
             }
         }
         Ok(())
+    }
+
+    /// A node on a cycle of the patched graph, if the patch would make one. The graph is
+    /// acyclic before and removing nodes makes no cycle, so a cycle runs through a new node,
+    /// a rewired input or a redirected read: a depth-first walk up from those, over the edges
+    /// the patched graph would have, finds it. (A fusion whose mask is computed from the
+    /// shape of a value the fused node now produces, as Optimum's Whisper decoder slices its
+    /// causal mask to the length of the present key, would otherwise feed itself.)
+    fn cycle_through(&self, patch: &Patch, removed: &HashSet<NodeId>) -> Option<String> {
+        #[derive(Copy, Clone, PartialEq, Eq, Hash)]
+        enum Vertex {
+            Old(NodeId),
+            New(usize),
+        }
+        let redirects: HashMap<ValueId, PValue> = patch.redirects.iter().copied().collect();
+        let rewired: HashMap<(NodeId, usize), PValue> = patch
+            .rewired
+            .iter()
+            .map(|&(node, slot, new)| ((node, slot), new))
+            .collect();
+        let mut writer: HashMap<PValue, usize> = HashMap::new();
+        for (i, node) in patch.nodes.iter().enumerate() {
+            for out in node.outputs.iter().flatten() {
+                writer.insert(*out, i);
+            }
+        }
+        // Where a read of `p` lands once redirects are applied (they run last in `apply`).
+        let resolve = |mut p: PValue| {
+            for _ in 0..=redirects.len() {
+                match p {
+                    PValue::Old(v) if redirects.contains_key(&v) => p = redirects[&v],
+                    _ => break,
+                }
+            }
+            p
+        };
+        let producer = |p: PValue| -> Option<Vertex> {
+            if let Some(&i) = writer.get(&p) {
+                return Some(Vertex::New(i));
+            }
+            match p {
+                PValue::Old(v) => self
+                    .producer(v)
+                    .filter(|n| !removed.contains(n))
+                    .map(Vertex::Old),
+                PValue::New(_) => None,
+            }
+        };
+        let preds = |at: Vertex| -> Vec<Vertex> {
+            let reads: Vec<PValue> = match at {
+                Vertex::New(i) => patch.nodes[i].inputs.iter().flatten().copied().collect(),
+                Vertex::Old(n) => {
+                    let node = self.node(n);
+                    let slots = node.inputs.iter().enumerate().filter_map(|(slot, v)| {
+                        rewired.get(&(n, slot)).copied().or(v.map(PValue::Old))
+                    });
+                    slots
+                        .chain(node.captured.iter().map(|&v| PValue::Old(v)))
+                        .collect()
+                }
+            };
+            reads
+                .into_iter()
+                .filter_map(|p| producer(resolve(p)))
+                .collect()
+        };
+        let mut starts: Vec<Vertex> = (0..patch.nodes.len()).map(Vertex::New).collect();
+        starts.extend(patch.rewired.iter().map(|&(n, _, _)| Vertex::Old(n)));
+        for old in redirects.keys() {
+            let readers = self.uses(*old).iter().map(|&(r, _)| r);
+            starts.extend(readers.filter(|r| !removed.contains(r)).map(Vertex::Old));
+        }
+        // Iterative three-colour walk: on the stack (false) or finished (true).
+        let mut state: HashMap<Vertex, bool> = HashMap::new();
+        for start in starts {
+            if state.contains_key(&start) {
+                continue;
+            }
+            state.insert(start, false);
+            let mut stack = vec![(start, preds(start), 0usize)];
+            while let Some((at, next, i)) = stack.last_mut() {
+                let Some(&pred) = next.get(*i) else {
+                    state.insert(*at, true);
+                    stack.pop();
+                    continue;
+                };
+                *i += 1;
+                match state.get(&pred) {
+                    Some(false) => {
+                        return Some(match pred {
+                            Vertex::Old(n) => self.node_label(n),
+                            Vertex::New(i) => patch.nodes[i].proto.op_type().to_string(),
+                        })
+                    }
+                    Some(true) => {}
+                    None => {
+                        state.insert(pred, false);
+                        stack.push((pred, preds(pred), 0));
+                    }
+                }
+            }
+        }
+        None
     }
 
     /// Makes every reader of `old` read `new`. A graph output on `old` moves to `new` and
@@ -629,6 +735,40 @@ mod tests {
         let out = m.graph.outputs[0].value;
         assert_eq!(m.graph.value_name(out), "y");
         assert!(m.graph.value(m.graph.find_value("a").unwrap()).removed);
+    }
+
+    /// x → Neg → a → Shape → s, y = Add(a, s-as-float): a patch that replaces the first Neg
+    /// by a node reading `s` (computed from its own output) would feed itself.
+    #[test]
+    fn a_patch_that_would_make_a_cycle_is_refused_whole() {
+        let mut m = model(
+            &["x"],
+            &["y"],
+            &[],
+            &[
+                ("Neg", &["x"], &["a"]),
+                ("Shape", &["a"], &["s"]),
+                ("Cast", &["s"], &["f"]),
+                ("Add", &["a", "f"], &["y"]),
+            ],
+        );
+        let g = &m.graph;
+        let (x, f) = (g.find_value("x").unwrap(), g.find_value("f").unwrap());
+        let a = g.find_value("a").unwrap();
+        let neg = g.producer(a).unwrap();
+        let mut p = Patch::new("test");
+        p.remove_node(neg);
+        p.add_node(
+            "Sub",
+            "",
+            &[Some(x.into()), Some(f.into())],
+            &[a.into()],
+            vec![],
+        );
+        let err = m.graph.apply(p).unwrap_err().to_string();
+        assert!(err.contains("would make a cycle"), "{err}");
+        assert_eq!(ops(&m), ["Neg", "Shape", "Cast", "Add"]);
+        m.graph.check_invariants().unwrap();
     }
 
     #[test]

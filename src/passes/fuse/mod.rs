@@ -182,6 +182,11 @@ pub fn apply_rules(model: &mut Model, rules: &[Rule], target: Target) -> Result<
                     for n in removed {
                         patch.remove_node(n);
                     }
+                    if model.graph.check_patch(&patch).is_err() {
+                        // The match is sound but its rewrite does not fit this graph (it
+                        // would make a cycle, or write a value twice): the block stays.
+                        continue;
+                    }
                     rewrites.apply(model, patch)?;
                     break 'value;
                 }
