@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Every corpus model and every case of testdata/cases, for both targets, as written and with
+# Every corpus model and every model of testdata/cases and testdata/wild, for both targets, as written and with
 # --int8, --int8-dynamic and --fp16: optimized by the release binary (with its output check or
 # validation), and every output written run in ONNX Runtime against the original on the
 # model's calibration batches (scripts/ort_check.py: within 1e-4 for a lossless run, cosine
@@ -21,13 +21,14 @@ calib_of() {
     name=$(basename "$model" .onnx)
     case $model in
     */testdata/cases/*) echo "testdata/cases/calib/$name" ;;
+    */testdata/wild/*) echo "testdata/wild/calib/$name" ;;
     *all-minilm*) echo "$corpus/calib/minilm/dynamic" ;;
     *) family=${name%%.*}; echo "$corpus/calib/$family" ;;
     esac
 }
 
 written=0 refused=0 failed=0
-models=("$corpus"/tiny/*.onnx "$corpus"/minilm-l6/all-minilm-l6-v2.ts.onnx testdata/cases/*.onnx)
+models=("$corpus"/tiny/*.onnx "$corpus"/minilm-l6/all-minilm-l6-v2.ts.onnx testdata/cases/*.onnx testdata/wild/*.onnx)
 for model in "${models[@]}"; do
     calib=$(calib_of "$model")
     for target in ort onnx; do
