@@ -16,6 +16,7 @@ use crate::passes::fold::ConstantFolding;
 use crate::passes::fuse::attention::AttentionFusion;
 use crate::passes::fuse::gelu::GeluFusion;
 use crate::passes::fuse::layernorm::LayerNormFusion;
+use crate::passes::fuse::rotary::RotaryFusion;
 use crate::passes::fuse::Target;
 use crate::passes::identity::IdentityElimination;
 use crate::passes::noop::NoOpElimination;
@@ -54,6 +55,7 @@ pub fn pipeline(options: &OptimizeOptions) -> PassManager {
         .with(NoOpElimination)
         .with(ShapeFromInputs)
         .with(Canonicalize)
+        .with(RotaryFusion { target })
         .with(AttentionFusion { target })
         .with(LayerNormFusion { target })
         .with(GeluFusion { target })

@@ -2,8 +2,9 @@
 //!
 //! - ONNX Runtime contrib operators that tract would misread (it resolves operators by name
 //!   and would read `com.microsoft::Attention` as the standard `Attention`): the lowerings
-//!   of `ops::attention`, for the forms onnxopt's fusions emit; a node outside them is left
+//!   of `ops::attention` and `ops::rotary`, for the forms onnxopt's fusions emit; a node outside them is left
 //!   as it is and then refused by `support`, so it is never run wrongly.
+//! - a standard `RotaryEmbedding` with position ids: see `ops::rotary`.
 //! - `Gemm(A, B, C?)` with a float16 weight B, alpha and beta 1, A not transposed:
 //!   `MatMul(A, B or Bᵀ) + C` (tract 0.23 mistypes a float16 Gemm; see `float16_gemm`).
 //! - `CumSum(x, axis)` of int64 `x`: summed in float64 and cast back (tract 0.23 cannot sum
@@ -12,14 +13,16 @@
 use crate::error::Result;
 use crate::ir::{attr, Model, Node, NodeId, PValue, Patch};
 use crate::ops::weights::plain_gemm_trans_b;
-use crate::ops::{attention, MS_DOMAIN};
+use crate::ops::{attention, rotary, MS_DOMAIN};
 
 /// Lowers every contrib node of `model` that has a lowering, float16 Gemms and int64 sums.
 pub fn lower_contrib_ops(model: &mut Model) -> Result<()> {
     let nodes: Vec<NodeId> = model
         .graph
         .nodes()
-        .filter(|(_, n)| n.domain() == MS_DOMAIN || n.is("Gemm") || n.is("CumSum"))
+        .filter(|(_, n)| {
+            n.domain() == MS_DOMAIN || n.is("Gemm") || n.is("CumSum") || n.is("RotaryEmbedding")
+        })
         .map(|(id, _)| id)
         .collect();
     for id in nodes {
@@ -29,6 +32,7 @@ pub fn lower_contrib_ops(model: &mut Model) -> Result<()> {
             (MS_DOMAIN, "MultiHeadAttention") => {
                 attention::lower_multi_head(&model.graph, id, &node)
             }
+            (MS_DOMAIN | "", "RotaryEmbedding") => rotary::lower_for_tract(&model.graph, id, &node),
             ("", "Gemm") => float16_gemm(model, id, &node),
             ("", "CumSum") => int64_cumsum(model, id, &node),
             _ => None,

@@ -7,6 +7,7 @@
 
 pub mod attention;
 pub mod quantization;
+pub mod rotary;
 pub mod weights;
 
 /// The domain of ONNX Runtime's contrib operators.
@@ -80,6 +81,7 @@ pub const CONTRIB_OPS: &[ContribOp] = &[
     op("FastGelu", Tract::Native(None), true, true),
     op("BiasGelu", Tract::Native(None), true, true),
     op("QuickGelu", Tract::Native(None), true, true),
+    op("RotaryEmbedding", Tract::Lowered, true, true),
     op(
         "SkipLayerNormalization",
         Tract::Native(Some(skip_layer_norm_caveat)),

@@ -15,6 +15,7 @@ pub mod attention;
 pub mod gelu;
 pub mod layernorm;
 pub mod pattern;
+pub mod rotary;
 
 use crate::error::Result;
 use crate::ir::{Graph, Model, NodeId, PValue, Patch, Tensor, ValueId};

@@ -99,6 +99,7 @@ fn standard(cx: &Ctx) -> Option<Vec<ValueType>> {
         "DequantizeLinear" => with_elem(cx, 0, cx.elem(1)),
         "LSTM" | "GRU" | "RNN" => return Some(recurrent(cx)),
         "Gemm" => gemm(cx),
+        "RotaryEmbedding" => same(cx, 0),
         "LayerNormalization" => return Some(normalization(cx, Stats::MeanAndInvStdDev)),
         "SimplifiedLayerNormalization" | "RMSNormalization" => {
             return Some(normalization(cx, Stats::InvStdDev))
@@ -120,6 +121,8 @@ fn contrib(cx: &Ctx) -> Option<Vec<ValueType>> {
     Some(match cx.op() {
         // FastGelu's and BiasGelu's bias is added along the last dim: the input's type stays.
         "Gelu" | "FastGelu" | "BiasGelu" | "QuickGelu" => vec![same(cx, 0)],
+        // Rotates the input where it stands: its type stays.
+        "RotaryEmbedding" => vec![same(cx, 0)],
         "SkipLayerNormalization" | "SkipSimplifiedLayerNormalization" => skip_layer_norm(cx),
         "LayerNormalization" => normalization(cx, Stats::MeanAndInvStdDev),
         "SimplifiedLayerNormalization" => normalization(cx, Stats::InvStdDev),

@@ -1,0 +1,102 @@
+//! The tiny decoder LLMs of `testdata/llm` (scripts/llm/make_llm.py: Llama-3, Qwen2.5, Qwen3,
+//! Mistral, Phi-3, Gemma-3; 2 layers; without and with KV cache; torch dynamo at opsets 20
+//! and 23, the legacy exporter for Llama): every RoPE is fused for ONNX Runtime, and for
+//! `--target onnx` once the model is at opset 23 (the opset-23 exports hold the standard
+//! operator already; below, the RMSNorm fusion raises them to 23); the outputs stay the original's in ONNX Runtime on every batch of
+//! `testdata/llm/calib/{prefill,past}` (right and left padding, past of 0, 5 and 8, a decode
+//! step), and in tract for the models without cache (tract cannot run the KV-cache exports
+//! themselves: "Range: Undetermined symbol").
+
+mod common;
+
+use std::path::PathBuf;
+
+use onnxopt::exec::{self, InputSource, Tolerance, ValidateOptions};
+use onnxopt::passes::fuse::Target;
+
+/// Two layers, each with a rotated query and key.
+const ROPES: usize = 4;
+
+fn llm_models() -> Vec<PathBuf> {
+    let mut models: Vec<PathBuf> = std::fs::read_dir(common::testdata("llm"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "onnx"))
+        .collect();
+    models.sort();
+    assert!(models.len() >= 20, "testdata/llm holds {}", models.len());
+    models
+}
+
+fn count(model: &onnxopt::ir::Model, op_type: &str) -> usize {
+    model
+        .graph
+        .nodes()
+        .filter(|(_, n)| n.op_type() == op_type)
+        .count()
+}
+
+#[test]
+fn every_rope_is_fused_and_outputs_stay_in_onnx_runtime_and_tract() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut failures = Vec::new();
+    let mut checks = Vec::new();
+    for path in llm_models() {
+        let name = path.file_stem().unwrap().to_string_lossy().into_owned();
+        let form = if name.contains(".past.") {
+            "past"
+        } else {
+            "prefill"
+        };
+        let batches = common::testdata("llm").join("calib").join(form);
+        let original = onnxopt::io::load(&path).unwrap();
+        let exported_at_23 = original.opset("").unwrap_or(0) >= 23;
+        for target in [Target::Ort, Target::Onnx] {
+            let model = common::optimized(&path, target);
+            let ropes = count(&model, "RotaryEmbedding");
+            let expected = if target == Target::Ort || model.opset("").unwrap_or(0) >= 23 {
+                ROPES
+            } else {
+                0
+            };
+            let neg_left = count(&model, "Neg");
+            println!(
+                "{name:<32} {:<4} RotaryEmbedding {ropes}, Neg {neg_left}",
+                target.name()
+            );
+            if ropes != expected || (expected == ROPES && neg_left != 0) {
+                failures.push(format!(
+                    "{name} {target:?}: {ropes} RotaryEmbedding (want {expected}), {neg_left} Neg"
+                ));
+            }
+            let out = dir.path().join(format!("{name}.{}.onnx", target.name()));
+            onnxopt::io::save(&model, &out, onnxopt::io::ExternalData::Never).unwrap();
+            checks.extend([
+                path.to_string_lossy().into_owned(),
+                out.to_string_lossy().into_owned(),
+                batches.to_string_lossy().into_owned(),
+            ]);
+            if form == "prefill" && !exported_at_23 {
+                let options = ValidateOptions {
+                    inputs: InputSource::Dir(batches.clone()),
+                    tolerance: Tolerance {
+                        max_abs_scaled: None,
+                        max_abs: Some(1e-4),
+                        ..Default::default()
+                    },
+                    engine: exec::Engine::Tract,
+                    ..Default::default()
+                };
+                match exec::validate(&original, &model, &options, &|_, _| {}) {
+                    Ok(v) if v.passed() => {}
+                    Ok(v) => failures.push(format!("{name} {target:?} tract: {:?}", v.violations)),
+                    Err(e) => failures.push(format!("{name} {target:?} tract: {e}")),
+                }
+            }
+        }
+    }
+    assert!(failures.is_empty(), "\n{}", failures.join("\n"));
+    if common::onnx_runtime_available() {
+        common::ort_check(&checks);
+    }
+}
