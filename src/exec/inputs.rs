@@ -206,6 +206,7 @@ pub fn generate(
     options: &GenerateOptions,
     count: usize,
 ) -> Result<Vec<Batch>, ExecError> {
+    let options = &with_role_sizes(specs, options);
     (0..count)
         .map(|b| {
             let tensors = specs
@@ -222,6 +223,44 @@ pub fn generate(
             })
         })
         .collect()
+}
+
+/// `options` with sizes for the opaque symbols (the dynamo exporter's `s10`, `s70`) that the
+/// inputs' roles fix: such a model only runs when its inputs agree, which their names cannot
+/// say. Axis 0 of an input of rank 2 or more is the batch; the sequence axis of a 2-D mask is
+/// the past length plus the new tokens' when the model has past key/values (a past length of
+/// `default_length`, as a `past_sequence` symbol gets), the new tokens' otherwise; other
+/// symbols keep their size by name. A symbol `dims` gives, or one already placed, is kept.
+fn with_role_sizes(specs: &[InputSpec], options: &GenerateOptions) -> GenerateOptions {
+    let mut options = options.clone();
+    let has_past = specs
+        .iter()
+        .any(|s| s.name.to_ascii_lowercase().contains("past") && s.dims.len() >= 3);
+    let opaque = |symbol: &str, options: &GenerateOptions| {
+        is_identifier(symbol)
+            && !options.dims.contains_key(symbol)
+            && !symbol.to_ascii_lowercase().contains("batch")
+    };
+    for spec in specs.iter().filter(|s| s.dims.len() >= 2) {
+        if let DimSpec::Symbol(symbol) = &spec.dims[0] {
+            if opaque(symbol, &options) {
+                options.dims.insert(symbol.clone(), options.default_batch);
+            }
+        }
+    }
+    let length = options.default_length;
+    for spec in specs {
+        let name = spec.name.to_ascii_lowercase();
+        // An encoder's mask spans the encoder's tokens, never a decoder's past.
+        let is_mask = name.contains("mask") && !name.contains("encoder");
+        if let (true, [_, DimSpec::Symbol(symbol)]) = (is_mask, spec.dims.as_slice()) {
+            if opaque(symbol, &options) {
+                let total = if has_past { 2 * length } else { length };
+                options.dims.insert(symbol.clone(), total);
+            }
+        }
+    }
+    options
 }
 
 fn generate_one(
@@ -645,6 +684,39 @@ mod tests {
                 .map(|(n, t)| (n.to_string(), t))
                 .collect(),
         }
+    }
+
+    /// A dynamo export of a decoder with past names every dim apart (`s10`, `s70`, ...): the
+    /// generated inputs still agree, as the model needs to run.
+    #[test]
+    fn opaque_symbols_get_the_sizes_of_their_roles() {
+        let sym = |s: &str| DimSpec::Symbol(s.into());
+        let past = vec![
+            sym("s10"),
+            DimSpec::Fixed(2),
+            sym("s15"),
+            DimSpec::Fixed(16),
+        ];
+        let specs = vec![
+            spec("input_ids", DatumType::I64, vec![sym("s10"), sym("s70")]),
+            spec(
+                "attention_mask",
+                DatumType::I64,
+                vec![sym("s43"), sym("s53")],
+            ),
+            spec("past_key_values.0.key", DatumType::F32, past),
+        ];
+        let options = GenerateOptions {
+            default_batch: 2,
+            default_length: 8,
+            ..Default::default()
+        };
+        let batch = &generate(&specs, &options, 1).unwrap()[0];
+        let shapes: Vec<&[usize]> = batch.tensors.iter().map(|(_, t)| t.shape()).collect();
+        assert_eq!(shapes, [&[2, 8][..], &[2, 16], &[2, 2, 8, 16]]);
+        // Without past, the mask spans the new tokens only.
+        let batch = &generate(&specs[..2], &options, 1).unwrap()[0];
+        assert_eq!(batch.tensors[1].1.shape(), [2, 8]);
     }
 
     #[test]
