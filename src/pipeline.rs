@@ -5,7 +5,7 @@
 //! 1. the pass pipeline (`optimize`): fusions first, so that what follows sees fused blocks;
 //! 2. pruning, on the fused model, before any quantization, so that calibration sees the
 //!    pruned weights (`--prune 2:4 --int8` calibrates the pruned model);
-//! 3. one of dynamic INT8, FP16 or static INT8 (they exclude each other);
+//! 3. one of dynamic INT8, FP16, static INT8 or 4-bit weights (they exclude each other);
 //! 4. validation of the result against the input model, on batches calibration did not see
 //!    (the last fifth of the calibration batches given, or the `inputs`), when asked for or
 //!    when a step was lossy — a lossy run gates only on the tolerances given;
@@ -28,6 +28,7 @@ use crate::exec::{
 use crate::ir::Model;
 use crate::optimize::OptimizeOptions;
 use crate::prune::PruneOptions;
+use crate::quant::int4::{Int4Method, Int4Options};
 use crate::quant::{self, dynamic::DynamicOptions, fp16::Fp16Options, StaticOptions};
 use crate::report::{Check, CheckOutcome, Report};
 
@@ -45,6 +46,8 @@ pub enum Mode {
     },
     /// Dynamic INT8.
     Dynamic(DynamicOptions),
+    /// 4-bit weights (round-to-nearest, or GPTQ on the calibration batches).
+    Int4(Int4Options),
     Fp16(Fp16Options),
 }
 
@@ -208,7 +211,9 @@ fn transform(
     report.passes =
         Some(crate::optimize(&mut model, &options.optimize).map_err(step("optimization failed"))?);
     let smooth_dynamic = matches!(&options.mode, Mode::Dynamic(d) if d.smooth_quant.is_some());
+    let gptq = matches!(&options.mode, Mode::Int4(o) if o.method == Int4Method::Gptq);
     let wants_calibration = matches!(options.mode, Mode::Static { .. })
+        || gptq
         || smooth_dynamic
         || (!options.prune.is_empty() && options.calibration.is_some());
     let (mut calibration, held_back) = if wants_calibration {
@@ -230,6 +235,13 @@ fn transform(
             quant::dynamic::quantize_dynamic(&mut model, &calibration, dynamic)
                 .map_err(step("quantization failed"))?,
         ),
+        Mode::Int4(int4) => {
+            let on_weight = |done, total| progress("quantizing", done, total);
+            Some(
+                quant::int4::quantize_int4(&mut model, &calibration, int4, &on_weight)
+                    .map_err(step("quantization failed"))?,
+            )
+        }
         Mode::Fp16(fp16) => Some(
             quant::fp16::convert_fp16(&mut model, fp16).map_err(step("FP16 conversion failed"))?,
         ),
@@ -285,6 +297,12 @@ fn calibration_batches(
         None if matches!(options.mode, Mode::Static { .. }) => {
             return Err(Error::InvalidArgument(
                 "--int8 needs calibration data: --calib DIR or --calib-random N".into(),
+            ))
+        }
+        None if matches!(options.mode, Mode::Int4(_)) => {
+            return Err(Error::InvalidArgument(
+                "--int4 calibrates GPTQ: --calib DIR or --calib-random N, or --int4-method rtn"
+                    .into(),
             ))
         }
         None => {

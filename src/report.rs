@@ -188,6 +188,42 @@ fn ranked_by_activations(batches: usize) -> String {
     format!("ranked by activations on {batches} batches")
 }
 
+fn write_int4(f: &mut fmt::Formatter<'_>, r: &crate::quant::int4::Int4Report) -> fmt::Result {
+    let zero = if r.symmetric {
+        "symmetric"
+    } else {
+        "asymmetric"
+    };
+    let kept = r
+        .weights
+        .iter()
+        .filter(|w| w.kept == crate::quant::int4::Int4Method::Gptq)
+        .count();
+    writeln!(
+        f,
+        "  {} weights as 4-bit {} (block {}, {zero}, {:?}; GPTQ kept for {kept}): {:.1} MB → \
+         {:.1} MB",
+        r.weights.len(),
+        r.format,
+        r.block_size,
+        r.method,
+        r.float_bytes as f64 / 1e6,
+        r.quantized_bytes as f64 / 1e6
+    )?;
+    if let Some((rtn, kept)) = r.mean_errors() {
+        writeln!(
+            f,
+            "  relative output error on {} calibration rows, mean over weights: \
+             round-to-nearest {rtn:.3e}, kept {kept:.3e}",
+            r.calibration_rows
+        )?;
+    }
+    for s in &r.skipped {
+        writeln!(f, "  left float: {s}")?;
+    }
+    Ok(())
+}
+
 fn write_quantization(f: &mut fmt::Formatter<'_>, q: &QuantReport) -> fmt::Result {
     let target = match q.target {
         QuantTarget::Ort => "ONNX Runtime",
@@ -237,6 +273,9 @@ fn write_quantization(f: &mut fmt::Formatter<'_>, q: &QuantReport) -> fmt::Resul
                 c.masked.len()
             )?;
         }
+    }
+    if let Some(w) = &q.int4 {
+        write_int4(f, w)?;
     }
     if let Some(a) = &q.auto_exclusion {
         let worst: Vec<String> = a

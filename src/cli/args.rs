@@ -157,6 +157,22 @@ impl TargetArg {
     }
 }
 
+#[derive(clap::ValueEnum, Clone, Copy, Debug)]
+pub enum Int4MethodArg {
+    Rtn,
+    Gptq,
+}
+
+impl Int4MethodArg {
+    pub fn method(self) -> onnxopt::quant::int4::Int4Method {
+        use onnxopt::quant::int4::Int4Method;
+        match self {
+            Int4MethodArg::Rtn => Int4Method::Rtn,
+            Int4MethodArg::Gptq => Int4Method::Gptq,
+        }
+    }
+}
+
 /// Pruning (before quantization, which then calibrates the pruned model).
 #[derive(Args, Debug)]
 pub struct PruneArgs {
@@ -230,6 +246,26 @@ pub struct QuantArgs {
     /// without VNNI, where the int8 kernel can saturate.
     #[arg(long, value_enum, default_value_t = DynamicWeightsArg::Int8, requires = "int8_dynamic")]
     pub dynamic_weights: DynamicWeightsArg,
+    /// 4-bit weights: every MatMul with a constant 2-D weight read by nothing else, in blocks
+    /// along the summed axis: com.microsoft MatMulNBits for --target ort, blockwise
+    /// DequantizeLinear (opset 21) feeding the MatMul otherwise. GPTQ on --calib/--calib-random
+    /// batches unless --int4-method rtn.
+    #[arg(long, conflicts_with_all = ["int8", "int8_dynamic", "fp16"])]
+    pub int4: bool,
+    /// With --int4: weights per block (a power of two, at least 16).
+    #[arg(long, value_name = "N", default_value_t = onnxopt::quant::int4::DEFAULT_BLOCK_SIZE, requires = "int4")]
+    pub int4_block: usize,
+    /// With --int4: zero points 8 instead of one per block.
+    #[arg(long, requires = "int4")]
+    pub int4_symmetric: bool,
+    /// With --int4: `gptq` (calibrated; keeps round-to-nearest for a weight where that moves
+    /// the calibration outputs less) or `rtn` (round to nearest, no data).
+    #[arg(long, value_enum, default_value_t = Int4MethodArg::Gptq, requires = "int4")]
+    pub int4_method: Int4MethodArg,
+    /// With --int4 --target ort: MatMulNBits' accuracy_level (0: float32 compute; 4: ONNX
+    /// Runtime's CPU kernel quantizes the activations to int8 per block, faster).
+    #[arg(long, value_name = "LEVEL", default_value_t = 4, requires = "int4")]
+    pub int4_accuracy_level: i64,
     /// FP16: weights and compute in float16, normalizations, Softmax, reductions, Pow and
     /// Exp kept in float32 behind Casts.
     #[arg(long, conflicts_with = "int8")]

@@ -211,6 +211,16 @@ fn pipeline_options(args: &OptimizeArgs) -> Result<pipeline::Options> {
             weights: q.dynamic_weights.codes(),
             smooth_quant: q.smoothing(),
         })
+    } else if q.int4 {
+        Mode::Int4(quant::int4::Int4Options {
+            block_size: q.int4_block,
+            symmetric: q.int4_symmetric,
+            method: q.int4_method.method(),
+            accuracy_level: q.int4_accuracy_level,
+            target: args.target.fusion(),
+            selection: selection(q)?,
+            engine: args.engine.engine(),
+        })
     } else if q.fp16 {
         Mode::Fp16(quant::fp16::Fp16Options {
             keep_io_types: q.keep_io_types,

@@ -7,13 +7,18 @@
 //! - a standard `RotaryEmbedding` with position ids: see `ops::rotary`.
 //! - `Gemm(A, B, C?)` with a float16 weight B, alpha and beta 1, A not transposed:
 //!   `MatMul(A, B or Bᵀ) + C` (tract 0.23 mistypes a float16 Gemm; see `float16_gemm`).
+//! - `com.microsoft::MatMulNBits(A, B, scales, zero_points?)` with 4-bit constant codes:
+//!   `MatMul(A, W)` with W the float weight they stand for (see `matmul_nbits`).
+//! - `DequantizeLinear` of a 4-bit initializer (int4/uint4, as `--int4 --target onnx` writes):
+//!   folded into its float values (tract 0.23 cannot load 4-bit tensors; see
+//!   `four_bit_dequantize`).
 //! - `CumSum(x, axis)` of int64 `x`: summed in float64 and cast back (tract 0.23 cannot sum
 //!   int64; see `int64_cumsum`).
 
 use crate::error::Result;
-use crate::ir::{attr, Model, Node, NodeId, PValue, Patch};
+use crate::ir::{attr, DataType, Model, Node, NodeId, PValue, Patch, Tensor};
 use crate::ops::weights::plain_gemm_trans_b;
-use crate::ops::{attention, rotary, MS_DOMAIN};
+use crate::ops::{attention, nbits, rotary, MS_DOMAIN};
 
 /// Lowers every contrib node of `model` that has a lowering, float16 Gemms and int64 sums.
 pub fn lower_contrib_ops(model: &mut Model) -> Result<()> {
@@ -21,7 +26,11 @@ pub fn lower_contrib_ops(model: &mut Model) -> Result<()> {
         .graph
         .nodes()
         .filter(|(_, n)| {
-            n.domain() == MS_DOMAIN || n.is("Gemm") || n.is("CumSum") || n.is("RotaryEmbedding")
+            n.domain() == MS_DOMAIN
+                || n.is("Gemm")
+                || n.is("CumSum")
+                || n.is("RotaryEmbedding")
+                || n.is("DequantizeLinear")
         })
         .map(|(id, _)| id)
         .collect();
@@ -29,12 +38,14 @@ pub fn lower_contrib_ops(model: &mut Model) -> Result<()> {
         let node = model.graph.node(id).clone();
         let patch = match (node.domain(), node.op_type()) {
             (MS_DOMAIN, "Attention") => attention::lower_packed(&model.graph, id, &node),
+            (MS_DOMAIN, "MatMulNBits") => matmul_nbits(model, id, &node),
             (MS_DOMAIN, "MultiHeadAttention") => {
                 attention::lower_multi_head(&model.graph, id, &node)
             }
             (MS_DOMAIN | "", "RotaryEmbedding") => rotary::lower_for_tract(&model.graph, id, &node),
             ("", "Gemm") => float16_gemm(model, id, &node),
             ("", "CumSum") => int64_cumsum(model, id, &node),
+            ("", "DequantizeLinear") => four_bit_dequantize(model, id, &node),
             _ => None,
         };
         if let Some(patch) = patch {
@@ -90,6 +101,101 @@ fn float16_gemm(model: &Model, id: NodeId, node: &Node) -> Option<Patch> {
         }
     }
     patch.remove_node(id);
+    Some(patch)
+}
+
+/// `MatMulNBits(A, B, scales, zero_points?)` of 4-bit constant codes, uint8 zero points and
+/// float32 scales, without `g_idx` or bias, as `MatMul(A, W)` with W `[K, N]` the float
+/// weight (`ops::nbits::BlockQuantized`): tract 0.23.9's own MatMulNBits disagrees with ONNX
+/// Runtime when zero points are given. Any other form is left to be refused.
+fn matmul_nbits(model: &Model, id: NodeId, node: &Node) -> Option<Patch> {
+    let g = &model.graph;
+    let int = |name: &str| attr::get_int(&node.proto, name).and_then(|v| usize::try_from(v).ok());
+    if int("bits").unwrap_or(4) != nbits::BITS || node.inputs.len() > 4 {
+        return None;
+    }
+    let constant = |slot: usize| node.input(slot).and_then(|v| g.initializer(v));
+    let weight = constant(1).filter(|t| t.dtype() == DataType::Uint8)?;
+    let scales = constant(2).filter(|t| t.dtype() == DataType::Float)?;
+    let zeros = match node.input(3) {
+        Some(_) => Some(
+            constant(3)
+                .filter(|t| t.dtype() == DataType::Uint8)?
+                .raw_bytes()?,
+        ),
+        None => None,
+    };
+    let (k, n) = (int("K")?, int("N")?);
+    let q = nbits::BlockQuantized::from_matmul_nbits(
+        (k, n, int("block_size")?),
+        &weight.raw_bytes()?,
+        &scales.to_f32_vec().ok()?,
+        zeros.as_deref(),
+    )
+    .ok()?;
+    let name = format!("{}.dequantized", g.value_name(node.input(1)?));
+    let dequantized = Tensor::from_f32(&name, &[k as i64, n as i64], &q.dequantize()).ok()?;
+    let mut patch = Patch::new("lower-matmul-nbits");
+    let w = patch.new_initializer(&name, dequantized);
+    patch.add_node(
+        "MatMul",
+        "",
+        &[Some(node.input(0)?.into()), Some(w)],
+        &[PValue::Old(node.output(0)?)],
+        vec![],
+    );
+    patch.remove_node(id);
+    Some(patch)
+}
+
+/// `DequantizeLinear(x, scale, zero?)` of a 4-bit initializer x with constant float32 scales,
+/// as the float initializer it computes (`ops::nbits::dequantize_linear`); the 4-bit
+/// initializers it alone read are dropped, since tract cannot load them even unread.
+fn four_bit_dequantize(model: &Model, id: NodeId, node: &Node) -> Option<Patch> {
+    let g = &model.graph;
+    let x = g.initializer(node.input(0)?)?;
+    let signed = match x.dtype() {
+        DataType::Int4 => true,
+        DataType::Uint4 => false,
+        _ => return None,
+    };
+    let scales = g.initializer(node.input(1)?)?;
+    if scales.dtype() != DataType::Float {
+        return None;
+    }
+    let scales = scales.to_f32_vec().ok()?;
+    let zeros = match node.input(2) {
+        Some(z) => Some(g.initializer(z)?.raw_bytes()?),
+        None => None,
+    };
+    let dims: Vec<usize> = x
+        .dims()
+        .iter()
+        .map(|&d| usize::try_from(d).ok())
+        .collect::<Option<_>>()?;
+    let rank = dims.len() as i64;
+    let axis = attr::get_int(&node.proto, "axis").unwrap_or(1);
+    let axis = usize::try_from(if axis < 0 { axis + rank } else { axis }).ok()?;
+    let block_size = usize::try_from(attr::get_int(&node.proto, "block_size").unwrap_or(0)).ok()?;
+    let values = nbits::dequantize_linear(
+        &x.raw_bytes()?,
+        signed,
+        &dims,
+        axis,
+        block_size,
+        &scales,
+        zeros.as_deref(),
+    )?;
+    let out = node.output(0)?;
+    let tensor = Tensor::from_f32(g.value_name(out), x.dims(), &values).ok()?;
+    let mut patch = Patch::new("lower-dequantize-4bit");
+    patch.remove_node(id);
+    patch.replace_with_initializer(out, tensor);
+    for v in node.inputs.iter().flatten() {
+        if g.uses(*v).iter().all(|&(reader, _)| reader == id) && g.initializer(*v).is_some() {
+            patch.drop_initializer(*v);
+        }
+    }
     Some(patch)
 }
 

@@ -94,6 +94,7 @@ pub fn quantize_dynamic(
         already_quantized,
         auto_exclusion: None,
         smoothing,
+        int4: None,
     };
     if !operators.is_empty() {
         return Ok(report(Rewrites::default(), operators));

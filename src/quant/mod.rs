@@ -1,5 +1,5 @@
 //! Quantization: calibration, static INT8 with QuantizeLinear/DequantizeLinear pairs, dynamic
-//! INT8 and FP16.
+//! INT8, 4-bit weights and FP16.
 //!
 //! The pieces share these types: a static run calibrates the activations `qdq` chooses
 //! (`calibrate`), turning what it observed into a `Range` per tensor with a `RangeMethod`,
@@ -9,6 +9,7 @@ pub mod attention_projection;
 pub mod calibrate;
 pub mod dynamic;
 pub mod fp16;
+pub mod int4;
 pub mod qdq;
 pub mod sensitivity;
 pub mod smooth;
@@ -76,7 +77,7 @@ pub struct StaticOptions {
 /// What a quantization did, for the report.
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct QuantReport {
-    /// `static-int8`, `dynamic-int8` or `fp16`.
+    /// `static-int8`, `dynamic-int8`, `int4` or `fp16`.
     pub mode: &'static str,
     pub target: QuantTarget,
     /// Static INT8 only: the calibration that sized the activations.
@@ -90,6 +91,8 @@ pub struct QuantReport {
     pub auto_exclusion: Option<sensitivity::AutoExclusion>,
     /// `--smooth-quant`: what moved into the weights before calibration.
     pub smoothing: Option<smooth::SmoothReport>,
+    /// `--int4`: the weights quantized, and how well.
+    pub int4: Option<int4::Int4Report>,
 }
 
 /// Static INT8: calibrates the activations QDQ insertion will quantize on `batches`, then
@@ -117,6 +120,7 @@ pub fn quantize_static(
         already_quantized,
         auto_exclusion: None,
         smoothing,
+        int4: None,
     })
 }
 

@@ -131,6 +131,8 @@ fn contrib(cx: &Ctx) -> Option<Vec<ValueType>> {
         // (a, b, a_scale, …) and (a, b, b_scale, …): a float result of the scales' type.
         "MatMulIntegerToFloat" | "DynamicQuantizeMatMul" => vec![matmul_of(cx, 1, cx.elem(2))],
         "MultiHeadAttention" => multi_head_attention(cx),
+        // A `[…, K]` times the `[K, N]` weight its 4-bit codes stand for (`ops::nbits`).
+        "MatMulNBits" => vec![matmul_nbits(cx)],
         _ => return None,
     })
 }
@@ -152,6 +154,15 @@ fn unknown_dims(elem: i32, rank: Option<usize>) -> ValueType {
 fn rank_dim(rank: Option<usize>) -> Dim {
     rank.and_then(|r| i64::try_from(r).ok())
         .map_or(Dim::Unknown, Dim::known)
+}
+
+/// MatMulNBits: A's type with its last dim replaced by the attribute N.
+fn matmul_nbits(cx: &Ctx) -> ValueType {
+    let mut t = same(cx, 0);
+    if let Some(last) = t.shape.as_mut().and_then(|s| s.last_mut()) {
+        *last = Dim::known(cx.attr_int("N", 0));
+    }
+    t
 }
 
 /// The type of input `slot`, or nothing known.

@@ -1,0 +1,425 @@
+//! 4-bit weights (`--int4`): weight-only quantization of the MatMuls with a constant 2-D
+//! weight, in blocks along the summed axis (`ops::nbits`), activations left float.
+//!
+//! Matches: every default-domain MatMul whose weight (input 1) is a float32 initializer
+//! `[K, N]` read only as a MatMul weight, unless `--exclude`d. A table that something else
+//! reads is left float: SmolLM2's LM head reads the embedding table the Gather reads (tied
+//! weights, reached through a Transpose), and quantizing it would keep the table twice; the
+//! LM head and the embeddings are the layers 4-bit hurts most.
+//!
+//! Produces, per weight: for ONNX Runtime, `com.microsoft::MatMulNBits` in place of each
+//! MatMul; for standard runtimes, a blockwise int4/uint4 `DequantizeLinear` (opset 21, the
+//! model's opset raised) feeding the MatMul. The float weight is dropped.
+//!
+//! Methods: round-to-nearest (`grid`), or GPTQ (`gptq`) on the Gram matrices of the MatMul
+//! inputs over the calibration batches (`gram`); a weight keeps whichever of the two
+//! changes the layer's output on those batches less (GPTQ nearly always: the report gives
+//! both errors). Memory: the Gram matrices (K² floats per distinct input) and one weight at a
+//! time, read, quantized and replaced before the next; a Gram matrix is dropped once its
+//! readers are quantized.
+//!
+//! Why it is safe: the rewritten node computes `A · dequant(B)`, the weight the codes stand
+//! for; the result is validated against the float model like every lossy mode.
+
+pub mod gptq;
+pub mod gram;
+pub mod grid;
+
+use std::collections::HashMap;
+
+use bytes::Bytes;
+
+use super::qdq::{self, Selection};
+use super::{QuantReport, QuantTarget};
+use crate::error::{Error, Result};
+use crate::exec::{Batch, Engine};
+use crate::ir::{attr, DataType, Graph, Model, NodeId, PValue, Patch, Tensor, Use, ValueId};
+use crate::ops::nbits::{BlockQuantized, BITS};
+use crate::ops::MS_DOMAIN;
+use crate::passes::fuse::Target;
+use crate::passes::{opset, Rewrites};
+
+/// The opset of blockwise DequantizeLinear and of int4/uint4 tensors.
+pub const BLOCKWISE_OPSET: i64 = 21;
+/// The default block size.
+pub const DEFAULT_BLOCK_SIZE: usize = 32;
+
+/// How the codes are chosen.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Int4Method {
+    /// Round to nearest, no data.
+    Rtn,
+    /// GPTQ on the calibration batches (`gptq`).
+    Gptq,
+}
+
+#[derive(Clone, Debug)]
+pub struct Int4Options {
+    /// Weights per block along K: a power of two, at least 16 (MatMulNBits' contract; the
+    /// same for both targets).
+    pub block_size: usize,
+    /// Zero points 8 (no zero-point input) instead of one per block.
+    pub symmetric: bool,
+    pub method: Int4Method,
+    /// MatMulNBits' `accuracy_level` (ONNX Runtime only): 0 computes in float32, 4 lets its
+    /// CPU kernel quantize the activations to int8 per block.
+    pub accuracy_level: i64,
+    /// MatMulNBits for ONNX Runtime, DequantizeLinear for standard runtimes.
+    pub target: Target,
+    pub selection: Selection,
+    /// The engine the calibration runs in.
+    pub engine: Engine,
+}
+
+/// One quantized weight, for the report.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct WeightReport {
+    pub name: String,
+    pub k: usize,
+    pub n: usize,
+    /// Output error on the calibration rows relative to the output's energy,
+    /// `tr(DᵀHD) / tr(WᵀHW)`, of round-to-nearest and of the codes kept (GPTQ only).
+    pub rtn_error: Option<f64>,
+    pub error: Option<f64>,
+    /// The method whose codes were kept.
+    pub kept: Int4Method,
+}
+
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Int4Report {
+    /// `MatMulNBits` or `DequantizeLinear`.
+    pub format: &'static str,
+    pub method: Int4Method,
+    pub block_size: usize,
+    pub symmetric: bool,
+    pub calibration_rows: usize,
+    pub weights: Vec<WeightReport>,
+    /// Weights left float, and why.
+    pub skipped: Vec<String>,
+    /// Bytes of the float weights replaced, and of what replaced them.
+    pub float_bytes: usize,
+    pub quantized_bytes: usize,
+}
+
+impl Int4Report {
+    /// The mean relative output error on the calibration rows of round-to-nearest and of the
+    /// codes kept, over the weights that have both.
+    pub fn mean_errors(&self) -> Option<(f64, f64)> {
+        let both: Vec<(f64, f64)> = self
+            .weights
+            .iter()
+            .filter_map(|w| Some((w.rtn_error?, w.error?)))
+            .collect();
+        let count = both.len() as f64;
+        (!both.is_empty()).then(|| {
+            let (r, e) = both
+                .iter()
+                .fold((0.0, 0.0), |(r, e), (a, b)| (r + a, e + b));
+            (r / count, e / count)
+        })
+    }
+}
+
+/// One weight to quantize and the MatMuls that read it.
+struct Site {
+    weight: ValueId,
+    readers: Vec<NodeId>,
+    /// The input of the first reader (its Gram matrix calibrates the weight).
+    input: ValueId,
+    k: usize,
+    n: usize,
+}
+
+/// Quantizes the weights of `model`'s MatMuls to 4 bits (see the module doc), calibrating
+/// on `batches` for GPTQ. `on_weight(done, total)` reports progress.
+pub fn quantize_int4(
+    model: &mut Model,
+    batches: &[Batch],
+    options: &Int4Options,
+    on_weight: &(dyn Fn(usize, usize) + Sync),
+) -> Result<QuantReport> {
+    let b = options.block_size;
+    if b < 16 || !b.is_power_of_two() {
+        return Err(Error::InvalidArgument(format!(
+            "--int4-block {b}: expected a power of two, at least 16"
+        )));
+    }
+    let already = qdq::quantization_ops(model);
+    let (sites, skipped) = sites(&model.graph, &options.selection);
+    let mut report = Int4Report {
+        format: match options.target {
+            Target::Ort => "MatMulNBits",
+            Target::Onnx => "DequantizeLinear",
+        },
+        method: options.method,
+        block_size: b,
+        symmetric: options.symmetric,
+        calibration_rows: 0,
+        weights: Vec::new(),
+        skipped,
+        float_bytes: 0,
+        quantized_bytes: 0,
+    };
+    let mut rewrites = Rewrites::default();
+    if already.is_empty() && !sites.is_empty() {
+        match options.target {
+            Target::Ort => model.require_opset(MS_DOMAIN, 1),
+            Target::Onnx => opset::raise(model, BLOCKWISE_OPSET)?,
+        }
+        let mut grams = match options.method {
+            Int4Method::Rtn => HashMap::new(),
+            Int4Method::Gptq => {
+                let mut inputs: Vec<ValueId> = sites.iter().map(|s| s.input).collect();
+                inputs.sort();
+                inputs.dedup();
+                gram::collect(model, &inputs, batches, options.engine)
+                    .map_err(|e| Error::Quantization(format!("int4 calibration run: {e}")))?
+            }
+        };
+        report.calibration_rows = grams.values().map(|g| g.rows).max().unwrap_or(0);
+        // Sites reading one input are done together, so that its Gram matrix goes after.
+        let mut remaining: HashMap<ValueId, usize> = HashMap::new();
+        for s in &sites {
+            *remaining.entry(s.input).or_default() += 1;
+        }
+        for (done, site) in sites.iter().enumerate() {
+            let w = model
+                .graph
+                .initializer(site.weight)
+                .ok_or_else(|| Error::Quantization("a weight is no longer a constant".into()))?
+                .to_f32_vec()?;
+            let name = model.graph.value_name(site.weight).to_string();
+            let (q, weight_report) =
+                quantize_weight(&w, site, &name, grams.get(&site.input), options);
+            drop(w);
+            report.float_bytes += site.k * site.n * 4;
+            let patch = emit(&model.graph, site, &name, &q, options, &mut report)?;
+            rewrites.apply(model, patch)?;
+            report.weights.push(weight_report);
+            let left = remaining.entry(site.input).or_default();
+            *left -= 1;
+            if *left == 0 && grams.remove(&site.input).is_some() {
+                crate::exec::return_freed_memory();
+            }
+            on_weight(done + 1, sites.len());
+        }
+    }
+    Ok(QuantReport {
+        mode: "int4",
+        target: match options.target {
+            Target::Ort => QuantTarget::Ort,
+            Target::Onnx => QuantTarget::Trt,
+        },
+        calibration: None,
+        rewrites,
+        already_quantized: already,
+        auto_exclusion: None,
+        smoothing: None,
+        int4: Some(report),
+    })
+}
+
+/// The codes of one weight: round-to-nearest, or GPTQ when a Gram matrix is given and it
+/// moves the output less.
+fn quantize_weight(
+    w: &[f32],
+    site: &Site,
+    name: &str,
+    gram: Option<&gram::Gram>,
+    options: &Int4Options,
+) -> (BlockQuantized, WeightReport) {
+    let (k, n, block, symmetric) = (site.k, site.n, options.block_size, options.symmetric);
+    let rtn = grid::round_to_nearest(w, k, n, block, symmetric);
+    let mut report = WeightReport {
+        name: name.to_string(),
+        k,
+        n,
+        rtn_error: None,
+        error: None,
+        kept: Int4Method::Rtn,
+    };
+    let Some(gram) = gram.filter(|g| g.matrix.nrows() == k) else {
+        return (rtn, report);
+    };
+    let energy = gptq::output_error(w, &vec![0.0; w.len()], &gram.matrix).max(f64::MIN_POSITIVE);
+    let rtn_error = gptq::output_error(w, &rtn.dequantize(), &gram.matrix) / energy;
+    report.rtn_error = Some(rtn_error);
+    report.error = Some(rtn_error);
+    let Some(calibrated) = gptq::gptq(w, n, block, symmetric, &gram.matrix) else {
+        return (rtn, report);
+    };
+    let error = gptq::output_error(w, &calibrated.dequantize(), &gram.matrix) / energy;
+    if error < rtn_error {
+        report.error = Some(error);
+        report.kept = Int4Method::Gptq;
+        return (calibrated, report);
+    }
+    (rtn, report)
+}
+
+/// The weights to quantize, and the float 2-D MatMul weights left out, with why.
+fn sites(g: &Graph, selection: &Selection) -> (Vec<Site>, Vec<String>) {
+    let mut by_weight: HashMap<ValueId, Site> = HashMap::new();
+    let mut order = Vec::new();
+    let mut skipped = Vec::new();
+    let Ok(topological) = g.topological_order() else {
+        return (Vec::new(), skipped);
+    };
+    for id in topological {
+        let node = g.node(id);
+        if !(node.domain().is_empty() && node.is("MatMul")) || selection.excludes(node) {
+            continue;
+        }
+        let (Some(input), Some(weight)) = (node.input(0), node.input(1)) else {
+            continue;
+        };
+        let Some(t) = g.initializer(weight) else {
+            continue;
+        };
+        let &[k, n] = t.dims() else { continue };
+        if t.dtype() != DataType::Float || k < 1 || n < 1 {
+            continue;
+        }
+        if let Some(site) = by_weight.get_mut(&weight) {
+            site.readers.push(id);
+            continue;
+        }
+        let only_matmul_weight = g.uses(weight).iter().all(|&(reader, slot)| {
+            let r = g.node(reader);
+            slot == Use::Input(1) && r.domain().is_empty() && r.is("MatMul")
+        });
+        if !only_matmul_weight || g.is_graph_output(weight) {
+            skipped.push(format!(
+                "{}: also read as something other than a MatMul weight",
+                g.value_name(weight)
+            ));
+            continue;
+        }
+        order.push(weight);
+        by_weight.insert(
+            weight,
+            Site {
+                weight,
+                readers: vec![id],
+                input,
+                k: k as usize,
+                n: n as usize,
+            },
+        );
+    }
+    let sites = order
+        .into_iter()
+        .filter_map(|w| by_weight.remove(&w))
+        .collect();
+    (sites, skipped)
+}
+
+/// The patch that replaces `site`'s weight by `q` in the target's form.
+fn emit(
+    g: &Graph,
+    site: &Site,
+    name: &str,
+    q: &BlockQuantized,
+    options: &Int4Options,
+    report: &mut Int4Report,
+) -> Result<Patch> {
+    let mut patch = Patch::new("int4");
+    let (k, n, blocks) = (site.k as i64, site.n as i64, q.blocks() as i64);
+    let mut initializer = |patch: &mut Patch, suffix: &str, dt, dims: &[i64], data: Vec<u8>| {
+        report.quantized_bytes += data.len();
+        let hint = format!("{name}.{suffix}");
+        Tensor::from_raw(&hint, dt, dims, Bytes::from(data))
+            .map(|t| patch.new_initializer(&hint, t))
+    };
+    let scales_bytes = |scales: &[f32]| scales.iter().flat_map(|s| s.to_le_bytes()).collect();
+    match options.target {
+        Target::Ort => {
+            let weight = initializer(
+                &mut patch,
+                "q4",
+                DataType::Uint8,
+                &[n, blocks, options.block_size as i64 / 2],
+                q.matmul_nbits_weight(),
+            )?;
+            let scales = initializer(
+                &mut patch,
+                "scales",
+                DataType::Float,
+                &[n * blocks],
+                scales_bytes(&q.scales),
+            )?;
+            let zeros = match q.matmul_nbits_zero_points() {
+                Some(z) => Some(initializer(
+                    &mut patch,
+                    "zero_points",
+                    DataType::Uint8,
+                    &[z.len() as i64],
+                    z,
+                )?),
+                None => None,
+            };
+            for &reader in &site.readers {
+                let node = g.node(reader);
+                let (Some(a), Some(out)) = (node.input(0), node.output(0)) else {
+                    continue;
+                };
+                let mut proto = node.proto.clone();
+                proto.op_type = Some("MatMulNBits".into());
+                proto.domain = Some(MS_DOMAIN.into());
+                proto.attribute = vec![
+                    attr::int("K", k),
+                    attr::int("N", n),
+                    attr::int("bits", BITS as i64),
+                    attr::int("block_size", options.block_size as i64),
+                    attr::int("accuracy_level", options.accuracy_level),
+                ];
+                let mut inputs = vec![Some(a.into()), Some(weight), Some(scales)];
+                inputs.extend(zeros.map(Some));
+                patch.add_node_proto(proto, &inputs, &[PValue::Old(out)]);
+                patch.remove_node(reader);
+            }
+        }
+        Target::Onnx => {
+            let (codes, scales, zeros) = q.dequantize_linear_inputs();
+            let code_type = match zeros {
+                Some(_) => DataType::Uint4,
+                None => DataType::Int4,
+            };
+            let codes = initializer(&mut patch, "q4", code_type, &[k, n], codes)?;
+            let scales = initializer(
+                &mut patch,
+                "scales",
+                DataType::Float,
+                &[blocks, n],
+                scales_bytes(&scales),
+            )?;
+            let zeros = match zeros {
+                Some(z) => Some(initializer(
+                    &mut patch,
+                    "zero_points",
+                    DataType::Uint4,
+                    &[blocks, n],
+                    z,
+                )?),
+                None => None,
+            };
+            let mut inputs = vec![Some(codes), Some(scales)];
+            inputs.extend(zeros.map(Some));
+            let dequantized = patch.new_value(&format!("{name}.dequantized"));
+            patch.add_node(
+                "DequantizeLinear",
+                "",
+                &inputs,
+                &[dequantized],
+                vec![
+                    attr::int("axis", 0),
+                    attr::int("block_size", options.block_size as i64),
+                ],
+            );
+            patch.replace_uses(site.weight, dequantized);
+        }
+    }
+    patch.drop_initializer(site.weight);
+    Ok(patch)
+}
