@@ -6,12 +6,14 @@
 # 0.99 for a lossy one). Prints one line per run and a summary; exits non-zero if any output
 # fails in ONNX Runtime or any run is refused.
 #
-#   scripts/sweep_ort.sh [ONNXOPT_BIN]      (default target/release/onnxopt; needs ../shared)
+#   scripts/sweep_ort.sh [ONNXOPT_BIN [MODEL...]]   (default: target/release/onnxopt, all models;
+#                                                    needs ../shared)
 #
 # Run by hand (it takes minutes); the tests check the same on fewer combinations.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 bin=${1:-target/release/onnxopt}
+shift || true
 corpus=${ONNXOPT_CORPUS:-../shared/corpus}
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
@@ -20,15 +22,18 @@ calib_of() {
     local model=$1 name family
     name=$(basename "$model" .onnx)
     case $model in
-    */testdata/cases/*) echo "testdata/cases/calib/$name" ;;
-    */testdata/wild/*) echo "testdata/wild/calib/$name" ;;
+    testdata/cases/*|*/testdata/cases/*) echo "testdata/cases/calib/$name" ;;
+    testdata/wild/*|*/testdata/wild/*) echo "testdata/wild/calib/$name" ;;
     *all-minilm*) echo "$corpus/calib/minilm/dynamic" ;;
     *) family=${name%%.*}; echo "$corpus/calib/$family" ;;
     esac
 }
 
 written=0 refused=0 failed=0
-models=("$corpus"/tiny/*.onnx "$corpus"/minilm-l6/all-minilm-l6-v2.ts.onnx testdata/cases/*.onnx testdata/wild/*.onnx)
+models=("$@")
+if [ ${#models[@]} -eq 0 ]; then
+    models=("$corpus"/tiny/*.onnx "$corpus"/minilm-l6/all-minilm-l6-v2.ts.onnx testdata/cases/*.onnx testdata/wild/*.onnx)
+fi
 for model in "${models[@]}"; do
     calib=$(calib_of "$model")
     for target in ort onnx; do
