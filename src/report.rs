@@ -6,7 +6,7 @@ use std::fmt;
 use crate::exec::{OutputDiff, Validation};
 use crate::io::Saved;
 use crate::passes::fuse::Target;
-use crate::passes::PassReport;
+use crate::passes::{PassReport, Unfused};
 use crate::prune::{Importance, PruneReport, Unstructured};
 use crate::quant::{QuantReport, QuantTarget, RangeMethod};
 
@@ -24,6 +24,8 @@ pub struct Report {
     pub check: Option<Check>,
     pub output: Option<Saved>,
     pub warnings: Vec<String>,
+    /// With `--explain`: each block the fusions left unfused, and why.
+    pub unfused: Vec<Unfused>,
 }
 
 /// The output check of a lossless run: the input and the output model on the same
@@ -104,6 +106,12 @@ impl fmt::Display for Report {
                     "  {:<18} nodes {:>6} -> {:<6} {:>8.3}s  {}",
                     s.pass, s.nodes_before, s.nodes_after, s.seconds, s.rewrites
                 )?;
+            }
+        }
+        if !self.unfused.is_empty() {
+            writeln!(f, "unfused: {}", self.unfused.len())?;
+            for u in &self.unfused {
+                writeln!(f, "  {u}")?;
             }
         }
         if let Some(p) = &self.pruning {

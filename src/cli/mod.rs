@@ -238,6 +238,7 @@ fn pipeline_options(args: &OptimizeArgs) -> Result<pipeline::Options> {
         tolerances: tolerances(&args.tolerance),
         check: !args.no_check,
         engine: args.engine.engine(),
+        explain: args.explain,
     })
 }
 
