@@ -20,7 +20,7 @@ use onnxopt::passes::fuse::Target;
 use onnxopt::pipeline;
 
 /// Fused attention blocks over the corpus for ONNX Runtime, at least (of 146).
-const MIN_ATTENTION_FUSED: usize = 116;
+const MIN_ATTENTION_FUSED: usize = 126;
 
 const ATTENTION_OPS: &[&str] = &["Attention", "MultiHeadAttention", "GroupQueryAttention"];
 

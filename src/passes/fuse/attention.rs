@@ -10,8 +10,9 @@
 //!    | Reshape(Transpose[0,2,1](Reshape(Kh, [B·N,T,H])), [B,N,H,T])   dynamo exporter
 //!      where Kh = heads(k), or Concat(past_k, heads(k), axis 2),
 //!      or a [B,N,T,H] value (the encoder's cached K/V of cross-attention)  (· scale)
-//! P  = Softmax(S + bias | Where(masked, fill, S) | S)   with S = Qh·Kᵀ (· or / scale)
-//!      then Where(IsNaN(P), 0, P) (SDPA)
+//! P  = Softmax(S + bias (+ bias2) | Where(masked, fill, S) | S)   with S = Qh·Kᵀ (· or / scale)
+//!      then Where(IsNaN(P), 0, P) (SDPA); MPNet adds its relative position bias and the
+//!      padding mask one after the other; Softmax's axis is the last, or not set from opset 13
 //! y  = Reshape(Transpose[0,2,1,3](P · Vh), [B,S,N·H])   (an identity Reshape may follow P · Vh)
 //! ```
 //!
@@ -155,6 +156,28 @@ fn maybe_scaled(p: Pat, name: &'static str, divisor: &'static str) -> Pat {
     ])
 }
 
+/// Softmax over the last of 4 axes: -1 or 3, or not set (-1 from opset 13; `softmax_axis`
+/// refuses it before).
+fn last_of_4(a: Option<&AttributeProto>) -> bool {
+    a.is_none_or(|a| a.i() == -1 || a.i() == 3)
+}
+
+/// A Softmax without `axis` normalizes over the last axis from opset 13; before, over every
+/// axis from 1 on, flattened.
+fn softmax_axis(m: &Match, g: &Graph, opset: i64) -> Checked<()> {
+    let Some(probs) = m.value("probs") else {
+        return Ok(());
+    };
+    let softmax = g.node(producer(g, probs)?);
+    match attr::get(&softmax.proto, "axis").is_none() && opset < 13 {
+        true => Err(Declined::Mismatch(format!(
+            "Softmax `{}` has no axis: at opset {opset} it normalizes over the flattened axes 1..",
+            softmax.name()
+        ))),
+        false => Ok(()),
+    }
+}
+
 fn attention() -> Pat {
     let k_heads = with_past("k", "k_reshape", "past_k", "k_total", "k_bnsh");
     let k_transposed = either([
@@ -204,9 +227,11 @@ fn attention() -> Pat {
         ],
     );
     let masked = either([filled, kept, scaled_scores]);
-    let biased = either([add(masked.clone(), value("bias")), masked]);
+    // One bias, or two (MPNet: its relative position bias, then the padding mask).
+    let once = add(masked.clone(), value("bias"));
+    let biased = either([add(once.clone(), value("bias2")), once, masked]);
     let probs = op("Softmax", [biased])
-        .attr("axis", |a| a.is_some_and(|a| a.i() == -1 || a.i() == 3))
+        .attr("axis", last_of_4)
         .anchor()
         .named("probs");
     let cleaned = either([
@@ -247,12 +272,11 @@ fn merged_heads_attention() -> Pat {
     let k_heads = with_past("k", "k_reshape", "past_k", "k_total", "k_bnsh");
     let v_heads = with_past("v", "v_reshape", "past_v", "v_total", "v_bnsh");
     let k_t = transpose(merged(k_heads, "k3"), |a| perm_is(a, &[0, 2, 1]));
+    // Q scaled in 4-D (BART from transformers 4.4x on) or in 3-D.
+    let q_heads = maybe_scaled(query_heads(), "q_heads_scale", "q_heads_div");
     let scores = op(
         "MatMul",
-        [
-            maybe_scaled(merged(query_heads(), "q3"), "q_scale", "q_div"),
-            k_t,
-        ],
+        [maybe_scaled(merged(q_heads, "q3"), "q_scale", "q_div"), k_t],
     )
     .named("scores3");
     // A bias added to the scores in 4-D: Reshape(Reshape(S, [B,N,S,T]) + bias, [B·N,S,T]).
@@ -265,8 +289,9 @@ fn merged_heads_attention() -> Pat {
     let once = add_4d(scores.clone(), "bias", "scores4");
     let twice = add_4d(once.clone(), "bias2", "scores4_2");
     let probs = op("Softmax", [either([twice, once, scores])])
-        .attr("axis", |a| a.is_some_and(|a| a.i() == -1 || a.i() == 2))
-        .anchor();
+        .attr("axis", |a| a.is_none_or(|a| a.i() == -1 || a.i() == 2))
+        .anchor()
+        .named("probs");
     let context = op("MatMul", [probs, merged(v_heads, "v3")]).named("context3");
     let context = op("Reshape", [context, any()]).named("context4");
     op(
@@ -372,10 +397,10 @@ fn scale_of(m: &Match, g: &Graph, layout: &Layout) -> Checked<f32> {
         let default = 1.0 / (layout.head_size as f64).sqrt();
         scale = attr::get_float(&node.proto, "scale").map_or(default, f64::from);
     }
-    for name in ["q_pre", "q_scale", "k_scale", "s_scale"] {
+    for name in ["q_pre", "q_heads_scale", "q_scale", "k_scale", "s_scale"] {
         scale *= value(name)?.unwrap_or(1.0);
     }
-    for name in ["q_div", "k_div", "s_div"] {
+    for name in ["q_heads_div", "q_div", "k_div", "s_div"] {
         scale /= value(name)?.unwrap_or(1.0);
     }
     Ok(scale as f32)
@@ -717,6 +742,7 @@ fn build_attention(m: &Match, rw: &mut Rewrite) -> Built {
             "the standard Attention is this target's form already".into(),
         ));
     }
+    softmax_axis(m, g, rw.opset)?;
     let layout = check_heads(m, g)?;
     let n = layout.heads;
     let scale = scale_of(m, g, &layout)?;
