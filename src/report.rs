@@ -24,7 +24,7 @@ pub struct Report {
     pub check: Option<Check>,
     pub output: Option<Saved>,
     pub warnings: Vec<String>,
-    /// With `--explain`: each block the fusions left unfused, and why.
+    /// Each block the fusions left unfused, and why (with `--explain` or `--report`).
     pub unfused: Vec<Unfused>,
 }
 
@@ -83,6 +83,12 @@ impl Report {
         }
     }
 
+    /// The blocks left unfused, one line each (`--explain`).
+    pub fn unfused_text(&self) -> String {
+        let lines: Vec<String> = self.unfused.iter().map(|u| format!("  {u}\n")).collect();
+        format!("unfused: {}\n{}", self.unfused.len(), lines.concat())
+    }
+
     pub fn to_json(&self) -> String {
         serde_json::to_string_pretty(self).unwrap_or_else(|e| format!("{{\"error\": \"{e}\"}}"))
     }
@@ -106,12 +112,6 @@ impl fmt::Display for Report {
                     "  {:<18} nodes {:>6} -> {:<6} {:>8.3}s  {}",
                     s.pass, s.nodes_before, s.nodes_after, s.seconds, s.rewrites
                 )?;
-            }
-        }
-        if !self.unfused.is_empty() {
-            writeln!(f, "unfused: {}", self.unfused.len())?;
-            for u in &self.unfused {
-                writeln!(f, "  {u}")?;
             }
         }
         if let Some(p) = &self.pruning {

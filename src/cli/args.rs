@@ -79,7 +79,8 @@ pub struct OptimizeArgs {
     #[arg(long, conflicts_with = "validate")]
     pub no_check: bool,
     /// Name each block a fusion left unfused (each Softmax, ReduceMean, Erf/Tanh/Sigmoid a
-    /// rule is about), the rule that got furthest and the first check that failed.
+    /// rule is about), the rule that got furthest and the first check that failed (the
+    /// `--report` JSON always lists them, as `unfused`).
     #[arg(long)]
     pub explain: bool,
     /// Run only these passes, comma-separated (`--passes dce`; the report lists them all).
