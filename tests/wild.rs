@@ -20,7 +20,7 @@ use onnxopt::passes::fuse::Target;
 use onnxopt::pipeline;
 
 /// Fused attention blocks over the corpus for ONNX Runtime, at least (of 146).
-const MIN_ATTENTION_FUSED: usize = 126;
+const MIN_ATTENTION_FUSED: usize = 128;
 
 const ATTENTION_OPS: &[&str] = &["Attention", "MultiHeadAttention", "GroupQueryAttention"];
 
@@ -127,15 +127,15 @@ fn every_wild_model_is_fused_and_runs_in_onnx_runtime() {
 
 /// `optimize --explain` names each block left unfused with the rule that got furthest and the
 /// first check that failed, in the text report and in the `--report` JSON: here three models
-/// that stay partly unfused for a reason each (dims inference cannot prove, a pattern no rule
-/// has, disentangled attention).
+/// that stay partly unfused for a reason each (dims the inferred types cannot prove: a
+/// decoder position Slice, tf2onnx naming each input's dims apart; disentangled attention).
 #[test]
 fn explain_names_why_blocks_stay_unfused() {
     let dir = tempfile::tempdir().unwrap();
     let mut lines = Vec::new();
     for file in [
         "whisper-dec-past.ts14.t21.eager.onnx",
-        "siglip-vision.ts17.t24.eager.onnx",
+        "tf-bert.tf2onnx13.tf215.onnx",
         "deberta-v2.ts17.t27.eager.onnx",
     ] {
         let out = dir.path().join(file);

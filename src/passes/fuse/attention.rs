@@ -16,6 +16,10 @@
 //! y  = Reshape(Transpose[0,2,1,3](P · Vh), [B,S,N·H])   (an identity Reshape may follow P · Vh)
 //! ```
 //!
+//! Also (see each pattern's doc): heads merged into the batch (`attention-3d`), the standard
+//! `Attention` op (`attention-op`), and `torch.nn.MultiheadAttention`'s sequence-first layout
+//! (`attention-seq-first`, fused on Q, K and V transposed batch first).
+//!
 //! The additive bias carries everything masks do (padding as `Where(mask, 0, -inf)`, GPT-2's
 //! causal mask folded into it, T5's relative position bias), so no mask form is special. A
 //! fill written over masked scores (`Where(masked, fill, S)` with a fill of -inf or at most
@@ -78,6 +82,11 @@ impl Fusion for AttentionFusion {
                 kind: "attention-op",
                 pattern: standard_attention_op(),
                 build: build_attention,
+            },
+            Rule {
+                kind: "attention-seq-first",
+                pattern: sequence_first_attention(),
+                build: build_sequence_first,
             },
         ]
     }
@@ -328,6 +337,31 @@ fn standard_attention_op() -> Pat {
         "Reshape",
         [
             transpose(core, |a| perm_is(a, &[0, 2, 1, 3])).named("context_t"),
+            any(),
+        ],
+    )
+}
+
+/// `torch.nn.MultiheadAttention` (SigLIP's pooling head: a learned probe query attending to
+/// the tokens), sequence first: Q, K and V `[L, B, N·H]` reshaped to `[L, B·N, H]`, the heads
+/// brought first for 3-D products, and the context `[B·N, L, H]` brought back to
+/// `[L, B·N, H]` and reshaped to `[L·B, N·H]` or `[L, B, N·H]`.
+fn sequence_first_attention() -> Pat {
+    let split =
+        |src: &'static str, name: &'static str| op("Reshape", [value(src), any()]).named(name);
+    let q = transpose(split("q", "q_split"), |a| perm_is(a, &[1, 0, 2]));
+    let k_t = transpose(split("k", "k_split"), |a| perm_is(a, &[1, 2, 0]));
+    let v = transpose(split("v", "v_split"), |a| perm_is(a, &[1, 0, 2]));
+    let scores = op("MatMul", [maybe_scaled(q, "q_scale", "q_div"), k_t]);
+    let probs = op("Softmax", [maybe_scaled(scores, "s_scale", "s_div")])
+        .attr("axis", |a| a.is_none_or(|a| a.i() == -1 || a.i() == 2))
+        .anchor()
+        .named("probs");
+    let context = op("MatMul", [probs, v]);
+    op(
+        "Reshape",
+        [
+            transpose(context, |a| perm_is(a, &[1, 0, 2])).named("context_t"),
             any(),
         ],
     )
@@ -799,28 +833,10 @@ fn build_attention(m: &Match, rw: &mut Rewrite) -> Built {
                 }
                 None => {
                     let bias = fitted_bias(bias, &layout, rw, q, &key_lengths)?;
-                    let inputs = [
-                        Some(q.into()),
-                        Some(k.into()),
-                        Some(v.into()),
-                        None,
-                        None,
-                        bias,
-                        past.map(|(pk, _)| pk.into()),
-                        past.map(|(_, pv)| pv.into()),
-                    ];
-                    let wanted = [true, presents[0].is_some(), presents[1].is_some()];
-                    let outs = rw.op_with_outputs(
-                        "MultiHeadAttention",
-                        MS_DOMAIN,
-                        trim(&inputs),
-                        &wanted,
-                        vec![attr::int("num_heads", n), attr::float("scale", scale)],
-                    );
-                    (
-                        outs[0].ok_or(Declined::Missing("output"))?,
-                        outs[1..].to_vec(),
-                    )
+                    let past = past.map(|(pk, pv)| (pk.into(), pv.into()));
+                    let wanted = [presents[0].is_some(), presents[1].is_some()];
+                    let qkv = [q.into(), k.into(), v.into()];
+                    unpacked(rw, n, scale, qkv, bias, past, wanted)?
                 }
             }
         }
@@ -832,30 +848,17 @@ fn build_attention(m: &Match, rw: &mut Rewrite) -> Built {
             }
             rw.require_opset(ATTENTION_OPSET)?;
             let bias = fitted_bias(bias, &layout, rw, q, &key_lengths)?;
-            let inputs = [
-                Some(q.into()),
-                Some(k.into()),
-                Some(v.into()),
+            let past = past.map(|(pk, pv)| (pk.into(), pv.into()));
+            let wanted = [presents[0].is_some(), presents[1].is_some()];
+            unpacked(
+                rw,
+                n,
+                scale,
+                [q.into(), k.into(), v.into()],
                 bias,
-                past.map(|(pk, _)| pk.into()),
-                past.map(|(_, pv)| pv.into()),
-            ];
-            let wanted = [true, presents[0].is_some(), presents[1].is_some()];
-            let outs = rw.op_with_outputs(
-                "Attention",
-                "",
-                trim(&inputs),
-                &wanted,
-                vec![
-                    attr::int("q_num_heads", n),
-                    attr::int("kv_num_heads", n),
-                    attr::float("scale", scale),
-                ],
-            );
-            (
-                outs[0].ok_or(Declined::Missing("output"))?,
-                outs[1..].to_vec(),
-            )
+                past,
+                wanted,
+            )?
         }
     };
 
@@ -890,6 +893,139 @@ fn build_attention(m: &Match, rw: &mut Rewrite) -> Built {
         }
     }
     Ok(())
+}
+
+/// The target's attention operator on Q, K and V as they are (3-D, or K and V `[B, N, T, H]`
+/// for ONNX Runtime), with the bias and past given: its output and the present K and V
+/// `wanted`.
+fn unpacked(
+    rw: &mut Rewrite,
+    heads: i64,
+    scale: f32,
+    [q, k, v]: [PValue; 3],
+    bias: Option<PValue>,
+    past: Option<(PValue, PValue)>,
+    wanted: [bool; 2],
+) -> Checked<(PValue, Vec<Option<PValue>>)> {
+    let (past_k, past_v) = (past.map(|p| p.0), past.map(|p| p.1));
+    let wanted = [true, wanted[0], wanted[1]];
+    let outs = match rw.target {
+        Target::Ort => {
+            let inputs = [Some(q), Some(k), Some(v), None, None, bias, past_k, past_v];
+            rw.op_with_outputs(
+                "MultiHeadAttention",
+                MS_DOMAIN,
+                trim(&inputs),
+                &wanted,
+                vec![attr::int("num_heads", heads), attr::float("scale", scale)],
+            )
+        }
+        Target::Onnx => {
+            let inputs = [Some(q), Some(k), Some(v), bias, past_k, past_v];
+            rw.op_with_outputs(
+                "Attention",
+                "",
+                trim(&inputs),
+                &wanted,
+                vec![
+                    attr::int("q_num_heads", heads),
+                    attr::int("kv_num_heads", heads),
+                    attr::float("scale", scale),
+                ],
+            )
+        }
+    };
+    let out = outs[0].ok_or(Declined::Missing("output"))?;
+    Ok((out, outs[1..].to_vec()))
+}
+
+/// `sequence_first_attention` as the target's attention operator on Q, K and V brought batch
+/// first, its output brought back and reshaped as the block's output was.
+fn build_sequence_first(m: &Match, rw: &mut Rewrite) -> Built {
+    let g = rw.graph;
+    let root_out = rw.root_of(m)?;
+    softmax_axis(m, g, rw.opset)?;
+    let layout = check_sequence_first(m, g, root_out)?;
+    let scale = scale_of(m, g, &layout)?;
+    if rw.target == Target::Onnx {
+        rw.require_opset(ATTENTION_OPSET)?;
+    }
+    let swap = || vec![attr::ints("perm", &[1, 0, 2])];
+    let mut batch_first = |name| -> Checked<PValue> {
+        let v = m.get(name)?;
+        Ok(rw.op("Transpose", "", &[v.into()], swap()))
+    };
+    let qkv = [batch_first("q")?, batch_first("k")?, batch_first("v")?];
+    let (out, _) = unpacked(rw, layout.heads, scale, qkv, None, None, [false, false])?;
+    let sequence_first = rw.op("Transpose", "", &[out], swap());
+    let shape = g.node(producer(g, root_out)?).input(1);
+    let shape = shape.ok_or(Declined::Missing("shape"))?;
+    let out = rw.op("Reshape", "", &[sequence_first, shape.into()], vec![]);
+    rw.replace(root_out, out);
+    Ok(())
+}
+
+/// Q, K and V `[L|T, B, N·H]` split to `[L|T, B·N, H]` with the same heads, and the output
+/// `root` `[L·B, N·H]` or `[L, B, N·H]`.
+fn check_sequence_first(m: &Match, g: &Graph, root: ValueId) -> Checked<Layout> {
+    // (length, batch, heads, head size) of a `[len, B, N·H]` value split to `[len, B·N, H]`.
+    let split = |src: &'static str, split: &'static str| -> Checked<(Dim, Dim, i64, i64)> {
+        let (src, split) = (m.get(src)?, m.get(split)?);
+        let (s, r) = (dims(g, src)?, dims(g, split)?);
+        let fits = match (s.as_slice(), r.as_slice()) {
+            ([len, b, e], [len2, bn, h]) => {
+                let n = bn.div(b).and_then(|n| n.value());
+                match (n, h.value(), e.value()) {
+                    (Some(n), Some(h), Some(e)) if len.same(len2) && n * h == e => {
+                        Some((len.clone(), b.clone(), n, h))
+                    }
+                    _ => None,
+                }
+            }
+            _ => None,
+        };
+        fits.ok_or_else(|| {
+            Declined::NotProven(format!(
+                "{} splits {} into heads, batch first",
+                shown(g, split),
+                shown(g, src)
+            ))
+        })
+    };
+    let (q_len, batch, n, h) = split("q", "q_split")?;
+    let (k_len, k_batch, kn, kh) = split("k", "k_split")?;
+    let (v_len, v_batch, vn, vh) = split("v", "v_split")?;
+    if (kn, kh, vn, vh) != (n, h, n, h) {
+        return Err(Declined::Mismatch(format!(
+            "heads × head size: Q {n}×{h}, K {kn}×{kh}, V {vn}×{vh}"
+        )));
+    }
+    if !batch.same(&k_batch) || !batch.same(&v_batch) || !k_len.same(&v_len) {
+        return Err(Declined::NotProven(format!(
+            "Q, K and V have the batch {batch}, and K's length {k_len} is V's {v_len}"
+        )));
+    }
+    let out = dims(g, root)?;
+    let e = Dim::known(n * h);
+    let fits = match out.as_slice() {
+        [lb, ee] => lb.same(&q_len.mul(&batch)) && ee.same(&e),
+        [l, b, ee] => l.same(&q_len) && b.same(&batch) && ee.same(&e),
+        _ => false,
+    };
+    if !fits {
+        return Err(Declined::NotProven(format!(
+            "the output {} is [{q_len}·{batch}, {e}] or [{q_len}, {batch}, {e}]",
+            shown(g, root)
+        )));
+    }
+    Ok(Layout {
+        heads: n,
+        head_size: h,
+        batch,
+        q_len,
+        total: k_len,
+        bnsh: false,
+    })
 }
 
 fn trim<T>(inputs: &[Option<T>]) -> &[Option<T>] {
