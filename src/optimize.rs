@@ -22,7 +22,7 @@ use crate::passes::identity::IdentityElimination;
 use crate::passes::noop::NoOpElimination;
 use crate::passes::shape::ShapeInference;
 use crate::passes::shape_of::ShapeFromInputs;
-use crate::passes::{PassManager, PassReport};
+use crate::passes::{PassManager, PassReport, Unfused};
 
 #[derive(Clone, Debug)]
 pub struct OptimizeOptions {
@@ -66,14 +66,25 @@ pub fn pipeline(options: &OptimizeOptions) -> PassManager {
 /// target in the model's metadata when a fusion pass ran (a clean-up alone builds for no
 /// runtime).
 pub fn optimize(model: &mut Model, options: &OptimizeOptions) -> Result<PassReport> {
-    let mut passes = pipeline(options);
-    if !options.passes.is_empty() {
-        passes = passes.only(&options.passes)?;
-    }
-    passes = passes.without(&options.skip)?;
+    let passes = selected(options)?;
     let report = passes.run(model)?;
     if passes.names().iter().any(|n| n.starts_with("fuse-")) {
         model.set_metadata(TARGET_KEY, options.target.name());
     }
     Ok(report)
+}
+
+/// The passes `options` runs: the pipeline, or the ones it names, less the ones it skips.
+fn selected(options: &OptimizeOptions) -> Result<PassManager> {
+    let mut passes = pipeline(options);
+    if !options.passes.is_empty() {
+        passes = passes.only(&options.passes)?;
+    }
+    passes.without(&options.skip)
+}
+
+/// What the fusions `options` runs leave unfused in `model` (an optimized one), and why
+/// (`--explain`).
+pub fn explain(model: &Model, options: &OptimizeOptions) -> Result<Vec<Unfused>> {
+    Ok(selected(options)?.explain(model))
 }

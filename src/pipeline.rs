@@ -83,6 +83,8 @@ pub struct Options {
     pub check: bool,
     /// The engine validation and the output check run models in.
     pub engine: Engine,
+    /// Name each block the fusions left unfused, with the reason (`Report::unfused`).
+    pub explain: bool,
 }
 
 impl Default for Options {
@@ -101,6 +103,7 @@ impl Default for Options {
             },
             check: true,
             engine: Engine::Auto,
+            explain: false,
         }
     }
 }
@@ -165,6 +168,22 @@ const CHECK_LENGTH: usize = 8;
 
 /// Runs the pipeline on `model` (see the module doc).
 pub fn run(model: Model, options: &Options, progress: Progress) -> Result<Outcome, PipelineError> {
+    let mut outcome = run_steps(model, options, progress)?;
+    if options.explain {
+        outcome.report.unfused = crate::optimize::explain(&outcome.model, &options.optimize)
+            .map_err(|source| PipelineError::Step {
+                what: "explaining the fusions",
+                source,
+            })?;
+    }
+    Ok(outcome)
+}
+
+fn run_steps(
+    model: Model,
+    options: &Options,
+    progress: Progress,
+) -> Result<Outcome, PipelineError> {
     let original = model.clone();
     let mut report = Report::new();
     report.warnings.extend(model.repairs.iter().cloned());

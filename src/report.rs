@@ -6,7 +6,7 @@ use std::fmt;
 use crate::exec::{OutputDiff, Validation};
 use crate::io::Saved;
 use crate::passes::fuse::Target;
-use crate::passes::PassReport;
+use crate::passes::{PassReport, Unfused};
 use crate::prune::{Importance, PruneReport, Unstructured};
 use crate::quant::{QuantReport, QuantTarget, RangeMethod};
 
@@ -24,6 +24,8 @@ pub struct Report {
     pub check: Option<Check>,
     pub output: Option<Saved>,
     pub warnings: Vec<String>,
+    /// Each block the fusions left unfused, and why (with `--explain` or `--report`).
+    pub unfused: Vec<Unfused>,
 }
 
 /// The output check of a lossless run: the input and the output model on the same
@@ -79,6 +81,12 @@ impl Report {
             onnxopt_version: env!("CARGO_PKG_VERSION"),
             ..Default::default()
         }
+    }
+
+    /// The blocks left unfused, one line each (`--explain`).
+    pub fn unfused_text(&self) -> String {
+        let lines: Vec<String> = self.unfused.iter().map(|u| format!("  {u}\n")).collect();
+        format!("unfused: {}\n{}", self.unfused.len(), lines.concat())
     }
 
     pub fn to_json(&self) -> String {

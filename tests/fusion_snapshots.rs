@@ -212,3 +212,15 @@ fn attention_vit_without_mask() {
     );
     insta::assert_snapshot!(diff);
 }
+
+#[test]
+fn attention_mpnet_position_bias_and_mask() {
+    // MPNet adds its relative position bias, then the padding mask: one attention_bias.
+    let diff = wild_fused_diff(
+        "mpnet.ts14.t21.eager",
+        AttentionFusion {
+            target: Target::Ort,
+        },
+    );
+    insta::assert_snapshot!(diff);
+}

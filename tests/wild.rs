@@ -20,7 +20,7 @@ use onnxopt::passes::fuse::Target;
 use onnxopt::pipeline;
 
 /// Fused attention blocks over the corpus for ONNX Runtime, at least (of 146).
-const MIN_ATTENTION_FUSED: usize = 106;
+const MIN_ATTENTION_FUSED: usize = 128;
 
 const ATTENTION_OPS: &[&str] = &["Attention", "MultiHeadAttention", "GroupQueryAttention"];
 
@@ -123,4 +123,51 @@ fn every_wild_model_is_fused_and_runs_in_onnx_runtime() {
         "{fused} of {blocks} blocks fused, fewer than {MIN_ATTENTION_FUSED}"
     );
     checks.run();
+}
+
+/// `optimize --explain` names each block left unfused with the rule that got furthest and the
+/// first check that failed, in the text report and in the `--report` JSON: here three models
+/// that stay partly unfused for a reason each (dims the inferred types cannot prove: a
+/// decoder position Slice, tf2onnx naming each input's dims apart; disentangled attention).
+#[test]
+fn explain_names_why_blocks_stay_unfused() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut lines = Vec::new();
+    for file in [
+        "whisper-dec-past.ts14.t21.eager.onnx",
+        "tf-bert.tf2onnx13.tf215.onnx",
+        "deberta-v2.ts17.t27.eager.onnx",
+    ] {
+        let out = dir.path().join(file);
+        let json = dir.path().join(format!("{file}.json"));
+        let run = std::process::Command::new(env!("CARGO_BIN_EXE_onnxopt"))
+            .args(["optimize", "--explain", "--no-check", "--report"])
+            .arg(&json)
+            .arg(path_of(file))
+            .arg(&out)
+            .output()
+            .unwrap();
+        assert!(run.status.success(), "{file}: {run:?}");
+        let stdout = String::from_utf8_lossy(&run.stdout).into_owned();
+        let explained: Vec<&str> = stdout.lines().filter(|l| l.contains("not fused")).collect();
+        let report: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+        assert_eq!(
+            report["unfused"].as_array().map(Vec::len),
+            Some(explained.len()),
+            "{file}: the JSON report lists what the text does"
+        );
+        lines.push(format!("{file}:"));
+        lines.extend(explained.iter().map(|l| l.to_string()));
+    }
+    let text = lines.join("\n");
+    // The decoder's query length comes from a Slice of the position table at run time.
+    assert!(
+        text.contains(
+            "Softmax `/m/dec/layers.0/self_attn/Softmax` not fused (fuse-attention/attention-3d): \
+             not proven from the inferred shapes"
+        ),
+        "{text}"
+    );
+    insta::assert_snapshot!(text);
 }

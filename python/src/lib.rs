@@ -512,6 +512,7 @@ fn optimize(
         inputs,
         generate,
         validate,
+        explain: false,
         tolerances: Tolerances {
             max_error,
             min_cosine,

@@ -78,6 +78,11 @@ pub struct OptimizeArgs {
     /// tolerance: the output is written unvalidated (for a model no engine here runs).
     #[arg(long, conflicts_with = "validate")]
     pub no_check: bool,
+    /// Name each block a fusion left unfused (each Softmax, ReduceMean, Erf/Tanh/Sigmoid a
+    /// rule is about), the rule that got furthest and the first check that failed (the
+    /// `--report` JSON always lists them, as `unfused`).
+    #[arg(long)]
+    pub explain: bool,
     /// Run only these passes, comma-separated (`--passes dce`; the report lists them all).
     #[arg(long, value_delimiter = ',', value_name = "PASS,...")]
     pub passes: Vec<String>,

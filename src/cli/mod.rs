@@ -183,6 +183,9 @@ fn optimize(args: OptimizeArgs) -> Result<()> {
         .with_context(|| format!("cannot write `{}`", args.output.display()))?;
     report.output = Some(saved);
     emit(&report.to_string())?;
+    if args.explain {
+        emit(&report.unfused_text())?;
+    }
     write_report(&report, args.report.as_deref())
 }
 
@@ -248,6 +251,8 @@ fn pipeline_options(args: &OptimizeArgs) -> Result<pipeline::Options> {
         tolerances: tolerances(&args.tolerance),
         check: !args.no_check,
         engine: args.engine.engine(),
+        // Shown with --explain, always in the JSON report.
+        explain: args.explain || args.report.is_some(),
     })
 }
 

@@ -157,7 +157,8 @@ impl Dumper {
     }
 }
 
-fn attribute_text(a: &AttributeProto) -> String {
+/// `name=value`, as the dump writes an attribute.
+pub fn attribute_text(a: &AttributeProto) -> String {
     let name = a.name();
     if let Some(r) = &a.ref_attr_name {
         return format!("{name}=@{r}");

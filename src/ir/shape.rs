@@ -166,6 +166,19 @@ impl Dim {
             (Dim::Unknown, _) | (_, Dim::Unknown) => Dim::Unknown,
             _ if other.value() == Some(0) => self.clone(),
             _ if self.value() == Some(0) => other.mul(&Dim::known(sign)),
+            // `(a + b) - a` is `b`: a decoder's positions run from the past length to the
+            // total one.
+            _ if sign < 0
+                && self
+                    .sum_terms()
+                    .is_some_and(|(a, b)| &a == other || &b == other) =>
+            {
+                match self.sum_terms() {
+                    Some((a, b)) if &a == other => b,
+                    Some((a, _)) => a,
+                    None => Dim::Unknown,
+                }
+            }
             // A sum's terms are written in order, so that `a + b` and `b + a` are one symbol.
             _ if sign > 0 => {
                 let (a, b) = (self.to_string(), other.to_string());
@@ -174,6 +187,19 @@ impl Dim {
             }
             _ => Dim::symbol(&format!("({self} - {other})")),
         }
+    }
+
+    /// The two terms of an opaque sum symbol `(a + b)` (as `combine` writes it).
+    fn sum_terms(&self) -> Option<(Dim, Dim)> {
+        let Dim::Product { coeff: 1, symbols } = self else {
+            return None;
+        };
+        let [(name, 1)] = symbols.iter().collect::<Vec<_>>()[..] else {
+            return None;
+        };
+        let inner = parenthesized(name)?;
+        let at = last_top_level(inner, " + ")?;
+        Some((Dim::parse(&inner[..at]), Dim::parse(&inner[at + 3..])))
     }
 
     /// The product of `dims` (1 for none).
@@ -558,6 +584,18 @@ mod tests {
         assert_eq!(Dim::known(0).add(&b), b);
         assert_eq!(b.sub(&Dim::known(0)), b);
         assert_eq!(Dim::known(0).sub(&b).to_string(), "-1*batch");
+        // A sum less one of its terms is the other (a decoder's positions past..past+new).
+        let past = Dim::symbol("past_sequence");
+        assert_eq!(past.add(&s).sub(&past), s);
+        assert_eq!(past.add(&s).sub(&s), past);
+        assert_eq!(
+            past.add(&s.mul(&Dim::known(2))).sub(&past),
+            s.mul(&Dim::known(2))
+        );
+        assert_eq!(
+            past.add(&s).sub(&b).to_string(),
+            "((past_sequence + sequence) - batch)"
+        );
     }
 
     #[test]

@@ -71,6 +71,36 @@ pub trait Pass {
     fn name(&self) -> &'static str;
     /// Runs once over the model and returns the rewrites it made (none: nothing to do).
     fn run(&self, model: &mut Model) -> Result<Rewrites>;
+    /// For a fusion: each block it leaves unfused in `model`, with the reason (`--explain`).
+    fn explain(&self, _model: &Model) -> Vec<Unfused> {
+        Vec::new()
+    }
+}
+
+/// A block a fusion left unfused (`--explain`): its anchor node (the Softmax of an attention
+/// block, the Erf of a GELU), the fusion and rule that got furthest with it, and the first
+/// check that failed.
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+pub struct Unfused {
+    pub node: String,
+    pub op: String,
+    pub fusion: &'static str,
+    pub rule: &'static str,
+    pub reason: String,
+}
+
+impl std::fmt::Display for Unfused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let by = match self.rule {
+            "" => self.fusion.to_string(),
+            rule => format!("{}/{rule}", self.fusion),
+        };
+        write!(
+            f,
+            "{} `{}` not fused ({by}): {}",
+            self.op, self.node, self.reason
+        )
+    }
 }
 
 /// What the manager saw one pass do, summed over every round.
@@ -154,6 +184,11 @@ impl PassManager {
     }
 
     /// Runs the passes round after round until one changes nothing.
+    /// What the passes' fusions leave unfused in `model`, and why.
+    pub fn explain(&self, model: &Model) -> Vec<Unfused> {
+        self.passes.iter().flat_map(|p| p.explain(model)).collect()
+    }
+
     pub fn run(&self, model: &mut Model) -> Result<PassReport> {
         let mut stats: Vec<PassStats> = self
             .passes

@@ -10,10 +10,15 @@
 //!    | Reshape(Transpose[0,2,1](Reshape(Kh, [B·N,T,H])), [B,N,H,T])   dynamo exporter
 //!      where Kh = heads(k), or Concat(past_k, heads(k), axis 2),
 //!      or a [B,N,T,H] value (the encoder's cached K/V of cross-attention)  (· scale)
-//! P  = Softmax(S + bias | Where(masked, fill, S) | S)   with S = Qh·Kᵀ (· or / scale)
-//!      then Where(IsNaN(P), 0, P) (SDPA)
+//! P  = Softmax(S + bias (+ bias2) | Where(masked, fill, S) | S)   with S = Qh·Kᵀ (· or / scale)
+//!      then Where(IsNaN(P), 0, P) (SDPA); MPNet adds its relative position bias and the
+//!      padding mask one after the other; Softmax's axis is the last, or not set from opset 13
 //! y  = Reshape(Transpose[0,2,1,3](P · Vh), [B,S,N·H])   (an identity Reshape may follow P · Vh)
 //! ```
+//!
+//! Also (see each pattern's doc): heads merged into the batch (`attention-3d`), the standard
+//! `Attention` op (`attention-op`), and `torch.nn.MultiheadAttention`'s sequence-first layout
+//! (`attention-seq-first`, fused on Q, K and V transposed batch first).
 //!
 //! The additive bias carries everything masks do (padding as `Where(mask, 0, -inf)`, GPT-2's
 //! causal mask folded into it, T5's relative position bias), so no mask form is special. A
@@ -42,13 +47,11 @@
 use super::pattern::{
     add, any, constant_where, div, either, mul, op, scalar, unary, value, Match, Pat,
 };
-use super::{apply_rules, Rewrite, Rule, Target, MS_DOMAIN};
-use crate::error::Result;
+use super::{Built, Declined, Fusion, Rewrite, Rule, Target, MS_DOMAIN};
 use crate::ir::shape::broadcast_shapes;
-use crate::ir::{attr, DataType, DataTypeExt, Dim, Graph, Model, NodeId, PValue, Tensor, ValueId};
+use crate::ir::{attr, DataType, DataTypeExt, Dim, Graph, NodeId, PValue, Tensor, ValueId};
 use crate::ops::attention::{BiasFit, BiasShape};
 use crate::ops::weights::plain_gemm_trans_b;
-use crate::passes::{Pass, Rewrites};
 use crate::proto::AttributeProto;
 
 const ATTENTION_OPSET: i64 = 23;
@@ -60,35 +63,40 @@ pub struct AttentionFusion {
     pub target: Target,
 }
 
-impl Pass for AttentionFusion {
-    fn name(&self) -> &'static str {
-        "fuse-attention"
+impl Fusion for AttentionFusion {
+    const NAME: &'static str = "fuse-attention";
+
+    fn rules() -> Vec<Rule> {
+        vec![
+            Rule {
+                kind: "attention",
+                pattern: attention(),
+                build: build_attention,
+            },
+            Rule {
+                kind: "attention-3d",
+                pattern: merged_heads_attention(),
+                build: build_attention,
+            },
+            Rule {
+                kind: "attention-op",
+                pattern: standard_attention_op(),
+                build: build_attention,
+            },
+            Rule {
+                kind: "attention-seq-first",
+                pattern: sequence_first_attention(),
+                build: build_sequence_first,
+            },
+        ]
     }
 
-    fn run(&self, model: &mut Model) -> Result<Rewrites> {
-        apply_rules(
-            model,
-            &[
-                Rule {
-                    kind: "attention",
-                    pattern: attention(),
-                    build: build_attention,
-                },
-                Rule {
-                    kind: "attention-3d",
-                    pattern: merged_heads_attention(),
-                    build: build_attention,
-                },
-                Rule {
-                    kind: "attention-op",
-                    pattern: standard_attention_op(),
-                    build: build_attention,
-                },
-            ],
-            self.target,
-        )
+    fn target(&self) -> Target {
+        self.target
     }
 }
+
+type Checked<T> = std::result::Result<T, Declined>;
 
 // ---- the pattern ---------------------------------------------------------------------------
 
@@ -157,6 +165,28 @@ fn maybe_scaled(p: Pat, name: &'static str, divisor: &'static str) -> Pat {
     ])
 }
 
+/// Softmax over the last of 4 axes: -1 or 3, or not set (-1 from opset 13; `softmax_axis`
+/// refuses it before).
+fn last_of_4(a: Option<&AttributeProto>) -> bool {
+    a.is_none_or(|a| a.i() == -1 || a.i() == 3)
+}
+
+/// A Softmax without `axis` normalizes over the last axis from opset 13; before, over every
+/// axis from 1 on, flattened.
+fn softmax_axis(m: &Match, g: &Graph, opset: i64) -> Checked<()> {
+    let Some(probs) = m.value("probs") else {
+        return Ok(());
+    };
+    let softmax = g.node(producer(g, probs)?);
+    match attr::get(&softmax.proto, "axis").is_none() && opset < 13 {
+        true => Err(Declined::Mismatch(format!(
+            "Softmax `{}` has no axis: at opset {opset} it normalizes over the flattened axes 1..",
+            softmax.name()
+        ))),
+        false => Ok(()),
+    }
+}
+
 fn attention() -> Pat {
     let k_heads = with_past("k", "k_reshape", "past_k", "k_total", "k_bnsh");
     let k_transposed = either([
@@ -206,9 +236,12 @@ fn attention() -> Pat {
         ],
     );
     let masked = either([filled, kept, scaled_scores]);
-    let biased = either([add(masked.clone(), value("bias")), masked]);
+    // One bias, or two (MPNet: its relative position bias, then the padding mask).
+    let once = add(masked.clone(), value("bias"));
+    let biased = either([add(once.clone(), value("bias2")), once, masked]);
     let probs = op("Softmax", [biased])
-        .attr("axis", |a| a.is_some_and(|a| a.i() == -1 || a.i() == 3))
+        .attr("axis", last_of_4)
+        .anchor()
         .named("probs");
     let cleaned = either([
         op(
@@ -248,12 +281,11 @@ fn merged_heads_attention() -> Pat {
     let k_heads = with_past("k", "k_reshape", "past_k", "k_total", "k_bnsh");
     let v_heads = with_past("v", "v_reshape", "past_v", "v_total", "v_bnsh");
     let k_t = transpose(merged(k_heads, "k3"), |a| perm_is(a, &[0, 2, 1]));
+    // Q scaled in 4-D (BART from transformers 4.4x on) or in 3-D.
+    let q_heads = maybe_scaled(query_heads(), "q_heads_scale", "q_heads_div");
     let scores = op(
         "MatMul",
-        [
-            maybe_scaled(merged(query_heads(), "q3"), "q_scale", "q_div"),
-            k_t,
-        ],
+        [maybe_scaled(merged(q_heads, "q3"), "q_scale", "q_div"), k_t],
     )
     .named("scores3");
     // A bias added to the scores in 4-D: Reshape(Reshape(S, [B,N,S,T]) + bias, [B·N,S,T]).
@@ -266,7 +298,9 @@ fn merged_heads_attention() -> Pat {
     let once = add_4d(scores.clone(), "bias", "scores4");
     let twice = add_4d(once.clone(), "bias2", "scores4_2");
     let probs = op("Softmax", [either([twice, once, scores])])
-        .attr("axis", |a| a.is_some_and(|a| a.i() == -1 || a.i() == 2));
+        .attr("axis", |a| a.is_none_or(|a| a.i() == -1 || a.i() == 2))
+        .anchor()
+        .named("probs");
     let context = op("MatMul", [probs, merged(v_heads, "v3")]).named("context3");
     let context = op("Reshape", [context, any()]).named("context4");
     op(
@@ -308,46 +342,102 @@ fn standard_attention_op() -> Pat {
     )
 }
 
+/// `torch.nn.MultiheadAttention` (SigLIP's pooling head: a learned probe query attending to
+/// the tokens), sequence first: Q, K and V `[L, B, N·H]` reshaped to `[L, B·N, H]`, the heads
+/// brought first for 3-D products, and the context `[B·N, L, H]` brought back to
+/// `[L, B·N, H]` and reshaped to `[L·B, N·H]` or `[L, B, N·H]`.
+fn sequence_first_attention() -> Pat {
+    let split =
+        |src: &'static str, name: &'static str| op("Reshape", [value(src), any()]).named(name);
+    let q = transpose(split("q", "q_split"), |a| perm_is(a, &[1, 0, 2]));
+    let k_t = transpose(split("k", "k_split"), |a| perm_is(a, &[1, 2, 0]));
+    let v = transpose(split("v", "v_split"), |a| perm_is(a, &[1, 0, 2]));
+    let scores = op("MatMul", [maybe_scaled(q, "q_scale", "q_div"), k_t]);
+    let probs = op("Softmax", [maybe_scaled(scores, "s_scale", "s_div")])
+        .attr("axis", |a| a.is_none_or(|a| a.i() == -1 || a.i() == 2))
+        .anchor()
+        .named("probs");
+    let context = op("MatMul", [probs, v]);
+    op(
+        "Reshape",
+        [
+            transpose(context, |a| perm_is(a, &[1, 0, 2])).named("context_t"),
+            any(),
+        ],
+    )
+}
+
 // ---- checks on types ----------------------------------------------------------------------
 
-fn dims(g: &Graph, v: ValueId) -> Option<Vec<Dim>> {
-    g.value_type(v)?.shape
+fn dims(g: &Graph, v: ValueId) -> Checked<Vec<Dim>> {
+    g.value_type(v)
+        .and_then(|t| t.shape)
+        .ok_or_else(|| Declined::NotProven(format!("the shape of {}", g.value_name(v))))
+}
+
+/// `name [d0, d1, …]`, for a reason.
+fn shown(g: &Graph, v: ValueId) -> String {
+    match dims(g, v) {
+        Ok(d) => {
+            let d: Vec<String> = d.iter().map(Dim::to_string).collect();
+            format!("{} [{}]", g.value_name(v), d.join(", "))
+        }
+        Err(_) => format!("{} (no shape)", g.value_name(v)),
+    }
+}
+
+/// The producer of a value the pattern matched as an operator's output.
+fn producer(g: &Graph, v: ValueId) -> Checked<NodeId> {
+    g.producer(v).ok_or(Declined::Missing("producer"))
 }
 
 /// The `[B, S]` dims, head count and head size of a `Reshape(src) = [B, S, N, H]` that splits
 /// only the last dim of a `[B, S, N·H]` value.
-fn split_heads(g: &Graph, src: ValueId, reshaped: ValueId) -> Option<(Vec<Dim>, i64, i64)> {
+fn split_heads(g: &Graph, src: ValueId, reshaped: ValueId) -> Checked<(Vec<Dim>, i64, i64)> {
     let (s, r) = (dims(g, src)?, dims(g, reshaped)?);
-    let (n, h) = (r.get(2)?.value()?, r.get(3)?.value()?);
-    let fits = s.len() == 3
-        && r.len() == 4
-        && s[0].same(&r[0])
-        && s[1].same(&r[1])
-        && s[2].value() == Some(n * h);
-    fits.then(|| (s[..2].to_vec(), n, h))
+    let nh = r
+        .get(2)
+        .zip(r.get(3))
+        .and_then(|(n, h)| n.value().zip(h.value()));
+    let fits = |(n, h): (i64, i64)| {
+        s.len() == 3
+            && r.len() == 4
+            && s[0].same(&r[0])
+            && s[1].same(&r[1])
+            && s[2].value() == Some(n * h)
+    };
+    match nh.filter(|&nh| fits(nh)) {
+        Some((n, h)) => Ok((s[..2].to_vec(), n, h)),
+        None => Err(Declined::NotProven(format!(
+            "{} splits only the last dim of {} into heads",
+            shown(g, reshaped),
+            shown(g, src)
+        ))),
+    }
 }
 
-fn scale_of(m: &Match, g: &Graph, layout: &Layout) -> Option<f32> {
-    let value = |name| -> Option<Option<f64>> {
+fn scale_of(m: &Match, g: &Graph, layout: &Layout) -> Checked<f32> {
+    let value = |name| -> Checked<Option<f64>> {
         match m.value(name) {
-            Some(v) => Some(Some(g.constant(v)?.scalar_f64()?)),
-            None => Some(None),
+            // The pattern checked a scalar float constant.
+            Some(v) => Ok(g.constant(v).and_then(|t| t.scalar_f64())),
+            None => Ok(None),
         }
     };
     let mut scale = 1.0;
     if let Some(op) = m.value("attention_op") {
         // The standard op's own scale, 1/√H by default.
-        let node = g.node(g.producer(op)?);
+        let node = g.node(producer(g, op)?);
         let default = 1.0 / (layout.head_size as f64).sqrt();
         scale = attr::get_float(&node.proto, "scale").map_or(default, f64::from);
     }
-    for name in ["q_pre", "q_scale", "k_scale", "s_scale"] {
+    for name in ["q_pre", "q_heads_scale", "q_scale", "k_scale", "s_scale"] {
         scale *= value(name)?.unwrap_or(1.0);
     }
-    for name in ["q_div", "k_div", "s_div"] {
+    for name in ["q_heads_div", "q_div", "k_div", "s_div"] {
         scale /= value(name)?.unwrap_or(1.0);
     }
-    Some(scale as f32)
+    Ok(scale as f32)
 }
 
 /// What the checks prove of a match: the head count and the dims the fused operator's
@@ -365,25 +455,41 @@ struct Layout {
 
 /// The checks the pattern cannot express: layouts from types, consistent head counts, past
 /// key/values in pairs, the dynamo Kᵀ detour, an identity context Reshape.
-fn check_heads(m: &Match, g: &Graph) -> Option<Layout> {
-    let (q_bs, n, h) = split_heads(g, m.value("q")?, m.value("q_reshape")?)?;
+fn check_heads(m: &Match, g: &Graph) -> Checked<Layout> {
+    let (q_bs, n, h) = split_heads(g, m.get("q")?, m.get("q_reshape")?)?;
     // (batch, length, heads, head size) of K or V, split from 3-D or given as [B, N, T, H].
-    let kv = |src, reshape, bnsh| -> Option<(Dim, Dim, i64, i64)> {
+    let kv = |src, reshape, bnsh| -> Checked<(Dim, Dim, i64, i64)> {
         match m.value(bnsh) {
             Some(v) => match dims(g, v)?.as_slice() {
-                [b, nn, t, hh] => Some((b.clone(), t.clone(), nn.value()?, hh.value()?)),
-                _ => None,
+                [b, nn, t, hh] if nn.value().is_some() && hh.value().is_some() => Ok((
+                    b.clone(),
+                    t.clone(),
+                    nn.value().unwrap_or_default(),
+                    hh.value().unwrap_or_default(),
+                )),
+                _ => Err(Declined::NotProven(format!(
+                    "{} is [batch, heads, length, head size]",
+                    shown(g, v)
+                ))),
             },
             None => {
-                let (bs, nn, hh) = split_heads(g, m.value(src)?, m.value(reshape)?)?;
-                Some((bs[0].clone(), bs[1].clone(), nn, hh))
+                let (bs, nn, hh) = split_heads(g, m.get(src)?, m.get(reshape)?)?;
+                Ok((bs[0].clone(), bs[1].clone(), nn, hh))
             }
         }
     };
     let (k_batch, k_len, kn, kh) = kv("k", "k_reshape", "k_bnsh")?;
     let (_, v_len, vn, vh) = kv("v", "v_reshape", "v_bnsh")?;
-    if (kn, kh, vn, vh) != (n, h, n, h) || !q_bs[0].same(&k_batch) || !k_len.same(&v_len) {
-        return None;
+    if (kn, kh, vn, vh) != (n, h, n, h) {
+        return Err(Declined::Mismatch(format!(
+            "heads × head size: Q {n}×{h}, K {kn}×{kh}, V {vn}×{vh}"
+        )));
+    }
+    if !q_bs[0].same(&k_batch) || !k_len.same(&v_len) {
+        return Err(Declined::NotProven(format!(
+            "Q's batch {} is K's {k_batch}, and K's length {k_len} is V's {v_len}",
+            q_bs[0]
+        )));
     }
     let bnsh = m.value("k_bnsh").is_some();
     let past = m.value("past_k").is_some();
@@ -392,44 +498,65 @@ fn check_heads(m: &Match, g: &Graph) -> Option<Layout> {
         || m.value("k_total").is_some() != m.value("v_total").is_some()
         || past != m.value("past_v").is_some()
     {
-        return None;
+        return Err(Declined::Mismatch(
+            "K and V do not come in the same form (past, cached, projected)".into(),
+        ));
     }
     let mut total = k_len;
     for p in ["past_k", "past_v"] {
         if let Some(p) = m.value(p) {
             let d = dims(g, p)?;
             if d.len() != 4 || d[1].value() != Some(n) || d[3].value() != Some(h) {
-                return None;
+                return Err(Declined::NotProven(format!(
+                    "the past {} is [batch, {n}, past, {h}]",
+                    shown(g, p)
+                )));
             }
-            if p == m.value("past_k")? {
+            if Some(p) == m.value("past_k") {
                 total = d[2].add(&total);
             }
         }
     }
     // The dynamo Kᵀ: Reshape to [B·N, T, H], Transpose, Reshape back to [B, N, H, T].
     if let Some(flat) = m.value("k_flat") {
-        let heads = dims(g, g.node(g.producer(flat)?).input(0)?)?;
-        let (f, t) = (dims(g, flat)?, dims(g, m.value("k_t")?)?);
-        let [b, nn, tt, hh] = heads.as_slice() else {
-            return None;
+        let heads_of = g.node(producer(g, flat)?).input(0);
+        let heads_of = heads_of.ok_or(Declined::Missing("k_flat"))?;
+        let heads = dims(g, heads_of)?;
+        let (f, t) = (dims(g, flat)?, dims(g, m.get("k_t")?)?);
+        let fits = match heads.as_slice() {
+            [b, nn, tt, hh] => {
+                let merged =
+                    f.len() == 3 && f[0].same(&b.mul(nn)) && f[1].same(tt) && f[2].same(hh);
+                let split =
+                    t.len() == 4 && t[0].same(b) && t[1].same(nn) && t[2].same(hh) && t[3].same(tt);
+                merged && split
+            }
+            _ => false,
         };
-        let merged = f.len() == 3 && f[0].same(&b.mul(nn)) && f[1].same(tt) && f[2].same(hh);
-        let split = t.len() == 4 && t[0].same(b) && t[1].same(nn) && t[2].same(hh) && t[3].same(tt);
-        if !merged || !split {
-            return None;
+        if !fits {
+            return Err(Declined::NotProven(format!(
+                "Kᵀ {} → {} → {} merges and splits batch and heads only",
+                shown(g, heads_of),
+                shown(g, flat),
+                shown(g, m.get("k_t")?)
+            )));
         }
     }
     if let Some(r) = m.value("context_reshape") {
-        let before = dims(g, m.value("context")?)?;
-        let after = dims(g, r)?;
+        let context = m.get("context")?;
+        let (before, after) = (dims(g, context)?, dims(g, r)?);
         if before.len() != after.len() || !before.iter().zip(&after).all(|(a, b)| a.same(b)) {
-            return None;
+            return Err(Declined::NotProven(format!(
+                "the Reshape {} of the context {} changes nothing",
+                shown(g, r),
+                shown(g, context)
+            )));
         }
     }
     if m.value("q3").is_some() {
         check_merged(m, g, n, &q_bs[1], &total)?;
     }
-    Some(Layout {
+    Ok(Layout {
         heads: n,
         head_size: h,
         batch: q_bs[0].clone(),
@@ -442,18 +569,23 @@ fn check_heads(m: &Match, g: &Graph) -> Option<Layout> {
 /// The additive bias of the match, if any, with its dims: the sum of the ones the graph
 /// adds and of the one a fill over masked scores stands for, `Where(masked, fill, 0)` or
 /// `Where(kept, 0, fill)` (see the module doc).
-fn bias_of(m: &Match, rw: &mut Rewrite) -> Option<Option<(PValue, Vec<Dim>)>> {
+fn bias_of(m: &Match, rw: &mut Rewrite) -> Checked<Option<(PValue, Vec<Dim>)>> {
     let g = rw.graph;
     let mut parts: Vec<(PValue, Vec<Dim>)> = Vec::new();
     let fill_where = [("fill_where", true), ("keep_where", false)]
         .into_iter()
         .find_map(|(name, masked)| Some((m.value(name)?, masked)));
+    let zero =
+        || Tensor::from_f32("zero", &[], &[0.0]).map_err(|e| Declined::Refused(e.to_string()));
     if let Some((condition, masked)) = fill_where {
-        let fill = m.value("fill")?;
-        if g.constant(fill)?.dtype() != DataType::Float {
-            return None;
+        let fill = m.get("fill")?;
+        if rw.constant_of(fill)?.dtype() != DataType::Float {
+            return Err(Declined::Mismatch(format!(
+                "the mask fill {} is not float32",
+                g.value_name(fill)
+            )));
         }
-        let zero = rw.constant("zero", Tensor::from_f32("zero", &[], &[0.0]).ok()?);
+        let zero = rw.constant("zero", zero()?);
         let (then, otherwise) = match masked {
             true => (fill.into(), zero),
             false => (zero, fill.into()),
@@ -469,38 +601,58 @@ fn bias_of(m: &Match, rw: &mut Rewrite) -> Option<Option<(PValue, Vec<Dim>)>> {
     if let Some(mask) = m.value("attn_mask") {
         // The standard op's mask: additive when float; when boolean, true where a key is
         // attended, which the op itself reads as 0 there and -inf elsewhere.
-        let t = g.value_type(mask)?;
-        let bias = match t.elem {
-            e if e == DataType::Float as i32 => mask.into(),
-            e if e == DataType::Bool as i32 => {
-                let zero = rw.constant("zero", Tensor::from_f32("zero", &[], &[0.0]).ok()?);
-                let never = Tensor::from_f32("never", &[], &[f32::NEG_INFINITY]).ok()?;
+        let mask_dims = dims(g, mask)?;
+        let elem = g.value_type(mask).map(|t| t.elem);
+        let bias = match elem {
+            Some(e) if e == DataType::Float as i32 => mask.into(),
+            Some(e) if e == DataType::Bool as i32 => {
+                let zero = rw.constant("zero", zero()?);
+                let never = Tensor::from_f32("never", &[], &[f32::NEG_INFINITY])
+                    .map_err(|e| Declined::Refused(e.to_string()))?;
                 let never = rw.constant("never", never);
                 rw.op("Where", "", &[mask.into(), zero, never], vec![])
             }
-            _ => return None,
+            _ => {
+                return Err(Declined::Mismatch(format!(
+                    "the mask {} is neither float32 nor bool",
+                    g.value_name(mask)
+                )))
+            }
         };
-        parts.push((bias, t.shape?));
+        parts.push((bias, mask_dims));
     }
     // Several masks (causal and padding) add up, in the order the graph added them.
     let mut parts = parts.into_iter();
     let Some(first) = parts.next() else {
-        return Some(None);
+        return Ok(None);
     };
     let sum = parts.fold(first, |(sum, sum_dims), (bias, bias_dims)| {
         let both = broadcast_shapes(&sum_dims, &bias_dims);
         (rw.op("Add", "", &[sum, bias], vec![]), both)
     });
-    Some(Some(sum))
+    Ok(Some(sum))
 }
 
 /// The merged-heads form (`merged_heads_attention`): every `[B·N, ·, ·]` value must merge
 /// exactly B and N of the `[B, N, ·, ·]` one it reshapes or is reshaped to, with the same
 /// last two dims, and the scores the masks are added to must be `[B, N, S, T]`.
-fn check_merged(m: &Match, g: &Graph, n: i64, q_len: &Dim, total: &Dim) -> Option<()> {
-    let heads_dims = |v: ValueId| -> Option<Vec<Dim>> {
+fn check_merged(m: &Match, g: &Graph, n: i64, q_len: &Dim, total: &Dim) -> Checked<()> {
+    let heads_dims = |v: ValueId| -> Checked<Vec<Dim>> {
         let d = dims(g, v)?;
-        (d.len() == 4 && d[1].value() == Some(n)).then_some(d)
+        match d.len() == 4 && d[1].value() == Some(n) {
+            true => Ok(d),
+            false => Err(Declined::NotProven(format!(
+                "{} is [batch, {n}, ·, ·]",
+                shown(g, v)
+            ))),
+        }
+    };
+    let not_merged = |merged: ValueId, split: ValueId| {
+        Declined::NotProven(format!(
+            "{} is {} with batch and heads merged",
+            shown(g, merged),
+            shown(g, split)
+        ))
     };
     // `merged` ([B·N, x, y]) is `split` ([B, N, x, y]) with B and N merged.
     let merges = |merged: &[Dim], split: &[Dim]| {
@@ -511,31 +663,37 @@ fn check_merged(m: &Match, g: &Graph, n: i64, q_len: &Dim, total: &Dim) -> Optio
             && merged[2].same(&split[3])
     };
     for merged in ["q3", "k3", "v3"] {
-        let merged = m.value(merged)?;
-        let heads = g.node(g.producer(merged)?).input(0)?;
+        let merged = m.get(merged)?;
+        let heads = g.node(producer(g, merged)?).input(0);
+        let heads = heads.ok_or(Declined::Missing("heads"))?;
         if !merges(&dims(g, merged)?, &heads_dims(heads)?) {
-            return None;
+            return Err(not_merged(merged, heads));
         }
     }
-    let scores = dims(g, m.value("scores3")?)?;
-    let context = heads_dims(m.value("context4")?)?;
-    if !merges(&dims(g, m.value("context3")?)?, &context)
-        || !context[2].same(q_len)
+    let (scores3, context3, context4) = (m.get("scores3")?, m.get("context3")?, m.get("context4")?);
+    let scores = dims(g, scores3)?;
+    let context = heads_dims(context4)?;
+    if !merges(&dims(g, context3)?, &context) {
+        return Err(not_merged(context3, context4));
+    }
+    if !context[2].same(q_len)
         || scores.len() != 3
         || !scores[1].same(q_len)
         || !scores[2].same(total)
     {
-        return None;
+        return Err(Declined::NotProven(format!(
+            "the scores {} are [batch·heads, {q_len}, {total}]",
+            shown(g, scores3)
+        )));
     }
     for at in ["scores4", "scores4_2"] {
         if let Some(v) = m.value(at) {
-            let d = heads_dims(v)?;
-            if !merges(&scores, &d) {
-                return None;
+            if !merges(&scores, &heads_dims(v)?) {
+                return Err(not_merged(scores3, v));
             }
         }
     }
-    Some(())
+    Ok(())
 }
 
 /// The bias as the fused operator must receive it (see `ops::attention`): as it is, or
@@ -549,9 +707,9 @@ fn fitted_bias(
     rw: &mut Rewrite,
     q_of: ValueId,
     keys: &[(ValueId, i64)],
-) -> Option<Option<PValue>> {
+) -> Checked<Option<PValue>> {
     let Some((bias, bias_dims)) = bias else {
-        return Some(None);
+        return Ok(None);
     };
     let contract = BiasShape {
         batch: &layout.batch,
@@ -560,19 +718,26 @@ fn fitted_bias(
         total: &layout.total,
     };
     let (rows, cols) = match contract.fit(&bias_dims) {
-        BiasFit::Fits => return Some(Some(bias)),
-        BiasFit::Refused(_) => return None,
+        BiasFit::Fits => return Ok(Some(bias)),
+        BiasFit::Refused(why) => {
+            return Err(Declined::Contract {
+                op: "attention bias",
+                why,
+            })
+        }
         BiasFit::Expand { rows, cols } => (rows, cols),
     };
     // Expand(bias, [1, 1, q_len or 1, total or 1]), the lengths read at run time (Gather of
     // Shape rather than Shape's start/end, which needs opset 15).
-    let ints = |n: &[i64]| Tensor::from_i64("ints", &[n.len() as i64], n).ok();
-    let dim_of = |rw: &mut Rewrite, v: ValueId, axis: i64| -> Option<PValue> {
+    let ints = |n: &[i64]| {
+        Tensor::from_i64("ints", &[n.len() as i64], n).map_err(|e| Declined::Refused(e.to_string()))
+    };
+    let dim_of = |rw: &mut Rewrite, v: ValueId, axis: i64| -> Checked<PValue> {
         let shape = rw.op("Shape", "", &[v.into()], vec![]);
         let axis = rw.constant("axis", ints(&[axis])?);
-        Some(rw.op("Gather", "", &[shape, axis], vec![attr::int("axis", 0)]))
+        Ok(rw.op("Gather", "", &[shape, axis], vec![attr::int("axis", 0)]))
     };
-    let one = |rw: &mut Rewrite| Some(rw.constant("one", ints(&[1])?));
+    let one = |rw: &mut Rewrite| Ok::<_, Declined>(rw.constant("one", ints(&[1])?));
     let rows = match rows {
         true => dim_of(rw, q_of, 1)?,
         false => one(rw)?,
@@ -587,7 +752,7 @@ fn fitted_bias(
                     Some(sum) => rw.op("Add", "", &[sum, dim], vec![]),
                 });
             }
-            total?
+            total.ok_or(Declined::Missing("k"))?
         }
         false => one(rw)?,
     };
@@ -598,27 +763,30 @@ fn fitted_bias(
         &[ones, rows, cols],
         vec![attr::int("axis", 0)],
     );
-    Some(Some(rw.op("Expand", "", &[bias, target], vec![])))
+    Ok(Some(rw.op("Expand", "", &[bias, target], vec![])))
 }
 
 // ---- the builders -------------------------------------------------------------------------
 
-fn build_attention(m: &Match, rw: &mut Rewrite) -> Option<()> {
+fn build_attention(m: &Match, rw: &mut Rewrite) -> Built {
     let g = rw.graph;
+    // The standard op is already what other runtimes are given.
+    if m.value("attention_op").is_some() && rw.target == Target::Onnx {
+        return Err(Declined::Mismatch(
+            "the standard Attention is this target's form already".into(),
+        ));
+    }
+    softmax_axis(m, g, rw.opset)?;
     let layout = check_heads(m, g)?;
     let n = layout.heads;
     let scale = scale_of(m, g, &layout)?;
-    // The standard op is already what other runtimes are given.
-    if m.value("attention_op").is_some() && rw.target == Target::Onnx {
-        return None;
-    }
-    let root = *m.nodes().first()?;
-    let root_out = g.node(root).output(0)?;
-    let q = m.value("q")?;
+    let root_out = rw.root_of(m)?;
+    let root = producer(g, root_out)?;
+    let q = m.get("q")?;
     // K and V: the 3-D projections, or the [B, N, T, H] values of cross-attention.
     let (k, v) = match layout.bnsh {
-        true => (m.value("k_bnsh")?, m.value("v_bnsh")?),
-        false => (m.value("k")?, m.value("v")?),
+        true => (m.get("k_bnsh")?, m.get("v_bnsh")?),
+        false => (m.get("k")?, m.get("v")?),
     };
     let past = m.value("past_k").zip(m.value("past_v"));
     let presents = [m.value("k_total"), m.value("v_total")];
@@ -661,69 +829,45 @@ fn build_attention(m: &Match, rw: &mut Rewrite) -> Option<()> {
                         &[true],
                         vec![attr::int("num_heads", n), attr::float("scale", scale)],
                     );
-                    (outs[0]?, vec![])
+                    (outs[0].ok_or(Declined::Missing("output"))?, vec![])
                 }
                 None => {
                     let bias = fitted_bias(bias, &layout, rw, q, &key_lengths)?;
-                    let inputs = [
-                        Some(q.into()),
-                        Some(k.into()),
-                        Some(v.into()),
-                        None,
-                        None,
-                        bias,
-                        past.map(|(pk, _)| pk.into()),
-                        past.map(|(_, pv)| pv.into()),
-                    ];
-                    let wanted = [true, presents[0].is_some(), presents[1].is_some()];
-                    let outs = rw.op_with_outputs(
-                        "MultiHeadAttention",
-                        MS_DOMAIN,
-                        trim(&inputs),
-                        &wanted,
-                        vec![attr::int("num_heads", n), attr::float("scale", scale)],
-                    );
-                    (outs[0]?, outs[1..].to_vec())
+                    let past = past.map(|(pk, pv)| (pk.into(), pv.into()));
+                    let wanted = [presents[0].is_some(), presents[1].is_some()];
+                    let qkv = [q.into(), k.into(), v.into()];
+                    unpacked(rw, n, scale, qkv, bias, past, wanted)?
                 }
             }
         }
         Target::Onnx => {
             // ONNX Attention takes Q, K and V all 3-D or all 4-D: cross-attention over 4-D K/V
             // stays as it is for this target.
-            if layout.bnsh || !rw.require_opset(ATTENTION_OPSET) {
-                return None;
+            if layout.bnsh {
+                return Err(Declined::NoOperator(rw.target.name()));
             }
+            rw.require_opset(ATTENTION_OPSET)?;
             let bias = fitted_bias(bias, &layout, rw, q, &key_lengths)?;
-            let inputs = [
-                Some(q.into()),
-                Some(k.into()),
-                Some(v.into()),
+            let past = past.map(|(pk, pv)| (pk.into(), pv.into()));
+            let wanted = [presents[0].is_some(), presents[1].is_some()];
+            unpacked(
+                rw,
+                n,
+                scale,
+                [q.into(), k.into(), v.into()],
                 bias,
-                past.map(|(pk, _)| pk.into()),
-                past.map(|(_, pv)| pv.into()),
-            ];
-            let wanted = [true, presents[0].is_some(), presents[1].is_some()];
-            let outs = rw.op_with_outputs(
-                "Attention",
-                "",
-                trim(&inputs),
-                &wanted,
-                vec![
-                    attr::int("q_num_heads", n),
-                    attr::int("kv_num_heads", n),
-                    attr::float("scale", scale),
-                ],
-            );
-            (outs[0]?, outs[1..].to_vec())
+                past,
+                wanted,
+            )?
         }
     };
 
     // The fused output is [B, S, N·H]; the graph may want it flattened (GPT-2's Gemm).
-    let root_rank = dims(g, root_out).map(|d| d.len());
+    let root_rank = dims(g, root_out).ok().map(|d| d.len());
     let out = match root_rank {
         Some(3) => out,
         _ => {
-            let shape = g.node(root).input(1)?;
+            let shape = g.node(root).input(1).ok_or(Declined::Missing("shape"))?;
             rw.op("Reshape", "", &[out, shape.into()], vec![])
         }
     };
@@ -731,13 +875,14 @@ fn build_attention(m: &Match, rw: &mut Rewrite) -> Option<()> {
     // The context in [B, S, N, H], before the heads are joined, read outside the block (a
     // Shape of it that shape inference could not rebuild from the inputs): the fused output
     // split into heads again, a view of it.
-    let context_t = m.value("context_t")?;
+    let context_t = m.get("context_t")?;
     let read_outside = g
         .uses(context_t)
         .iter()
         .any(|(r, _)| !m.nodes().contains(r));
     if read_outside {
-        let split = Tensor::from_i64("heads", &[4], &[0, 0, n, layout.head_size]).ok()?;
+        let split = Tensor::from_i64("heads", &[4], &[0, 0, n, layout.head_size])
+            .map_err(|e| Declined::Refused(e.to_string()))?;
         let split = rw.constant("heads", split);
         let heads = rw.op("Reshape", "", &[out, split], vec![]);
         rw.replace(context_t, heads);
@@ -747,7 +892,140 @@ fn build_attention(m: &Match, rw: &mut Rewrite) -> Option<()> {
             rw.replace(*old, new);
         }
     }
-    Some(())
+    Ok(())
+}
+
+/// The target's attention operator on Q, K and V as they are (3-D, or K and V `[B, N, T, H]`
+/// for ONNX Runtime), with the bias and past given: its output and the present K and V
+/// `wanted`.
+fn unpacked(
+    rw: &mut Rewrite,
+    heads: i64,
+    scale: f32,
+    [q, k, v]: [PValue; 3],
+    bias: Option<PValue>,
+    past: Option<(PValue, PValue)>,
+    wanted: [bool; 2],
+) -> Checked<(PValue, Vec<Option<PValue>>)> {
+    let (past_k, past_v) = (past.map(|p| p.0), past.map(|p| p.1));
+    let wanted = [true, wanted[0], wanted[1]];
+    let outs = match rw.target {
+        Target::Ort => {
+            let inputs = [Some(q), Some(k), Some(v), None, None, bias, past_k, past_v];
+            rw.op_with_outputs(
+                "MultiHeadAttention",
+                MS_DOMAIN,
+                trim(&inputs),
+                &wanted,
+                vec![attr::int("num_heads", heads), attr::float("scale", scale)],
+            )
+        }
+        Target::Onnx => {
+            let inputs = [Some(q), Some(k), Some(v), bias, past_k, past_v];
+            rw.op_with_outputs(
+                "Attention",
+                "",
+                trim(&inputs),
+                &wanted,
+                vec![
+                    attr::int("q_num_heads", heads),
+                    attr::int("kv_num_heads", heads),
+                    attr::float("scale", scale),
+                ],
+            )
+        }
+    };
+    let out = outs[0].ok_or(Declined::Missing("output"))?;
+    Ok((out, outs[1..].to_vec()))
+}
+
+/// `sequence_first_attention` as the target's attention operator on Q, K and V brought batch
+/// first, its output brought back and reshaped as the block's output was.
+fn build_sequence_first(m: &Match, rw: &mut Rewrite) -> Built {
+    let g = rw.graph;
+    let root_out = rw.root_of(m)?;
+    softmax_axis(m, g, rw.opset)?;
+    let layout = check_sequence_first(m, g, root_out)?;
+    let scale = scale_of(m, g, &layout)?;
+    if rw.target == Target::Onnx {
+        rw.require_opset(ATTENTION_OPSET)?;
+    }
+    let swap = || vec![attr::ints("perm", &[1, 0, 2])];
+    let mut batch_first = |name| -> Checked<PValue> {
+        let v = m.get(name)?;
+        Ok(rw.op("Transpose", "", &[v.into()], swap()))
+    };
+    let qkv = [batch_first("q")?, batch_first("k")?, batch_first("v")?];
+    let (out, _) = unpacked(rw, layout.heads, scale, qkv, None, None, [false, false])?;
+    let sequence_first = rw.op("Transpose", "", &[out], swap());
+    let shape = g.node(producer(g, root_out)?).input(1);
+    let shape = shape.ok_or(Declined::Missing("shape"))?;
+    let out = rw.op("Reshape", "", &[sequence_first, shape.into()], vec![]);
+    rw.replace(root_out, out);
+    Ok(())
+}
+
+/// Q, K and V `[L|T, B, N·H]` split to `[L|T, B·N, H]` with the same heads, and the output
+/// `root` `[L·B, N·H]` or `[L, B, N·H]`.
+fn check_sequence_first(m: &Match, g: &Graph, root: ValueId) -> Checked<Layout> {
+    // (length, batch, heads, head size) of a `[len, B, N·H]` value split to `[len, B·N, H]`.
+    let split = |src: &'static str, split: &'static str| -> Checked<(Dim, Dim, i64, i64)> {
+        let (src, split) = (m.get(src)?, m.get(split)?);
+        let (s, r) = (dims(g, src)?, dims(g, split)?);
+        let fits = match (s.as_slice(), r.as_slice()) {
+            ([len, b, e], [len2, bn, h]) => {
+                let n = bn.div(b).and_then(|n| n.value());
+                match (n, h.value(), e.value()) {
+                    (Some(n), Some(h), Some(e)) if len.same(len2) && n * h == e => {
+                        Some((len.clone(), b.clone(), n, h))
+                    }
+                    _ => None,
+                }
+            }
+            _ => None,
+        };
+        fits.ok_or_else(|| {
+            Declined::NotProven(format!(
+                "{} splits {} into heads, batch first",
+                shown(g, split),
+                shown(g, src)
+            ))
+        })
+    };
+    let (q_len, batch, n, h) = split("q", "q_split")?;
+    let (k_len, k_batch, kn, kh) = split("k", "k_split")?;
+    let (v_len, v_batch, vn, vh) = split("v", "v_split")?;
+    if (kn, kh, vn, vh) != (n, h, n, h) {
+        return Err(Declined::Mismatch(format!(
+            "heads × head size: Q {n}×{h}, K {kn}×{kh}, V {vn}×{vh}"
+        )));
+    }
+    if !batch.same(&k_batch) || !batch.same(&v_batch) || !k_len.same(&v_len) {
+        return Err(Declined::NotProven(format!(
+            "Q, K and V have the batch {batch}, and K's length {k_len} is V's {v_len}"
+        )));
+    }
+    let out = dims(g, root)?;
+    let e = Dim::known(n * h);
+    let fits = match out.as_slice() {
+        [lb, ee] => lb.same(&q_len.mul(&batch)) && ee.same(&e),
+        [l, b, ee] => l.same(&q_len) && b.same(&batch) && ee.same(&e),
+        _ => false,
+    };
+    if !fits {
+        return Err(Declined::NotProven(format!(
+            "the output {} is [{q_len}·{batch}, {e}] or [{q_len}, {batch}, {e}]",
+            shown(g, root)
+        )));
+    }
+    Ok(Layout {
+        heads: n,
+        head_size: h,
+        batch,
+        q_len,
+        total: k_len,
+        bnsh: false,
+    })
 }
 
 fn trim<T>(inputs: &[Option<T>]) -> &[Option<T>] {
@@ -837,7 +1115,7 @@ fn split_projection(g: &Graph, q: ValueId, k: ValueId, v: ValueId) -> Option<Pac
         return None;
     }
     let joined = split.input(0)?;
-    let joined_dims = dims(g, joined)?;
+    let joined_dims = dims(g, joined).ok()?;
     let axis = attr::get_int(&split.proto, "axis").unwrap_or(0);
     if joined_dims.len() != 3 || !(axis == 2 || axis == -1) {
         return None;
@@ -874,7 +1152,7 @@ fn split_projection(g: &Graph, q: ValueId, k: ValueId, v: ValueId) -> Option<Pac
     let flatten_id = g.producer(gemm.input(0)?)?;
     let flatten = g.node(flatten_id);
     let x = flatten.input(0)?;
-    let x_dims = dims(g, x)?;
+    let x_dims = dims(g, x).ok()?;
     // x must be [B, S, in] with the same B, S as the split halves.
     if !flatten.is("Reshape")
         || x_dims.len() != 3

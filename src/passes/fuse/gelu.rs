@@ -33,13 +33,9 @@
 
 use std::f64::consts::{FRAC_1_SQRT_2, PI};
 
-use super::pattern::{
-    add, any, constant_where, either, mul, op, pow, scalar, unary, value, Match, Pat,
-};
-use super::{apply_rules, Rewrite, Rule, Target, MS_DOMAIN};
-use crate::error::Result;
-use crate::ir::{attr, DataTypeExt, Model, Tensor};
-use crate::passes::{Pass, Rewrites};
+use super::pattern::{add, constant_where, either, mul, op, pow, scalar, unary, value, Match, Pat};
+use super::{Built, Fusion, Rewrite, Rule, Target, MS_DOMAIN};
+use crate::ir::{attr, DataTypeExt, Tensor};
 
 /// The standard `Gelu` operator appeared in opset 20.
 const GELU_OPSET: i64 = 20;
@@ -48,13 +44,47 @@ pub struct GeluFusion {
     pub target: Target,
 }
 
-impl Pass for GeluFusion {
-    fn name(&self) -> &'static str {
-        "fuse-gelu"
+impl Fusion for GeluFusion {
+    const NAME: &'static str = "fuse-gelu";
+
+    fn rules() -> Vec<Rule> {
+        vec![
+            Rule {
+                kind: "gelu-erf",
+                pattern: erf_form(),
+                build: |m, rw| build_gelu(m, rw, "none"),
+            },
+            Rule {
+                kind: "gelu-tanh",
+                pattern: tanh_form(),
+                build: |m, rw| build_gelu(m, rw, "tanh"),
+            },
+            Rule {
+                kind: "quick-gelu",
+                pattern: quick_form(),
+                build: build_quick_gelu,
+            },
+            Rule {
+                kind: "bias-gelu",
+                pattern: gelu_node(biased(), "none"),
+                build: |m, rw| build_bias_gelu(m, rw, "BiasGelu"),
+            },
+            Rule {
+                kind: "fast-gelu-bias",
+                pattern: gelu_node(biased(), "tanh"),
+                build: |m, rw| build_bias_gelu(m, rw, "FastGelu"),
+            },
+            Rule {
+                kind: "fast-gelu",
+                pattern: op("Gelu", [value("x")])
+                    .attr("approximate", |a| a.is_some_and(|a| a.s() == b"tanh")),
+                build: build_fast_gelu_from_standard,
+            },
+        ]
     }
 
-    fn run(&self, model: &mut Model) -> Result<Rewrites> {
-        apply_rules(model, &rules(), self.target)
+    fn target(&self) -> Target {
+        self.target
     }
 }
 
@@ -78,7 +108,10 @@ fn half_x_times(inner: Pat) -> Pat {
 
 fn erf_form() -> Pat {
     let reciprocal = either([scalar(FRAC_1_SQRT_2), scalar(1.0 / MEGATRON_SQRT_2)]);
-    half_x_times(add(unary("Erf", mul(value("x"), reciprocal)), scalar(1.0)))
+    half_x_times(add(
+        unary("Erf", mul(value("x"), reciprocal)).anchor(),
+        scalar(1.0),
+    ))
 }
 
 fn tanh_form() -> Pat {
@@ -99,7 +132,7 @@ fn tanh_form() -> Pat {
         ),
     );
     half_x_times(add(
-        unary("Tanh", either([expanded, factored])),
+        unary("Tanh", either([expanded, factored])).anchor(),
         scalar(1.0),
     ))
 }
@@ -110,7 +143,8 @@ fn quick_form() -> Pat {
         unary(
             "Sigmoid",
             mul(value("x"), constant_where("alpha", is_scalar)),
-        ),
+        )
+        .anchor(),
     )
 }
 
@@ -142,56 +176,13 @@ fn gelu_node(input: Pat, approximate: &'static str) -> Pat {
     }
 }
 
-fn rules() -> Vec<Rule> {
-    vec![
-        Rule {
-            kind: "gelu-erf",
-            pattern: erf_form(),
-            build: |m, rw| build_gelu(m, rw, "none"),
-        },
-        Rule {
-            kind: "gelu-tanh",
-            pattern: tanh_form(),
-            build: |m, rw| build_gelu(m, rw, "tanh"),
-        },
-        Rule {
-            kind: "quick-gelu",
-            pattern: quick_form(),
-            build: build_quick_gelu,
-        },
-        Rule {
-            kind: "bias-gelu",
-            pattern: gelu_node(biased(), "none"),
-            build: |m, rw| build_bias_gelu(m, rw, "BiasGelu"),
-        },
-        Rule {
-            kind: "fast-gelu-bias",
-            pattern: gelu_node(biased(), "tanh"),
-            build: |m, rw| build_bias_gelu(m, rw, "FastGelu"),
-        },
-        Rule {
-            kind: "fast-gelu",
-            pattern: op("Gelu", [any()])
-                .attr("approximate", |a| a.is_some_and(|a| a.s() == b"tanh")),
-            build: build_fast_gelu_from_standard,
-        },
-    ]
-}
-
-/// The value the match's root node produces: what the fused node replaces.
-fn root(m: &Match, rw: &Rewrite) -> Option<crate::ir::ValueId> {
-    rw.graph.node(*m.nodes().first()?).output(0)
-}
-
-fn build_gelu(m: &Match, rw: &mut Rewrite, approximate: &str) -> Option<()> {
-    let x = m.value("x")?;
+fn build_gelu(m: &Match, rw: &mut Rewrite, approximate: &str) -> Built {
+    let x = m.get("x")?;
     let out = match (rw.target, approximate) {
         (Target::Ort, "tanh") => rw.op("FastGelu", MS_DOMAIN, &[x.into()], vec![]),
         (Target::Ort, _) => rw.op("Gelu", MS_DOMAIN, &[x.into()], vec![]),
         (Target::Onnx, _) => {
-            if !rw.require_opset(GELU_OPSET) {
-                return None;
-            }
+            rw.require_opset(GELU_OPSET)?;
             let attrs = match approximate {
                 "tanh" => vec![attr::string("approximate", "tanh")],
                 _ => vec![],
@@ -199,52 +190,46 @@ fn build_gelu(m: &Match, rw: &mut Rewrite, approximate: &str) -> Option<()> {
             rw.op("Gelu", "", &[x.into()], attrs)
         }
     };
-    let root = root(m, rw)?;
+    let root = rw.root_of(m)?;
     rw.replace(root, out);
-    Some(())
+    Ok(())
 }
 
-fn build_quick_gelu(m: &Match, rw: &mut Rewrite) -> Option<()> {
-    if rw.target != Target::Ort {
-        return None;
-    }
-    let alpha = rw.graph.constant(m.value("alpha")?)?.scalar_f64()? as f32;
+fn build_quick_gelu(m: &Match, rw: &mut Rewrite) -> Built {
+    rw.require_ort()?;
+    // `is_scalar` checked it holds one float.
+    let alpha = rw.constant_of(m.get("alpha")?)?.scalar_f64().unwrap_or(1.0) as f32;
     let out = rw.op(
         "QuickGelu",
         MS_DOMAIN,
-        &[m.value("x")?.into()],
+        &[m.get("x")?.into()],
         vec![attr::float("alpha", alpha)],
     );
-    let root = root(m, rw)?;
+    let root = rw.root_of(m)?;
     rw.replace(root, out);
-    Some(())
+    Ok(())
 }
 
-fn build_bias_gelu(m: &Match, rw: &mut Rewrite, op_type: &str) -> Option<()> {
-    if rw.target != Target::Ort {
-        return None;
-    }
+fn build_bias_gelu(m: &Match, rw: &mut Rewrite, op_type: &str) -> Built {
+    rw.require_ort()?;
     let out = rw.op(
         op_type,
         MS_DOMAIN,
-        &[m.value("x")?.into(), m.value("bias")?.into()],
+        &[m.get("x")?.into(), m.get("bias")?.into()],
         vec![],
     );
-    let root = root(m, rw)?;
+    let root = rw.root_of(m)?;
     rw.replace(root, out);
-    Some(())
+    Ok(())
 }
 
 /// Standard `Gelu(approximate="tanh")` (dynamo exports at opset 20) → FastGelu for ONNX
 /// Runtime, which has a faster kernel for it.
-fn build_fast_gelu_from_standard(m: &Match, rw: &mut Rewrite) -> Option<()> {
-    if rw.target != Target::Ort {
-        return None;
-    }
-    let node = rw.graph.node(*m.nodes().first()?);
-    let x = node.input(0)?;
+fn build_fast_gelu_from_standard(m: &Match, rw: &mut Rewrite) -> Built {
+    rw.require_ort()?;
+    let x = m.get("x")?;
     let out = rw.op("FastGelu", MS_DOMAIN, &[x.into()], vec![]);
-    let root = node.output(0)?;
+    let root = rw.root_of(m)?;
     rw.replace(root, out);
-    Some(())
+    Ok(())
 }

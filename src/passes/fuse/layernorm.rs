@@ -38,10 +38,8 @@ use super::pattern::{
     add, constant, constant_where, div, either, int_attr_is, mul, op, pow, scalar, sub, unary,
     value, Match, Pat,
 };
-use super::{apply_rules, Rewrite, Rule, Target};
-use crate::error::Result;
-use crate::ir::{attr, DataType, DataTypeExt, Model, PValue, Tensor, ValueId};
-use crate::passes::{Pass, Rewrites};
+use super::{Built, Declined, Fusion, Rewrite, Rule, Target};
+use crate::ir::{attr, DataType, DataTypeExt, PValue, Tensor, ValueId};
 
 const LAYER_NORM_OPSET: i64 = 17;
 const RMS_NORM_OPSET: i64 = 23;
@@ -50,39 +48,37 @@ pub struct LayerNormFusion {
     pub target: Target,
 }
 
-impl Pass for LayerNormFusion {
-    fn name(&self) -> &'static str {
-        "fuse-layernorm"
+impl Fusion for LayerNormFusion {
+    const NAME: &'static str = "fuse-layernorm";
+
+    fn rules() -> Vec<Rule> {
+        vec![
+            Rule {
+                kind: "layer-norm",
+                pattern: layer_norm(),
+                build: build_layer_norm,
+            },
+            Rule {
+                kind: "layer-norm-tf",
+                pattern: layer_norm_tf(),
+                build: build_layer_norm,
+            },
+            Rule {
+                kind: "rms-norm",
+                pattern: rms_norm(),
+                build: build_rms_norm,
+            },
+            Rule {
+                kind: "residual-sum",
+                pattern: residual_layer_norm(),
+                build: build_residual_sum,
+            },
+        ]
     }
 
-    fn run(&self, model: &mut Model) -> Result<Rewrites> {
-        apply_rules(model, &rules(), self.target)
+    fn target(&self) -> Target {
+        self.target
     }
-}
-
-fn rules() -> Vec<Rule> {
-    vec![
-        Rule {
-            kind: "layer-norm",
-            pattern: layer_norm(),
-            build: build_layer_norm,
-        },
-        Rule {
-            kind: "layer-norm-tf",
-            pattern: layer_norm_tf(),
-            build: build_layer_norm,
-        },
-        Rule {
-            kind: "rms-norm",
-            pattern: rms_norm(),
-            build: build_rms_norm,
-        },
-        Rule {
-            kind: "residual-sum",
-            pattern: residual_layer_norm(),
-            build: build_residual_sum,
-        },
-    ]
 }
 
 /// `ReduceMean(input)` over axes given as an attribute (before opset 18) or as a constant
@@ -142,7 +138,8 @@ fn narrowed(v: Pat) -> Pat {
 }
 
 fn layer_norm() -> Pat {
-    let d = sub(value("x"), reduce_mean(value("x"), "mean", "mean_axes")).named("d");
+    let mean = reduce_mean(value("x"), "mean", "mean_axes").anchor();
+    let d = sub(value("x"), mean).named("d");
     let variance = reduce_mean(
         pow(widened(value("d")), scalar(2.0)),
         "variance",
@@ -153,7 +150,9 @@ fn layer_norm() -> Pat {
 
 /// tf2onnx's LayerNorm: `s = γ · 1/√(v + ε)`, `x·s + (β − mean·s)`.
 fn layer_norm_tf() -> Pat {
-    let mean = reduce_mean(value("x"), "mean", "mean_axes").named("mean");
+    let mean = reduce_mean(value("x"), "mean", "mean_axes")
+        .anchor()
+        .named("mean");
     let d = sub(value("x"), mean).named("d");
     let variance = reduce_mean(pow(d, scalar(2.0)), "variance", "variance_axes");
     let s = mul(
@@ -175,7 +174,8 @@ fn rms_norm() -> Pat {
         pow(widened(value("x")), scalar(2.0)),
         "variance",
         "variance_axes",
-    );
+    )
+    .anchor();
     scaled(narrowed(divided_by(
         widened(value("x")),
         std_dev(mean_square),
@@ -201,20 +201,16 @@ fn residual_layer_norm() -> Pat {
     ])
 }
 
-/// True when the ReduceMean bound to `node` reduces over the last axis of `x` only.
-fn reduces_last_axis(m: &Match, rw: &Rewrite, node: &'static str, axes: &'static str) -> bool {
-    let Some(id) = m.node(node) else {
-        return false;
-    };
+/// The ReduceMean bound to `node` must reduce over the last axis of `x` only.
+fn reduces_last_axis(m: &Match, rw: &Rewrite, node: &'static str, axes: &'static str) -> Built {
+    let id = m.node(node).ok_or(Declined::Missing(node))?;
+    let not_last = || Declined::NotProven(format!("the {node} ReduceMean is over the last axis"));
     let g = rw.graph;
     let axes: Vec<i64> = match m.value(axes) {
-        Some(v) => match g.constant(v).and_then(|t| t.to_i64_vec().ok()) {
-            Some(a) => a,
-            None => return false,
-        },
+        Some(v) => rw.constant_of(v)?.to_i64_vec().map_err(|_| not_last())?,
         None => match attr::get_ints(&g.node(id).proto, "axes") {
             Some(a) => a.to_vec(),
-            None => return false,
+            None => return Err(not_last()),
         },
     };
     let rank = g
@@ -222,18 +218,19 @@ fn reduces_last_axis(m: &Match, rw: &Rewrite, node: &'static str, axes: &'static
         .input(0)
         .and_then(|v| g.value_type(v))
         .and_then(|t| t.rank());
-    match axes.as_slice() {
+    let last = match axes.as_slice() {
         [-1] => true,
         [a] => rank.is_some_and(|r| *a == r as i64 - 1),
         _ => false,
-    }
+    };
+    last.then_some(()).ok_or_else(not_last)
 }
 
-/// True when the match's types let one operator replace it: γ and β have x's element type,
+/// The match's types must let one operator replace it: γ and β have x's element type,
 /// and either no Cast was matched, or x is float16/bfloat16, widened to float32 (`widen`) and
 /// narrowed back to its own type (`narrow`), as the normalization operators compute
 /// internally (`stash_type` 1, their default).
-fn types_fit(m: &Match, rw: &Rewrite) -> bool {
+fn types_fit(m: &Match, rw: &Rewrite) -> Built {
     let g = rw.graph;
     let elem = |v: Option<ValueId>| v.and_then(|v| g.value_type(v)).map(|t| t.elem);
     let x = elem(m.value("x"));
@@ -254,28 +251,24 @@ fn types_fit(m: &Match, rw: &Rewrite) -> bool {
         }
         _ => false,
     };
-    params_fit && casts_fit
+    (params_fit && casts_fit).then_some(()).ok_or_else(|| {
+        Declined::NotProven("γ and β in x's type, any Casts from half to float32 and back".into())
+    })
 }
 
-fn scalar_value(rw: &Rewrite, v: Option<ValueId>) -> Option<f32> {
-    Some(rw.graph.constant(v?)?.scalar_f64()? as f32)
+/// ε, a constant of one float (`is_scalar` checked it).
+fn epsilon(m: &Match, rw: &Rewrite) -> std::result::Result<f32, Declined> {
+    let eps = rw.constant_of(m.get("eps")?)?;
+    Ok(eps.scalar_f64().unwrap_or_default() as f32)
 }
 
-/// The value the match's root node produces.
-fn root(m: &Match, rw: &Rewrite) -> Option<ValueId> {
-    rw.graph.node(*m.nodes().first()?).output(0)
-}
-
-fn build_layer_norm(m: &Match, rw: &mut Rewrite) -> Option<()> {
-    if !types_fit(m, rw)
-        || !reduces_last_axis(m, rw, "mean", "mean_axes")
-        || !reduces_last_axis(m, rw, "variance", "variance_axes")
-        || !rw.require_opset(LAYER_NORM_OPSET)
-    {
-        return None;
-    }
-    let epsilon = scalar_value(rw, m.value("eps"))?;
-    let mut inputs: Vec<PValue> = vec![m.value("x")?.into(), m.value("gamma")?.into()];
+fn build_layer_norm(m: &Match, rw: &mut Rewrite) -> Built {
+    types_fit(m, rw)?;
+    reduces_last_axis(m, rw, "mean", "mean_axes")?;
+    reduces_last_axis(m, rw, "variance", "variance_axes")?;
+    rw.require_opset(LAYER_NORM_OPSET)?;
+    let epsilon = epsilon(m, rw)?;
+    let mut inputs: Vec<PValue> = vec![m.get("x")?.into(), m.get("gamma")?.into()];
     inputs.extend(m.value("beta").map(PValue::from));
     let out = rw.op(
         "LayerNormalization",
@@ -283,9 +276,9 @@ fn build_layer_norm(m: &Match, rw: &mut Rewrite) -> Option<()> {
         &inputs,
         vec![attr::int("axis", -1), attr::float("epsilon", epsilon)],
     );
-    let root = root(m, rw)?;
+    let root = rw.root_of(m)?;
     rw.replace(root, out);
-    Some(())
+    Ok(())
 }
 
 /// RMSNorm as ONNX `RMSNormalization` (opset 23).
@@ -303,25 +296,27 @@ fn build_layer_norm(m: &Match, rw: &mut Rewrite) -> Option<()> {
 /// thread, twelve residual RMSNorms, median of 60 interleaved runs: 0.66 against 0.37 ms at
 /// 1×128×512, 0.09 against 0.05 ms at 1×16×512, 1.03 against 0.60 ms at 2×64×768, 18.0
 /// against 17.2 ms at 8×128×768; only 4×128×768 favoured it, 8.7 against 9.8 ms).
-fn build_rms_norm(m: &Match, rw: &mut Rewrite) -> Option<()> {
-    if m.value("beta").is_some()
-        || !types_fit(m, rw)
-        || !reduces_last_axis(m, rw, "variance", "variance_axes")
-        || (rw.target == Target::Ort && rw.opset < RMS_NORM_OPSET)
-        || !rw.require_opset(RMS_NORM_OPSET)
-    {
-        return None;
+fn build_rms_norm(m: &Match, rw: &mut Rewrite) -> Built {
+    if m.value("beta").is_some() {
+        return Err(Declined::Mismatch("an RMSNorm has no β".into()));
     }
-    let epsilon = scalar_value(rw, m.value("eps"))?;
+    types_fit(m, rw)?;
+    reduces_last_axis(m, rw, "variance", "variance_axes")?;
+    if rw.target == Target::Ort && rw.opset < RMS_NORM_OPSET {
+        // Written out, ONNX Runtime fuses it when it loads the model (see above).
+        return Err(Declined::Opset(RMS_NORM_OPSET));
+    }
+    rw.require_opset(RMS_NORM_OPSET)?;
+    let epsilon = epsilon(m, rw)?;
     let out = rw.op(
         "RMSNormalization",
         "",
-        &[m.value("x")?.into(), m.value("gamma")?.into()],
+        &[m.get("x")?.into(), m.get("gamma")?.into()],
         vec![attr::int("axis", -1), attr::float("epsilon", epsilon)],
     );
-    let root = root(m, rw)?;
+    let root = rw.root_of(m)?;
     rw.replace(root, out);
-    Some(())
+    Ok(())
 }
 
 /// Residual Add (+ bias) + LayerNormalization, ONNX Runtime only: the Adds become one `Sum`
@@ -337,15 +332,15 @@ fn build_rms_norm(m: &Match, rw: &mut Rewrite) -> Option<()> {
 /// kernel when it loads the model (it matches `Add` only).
 /// Safe because `Sum` is the same additions (`a + bias + b`, in that order) with the same
 /// broadcasting, and the LayerNormalization keeps its attributes.
-fn build_residual_sum(m: &Match, rw: &mut Rewrite) -> Option<()> {
-    if rw.target != Target::Ort {
-        return None;
-    }
+fn build_residual_sum(m: &Match, rw: &mut Rewrite) -> Built {
+    rw.require_ort()?;
     let g = rw.graph;
-    let ln = g.node(m.node("ln")?);
-    let (a, b) = (m.value("a")?, m.value("b")?);
+    let ln = g.node(m.node("ln").ok_or(Declined::Missing("ln"))?);
+    let (a, b) = (m.get("a")?, m.get("b")?);
     if g.constant(a).is_some() || g.constant(b).is_some() {
-        return None;
+        return Err(Declined::Mismatch(
+            "a constant summand is a bias, not a residual".into(),
+        ));
     }
     let summands: Vec<PValue> = [Some(a), m.value("bias"), Some(b)]
         .into_iter()
@@ -362,7 +357,7 @@ fn build_residual_sum(m: &Match, rw: &mut Rewrite) -> Option<()> {
             .collect::<Vec<_>>(),
         ln.proto.attribute.clone(),
     );
-    rw.replace(ln.output(0)?, normalized);
-    rw.replace(m.value("sum")?, total);
-    Some(())
+    rw.replace(rw.root_of(m)?, normalized);
+    rw.replace(m.get("sum")?, total);
+    Ok(())
 }

@@ -10,6 +10,11 @@
 //! Matching is shared; only the builders look at the `Target`: `Ort` builds ONNX Runtime's
 //! `com.microsoft` operators, `Onnx` standard operators only (raising the opset import when
 //! the operator needs it, see `opset.rs`).
+//!
+//! A builder that gives up says why (`Declined`), and so does the driver when the match is
+//! not closed or its patch does not fit the graph: `explain_rules` asks every rule again on
+//! the final graph and names, for each anchor left unfused (`Pat::anchor`), the rule that
+//! got furthest and the first check that failed (`--explain`).
 
 pub mod attention;
 pub mod gelu;
@@ -19,9 +24,9 @@ pub mod rotary;
 
 use crate::error::Result;
 use crate::ir::{Graph, Model, NodeId, PValue, Patch, Tensor, ValueId};
-use crate::passes::{opset, Rewrites};
+use crate::passes::{opset, Pass, Rewrites, Unfused};
 use crate::proto::AttributeProto;
-use pattern::{Match, Pat};
+use pattern::{Match, Name, Pat, Trace};
 
 pub use crate::ops::MS_DOMAIN;
 
@@ -44,13 +49,72 @@ impl Target {
     }
 }
 
+/// A fusion pass: its rules, built for a target. Every fusion runs them (`apply_rules`) and
+/// explains what they leave (`explain_rules`) the same way.
+pub trait Fusion {
+    /// The pass's name.
+    const NAME: &'static str;
+    fn rules() -> Vec<Rule>;
+    fn target(&self) -> Target;
+}
+
+impl<F: Fusion> Pass for F {
+    fn name(&self) -> &'static str {
+        F::NAME
+    }
+
+    fn run(&self, model: &mut Model) -> Result<Rewrites> {
+        apply_rules(model, &F::rules(), self.target())
+    }
+
+    fn explain(&self, model: &Model) -> Vec<Unfused> {
+        explain_rules(model, F::NAME, &F::rules(), self.target())
+    }
+}
+
 /// A fusion rule: what to match and how to build the replacement.
 pub struct Rule {
     /// The rewrite kind counted in the statistics.
     pub kind: &'static str,
     pub pattern: Pat,
-    /// Describes the replacement; `None` when the match turns out not to be fusable.
-    pub build: fn(&Match, &mut Rewrite) -> Option<()>,
+    /// Describes the replacement, or says why the match turns out not to be fusable.
+    pub build: fn(&Match, &mut Rewrite) -> Built,
+}
+
+/// What a builder returns.
+pub type Built = std::result::Result<(), Declined>;
+
+/// Why a match was not rewritten: the first check that failed. Each reason is written once
+/// here; rules pick one and fill in what they found.
+#[derive(Clone, Debug, PartialEq, thiserror::Error)]
+pub enum Declined {
+    /// The pattern did not bind this operand (an optional part that is absent).
+    #[error("no `{0}` in the match")]
+    Missing(Name),
+    /// A value the rule needs to be constant is computed.
+    #[error("{0} is not a constant")]
+    NotConstant(String),
+    /// Inferred types do not prove what the replacement assumes.
+    #[error("not proven from the inferred shapes: {0}")]
+    NotProven(String),
+    /// An operator's contract (`src/ops`) refuses an input.
+    #[error("{op}: {why}")]
+    Contract { op: &'static str, why: String },
+    /// The target has no operator for it.
+    #[error("the {0} target has no operator for this form")]
+    NoOperator(&'static str),
+    /// The operator needs an opset the model cannot be raised to.
+    #[error("needs opset {0}, which this model cannot be raised to")]
+    Opset(i64),
+    /// An intermediate value is also read outside the match.
+    #[error("{value} is also read by {reader}, outside the match")]
+    ReadOutside { value: String, reader: String },
+    /// The patch does not fit the graph (it would make a cycle, or write a value twice).
+    #[error("the rewrite does not fit the graph: {0}")]
+    Refused(String),
+    /// The pattern matched up to here.
+    #[error("{0}")]
+    Mismatch(String),
 }
 
 /// What a rule's builder sees and fills in.
@@ -121,22 +185,111 @@ impl Rewrite<'_> {
         self.patch.new_initializer(hint, tensor)
     }
 
-    /// Asks for the default-domain opset `version`: true when the model has it or can be
+    /// Asks for the default-domain opset `version`: granted when the model has it or can be
     /// raised to it (which happens once the pass is done).
-    pub fn require_opset(&mut self, version: i64) -> bool {
+    pub fn require_opset(&mut self, version: i64) -> Built {
         if version <= self.opset.max(self.can_raise_to) {
             self.needs_opset = self.needs_opset.max(version);
-            true
+            Ok(())
         } else {
-            false
+            Err(Declined::Opset(version))
+        }
+    }
+
+    /// Only for ONNX Runtime: `com.microsoft` operators.
+    pub fn require_ort(&self) -> Built {
+        match self.target {
+            Target::Ort => Ok(()),
+            other => Err(Declined::NoOperator(other.name())),
+        }
+    }
+
+    /// The constant `v` holds, or why the rule cannot go on.
+    pub fn constant_of(&self, v: ValueId) -> std::result::Result<Tensor, Declined> {
+        self.graph
+            .constant(v)
+            .ok_or_else(|| Declined::NotConstant(self.graph.value_name(v).to_string()))
+    }
+
+    /// The value the match's root node produces: what the fused node replaces.
+    pub fn root_of(&self, m: &Match) -> std::result::Result<ValueId, Declined> {
+        let root = m
+            .nodes()
+            .first()
+            .and_then(|&n| self.graph.node(n).output(0));
+        root.ok_or(Declined::Missing("root"))
+    }
+}
+
+/// What applying a rule would change besides the graph.
+struct Attempt {
+    patch: Patch,
+    needs_opset: i64,
+    uses_contrib: bool,
+}
+
+/// What every rule of a pass shares while it runs.
+struct Context {
+    target: Target,
+    opset: i64,
+    can_raise_to: i64,
+}
+
+impl Context {
+    fn of(model: &Model, target: Target) -> Context {
+        Context {
+            target,
+            opset: model.opset("").unwrap_or(0),
+            can_raise_to: opset::highest_reachable(model),
         }
     }
 }
 
+/// The patch `rule` makes of match `m` rooted at node `at`, checked whole, or why not.
+fn attempt(
+    g: &Graph,
+    cx: &Context,
+    needs_opset: i64,
+    rule: &Rule,
+    m: &Match,
+    at: NodeId,
+) -> std::result::Result<Attempt, Declined> {
+    let mut rw = Rewrite {
+        graph: g,
+        target: cx.target,
+        opset: cx.opset,
+        can_raise_to: cx.can_raise_to,
+        needs_opset,
+        patch: Patch::new(rule.kind),
+        replaced: Vec::new(),
+        absorbed: Vec::new(),
+        uses_contrib: false,
+    };
+    (rule.build)(m, &mut rw)?;
+    let removed: Vec<NodeId> = m.nodes().iter().chain(&rw.absorbed).copied().collect();
+    if let Some((value, reader)) = read_outside(g, &removed, &rw.replaced) {
+        return Err(Declined::ReadOutside { value, reader });
+    }
+    let mut patch = rw.patch;
+    patch.anchor_at(at);
+    for n in removed {
+        patch.remove_node(n);
+    }
+    // The match is sound but its rewrite may not fit this graph (it would make a cycle, or
+    // write a value twice): the block stays.
+    g.check_patch(&patch)
+        .map_err(|e| Declined::Refused(e.to_string()))?;
+    Ok(Attempt {
+        patch,
+        needs_opset: rw.needs_opset,
+        uses_contrib: rw.uses_contrib,
+    })
+}
+
 /// Applies `rules` everywhere they match, then raises the opset if a builder needed it.
 pub fn apply_rules(model: &mut Model, rules: &[Rule], target: Target) -> Result<Rewrites> {
-    let opset_now = model.opset("").unwrap_or(0);
-    let can_raise_to = opset::highest_reachable(model);
+    let cx = Context::of(model, target);
+    let opset_now = cx.opset;
     let mut needs_opset = opset_now;
     let mut uses_contrib = false;
     let mut rewrites = Rewrites::default();
@@ -157,38 +310,12 @@ pub fn apply_rules(model: &mut Model, rules: &[Rule], target: Target) -> Result<
         'value: for v in outputs {
             for rule in rules {
                 for m in rule.pattern.matches(&model.graph, v) {
-                    let mut rw = Rewrite {
-                        graph: &model.graph,
-                        target,
-                        opset: opset_now,
-                        can_raise_to,
-                        needs_opset,
-                        patch: Patch::new(rule.kind),
-                        replaced: Vec::new(),
-                        absorbed: Vec::new(),
-                        uses_contrib: false,
+                    let Ok(done) = attempt(&model.graph, &cx, needs_opset, rule, &m, id) else {
+                        continue;
                     };
-                    if (rule.build)(&m, &mut rw).is_none() {
-                        continue;
-                    }
-                    let removed: Vec<NodeId> =
-                        m.nodes().iter().chain(&rw.absorbed).copied().collect();
-                    if !is_closed(&model.graph, &removed, &rw.replaced) {
-                        continue;
-                    }
-                    let mut patch = rw.patch;
-                    needs_opset = rw.needs_opset;
-                    uses_contrib |= rw.uses_contrib;
-                    patch.anchor_at(id);
-                    for n in removed {
-                        patch.remove_node(n);
-                    }
-                    if model.graph.check_patch(&patch).is_err() {
-                        // The match is sound but its rewrite does not fit this graph (it
-                        // would make a cycle, or write a value twice): the block stays.
-                        continue;
-                    }
-                    rewrites.apply(model, patch)?;
+                    needs_opset = done.needs_opset;
+                    uses_contrib |= done.uses_contrib;
+                    rewrites.apply(model, done.patch)?;
                     break 'value;
                 }
             }
@@ -203,13 +330,126 @@ pub fn apply_rules(model: &mut Model, rules: &[Rule], target: Target) -> Result<
     Ok(rewrites)
 }
 
-/// True when every value the removed nodes produce is either replaced by the rewrite or
-/// read only by removed nodes (and is not a graph output).
-fn is_closed(g: &Graph, removed: &[NodeId], replaced: &[ValueId]) -> bool {
-    removed.iter().all(|&n| {
-        g.node(n).outputs.iter().flatten().all(|&v| {
-            replaced.contains(&v)
-                || (!g.is_graph_output(v) && g.uses(v).iter().all(|(r, _)| removed.contains(r)))
+/// A value the removed nodes produce that is neither replaced by the rewrite nor read only
+/// by removed nodes, with who else reads it (the graph's outputs, or a node).
+fn read_outside(g: &Graph, removed: &[NodeId], replaced: &[ValueId]) -> Option<(String, String)> {
+    removed.iter().find_map(|&n| {
+        g.node(n).outputs.iter().flatten().find_map(|&v| {
+            if replaced.contains(&v) {
+                return None;
+            }
+            let reader = match g.is_graph_output(v) {
+                true => Some("the graph's outputs".to_string()),
+                false => g
+                    .uses(v)
+                    .iter()
+                    .find(|(r, _)| !removed.contains(r))
+                    .map(|(r, _)| {
+                        let node = g.node(*r);
+                        format!("{} `{}`", node.op_type(), node.name())
+                    }),
+            };
+            reader.map(|reader| (g.value_name(v).to_string(), reader))
         })
     })
+}
+
+/// Per anchor node, the best reason offered: (whole match?, depth), rule, reason.
+#[derive(Default)]
+struct Reasons(Vec<(NodeId, (bool, usize), &'static str, String)>);
+
+impl Reasons {
+    fn offer(&mut self, anchor: NodeId, rank: (bool, usize), rule: &'static str, why: String) {
+        match self.0.iter_mut().find(|b| b.0 == anchor) {
+            Some(b) if b.1 >= rank => {}
+            Some(b) => *b = (anchor, rank, rule, why),
+            None => self.0.push((anchor, rank, rule, why)),
+        }
+    }
+}
+
+/// For each anchor of `rules` still in the graph (what the pass left unfused), the rule that
+/// got furthest with it and why it stopped: a builder's or the driver's reason for a whole
+/// match (ahead of any partial one), else the deepest mismatch after the anchor; for an
+/// anchor no whole pattern reached, what a rule asks of the anchor's own inputs (matched from
+/// the anchor), or else that its readers are not the rule's. Nothing is changed.
+pub fn explain_rules(
+    model: &Model,
+    fusion: &'static str,
+    rules: &[Rule],
+    target: Target,
+) -> Vec<Unfused> {
+    let g = &model.graph;
+    let cx = Context::of(model, target);
+    let anchor_ops: Vec<&str> = rules.iter().flat_map(|r| r.pattern.anchor_ops()).collect();
+    let mut best = Reasons::default();
+    let Ok(order) = g.topological_order() else {
+        return Vec::new();
+    };
+    for id in order {
+        for &v in g.node(id).outputs.iter().flatten() {
+            for rule in rules {
+                let mut trace = Trace::default();
+                for m in rule.pattern.matches_traced(g, v, &mut trace) {
+                    let Some(anchor) = m.anchor() else { continue };
+                    let why = match attempt(g, &cx, cx.opset, rule, &m, id) {
+                        Ok(_) => "it matches here; the output check left this fusion out".into(),
+                        Err(why) => why.to_string(),
+                    };
+                    best.offer(anchor, (true, m.nodes().len()), rule.kind, why);
+                }
+                for (anchor, depth, why) in trace.misses {
+                    best.offer(anchor, (false, depth), rule.kind, why);
+                }
+            }
+        }
+    }
+    let anchors: Vec<(NodeId, ValueId)> = g
+        .nodes()
+        .filter(|(_, n)| n.domain().is_empty() && anchor_ops.contains(&n.op_type()))
+        .filter_map(|(id, n)| Some((id, n.output(0)?)))
+        .collect();
+    for &(id, out) in &anchors {
+        if best.0.iter().any(|b| b.0 == id) {
+            continue;
+        }
+        for rule in rules {
+            for sub in rule.pattern.anchors() {
+                let mut trace = Trace::default();
+                if sub.matches_traced(g, out, &mut trace).is_empty() {
+                    for (anchor, depth, why) in trace.misses {
+                        best.offer(anchor, (false, depth), rule.kind, why);
+                    }
+                } else {
+                    let readers: Vec<String> = g
+                        .uses(out)
+                        .iter()
+                        .map(|(r, _)| format!("{} `{}`", g.node(*r).op_type(), g.node(*r).name()))
+                        .collect();
+                    let why = format!(
+                        "its inputs fit, but what it feeds ({}) is not the rest of the rule",
+                        readers.join(", ")
+                    );
+                    best.offer(id, (false, 0), rule.kind, why);
+                }
+            }
+        }
+    }
+    anchors
+        .into_iter()
+        .map(|(id, _)| {
+            let n = g.node(id);
+            let (rule, reason) = match best.0.iter().find(|b| b.0 == id) {
+                Some((_, _, rule, why)) => (*rule, why.clone()),
+                None => ("", "no rule's pattern reaches it".to_string()),
+            };
+            Unfused {
+                node: n.name().to_string(),
+                op: n.op_type().to_string(),
+                fusion,
+                rule,
+                reason,
+            }
+        })
+        .collect()
 }

@@ -17,7 +17,13 @@
 //!
 //! Matching returns every consistent binding; each lists the nodes it covers so that a rule
 //! can check that nothing outside the match reads an intermediate value before replacing it.
+//!
+//! An operator marked `.anchor()` is what a rule is about (the Softmax of attention, the Erf
+//! of GELU): `--explain` names each anchor left unfused with the reason. Matching with a
+//! `Trace` (`matches_traced`) keeps, for each anchor a partial match covered, the mismatch
+//! met deepest into the pattern after it: the first check that failed.
 
+use super::Declined;
 use crate::ir::attr;
 use crate::ir::{Graph, NodeId, Tensor, ValueId};
 use crate::proto::AttributeProto;
@@ -61,6 +67,8 @@ pub struct OpPat {
     node: Option<Name>,
     output: usize,
     attrs: Vec<(&'static str, AttrPred)>,
+    /// The node the rule is about (see the module doc).
+    anchor: bool,
 }
 
 /// A successful match: the bindings and the nodes it covers (the root's producer first).
@@ -69,6 +77,7 @@ pub struct Match {
     values: Vec<(Name, ValueId)>,
     node_names: Vec<(Name, NodeId)>,
     nodes: Vec<NodeId>,
+    anchor: Option<NodeId>,
 }
 
 impl Match {
@@ -88,6 +97,16 @@ impl Match {
 
     pub fn nodes(&self) -> &[NodeId] {
         &self.nodes
+    }
+
+    /// The node of the pattern's anchor, when the pattern has one.
+    pub fn anchor(&self) -> Option<NodeId> {
+        self.anchor
+    }
+
+    /// The value bound to `name`, or why the builder cannot go on without it.
+    pub fn get(&self, name: Name) -> Result<ValueId, Declined> {
+        self.value(name).ok_or(Declined::Missing(name))
     }
 
     fn bind(mut self, name: Name, v: ValueId) -> Option<Match> {
@@ -146,6 +165,7 @@ pub fn op(op: &'static str, inputs: impl IntoIterator<Item = Pat>) -> Pat {
         node: None,
         output: 0,
         attrs: Vec::new(),
+        anchor: false,
     }))
 }
 
@@ -220,54 +240,141 @@ impl Pat {
         self.with_op(move |p| p.attrs.push((name, pred)))
     }
 
+    /// Marks the operator as what the rule is about (see the module doc).
+    pub fn anchor(self) -> Pat {
+        self.with_op(|p| p.anchor = true)
+    }
+
+    /// The op types of the anchors in this pattern.
+    pub fn anchor_ops(&self) -> Vec<&'static str> {
+        self.anchors()
+            .into_iter()
+            .filter_map(|a| match a {
+                Pat::Op(p) => Some(p.op),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// The sub-patterns rooted at an anchor: what a rule asks of an anchor's inputs.
+    pub fn anchors(&self) -> Vec<&Pat> {
+        match self {
+            Pat::Op(p) => {
+                let mut found: Vec<&Pat> = p.inputs.iter().flat_map(Pat::anchors).collect();
+                if p.anchor {
+                    found.push(self);
+                }
+                found
+            }
+            Pat::Either(alts) => alts.iter().flat_map(Pat::anchors).collect(),
+            _ => Vec::new(),
+        }
+    }
+
     // ---- matching ----------------------------------------------------------------------
 
     /// Every way this pattern matches with its root at `v`.
     pub fn matches(&self, g: &Graph, v: ValueId) -> Vec<Match> {
-        self.extend(g, Some(v), Match::default())
+        self.extend(g, Some(v), Match::default(), &mut Trace::default())
     }
 
-    fn extend(&self, g: &Graph, v: Option<ValueId>, m: Match) -> Vec<Match> {
+    /// `matches`, keeping in `trace` the deepest mismatch after each anchor reached.
+    pub fn matches_traced(&self, g: &Graph, v: ValueId, trace: &mut Trace) -> Vec<Match> {
+        trace.on = true;
+        self.extend(g, Some(v), Match::default(), trace)
+    }
+
+    fn extend(&self, g: &Graph, v: Option<ValueId>, m: Match, trace: &mut Trace) -> Vec<Match> {
         let Some(v) = v else {
             return match self {
                 Pat::Absent => vec![m],
-                _ => Vec::new(),
+                _ => {
+                    trace.miss(&m, || "an optional input is not given".into());
+                    Vec::new()
+                }
             };
         };
         match self {
-            Pat::Absent => Vec::new(),
+            Pat::Absent => {
+                trace.miss(&m, || format!("{} is given", g.value_name(v)));
+                Vec::new()
+            }
             Pat::Value(None) => vec![m],
-            Pat::Value(Some(name)) => m.bind(name, v).into_iter().collect(),
+            Pat::Value(Some(name)) => bind_or_trace(m, name, v, g, trace),
             Pat::Const(name, pred) => {
                 let Some(t) = g.constant(v) else {
+                    trace.miss(&m, || format!("{} is not a constant", g.value_name(v)));
                     return Vec::new();
                 };
                 if !pred.holds(&t) {
+                    trace.miss(&m, || pred.refusal(g.value_name(v), &t));
                     return Vec::new();
                 }
                 match name {
-                    Some(name) => m.bind(name, v).into_iter().collect(),
+                    Some(name) => bind_or_trace(m, name, v, g, trace),
                     None => vec![m],
                 }
             }
             Pat::Either(alts) => alts
                 .iter()
-                .flat_map(|a| a.extend(g, Some(v), m.clone()))
+                .flat_map(|a| a.extend(g, Some(v), m.clone(), trace))
                 .collect(),
-            Pat::Op(p) => p.extend(g, v, m),
+            Pat::Op(p) => p.extend(g, v, m, trace),
+        }
+    }
+}
+
+fn bind_or_trace(m: Match, name: Name, v: ValueId, g: &Graph, trace: &mut Trace) -> Vec<Match> {
+    let bound = m.value(name);
+    match m.clone().bind(name, v) {
+        Some(m) => vec![m],
+        None => {
+            trace.miss(&m, || {
+                let other = bound.map_or("", |b| g.value_name(b));
+                format!(
+                    "{} is not the same value as {name} ({other})",
+                    g.value_name(v)
+                )
+            });
+            Vec::new()
+        }
+    }
+}
+
+/// The deepest mismatch met after each anchor, while tracing (see the module doc).
+#[derive(Default)]
+pub struct Trace {
+    on: bool,
+    /// Per anchor: the nodes the partial match covered, and what did not match next.
+    pub misses: Vec<(NodeId, usize, String)>,
+}
+
+impl Trace {
+    fn miss(&mut self, m: &Match, what: impl FnOnce() -> String) {
+        let Some(anchor) = m.anchor.filter(|_| self.on) else {
+            return;
+        };
+        let depth = m.nodes.len();
+        match self.misses.iter_mut().find(|(a, _, _)| *a == anchor) {
+            Some(best) if best.1 >= depth => {}
+            Some(best) => *best = (anchor, depth, what()),
+            None => self.misses.push((anchor, depth, what())),
         }
     }
 }
 
 impl OpPat {
-    fn extend(&self, g: &Graph, v: ValueId, mut m: Match) -> Vec<Match> {
+    fn extend(&self, g: &Graph, v: ValueId, mut m: Match, trace: &mut Trace) -> Vec<Match> {
         if let Some(name) = self.name {
-            match m.bind(name, v) {
+            match m.clone().bind(name, v) {
                 Some(bound) => m = bound,
-                None => return Vec::new(),
+                None => return bind_or_trace(m, name, v, g, trace),
             }
         }
         let Some((id, slot)) = g.value(v).producer else {
+            trace.miss(&m, || {
+                format!("{} is a graph input, not {}", g.value_name(v), self.op)
+            });
             return Vec::new();
         };
         let node = g.node(id);
@@ -275,15 +382,48 @@ impl OpPat {
             "" => node.domain().is_empty(),
             d => node.domain() == d,
         };
-        if slot != self.output
-            || node.op_type() != self.op
-            || !domain_ok
-            || node.inputs.len() != self.inputs.len()
-            || !self
-                .attrs
-                .iter()
-                .all(|(name, pred)| pred(attr::get(&node.proto, name)))
+        if slot != self.output || node.op_type() != self.op || !domain_ok {
+            trace.miss(&m, || {
+                format!(
+                    "{} comes from {}, not {}",
+                    g.value_name(v),
+                    node.op_type(),
+                    self.op
+                )
+            });
+            return Vec::new();
+        }
+        // The anchor is reached once its op type is: a mismatch on its own inputs or
+        // attributes is the anchor's reason.
+        if self.anchor && m.anchor.is_none() {
+            m.anchor = Some(id);
+        }
+        if node.inputs.len() != self.inputs.len() {
+            trace.miss(&m, || {
+                format!(
+                    "{} `{}` has {} inputs, not {}",
+                    self.op,
+                    node.name(),
+                    node.inputs.len(),
+                    self.inputs.len()
+                )
+            });
+            return Vec::new();
+        }
+        if let Some((name, _)) = self
+            .attrs
+            .iter()
+            .find(|(name, pred)| !pred(attr::get(&node.proto, name)))
         {
+            trace.miss(&m, || {
+                let found = attr::get(&node.proto, name).map(crate::ir::dump::attribute_text);
+                let found = found.unwrap_or_else(|| format!("{name} not set"));
+                format!(
+                    "{} `{}`: {found} is not one the rule takes",
+                    self.op,
+                    node.name()
+                )
+            });
             return Vec::new();
         }
         if !m.nodes.contains(&id) {
@@ -309,7 +449,7 @@ impl OpPat {
                 let input = node.inputs[slot];
                 states = states
                     .into_iter()
-                    .flat_map(|s| pat.extend(g, input, s))
+                    .flat_map(|s| pat.extend(g, input, s, trace))
                     .collect();
             }
             results.extend(states);
@@ -324,6 +464,23 @@ impl ConstPred {
             ConstPred::Any => true,
             ConstPred::Scalar(want) => t.scalar_f64().is_some_and(|got| close(got, *want)),
             ConstPred::Check(f) => f(t),
+        }
+    }
+
+    /// Why the constant `name` holding `t` fails the predicate, for `--explain`.
+    fn refusal(&self, name: &str, t: &Tensor) -> String {
+        match (self, t.scalar_f64()) {
+            (ConstPred::Scalar(want), Some(got)) => {
+                format!(
+                    "constant {name} is {got}, not {want} (off by {:e})",
+                    got - want
+                )
+            }
+            (ConstPred::Scalar(want), None) => {
+                format!("constant {name} {:?} is not the scalar {want}", t.dims())
+            }
+            (_, Some(got)) => format!("constant {name} = {got} is not one the rule takes"),
+            (_, None) => format!("constant {name} {:?} is not one the rule takes", t.dims()),
         }
     }
 }
@@ -376,6 +533,39 @@ mod tests {
         let found = square.matches(g, g.find_value("z").unwrap());
         assert!(!found.is_empty());
         assert_eq!(found[0].nodes().len(), 2, "Mul and the shared Sub");
+    }
+
+    #[test]
+    fn a_trace_keeps_the_deepest_mismatch_after_the_anchor() {
+        // y = Erf(x · w) · w with w = 1: a GELU-like shape whose constant is not 0.5.
+        let m = model(
+            &["x"],
+            &["y"],
+            &["w"],
+            &[
+                ("Mul", &["x", "w"], &["xw"]),
+                ("Erf", &["xw"], &["e"]),
+                ("Mul", &["e", "w"], &["y"]),
+            ],
+        );
+        let g = &m.graph;
+        let (y, e) = (g.find_value("y").unwrap(), g.find_value("e").unwrap());
+        let erf = g.producer(e).unwrap();
+        let pat = mul(
+            unary("Erf", mul(value("x"), scalar(2.0))).anchor(),
+            scalar(0.5),
+        );
+        assert_eq!(pat.anchor_ops(), ["Erf"]);
+        let mut trace = Trace::default();
+        assert!(pat.matches_traced(g, y, &mut trace).is_empty());
+        // Both operand orders of the outer Mul reach the Erf; the inner constant is the
+        // deepest mismatch, and it says by how much.
+        assert_eq!(trace.misses.len(), 1);
+        let (anchor, depth, why) = &trace.misses[0];
+        assert_eq!((*anchor, *depth), (erf, 3));
+        assert_eq!(why, "constant w is 1, not 2 (off by -1e0)");
+        // Untraced matching records nothing and finds the same.
+        assert!(pat.matches(g, y).is_empty());
     }
 
     #[test]

@@ -712,6 +712,11 @@ pub(super) fn range_len(start: &Dim, limit: &Dim, delta: &Dim) -> Dim {
     if start.value() == Some(0) && delta.value() == Some(1) && limit.is_positive() {
         return limit.clone();
     }
+    // From an offset to the offset plus a length (a decoder's positions after its past).
+    let len = limit.sub(start);
+    if delta.value() == Some(1) && len.is_positive() {
+        return len;
+    }
     Dim::Unknown
 }
 
