@@ -26,12 +26,10 @@
 //! matched (no exporter in the corpus writes them).
 
 use super::pattern::{any, constant, constant_where, either, mul, op, unary, value, Match, Pat};
-use super::{apply_rules, Rewrite, Rule, Target};
-use crate::error::Result;
-use crate::ir::{attr, DataType, DataTypeExt, Model, PValue, Tensor, ValueId};
+use super::{Built, Declined, Fusion, Rewrite, Rule, Target};
+use crate::ir::{attr, DataType, DataTypeExt, PValue, Tensor, ValueId};
 use crate::ops::rotary::{rotary_inputs, ROTARY_OPSET};
 use crate::ops::MS_DOMAIN;
-use crate::passes::{Pass, Rewrites};
 
 /// Shape with `start`/`end` attributes.
 const SHAPE_SLICE_OPSET: i64 = 15;
@@ -40,21 +38,19 @@ pub struct RotaryFusion {
     pub target: Target,
 }
 
-impl Pass for RotaryFusion {
-    fn name(&self) -> &'static str {
-        "fuse-rotary"
+impl Fusion for RotaryFusion {
+    const NAME: &'static str = "fuse-rotary";
+
+    fn rules() -> Vec<Rule> {
+        vec![Rule {
+            kind: "rotary-embedding",
+            pattern: rope(),
+            build: build_rotary,
+        }]
     }
 
-    fn run(&self, model: &mut Model) -> Result<Rewrites> {
-        apply_rules(
-            model,
-            &[Rule {
-                kind: "rotary-embedding",
-                pattern: rope(),
-                build: build_rotary,
-            }],
-            self.target,
-        )
+    fn target(&self) -> Target {
+        self.target
     }
 }
 
@@ -169,7 +165,22 @@ fn int64_constant(rw: &mut Rewrite, hint: &str, dims: &[i64], values: &[i64]) ->
     Some(rw.constant(hint, Tensor::from_i64(hint, dims, values).ok()?))
 }
 
-fn build_rotary(m: &Match, rw: &mut Rewrite) -> Option<()> {
+fn build_rotary(m: &Match, rw: &mut Rewrite) -> Built {
+    if rw.target == Target::Onnx {
+        rw.require_opset(ROTARY_OPSET)?;
+    }
+    rotary(m, rw).ok_or_else(|| {
+        Declined::NotProven(
+            "the rotate_half halves, the cos/sin tables from inv_freq and the positions, or \
+             the head layout"
+                .into(),
+        )
+    })
+}
+
+/// The RotaryEmbedding replacing the match, `None` where a part does not have the form the
+/// operator computes.
+fn rotary(m: &Match, rw: &mut Rewrite) -> Option<()> {
     let g = rw.graph;
     let x = m.value("x")?;
     let x_type = g.value_type(x)?;
@@ -286,9 +297,6 @@ fn build_rotary(m: &Match, rw: &mut Rewrite) -> Option<()> {
     let out = if contrib {
         rw.op("RotaryEmbedding", MS_DOMAIN, &inputs, vec![])
     } else {
-        if !rw.require_opset(ROTARY_OPSET) {
-            return None;
-        }
         rw.op("RotaryEmbedding", "", &inputs, vec![])
     };
     let root = g.node(*m.nodes().first()?).output(0)?;
