@@ -280,3 +280,45 @@ fn tract_and_onnx_runtime_agree_on_onnx_runtimes_rms_norms() {
         }
     }
 }
+
+/// tract cannot run the standard Attention with a boolean mask (torch's opset-23 SDPA
+/// export): the support check says so before tract is asked, and calibration, SmoothQuant's
+/// statistics and validation run the model in ONNX Runtime instead, so static and dynamic
+/// INT8 of such a model are written and keep its outputs in ONNX Runtime.
+#[test]
+fn models_tract_refuses_are_calibrated_in_onnx_runtime() {
+    if !common::ort_engine_available() {
+        return;
+    }
+    let name = "bert.dynamo23.t210.sdpa";
+    let path = common::testdata(&format!("wild/{name}.onnx"));
+    let calib = common::testdata(&format!("wild/calib/{name}"));
+    let model = onnxopt::io::load(&path).unwrap();
+    let refusal = exec::engine::tract_refusal(&model).expect("tract runs a boolean mask now");
+    assert!(
+        refusal.reason.contains("boolean mask"),
+        "{}",
+        refusal.reason
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let mut ort = common::OrtChecks::default();
+    for (mode, args) in [
+        ("int8", vec!["--int8", "--calib", calib.to_str().unwrap()]),
+        ("int8-dynamic", vec!["--int8-dynamic"]),
+    ] {
+        let out = dir.path().join(format!("{mode}.onnx"));
+        let run = std::process::Command::new(env!("CARGO_BIN_EXE_onnxopt"))
+            .args(["optimize", path.to_str().unwrap(), out.to_str().unwrap()])
+            .args(["--target", "onnx"])
+            .args(&args)
+            .output()
+            .unwrap();
+        assert!(
+            run.status.success(),
+            "{mode}: {}",
+            String::from_utf8_lossy(&run.stderr)
+        );
+        ort.add("0.99", &path, &out, &calib);
+    }
+    ort.run();
+}

@@ -6,7 +6,7 @@
 
 use std::collections::HashMap;
 
-use super::{Batch, ExecError, Runner};
+use super::{Batch, ExecError};
 use crate::ir::{Model, ValueId};
 
 /// One number per feature (last axis) of each value.
@@ -52,30 +52,27 @@ fn reduce(
         .iter()
         .map(|&v| model.graph.value_name(v).to_string())
         .collect();
-    let mut runner = Runner::with_outputs(model, &names)?;
-    runner.prepare(batches)?;
     let mut accumulators: Vec<Vec<f64>> = vec![Vec::new(); values.len()];
     let mut positions = vec![0usize; values.len()];
-    for chunk in batches.chunks(super::parallel_batches()) {
-        for outputs in runner.run_parallel(chunk)? {
-            for (i, (name, t)) in outputs.iter().enumerate() {
-                let bad = |e: anyhow::Error| ExecError::Input(format!("value `{name}`: {e}"));
-                let t = t.cast_to::<f32>().map_err(bad)?;
-                let view = t.to_plain_array_view::<f32>().map_err(bad)?;
-                let width = view.shape().last().copied().unwrap_or(1).max(1);
-                let acc = &mut accumulators[i];
-                acc.resize(width, 0.0);
-                if acc.len() != width {
-                    return Err(ExecError::Input(format!("value `{name}` changed width")));
-                }
-                for (k, &x) in view.iter().enumerate() {
-                    if x.is_finite() {
-                        acc[k % width] = fold(acc[k % width], f64::from(x));
-                    }
-                }
-                positions[i] += view.len() / width;
+    super::for_each_batch(model, &names, batches, |_, outputs| {
+        for (i, (name, t)) in outputs.iter().enumerate() {
+            let bad = |e: anyhow::Error| ExecError::Input(format!("value `{name}`: {e}"));
+            let t = t.cast_to::<f32>().map_err(bad)?;
+            let view = t.to_plain_array_view::<f32>().map_err(bad)?;
+            let width = view.shape().last().copied().unwrap_or(1).max(1);
+            let acc = &mut accumulators[i];
+            acc.resize(width, 0.0);
+            if acc.len() != width {
+                return Err(ExecError::Input(format!("value `{name}` changed width")));
             }
+            for (k, &x) in view.iter().enumerate() {
+                if x.is_finite() {
+                    acc[k % width] = fold(acc[k % width], f64::from(x));
+                }
+            }
+            positions[i] += view.len() / width;
         }
-    }
+        Ok(())
+    })?;
     Ok((accumulators, positions))
 }

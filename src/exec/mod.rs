@@ -33,7 +33,7 @@ use tract_onnx::prelude::{
 
 use crate::ir::{Model, Source};
 pub use compare::{OutputDiff, Tolerance};
-pub use engine::{Engine, EngineKind, EngineRunner};
+pub use engine::{for_each_batch, Engine, EngineKind, EngineRunner};
 pub use inputs::{Batch, GenerateOptions, InputSpec, NamedArrays};
 pub use ort::{OrtOptions, OrtRunner};
 pub use support::Unsupported;

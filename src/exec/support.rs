@@ -63,6 +63,12 @@ pub fn first_unsupported(model: &Model) -> Option<Unsupported> {
         if let Some(reason) = check(node.op_type(), node.domain(), &present) {
             return Some(unsupported(&model.graph.node_label(id), node, reason));
         }
+        if node.is("Attention") {
+            if let Some(why) = ops::attention::tract_refuses_standard(&model.graph, node) {
+                let reason = format!("tract does not run the standard Attention with {why}");
+                return Some(unsupported(&model.graph.node_label(id), node, reason));
+            }
+        }
         for g in subgraphs(&node.proto.attribute) {
             if let Some(u) = first_unsupported_in(g, &check) {
                 return Some(u);

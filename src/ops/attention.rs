@@ -20,7 +20,7 @@
 //! classic BERT mask `[batch, 1, 1, seq]`, see `BiasFit::Expand`). A bias whose batch or
 //! head dim is not proven to be 1 or the score's keeps the block unfused.
 
-use crate::ir::{attr, Dim, Graph, Node, NodeId, PValue, Patch, Tensor, ValueId};
+use crate::ir::{attr, DataType, Dim, Graph, Node, NodeId, PValue, Patch, Tensor, ValueId};
 
 /// The one bias form every attention kernel onnxopt emits for accepts:
 /// `[batch | 1, heads | 1, q_len, total]`.
@@ -124,6 +124,31 @@ fn weight_dims(g: &Graph, w: ValueId) -> Option<Vec<i64>> {
         return None;
     }
     g.constant(dq.input(0)?).map(|t| t.dims().to_vec())
+}
+
+/// Why tract cannot run the standard `Attention` node `node` of `g` as written, if its
+/// inferred types show it cannot: tract 0.23's SDPA takes no boolean mask ("FlashSDPA: Mask
+/// must be floating point", at codegen), and a float mask whose query dim broadcasts
+/// (`[batch, 1, 1, total]`) fails with "incompatible shapes"; masks of the full
+/// `[.., q_len, total]` shape, a 2-D `[q_len, total]` one and none run (tract 0.23.9). An
+/// untyped mask (the lowerings' own, built to the full shape) is taken as runnable.
+pub fn tract_refuses_standard(g: &Graph, node: &Node) -> Option<&'static str> {
+    let mask = g.value_type(node.input(3)?)?;
+    if mask.elem == DataType::Bool as i32 {
+        return Some("a boolean mask (tract takes float masks only)");
+    }
+    let query_dim = |t: &crate::ir::ValueType| -> Option<Dim> {
+        let dims = t.shape.as_ref()?;
+        Some(dims.get(dims.len().checked_sub(2)?)?.clone())
+    };
+    let query = g.value_type(node.input(0)?).and_then(|t| query_dim(&t));
+    let one = Dim::known(1);
+    match (query_dim(&mask), query) {
+        (Some(m), Some(q)) if m == one && q != one => {
+            Some("a mask broadcast over the queries (tract needs their length there)")
+        }
+        _ => None,
+    }
 }
 
 /// `com.microsoft::Attention(x, W, b?, attention_bias?)` (W constant, or dequantized from a

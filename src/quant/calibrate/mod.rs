@@ -21,7 +21,7 @@ use rayon::prelude::*;
 use tract_onnx::prelude::Tensor;
 
 use crate::error::{Error, Result};
-use crate::exec::{Batch, ExecError, Runner};
+use crate::exec::{self, Batch, ExecError};
 use crate::ir::Model;
 use crate::quant::{Range, RangeMethod, Ranges};
 pub use histogram::{AbsHistogram, BINS, LEVELS};
@@ -138,22 +138,15 @@ pub fn calibrate(
         if batches.is_empty() {
             return Err(Error::Quantization("no calibration batches".into()));
         }
-        let mut runner = Runner::with_outputs(model, names).map_err(calibration_error)?;
-        runner.prepare(batches).map_err(calibration_error)?;
-        // As many batches at once as threads: tract runs each on one core. Observing in
-        // batch order keeps the statistics independent of the thread count; memory holds
-        // one chunk's activations.
-        let mut done = 0;
-        for chunk in batches.chunks(crate::exec::parallel_batches()) {
-            for outputs in runner.run_parallel(chunk).map_err(calibration_error)? {
-                observers
-                    .par_iter_mut()
-                    .zip(outputs.par_iter())
-                    .try_for_each(|(observer, (name, t))| observe(observer, name, t))?;
-                done += 1;
-                on_batch(done, batches.len());
-            }
-        }
+        exec::for_each_batch(model, names, batches, |done, outputs| {
+            observers
+                .par_iter_mut()
+                .zip(outputs.par_iter())
+                .try_for_each(|(observer, (name, t))| observe(observer, name, t))?;
+            on_batch(done + 1, batches.len());
+            Ok::<_, CalibrationError>(())
+        })
+        .map_err(|e| e.0)?;
     }
     let mut ranges = Ranges::new();
     let mut masked = BTreeMap::new();
@@ -188,8 +181,19 @@ fn observe(observer: &mut Observer, name: &str, t: &Tensor) -> Result<()> {
     Ok(())
 }
 
-fn calibration_error(e: ExecError) -> Error {
-    Error::Quantization(format!("calibration run failed: {e}"))
+/// An error of a calibration run or of its statistics.
+struct CalibrationError(Error);
+
+impl From<ExecError> for CalibrationError {
+    fn from(e: ExecError) -> Self {
+        CalibrationError(Error::Quantization(format!("calibration run failed: {e}")))
+    }
+}
+
+impl From<Error> for CalibrationError {
+    fn from(e: Error) -> Self {
+        CalibrationError(e)
+    }
 }
 
 #[cfg(test)]
