@@ -27,6 +27,8 @@ fn standard(cx: &Ctx) -> Option<Vec<ValueType>> {
         | "Softplus" | "Softsign" | "LeakyRelu" | "Elu" | "Selu" | "Celu" | "HardSigmoid"
         | "HardSwish" | "Mish" | "Clip" | "Softmax" | "LogSoftmax" | "Hardmax" | "CumSum"
         | "Trilu" | "Gelu" | "Not" | "BitwiseNot" => same(cx, 0),
+        // Updates written into a copy of the data (torch's slice_scatter, index_put).
+        "ScatterND" | "ScatterElements" | "Scatter" => same(cx, 0),
         "IsNaN" | "IsInf" => with_elem(cx, 0, BOOL),
         // The mask is bool from opset 10, of the input's type before.
         "Dropout" => {

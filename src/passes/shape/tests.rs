@@ -17,6 +17,7 @@ struct Net {
 
 const F32: i32 = FLOAT;
 const I64: i32 = INT64;
+const F16: i32 = crate::ir::DataType::Float16 as i32;
 
 fn type_proto(elem: i32, dims: &str) -> TypeProto {
     use crate::proto::tensor_shape_proto::dimension::Value as D;
@@ -920,4 +921,21 @@ fn every_contrib_operator_onnxopt_emits_has_a_type_rule_and_runs_in_tract() {
             "{op:?} is emitted but tract cannot run it"
         );
     }
+}
+
+/// A scatter writes into a copy of its data: the data's type, so that FP16 (which rewrites
+/// types through inference) never leaves a float16 ScatterND declared float32.
+#[test]
+fn scatters_have_their_datas_type() {
+    let t = Net::new(17)
+        .input("data", F16, "batch,4,8")
+        .input("indices", I64, "3,1")
+        .input("updates", F16, "3,4,8")
+        .node("ScatterND", &["data", "indices", "updates"], &["nd"])
+        .node("ScatterElements", &["data", "idx", "data"], &["elements"])
+        .input("idx", I64, "batch,4,8")
+        .value_info("nd", F32, "batch,4,8")
+        .infer();
+    assert_eq!(t.ty("nd"), "f16[batch, 4, 8]");
+    assert_eq!(t.ty("elements"), "f16[batch, 4, 8]");
 }
