@@ -512,7 +512,9 @@ fn optimize(
         inputs,
         generate,
         validate,
-        explain: false,
+        // The report holds the facts of the command line's --report JSON, which always
+        // lists the blocks left unfused.
+        explain: true,
         tolerances: Tolerances {
             max_error,
             min_cosine,
