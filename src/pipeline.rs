@@ -447,6 +447,7 @@ fn validate(
     progress: Progress,
 ) -> Result<Validation, PipelineError> {
     let (source, generate) = validation_inputs(options, held_back);
+    let generated = matches!(source, InputSource::Generated(_));
     let validate_options = validate_options(options, original, source, generate);
     let on_batch = |done, total| progress("validating", done, total);
     let validation = exec::validate(original, model, &validate_options, &on_batch);
@@ -465,6 +466,13 @@ fn validate(
                 (ExecError::Unsupported(_), Err(_)) => {
                     "; ONNX Runtime runs it (pip install onnxruntime, or $ONNXOPT_ORT_LIB), \
                      or --no-check writes the output without validation"
+                }
+                // Generated inputs may not fit the model (a channel count, a mask longer
+                // than the tokens) where its dims' names do not say so.
+                (ExecError::Unsupported(_), Ok(_)) => "",
+                _ if generated => {
+                    "; it ran on generated inputs: give batches it runs on (--inputs DIR), \
+                     or the sizes of its dims (--dim NAME=N)"
                 }
                 _ => "",
             };

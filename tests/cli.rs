@@ -852,3 +852,49 @@ fn optimize_checks_its_output_unless_told_not_to() {
     assert!(text(&result.stdout).contains("check: skipped (--no-check)"));
     assert_eq!(json["check"]["outcome"], "skipped");
 }
+
+/// Optimum names a ViT's input dims `num_channels`, `height`, `width`: generated inputs get
+/// 16 channels against a 3-channel kernel, so the lossy run cannot be validated. The refusal
+/// says how to give inputs that fit, and giving the dims' sizes is enough.
+#[test]
+fn validation_on_generated_inputs_that_do_not_fit_says_how_to_fix_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = common::testdata("wild/optimum-vit.optimum14.t24.onnx");
+    let out = dir.path().join("vit.fp16.onnx");
+    let refused = onnxopt(&[
+        "optimize",
+        s(&model),
+        s(&out),
+        "--fp16",
+        "--engine",
+        "tract",
+    ]);
+    assert_eq!(refused.status.code(), Some(3), "{}", text(&refused.stderr));
+    assert!(
+        text(&refused.stderr).contains("--dim NAME=N"),
+        "{}",
+        text(&refused.stderr)
+    );
+    assert!(!out.exists());
+    let dims = [
+        "--dim",
+        "num_channels=3",
+        "--dim",
+        "height=32",
+        "--dim",
+        "width=32",
+    ];
+    let args = [
+        &[
+            "optimize",
+            s(&model),
+            s(&out),
+            "--fp16",
+            "--engine",
+            "tract",
+        ][..],
+        &dims[..],
+    ];
+    let written = onnxopt(&args.concat());
+    assert!(written.status.success(), "{}", text(&written.stderr));
+}
