@@ -52,7 +52,7 @@ def test_python_dash_m(tmp_path):
 
 
 def test_the_gil_is_released_during_calibration():
-    """A second thread keeps running Python while optimize calibrates on 40 batches (most of
+    """A second thread keeps running Python while optimize calibrates on 160 batches (most of
     the call): the longest pause between two of its loop iterations stays far below the
     call's length. No progress callback: its calls would hand the GIL over by themselves."""
     rng = np.random.default_rng(0)
@@ -62,7 +62,8 @@ def test_the_gil_is_released_during_calibration():
             "attention_mask": np.ones((8, 128), dtype=np.int64),
             "token_type_ids": np.zeros((8, 128), dtype=np.int64),
         }
-        for _ in range(40)
+        # Enough work for the call to last well over half a second on an idle machine.
+        for _ in range(160)
     ]
     stop = threading.Event()
     longest = [0.0]
@@ -83,6 +84,6 @@ def test_the_gil_is_released_during_calibration():
     finally:
         stop.set()
         thread.join()
-    assert len(report.quantization.calibration.batches) == 32
+    assert len(report.quantization.calibration.batches) == 128
     assert elapsed > 0.5, f"the call took {elapsed:.2f} s: too short to tell"
     assert longest[0] < elapsed / 4, f"paused {longest[0]:.2f} s of {elapsed:.2f} s"
