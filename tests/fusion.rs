@@ -118,23 +118,10 @@ fn every_corpus_model_is_fused_and_keeps_its_outputs() {
 /// The LEFTOVERS still in the graph ONNX Runtime's session runs for each model
 /// (`scripts/ort_session_ops.py`), one line per model that has any.
 fn unfused_in_the_session(models: &[std::path::PathBuf]) -> Vec<String> {
-    let script =
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/ort_session_ops.py");
-    let run = std::process::Command::new("python3")
-        .arg(script)
-        .args(models)
-        .output()
-        .expect("run scripts/ort_session_ops.py");
-    let stdout = String::from_utf8_lossy(&run.stdout);
-    assert!(
-        run.status.success(),
-        "{stdout}{}",
-        String::from_utf8_lossy(&run.stderr)
-    );
-    stdout
-        .lines()
-        .filter_map(|line| {
-            let json: serde_json::Value = serde_json::from_str(line).unwrap();
+    let models: Vec<&std::path::Path> = models.iter().map(|p| p.as_path()).collect();
+    common::session_ops(&models)
+        .into_iter()
+        .filter_map(|json| {
             let left: Vec<&str> = LEFTOVERS
                 .iter()
                 .copied()

@@ -235,20 +235,8 @@ fn fused_by_the_session(models: &[(PathBuf, usize)]) {
     if models.is_empty() || !common::onnx_runtime_available() {
         return;
     }
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/ort_session_ops.py");
-    let run = std::process::Command::new("python3")
-        .arg(script)
-        .args(models.iter().map(|(p, _)| p))
-        .output()
-        .expect("run scripts/ort_session_ops.py");
-    let stdout = String::from_utf8_lossy(&run.stdout);
-    assert!(
-        run.status.success(),
-        "{stdout}{}",
-        String::from_utf8_lossy(&run.stderr)
-    );
-    for ((path, want), line) in models.iter().zip(stdout.lines()) {
-        let json: serde_json::Value = serde_json::from_str(line).unwrap();
+    let paths: Vec<&Path> = models.iter().map(|(p, _)| p.as_path()).collect();
+    for ((path, want), json) in models.iter().zip(common::session_ops(&paths)) {
         let fused = json["ops"]["SimplifiedLayerNormalization"]
             .as_u64()
             .unwrap_or(0) as usize;

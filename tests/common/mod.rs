@@ -231,3 +231,25 @@ pub fn write_npy_f32(path: &Path, dims: &[i64], values: &[f32]) {
     }
     std::fs::write(path, bytes).unwrap();
 }
+
+/// What ONNX Runtime's session runs after its load-time fusions, one JSON object per model
+/// (`scripts/ort_session_ops.py`: `model`, and `ops`, the operator histogram).
+#[allow(dead_code)]
+pub fn session_ops(models: &[&Path]) -> Vec<serde_json::Value> {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/ort_session_ops.py");
+    let run = std::process::Command::new("python3")
+        .arg(script)
+        .args(models)
+        .output()
+        .expect("run scripts/ort_session_ops.py");
+    let stdout = String::from_utf8_lossy(&run.stdout);
+    assert!(
+        run.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    stdout
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap())
+        .collect()
+}
