@@ -224,3 +224,20 @@ fn attention_mpnet_position_bias_and_mask() {
     );
     insta::assert_snapshot!(diff);
 }
+
+/// A decoder LLM's grouped-query attention (`testdata/llm`, Llama-3: 4 query heads over 2
+/// key/value heads, each repeated twice by `repeat_kv`; torch's dynamo exporter at opset 20):
+/// the standard Attention on the rotated heads, the mask's float32 lowest rewritten for ONNX
+/// Runtime's kernel, SDPA's NaN clean-up on its output.
+#[test]
+fn attention_grouped_query_llama_dynamo() {
+    let llm = common::testdata("llm");
+    let diff = diff_of(
+        &llm.join("llama3.prefill.dynamo20.onnx"),
+        &llm.join("calib").join("prefill"),
+        AttentionFusion {
+            target: Target::Ort,
+        },
+    );
+    insta::assert_snapshot!(diff);
+}

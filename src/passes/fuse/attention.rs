@@ -18,7 +18,8 @@
 //!
 //! Also (see each pattern's doc): heads merged into the batch (`attention-3d`), the standard
 //! `Attention` op (`attention-op`), and `torch.nn.MultiheadAttention`'s sequence-first layout
-//! (`attention-seq-first`, fused on Q, K and V transposed batch first).
+//! (`attention-seq-first`, fused on Q, K and V transposed batch first), and the grouped-query
+//! attention of decoder LLMs on rotated heads and a cache (`attention-grouped`, `grouped.rs`).
 //!
 //! The additive bias carries everything masks do (padding as `Where(mask, 0, -inf)`, GPT-2's
 //! causal mask folded into it, T5's relative position bias), so no mask form is special. A
@@ -54,6 +55,8 @@ use crate::ops::attention::{BiasFit, BiasShape};
 use crate::ops::weights::plain_gemm_trans_b;
 use crate::proto::AttributeProto;
 
+mod grouped;
+
 const ATTENTION_OPSET: i64 = 23;
 /// The largest fill `is_mask_fill` takes for a masked score: -10000, what BERT-era exports
 /// add; every larger mask constant seen is finfo's minimum or -inf.
@@ -87,6 +90,16 @@ impl Fusion for AttentionFusion {
                 kind: "attention-seq-first",
                 pattern: sequence_first_attention(),
                 build: build_sequence_first,
+            },
+            Rule {
+                kind: "attention-grouped",
+                pattern: grouped::written_out(),
+                build: grouped::build_grouped,
+            },
+            Rule {
+                kind: "attention-grouped-op",
+                pattern: grouped::standard_op(),
+                build: grouped::build_grouped,
             },
         ]
     }
@@ -517,30 +530,8 @@ fn check_heads(m: &Match, g: &Graph) -> Checked<Layout> {
             }
         }
     }
-    // The dynamo Kᵀ: Reshape to [B·N, T, H], Transpose, Reshape back to [B, N, H, T].
-    if let Some(flat) = m.value("k_flat") {
-        let heads_of = g.node(producer(g, flat)?).input(0);
-        let heads_of = heads_of.ok_or(Declined::Missing("k_flat"))?;
-        let heads = dims(g, heads_of)?;
-        let (f, t) = (dims(g, flat)?, dims(g, m.get("k_t")?)?);
-        let fits = match heads.as_slice() {
-            [b, nn, tt, hh] => {
-                let merged =
-                    f.len() == 3 && f[0].same(&b.mul(nn)) && f[1].same(tt) && f[2].same(hh);
-                let split =
-                    t.len() == 4 && t[0].same(b) && t[1].same(nn) && t[2].same(hh) && t[3].same(tt);
-                merged && split
-            }
-            _ => false,
-        };
-        if !fits {
-            return Err(Declined::NotProven(format!(
-                "Kᵀ {} → {} → {} merges and splits batch and heads only",
-                shown(g, heads_of),
-                shown(g, flat),
-                shown(g, m.get("k_t")?)
-            )));
-        }
+    if m.value("k_flat").is_some() {
+        check_dynamo_kt(m, g)?;
     }
     if let Some(r) = m.value("context_reshape") {
         let context = m.get("context")?;
@@ -564,6 +555,34 @@ fn check_heads(m: &Match, g: &Graph) -> Checked<Layout> {
         total,
         bnsh,
     })
+}
+
+/// The dynamo exporter's Kᵀ: K's heads `[B, N, T, H]` reshaped to `[B·N, T, H]`, transposed,
+/// and reshaped back to `[B, N, H, T]`, merging and splitting exactly B and N.
+fn check_dynamo_kt(m: &Match, g: &Graph) -> Checked<()> {
+    let flat = m.get("k_flat")?;
+    let heads_of = g.node(producer(g, flat)?).input(0);
+    let heads_of = heads_of.ok_or(Declined::Missing("k_flat"))?;
+    let heads = dims(g, heads_of)?;
+    let (f, t) = (dims(g, flat)?, dims(g, m.get("k_t")?)?);
+    let fits = match heads.as_slice() {
+        [b, nn, tt, hh] => {
+            let merged = f.len() == 3 && f[0].same(&b.mul(nn)) && f[1].same(tt) && f[2].same(hh);
+            let split =
+                t.len() == 4 && t[0].same(b) && t[1].same(nn) && t[2].same(hh) && t[3].same(tt);
+            merged && split
+        }
+        _ => false,
+    };
+    if !fits {
+        return Err(Declined::NotProven(format!(
+            "Kᵀ {} → {} → {} merges and splits batch and heads only",
+            shown(g, heads_of),
+            shown(g, flat),
+            shown(g, m.get("k_t")?)
+        )));
+    }
+    Ok(())
 }
 
 /// The additive bias of the match, if any, with its dims: the sum of the ones the graph
@@ -697,7 +716,7 @@ fn check_merged(m: &Match, g: &Graph, n: i64, q_len: &Dim, total: &Dim) -> Check
 }
 
 /// The bias as the fused operator must receive it (see `ops::attention`): as it is, or
-/// expanded to the query length (dim 1 of `q_of`, a 3-D value the rewrite keeps) and the key
+/// expanded to the query length (dim `rows_of.1` of `rows_of.0`, a value the rewrite keeps) and the key
 /// length (the sum of the dims `keys` names, values the rewrite keeps: the past's and the new
 /// keys') where its dims are not proven to be those; `None` when its batch or head dim is not
 /// proven.
@@ -705,7 +724,7 @@ fn fitted_bias(
     bias: Option<(PValue, Vec<Dim>)>,
     layout: &Layout,
     rw: &mut Rewrite,
-    q_of: ValueId,
+    rows_of: (ValueId, i64),
     keys: &[(ValueId, i64)],
 ) -> Checked<Option<PValue>> {
     let Some((bias, bias_dims)) = bias else {
@@ -739,7 +758,7 @@ fn fitted_bias(
     };
     let one = |rw: &mut Rewrite| Ok::<_, Declined>(rw.constant("one", ints(&[1])?));
     let rows = match rows {
-        true => dim_of(rw, q_of, 1)?,
+        true => dim_of(rw, rows_of.0, rows_of.1)?,
         false => one(rw)?,
     };
     let cols = match cols {
@@ -806,7 +825,7 @@ fn build_attention(m: &Match, rw: &mut Rewrite) -> Built {
             };
             match packed {
                 Some(p) => {
-                    let bias = fitted_bias(bias, &layout, rw, p.input, &[(p.input, 1)])?;
+                    let bias = fitted_bias(bias, &layout, rw, (p.input, 1), &[(p.input, 1)])?;
                     for node in &p.absorbed {
                         rw.absorb(*node);
                     }
@@ -832,7 +851,7 @@ fn build_attention(m: &Match, rw: &mut Rewrite) -> Built {
                     (outs[0].ok_or(Declined::Missing("output"))?, vec![])
                 }
                 None => {
-                    let bias = fitted_bias(bias, &layout, rw, q, &key_lengths)?;
+                    let bias = fitted_bias(bias, &layout, rw, (q, 1), &key_lengths)?;
                     let past = past.map(|(pk, pv)| (pk.into(), pv.into()));
                     let wanted = [presents[0].is_some(), presents[1].is_some()];
                     let qkv = [q.into(), k.into(), v.into()];
@@ -847,7 +866,7 @@ fn build_attention(m: &Match, rw: &mut Rewrite) -> Built {
                 return Err(Declined::NoOperator(rw.target.name()));
             }
             rw.require_opset(ATTENTION_OPSET)?;
-            let bias = fitted_bias(bias, &layout, rw, q, &key_lengths)?;
+            let bias = fitted_bias(bias, &layout, rw, (q, 1), &key_lengths)?;
             let past = past.map(|(pk, pv)| (pk.into(), pv.into()));
             let wanted = [presents[0].is_some(), presents[1].is_some()];
             unpacked(

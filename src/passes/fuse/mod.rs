@@ -266,7 +266,8 @@ fn attempt(
         uses_contrib: false,
     };
     (rule.build)(m, &mut rw)?;
-    let removed: Vec<NodeId> = m.nodes().iter().chain(&rw.absorbed).copied().collect();
+    let mut removed: Vec<NodeId> = m.nodes().iter().chain(&rw.absorbed).copied().collect();
+    removed.extend(dying_readers(g, &removed, &rw.replaced));
     if let Some((value, reader)) = read_outside(g, &removed, &rw.replaced) {
         return Err(Declined::ReadOutside { value, reader });
     }
@@ -332,6 +333,51 @@ pub fn apply_rules(model: &mut Model, rules: &[Rule], target: Target) -> Result<
 
 /// A value the removed nodes produce that is neither replaced by the rewrite nor read only
 /// by removed nodes, with who else reads it (the graph's outputs, or a node).
+/// The most nodes `dying_readers` looks at past a match: shape computations are short.
+const DYING_READERS_AT_MOST: usize = 64;
+
+/// Readers outside a match that only size it: nodes reading what the match removes (the
+/// dynamo exporter's `Shape` of an intermediate, and what computes a Reshape's target from
+/// it) whose every output is read by removed nodes only, directly or through one another.
+/// They die with the match, so they go with it. Safe because nothing else reads them, and
+/// `check_patch` refuses the patch should its new nodes read one of them.
+fn dying_readers(g: &Graph, removed: &[NodeId], replaced: &[ValueId]) -> Vec<NodeId> {
+    let mut reached: Vec<NodeId> = Vec::new();
+    let mut frontier: Vec<ValueId> = removed
+        .iter()
+        .flat_map(|&n| g.node(n).outputs.iter().flatten().copied())
+        .filter(|v| !replaced.contains(v))
+        .collect();
+    while let Some(v) = frontier.pop() {
+        for &(reader, _) in g.uses(v) {
+            if removed.contains(&reader) || reached.contains(&reader) {
+                continue;
+            }
+            if reached.len() == DYING_READERS_AT_MOST {
+                return Vec::new();
+            }
+            reached.push(reader);
+            frontier.extend(g.node(reader).outputs.iter().flatten().copied());
+        }
+    }
+    // The largest set whose outputs only removed nodes or members read.
+    loop {
+        let only_inside = |n: &NodeId| {
+            g.node(*n).outputs.iter().flatten().all(|&v| {
+                !g.is_graph_output(v)
+                    && g.uses(v)
+                        .iter()
+                        .all(|(r, _)| removed.contains(r) || reached.contains(r))
+            })
+        };
+        let dying: Vec<NodeId> = reached.iter().copied().filter(only_inside).collect();
+        if dying.len() == reached.len() {
+            return dying;
+        }
+        reached = dying;
+    }
+}
+
 fn read_outside(g: &Graph, removed: &[NodeId], replaced: &[ValueId]) -> Option<(String, String)> {
     removed.iter().find_map(|&n| {
         g.node(n).outputs.iter().flatten().find_map(|&v| {
