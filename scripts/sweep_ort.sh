@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Every corpus model and every model of testdata/cases and testdata/wild, for both targets, as written and with
+# Every corpus model and every model of testdata/cases, testdata/wild and testdata/llm, for both targets, as written and with
 # --int8, --int8-dynamic and --fp16: optimized by the release binary (with its output check or
 # validation), and every output written run in ONNX Runtime against the original on the
 # model's calibration batches (scripts/ort_check.py: within 1e-4 for a lossless run, cosine
@@ -24,6 +24,8 @@ calib_of() {
     case $model in
     testdata/cases/*|*/testdata/cases/*) echo "testdata/cases/calib/$name" ;;
     testdata/wild/*|*/testdata/wild/*) echo "testdata/wild/calib/$name" ;;
+    *testdata/llm/*.past.*) echo "testdata/llm/calib/past" ;;
+    *testdata/llm/*) echo "testdata/llm/calib/prefill" ;;
     *all-minilm*) echo "$corpus/calib/minilm/dynamic" ;;
     *) family=${name%%.*}; echo "$corpus/calib/$family" ;;
     esac
@@ -32,7 +34,7 @@ calib_of() {
 written=0 refused=0 failed=0
 models=("$@")
 if [ ${#models[@]} -eq 0 ]; then
-    models=("$corpus"/tiny/*.onnx "$corpus"/minilm-l6/all-minilm-l6-v2.ts.onnx testdata/cases/*.onnx testdata/wild/*.onnx)
+    models=("$corpus"/tiny/*.onnx "$corpus"/minilm-l6/all-minilm-l6-v2.ts.onnx testdata/cases/*.onnx testdata/wild/*.onnx testdata/llm/*.onnx)
 fi
 for model in "${models[@]}"; do
     calib=$(calib_of "$model")

@@ -4,9 +4,9 @@
 //! Matches every float32 value of the graph and decides its precision: a value computed by a
 //! node that `keeps_float32` (normalizations, whose mean and variance lose digits in float16;
 //! Softmax and Exp, which overflow at 11.1; reductions, Pow and squares `Mul(x, x)`, whose
-//! sums and squares pass float16's 65 504; subgraph and quantization operators) stays
-//! float32, and so do the graph inputs and outputs with `keep_io_types`; every other float
-//! value becomes float16.
+//! sums and squares pass float16's 65 504; the standard Attention and its mask, `mask_nodes`;
+//! subgraph and quantization operators) stays float32, and so do the graph inputs and outputs
+//! with `keep_io_types`; every other float value becomes float16.
 //! Produces:
 //! - float16 copies of float32 initializers and `Constant`/`ConstantOfShape` values read in
 //!   float16 (values beyond ±65 504 clamped there rather than made infinite);
@@ -20,7 +20,7 @@
 //! precision, never the value range (clamped constants aside). The outputs differ from float32
 //! by float16 rounding: the report's validation states how much.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use bytes::Bytes;
 use half::f16;
@@ -149,12 +149,12 @@ pub fn convert_fp16(model: &mut Model, options: &Fp16Options) -> Result<QuantRep
 }
 
 /// The precision a reader wants in input `slot`.
-fn expects(g: &Graph, reader: NodeId, slot: usize) -> Precision {
+fn expects(g: &Graph, mask: &HashSet<NodeId>, reader: NodeId, slot: usize) -> Precision {
     let node = g.node(reader);
     let float32_input = FLOAT32_INPUTS
         .iter()
         .any(|&(op, s)| node.is(op) && s == slot);
-    if keeps_float32(g, reader) || float32_input {
+    if keeps_float32(g, reader, mask) || float32_input {
         Precision::F32
     } else {
         Precision::F16
@@ -168,6 +168,7 @@ fn expects(g: &Graph, reader: NodeId, slot: usize) -> Precision {
 fn precisions(model: &Model, options: &Fp16Options) -> Result<HashMap<ValueId, Precision>> {
     let types = shape::infer(model).types;
     let g = &model.graph;
+    let mask = mask_nodes(g);
     let elem = |v: ValueId| {
         types
             .get(&v)
@@ -200,7 +201,7 @@ fn precisions(model: &Model, options: &Fp16Options) -> Result<HashMap<ValueId, P
     let mut precision = HashMap::new();
     for v in g.value_ids().filter(|&v| is_float(v)) {
         let p = if let Some(producer) = g.producer(v) {
-            if keeps_float32(g, producer) {
+            if keeps_float32(g, producer, &mask) {
                 Precision::F32
             } else {
                 Precision::F16
@@ -210,7 +211,7 @@ fn precisions(model: &Model, options: &Fp16Options) -> Result<HashMap<ValueId, P
         } else {
             // An initializer: float16 unless every reader wants float32.
             let read_as_f16 = g.uses(v).iter().any(|&(reader, u)| {
-                matches!(u, Use::Input(slot) if expects(g, reader, slot) == Precision::F16)
+                matches!(u, Use::Input(slot) if expects(g, &mask, reader, slot) == Precision::F16)
             });
             if read_as_f16 {
                 Precision::F16
@@ -292,6 +293,7 @@ fn constant_patches(model: &Model, precision: &HashMap<ValueId, Precision>) -> R
 /// records the outputs as float32 from then on.
 fn output_patches(model: &Model, precision: &mut HashMap<ValueId, Precision>) -> Vec<Patch> {
     let g = &model.graph;
+    let mask = mask_nodes(g);
     let mut by_producer: Vec<(NodeId, Vec<ValueId>)> = Vec::new();
     for port in &g.outputs {
         let v = port.value;
@@ -331,7 +333,7 @@ fn output_patches(model: &Model, precision: &mut HashMap<ValueId, Precision>) ->
             );
             for &(reader, u) in g.uses(v) {
                 if let Use::Input(slot) = u {
-                    if expects(g, reader, slot) == Precision::F16 {
+                    if expects(g, &mask, reader, slot) == Precision::F16 {
                         patch.replace_input(reader, slot, f16[&v]);
                     }
                 }
@@ -346,6 +348,7 @@ fn output_patches(model: &Model, precision: &mut HashMap<ValueId, Precision>) ->
 /// A Cast per value and precision its readers want, where that is not the value's own.
 fn cast_patches(model: &Model, precision: &HashMap<ValueId, Precision>) -> Vec<Patch> {
     let g = &model.graph;
+    let mask = mask_nodes(g);
     let mut values: Vec<(ValueId, Precision)> = precision.iter().map(|(&v, &p)| (v, p)).collect();
     values.sort_by_key(|(v, _)| v.index());
     let mut patches = Vec::new();
@@ -358,7 +361,7 @@ fn cast_patches(model: &Model, precision: &HashMap<ValueId, Precision>) -> Vec<P
         let mut wanting: HashMap<Precision, Vec<(NodeId, usize)>> = HashMap::new();
         for &(reader, u) in g.uses(v) {
             if let Use::Input(slot) = u {
-                let want = expects(g, reader, slot);
+                let want = expects(g, &mask, reader, slot);
                 if want != p {
                     wanting.entry(want).or_default().push((reader, slot));
                 }
@@ -388,8 +391,40 @@ fn cast_patches(model: &Model, precision: &HashMap<ValueId, Precision>) -> Vec<P
     patches
 }
 
-fn keeps_float32(g: &Graph, id: NodeId) -> bool {
+/// The nodes computing what a standard `Attention` reads as its mask, from the last integer or
+/// boolean values on: they stay float32 with the Attention. A mask filled with float32's
+/// lowest becomes float16's lowest in float16, which ONNX Runtime's kernel reads as -inf (a
+/// query row masked whole gives zeros, where the float32 graph averages it; see
+/// `passes::fuse::attention::grouped`), and a score plus it rounds differently.
+fn mask_nodes(g: &Graph) -> HashSet<NodeId> {
+    let is_float = |v: ValueId| {
+        g.value_type(v)
+            .is_none_or(|t| t.elem == DataType::Float as i32)
+    };
+    let mut stack: Vec<ValueId> = g
+        .nodes()
+        .filter(|(_, n)| n.is("Attention") && n.domain().is_empty())
+        .filter_map(|(_, n)| n.input(3))
+        .collect();
+    let mut nodes = HashSet::new();
+    while let Some(v) = stack.pop() {
+        let Some(producer) = g.producer(v).filter(|_| is_float(v)) else {
+            continue;
+        };
+        if nodes.insert(producer) {
+            stack.extend(g.node(producer).inputs.iter().flatten().copied());
+        }
+    }
+    nodes
+}
+
+fn keeps_float32(g: &Graph, id: NodeId, mask: &HashSet<NodeId>) -> bool {
     let node = g.node(id);
+    // The standard attention (its Softmax inside), and its mask with it: see `mask_nodes`.
+    let standard_attention = node.is("Attention") && node.domain().is_empty();
+    if standard_attention || mask.contains(&id) {
+        return true;
+    }
     let float16_schema = match node.domain() {
         "" => true,
         MS_DOMAIN => ops::contrib(node.op_type()).is_some_and(|o| o.float16),
