@@ -4,7 +4,8 @@
 //! Matches every float32 value of the graph and decides its precision: a value computed by a
 //! node that `keeps_float32` (normalizations, whose mean and variance lose digits in float16;
 //! Softmax and Exp, which overflow at 11.1; reductions, Pow and squares `Mul(x, x)`, whose
-//! sums and squares pass float16's 65 504; the standard Attention and its mask, `mask_nodes`;
+//! sums and squares pass float16's 65 504; the standard Attention, and the attention masks
+//! with what adds them to the scores, `mask_nodes`;
 //! subgraph and quantization operators) stays float32, and so do the graph inputs and outputs
 //! with `keep_io_types`; every other float value becomes float16.
 //! Produces:
@@ -391,29 +392,50 @@ fn cast_patches(model: &Model, precision: &HashMap<ValueId, Precision>) -> Vec<P
     patches
 }
 
-/// The nodes computing what a standard `Attention` reads as its mask, from the last integer or
-/// boolean values on: they stay float32 with the Attention. A mask filled with float32's
-/// lowest becomes float16's lowest in float16, which ONNX Runtime's kernel reads as -inf (a
-/// query row masked whole gives zeros, where the float32 graph averages it; see
-/// `passes::fuse::attention::grouped`), and a score plus it rounds differently.
+/// Products whose inputs `mask_nodes` does not walk into: attention scores, not masks.
+const PRODUCTS: &[&str] = &["MatMul", "Gemm", "Einsum", "Conv", "Attention"];
+
+/// The most nodes `mask_nodes` takes from one root: a mask is a short chain.
+const MASK_NODES_AT_MOST: usize = 64;
+
+/// The nodes computing an attention mask and adding it to the scores: what a standard
+/// `Attention` reads as its mask, and what a Softmax reads, from the last integer or boolean
+/// values (and the products of the scores) on. They stay float32, with the Attention and
+/// the Softmax. A mask filled with float32's lowest becomes float16's lowest in float16: a
+/// score plus it overflows to -inf or rounds to it depending on the score, so a query row
+/// masked whole (left padding) no longer averages as in the float32 graph, and ONNX
+/// Runtime's Attention kernel reads float16's lowest as -inf (see
+/// `passes::fuse::attention::grouped`). A root whose chain is longer than
+/// `MASK_NODES_AT_MOST` is left to the other rules.
 fn mask_nodes(g: &Graph) -> HashSet<NodeId> {
     let is_float = |v: ValueId| {
         g.value_type(v)
             .is_none_or(|t| t.elem == DataType::Float as i32)
     };
-    let mut stack: Vec<ValueId> = g
-        .nodes()
-        .filter(|(_, n)| n.is("Attention") && n.domain().is_empty())
-        .filter_map(|(_, n)| n.input(3))
-        .collect();
+    let roots = g.nodes().filter_map(|(_, n)| match n.op_type() {
+        "Attention" if n.domain().is_empty() => n.input(3),
+        "Softmax" => n.input(0),
+        _ => None,
+    });
     let mut nodes = HashSet::new();
-    while let Some(v) = stack.pop() {
-        let Some(producer) = g.producer(v).filter(|_| is_float(v)) else {
-            continue;
-        };
-        if nodes.insert(producer) {
-            stack.extend(g.node(producer).inputs.iter().flatten().copied());
+    for root in roots.collect::<Vec<_>>() {
+        let mut chain = HashSet::new();
+        let mut stack = vec![root];
+        while let Some(v) = stack.pop() {
+            let Some(producer) = g.producer(v).filter(|_| is_float(v)) else {
+                continue;
+            };
+            let node = g.node(producer);
+            if PRODUCTS.contains(&node.op_type()) || !chain.insert(producer) {
+                continue;
+            }
+            if chain.len() > MASK_NODES_AT_MOST {
+                chain.clear();
+                break;
+            }
+            stack.extend(node.inputs.iter().flatten().copied());
         }
+        nodes.extend(chain);
     }
     nodes
 }

@@ -12,7 +12,8 @@
 //! Produces, for `x`: `com.microsoft::RotaryEmbedding` (`Target::Ort`) or the standard
 //! `RotaryEmbedding` (`Target::Onnx`, only in a model at opset 23 already: the opset-23
 //! exporters write it themselves), with `position_ids` and the `[rows, h]` caches computed in
-//! the graph from the positions the model was given: rows `min..=max` of them, positions
+//! the graph from the positions the model was given: rows `min..=max` of them (and as many
+//! as the sequence has tokens at least, as ONNX Runtime's kernels want), positions
 //! shifted by the min and expanded to `x`'s batch (the operators' contract, `ops::rotary`).
 //! The model's inputs and outputs do not change. The cos/sin chains stay for their other
 //! readers and are removed as dead code once every RoPE is fused.
@@ -264,8 +265,21 @@ fn rotary(m: &Match, rw: &mut Rewrite) -> Option<()> {
         let shape = rw.op("Concat", "", &[x_batch, one_1d], vec![attr::int("axis", 0)]);
         ids = rw.op("Expand", "", &[ids, shape], vec![]);
     }
-    // The caches: rows low..=high, each Cast(p)·inv_freq as the model computes it.
-    let end = rw.op("Add", "", &[high, one], vec![]);
+    // The caches: rows low..=high, each Cast(p)·inv_freq as the model computes it, and at
+    // least as many rows as x has tokens: ONNX Runtime's kernels refuse fewer ("Updating
+    // cos_cache and sin_cache in RotaryEmbedding is not currently supported") whatever the
+    // positions, e.g. repeated ones. Rows past `high` are never read.
+    let past_high = rw.op("Add", "", &[high, one], vec![]);
+    let tokens = rw.op(
+        "Shape",
+        "",
+        &[x.into()],
+        vec![attr::int("start", 2), attr::int("end", 3)],
+    );
+    let first_axis = int64_constant(rw, "rotary_first_axis", &[1], &[0])?;
+    let tokens = rw.op("Squeeze", "", &[tokens, first_axis], vec![]);
+    let low_plus_tokens = rw.op("Add", "", &[low, tokens], vec![]);
+    let end = rw.op("Max", "", &[past_high, low_plus_tokens], vec![]);
     let rows = rw.op("Range", "", &[low, end, one], vec![]);
     let rows = rw.op(
         "Cast",
