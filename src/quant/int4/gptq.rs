@@ -28,8 +28,14 @@ use tract_onnx::tract_hir::internal::tract_ndarray::{
 use super::grid::{self, Grid};
 use crate::ops::nbits::BlockQuantized;
 
-/// Damping added to H's diagonal, as a fraction of its mean (the paper's 1%).
-pub const DAMPING: f64 = 0.01;
+/// Damping added to H's diagonal, as a fraction of its mean: 10%, not the paper's 1%. With
+/// few calibration rows H is far from the activations' true second moment (singular where
+/// the rows are fewer than K), and GPTQ's compensation fits those rows rather than the text;
+/// more damping pulls the updates towards the diagonal. On SmolLM2-135M (914 calibration
+/// rows, K 576 and 1536), 1%, 10%, 20%, 50%: logits KL on the held-out calibration batch
+/// 7.8e-2, 4.5e-2, 4.8e-2, 6.1e-2 (the default is its best); perplexity on the eval text
+/// 35.52, 35.28, 34.61, 35.81.
+pub const DAMPING: f64 = 0.1;
 /// Rows quantized between two updates of the rows after them.
 const LAZY_ROWS: usize = 128;
 /// Tries with ten times the damping each, for a Gram matrix too ill-conditioned to factor.
