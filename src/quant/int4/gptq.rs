@@ -119,7 +119,7 @@ pub fn gptq(
                 for (col, g) in grids.iter_mut().enumerate() {
                     *g = grid::grid_of(&q, col, i / block);
                 }
-            } else if i % block == 0 {
+            } else if i.is_multiple_of(block) {
                 let rows = i..(i + block).min(k);
                 for (col, g) in grids.iter_mut().enumerate() {
                     *g = Grid::fit(rows.clone().map(|r| work[r * n + col]), symmetric);
