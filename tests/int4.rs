@@ -12,6 +12,7 @@ use onnxopt::io::{self, ExternalData};
 use onnxopt::ir::{Model, Patch, Tensor};
 use onnxopt::ops::nbits::{self, BlockQuantized};
 use onnxopt::passes::fuse::Target;
+use onnxopt::quant::int4::gptq::GptqOptions;
 use onnxopt::quant::int4::{quantize_int4, Int4Method, Int4Options};
 use onnxopt::quant::qdq::Selection;
 
@@ -37,6 +38,7 @@ fn options(target: Target, method: Int4Method, symmetric: bool) -> Int4Options {
         block_size: 32,
         symmetric,
         method,
+        gptq: GptqOptions::default(),
         // Float32 compute, so that ONNX Runtime's result is the dequantized weights' exactly.
         accuracy_level: 0,
         target,

@@ -267,6 +267,15 @@ pub struct QuantArgs {
     /// the calibration outputs less) or `rtn` (round to nearest, no data).
     #[arg(long, value_enum, default_value_t = Int4MethodArg::Gptq, requires = "int4")]
     pub int4_method: Int4MethodArg,
+    /// With --int4 (GPTQ): quantize each weight's input channels in their order, instead
+    /// of by decreasing activation energy with each block's grid fitted first (act order
+    /// with static groups).
+    #[arg(long, requires = "int4")]
+    pub int4_no_act_order: bool,
+    /// With --int4 (GPTQ): added to the diagonal of each Gram matrix, as a fraction of its
+    /// mean, before it is inverted.
+    #[arg(long, value_name = "F", default_value_t = onnxopt::quant::int4::gptq::DAMPING, requires = "int4")]
+    pub int4_damping: f64,
     /// With --int4 --target ort: MatMulNBits' accuracy_level (0: float32 compute; 4: ONNX
     /// Runtime's CPU kernel quantizes the activations to int8 per block, faster).
     #[arg(long, value_name = "LEVEL", default_value_t = 4, requires = "int4")]

@@ -219,6 +219,10 @@ fn pipeline_options(args: &OptimizeArgs) -> Result<pipeline::Options> {
             block_size: q.int4_block,
             symmetric: q.int4_symmetric,
             method: q.int4_method.method(),
+            gptq: quant::int4::gptq::GptqOptions {
+                act_order: !q.int4_no_act_order,
+                damping: q.int4_damping,
+            },
             accuracy_level: q.int4_accuracy_level,
             target: args.target.fusion(),
             selection: selection(q)?,

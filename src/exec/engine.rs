@@ -106,19 +106,21 @@ pub fn tract_refusal(model: &Model) -> Option<support::Unsupported> {
     support::first_unsupported(&lowered)
 }
 
-/// Runs `model` on every batch in order and hands `each(index, values)` the values `names`
-/// took in that run. In tract, as many batches at once as threads (tract runs each on one
-/// core; handing them over in batch order keeps statistics independent of the thread count,
-/// and memory holds one chunk's values); where `Engine::Auto` puts the model in ONNX Runtime
-/// (tract cannot run it faithfully: a boolean mask on the standard Attention, a contrib
-/// operator tract lacks), one batch at a time there, which parallelizes inside each run.
+/// Runs `model` on every batch in order, in the engine `engine` picks for it, and hands
+/// `each(index, values)` the values `names` took in that run. In tract, as many batches at
+/// once as threads (tract runs each on one core; handing them over in batch order keeps
+/// statistics independent of the thread count, and memory holds one chunk's values); in
+/// ONNX Runtime (where `Engine::Auto` puts a model tract cannot run faithfully: a boolean
+/// mask on the standard Attention, a contrib operator tract lacks), one batch at a time,
+/// which parallelizes inside each run.
 pub fn for_each_batch<E: From<ExecError>>(
     model: &Model,
+    engine: Engine,
     names: &[String],
     batches: &[Batch],
     mut each: impl FnMut(usize, Vec<(String, Tensor)>) -> Result<(), E>,
 ) -> Result<(), E> {
-    match Engine::Auto.choose(&[model]) {
+    match engine.choose(&[model]) {
         EngineKind::Tract => {
             let mut runner = Runner::with_outputs(model, names)?;
             runner.prepare(batches)?;

@@ -6,7 +6,7 @@
 
 use std::collections::HashMap;
 
-use super::{Batch, ExecError};
+use super::{Batch, Engine, ExecError};
 use crate::ir::{Model, ValueId};
 
 /// One number per feature (last axis) of each value.
@@ -54,7 +54,7 @@ fn reduce(
         .collect();
     let mut accumulators: Vec<Vec<f64>> = vec![Vec::new(); values.len()];
     let mut positions = vec![0usize; values.len()];
-    super::for_each_batch(model, &names, batches, |_, outputs| {
+    super::for_each_batch(model, Engine::Auto, &names, batches, |_, outputs| {
         for (i, (name, t)) in outputs.iter().enumerate() {
             let bad = |e: anyhow::Error| ExecError::Input(format!("value `{name}`: {e}"));
             let t = t.cast_to::<f32>().map_err(bad)?;

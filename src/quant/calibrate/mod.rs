@@ -138,14 +138,20 @@ pub fn calibrate(
         if batches.is_empty() {
             return Err(Error::Quantization("no calibration batches".into()));
         }
-        exec::for_each_batch(model, names, batches, |done, outputs| {
-            observers
-                .par_iter_mut()
-                .zip(outputs.par_iter())
-                .try_for_each(|(observer, (name, t))| observe(observer, name, t))?;
-            on_batch(done + 1, batches.len());
-            Ok::<_, CalibrationError>(())
-        })
+        exec::for_each_batch(
+            model,
+            exec::Engine::Auto,
+            names,
+            batches,
+            |done, outputs| {
+                observers
+                    .par_iter_mut()
+                    .zip(outputs.par_iter())
+                    .try_for_each(|(observer, (name, t))| observe(observer, name, t))?;
+                on_batch(done + 1, batches.len());
+                Ok::<_, CalibrationError>(())
+            },
+        )
         .map_err(|e| e.0)?;
     }
     let mut ranges = Ranges::new();

@@ -3,12 +3,17 @@
 //! calibration activations moves as little as it can.
 //!
 //! Matches: a weight and the Gram matrix H = XᵀX of its input over calibration rows
-//! (`gram`). Produces: the same block layout and grids as round-to-nearest (`grid`): each
-//! block's grid is fitted, when its first row is reached, to the weights as compensated so
-//! far; row i (input channel i) is rounded, and its error, divided by `U[i][i]`, is spread
-//! over the rows after it along row i of U, the upper Cholesky factor of H⁻¹ (H damped by 1%
-//! of its mean diagonal). Updates of rows beyond the current batch of rows are applied
-//! together, as one matrix product (the paper's lazy batch updates).
+//! (`gram`). Produces: the same block layout and grid kind as round-to-nearest (`grid`).
+//! Rows (input channels) are quantized one at a time, by default in order of decreasing
+//! `H[i][i]` (act order), with H and the weight permuted to that order: each row is rounded
+//! on its block's grid, and its error, divided by `U[p][p]`, is spread over the rows after
+//! it along row p of U, the upper Cholesky factor of the permuted H⁻¹ (H damped by a
+//! fraction of its mean diagonal, `GptqOptions::damping`). Updates of rows beyond the
+//! current batch of rows are applied together, as one matrix product (the paper's lazy
+//! batch updates). With act order each block's grid is round-to-nearest's, fitted to the
+//! weight before any row moves (AutoGPTQ's static groups), as a block's rows no longer come
+//! together; without it, each block's grid is fitted when its first row is reached, to the
+//! weights as compensated so far.
 //!
 //! Why it is better: the output error is `tr(Dᵀ·H·D)` for the weight change D; the update
 //! is the optimal change of the remaining weights for each rounding (the Optimal Brain
@@ -23,12 +28,40 @@ use tract_onnx::tract_hir::internal::tract_ndarray::{
 use super::grid::{self, Grid};
 use crate::ops::nbits::BlockQuantized;
 
-/// Damping added to H's diagonal, as a fraction of its mean (the paper's 1%).
-pub const DAMPING: f64 = 0.01;
+/// Damping added to H's diagonal, as a fraction of its mean: 10%, not the paper's 1%. With
+/// few calibration rows H is far from the activations' true second moment (singular where
+/// the rows are fewer than K), and GPTQ's compensation fits those rows rather than the text;
+/// more damping pulls the updates towards the diagonal. On SmolLM2-135M (914 calibration
+/// rows, K 576 and 1536), 1%, 10%, 20%, 50%: logits KL on the held-out calibration batch
+/// 7.8e-2, 4.5e-2, 4.8e-2, 6.1e-2 (the default is its best); perplexity on the eval text
+/// 35.52, 35.28, 34.61, 35.81.
+pub const DAMPING: f64 = 0.1;
 /// Rows quantized between two updates of the rows after them.
 const LAZY_ROWS: usize = 128;
 /// Tries with ten times the damping each, for a Gram matrix too ill-conditioned to factor.
 const DAMPING_TRIES: usize = 4;
+
+/// How GPTQ walks the weight.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct GptqOptions {
+    /// Quantize the input channels in order of decreasing Gram diagonal (the paper's "act
+    /// order"): the channels that move the output most are rounded first, while the most
+    /// weights remain to absorb their errors. Each block's grid is then fitted before any
+    /// row is quantized, to the block's weights as they are (static groups), since a block's
+    /// rows no longer come together; the codes keep the block layout.
+    pub act_order: bool,
+    /// Added to H's diagonal, as a fraction of its mean.
+    pub damping: f64,
+}
+
+impl Default for GptqOptions {
+    fn default() -> Self {
+        GptqOptions {
+            act_order: true,
+            damping: DAMPING,
+        }
+    }
+}
 
 /// GPTQ of the row-major `[K, N]` weight `w` with blocks of `block` rows, given the Gram
 /// matrix of its input; `None` when H cannot be factored even damped.
@@ -38,17 +71,36 @@ pub fn gptq(
     block: usize,
     symmetric: bool,
     gram: &Array2<f32>,
+    options: GptqOptions,
 ) -> Option<BlockQuantized> {
     let k = gram.nrows();
-    let mut work = w.to_vec();
+    let diagonal: Vec<f32> = gram.diag().to_vec();
     // An input channel that is always 0 contributes nothing: its weights may be anything.
-    for i in 0..k {
-        if gram[[i, i]] == 0.0 {
-            work[i * n..(i + 1) * n].fill(0.0);
-        }
-    }
-    let u = inverse_cholesky_upper(gram)?;
-    let mut q = grid::empty(k, n, block, symmetric);
+    let live = |i: usize| diagonal[i] != 0.0;
+    let weight_row = |i: usize| {
+        w[i * n..(i + 1) * n]
+            .iter()
+            .map(move |&v| if live(i) { v } else { 0.0 })
+    };
+    // The order rows are quantized in; `work` and H are permuted to it.
+    let mut order: Vec<usize> = (0..k).collect();
+    let reordered;
+    let h = if options.act_order {
+        order.sort_by(|&a, &b| diagonal[b].total_cmp(&diagonal[a]));
+        reordered = Array2::from_shape_fn((k, k), |(a, b)| gram[[order[a], order[b]]]);
+        &reordered
+    } else {
+        gram
+    };
+    let mut work: Vec<f32> = order.iter().flat_map(|&i| weight_row(i)).collect();
+    let u = inverse_cholesky_upper(h, options.damping)?;
+    let mut q = if options.act_order {
+        // Static groups: the grids of round-to-nearest; its codes are all overwritten.
+        let w: Vec<f32> = (0..k).flat_map(weight_row).collect();
+        grid::round_to_nearest(&w, k, n, block, symmetric)
+    } else {
+        grid::empty(k, n, block, symmetric)
+    };
     let mut grids = vec![
         Grid {
             scale: 1.0,
@@ -60,26 +112,32 @@ pub fn gptq(
     for b0 in (0..k).step_by(lazy) {
         let b1 = (b0 + lazy).min(k);
         let mut errors = vec![0f32; (b1 - b0) * n];
-        for i in b0..b1 {
-            if i % block == 0 {
+        for p in b0..b1 {
+            // Row p of `work` is input channel i.
+            let i = order[p];
+            if options.act_order {
+                for (col, g) in grids.iter_mut().enumerate() {
+                    *g = grid::grid_of(&q, col, i / block);
+                }
+            } else if i.is_multiple_of(block) {
                 let rows = i..(i + block).min(k);
                 for (col, g) in grids.iter_mut().enumerate() {
                     *g = Grid::fit(rows.clone().map(|r| work[r * n + col]), symmetric);
                     grid::set_grid(&mut q, col, i / block, *g);
                 }
             }
-            let d = u[[i, i]];
-            let (head, tail) = work.split_at_mut((i + 1) * n);
-            let row = &head[i * n..];
-            let error = &mut errors[(i - b0) * n..(i - b0 + 1) * n];
+            let d = u[[p, p]];
+            let (head, tail) = work.split_at_mut((p + 1) * n);
+            let row = &head[p * n..];
+            let error = &mut errors[(p - b0) * n..(p - b0 + 1) * n];
             for col in 0..n {
                 let code = grids[col].code(row[col]);
                 q.codes[col * k + i] = code;
                 error[col] = (row[col] - grids[col].value(code)) / d;
             }
-            for j in i + 1..b1 {
-                let f = u[[i, j]];
-                let target = &mut tail[(j - i - 1) * n..(j - i) * n];
+            for j in p + 1..b1 {
+                let f = u[[p, j]];
+                let target = &mut tail[(j - p - 1) * n..(j - p) * n];
                 for (t, e) in target.iter_mut().zip(error.iter()) {
                     *t -= f * e;
                 }
@@ -114,10 +172,10 @@ pub fn output_error(w: &[f32], approx: &[f32], gram: &Array2<f32>) -> f64 {
 /// U, upper triangular with `Uᵀ·U = (H + λI)⁻¹` for the Gram matrix H (in float64), with
 /// dead channels' diagonal set to 1 and λ the damping; retried with more damping when H is
 /// not numerically positive definite.
-fn inverse_cholesky_upper(gram: &Array2<f32>) -> Option<Array2<f32>> {
+fn inverse_cholesky_upper(gram: &Array2<f32>, damping: f64) -> Option<Array2<f32>> {
     let k = gram.nrows();
     let mean_diagonal = (0..k).map(|i| f64::from(gram[[i, i]])).sum::<f64>() / k.max(1) as f64;
-    let mut damping = DAMPING * mean_diagonal.max(f64::MIN_POSITIVE);
+    let mut damping = damping * mean_diagonal.max(f64::MIN_POSITIVE);
     for _ in 0..DAMPING_TRIES {
         // H reversed (J·H·J): its lower factor L̃ gives H = R·Rᵀ with R = J·L̃·J upper, so
         // H⁻¹ = (R⁻¹)ᵀ·R⁻¹ and U = R⁻¹ = J·L̃⁻¹·J.
@@ -216,7 +274,7 @@ mod tests {
     fn the_factor_inverts_the_damped_gram_matrix() {
         let x = activations(64, 24, 3);
         let gram = gram_of(&x);
-        let u = inverse_cholesky_upper(&gram).unwrap();
+        let u = inverse_cholesky_upper(&gram, DAMPING).unwrap();
         let k = 24;
         for i in 0..k {
             for j in 0..i {
@@ -249,17 +307,50 @@ mod tests {
         let w: Vec<f32> = (0..k * n)
             .map(|i| normal(5, i as u64) as f32 * 0.02)
             .collect();
-        for symmetric in [false, true] {
+        for (symmetric, act_order) in [(false, false), (true, false), (false, true), (true, true)] {
+            let options = GptqOptions {
+                act_order,
+                ..Default::default()
+            };
             let rtn = grid::round_to_nearest(&w, k, n, block, symmetric).dequantize();
-            let ours = gptq(&w, n, block, symmetric, &gram).unwrap().dequantize();
+            let ours = gptq(&w, n, block, symmetric, &gram, options)
+                .unwrap()
+                .dequantize();
             let (e_rtn, e_ours) = (
                 output_error(&w, &rtn, &gram),
                 output_error(&w, &ours, &gram),
             );
             assert!(
                 e_ours < 0.8 * e_rtn,
-                "symmetric {symmetric}: {e_ours} vs {e_rtn}"
+                "symmetric {symmetric}, act order {act_order}: {e_ours} vs {e_rtn}"
             );
+        }
+    }
+
+    #[test]
+    fn act_order_keeps_the_round_to_nearest_grids() {
+        let (k, n, block) = (80, 8, 32);
+        // Channels of very different energies, so that the order is far from the identity.
+        let mut x = activations(128, k, 21);
+        for (c, mut column) in x.columns_mut().into_iter().enumerate() {
+            column *= 1.0 + (c * 37 % k) as f32 / 8.0;
+        }
+        let gram = gram_of(&x);
+        let w: Vec<f32> = (0..k * n)
+            .map(|i| normal(9, i as u64) as f32 * 0.02)
+            .collect();
+        for symmetric in [false, true] {
+            let rtn = grid::round_to_nearest(&w, k, n, block, symmetric);
+            let ours = gptq(&w, n, block, symmetric, &gram, GptqOptions::default()).unwrap();
+            assert_eq!(ours.scales, rtn.scales, "symmetric {symmetric}");
+            assert_eq!(ours.zero_points, rtn.zero_points, "symmetric {symmetric}");
+            // Every row was quantized: GPTQ moved codes, yet beats round-to-nearest.
+            assert_ne!(ours.codes, rtn.codes);
+            let (e_rtn, e_ours) = (
+                output_error(&w, &rtn.dequantize(), &gram),
+                output_error(&w, &ours.dequantize(), &gram),
+            );
+            assert!(e_ours < e_rtn, "symmetric {symmetric}: {e_ours} vs {e_rtn}");
         }
     }
 
@@ -269,7 +360,7 @@ mod tests {
         x.column_mut(3).fill(0.0);
         let gram = gram_of(&x);
         let w: Vec<f32> = (0..8 * 2).map(|i| i as f32 * 0.1).collect();
-        let q = gptq(&w, 2, 16, false, &gram).unwrap();
+        let q = gptq(&w, 2, 16, false, &gram, GptqOptions::default()).unwrap();
         assert_eq!(q.codes.len(), 16);
     }
 }

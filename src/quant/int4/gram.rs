@@ -3,8 +3,9 @@
 //! The output error of a weight change D `[K, N]` on those rows is `tr(Dᵀ·XᵀX·D)`, so the Gram
 //! matrix is all `gptq` reads, and its size (K² floats) does not grow with the batches.
 //!
-//! One run per batch returns every requested input at once (extra outputs of the same run);
-//! each is folded into its Gram matrix and dropped. Positions a right-padded batch masks out
+//! One run per batch returns every requested input at once (extra outputs of the same run,
+//! through `exec::for_each_batch`, as calibration gathers its activations); each is folded
+//! into its Gram matrix and dropped. Positions a right-padded batch masks out
 //! (its rank-2 `attention_mask` is 0 there) are left out: padding tokens are not text.
 
 use std::collections::HashMap;
@@ -12,8 +13,7 @@ use std::collections::HashMap;
 use tract_onnx::prelude::Tensor;
 use tract_onnx::tract_hir::internal::tract_ndarray::{linalg::general_mat_mul, Array2, ArrayView2};
 
-use crate::exec::engine::{Engine, EngineRunner};
-use crate::exec::{parallel_batches, Batch, ExecError};
+use crate::exec::{for_each_batch, Batch, Engine, ExecError};
 use crate::ir::{Model, ValueId};
 
 /// `XᵀX` of one MatMul input over the calibration rows.
@@ -43,23 +43,21 @@ pub fn collect(
         .iter()
         .map(|&v| g.value_name(v).to_string())
         .collect();
-    let mut runner = EngineRunner::with_outputs(engine.choose(&[model]), model, &names)?;
-    runner.prepare(batches)?;
     let mut grams: HashMap<ValueId, Gram> = HashMap::new();
-    for chunk in batches.chunks(parallel_batches()) {
-        for (batch, outputs) in chunk.iter().zip(runner.run_parallel(chunk)?) {
-            let mask = attention_mask(batch);
-            for (&v, (name, t)) in computed.iter().zip(&outputs) {
+    for_each_batch(model, engine, &names, batches, |index, outputs| {
+        let batch = &batches[index];
+        let mask = attention_mask(batch);
+        for (&v, (name, t)) in computed.iter().zip(&outputs) {
+            fold(&mut grams, v, name, t, mask.as_deref())?;
+        }
+        for &v in &inputs {
+            let name = g.value_name(v);
+            if let Some((_, t)) = batch.tensors.iter().find(|(n, _)| n == name) {
                 fold(&mut grams, v, name, t, mask.as_deref())?;
             }
-            for &v in &inputs {
-                let name = g.value_name(v);
-                if let Some((_, t)) = batch.tensors.iter().find(|(n, _)| n == name) {
-                    fold(&mut grams, v, name, t, mask.as_deref())?;
-                }
-            }
         }
-    }
+        Ok::<_, ExecError>(())
+    })?;
     Ok(grams)
 }
 

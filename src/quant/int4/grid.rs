@@ -63,6 +63,14 @@ pub fn set_grid(q: &mut BlockQuantized, col: usize, b: usize, grid: Grid) {
     }
 }
 
+/// The grid of block `b` of column `col` of `q`.
+pub fn grid_of(q: &BlockQuantized, col: usize, b: usize) -> Grid {
+    Grid {
+        scale: q.scales[col * q.blocks() + b],
+        zero: q.zero_point(col, b),
+    }
+}
+
 /// Round-to-nearest quantization of the row-major `[K, N]` weight `w`.
 pub fn round_to_nearest(
     w: &[f32],

@@ -62,6 +62,8 @@ pub struct Int4Options {
     /// Zero points 8 (no zero-point input) instead of one per block.
     pub symmetric: bool,
     pub method: Int4Method,
+    /// How GPTQ walks each weight (act order, damping).
+    pub gptq: gptq::GptqOptions,
     /// MatMulNBits' `accuracy_level` (ONNX Runtime only): 0 computes in float32, 4 lets its
     /// CPU kernel quantize the activations to int8 per block.
     pub accuracy_level: i64,
@@ -143,6 +145,12 @@ pub fn quantize_int4(
     if b < 16 || !b.is_power_of_two() {
         return Err(Error::InvalidArgument(format!(
             "--int4-block {b}: expected a power of two, at least 16"
+        )));
+    }
+    let damping = options.gptq.damping;
+    if !(damping.is_finite() && damping >= 0.0) {
+        return Err(Error::InvalidArgument(format!(
+            "--int4-damping {damping}: expected a fraction, at least 0"
         )));
     }
     let already = qdq::quantization_ops(model);
@@ -246,7 +254,7 @@ fn quantize_weight(
     let rtn_error = gptq::output_error(w, &rtn.dequantize(), &gram.matrix) / energy;
     report.rtn_error = Some(rtn_error);
     report.error = Some(rtn_error);
-    let Some(calibrated) = gptq::gptq(w, n, block, symmetric, &gram.matrix) else {
+    let Some(calibrated) = gptq::gptq(w, n, block, symmetric, &gram.matrix, options.gptq) else {
         return (rtn, report);
     };
     let error = gptq::output_error(w, &calibrated.dequantize(), &gram.matrix) / energy;
