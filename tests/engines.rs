@@ -322,3 +322,40 @@ fn models_tract_refuses_are_calibrated_in_onnx_runtime() {
     }
     ort.run();
 }
+
+/// tract runs a KV-cache LLM export on some batches and fails on others (its `Range` over a
+/// length it cannot resolve at a past of 0): calibration and SmoothQuant's statistics start
+/// over in ONNX Runtime from the first batch, so static and dynamic INT8 of such a model are
+/// written for `--target onnx` and keep its outputs in ONNX Runtime.
+#[test]
+fn calibration_starts_over_in_onnx_runtime_where_tract_fails_part_way() {
+    if !common::ort_engine_available() {
+        return;
+    }
+    let path = common::testdata("llm/llama3.past.dynamo20.onnx");
+    let calib = common::testdata("llm/calib/past");
+    let dir = tempfile::tempdir().unwrap();
+    let mut ort = common::OrtChecks::default();
+    for (mode, args) in [
+        ("int8", vec!["--int8", "--calib", calib.to_str().unwrap()]),
+        (
+            "int8-dynamic",
+            vec!["--int8-dynamic", "--calib", calib.to_str().unwrap()],
+        ),
+    ] {
+        let out = dir.path().join(format!("{mode}.onnx"));
+        let run = std::process::Command::new(env!("CARGO_BIN_EXE_onnxopt"))
+            .args(["optimize", path.to_str().unwrap(), out.to_str().unwrap()])
+            .args(["--target", "onnx"])
+            .args(&args)
+            .output()
+            .unwrap();
+        assert!(
+            run.status.success(),
+            "{mode}: {}",
+            String::from_utf8_lossy(&run.stderr)
+        );
+        ort.add("0.99", &path, &out, &calib);
+    }
+    ort.run();
+}

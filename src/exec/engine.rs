@@ -111,8 +111,10 @@ pub fn tract_refusal(model: &Model) -> Option<support::Unsupported> {
 /// once as threads (tract runs each on one core; handing them over in batch order keeps
 /// statistics independent of the thread count, and memory holds one chunk's values); in
 /// ONNX Runtime (where `Engine::Auto` puts a model tract cannot run faithfully: a boolean
-/// mask on the standard Attention, a contrib operator tract lacks), one batch at a time,
-/// which parallelizes inside each run.
+/// mask on the standard Attention, a contrib operator tract lacks; or one tract fails to
+/// run), one batch at a time, which parallelizes inside each run. When tract fails part-way,
+/// the batches run again in ONNX Runtime from the first: `each(0, …)` means start over, so a
+/// caller that accumulates resets there.
 pub fn for_each_batch<E: From<ExecError>>(
     model: &Model,
     engine: Engine,
@@ -120,23 +122,48 @@ pub fn for_each_batch<E: From<ExecError>>(
     batches: &[Batch],
     mut each: impl FnMut(usize, Vec<(String, Tensor)>) -> Result<(), E>,
 ) -> Result<(), E> {
-    match engine.choose(&[model]) {
-        EngineKind::Tract => {
-            let mut runner = Runner::with_outputs(model, names)?;
-            runner.prepare(batches)?;
-            let mut done = 0;
-            for chunk in batches.chunks(super::parallel_batches()) {
-                for outputs in runner.run_parallel(chunk)? {
-                    each(done, outputs)?;
-                    done += 1;
-                }
-            }
+    let mut kind = engine.choose(&[model]);
+    if kind == EngineKind::Tract {
+        match in_tract(model, names, batches, &mut each) {
+            Ok(()) => return Ok(()),
+            Err(Stopped::Each(e)) => return Err(e),
+            // tract failed on a batch (the KV-cache exports' `Range` of a length it cannot
+            // resolve at a past of 0): ONNX Runtime runs them all again from the first, as
+            // validation asks it again (`second_opinion`); `each(0, …)` starts over.
+            Err(Stopped::Engine(e)) => match engine.second_opinion() {
+                Some(ort) => kind = ort,
+                None => return Err(e.into()),
+            },
         }
-        engine @ EngineKind::Ort => {
-            let mut runner = EngineRunner::with_outputs(engine, model, names)?;
-            for (i, batch) in batches.iter().enumerate() {
-                each(i, runner.run(batch)?)?;
-            }
+    }
+    let mut runner = EngineRunner::with_outputs(kind, model, names)?;
+    for (i, batch) in batches.iter().enumerate() {
+        each(i, runner.run(batch)?)?;
+    }
+    Ok(())
+}
+
+/// Why `in_tract` stopped: the engine, or `each`.
+enum Stopped<E> {
+    Engine(ExecError),
+    Each(E),
+}
+
+/// `for_each_batch` in tract: as many batches at once as threads.
+fn in_tract<E>(
+    model: &Model,
+    names: &[String],
+    batches: &[Batch],
+    each: &mut impl FnMut(usize, Vec<(String, Tensor)>) -> Result<(), E>,
+) -> Result<(), Stopped<E>> {
+    let mut done = 0;
+    let mut runner = Runner::with_outputs(model, names).map_err(|e| Stopped::Engine(e))?;
+    runner.prepare(batches).map_err(|e| Stopped::Engine(e))?;
+    for chunk in batches.chunks(super::parallel_batches()) {
+        let outputs = runner.run_parallel(chunk).map_err(|e| Stopped::Engine(e))?;
+        for outputs in outputs {
+            each(done, outputs).map_err(Stopped::Each)?;
+            done += 1;
         }
     }
     Ok(())

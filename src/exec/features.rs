@@ -54,7 +54,12 @@ fn reduce(
         .collect();
     let mut accumulators: Vec<Vec<f64>> = vec![Vec::new(); values.len()];
     let mut positions = vec![0usize; values.len()];
-    super::for_each_batch(model, Engine::Auto, &names, batches, |_, outputs| {
+    super::for_each_batch(model, Engine::Auto, &names, batches, |index, outputs| {
+        if index == 0 {
+            // A start, or a start over in another engine (`for_each_batch`).
+            accumulators.iter_mut().for_each(Vec::clear);
+            positions.fill(0);
+        }
         for (i, (name, t)) in outputs.iter().enumerate() {
             let bad = |e: anyhow::Error| ExecError::Input(format!("value `{name}`: {e}"));
             let t = t.cast_to::<f32>().map_err(bad)?;

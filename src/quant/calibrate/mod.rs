@@ -144,6 +144,10 @@ pub fn calibrate(
             names,
             batches,
             |done, outputs| {
+                if done == 0 {
+                    // A start, or a start over in another engine (`for_each_batch`).
+                    observers.iter_mut().for_each(|o| *o = Observer::new());
+                }
                 observers
                     .par_iter_mut()
                     .zip(outputs.par_iter())

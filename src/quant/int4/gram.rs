@@ -45,6 +45,10 @@ pub fn collect(
         .collect();
     let mut grams: HashMap<ValueId, Gram> = HashMap::new();
     for_each_batch(model, engine, &names, batches, |index, outputs| {
+        if index == 0 {
+            // A start, or a start over in another engine (`for_each_batch`).
+            grams.clear();
+        }
         let batch = &batches[index];
         let mask = attention_mask(batch);
         for (&v, (name, t)) in computed.iter().zip(&outputs) {
