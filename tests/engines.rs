@@ -300,27 +300,7 @@ fn models_tract_refuses_are_calibrated_in_onnx_runtime() {
         "{}",
         refusal.reason
     );
-    let dir = tempfile::tempdir().unwrap();
-    let mut ort = common::OrtChecks::default();
-    for (mode, args) in [
-        ("int8", vec!["--int8", "--calib", calib.to_str().unwrap()]),
-        ("int8-dynamic", vec!["--int8-dynamic"]),
-    ] {
-        let out = dir.path().join(format!("{mode}.onnx"));
-        let run = std::process::Command::new(env!("CARGO_BIN_EXE_onnxopt"))
-            .args(["optimize", path.to_str().unwrap(), out.to_str().unwrap()])
-            .args(["--target", "onnx"])
-            .args(&args)
-            .output()
-            .unwrap();
-        assert!(
-            run.status.success(),
-            "{mode}: {}",
-            String::from_utf8_lossy(&run.stderr)
-        );
-        ort.add("0.99", &path, &out, &calib);
-    }
-    ort.run();
+    int8_outputs_keep_their_outputs_in_onnx_runtime(&path, &calib, &[]);
 }
 
 /// tract runs a KV-cache LLM export on some batches and fails on others (its `Range` over a
@@ -334,15 +314,22 @@ fn calibration_starts_over_in_onnx_runtime_where_tract_fails_part_way() {
     }
     let path = common::testdata("llm/llama3.past.dynamo20.onnx");
     let calib = common::testdata("llm/calib/past");
+    let calib_arg = calib.to_str().unwrap();
+    int8_outputs_keep_their_outputs_in_onnx_runtime(&path, &calib, &["--calib", calib_arg]);
+}
+
+/// `--target onnx` static INT8 (on `calib`) and dynamic INT8 (with `dynamic_args`) of `path`
+/// are written and keep its outputs in ONNX Runtime within cosine 0.99.
+fn int8_outputs_keep_their_outputs_in_onnx_runtime(
+    path: &std::path::Path,
+    calib: &std::path::Path,
+    dynamic_args: &[&str],
+) {
     let dir = tempfile::tempdir().unwrap();
     let mut ort = common::OrtChecks::default();
-    for (mode, args) in [
-        ("int8", vec!["--int8", "--calib", calib.to_str().unwrap()]),
-        (
-            "int8-dynamic",
-            vec!["--int8-dynamic", "--calib", calib.to_str().unwrap()],
-        ),
-    ] {
+    let static_args = vec!["--int8", "--calib", calib.to_str().unwrap()];
+    let dynamic_args = [&["--int8-dynamic"], dynamic_args].concat();
+    for (mode, args) in [("int8", static_args), ("int8-dynamic", dynamic_args)] {
         let out = dir.path().join(format!("{mode}.onnx"));
         let run = std::process::Command::new(env!("CARGO_BIN_EXE_onnxopt"))
             .args(["optimize", path.to_str().unwrap(), out.to_str().unwrap()])
@@ -355,7 +342,7 @@ fn calibration_starts_over_in_onnx_runtime_where_tract_fails_part_way() {
             "{mode}: {}",
             String::from_utf8_lossy(&run.stderr)
         );
-        ort.add("0.99", &path, &out, &calib);
+        ort.add("0.99", path, &out, calib);
     }
     ort.run();
 }

@@ -200,6 +200,19 @@ fn softmax_axis(m: &Match, g: &Graph, opset: i64) -> Checked<()> {
     }
 }
 
+/// The probabilities `probs` (bound to "probs"), or `Where(IsNaN(probs), 0, probs)` (bound to
+/// "cleaned"): torch's SDPA export zeroes a query row whose every key is masked with -inf.
+fn nan_cleaned(probs: Pat) -> Pat {
+    either([
+        op(
+            "Where",
+            [unary("IsNaN", probs.clone()), scalar(0.0), value("probs")],
+        )
+        .named("cleaned"),
+        probs,
+    ])
+}
+
 fn attention() -> Pat {
     let k_heads = with_past("k", "k_reshape", "past_k", "k_total", "k_bnsh");
     let k_transposed = either([
@@ -256,13 +269,7 @@ fn attention() -> Pat {
         .attr("axis", last_of_4)
         .anchor()
         .named("probs");
-    let cleaned = either([
-        op(
-            "Where",
-            [unary("IsNaN", probs.clone()), scalar(0.0), value("probs")],
-        ),
-        probs,
-    ]);
+    let cleaned = nan_cleaned(probs);
     let context = op(
         "MatMul",
         [
@@ -325,16 +332,10 @@ fn merged_heads_attention() -> Pat {
     )
 }
 
-/// The standard `Attention` (opset 23) on heads, as torch's dynamo exporter writes SDPA at
-/// opset 23: `Reshape(Transpose[0,2,1,3](Attention(Qh, Kh, Vh, mask?)), [B,S,N·H])`, with
-/// Kh/Vh as `with_past` takes them, no causal flag, no soft cap and no extra outputs. For
-/// ONNX Runtime it becomes MultiHeadAttention like the written-out form (its kernel is the
-/// one the written-out form gets too); for other runtimes it stays as it is.
-fn standard_attention_op() -> Pat {
+/// `Attention(q, k, v (, attn_mask))` bound to "attention_op": the standard operator as torch
+/// writes SDPA, with no causal flag, no soft cap, 4-D heads (no head counts) and one output.
+fn plain_attention_op(q: Pat, k: Pat, v: Pat) -> Pat {
     let zero = |a: Option<&AttributeProto>| a.is_none_or(|a| a.i() == 0);
-    let k = with_past("k", "k_reshape", "past_k", "k_total", "k_bnsh");
-    let v = with_past("v", "v_reshape", "past_v", "v_total", "v_bnsh");
-    let q = query_heads();
     let core = |inputs: Vec<Pat>| {
         op("Attention", inputs)
             .attr("is_causal", zero)
@@ -342,10 +343,21 @@ fn standard_attention_op() -> Pat {
             .attr("q_num_heads", |a| a.is_none())
             .named("attention_op")
     };
-    let core = either([
+    either([
         core(vec![q.clone(), k.clone(), v.clone()]),
         core(vec![q, k, v, value("attn_mask")]),
-    ]);
+    ])
+}
+
+/// The standard `Attention` (opset 23) on heads, as torch's dynamo exporter writes SDPA at
+/// opset 23: `Reshape(Transpose[0,2,1,3](Attention(Qh, Kh, Vh, mask?)), [B,S,N·H])`, with
+/// Kh/Vh as `with_past` takes them, no causal flag, no soft cap and no extra outputs. For
+/// ONNX Runtime it becomes MultiHeadAttention like the written-out form (its kernel is the
+/// one the written-out form gets too); for other runtimes it stays as it is.
+fn standard_attention_op() -> Pat {
+    let k = with_past("k", "k_reshape", "past_k", "k_total", "k_bnsh");
+    let v = with_past("v", "v_reshape", "past_v", "v_total", "v_bnsh");
+    let core = plain_attention_op(query_heads(), k, v);
     op(
         "Reshape",
         [

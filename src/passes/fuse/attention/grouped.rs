@@ -104,14 +104,7 @@ pub(super) fn written_out() -> Pat {
     .attr("axis", last_of_4)
     .anchor()
     .named("probs");
-    let cleaned = either([
-        op(
-            "Where",
-            [unary("IsNaN", probs.clone()), scalar(0.0), value("probs")],
-        )
-        .named("cleaned"),
-        probs,
-    ]);
+    let cleaned = nan_cleaned(probs);
     op("MatMul", [cleaned, values()]).named("context")
 }
 
@@ -119,18 +112,7 @@ pub(super) fn written_out() -> Pat {
 /// no causal flag, no soft cap, one output. Not an anchor: it is an attention operator
 /// already, so `--explain` has nothing to say of it when it stays.
 pub(super) fn standard_op() -> Pat {
-    let zero = |a: Option<&AttributeProto>| a.is_none_or(|a| a.i() == 0);
-    let core = |inputs: Vec<Pat>| {
-        op("Attention", inputs)
-            .attr("is_causal", zero)
-            .attr("softcap", |a| a.is_none_or(|a| a.f() == 0.0))
-            .attr("q_num_heads", |a| a.is_none())
-            .named("attention_op")
-    };
-    either([
-        core(vec![value("q"), keys(), values()]),
-        core(vec![value("q"), keys(), values(), value("attn_mask")]),
-    ])
+    plain_attention_op(value("q"), keys(), values())
 }
 
 /// What the checks prove: the query's layout and the key/value heads.
