@@ -11,7 +11,7 @@
 //!   `x·x·x`; HF `gelu_new`, GPT-2, T5, FastGelu's definition), and its factored form
 //!   `x · 0.5 · (1 + tanh(√(2/π) · x · (1 + 0.044715 · x·x)))` (HF `gelu_fast`, Megatron's
 //!   fast GELU), the same polynomial;
-//! - QuickGELU `x · sigmoid(α · x)`;
+//! - QuickGELU `x · sigmoid(α · x)`, and SiLU `x · sigmoid(x)` as QuickGELU with α = 1;
 //! - a 1-D constant bias added just before a GELU node.
 //!
 //! Produces: for `Target::Ort` `com.microsoft` Gelu, FastGelu, QuickGelu, BiasGelu and
@@ -137,15 +137,15 @@ fn tanh_form() -> Pat {
     ))
 }
 
+/// `x · sigmoid(α · x)`, or SiLU `x · sigmoid(x)` (α = 1, the decoder LLMs' gated MLP; ONNX
+/// Runtime fuses it into QuickGelu when it loads a model, so the kernel is the one it runs
+/// anyway).
 fn quick_form() -> Pat {
-    mul(
+    let scaled = either([
+        mul(value("x"), constant_where("alpha", is_scalar)),
         value("x"),
-        unary(
-            "Sigmoid",
-            mul(value("x"), constant_where("alpha", is_scalar)),
-        )
-        .anchor(),
-    )
+    ]);
+    mul(value("x"), unary("Sigmoid", scaled).anchor())
 }
 
 fn is_scalar(t: &Tensor) -> bool {
@@ -197,8 +197,11 @@ fn build_gelu(m: &Match, rw: &mut Rewrite, approximate: &str) -> Built {
 
 fn build_quick_gelu(m: &Match, rw: &mut Rewrite) -> Built {
     rw.require_ort()?;
-    // `is_scalar` checked it holds one float.
-    let alpha = rw.constant_of(m.get("alpha")?)?.scalar_f64().unwrap_or(1.0) as f32;
+    // `is_scalar` checked it holds one float; SiLU has none.
+    let alpha = match m.value("alpha") {
+        Some(alpha) => rw.constant_of(alpha)?.scalar_f64().unwrap_or(1.0) as f32,
+        None => 1.0,
+    };
     let out = rw.op(
         "QuickGelu",
         MS_DOMAIN,
