@@ -861,14 +861,15 @@ fn validation_on_generated_inputs_that_do_not_fit_says_how_to_fix_them() {
     let dir = tempfile::tempdir().unwrap();
     let model = common::testdata("wild/optimum-vit.optimum14.t24.onnx");
     let out = dir.path().join("vit.fp16.onnx");
-    let refused = onnxopt(&[
+    let fp16_in_tract = [
         "optimize",
         s(&model),
         s(&out),
         "--fp16",
         "--engine",
         "tract",
-    ]);
+    ];
+    let refused = onnxopt(&fp16_in_tract);
     assert_eq!(refused.status.code(), Some(3), "{}", text(&refused.stderr));
     assert!(
         text(&refused.stderr).contains("--dim NAME=N"),
@@ -884,17 +885,6 @@ fn validation_on_generated_inputs_that_do_not_fit_says_how_to_fix_them() {
         "--dim",
         "width=32",
     ];
-    let args = [
-        &[
-            "optimize",
-            s(&model),
-            s(&out),
-            "--fp16",
-            "--engine",
-            "tract",
-        ][..],
-        &dims[..],
-    ];
-    let written = onnxopt(&args.concat());
+    let written = onnxopt(&[&fp16_in_tract[..], &dims[..]].concat());
     assert!(written.status.success(), "{}", text(&written.stderr));
 }

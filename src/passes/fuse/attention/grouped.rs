@@ -256,18 +256,6 @@ fn check_grouped(m: &Match, g: &Graph) -> Checked<Grouped> {
     })
 }
 
-/// `Transpose[0,2,1,3](Reshape(·))`: heads split from a projection in place.
-fn is_split_from_projection(g: &Graph, q: ValueId) -> bool {
-    let producer = |v: ValueId| g.producer(v).map(|n| g.node(n));
-    producer(q).is_some_and(|t| {
-        t.is("Transpose")
-            && perm_is(attr::get(&t.proto, "perm"), &[0, 2, 1, 3])
-            && t.input(0)
-                .and_then(producer)
-                .is_some_and(|r| r.is("Reshape"))
-    })
-}
-
 /// What the mask adds to a masked score for ONNX Runtime (see `lowest_as_masked`).
 const MASKED: f32 = -1e30;
 
@@ -300,7 +288,8 @@ pub(super) fn build_grouped(m: &Match, rw: &mut Rewrite) -> Built {
         ));
     }
     let repeated = m.value("k_repeat").is_some() || m.value("v_repeat").is_some();
-    if !repeated && is_split_from_projection(g, m.get("q")?) {
+    let split_from_projection = !query_heads().matches(g, m.get("q")?).is_empty();
+    if !repeated && split_from_projection {
         // The `attention` rule's form: ONNX Runtime gets MultiHeadAttention from it, which
         // needs no opset 23.
         return Err(Declined::Mismatch(
