@@ -5,7 +5,7 @@
 //! 1. the pass pipeline (`optimize`): fusions first, so that what follows sees fused blocks;
 //! 2. pruning, on the fused model, before any quantization, so that calibration sees the
 //!    pruned weights (`--prune 2:4 --int8` calibrates the pruned model);
-//! 3. one of dynamic INT8, FP16, static INT8 or 4-bit weights (they exclude each other);
+//! 3. one of dynamic INT8, FP16, static INT8 or weight-only 4/8 bits (they exclude each other);
 //! 4. validation of the result against the input model, on batches calibration did not see
 //!    (the last fifth of the calibration batches given, or the `inputs`), when asked for or
 //!    when a step was lossy — a lossy run gates only on the tolerances given;
@@ -46,7 +46,7 @@ pub enum Mode {
     },
     /// Dynamic INT8.
     Dynamic(DynamicOptions),
-    /// 4-bit weights (round-to-nearest, or GPTQ on the calibration batches).
+    /// Weight-only 4 or 8 bits (round-to-nearest, or GPTQ on the calibration batches).
     Int4(Int4Options),
     Fp16(Fp16Options),
 }
@@ -318,12 +318,10 @@ fn calibration_batches(
                 "--int8 needs calibration data: --calib DIR or --calib-random N".into(),
             ))
         }
-        None if matches!(options.mode, Mode::Int4(_)) => {
-            return Err(Error::InvalidArgument(
-                "--int4 calibrates GPTQ: --calib DIR or --calib-random N, or --int4-method rtn"
-                    .into(),
-            ))
-        }
+        None if matches!(options.mode, Mode::Int4(_)) => return Err(Error::InvalidArgument(
+            "--weights calibrates GPTQ: --calib DIR or --calib-random N, or --weights-method rtn"
+                .into(),
+        )),
         None => {
             // Dynamic INT8's smoothing, without data from the user. The channels' maxima
             // after a normalization owe more to its γ and β than to the text: generated

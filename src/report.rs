@@ -209,9 +209,10 @@ fn write_int4(f: &mut fmt::Formatter<'_>, r: &crate::quant::int4::Int4Report) ->
         .count();
     writeln!(
         f,
-        "  {} weights as 4-bit {} (block {}, {zero}, {:?}; GPTQ kept for {kept}): {:.1} MB → \
+        "  {} weights as {}-bit {} (block {}, {zero}, {:?}; GPTQ kept for {kept}): {:.1} MB → \
          {:.1} MB",
         r.weights.len(),
+        r.bits.count(),
         r.format,
         r.block_size,
         r.method,

@@ -597,6 +597,64 @@ fn int8_dynamic_needs_no_calibration() {
 }
 
 #[test]
+fn weights_int8_and_int4_quantize_every_matmul_weight_and_validate() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = common::testdata("int4/chain.onnx");
+    let calib = common::testdata("int4/calib");
+    // `--int4` is `--weights int4`; the `--int4-*` spellings of the options still work.
+    let runs: [(&str, &[&str], &str, &str); 3] = [
+        (
+            "int8.onnx",
+            &["--weights", "int8", "--block-size", "16"],
+            "8",
+            "int8-weights",
+        ),
+        (
+            "int4.onnx",
+            &["--weights", "int4", "--symmetric"],
+            "4",
+            "int4",
+        ),
+        ("short.onnx", &["--int4", "--int4-block", "16"], "4", "int4"),
+    ];
+    for (name, flags, bits, mode) in runs {
+        let out = dir.path().join(name);
+        let mut args = vec![
+            "--weights-method",
+            "rtn",
+            "--validate",
+            "--inputs",
+            s(&calib),
+        ];
+        args.extend_from_slice(flags);
+        let (result, json) = optimize_with_report(&model, &out, &args);
+        let stdout = text(&result.stdout);
+        assert!(
+            stdout.contains(&format!("2 weights as {bits}-bit MatMulNBits")),
+            "{stdout}"
+        );
+        assert_eq!(json["quantization"]["mode"], mode, "{name}");
+        let written = onnxopt::io::load(&out).unwrap();
+        let nbits: Vec<i64> = written
+            .graph
+            .nodes()
+            .filter(|(_, n)| n.op_type() == "MatMulNBits")
+            .map(|(_, n)| onnxopt::ir::attr::get_int(&n.proto, "bits").unwrap())
+            .collect();
+        assert_eq!(nbits, [bits.parse::<i64>().unwrap(); 2], "{name}");
+    }
+    // The block options need a weight-only mode.
+    let out = dir.path().join("refused.onnx");
+    let refused = onnxopt(&["optimize", s(&model), s(&out), "--block-size", "16"]);
+    assert!(!refused.status.success());
+    assert!(
+        text(&refused.stderr).contains("--weights"),
+        "{}",
+        text(&refused.stderr)
+    );
+}
+
+#[test]
 fn fp16_keeps_float32_io_when_asked() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("out.onnx");

@@ -163,6 +163,22 @@ impl TargetArg {
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug)]
+pub enum WeightBitsArg {
+    Int4,
+    Int8,
+}
+
+impl WeightBitsArg {
+    pub fn bits(self) -> onnxopt::ops::nbits::Bits {
+        use onnxopt::ops::nbits::Bits;
+        match self {
+            WeightBitsArg::Int4 => Bits::Four,
+            WeightBitsArg::Int8 => Bits::Eight,
+        }
+    }
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug)]
 pub enum Int4MethodArg {
     Rtn,
     Gptq,
@@ -251,35 +267,45 @@ pub struct QuantArgs {
     /// without VNNI, where the int8 kernel can saturate.
     #[arg(long, value_enum, default_value_t = DynamicWeightsArg::Int8, requires = "int8_dynamic")]
     pub dynamic_weights: DynamicWeightsArg,
-    /// 4-bit weights: every MatMul with a constant 2-D weight read by nothing else, in blocks
-    /// along the summed axis: com.microsoft MatMulNBits for --target ort, blockwise
-    /// DequantizeLinear (opset 21) feeding the MatMul otherwise. GPTQ on --calib/--calib-random
-    /// batches unless --int4-method rtn.
-    #[arg(long, conflicts_with_all = ["int8", "int8_dynamic", "fp16"])]
+    /// Weight-only quantization, `int4` or `int8`: every MatMul with a constant 2-D weight
+    /// read by nothing else gets codes of that many bits in blocks along the summed axis:
+    /// com.microsoft MatMulNBits for --target ort, blockwise DequantizeLinear (opset 21)
+    /// feeding the MatMul otherwise. GPTQ on --calib/--calib-random batches unless
+    /// --weights-method rtn.
+    #[arg(long, value_enum, value_name = "BITS", group = "weight_only", conflicts_with_all = ["int8", "int8_dynamic", "fp16", "int4"])]
+    pub weights: Option<WeightBitsArg>,
+    /// Same as --weights int4.
+    #[arg(long, group = "weight_only", conflicts_with_all = ["int8", "int8_dynamic", "fp16"])]
     pub int4: bool,
-    /// With --int4: weights per block (a power of two, at least 16).
-    #[arg(long, value_name = "N", default_value_t = onnxopt::quant::int4::DEFAULT_BLOCK_SIZE, requires = "int4")]
-    pub int4_block: usize,
-    /// With --int4: zero points 8 instead of one per block.
-    #[arg(long, requires = "int4")]
-    pub int4_symmetric: bool,
-    /// With --int4: `gptq` (calibrated; keeps round-to-nearest for a weight where that moves
-    /// the calibration outputs less) or `rtn` (round to nearest, no data).
-    #[arg(long, value_enum, default_value_t = Int4MethodArg::Gptq, requires = "int4")]
-    pub int4_method: Int4MethodArg,
-    /// With --int4 (GPTQ): quantize each weight's input channels in their order, instead
+    /// With --weights: weights per block (a power of two, at least 16).
+    #[arg(long, alias = "int4-block", value_name = "N", default_value_t = onnxopt::quant::int4::DEFAULT_BLOCK_SIZE, requires = "weight_only")]
+    pub block_size: usize,
+    /// With --weights: zero points the middle code (8 or 128) instead of one per block.
+    #[arg(long, alias = "int4-symmetric", requires = "weight_only")]
+    pub symmetric: bool,
+    /// With --weights: `gptq` (calibrated; keeps round-to-nearest for a weight where that
+    /// moves the calibration outputs less) or `rtn` (round to nearest, no data).
+    #[arg(long, alias = "int4-method", value_enum, default_value_t = Int4MethodArg::Gptq, requires = "weight_only")]
+    pub weights_method: Int4MethodArg,
+    /// With --weights (GPTQ): quantize each weight's input channels in their order, instead
     /// of by decreasing activation energy with each block's grid fitted first (act order
     /// with static groups).
-    #[arg(long, requires = "int4")]
-    pub int4_no_act_order: bool,
-    /// With --int4 (GPTQ): added to the diagonal of each Gram matrix, as a fraction of its
-    /// mean, before it is inverted.
-    #[arg(long, value_name = "F", default_value_t = onnxopt::quant::int4::gptq::DAMPING, requires = "int4")]
-    pub int4_damping: f64,
-    /// With --int4 --target ort: MatMulNBits' accuracy_level (0: float32 compute; 4: ONNX
+    #[arg(long, alias = "int4-no-act-order", requires = "weight_only")]
+    pub no_act_order: bool,
+    /// With --weights (GPTQ): added to the diagonal of each Gram matrix, as a fraction of
+    /// its mean, before it is inverted.
+    #[arg(long, alias = "int4-damping", value_name = "F", default_value_t = onnxopt::quant::int4::gptq::DAMPING, requires = "weight_only")]
+    pub gptq_damping: f64,
+    /// With --weights --target ort: MatMulNBits' accuracy_level (0: float32 compute; 4: ONNX
     /// Runtime's CPU kernel quantizes the activations to int8 per block, faster).
-    #[arg(long, value_name = "LEVEL", default_value_t = 4, requires = "int4")]
-    pub int4_accuracy_level: i64,
+    #[arg(
+        long,
+        alias = "int4-accuracy-level",
+        value_name = "LEVEL",
+        default_value_t = 4,
+        requires = "weight_only"
+    )]
+    pub accuracy_level: i64,
     /// FP16: weights and compute in float16, normalizations, Softmax, reductions, Pow and
     /// Exp kept in float32 behind Casts.
     #[arg(long, conflicts_with = "int8")]
@@ -326,6 +352,15 @@ pub struct QuantArgs {
 }
 
 impl QuantArgs {
+    /// The bits of weight-only quantization, if asked (`--weights`, or `--int4`).
+    pub fn weight_bits(&self) -> Option<onnxopt::ops::nbits::Bits> {
+        match (self.weights, self.int4) {
+            (Some(w), _) => Some(w.bits()),
+            (None, true) => Some(onnxopt::ops::nbits::Bits::Four),
+            (None, false) => None,
+        }
+    }
+
     /// SmoothQuant's strength, if any: as given, else `DEFAULT_SMOOTHING` for dynamic INT8.
     pub fn smoothing(&self) -> Option<f64> {
         match self.smooth_quant {

@@ -214,16 +214,17 @@ fn pipeline_options(args: &OptimizeArgs) -> Result<pipeline::Options> {
             weights: q.dynamic_weights.codes(),
             smooth_quant: q.smoothing(),
         })
-    } else if q.int4 {
+    } else if let Some(bits) = q.weight_bits() {
         Mode::Int4(quant::int4::Int4Options {
-            block_size: q.int4_block,
-            symmetric: q.int4_symmetric,
-            method: q.int4_method.method(),
+            bits,
+            block_size: q.block_size,
+            symmetric: q.symmetric,
+            method: q.weights_method.method(),
             gptq: quant::int4::gptq::GptqOptions {
-                act_order: !q.int4_no_act_order,
-                damping: q.int4_damping,
+                act_order: !q.no_act_order,
+                damping: q.gptq_damping,
             },
-            accuracy_level: q.int4_accuracy_level,
+            accuracy_level: q.accuracy_level,
             target: args.target.fusion(),
             selection: selection(q)?,
             engine: args.engine.engine(),

@@ -7,11 +7,11 @@
 //! - a standard `RotaryEmbedding` with position ids: see `ops::rotary`.
 //! - `Gemm(A, B, C?)` with a float16 weight B, alpha and beta 1, A not transposed:
 //!   `MatMul(A, B or Bᵀ) + C` (tract 0.23 mistypes a float16 Gemm; see `float16_gemm`).
-//! - `com.microsoft::MatMulNBits(A, B, scales, zero_points?)` with 4-bit constant codes:
-//!   `MatMul(A, W)` with W the float weight they stand for (see `matmul_nbits`).
-//! - `DequantizeLinear` of a 4-bit initializer (int4/uint4, as `--int4 --target onnx` writes):
-//!   folded into its float values (tract 0.23 cannot load 4-bit tensors; see
-//!   `four_bit_dequantize`).
+//! - `com.microsoft::MatMulNBits(A, B, scales, zero_points?)` with 4- or 8-bit constant
+//!   codes: `MatMul(A, W)` with W the float weight they stand for (see `matmul_nbits`).
+//! - `DequantizeLinear` of a 4-bit initializer (int4/uint4), or of an 8-bit one in blocks (as
+//!   `--weights int4|int8 --target onnx` writes): folded into its float values (tract 0.23
+//!   cannot load 4-bit tensors nor read `block_size`; see `blockwise_dequantize`).
 //! - `CumSum(x, axis)` of int64 `x`: summed in float64 and cast back (tract 0.23 cannot sum
 //!   int64; see `int64_cumsum`).
 
@@ -45,7 +45,7 @@ pub fn lower_contrib_ops(model: &mut Model) -> Result<()> {
             (MS_DOMAIN | "", "RotaryEmbedding") => rotary::lower_for_tract(&model.graph, id, &node),
             ("", "Gemm") => float16_gemm(model, id, &node),
             ("", "CumSum") => int64_cumsum(model, id, &node),
-            ("", "DequantizeLinear") => four_bit_dequantize(model, id, &node),
+            ("", "DequantizeLinear") => blockwise_dequantize(model, id, &node),
             _ => None,
         };
         if let Some(patch) = patch {
@@ -104,14 +104,16 @@ fn float16_gemm(model: &Model, id: NodeId, node: &Node) -> Option<Patch> {
     Some(patch)
 }
 
-/// `MatMulNBits(A, B, scales, zero_points?)` of 4-bit constant codes, uint8 zero points and
-/// float32 scales, without `g_idx` or bias, as `MatMul(A, W)` with W `[K, N]` the float
+/// `MatMulNBits(A, B, scales, zero_points?)` of 4- or 8-bit constant codes, uint8 zero points
+/// and float32 scales, without `g_idx` or bias, as `MatMul(A, W)` with W `[K, N]` the float
 /// weight (`ops::nbits::BlockQuantized`): tract 0.23.9's own MatMulNBits disagrees with ONNX
-/// Runtime when zero points are given. Any other form is left to be refused.
+/// Runtime when zero points are given, and runs no 8-bit codes. Any other form is left to be
+/// refused.
 fn matmul_nbits(model: &Model, id: NodeId, node: &Node) -> Option<Patch> {
     let g = &model.graph;
     let int = |name: &str| attr::get_int(&node.proto, name).and_then(|v| usize::try_from(v).ok());
-    if int("bits").unwrap_or(4) != nbits::BITS || node.inputs.len() > 4 {
+    let bits = nbits::Bits::from_count(int("bits").unwrap_or(4))?;
+    if node.inputs.len() > 4 {
         return None;
     }
     let constant = |slot: usize| node.input(slot).and_then(|v| g.initializer(v));
@@ -127,6 +129,7 @@ fn matmul_nbits(model: &Model, id: NodeId, node: &Node) -> Option<Patch> {
     };
     let (k, n) = (int("K")?, int("N")?);
     let q = nbits::BlockQuantized::from_matmul_nbits(
+        bits,
         (k, n, int("block_size")?),
         &weight.raw_bytes()?,
         &scales.to_f32_vec().ok()?,
@@ -148,15 +151,19 @@ fn matmul_nbits(model: &Model, id: NodeId, node: &Node) -> Option<Patch> {
     Some(patch)
 }
 
-/// `DequantizeLinear(x, scale, zero?)` of a 4-bit initializer x with constant float32 scales,
-/// as the float initializer it computes (`ops::nbits::dequantize_linear`); the 4-bit
-/// initializers it alone read are dropped, since tract cannot load them even unread.
-fn four_bit_dequantize(model: &Model, id: NodeId, node: &Node) -> Option<Patch> {
+/// `DequantizeLinear(x, scale, zero?)` with constant float32 scales of a 4-bit initializer x,
+/// or of an 8-bit one in blocks (`block_size`), as the float initializer it computes
+/// (`ops::nbits::dequantize_linear`); the initializers it alone read are dropped, since tract
+/// cannot load 4-bit ones even unread. 8-bit ones per tensor or per axis tract runs itself.
+fn blockwise_dequantize(model: &Model, id: NodeId, node: &Node) -> Option<Patch> {
     let g = &model.graph;
     let x = g.initializer(node.input(0)?)?;
-    let signed = match x.dtype() {
-        DataType::Int4 => true,
-        DataType::Uint4 => false,
+    let block_size = usize::try_from(attr::get_int(&node.proto, "block_size").unwrap_or(0)).ok()?;
+    let (bits, signed) = match x.dtype() {
+        DataType::Int4 => (nbits::Bits::Four, true),
+        DataType::Uint4 => (nbits::Bits::Four, false),
+        DataType::Int8 if block_size > 0 => (nbits::Bits::Eight, true),
+        DataType::Uint8 if block_size > 0 => (nbits::Bits::Eight, false),
         _ => return None,
     };
     let scales = g.initializer(node.input(1)?)?;
@@ -176,19 +183,17 @@ fn four_bit_dequantize(model: &Model, id: NodeId, node: &Node) -> Option<Patch> 
     let rank = dims.len() as i64;
     let axis = attr::get_int(&node.proto, "axis").unwrap_or(1);
     let axis = usize::try_from(if axis < 0 { axis + rank } else { axis }).ok()?;
-    let block_size = usize::try_from(attr::get_int(&node.proto, "block_size").unwrap_or(0)).ok()?;
-    let values = nbits::dequantize_linear(
-        &x.raw_bytes()?,
+    let bytes = x.raw_bytes()?;
+    let codes = nbits::PackedCodes {
+        bytes: &bytes,
+        bits,
         signed,
-        &dims,
-        axis,
-        block_size,
-        &scales,
-        zeros.as_deref(),
-    )?;
+    };
+    let values =
+        nbits::dequantize_linear(codes, &dims, axis, block_size, &scales, zeros.as_deref())?;
     let out = node.output(0)?;
     let tensor = Tensor::from_f32(g.value_name(out), x.dims(), &values).ok()?;
-    let mut patch = Patch::new("lower-dequantize-4bit");
+    let mut patch = Patch::new("lower-dequantize-blockwise");
     patch.remove_node(id);
     patch.replace_with_initializer(out, tensor);
     for v in node.inputs.iter().flatten() {

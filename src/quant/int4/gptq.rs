@@ -26,7 +26,7 @@ use tract_onnx::tract_hir::internal::tract_ndarray::{
 };
 
 use super::grid::{self, Grid};
-use crate::ops::nbits::BlockQuantized;
+use crate::ops::nbits::{Bits, BlockQuantized};
 
 /// Damping added to H's diagonal, as a fraction of its mean: 10%, not the paper's 1%. With
 /// few calibration rows H is far from the activations' true second moment (singular where
@@ -66,6 +66,7 @@ impl Default for GptqOptions {
 /// GPTQ of the row-major `[K, N]` weight `w` with blocks of `block` rows, given the Gram
 /// matrix of its input; `None` when H cannot be factored even damped.
 pub fn gptq(
+    bits: Bits,
     w: &[f32],
     n: usize,
     block: usize,
@@ -97,14 +98,15 @@ pub fn gptq(
     let mut q = if options.act_order {
         // Static groups: the grids of round-to-nearest; its codes are all overwritten.
         let w: Vec<f32> = (0..k).flat_map(weight_row).collect();
-        grid::round_to_nearest(&w, k, n, block, symmetric)
+        grid::round_to_nearest(bits, &w, k, n, block, symmetric)
     } else {
-        grid::empty(k, n, block, symmetric)
+        grid::empty(bits, k, n, block, symmetric)
     };
     let mut grids = vec![
         Grid {
             scale: 1.0,
-            zero: 0
+            zero: 0,
+            bits,
         };
         n
     ];
@@ -122,7 +124,7 @@ pub fn gptq(
             } else if i.is_multiple_of(block) {
                 let rows = i..(i + block).min(k);
                 for (col, g) in grids.iter_mut().enumerate() {
-                    *g = Grid::fit(rows.clone().map(|r| work[r * n + col]), symmetric);
+                    *g = Grid::fit(rows.clone().map(|r| work[r * n + col]), symmetric, bits);
                     grid::set_grid(&mut q, col, i / block, *g);
                 }
             }
@@ -307,13 +309,17 @@ mod tests {
         let w: Vec<f32> = (0..k * n)
             .map(|i| normal(5, i as u64) as f32 * 0.02)
             .collect();
-        for (symmetric, act_order) in [(false, false), (true, false), (false, true), (true, true)] {
+        let settings = [(false, false), (true, false), (false, true), (true, true)];
+        for ((symmetric, act_order), bits) in settings
+            .into_iter()
+            .flat_map(|s| [(s, Bits::Four), (s, Bits::Eight)])
+        {
             let options = GptqOptions {
                 act_order,
                 ..Default::default()
             };
-            let rtn = grid::round_to_nearest(&w, k, n, block, symmetric).dequantize();
-            let ours = gptq(&w, n, block, symmetric, &gram, options)
+            let rtn = grid::round_to_nearest(bits, &w, k, n, block, symmetric).dequantize();
+            let ours = gptq(bits, &w, n, block, symmetric, &gram, options)
                 .unwrap()
                 .dequantize();
             let (e_rtn, e_ours) = (
@@ -322,7 +328,7 @@ mod tests {
             );
             assert!(
                 e_ours < 0.8 * e_rtn,
-                "symmetric {symmetric}, act order {act_order}: {e_ours} vs {e_rtn}"
+                "{bits:?}, symmetric {symmetric}, act order {act_order}: {e_ours} vs {e_rtn}"
             );
         }
     }
@@ -340,8 +346,17 @@ mod tests {
             .map(|i| normal(9, i as u64) as f32 * 0.02)
             .collect();
         for symmetric in [false, true] {
-            let rtn = grid::round_to_nearest(&w, k, n, block, symmetric);
-            let ours = gptq(&w, n, block, symmetric, &gram, GptqOptions::default()).unwrap();
+            let rtn = grid::round_to_nearest(Bits::Four, &w, k, n, block, symmetric);
+            let ours = gptq(
+                Bits::Four,
+                &w,
+                n,
+                block,
+                symmetric,
+                &gram,
+                GptqOptions::default(),
+            )
+            .unwrap();
             assert_eq!(ours.scales, rtn.scales, "symmetric {symmetric}");
             assert_eq!(ours.zero_points, rtn.zero_points, "symmetric {symmetric}");
             // Every row was quantized: GPTQ moved codes, yet beats round-to-nearest.
@@ -360,7 +375,7 @@ mod tests {
         x.column_mut(3).fill(0.0);
         let gram = gram_of(&x);
         let w: Vec<f32> = (0..8 * 2).map(|i| i as f32 * 0.1).collect();
-        let q = gptq(&w, 2, 16, false, &gram, GptqOptions::default()).unwrap();
+        let q = gptq(Bits::Eight, &w, 2, 16, false, &gram, GptqOptions::default()).unwrap();
         assert_eq!(q.codes.len(), 16);
     }
 }

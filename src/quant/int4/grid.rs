@@ -1,39 +1,41 @@
-//! Round-to-nearest 4-bit quantization of a `[K, N]` weight in blocks along K: the baseline
-//! the calibrated method (`gptq`) must beat, and the grid both use for one block.
+//! Round-to-nearest quantization of a `[K, N]` weight to 4 or 8 bits in blocks along K: the
+//! baseline the calibrated method (`gptq`) must beat, and the grid both use for one block.
 //!
 //! Asymmetric: the block's range, widened to hold 0 (a zero point must be a code in
-//! 0..=15), is cut into 15 steps; the zero point is the code nearest to 0. Symmetric: the
-//! largest magnitude is 7 steps and the zero point 8 (codes 0..=15 stand for −8..=7 steps).
+//! 0..=max, max 15 or 255), is cut into max steps; the zero point is the code nearest to 0.
+//! Symmetric: the largest magnitude is 7 (127) steps and the zero point 8 (128): codes
+//! 0..=15 stand for −8..=7 steps (0..=255 for −128..=127).
 
-use crate::ops::nbits::{BlockQuantized, MAX_CODE, SYMMETRIC_ZERO};
+use crate::ops::nbits::{Bits, BlockQuantized};
 
-/// The 16 values one block of one column can take: `(code − zero) · scale`.
+/// The values one block of one column can take: `(code − zero) · scale`, code 0..=max.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Grid {
     pub scale: f32,
     pub zero: u8,
+    pub bits: Bits,
 }
 
 impl Grid {
     /// The grid covering `values` (see the module doc). An all-zero block gets scale 1.
-    pub fn fit(values: impl Iterator<Item = f32> + Clone, symmetric: bool) -> Grid {
+    pub fn fit(values: impl Iterator<Item = f32> + Clone, symmetric: bool, bits: Bits) -> Grid {
         let (lo, hi) = values.fold((0f32, 0f32), |(lo, hi), v| (lo.min(v), hi.max(v)));
         let nonzero = |s: f32| if s > 0.0 && s.is_finite() { s } else { 1.0 };
+        let max = f32::from(bits.max_code());
         if symmetric {
-            let scale = nonzero(lo.abs().max(hi) / f32::from(MAX_CODE - SYMMETRIC_ZERO));
-            return Grid {
-                scale,
-                zero: SYMMETRIC_ZERO,
-            };
+            let zero = bits.symmetric_zero();
+            let scale = nonzero(lo.abs().max(hi) / (max - f32::from(zero)));
+            return Grid { scale, zero, bits };
         }
-        let scale = nonzero((hi - lo) / f32::from(MAX_CODE));
-        let zero = (-lo / scale).round().clamp(0.0, f32::from(MAX_CODE)) as u8;
-        Grid { scale, zero }
+        let scale = nonzero((hi - lo) / max);
+        let zero = (-lo / scale).round().clamp(0.0, max) as u8;
+        Grid { scale, zero, bits }
     }
 
     /// The code nearest to `w`.
     pub fn code(&self, w: f32) -> u8 {
-        ((w / self.scale).round() + f32::from(self.zero)).clamp(0.0, f32::from(MAX_CODE)) as u8
+        let max = f32::from(self.bits.max_code());
+        ((w / self.scale).round() + f32::from(self.zero)).clamp(0.0, max) as u8
     }
 
     pub fn value(&self, code: u8) -> f32 {
@@ -42,9 +44,10 @@ impl Grid {
 }
 
 /// An empty quantized `[K, N]` weight, codes 0, to be filled block by block.
-pub fn empty(k: usize, n: usize, block: usize, symmetric: bool) -> BlockQuantized {
+pub fn empty(bits: Bits, k: usize, n: usize, block: usize, symmetric: bool) -> BlockQuantized {
     let blocks = k.div_ceil(block);
     BlockQuantized {
+        bits,
         k,
         n,
         block,
@@ -68,23 +71,25 @@ pub fn grid_of(q: &BlockQuantized, col: usize, b: usize) -> Grid {
     Grid {
         scale: q.scales[col * q.blocks() + b],
         zero: q.zero_point(col, b),
+        bits: q.bits,
     }
 }
 
 /// Round-to-nearest quantization of the row-major `[K, N]` weight `w`.
 pub fn round_to_nearest(
+    bits: Bits,
     w: &[f32],
     k: usize,
     n: usize,
     block: usize,
     symmetric: bool,
 ) -> BlockQuantized {
-    let mut q = empty(k, n, block, symmetric);
+    let mut q = empty(bits, k, n, block, symmetric);
     for col in 0..n {
         for (b, start) in (0..k).step_by(block).enumerate() {
             let rows = start..(start + block).min(k);
             let column = rows.clone().map(|i| w[i * n + col]);
-            let grid = Grid::fit(column, symmetric);
+            let grid = Grid::fit(column, symmetric, bits);
             set_grid(&mut q, col, b, grid);
             for i in rows {
                 q.codes[col * k + i] = grid.code(w[i * n + col]);
@@ -107,10 +112,15 @@ mod tests {
 
     #[test]
     fn round_to_nearest_is_within_half_a_step() {
-        for symmetric in [false, true] {
+        for (bits, symmetric) in [
+            (Bits::Four, false),
+            (Bits::Four, true),
+            (Bits::Eight, false),
+            (Bits::Eight, true),
+        ] {
             let (k, n, block) = (80, 6, 32);
             let w = weight(k, n, 7);
-            let q = round_to_nearest(&w, k, n, block, symmetric);
+            let q = round_to_nearest(bits, &w, k, n, block, symmetric);
             let back = q.dequantize();
             for i in 0..k {
                 for col in 0..n {
@@ -127,13 +137,23 @@ mod tests {
 
     #[test]
     fn asymmetric_grid_spans_the_block_and_zero() {
-        let g = Grid::fit([0.5f32, 2.0, 3.5].into_iter(), false);
+        let g = Grid::fit([0.5f32, 2.0, 3.5].into_iter(), false, Bits::Four);
         assert_eq!(g.zero, 0);
         assert!((g.scale - 3.5 / 15.0).abs() < 1e-7);
-        let g = Grid::fit([-1.5f32, 0.0, 1.5].into_iter(), false);
+        let g = Grid::fit([-1.5f32, 0.0, 1.5].into_iter(), false, Bits::Four);
         assert_eq!(g.zero, 8);
         assert_eq!(g.code(-1.5), 0);
         assert_eq!(g.code(1.5), 15);
-        assert_eq!(Grid::fit([0.0f32; 4].into_iter(), false).scale, 1.0);
+        let g = Grid::fit([-1.5f32, 0.0, 1.5].into_iter(), false, Bits::Eight);
+        assert_eq!(g.zero, 128);
+        assert_eq!(g.code(-1.5), 0);
+        assert_eq!(g.code(1.5), 255);
+        let g = Grid::fit([-1.27f32, 0.5].into_iter(), true, Bits::Eight);
+        assert!((g.scale - 0.01).abs() < 1e-7);
+        assert_eq!(g.code(-1.27), 1);
+        assert_eq!(
+            Grid::fit([0.0f32; 4].into_iter(), false, Bits::Four).scale,
+            1.0
+        );
     }
 }

@@ -1,15 +1,16 @@
-//! 4-bit weights (`--int4`): weight-only quantization of the MatMuls with a constant 2-D
-//! weight, in blocks along the summed axis (`ops::nbits`), activations left float.
+//! Weight-only quantization (`--weights int4|int8`, `--int4`): 4- or 8-bit codes for the
+//! MatMuls with a constant 2-D weight, in blocks along the summed axis (`ops::nbits`),
+//! activations left float.
 //!
 //! Matches: every default-domain MatMul whose weight (input 1) is a float32 initializer
 //! `[K, N]` read only as a MatMul weight, unless `--exclude`d. A table that something else
 //! reads is left float: SmolLM2's LM head reads the embedding table the Gather reads (tied
 //! weights, reached through a Transpose), and quantizing it would keep the table twice; the
-//! LM head and the embeddings are the layers 4-bit hurts most.
+//! LM head and the embeddings are the layers low bits hurt most.
 //!
 //! Produces, per weight: for ONNX Runtime, `com.microsoft::MatMulNBits` in place of each
-//! MatMul; for standard runtimes, a blockwise int4/uint4 `DequantizeLinear` (opset 21, the
-//! model's opset raised) feeding the MatMul. The float weight is dropped.
+//! MatMul; for standard runtimes, a blockwise int4/uint4 (int8/uint8) `DequantizeLinear`
+//! (opset 21, the model's opset raised) feeding the MatMul. The float weight is dropped.
 //!
 //! Methods: round-to-nearest (`grid`), or GPTQ (`gptq`) on the Gram matrices of the MatMul
 //! inputs over the calibration batches (`gram`); a weight keeps whichever of the two
@@ -34,7 +35,7 @@ use super::{QuantReport, QuantTarget};
 use crate::error::{Error, Result};
 use crate::exec::{Batch, Engine};
 use crate::ir::{attr, DataType, Graph, Model, NodeId, PValue, Patch, Tensor, Use, ValueId};
-use crate::ops::nbits::{BlockQuantized, BITS};
+use crate::ops::nbits::{Bits, BlockQuantized};
 use crate::ops::MS_DOMAIN;
 use crate::passes::fuse::Target;
 use crate::passes::{opset, Rewrites};
@@ -56,6 +57,8 @@ pub enum Int4Method {
 
 #[derive(Clone, Debug)]
 pub struct Int4Options {
+    /// Bits per weight: 4 or 8.
+    pub bits: Bits,
     /// Weights per block along K: a power of two, at least 16 (MatMulNBits' contract; the
     /// same for both targets).
     pub block_size: usize,
@@ -92,6 +95,7 @@ pub struct WeightReport {
 pub struct Int4Report {
     /// `MatMulNBits` or `DequantizeLinear`.
     pub format: &'static str,
+    pub bits: Bits,
     pub method: Int4Method,
     pub block_size: usize,
     pub symmetric: bool,
@@ -144,13 +148,13 @@ pub fn quantize_int4(
     let b = options.block_size;
     if b < 16 || !b.is_power_of_two() {
         return Err(Error::InvalidArgument(format!(
-            "--int4-block {b}: expected a power of two, at least 16"
+            "--block-size {b}: expected a power of two, at least 16"
         )));
     }
     let damping = options.gptq.damping;
     if !(damping.is_finite() && damping >= 0.0) {
         return Err(Error::InvalidArgument(format!(
-            "--int4-damping {damping}: expected a fraction, at least 0"
+            "--gptq-damping {damping}: expected a fraction, at least 0"
         )));
     }
     let already = qdq::quantization_ops(model);
@@ -160,6 +164,7 @@ pub fn quantize_int4(
             Target::Ort => "MatMulNBits",
             Target::Onnx => "DequantizeLinear",
         },
+        bits: options.bits,
         method: options.method,
         block_size: b,
         symmetric: options.symmetric,
@@ -214,7 +219,10 @@ pub fn quantize_int4(
         }
     }
     Ok(QuantReport {
-        mode: "int4",
+        mode: match options.bits {
+            Bits::Four => "int4",
+            Bits::Eight => "int8-weights",
+        },
         target: match options.target {
             Target::Ort => QuantTarget::Ort,
             Target::Onnx => QuantTarget::Trt,
@@ -238,7 +246,7 @@ fn quantize_weight(
     options: &Int4Options,
 ) -> (BlockQuantized, WeightReport) {
     let (k, n, block, symmetric) = (site.k, site.n, options.block_size, options.symmetric);
-    let rtn = grid::round_to_nearest(w, k, n, block, symmetric);
+    let rtn = grid::round_to_nearest(options.bits, w, k, n, block, symmetric);
     let mut report = WeightReport {
         name: name.to_string(),
         k,
@@ -254,7 +262,16 @@ fn quantize_weight(
     let rtn_error = gptq::output_error(w, &rtn.dequantize(), &gram.matrix) / energy;
     report.rtn_error = Some(rtn_error);
     report.error = Some(rtn_error);
-    let Some(calibrated) = gptq::gptq(w, n, block, symmetric, &gram.matrix, options.gptq) else {
+    let calibrated = gptq::gptq(
+        options.bits,
+        w,
+        n,
+        block,
+        symmetric,
+        &gram.matrix,
+        options.gptq,
+    );
+    let Some(calibrated) = calibrated else {
         return (rtn, report);
     };
     let error = gptq::output_error(w, &calibrated.dequantize(), &gram.matrix) / energy;
@@ -332,8 +349,10 @@ fn emit(
     options: &Int4Options,
     report: &mut Int4Report,
 ) -> Result<Patch> {
-    let mut patch = Patch::new("int4");
+    let mut patch = Patch::new("weight-only");
     let (k, n, blocks) = (site.k as i64, site.n as i64, q.blocks() as i64);
+    let bits = q.bits;
+    let codes_suffix = format!("q{}", bits.count());
     let mut initializer = |patch: &mut Patch, suffix: &str, dt, dims: &[i64], data: Vec<u8>| {
         report.quantized_bytes += data.len();
         let hint = format!("{name}.{suffix}");
@@ -345,9 +364,9 @@ fn emit(
         Target::Ort => {
             let weight = initializer(
                 &mut patch,
-                "q4",
+                &codes_suffix,
                 DataType::Uint8,
-                &[n, blocks, options.block_size as i64 / 2],
+                &[n, blocks, (options.block_size * bits.count() / 8) as i64],
                 q.matmul_nbits_weight(),
             )?;
             let scales = initializer(
@@ -378,7 +397,7 @@ fn emit(
                 proto.attribute = vec![
                     attr::int("K", k),
                     attr::int("N", n),
-                    attr::int("bits", BITS as i64),
+                    attr::int("bits", bits.count() as i64),
                     attr::int("block_size", options.block_size as i64),
                     attr::int("accuracy_level", options.accuracy_level),
                 ];
@@ -390,11 +409,13 @@ fn emit(
         }
         Target::Onnx => {
             let (codes, scales, zeros) = q.dequantize_linear_inputs();
-            let code_type = match zeros {
-                Some(_) => DataType::Uint4,
-                None => DataType::Int4,
+            let code_type = match (bits, zeros.is_some()) {
+                (Bits::Four, true) => DataType::Uint4,
+                (Bits::Four, false) => DataType::Int4,
+                (Bits::Eight, true) => DataType::Uint8,
+                (Bits::Eight, false) => DataType::Int8,
             };
-            let codes = initializer(&mut patch, "q4", code_type, &[k, n], codes)?;
+            let codes = initializer(&mut patch, &codes_suffix, code_type, &[k, n], codes)?;
             let scales = initializer(
                 &mut patch,
                 "scales",
@@ -406,7 +427,7 @@ fn emit(
                 Some(z) => Some(initializer(
                     &mut patch,
                     "zero_points",
-                    DataType::Uint4,
+                    code_type,
                     &[blocks, n],
                     z,
                 )?),
