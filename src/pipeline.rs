@@ -61,6 +61,8 @@ pub struct Tolerances {
     pub kl_temperature: f64,
     /// Outputs compared as logits (default: outputs named like logits).
     pub logits: Vec<String>,
+    /// Report both models' next-token perplexity on the validation batches.
+    pub perplexity: bool,
 }
 
 #[derive(Clone, Debug)]
@@ -377,6 +379,7 @@ fn validate_options(
         generate,
         kl_temperature: t.kl_temperature,
         logits: t.logits.clone(),
+        perplexity: t.perplexity,
         tolerance: t.limits(original, options.lossy()),
         engine: options.engine,
     }

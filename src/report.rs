@@ -335,11 +335,22 @@ fn write_validation(f: &mut fmt::Formatter<'_>, v: &Validation) -> fmt::Result {
     }
     writeln!(
         f,
-        "  {:<28} {:>10} {:>10} {:>10} {:>10}",
-        "output", "max abs", "max rel", "cosine", "KL"
+        "  {:<28} {:>10} {:>10} {:>10} {:>10} {:>7}",
+        "output", "max abs", "max rel", "cosine", "KL", "top-1"
     )?;
     for d in &v.outputs {
         write_diff(f, d)?;
+    }
+    if let Some(p) = &v.perplexity {
+        writeln!(
+            f,
+            "  next-token perplexity on {} tokens (`{}`): input {:.3}, output {:.3} ({:+.2}%)",
+            p.tokens,
+            p.output,
+            p.reference,
+            p.candidate,
+            100.0 * (p.candidate / p.reference - 1.0)
+        )?;
     }
     for line in &v.violations {
         writeln!(f, "  violation: {line}")?;
@@ -389,10 +400,14 @@ fn write_diff(f: &mut fmt::Formatter<'_>, d: &OutputDiff) -> fmt::Result {
         .kl_divergence
         .map(|k| format!("{k:.3e}"))
         .unwrap_or_else(|| "-".into());
+    let top1 = d
+        .top1_agreement
+        .map(|t| format!("{:.1}%", 100.0 * t))
+        .unwrap_or_else(|| "-".into());
     writeln!(
         f,
-        "  {:<28} {:>10.3e} {:>10.3e} {:>10.6} {:>10}",
-        d.name, d.max_abs, d.max_rel, d.cosine, kl
+        "  {:<28} {:>10.3e} {:>10.3e} {:>10.6} {:>10} {:>7}",
+        d.name, d.max_abs, d.max_rel, d.cosine, kl, top1
     )?;
     if d.nonfinite_mismatches > 0 {
         writeln!(

@@ -655,6 +655,45 @@ fn weights_int8_and_int4_quantize_every_matmul_weight_and_validate() {
 }
 
 #[test]
+fn perplexity_scores_both_models_next_tokens_on_the_validation_batches() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = common::testdata("llm/llama3.prefill.dynamo20.onnx");
+    let inputs = common::testdata("llm/calib/prefill");
+    let out = dir.path().join("llama3.int8w.onnx");
+    let args = [
+        "--weights",
+        "int8",
+        "--weights-method",
+        "rtn",
+        "--inputs",
+        s(&inputs),
+        "--perplexity",
+    ];
+    let (result, json) = optimize_with_report(&model, &out, &args);
+    let stdout = text(&result.stdout);
+    assert!(stdout.contains("next-token perplexity on "), "{stdout}");
+    let p = &json["validation"]["perplexity"];
+    // Five rows of 8 positions, two padded to 5 tokens (one on the right, one on the left):
+    // 3 × 7 + 2 × 4 = 29 scored tokens.
+    assert_eq!(p["tokens"], 29, "{p}");
+    let (reference, candidate) = (
+        p["reference"].as_f64().unwrap(),
+        p["candidate"].as_f64().unwrap(),
+    );
+    // Random weights: a perplexity near the vocabulary's size; 8-bit weights barely move it.
+    assert!(
+        reference > 1.0 && (candidate / reference - 1.0).abs() < 0.01,
+        "{p}"
+    );
+    let logits = &json["validation"]["outputs"][0];
+    assert!(logits["top1_agreement"].as_f64().unwrap() > 0.9, "{logits}");
+    // Without --perplexity nothing is scored.
+    let plain = dir.path().join("plain.onnx");
+    let (_, json) = optimize_with_report(&model, &plain, &args[..args.len() - 1]);
+    assert!(json["validation"]["perplexity"].is_null());
+}
+
+#[test]
 fn fp16_keeps_float32_io_when_asked() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("out.onnx");

@@ -329,6 +329,7 @@ def validate(
     max_kl=None,
     kl_temperature=1.0,
     logits=None,
+    perplexity=False,
     engine="auto",
     progress=None,
 ):
@@ -340,7 +341,9 @@ def validate(
     batches (``dims``, ``input_ranges`` and ``seed`` shape them). Without limits, the
     defaults of a lossless rewrite apply. Raises ``ValidationError`` when an output breaks
     the tolerance (``error.report`` holds the table) or the models cannot be compared,
-    ``UnsupportedError`` when no engine here runs them faithfully.
+    ``UnsupportedError`` when no engine here runs them faithfully. ``perplexity=True``
+    also scores both models' next-token predictions of the batches' ``input_ids``
+    (causal language models), in ``validation["perplexity"]``.
     """
     data, text = _with_progress(
         progress,
@@ -357,6 +360,7 @@ def validate(
         max_kl=max_kl,
         kl_temperature=kl_temperature,
         logits=_names(logits),
+        perplexity=perplexity,
         engine=engine,
     )
     return Report(json.loads(data), text)

@@ -521,6 +521,7 @@ fn optimize(
             max_kl,
             kl_temperature,
             logits,
+            perplexity: false,
         },
         check,
         engine: self::engine(engine)?,
@@ -634,7 +635,7 @@ fn model_bytes(py: Python<'_>, model: &Model) -> PyResult<Py<PyBytes>> {
 #[pyo3(signature = (
     reference, candidate, *, inputs=None, batches=2, dims=None, input_ranges=None, seed=0,
     max_error=None, min_cosine=None, max_kl=None, kl_temperature=1.0, logits=vec![],
-    engine="auto", progress=None
+    perplexity=false, engine="auto", progress=None
 ))]
 #[allow(clippy::too_many_arguments)]
 fn validate(
@@ -651,6 +652,7 @@ fn validate(
     max_kl: Option<f64>,
     kl_temperature: f64,
     logits: Vec<String>,
+    perplexity: bool,
     engine: &str,
     progress: Option<Py<PyAny>>,
 ) -> PyResult<(String, String)> {
@@ -662,6 +664,7 @@ fn validate(
         max_kl,
         kl_temperature,
         logits,
+        perplexity,
     };
     let engine = self::engine(engine)?;
     let progress = Progress::new(progress);
@@ -672,6 +675,7 @@ fn validate(
             generate,
             kl_temperature: tolerances.kl_temperature,
             logits: tolerances.logits.clone(),
+            perplexity: tolerances.perplexity,
             tolerance: tolerances.limits(&a, false),
             engine,
         };

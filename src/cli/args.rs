@@ -446,6 +446,11 @@ pub struct ToleranceArgs {
     /// Output to compare as logits (KL divergence); default: outputs named `*logits*`.
     #[arg(long = "logits", value_name = "OUTPUT")]
     pub logits: Vec<String>,
+    /// Causal language models: report the next-token perplexity of both models on the
+    /// validation batches' `input_ids` (positions their `attention_mask` keeps), from the
+    /// first logits output.
+    #[arg(long)]
+    pub perplexity: bool,
 }
 
 fn parse_dim(s: &str) -> Result<(String, usize), String> {

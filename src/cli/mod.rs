@@ -110,6 +110,7 @@ fn run(cli: Cli) -> Result<()> {
                 generate,
                 kl_temperature: tolerance.kl_temperature,
                 logits: tolerance.logits.clone(),
+                perplexity: tolerance.perplexity,
                 tolerance: tolerances(&tolerance).limits(&a, false),
                 engine: engine.engine(),
             };
@@ -321,6 +322,7 @@ fn tolerances(t: &ToleranceArgs) -> Tolerances {
         max_kl: t.max_kl,
         kl_temperature: t.kl_temperature,
         logits: t.logits.clone(),
+        perplexity: t.perplexity,
     }
 }
 

@@ -4,7 +4,8 @@
 //! reference value, floored at `REL_FLOOR` so that values at zero do not make it infinite),
 //! the cosine similarity of the two tensors, and for logits-like outputs the mean KL
 //! divergence KL(p‖q) between the softmaxes over the last axis at a temperature, which is
-//! what a change does to a classifier's or a language model's probabilities. Non-finite
+//! what a change does to a classifier's or a language model's probabilities, and the share of
+//! rows whose largest logit (the class, the greedy next token) is the same. Non-finite
 //! values must agree position by position (NaN with NaN, +inf with +inf); each disagreement is
 //! counted and always fails a tolerance.
 
@@ -25,6 +26,9 @@ pub struct OutputDiff {
     pub cosine: f64,
     /// Mean KL divergence over the last axis, for outputs compared as logits.
     pub kl_divergence: Option<f64>,
+    /// The share of rows (over the last axis) whose largest value is at the same place, for
+    /// outputs compared as logits.
+    pub top1_agreement: Option<f64>,
     pub nonfinite_mismatches: usize,
 }
 
@@ -38,6 +42,10 @@ impl OutputDiff {
         self.cosine = self.cosine.min(other.cosine);
         self.kl_divergence = match (self.kl_divergence, other.kl_divergence) {
             (Some(a), Some(b)) => Some(a.max(b)),
+            (a, b) => a.or(b),
+        };
+        self.top1_agreement = match (self.top1_agreement, other.top1_agreement) {
+            (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
         };
         self.nonfinite_mismatches += other.nonfinite_mismatches;
@@ -83,9 +91,9 @@ pub fn diff(
         _ => 0.0,
     };
     let last = reference.shape().last().copied().unwrap_or(1);
-    let kl_divergence = kl_temperature
-        .filter(|_| last > 0 && !a.is_empty())
-        .map(|t| mean_kl(&a, &b, last, t));
+    let logits = kl_temperature.filter(|_| last > 0 && !a.is_empty());
+    let kl_divergence = logits.map(|t| mean_kl(&a, &b, last, t));
+    let top1_agreement = logits.map(|_| top1_agreement(&a, &b, last));
     Ok(OutputDiff {
         name: name.to_string(),
         elements: a.len(),
@@ -94,6 +102,7 @@ pub fn diff(
         reference_max,
         cosine,
         kl_divergence,
+        top1_agreement,
         nonfinite_mismatches: mismatches,
     })
 }
@@ -137,6 +146,32 @@ fn mean_kl(a: &[f64], b: &[f64], row: usize, temperature: f64) -> f64 {
         0.0
     } else {
         (total / rows as f64).max(0.0)
+    }
+}
+
+/// The share of rows of `row` values whose largest value is at the same index in `a` and `b`
+/// (the first of equal ones); rows holding NaN disagree.
+fn top1_agreement(a: &[f64], b: &[f64], row: usize) -> f64 {
+    let argmax = |x: &[f64]| {
+        x.iter()
+            .enumerate()
+            .try_fold((0, f64::NEG_INFINITY), |(i, m), (j, &v)| match v {
+                v if v.is_nan() => None,
+                v if v > m => Some((j, v)),
+                _ => Some((i, m)),
+            })
+            .map(|(i, _)| i)
+    };
+    let rows = a.len() / row;
+    let same = a
+        .chunks(row)
+        .zip(b.chunks(row))
+        .filter(|(ra, rb)| argmax(ra).is_some_and(|i| argmax(rb) == Some(i)))
+        .count();
+    if rows == 0 {
+        1.0
+    } else {
+        same as f64 / rows as f64
     }
 }
 
@@ -228,6 +263,16 @@ mod tests {
         let d = diff("logits", &a, &b, Some(1.0)).unwrap();
         let expected = 0.25 * (0.25f64 / 0.5).ln() + 0.75 * (0.75f64 / 0.5).ln();
         assert!((d.kl_divergence.unwrap() - expected).abs() < 1e-12);
+    }
+
+    #[test]
+    fn top1_agreement_counts_rows_with_the_same_largest_logit() {
+        use tract_onnx::tract_hir::internal::tract_ndarray::arr2;
+        let a: Tensor = arr2(&[[0.0f32, 2.0, 1.0], [3.0, 0.0, 0.0], [0.0, 0.0, 1.0]]).into();
+        let b: Tensor = arr2(&[[0.0f32, 1.5, 1.4], [0.0, 3.0, 0.0], [0.0, 0.0, f32::NAN]]).into();
+        let d = diff("logits", &a, &b, Some(1.0)).unwrap();
+        assert!((d.top1_agreement.unwrap() - 1.0 / 3.0).abs() < 1e-12);
+        assert_eq!(diff("y", &a, &b, None).unwrap().top1_agreement, None);
     }
 
     #[test]

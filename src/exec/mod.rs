@@ -16,6 +16,7 @@ pub mod features;
 pub mod inputs;
 pub mod lower;
 pub mod ort;
+pub mod perplexity;
 pub mod rng;
 pub mod support;
 
@@ -506,6 +507,9 @@ pub struct ValidateOptions {
     /// Outputs compared as logits (with KL divergence). Empty: outputs whose name contains
     /// "logits".
     pub logits: Vec<String>,
+    /// Score both models' next-token predictions of the batches' `input_ids` (causal language
+    /// models; see `perplexity`).
+    pub perplexity: bool,
     pub tolerance: Tolerance,
     /// The engine both models run in.
     pub engine: Engine,
@@ -518,6 +522,7 @@ impl Default for ValidateOptions {
             generate: GenerateOptions::default(),
             kl_temperature: 1.0,
             logits: Vec::new(),
+            perplexity: false,
             tolerance: Tolerance::default(),
             engine: Engine::default(),
         }
@@ -539,6 +544,18 @@ pub struct Validation {
     pub tolerance: Tolerance,
     /// Each way the outputs break the tolerance; empty when they keep it.
     pub violations: Vec<String>,
+    /// Next-token perplexity of both models, when asked and the model fits.
+    pub perplexity: Option<Perplexity>,
+}
+
+/// The next-token perplexity of the reference and of the candidate on the same tokens, from
+/// the first logits output (`perplexity::next_tokens`).
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Perplexity {
+    pub output: String,
+    pub tokens: usize,
+    pub reference: f64,
+    pub candidate: f64,
 }
 
 impl Validation {
@@ -688,12 +705,16 @@ impl Reference {
             .collect::<Result<Vec<_>, _>>()?;
         b.prepare(&inputs)?;
         let mut outputs: Vec<OutputDiff> = Vec::new();
+        let mut likelihoods = options.perplexity.then(Likelihoods::default);
         let mut done = 0;
         for (chunk, expected) in inputs
             .chunks(parallel_batches())
             .zip(self.outputs.chunks(parallel_batches()))
         {
-            for (ra, rb) in expected.iter().zip(b.run_parallel(chunk)?) {
+            for ((ra, rb), batch) in expected.iter().zip(b.run_parallel(chunk)?).zip(chunk) {
+                if let Some(l) = &mut likelihoods {
+                    l.add(batch, ra, &rb, &is_logits);
+                }
                 compare_batch(ra, rb, &is_logits, options, &mut outputs)?;
                 done += 1;
                 on_batch(done, self.batches.len());
@@ -711,6 +732,60 @@ impl Reference {
             outputs,
             tolerance: options.tolerance.clone(),
             violations,
+            perplexity: likelihoods.and_then(Likelihoods::perplexity),
+        })
+    }
+}
+
+/// Both models' next-token likelihoods, summed over the batches where they could be scored.
+#[derive(Default)]
+struct Likelihoods {
+    output: Option<String>,
+    reference: perplexity::Likelihood,
+    candidate: perplexity::Likelihood,
+}
+
+impl Likelihoods {
+    /// Scores one batch on the first logits output, fed `input_ids` (and `attention_mask`).
+    fn add(
+        &mut self,
+        batch: &Batch,
+        reference: &[(String, Tensor)],
+        candidate: &[(String, Tensor)],
+        is_logits: &dyn Fn(&str) -> bool,
+    ) {
+        let input = |name: &str| {
+            batch
+                .tensors
+                .iter()
+                .find(|(n, _)| n == name)
+                .map(|(_, t)| t)
+        };
+        let Some(ids) = input("input_ids") else {
+            return;
+        };
+        let Some((name, expected)) = reference.iter().find(|(n, _)| is_logits(n)) else {
+            return;
+        };
+        let Some((_, got)) = candidate.iter().find(|(n, _)| n == name) else {
+            return;
+        };
+        let mask = input("attention_mask");
+        let scored = perplexity::next_tokens(expected, ids, mask)
+            .zip(perplexity::next_tokens(got, ids, mask));
+        if let Some((r, c)) = scored {
+            self.output = Some(name.clone());
+            self.reference.add(r);
+            self.candidate.add(c);
+        }
+    }
+
+    fn perplexity(self) -> Option<Perplexity> {
+        Some(Perplexity {
+            output: self.output?,
+            tokens: self.reference.tokens,
+            reference: self.reference.perplexity()?,
+            candidate: self.candidate.perplexity()?,
         })
     }
 }
