@@ -177,6 +177,13 @@ def optimize(
     fp16=False,
     keep_io_types=False,
     dynamic_weights="int8",
+    weights=None,
+    block_size=32,
+    symmetric=False,
+    weights_method="gptq",
+    act_order=True,
+    gptq_damping=0.1,
+    accuracy_level=4,
     calib=None,
     calib_random=None,
     calib_method="mse",
@@ -200,6 +207,7 @@ def optimize(
     max_kl=None,
     kl_temperature=1.0,
     logits=None,
+    perplexity=False,
     engine="auto",
     external_data=None,
     in_place=False,
@@ -216,7 +224,8 @@ def optimize(
     ``--calib-method`` is ``calib_method``, ``--no-check`` is ``check=False``,
     ``--no-smooth-quant`` is ``smooth_quant=False``, ``--dim NAME=N`` is ``dims={NAME: N}``,
     ``--input-range NAME=LO:HI`` is ``input_ranges={NAME: (LO, HI)}``,
-    ``--external-data``/``--no-external-data`` is ``external_data=True``/``False``).
+    ``--external-data``/``--no-external-data`` is ``external_data=True``/``False``,
+    ``--weights int4`` is ``weights="int4"``, ``--no-act-order`` is ``act_order=False``).
     ``calib`` and ``inputs`` take a folder, as on the command line, or batches: a list of
     dicts of NumPy arrays by input name, any iterable of such dicts, or a reader with
     ``get_next()`` (ONNX Runtime's ``CalibrationDataReader``). As with a folder, the last
@@ -231,8 +240,8 @@ def optimize(
     holds what was measured), ``UnsupportedError`` (nothing written: no engine here runs the
     model faithfully), or ``OnnxoptError``.
     """
-    if int8 + int8_dynamic + fp16 > 1:
-        _fail("int8, int8_dynamic and fp16 exclude each other")
+    if int8 + int8_dynamic + fp16 + (weights is not None) > 1:
+        _fail("int8, int8_dynamic, fp16 and weights exclude each other")
     if keep_io_types and not fp16:
         _fail("keep_io_types needs fp16=True")
     if auto_exclude and not int8:
@@ -280,6 +289,13 @@ def optimize(
         fp16=fp16,
         keep_io_types=keep_io_types,
         dynamic_weights=dynamic_weights,
+        weights=weights,
+        block_size=block_size,
+        symmetric=symmetric,
+        weights_method=weights_method,
+        act_order=act_order,
+        gptq_damping=gptq_damping,
+        accuracy_level=accuracy_level,
         calib=_batches(calib, "calib"),
         calib_random=calib_random,
         calib_method=calib_method,
@@ -304,6 +320,7 @@ def optimize(
         max_kl=max_kl,
         kl_temperature=kl_temperature,
         logits=_names(logits),
+        perplexity=perplexity,
         engine=engine,
         external_data=external_data,
     )

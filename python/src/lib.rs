@@ -25,11 +25,14 @@ use tract_onnx::prelude::Tensor;
 use onnxopt::exec::{self, GenerateOptions, InputSource, NamedArrays, ValidateOptions};
 use onnxopt::io::{self, ExternalData};
 use onnxopt::ir::Model;
+use onnxopt::ops::nbits::Bits;
 use onnxopt::passes::fuse::Target;
 use onnxopt::pipeline::{self, Mode, PipelineError, Tolerances};
 use onnxopt::prune::{PruneOptions, Scope, Unstructured};
 use onnxopt::quant::dynamic::{DynamicOptions, DynamicWeights, DEFAULT_SMOOTHING};
 use onnxopt::quant::fp16::Fp16Options;
+use onnxopt::quant::int4::gptq::GptqOptions;
+use onnxopt::quant::int4::{Int4Method, Int4Options};
 use onnxopt::quant::qdq::{QdqOptions, Selection, Selector};
 use onnxopt::quant::{QuantTarget, RangeMethod, StaticOptions};
 use onnxopt::report::{ModelStats, Report};
@@ -379,12 +382,14 @@ type Optimized = (String, String, Option<Py<PyBytes>>);
 #[pyo3(signature = (
     model, output=None, *, target="ort", passes=vec![], validate=false, check=true,
     int8=false, int8_dynamic=false, fp16=false, keep_io_types=false, dynamic_weights="int8",
-    calib=None, calib_random=None, calib_method="mse", percentile=None, auto_exclude=false,
+    weights=None, block_size=onnxopt::quant::int4::DEFAULT_BLOCK_SIZE, symmetric=false,
+    weights_method="gptq", act_order=true, gptq_damping=onnxopt::quant::int4::gptq::DAMPING,
+    accuracy_level=4, calib=None, calib_random=None, calib_method="mse", percentile=None, auto_exclude=false,
     smooth_quant=None, no_smooth_quant=false, include=vec![], exclude=vec![],
     prune=None, prune_scope="layer", prune_embeddings=false, prune_heads=None, prune_ffn=None,
     inputs=None, batches=2, dims=None, input_ranges=None, seed=0,
     max_error=None, min_cosine=None, max_kl=None, kl_temperature=1.0, logits=vec![],
-    engine="auto", external_data=None, progress=None
+    perplexity=false, engine="auto", external_data=None, progress=None
 ))]
 #[allow(clippy::too_many_arguments)]
 fn optimize(
@@ -400,6 +405,13 @@ fn optimize(
     fp16: bool,
     keep_io_types: bool,
     dynamic_weights: &str,
+    weights: Option<&str>,
+    block_size: usize,
+    symmetric: bool,
+    weights_method: &str,
+    act_order: bool,
+    gptq_damping: f64,
+    accuracy_level: i64,
     calib: Option<&Bound<'_, PyAny>>,
     calib_random: Option<usize>,
     calib_method: &str,
@@ -424,6 +436,7 @@ fn optimize(
     max_kl: Option<f64>,
     kl_temperature: f64,
     logits: Vec<String>,
+    perplexity: bool,
     engine: &str,
     external_data: Option<bool>,
     progress: Option<Py<PyAny>>,
@@ -437,7 +450,47 @@ fn optimize(
             exclude: selectors(&exclude)?,
         },
     };
-    let mode = if int8 {
+    let weight_bits = match weights {
+        None => None,
+        Some("int4") => Some(Bits::Four),
+        Some("int8") => Some(Bits::Eight),
+        Some(other) => {
+            return Err(
+                Fail::arg(format!("weights={other:?}: expected \"int4\" or \"int8\"")).into(),
+            )
+        }
+    };
+    if weight_bits.is_some() && (int8 || int8_dynamic || fp16) {
+        return Err(Fail::arg(
+            "weights= quantizes weights only: it excludes int8, int8_dynamic and fp16",
+        )
+        .into());
+    }
+    let mode = if let Some(bits) = weight_bits {
+        Mode::Int4(Int4Options {
+            bits,
+            block_size,
+            symmetric,
+            method: match weights_method {
+                "gptq" => Int4Method::Gptq,
+                "rtn" => Int4Method::Rtn,
+                other => {
+                    return Err(Fail::arg(format!(
+                        "weights_method={other:?}: expected \"gptq\" or \"rtn\""
+                    ))
+                    .into())
+                }
+            },
+            gptq: GptqOptions {
+                act_order,
+                damping: gptq_damping,
+            },
+            accuracy_level,
+            target: fusion_target,
+            selection: qdq.selection.clone(),
+            engine: self::engine(engine)?,
+        })
+    } else if int8 {
         Mode::Static {
             options: StaticOptions {
                 qdq,
@@ -521,7 +574,7 @@ fn optimize(
             max_kl,
             kl_temperature,
             logits,
-            perplexity: false,
+            perplexity,
         },
         check,
         engine: self::engine(engine)?,

@@ -145,6 +145,16 @@ def test_int8_dynamic_and_fp16_equal_the_cli(tmp_path, cli):
         (["--int8-dynamic", "--no-smooth-quant"], {"int8_dynamic": True, "smooth_quant": False}),
         (["--fp16", "--keep-io-types"], {"fp16": True, "keep_io_types": True}),
         (["--target", "onnx", "--prune", "2:4"], {"target": "onnx", "prune": "2:4"}),
+        (
+            ["--weights", "int8", "--weights-method", "rtn"],
+            {"weights": "int8", "weights_method": "rtn"},
+        ),
+        (
+            ["--target", "onnx", "--int4", "--block-size", "16", "--symmetric"]
+            + ["--calib-random", "2"],
+            {"target": "onnx", "weights": "int4", "block_size": 16, "symmetric": True}
+            | {"calib_random": 2},
+        ),
     ]:
         out = tmp_path / "cli.onnx"
         process = cli("optimize", BERT, out, *flags)

@@ -5,7 +5,7 @@ import json
 import onnx
 
 import onnxopt
-from conftest import BERT, CALIB, load_batches
+from conftest import BERT, CALIB, TESTDATA, load_batches
 
 
 def test_validate_gives_the_cli_table(tmp_path, cli):
@@ -25,6 +25,20 @@ def test_validate_gives_the_cli_table(tmp_path, cli):
     )
     assert from_arrays.validation.outputs == report.validation.outputs
     assert report.validation.outputs[0].cosine > 0.9999
+
+
+def test_validate_scores_perplexity_as_the_cli_does(tmp_path, cli):
+    llama = TESTDATA / "llm" / "llama3.prefill.dynamo20.onnx"
+    tokens = TESTDATA / "llm" / "calib" / "prefill"
+    quantized = tmp_path / "int8w.onnx"
+    onnxopt.optimize(llama, quantized, weights="int8", weights_method="rtn", check=False)
+    cli_report = tmp_path / "report.json"
+    # 8-bit weights are lossy: the default limits are those of a lossless rewrite.
+    args = ["--inputs", tokens, "--min-cosine", "0.99", "--perplexity", "--report", cli_report]
+    assert cli("validate", llama, quantized, *args).returncode == 0
+    report = onnxopt.validate(llama, quantized, tokens, min_cosine=0.99, perplexity=True)
+    assert report.to_dict() == json.loads(cli_report.read_text())
+    assert report.to_dict()["validation"]["perplexity"]["tokens"] == 29
 
 
 def test_validate_generates_inputs_as_the_cli_does(tmp_path, cli):
