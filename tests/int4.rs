@@ -40,6 +40,7 @@ fn options(bits: Bits, target: Target, method: Int4Method, symmetric: bool) -> I
         symmetric,
         method,
         gptq: GptqOptions::default(),
+        lm_head: false,
         // Float32 compute, so that ONNX Runtime's result is the dequantized weights' exactly.
         accuracy_level: 0,
         target,
@@ -63,24 +64,28 @@ fn quantized(bits: Bits, target: Target, method: Int4Method, symmetric: bool) ->
     model
 }
 
-/// The float chain with each weight replaced by what the quantized model's 4- or 8-bit
-/// initializers stand for, read back by our own unpacking.
+/// The float model `original` (the chain unless given) with each weight replaced by what the
+/// quantized model's 4- or 8-bit initializers stand for, read back by our own unpacking; a
+/// weight computed from a table (`Transpose(table)`) becomes an initializer.
 fn dequantized_reference(quantized: &Model) -> Model {
-    let mut reference = chain();
+    dequantized_from(chain(), quantized)
+}
+
+fn dequantized_from(original: Model, quantized: &Model) -> Model {
+    let mut reference = original;
     let q = &quantized.graph;
     for (_, node) in q.nodes() {
         let constant = |slot: usize| node.input(slot).and_then(|v| q.initializer(v));
         let bytes = |slot: usize| constant(slot).map(|t| t.raw_bytes().unwrap().into_owned());
-        let scales =
-            constant(2 - usize::from(node.is("DequantizeLinear"))).map(|t| t.to_f32_vec().unwrap());
-        let (weight_name, values) = if node.op_type() == "MatMulNBits" {
+        let scales = |slot: usize| constant(slot).map(|t| t.to_f32_vec().unwrap());
+        let (weight_name, dims, values) = if node.op_type() == "MatMulNBits" {
             let int = |n: &str| onnxopt::ir::attr::get_int(&node.proto, n).unwrap() as usize;
             let shape = (int("K"), int("N"), int("block_size"));
             let b = BlockQuantized::from_matmul_nbits(
                 Bits::from_count(int("bits")).unwrap(),
                 shape,
                 &bytes(1).unwrap(),
-                &scales.unwrap(),
+                &scales(2).unwrap(),
                 bytes(3).as_deref(),
             )
             .unwrap();
@@ -92,11 +97,13 @@ fn dequantized_reference(quantized: &Model) -> Model {
                 .unwrap();
             (
                 reference.graph.value_name(reader).to_string(),
+                vec![shape.0 as i64, shape.1 as i64],
                 b.dequantize(),
             )
         } else if node.is("DequantizeLinear") {
             let x = constant(0).unwrap();
-            let dims: Vec<usize> = x.dims().iter().map(|&d| d as usize).collect();
+            let shape = x.dims().to_vec();
+            let dims: Vec<usize> = shape.iter().map(|&d| d as usize).collect();
             use onnxopt::ir::DataType;
             let (bits, signed) = match x.dtype() {
                 DataType::Int4 => (Bits::Four, true),
@@ -112,20 +119,32 @@ fn dequantized_reference(quantized: &Model) -> Model {
                 bits,
                 signed,
             };
-            let values =
-                nbits::dequantize_linear(x, &dims, 0, block, &scales.unwrap(), bytes(2).as_deref())
-                    .unwrap();
+            let values = nbits::dequantize_linear(
+                x,
+                &dims,
+                0,
+                block,
+                &scales(1).unwrap(),
+                bytes(2).as_deref(),
+            )
+            .unwrap();
             let name = q.value_name(node.input(0).unwrap());
             let suffix = format!(".q{}", bits.count());
-            (name.trim_end_matches(&suffix).to_string(), values)
+            (name.trim_end_matches(&suffix).to_string(), shape, values)
         } else {
             continue;
         };
         let g = &reference.graph;
         let v = g.find_value(&weight_name).unwrap();
-        let dims = g.initializer(v).unwrap().dims().to_vec();
+        let tensor = Tensor::from_f32(&weight_name, &dims, &values).unwrap();
         let mut patch = Patch::new("test-dequantized");
-        patch.replace_initializer(v, Tensor::from_f32(&weight_name, &dims, &values).unwrap());
+        match (g.initializer(v), g.producer(v)) {
+            (Some(_), _) => patch.replace_initializer(v, tensor),
+            (None, Some(transpose)) => patch
+                .remove_node(transpose)
+                .replace_with_initializer(v, tensor),
+            (None, None) => panic!("{} is neither a constant nor computed", weight_name),
+        };
         reference.graph.apply(patch).unwrap();
     }
     reference
@@ -137,8 +156,18 @@ fn compare(
     engine: Engine,
     tolerance: Tolerance,
 ) -> exec::Validation {
+    compare_on(reference, model, engine, tolerance, calib_dir())
+}
+
+fn compare_on(
+    reference: &Model,
+    model: &Model,
+    engine: Engine,
+    tolerance: Tolerance,
+    inputs: std::path::PathBuf,
+) -> exec::Validation {
     let options = ValidateOptions {
-        inputs: InputSource::Dir(calib_dir()),
+        inputs: InputSource::Dir(inputs),
         tolerance,
         engine,
         ..Default::default()
@@ -227,4 +256,85 @@ fn gptq_moves_the_calibration_outputs_less_than_round_to_nearest() {
     let (d_rtn, d_gptq) = (distance(&rtn), distance(&gptq));
     println!("1 - cosine to float: round-to-nearest {d_rtn:.3e}, GPTQ {d_gptq:.3e}");
     assert!(d_gptq < d_rtn, "GPTQ {d_gptq} vs round-to-nearest {d_rtn}");
+}
+
+/// testdata/llm's Llama (torch dynamo) ties its LM head to the embeddings: the LM head's
+/// MatMul reads `Transpose(table)` of the table the Gather reads. It stays float unless
+/// `lm_head` asks; then the MatMul gets the codes of `tableᵀ` and the Gather keeps the float
+/// table, and the outputs are those of the float model with every weight dequantized.
+#[test]
+fn a_tied_lm_head_is_quantized_when_asked_and_the_gather_keeps_the_float_table() {
+    let llama = || io::load(&common::testdata("llm/llama3.prefill.dynamo20.onnx")).unwrap();
+    let tokens = common::testdata("llm/calib/prefill");
+    let table = "m.lm_head.weight";
+    for (lm_head, target) in [
+        (false, Target::Ort),
+        (true, Target::Ort),
+        (true, Target::Onnx),
+    ] {
+        let what = format!("lm_head {lm_head}, {target:?}");
+        let mut model = llama();
+        let options = Int4Options {
+            lm_head,
+            ..options(Bits::Four, target, Int4Method::Rtn, false)
+        };
+        let report = quantize_int4(&mut model, &[], &options, &|_, _| {}).unwrap();
+        let int4 = report.int4.unwrap();
+        assert_eq!(int4.weights.len(), 14 + usize::from(lm_head), "{what}");
+        assert_eq!(
+            int4.skipped.len(),
+            usize::from(!lm_head),
+            "{what}: {:?}",
+            int4.skipped
+        );
+        let g = &model.graph;
+        let t = g.find_value(table).unwrap();
+        assert!(g.initializer(t).is_some(), "{what}");
+        let readers: Vec<&str> = g
+            .uses(t)
+            .iter()
+            .map(|&(r, _)| g.node(r).op_type())
+            .collect();
+        let expected: &[&str] = if lm_head {
+            &["Gather"]
+        } else {
+            &["Gather", "Transpose"]
+        };
+        assert_eq!(readers, expected, "{what}");
+        let reference = dequantized_from(llama(), &model);
+        if lm_head {
+            // The codes stand for tableᵀ: each weight within half a step of its own, a step
+            // being at most the table's range over 15.
+            let float = llama();
+            let t = float
+                .graph
+                .initializer(float.graph.find_value(table).unwrap())
+                .unwrap();
+            let (n, k) = (t.dims()[0] as usize, t.dims()[1] as usize);
+            let t = t.to_f32_vec().unwrap();
+            let r = &reference.graph;
+            let head = r
+                .nodes()
+                .find(|(_, node)| node.output(0).is_some_and(|o| r.value_name(o) == "logits"))
+                .and_then(|(_, node)| r.initializer(node.input(1)?))
+                .unwrap()
+                .to_f32_vec()
+                .unwrap();
+            let range = t.iter().fold(0f32, |m, v| m.max(v.abs())) * 2.0;
+            for (i, w) in head.iter().enumerate() {
+                let (row, col) = (i / n, i % n);
+                let err = (w - t[col * k + row]).abs();
+                assert!(
+                    err <= range / 15.0 / 2.0 + 1e-6,
+                    "{what}: [{row}, {col}] {err}"
+                );
+            }
+        }
+        let v = compare_on(&reference, &model, Engine::Tract, exact(), tokens.clone());
+        assert!(v.passed(), "{what}: {:?}", v.violations);
+        if common::ort_engine_available() {
+            let v = compare_on(&reference, &model, Engine::Ort, exact(), tokens.clone());
+            assert!(v.passed(), "{what} in ONNX Runtime: {:?}", v.violations);
+        }
+    }
 }

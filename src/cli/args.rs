@@ -306,6 +306,11 @@ pub struct QuantArgs {
         requires = "weight_only"
     )]
     pub accuracy_level: i64,
+    /// With --weights: also quantize a MatMul that reads a table through a Transpose, as a
+    /// language model's LM head tied to its embeddings does (the Gather keeps the float
+    /// table).
+    #[arg(long, requires = "weight_only")]
+    pub lm_head: bool,
     /// FP16: weights and compute in float16, normalizations, Softmax, reductions, Pow and
     /// Exp kept in float32 behind Casts.
     #[arg(long, conflicts_with = "int8")]

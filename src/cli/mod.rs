@@ -225,6 +225,7 @@ fn pipeline_options(args: &OptimizeArgs) -> Result<pipeline::Options> {
                 act_order: !q.no_act_order,
                 damping: q.gptq_damping,
             },
+            lm_head: q.lm_head,
             accuracy_level: q.accuracy_level,
             target: args.target.fusion(),
             selection: selection(q)?,

@@ -5,8 +5,11 @@
 //! Matches: every default-domain MatMul whose weight (input 1) is a float32 initializer
 //! `[K, N]` read only as a MatMul weight, unless `--exclude`d. A table that something else
 //! reads is left float: SmolLM2's LM head reads the embedding table the Gather reads (tied
-//! weights, reached through a Transpose), and quantizing it would keep the table twice; the
-//! LM head and the embeddings are the layers low bits hurt most.
+//! weights, reached through a Transpose); the LM head and the embeddings are the layers low
+//! bits hurt most. With `--lm-head`, a MatMul whose weight is `Transpose(table)` of such a
+//! table `[N, K]` is quantized too (the codes of `tableᵀ`), and the Gather keeps the float
+//! table: the file grows by the codes, and a decoding step reads them instead of the float
+//! table (on SmolLM2-135M the LM head is a fifth of the weights and the largest product).
 //!
 //! Produces, per weight: for ONNX Runtime, `com.microsoft::MatMulNBits` in place of each
 //! MatMul; for standard runtimes, a blockwise int4/uint4 (int8/uint8) `DequantizeLinear`
@@ -67,6 +70,9 @@ pub struct Int4Options {
     pub method: Int4Method,
     /// How GPTQ walks each weight (act order, damping).
     pub gptq: gptq::GptqOptions,
+    /// Also quantize a MatMul reading `Transpose(table)` of a table a Gather reads (a tied LM
+    /// head); the table stays float for the Gather.
+    pub lm_head: bool,
     /// MatMulNBits' `accuracy_level` (ONNX Runtime only): 0 computes in float32, 4 lets its
     /// CPU kernel quantize the activations to int8 per block.
     pub accuracy_level: i64,
@@ -129,7 +135,12 @@ impl Int4Report {
 
 /// One weight to quantize and the MatMuls that read it.
 struct Site {
+    /// The `[K, N]` weight the readers multiply by: an initializer, or the output of the
+    /// Transpose of `table`.
     weight: ValueId,
+    /// For a weight that is `Transpose(table)`: the `[N, K]` table, kept float for its other
+    /// readers, and the Transpose node, removed with its readers.
+    table: Option<(ValueId, NodeId)>,
     readers: Vec<NodeId>,
     /// The input of the first reader (its Gram matrix calibrates the weight).
     input: ValueId,
@@ -158,7 +169,7 @@ pub fn quantize_int4(
         )));
     }
     let already = qdq::quantization_ops(model);
-    let (sites, skipped) = sites(&model.graph, &options.selection);
+    let (sites, skipped) = sites(&model.graph, &options.selection, options.lm_head);
     let mut report = Int4Report {
         format: match options.target {
             Target::Ort => "MatMulNBits",
@@ -197,11 +208,16 @@ pub fn quantize_int4(
             *remaining.entry(s.input).or_default() += 1;
         }
         for (done, site) in sites.iter().enumerate() {
-            let w = model
-                .graph
-                .initializer(site.weight)
-                .ok_or_else(|| Error::Quantization("a weight is no longer a constant".into()))?
-                .to_f32_vec()?;
+            let constant = |v| {
+                model
+                    .graph
+                    .initializer(v)
+                    .ok_or_else(|| Error::Quantization("a weight is no longer a constant".into()))
+            };
+            let w = match site.table {
+                None => constant(site.weight)?.to_f32_vec()?,
+                Some((table, _)) => transposed(&constant(table)?.to_f32_vec()?, site.n, site.k),
+            };
             let name = model.graph.value_name(site.weight).to_string();
             let (q, weight_report) =
                 quantize_weight(&w, site, &name, grams.get(&site.input), options);
@@ -283,8 +299,33 @@ fn quantize_weight(
     (rtn, report)
 }
 
+/// The row-major `[cols, rows]` transpose of the row-major `[rows, cols]` values `m`.
+fn transposed(m: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+    (0..cols)
+        .flat_map(|c| (0..rows).map(move |r| m[r * cols + c]))
+        .collect()
+}
+
+/// `Transpose(table, perm [1, 0])` of a 2-D float32 initializer read by `reader` alone: the
+/// table and the Transpose node.
+fn transposed_table(g: &Graph, weight: ValueId, reader: NodeId) -> Option<(ValueId, NodeId)> {
+    let transpose = g.producer(weight)?;
+    let node = g.node(transpose);
+    let swaps = attr::get_ints(&node.proto, "perm").is_some_and(|p| p == [1, 0]);
+    let table = node.input(0)?;
+    let t = g.initializer(table)?;
+    let only_reader =
+        g.uses(weight).iter().all(|&(r, _)| r == reader) && !g.is_graph_output(weight);
+    (node.is("Transpose")
+        && swaps
+        && t.dims().len() == 2
+        && t.dtype() == DataType::Float
+        && only_reader)
+        .then_some((table, transpose))
+}
+
 /// The weights to quantize, and the float 2-D MatMul weights left out, with why.
-fn sites(g: &Graph, selection: &Selection) -> (Vec<Site>, Vec<String>) {
+fn sites(g: &Graph, selection: &Selection, lm_head: bool) -> (Vec<Site>, Vec<String>) {
     let mut by_weight: HashMap<ValueId, Site> = HashMap::new();
     let mut order = Vec::new();
     let mut skipped = Vec::new();
@@ -299,6 +340,30 @@ fn sites(g: &Graph, selection: &Selection) -> (Vec<Site>, Vec<String>) {
         let (Some(input), Some(weight)) = (node.input(0), node.input(1)) else {
             continue;
         };
+        if let Some((table, transpose)) = transposed_table(g, weight, id) {
+            let name = g.value_name(table);
+            match g.initializer(table).map(|t| t.dims()) {
+                Some(&[n, k]) if lm_head && n >= 1 && k >= 1 => {
+                    order.push(weight);
+                    by_weight.insert(
+                        weight,
+                        Site {
+                            weight,
+                            table: Some((table, transpose)),
+                            readers: vec![id],
+                            input,
+                            k: k as usize,
+                            n: n as usize,
+                        },
+                    );
+                }
+                _ => skipped.push(format!(
+                    "{name}: read through a Transpose by a MatMul (a tied LM head, say); \
+                     --lm-head quantizes it"
+                )),
+            }
+            continue;
+        }
         let Some(t) = g.initializer(weight) else {
             continue;
         };
@@ -326,6 +391,7 @@ fn sites(g: &Graph, selection: &Selection) -> (Vec<Site>, Vec<String>) {
             weight,
             Site {
                 weight,
+                table: None,
                 readers: vec![id],
                 input,
                 k: k as usize,
@@ -449,6 +515,13 @@ fn emit(
             patch.replace_uses(site.weight, dequantized);
         }
     }
-    patch.drop_initializer(site.weight);
+    match site.table {
+        None => {
+            patch.drop_initializer(site.weight);
+        }
+        Some((_, transpose)) => {
+            patch.remove_node(transpose);
+        }
+    }
     Ok(patch)
 }
