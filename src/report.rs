@@ -273,6 +273,17 @@ fn write_quantization(f: &mut fmt::Formatter<'_>, q: &QuantReport) -> fmt::Resul
             c.batches.len(),
             c.seconds
         )?;
+        if !c.unpadded.is_empty() {
+            let mut masks: Vec<&str> = c.unpadded.values().map(String::as_str).collect();
+            masks.sort();
+            masks.dedup();
+            writeln!(
+                f,
+                "  {} of them observed at unpadded positions only ({})",
+                c.unpadded.len(),
+                masks.join(", ")
+            )?;
+        }
         if !c.masked.is_empty() {
             let total: u64 = c.masked.values().sum();
             writeln!(

@@ -881,6 +881,27 @@ fn smooth_quant_smooths_before_calibrating_and_reports() {
 }
 
 #[test]
+fn static_int8_smooths_by_default_for_onnx_runtime_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = common::testdata("bert-tiny.ts.onnx");
+    let calib = common::testdata("calib/bert-tiny");
+    let out = dir.path().join("bert.int8.onnx");
+    let alpha = |more: &[&str]| {
+        let mut args = vec!["--int8", "--calib", s(&calib)];
+        args.extend_from_slice(more);
+        let (_, json) = optimize_with_report(&model, &out, &args);
+        json["quantization"]["smoothing"]["alpha"].as_f64()
+    };
+    assert_eq!(alpha(&[]), Some(0.5));
+    assert_eq!(alpha(&["--no-smooth-quant"]), None);
+    assert_eq!(alpha(&["--target", "trt"]), None);
+    assert_eq!(
+        alpha(&["--target", "trt", "--smooth-quant", "0.5"]),
+        Some(0.5)
+    );
+}
+
+#[test]
 fn dynamic_int8_smooths_on_calibration_data_or_generated_batches() {
     let dir = tempfile::tempdir().unwrap();
     let model = common::testdata("bert-tiny.ts.onnx");

@@ -253,8 +253,8 @@ def optimize(
         _fail("smooth_quant takes a strength α in [0, 1] (or False: no smoothing)")
     if smooth_quant is not None and smooth_quant is not False and not (int8 or int8_dynamic):
         _fail("smooth_quant needs int8=True or int8_dynamic=True")
-    if smooth_quant is False and not int8_dynamic:
-        _fail("smooth_quant=False needs int8_dynamic=True")
+    if smooth_quant is False and not (int8 or int8_dynamic):
+        _fail("smooth_quant=False needs int8=True or int8_dynamic=True")
     if calib is not None and calib_random is not None:
         _fail("calib and calib_random exclude each other")
     if validate and not check:

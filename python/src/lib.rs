@@ -29,11 +29,12 @@ use onnxopt::ops::nbits::Bits;
 use onnxopt::passes::fuse::Target;
 use onnxopt::pipeline::{self, Mode, PipelineError, Tolerances};
 use onnxopt::prune::{PruneOptions, Scope, Unstructured};
-use onnxopt::quant::dynamic::{DynamicOptions, DynamicWeights, DEFAULT_SMOOTHING};
+use onnxopt::quant::dynamic::{DynamicOptions, DynamicWeights};
 use onnxopt::quant::fp16::Fp16Options;
 use onnxopt::quant::int4::gptq::GptqOptions;
 use onnxopt::quant::int4::{Int4Method, Int4Options};
 use onnxopt::quant::qdq::{QdqOptions, Selection, Selector};
+use onnxopt::quant::smooth::default_alpha;
 use onnxopt::quant::{QuantTarget, RangeMethod, StaticOptions};
 use onnxopt::report::{ModelStats, Report};
 
@@ -467,6 +468,12 @@ fn optimize(
         )
         .into());
     }
+    // SmoothQuant's strength: as given, else the default of the mode (dynamic or not).
+    let smoothing = |dynamic: bool| match smooth_quant {
+        Some(alpha) => Some(alpha),
+        None if no_smooth_quant => None,
+        None => default_alpha(quant_target, dynamic),
+    };
     let mode = if let Some(bits) = weight_bits {
         Mode::Int4(Int4Options {
             bits,
@@ -500,7 +507,7 @@ fn optimize(
                     calib_method,
                     percentile.unwrap_or(onnxopt::quant::calibrate::DEFAULT_PERCENTILE),
                 )?,
-                smooth_quant,
+                smooth_quant: smoothing(false),
             },
             auto_exclude,
         }
@@ -517,11 +524,7 @@ fn optimize(
                     .into())
                 }
             },
-            smooth_quant: match smooth_quant {
-                Some(alpha) => Some(alpha),
-                None if no_smooth_quant => None,
-                None => Some(DEFAULT_SMOOTHING),
-            },
+            smooth_quant: smoothing(true),
         })
     } else if fp16 {
         Mode::Fp16(Fp16Options { keep_io_types })

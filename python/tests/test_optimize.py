@@ -143,6 +143,11 @@ def test_int8_dynamic_and_fp16_equal_the_cli(tmp_path, cli):
     for flags, options in [
         (["--int8-dynamic"], {"int8_dynamic": True}),
         (["--int8-dynamic", "--no-smooth-quant"], {"int8_dynamic": True, "smooth_quant": False}),
+        (["--int8", "--calib-random", "2"], {"int8": True, "calib_random": 2}),
+        (
+            ["--int8", "--calib-random", "2", "--no-smooth-quant"],
+            {"int8": True, "calib_random": 2, "smooth_quant": False},
+        ),
         (["--fp16", "--keep-io-types"], {"fp16": True, "keep_io_types": True}),
         (["--target", "onnx", "--prune", "2:4"], {"target": "onnx", "prune": "2:4"}),
         (

@@ -341,11 +341,12 @@ pub struct QuantArgs {
     pub auto_exclude: bool,
     /// SmoothQuant before quantizing: move activation outliers into the weights with
     /// migration strength α in [0, 1] (0.5 is the usual choice; the default with
-    /// --int8-dynamic).
+    /// --int8-dynamic, and with --int8 --target ort).
     #[arg(long, value_name = "ALPHA", requires = "int8_mode")]
     pub smooth_quant: Option<f64>,
-    /// With --int8-dynamic: no SmoothQuant (and no float run to measure the channels).
-    #[arg(long, requires = "int8_dynamic", conflicts_with = "smooth_quant")]
+    /// With --int8-dynamic or --int8: no SmoothQuant (and no float run to measure the
+    /// channels).
+    #[arg(long, requires = "int8_mode", conflicts_with = "smooth_quant")]
     pub no_smooth_quant: bool,
     /// Quantize these nodes too: a node name, `op:<OpType>` or `re:<regex over names>`.
     #[arg(long, value_name = "SELECTOR")]
@@ -366,14 +367,13 @@ impl QuantArgs {
         }
     }
 
-    /// SmoothQuant's strength, if any: as given, else `DEFAULT_SMOOTHING` for dynamic INT8.
-    pub fn smoothing(&self) -> Option<f64> {
+    /// SmoothQuant's strength, if any: as given, else the default for the mode and `target`
+    /// (`onnxopt::quant::smooth::default_alpha`).
+    pub fn smoothing(&self, target: onnxopt::quant::QuantTarget) -> Option<f64> {
         match self.smooth_quant {
             Some(alpha) => Some(alpha),
-            None if self.int8_dynamic && !self.no_smooth_quant => {
-                Some(onnxopt::quant::dynamic::DEFAULT_SMOOTHING)
-            }
-            None => None,
+            None if self.no_smooth_quant || !(self.int8 || self.int8_dynamic) => None,
+            None => onnxopt::quant::smooth::default_alpha(target, self.int8_dynamic),
         }
     }
 

@@ -205,7 +205,7 @@ fn pipeline_options(args: &OptimizeArgs) -> Result<pipeline::Options> {
             options: StaticOptions {
                 qdq: qdq()?,
                 method: q.method(),
-                smooth_quant: q.smoothing(),
+                smooth_quant: q.smoothing(args.target.quant()),
             },
             auto_exclude: q.auto_exclude,
         }
@@ -213,7 +213,7 @@ fn pipeline_options(args: &OptimizeArgs) -> Result<pipeline::Options> {
         Mode::Dynamic(quant::dynamic::DynamicOptions {
             qdq: qdq()?,
             weights: q.dynamic_weights.codes(),
-            smooth_quant: q.smoothing(),
+            smooth_quant: q.smoothing(args.target.quant()),
         })
     } else if let Some(bits) = q.weight_bits() {
         Mode::Int4(quant::int4::Int4Options {

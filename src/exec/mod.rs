@@ -16,6 +16,7 @@ pub mod features;
 pub mod inputs;
 pub mod lower;
 pub mod ort;
+pub mod padding;
 pub mod perplexity;
 pub mod rng;
 pub mod support;

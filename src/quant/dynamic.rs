@@ -60,11 +60,6 @@ pub enum DynamicWeights {
     Uint8,
 }
 
-/// SmoothQuant's strength when dynamic INT8 is asked for without one: the usual choice,
-/// which on all-MiniLM-L6-v2 takes the held-back sentence cosine from 0.9941 to 0.9960
-/// (measured with 8 generated batches; 0.9964 with the real calibration batches).
-pub const DEFAULT_SMOOTHING: f64 = 0.5;
-
 #[derive(Clone, Debug)]
 pub struct DynamicOptions {
     /// `target` names the report's runtime and, for ONNX Runtime, lets its fused Attention

@@ -7,6 +7,12 @@
 //! batch, so memory does not grow with the number of batches. Observers are updated in
 //! parallel, one tensor per task.
 //!
+//! Padded positions are left out of the statistics: an activation whose first two axes are proven
+//! to be an attention mask's `[batch, sequence]` is observed only where the mask keeps a
+//! token (`exec::padding`). On all-MiniLM-L6-v2 calibrated on sentences padded to 128, that
+//! raised the held-out embedding cosine of static INT8 from 0.984 to 0.994 (mean over 214
+//! sentences, `scripts/heldout_cosine.py`).
+//!
 //! Masked values never enter the statistics: infinities and NaNs (the −inf the dynamo exporter
 //! adds before Softmax, an overflow) and mask sentinels, magnitudes of `MASK_MAGNITUDE` and
 //! more (the legacy exporter masks with float32's lowest, −3.4e38). A scale covering them
@@ -21,7 +27,7 @@ use rayon::prelude::*;
 use tract_onnx::prelude::Tensor;
 
 use crate::error::{Error, Result};
-use crate::exec::{self, Batch, ExecError};
+use crate::exec::{self, padding, Batch, ExecError};
 use crate::ir::Model;
 use crate::quant::{Range, RangeMethod, Ranges};
 pub use histogram::{AbsHistogram, BINS, LEVELS};
@@ -114,6 +120,9 @@ pub struct Calibration {
     /// Observed tensors that held masked values (infinities, NaNs, mask sentinels), with how
     /// many.
     pub masked: BTreeMap<String, u64>,
+    /// Observed tensors whose padded positions were left out, with the mask input that said
+    /// which.
+    pub unpadded: BTreeMap<String, String>,
 }
 
 /// Runs `model` on `batches` and computes the range `method` gives for each of `names`.
@@ -133,6 +142,7 @@ pub fn calibrate(
         }
     }
     let started = std::time::Instant::now();
+    let masks = padding::masks_indexing(model, names);
     let mut observers: Vec<Observer> = names.iter().map(|_| Observer::new()).collect();
     if !names.is_empty() {
         if batches.is_empty() {
@@ -148,10 +158,18 @@ pub fn calibrate(
                     // A start, or a start over in another engine (`for_each_batch`).
                     observers.iter_mut().for_each(|o| *o = Observer::new());
                 }
+                let mask_of = |mask: &Option<String>| {
+                    let mask = mask.as_deref()?;
+                    let tensors = &batches[done].tensors;
+                    tensors.iter().find(|(n, _)| n == mask).map(|(_, t)| t)
+                };
                 observers
                     .par_iter_mut()
                     .zip(outputs.par_iter())
-                    .try_for_each(|(observer, (name, t))| observe(observer, name, t))?;
+                    .zip(masks.par_iter())
+                    .try_for_each(|((observer, (name, t)), mask)| {
+                        observe(observer, name, t, mask_of(mask))
+                    })?;
                 on_batch(done + 1, batches.len());
                 Ok::<_, CalibrationError>(())
             },
@@ -171,19 +189,31 @@ pub fn calibrate(
         })?;
         ranges.insert(name.clone(), range);
     }
+    let unpadded = names
+        .iter()
+        .zip(masks)
+        .filter_map(|(name, mask)| Some((name.clone(), mask?)))
+        .collect();
     Ok(Calibration {
         method,
         batches: batches.iter().map(|b| b.name.clone()).collect(),
         seconds: started.elapsed().as_secs_f64(),
         ranges,
         masked,
+        unpadded,
     })
 }
 
-fn observe(observer: &mut Observer, name: &str, t: &Tensor) -> Result<()> {
+/// Folds `t` into `observer`: only the positions `mask` keeps when there is one and `t`
+/// matches it in this batch, else every value.
+fn observe(observer: &mut Observer, name: &str, t: &Tensor, mask: Option<&Tensor>) -> Result<()> {
     let bad = |e: anyhow::Error| Error::Quantization(format!("activation `{name}`: {e}"));
     let t = t.cast_to::<f32>().map_err(bad)?;
     let view = t.to_plain_array_view::<f32>().map_err(bad)?;
+    if let Some(kept) = mask.and_then(|m| padding::unpadded(&view, m)) {
+        observer.observe(&kept);
+        return Ok(());
+    }
     match view.as_slice() {
         Some(values) => observer.observe(values),
         None => observer.observe(&view.iter().copied().collect::<Vec<_>>()),
@@ -209,6 +239,73 @@ impl From<Error> for CalibrationError {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ir::testing::builder;
+    use crate::ir::{attr, DataType};
+    use tract_onnx::prelude::tract_ndarray::{arr2, Array3};
+
+    /// `relu = Relu(x)` `[batch, sequence, 2]` and `swapped`, its `[sequence, batch, 2]`
+    /// transpose, with the mask input `mask_name` beside `x`.
+    fn padded_model(mask_name: &str) -> Model {
+        let f = DataType::Float;
+        builder()
+            .input("x", f, &["batch", "sequence", "2"])
+            .input(mask_name, DataType::Int64, &["batch", "sequence"])
+            .output("relu", f, &["batch", "sequence", "2"])
+            .output("swapped", f, &["sequence", "batch", "2"])
+            .node("Relu", &["x"], &["relu"], vec![])
+            .node(
+                "Transpose",
+                &["relu"],
+                &["swapped"],
+                vec![attr::ints("perm", &[1, 0, 2])],
+            )
+            .build()
+    }
+
+    /// Two rows of three tokens, right-padded (3 and 1 tokens kept); the padded positions
+    /// hold 1000, the real ones at most 1.
+    fn padded_batch(mask_name: &str) -> Batch {
+        let mask = arr2(&[[1i64, 1, 1], [1, 0, 0]]);
+        let x = Array3::from_shape_fn((2, 3, 2), |(b, s, f)| match mask[[b, s]] {
+            0 => 1000.0f32,
+            _ => (b * 3 + s) as f32 / 10.0 + f as f32 / 100.0,
+        });
+        Batch {
+            name: "padded".into(),
+            tensors: vec![
+                ("x".into(), Tensor::from(x)),
+                (mask_name.into(), Tensor::from(mask)),
+            ],
+        }
+    }
+
+    #[test]
+    fn padded_positions_are_left_out_of_the_ranges_where_the_layout_is_proven() {
+        let names = ["relu".to_string(), "swapped".to_string()];
+        let run = |mask_name: &str| {
+            let model = padded_model(mask_name);
+            let batches = [padded_batch(mask_name)];
+            calibrate(&model, &names, &batches, RangeMethod::MinMax, &|_, _| {}).unwrap()
+        };
+        let c = run("attention_mask");
+        // `relu` starts with the mask's [batch, sequence]: only real tokens count.
+        assert_eq!(
+            c.ranges["relu"],
+            Range {
+                min: 0.0,
+                max: 0.31
+            }
+        );
+        assert_eq!(c.unpadded["relu"], "attention_mask");
+        // `swapped` is [sequence, batch, 2]: not proven, every position counts.
+        assert_eq!(c.ranges["swapped"].max, 1000.0);
+        assert!(!c.unpadded.contains_key("swapped"));
+        // An input that is not an attention mask (PyTorch's padding masks mark padding
+        // with true) leaves every range as it was.
+        let c = run("key_padding_mask");
+        assert_eq!(c.ranges["relu"].max, 1000.0);
+        assert!(c.unpadded.is_empty());
+    }
 
     #[test]
     fn observers_skip_masked_values_and_count_them() {
