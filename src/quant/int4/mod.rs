@@ -15,8 +15,8 @@
 //! inputs over the calibration batches (`gram`); a weight keeps whichever of the two
 //! changes the layer's output on those batches less (GPTQ nearly always: the report gives
 //! both errors). Memory: the Gram matrices (K² floats per distinct input) and one weight at a
-//! time, read, quantized and replaced before the next; a Gram matrix is dropped once its
-//! readers are quantized.
+//! time, read, quantized and replaced before the next, its pages in the input file handed
+//! back once read; a Gram matrix is dropped once its readers are quantized.
 //!
 //! Why it is safe: the rewritten node computes `A · dequant(B)`, the weight the codes stand
 //! for; the result is validated against the float model like every lossy mode.
@@ -192,11 +192,16 @@ pub fn quantize_int4(
             *remaining.entry(s.input).or_default() += 1;
         }
         for (done, site) in sites.iter().enumerate() {
-            let w = model
+            let t = model
                 .graph
                 .initializer(site.weight)
-                .ok_or_else(|| Error::Quantization("a weight is no longer a constant".into()))?
-                .to_f32_vec()?;
+                .ok_or_else(|| Error::Quantization("a weight is no longer a constant".into()))?;
+            let w = t.to_f32_vec()?;
+            // The float weight is read once: its pages in the input file need not stay
+            // resident while the rest are quantized (a 1B model's would add up to the file).
+            if let (Some(source), Some(raw)) = (&model.source, &t.proto().raw_data) {
+                source.release_pages_of(raw);
+            }
             let name = model.graph.value_name(site.weight).to_string();
             let (q, weight_report) =
                 quantize_weight(&w, site, &name, grams.get(&site.input), options);
