@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # Every corpus model and every model of testdata/cases, testdata/wild and testdata/llm, for both targets, as written and with
-# --int8, --int8-dynamic and --fp16: optimized by the release binary (with its output check or
+# --int8, --int8-dynamic and --fp16 (the decoders of testdata/llm also with 8- and 4-bit weights,
+# their tied LM heads included): optimized by the release binary (with its output check or
 # validation), and every output written run in ONNX Runtime against the original on the
 # model's calibration batches (scripts/ort_check.py: within 1e-4 for a lossless run, cosine
-# 0.99 for a lossy one). Prints one line per run and a summary; exits non-zero if any output
-# fails in ONNX Runtime or any run is refused.
+# 0.99 for a lossy one, 0.9 for 4-bit weights, whose random-weight models lose ~0.03). Prints
+# one line per run and a summary; exits non-zero if any output fails in ONNX Runtime or any
+# run is refused.
 #
 #   scripts/sweep_ort.sh [ONNXOPT_BIN [MODEL...]]   (default: target/release/onnxopt, all models;
 #                                                    needs ../shared)
@@ -38,12 +40,16 @@ if [ ${#models[@]} -eq 0 ]; then
 fi
 for model in "${models[@]}"; do
     calib=$(calib_of "$model")
+    modes=(float int8 int8-dynamic fp16)
+    case $model in *testdata/llm/*) modes+=(weights-int8 weights-int4) ;; esac
     for target in ort onnx; do
-        for mode in float int8 int8-dynamic fp16; do
+        for mode in "${modes[@]}"; do
             out="$work/$target.$mode.$(basename "$model")"
             case $mode in
             float) args=() ; check=(--atol 1e-4) ;;
             int8) args=(--int8 --calib "$calib") ; check=(--min-cosine 0.99) ;;
+            weights-int8) args=(--weights int8 --lm-head --calib "$calib") ; check=(--min-cosine 0.99) ;;
+            weights-int4) args=(--weights int4 --lm-head --calib "$calib") ; check=(--min-cosine 0.9) ;;
             *) args=("--$mode") ; check=(--min-cosine 0.99) ;;
             esac
             if ! log=$("$bin" optimize "$model" "$out" --target "$target" "${args[@]}" 2>&1); then

@@ -25,6 +25,8 @@ pub const THRESHOLD: usize = 1024;
 /// Tensors of at least `ALIGN_FROM` bytes start at a multiple of `ALIGNMENT`.
 const ALIGN_FROM: usize = 1 << 20;
 const ALIGNMENT: u64 = 1 << 16;
+/// Tensors are written in pieces of this size, each handed to the caller once written.
+const PIECE: usize = 16 << 20;
 
 /// Resolves external data of the tensors of one model, mapping each file once.
 pub struct ExternalReader {
@@ -169,8 +171,15 @@ impl<W: Write> ExternalWriter<W> {
     }
 
     /// Writes `t`'s bytes to the data file and makes `t` point at them, if `t` is large
-    /// enough to be worth it.
-    pub fn externalize(&mut self, t: &mut TensorProto, raw: &[u8]) -> std::io::Result<bool> {
+    /// enough to be worth it. `written` sees each piece of `raw` once it is written: where
+    /// `raw` lies in a memory-mapped input, the caller can hand its pages back piece by piece,
+    /// so that even the largest tensor (a decoder's embedding table) is never resident whole.
+    pub fn externalize(
+        &mut self,
+        t: &mut TensorProto,
+        raw: &[u8],
+        written: &mut dyn FnMut(&[u8]),
+    ) -> std::io::Result<bool> {
         if raw.len() < THRESHOLD {
             return Ok(false);
         }
@@ -180,7 +189,10 @@ impl<W: Write> ExternalWriter<W> {
             self.out.write_all(&vec![0u8; pad])?;
             self.offset = aligned;
         }
-        self.out.write_all(raw)?;
+        for piece in raw.chunks(PIECE) {
+            self.out.write_all(piece)?;
+            written(piece);
+        }
         let entry = |k: &str, v: String| StringStringEntryProto {
             key: Some(k.to_string()),
             value: Some(v),

@@ -104,15 +104,19 @@ pub fn save(model: &Model, path: &Path, external: ExternalData) -> Result<Saved>
         .source
         .as_ref()
         .is_some_and(|s| !s.external_files.is_empty());
-    save_proto(proto, path, external, had_external)
+    save_proto(proto, path, external, had_external, model.source.as_ref())
 }
 
 /// Writes a `ModelProto` as `save` does; `had_external` is what `ExternalData::Auto` follows.
+/// The pages of `source`'s files that a weight written to the data file was read from are
+/// handed back as it is written, so that copying a model's weights does not leave them all
+/// resident. (Weights written into the model file itself are not: a model under 2 GB.)
 pub fn save_proto(
     mut proto: ModelProto,
     path: &Path,
     external: ExternalData,
     had_external: bool,
+    source: Option<&Source>,
 ) -> Result<Saved> {
     let externalize = writes_external(
         proto.encoded_len() as u64,
@@ -139,7 +143,12 @@ pub fn save_proto(
             for t in &mut g.initializer {
                 let tensor = Tensor::from_proto(t.clone())?;
                 if let Some(raw) = tensor.raw_bytes() {
-                    writer.externalize(t, &raw).map_err(io_err)?;
+                    let mut release = |piece: &[u8]| {
+                        if let Some(source) = source {
+                            source.release_pages_of(piece);
+                        }
+                    };
+                    writer.externalize(t, &raw, &mut release).map_err(io_err)?;
                 }
             }
         }

@@ -47,6 +47,20 @@ impl Source {
             mapping.release_resident_pages();
         }
     }
+
+    /// Hands back the pages of `data`, a tensor's bytes, when they are a slice of one of the
+    /// model's files (see `FileMapping::release_resident_pages`): for a pass that reads one
+    /// weight at a time, so that what it has read does not pile up in memory. Bytes held
+    /// anywhere else are left alone.
+    pub fn release_pages_of(&self, data: &[u8]) {
+        if let Some((mapping, offset)) = self
+            .mappings
+            .iter()
+            .find_map(|m| Some((m, m.offset_of(data)?)))
+        {
+            mapping.release_range(offset as usize, data.len());
+        }
+    }
 }
 
 /// A file of a model (the model file or an external data file) mapped read-only in memory,
@@ -111,16 +125,24 @@ impl FileMapping {
     /// copied elsewhere (into tract, or quantized), since a large model's pages would
     /// otherwise stay resident beside the copy.
     pub fn release_resident_pages(&self) {
+        self.release_range(0, self.bytes.len());
+    }
+
+    /// `release_resident_pages` for bytes `offset..offset + len` of the file (the pages they
+    /// touch, partial ones included: a neighbour's page is read again if needed, no more).
+    fn release_range(&self, offset: usize, len: usize) {
         let Some(map) = &self.map else {
             return;
         };
         // SAFETY: the map is read-only and backed by the file, so MADV_DONTNEED only drops
         // this process's copies of clean pages: every slice keeps its contents, read again
-        // from the file on the next access. A failure leaves the pages resident, no more.
+        // from the file on the next access. A failure (a range outside the map included)
+        // leaves the pages resident, no more.
         #[cfg(unix)]
-        let _ = unsafe { map.unchecked_advise(memmap2::UncheckedAdvice::DontNeed) };
+        let _ =
+            unsafe { map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, offset, len) };
         #[cfg(not(unix))]
-        let _ = map;
+        let _ = (map, offset, len);
     }
 }
 

@@ -14,7 +14,8 @@
 //! How: nodes are visited in written order (`matching::rewrite_each`), each looked up by its
 //! key in a hash map of the ones seen; a duplicate is removed at once, so its readers' keys
 //! already name the node kept and a duplicated chain merges in one run. Constants are grouped by type and dims, hashed
-//! only where a group has more than one, and compared byte for byte only on a hash match.
+//! (their first `HASHED_PREFIX` bytes) only where a group has more than one, and compared byte
+//! for byte only on a hash match.
 
 use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
@@ -24,7 +25,13 @@ use prost::Message;
 use super::matching::{can_redirect, has_subgraph, is_deterministic, rewrite_each};
 use super::{Pass, Rewrites};
 use crate::error::Result;
-use crate::ir::{Graph, Model, NodeId, Patch, Tensor, ValueId};
+use crate::ir::{Graph, Model, NodeId, Patch, Source, Tensor, ValueId};
+
+/// How much of a constant is hashed. Weights of one shape differ from their first values on,
+/// so a prefix tells them apart without reading every weight of the model (gigabytes of pages
+/// made resident, on every round, for a decoder LLM whose layers all have the same shapes);
+/// constants whose prefixes match are still compared in full.
+const HASHED_PREFIX: usize = 4096;
 
 pub struct CommonSubexpressions;
 
@@ -36,7 +43,7 @@ impl Pass for CommonSubexpressions {
     fn run(&self, model: &mut Model) -> Result<Rewrites> {
         let mut rewrites = Rewrites::default();
         let order = model.graph.topological_order()?;
-        for (duplicate, kept) in duplicate_constants(&model.graph, &order) {
+        for (duplicate, kept) in duplicate_constants(&model.graph, &order, model.source.as_ref()) {
             let mut patch = match model.graph.producer(duplicate) {
                 Some(node) => {
                     let mut p = Patch::new("duplicate-constant");
@@ -131,8 +138,13 @@ fn merge(g: &Graph, duplicate: NodeId, kept: NodeId) -> Option<Patch> {
 
 /// Constants whose value an earlier constant already holds, as (duplicate, kept) pairs. The
 /// kept one is written first: initializers (written before nodes) in file order, then
-/// `Constant` nodes in `order`.
-fn duplicate_constants(g: &Graph, order: &[NodeId]) -> Vec<(ValueId, ValueId)> {
+/// `Constant` nodes in `order`. The pages of `source`'s files each hashed prefix was read from
+/// are handed back at once: the page cache may map far more than the prefix on one read.
+fn duplicate_constants(
+    g: &Graph,
+    order: &[NodeId],
+    source: Option<&Source>,
+) -> Vec<(ValueId, ValueId)> {
     let candidates = g
         .initializers()
         .map(|(v, _)| v)
@@ -165,7 +177,11 @@ fn duplicate_constants(g: &Graph, order: &[NodeId]) -> Vec<(ValueId, ValueId)> {
             let (v, t) = &constants[i];
             let bytes = t.raw_bytes().unwrap_or_default();
             let mut hasher = std::hash::DefaultHasher::new();
-            bytes.hash(&mut hasher);
+            let prefix = &bytes[..bytes.len().min(HASHED_PREFIX)];
+            prefix.hash(&mut hasher);
+            if let Some(source) = source {
+                source.release_pages_of(prefix);
+            }
             let same_hash = kept.entry(hasher.finish()).or_default();
             let original = same_hash
                 .iter()
@@ -321,5 +337,25 @@ mod tests {
         );
         let sum = g.node.iter().find(|n| n.op_type() == "Sum").unwrap();
         assert_eq!(sum.input, ["x", "w", "w", "w_in", "other", "w", "i"]);
+    }
+
+    #[test]
+    fn constants_equal_in_their_hashed_prefix_only_are_not_merged() {
+        let n = HASHED_PREFIX; // floats: four times the prefix
+        let a: Vec<f32> = (0..n).map(|i| i as f32).collect();
+        let mut b = a.clone();
+        b[n - 1] = -1.0;
+        let mut m = builder()
+            .input("x", DataType::Float, &[&n.to_string()])
+            .output("y", DataType::Float, &[&n.to_string()])
+            .init(f32s("a", &a))
+            .init(f32s("b", &b))
+            .init(f32s("a_copy", &a))
+            .node("Sum", &["x", "a", "b", "a_copy"], &["y"], vec![])
+            .build();
+        let rewrites = CommonSubexpressions.run(&mut m).unwrap();
+        assert_eq!(rewrites.0.get("duplicate-initializer"), Some(&1));
+        let g = written(&m);
+        assert_eq!(g.node[0].input, ["x", "a", "b", "a"]);
     }
 }

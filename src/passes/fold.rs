@@ -18,7 +18,8 @@
 //! results of at most `TINY` bytes always pass). Where results are too big, the node
 //! computing the biggest stays and its inputs are weighed instead: so an Expand or a
 //! ConstantOfShape of a small constant into a big tensor stays, and so does a Transpose of a
-//! weight that other nodes still read.
+//! weight that other nodes still read (a node whose result could never be kept this way is not
+//! even evaluated: `Region::drop_unpayable`).
 //! Safe because: a deterministic operator given constant inputs computes the same value on
 //! every run; a result whose element type or static dims disagree with the recorded type is
 //! not used. Integer, bool and data-movement results are exact; float arithmetic is exact up
@@ -131,7 +132,47 @@ impl Region {
             }
         }
         region.keep_needed(g);
+        region.drop_unpayable(g, &inference);
         Ok(region)
+    }
+
+    /// Drops the nodes whose result `Plan::within_budget` would never keep, before they are
+    /// evaluated: nodes read only outside the region, whose inputs are all constants that
+    /// something outside the region reads too (so none dies to pay for the result), and whose
+    /// result is known to exceed `TINY` bytes. Evaluating one would copy its inputs into tract
+    /// for nothing, on every round: the Transpose of a decoder's tied embedding table (a
+    /// gigabyte in a 1B model) that its LM head reads.
+    fn drop_unpayable(&mut self, g: &Graph, inference: &Inference) {
+        let inside: HashSet<NodeId> = self.nodes.iter().copied().collect();
+        let read_outside =
+            |v: ValueId| g.is_graph_output(v) || g.uses(v).iter().any(|(r, _)| !inside.contains(r));
+        let known_bytes = |v: ValueId| {
+            let t = inference.types.get(&v)?;
+            let n = crate::ir::tensor::element_count(&t.static_shape()?)?;
+            crate::ir::tensor::raw_byte_len(DataType::try_from(t.elem).ok()?, n)
+        };
+        let unpayable = |n: NodeId| {
+            let node = g.node(n);
+            let outputs: Vec<ValueId> = node.outputs.iter().flatten().copied().collect();
+            !self.inferred.contains(&n)
+                && node.inputs.iter().flatten().next().is_some()
+                && node
+                    .inputs
+                    .iter()
+                    .flatten()
+                    .all(|&v| is_leaf(g, v) && read_outside(v))
+                && outputs.iter().all(|&v| {
+                    g.uses(v).iter().all(|(r, _)| !inside.contains(r))
+                        && known_bytes(v).is_some_and(|b| b > TINY)
+                })
+        };
+        let dropped: HashSet<NodeId> = self
+            .nodes
+            .iter()
+            .copied()
+            .filter(|&n| unpayable(n))
+            .collect();
+        self.nodes.retain(|n| !dropped.contains(n));
     }
 
     /// Drops the nodes none of whose results reaches a reader outside the region.
@@ -738,6 +779,15 @@ mod tests {
             initializer(&m, "wt").to_f32_vec().unwrap()[..3],
             [0.0, 16.0, 32.0]
         );
+    }
+
+    #[test]
+    fn a_result_no_dying_constant_pays_for_is_not_evaluated() {
+        // The tied-embedding shape: the LM head reads the table the Gather reads, transposed.
+        let m = transposed_weight(true);
+        assert!(Region::find(&m).unwrap().nodes.is_empty());
+        let m = transposed_weight(false);
+        assert_eq!(Region::find(&m).unwrap().nodes.len(), 1);
     }
 
     #[test]

@@ -211,6 +211,13 @@ impl PassManager {
                 let before = model.graph.node_count();
                 let start = Instant::now();
                 let rewrites = pass.run(model)?;
+                // What a pass read of the input's weights (CSE a prefix of each, folding the
+                // constants it evaluates) is not kept resident: whatever it kept is a copy,
+                // and a page read again comes back from the file. Without this, a pass
+                // touching every weight would hold the whole input in memory.
+                if let Some(source) = &model.source {
+                    source.release_resident_pages();
+                }
                 // A pass must leave a graph that can be written: catch a bad rewrite here,
                 // naming the pass, rather than as a broken output file.
                 model.graph.check_invariants().map_err(|e| {

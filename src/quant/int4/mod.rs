@@ -19,8 +19,8 @@
 //! inputs over the calibration batches (`gram`); a weight keeps whichever of the two
 //! changes the layer's output on those batches less (GPTQ nearly always: the report gives
 //! both errors). Memory: the Gram matrices (K² floats per distinct input) and one weight at a
-//! time, read, quantized and replaced before the next; a Gram matrix is dropped once its
-//! readers are quantized.
+//! time, read, quantized and replaced before the next, its pages in the input file handed
+//! back once read; a Gram matrix is dropped once its readers are quantized.
 //!
 //! Why it is safe: the rewritten node computes `A · dequant(B)`, the weight the codes stand
 //! for; the result is validated against the float model like every lossy mode.
@@ -208,15 +208,20 @@ pub fn quantize_int4(
             *remaining.entry(s.input).or_default() += 1;
         }
         for (done, site) in sites.iter().enumerate() {
-            let constant = |v| {
-                model
-                    .graph
-                    .initializer(v)
-                    .ok_or_else(|| Error::Quantization("a weight is no longer a constant".into()))
-            };
+            let t = model
+                .graph
+                .initializer(site.table.map_or(site.weight, |(table, _)| table))
+                .ok_or_else(|| Error::Quantization("a weight is no longer a constant".into()))?;
+            let values = t.to_f32_vec()?;
+            // The float weight is read once: its pages in the input file need not stay
+            // resident while the rest are quantized (a 1B model's would add up to the file).
+            // A table a Gather still reads is read from the file again when it runs.
+            if let (Some(source), Some(raw)) = (&model.source, &t.proto().raw_data) {
+                source.release_pages_of(raw);
+            }
             let w = match site.table {
-                None => constant(site.weight)?.to_f32_vec()?,
-                Some((table, _)) => transposed(&constant(table)?.to_f32_vec()?, site.n, site.k),
+                None => values,
+                Some(_) => transposed(&values, site.n, site.k),
             };
             let name = model.graph.value_name(site.weight).to_string();
             let (q, weight_report) =
