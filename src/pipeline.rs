@@ -28,7 +28,7 @@ use crate::exec::{
 use crate::ir::Model;
 use crate::optimize::OptimizeOptions;
 use crate::prune::PruneOptions;
-use crate::quant::int4::{Int4Method, Int4Options};
+use crate::quant::weight_only::{WeightMethod, WeightOnlyOptions};
 use crate::quant::{self, dynamic::DynamicOptions, fp16::Fp16Options, StaticOptions};
 use crate::report::{Check, CheckOutcome, Report};
 
@@ -47,7 +47,7 @@ pub enum Mode {
     /// Dynamic INT8.
     Dynamic(DynamicOptions),
     /// Weight-only 4 or 8 bits (round-to-nearest, or GPTQ on the calibration batches).
-    Int4(Int4Options),
+    WeightOnly(WeightOnlyOptions),
     Fp16(Fp16Options),
 }
 
@@ -232,7 +232,7 @@ fn transform(
     report.passes =
         Some(crate::optimize(&mut model, &options.optimize).map_err(step("optimization failed"))?);
     let smooth_dynamic = matches!(&options.mode, Mode::Dynamic(d) if d.smooth_quant.is_some());
-    let gptq = matches!(&options.mode, Mode::Int4(o) if o.method == Int4Method::Gptq);
+    let gptq = matches!(&options.mode, Mode::WeightOnly(o) if o.method == WeightMethod::Gptq);
     let wants_calibration = matches!(options.mode, Mode::Static { .. })
         || gptq
         || smooth_dynamic
@@ -256,11 +256,16 @@ fn transform(
             quant::dynamic::quantize_dynamic(&mut model, &calibration, dynamic)
                 .map_err(step("quantization failed"))?,
         ),
-        Mode::Int4(int4) => {
+        Mode::WeightOnly(weight_only) => {
             let on_weight = |done, total| progress("quantizing", done, total);
             Some(
-                quant::int4::quantize_int4(&mut model, &calibration, int4, &on_weight)
-                    .map_err(step("quantization failed"))?,
+                quant::weight_only::quantize_weights(
+                    &mut model,
+                    &calibration,
+                    weight_only,
+                    &on_weight,
+                )
+                .map_err(step("quantization failed"))?,
             )
         }
         Mode::Fp16(fp16) => Some(
@@ -320,7 +325,7 @@ fn calibration_batches(
                 "--int8 needs calibration data: --calib DIR or --calib-random N".into(),
             ))
         }
-        None if matches!(options.mode, Mode::Int4(_)) => return Err(Error::InvalidArgument(
+        None if matches!(options.mode, Mode::WeightOnly(_)) => return Err(Error::InvalidArgument(
             "--weights calibrates GPTQ: --calib DIR or --calib-random N, or --weights-method rtn"
                 .into(),
         )),

@@ -196,7 +196,10 @@ fn ranked_by_activations(batches: usize) -> String {
     format!("ranked by activations on {batches} batches")
 }
 
-fn write_int4(f: &mut fmt::Formatter<'_>, r: &crate::quant::int4::Int4Report) -> fmt::Result {
+fn write_weight_only(
+    f: &mut fmt::Formatter<'_>,
+    r: &crate::quant::weight_only::WeightOnlyReport,
+) -> fmt::Result {
     let zero = if r.symmetric {
         "symmetric"
     } else {
@@ -205,7 +208,7 @@ fn write_int4(f: &mut fmt::Formatter<'_>, r: &crate::quant::int4::Int4Report) ->
     let kept = r
         .weights
         .iter()
-        .filter(|w| w.kept == crate::quant::int4::Int4Method::Gptq)
+        .filter(|w| w.kept == crate::quant::weight_only::WeightMethod::Gptq)
         .count();
     writeln!(
         f,
@@ -294,8 +297,8 @@ fn write_quantization(f: &mut fmt::Formatter<'_>, q: &QuantReport) -> fmt::Resul
             )?;
         }
     }
-    if let Some(w) = &q.int4 {
-        write_int4(f, w)?;
+    if let Some(w) = &q.weight_only {
+        write_weight_only(f, w)?;
     }
     if let Some(a) = &q.auto_exclusion {
         let worst: Vec<String> = a

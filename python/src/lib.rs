@@ -31,10 +31,10 @@ use onnxopt::pipeline::{self, Mode, PipelineError, Tolerances};
 use onnxopt::prune::{PruneOptions, Scope, Unstructured};
 use onnxopt::quant::dynamic::{DynamicOptions, DynamicWeights};
 use onnxopt::quant::fp16::Fp16Options;
-use onnxopt::quant::int4::gptq::GptqOptions;
-use onnxopt::quant::int4::{Int4Method, Int4Options};
 use onnxopt::quant::qdq::{QdqOptions, Selection, Selector};
 use onnxopt::quant::smooth::default_alpha;
+use onnxopt::quant::weight_only::gptq::GptqOptions;
+use onnxopt::quant::weight_only::{WeightMethod, WeightOnlyOptions};
 use onnxopt::quant::{QuantTarget, RangeMethod, StaticOptions};
 use onnxopt::report::{ModelStats, Report};
 
@@ -383,8 +383,8 @@ type Optimized = (String, String, Option<Py<PyBytes>>);
 #[pyo3(signature = (
     model, output=None, *, target="ort", passes=vec![], validate=false, check=true,
     int8=false, int8_dynamic=false, fp16=false, keep_io_types=false, dynamic_weights="int8",
-    weights=None, block_size=onnxopt::quant::int4::DEFAULT_BLOCK_SIZE, symmetric=false,
-    weights_method="gptq", act_order=true, gptq_damping=onnxopt::quant::int4::gptq::DAMPING,
+    weights=None, block_size=onnxopt::quant::weight_only::DEFAULT_BLOCK_SIZE, symmetric=false,
+    weights_method="gptq", act_order=true, gptq_damping=onnxopt::quant::weight_only::gptq::DAMPING,
     accuracy_level=4, lm_head=false, calib=None, calib_random=None, calib_method="mse", percentile=None, auto_exclude=false,
     smooth_quant=None, no_smooth_quant=false, include=vec![], exclude=vec![],
     prune=None, prune_scope="layer", prune_embeddings=false, prune_heads=None, prune_ffn=None,
@@ -475,13 +475,13 @@ fn optimize(
         None => default_alpha(quant_target, dynamic),
     };
     let mode = if let Some(bits) = weight_bits {
-        Mode::Int4(Int4Options {
+        Mode::WeightOnly(WeightOnlyOptions {
             bits,
             block_size,
             symmetric,
             method: match weights_method {
-                "gptq" => Int4Method::Gptq,
-                "rtn" => Int4Method::Rtn,
+                "gptq" => WeightMethod::Gptq,
+                "rtn" => WeightMethod::Rtn,
                 other => {
                     return Err(Fail::arg(format!(
                         "weights_method={other:?}: expected \"gptq\" or \"rtn\""

@@ -179,17 +179,17 @@ impl WeightBitsArg {
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug)]
-pub enum Int4MethodArg {
+pub enum WeightMethodArg {
     Rtn,
     Gptq,
 }
 
-impl Int4MethodArg {
-    pub fn method(self) -> onnxopt::quant::int4::Int4Method {
-        use onnxopt::quant::int4::Int4Method;
+impl WeightMethodArg {
+    pub fn method(self) -> onnxopt::quant::weight_only::WeightMethod {
+        use onnxopt::quant::weight_only::WeightMethod;
         match self {
-            Int4MethodArg::Rtn => Int4Method::Rtn,
-            Int4MethodArg::Gptq => Int4Method::Gptq,
+            WeightMethodArg::Rtn => WeightMethod::Rtn,
+            WeightMethodArg::Gptq => WeightMethod::Gptq,
         }
     }
 }
@@ -278,15 +278,15 @@ pub struct QuantArgs {
     #[arg(long, group = "weight_only", conflicts_with_all = ["int8", "int8_dynamic", "fp16"])]
     pub int4: bool,
     /// With --weights: weights per block (a power of two, at least 16).
-    #[arg(long, alias = "int4-block", value_name = "N", default_value_t = onnxopt::quant::int4::DEFAULT_BLOCK_SIZE, requires = "weight_only")]
+    #[arg(long, alias = "int4-block", value_name = "N", default_value_t = onnxopt::quant::weight_only::DEFAULT_BLOCK_SIZE, requires = "weight_only")]
     pub block_size: usize,
     /// With --weights: zero points the middle code (8 or 128) instead of one per block.
     #[arg(long, alias = "int4-symmetric", requires = "weight_only")]
     pub symmetric: bool,
     /// With --weights: `gptq` (calibrated; keeps round-to-nearest for a weight where that
     /// moves the calibration outputs less) or `rtn` (round to nearest, no data).
-    #[arg(long, alias = "int4-method", value_enum, default_value_t = Int4MethodArg::Gptq, requires = "weight_only")]
-    pub weights_method: Int4MethodArg,
+    #[arg(long, alias = "int4-method", value_enum, default_value_t = WeightMethodArg::Gptq, requires = "weight_only")]
+    pub weights_method: WeightMethodArg,
     /// With --weights (GPTQ): quantize each weight's input channels in their order, instead
     /// of by decreasing activation energy with each block's grid fitted first (act order
     /// with static groups).
@@ -294,7 +294,7 @@ pub struct QuantArgs {
     pub no_act_order: bool,
     /// With --weights (GPTQ): added to the diagonal of each Gram matrix, as a fraction of
     /// its mean, before it is inverted.
-    #[arg(long, alias = "int4-damping", value_name = "F", default_value_t = onnxopt::quant::int4::gptq::DAMPING, requires = "weight_only")]
+    #[arg(long, alias = "int4-damping", value_name = "F", default_value_t = onnxopt::quant::weight_only::gptq::DAMPING, requires = "weight_only")]
     pub gptq_damping: f64,
     /// With --weights --target ort: MatMulNBits' accuracy_level (0: float32 compute; 4: ONNX
     /// Runtime's CPU kernel quantizes the activations to int8 per block, faster).

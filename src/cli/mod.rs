@@ -216,12 +216,12 @@ fn pipeline_options(args: &OptimizeArgs) -> Result<pipeline::Options> {
             smooth_quant: q.smoothing(args.target.quant()),
         })
     } else if let Some(bits) = q.weight_bits() {
-        Mode::Int4(quant::int4::Int4Options {
+        Mode::WeightOnly(quant::weight_only::WeightOnlyOptions {
             bits,
             block_size: q.block_size,
             symmetric: q.symmetric,
             method: q.weights_method.method(),
-            gptq: quant::int4::gptq::GptqOptions {
+            gptq: quant::weight_only::gptq::GptqOptions {
                 act_order: !q.no_act_order,
                 damping: q.gptq_damping,
             },

@@ -78,7 +78,7 @@ pub const CONTRIB_OPS: &[ContribOp] = &[
     op("Attention", Tract::Lowered, true, true),
     op("MultiHeadAttention", Tract::Lowered, true, true),
     // 4-bit weights (`nbits`). tract 0.23.9 has its own MatMulNBits, whose outputs with
-    // zero points differ from ONNX Runtime's (0.18 apart on tests/int4's chain, where ONNX
+    // zero points differ from ONNX Runtime's (0.18 apart on tests/weight_only's chain, where ONNX
     // Runtime and the dequantized weights agree within 1e-6): lowered to a MatMul with the
     // dequantized weight instead.
     op("MatMulNBits", Tract::Lowered, true, true),

@@ -89,7 +89,7 @@ pub fn quantize_dynamic(
         already_quantized,
         auto_exclusion: None,
         smoothing,
-        int4: None,
+        weight_only: None,
     };
     if !operators.is_empty() {
         return Ok(report(Rewrites::default(), operators));

@@ -111,7 +111,7 @@ pub fn convert_fp16(model: &mut Model, options: &Fp16Options) -> Result<QuantRep
         already_quantized,
         auto_exclusion: None,
         smoothing: None,
-        int4: None,
+        weight_only: None,
     };
     let operators = crate::quant::qdq::quantization_ops(model);
     if !operators.is_empty() {

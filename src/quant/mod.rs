@@ -9,10 +9,10 @@ pub mod attention_projection;
 pub mod calibrate;
 pub mod dynamic;
 pub mod fp16;
-pub mod int4;
 pub mod qdq;
 pub mod sensitivity;
 pub mod smooth;
+pub mod weight_only;
 
 use std::collections::BTreeMap;
 
@@ -77,7 +77,7 @@ pub struct StaticOptions {
 /// What a quantization did, for the report.
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct QuantReport {
-    /// `static-int8`, `dynamic-int8`, `int4` or `fp16`.
+    /// `static-int8`, `dynamic-int8`, `int4`, `int8-weights` or `fp16`.
     pub mode: &'static str,
     pub target: QuantTarget,
     /// Static INT8 only: the calibration that sized the activations.
@@ -91,8 +91,8 @@ pub struct QuantReport {
     pub auto_exclusion: Option<sensitivity::AutoExclusion>,
     /// `--smooth-quant`: what moved into the weights before calibration.
     pub smoothing: Option<smooth::SmoothReport>,
-    /// `--int4`: the weights quantized, and how well.
-    pub int4: Option<int4::Int4Report>,
+    /// `--weights`: the weights quantized, and how well.
+    pub weight_only: Option<weight_only::WeightOnlyReport>,
 }
 
 /// Static INT8: calibrates the activations QDQ insertion will quantize on `batches`, then
@@ -120,7 +120,7 @@ pub fn quantize_static(
         already_quantized,
         auto_exclusion: None,
         smoothing,
-        int4: None,
+        weight_only: None,
     })
 }
 

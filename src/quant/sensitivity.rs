@@ -134,7 +134,7 @@ pub fn quantize_static_auto_exclude(
             passed,
         }),
         smoothing,
-        int4: None,
+        weight_only: None,
     })
 }
 

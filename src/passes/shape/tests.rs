@@ -895,7 +895,7 @@ fn recorded_dims_fill_what_inference_leaves_unknown() {
 fn every_contrib_operator_onnxopt_emits_has_a_type_rule_and_runs_in_tract() {
     // Each with float inputs of the shapes its fusion gives it: the rule must at least type
     // the first output float, and tract must run it (natively or lowered). MatMulNBits
-    // needs packed 4-bit codes, not these float inputs: tests/int4 runs it in tract and
+    // needs packed 4-bit codes, not these float inputs: tests/weight_only runs it in tract and
     // ONNX Runtime.
     let float_inputs = |o: &&crate::ops::ContribOp| o.emitted && o.name != "MatMulNBits";
     for op in crate::ops::CONTRIB_OPS.iter().filter(float_inputs) {

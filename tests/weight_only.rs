@@ -12,9 +12,9 @@ use onnxopt::io::{self, ExternalData};
 use onnxopt::ir::{Model, Patch, Tensor};
 use onnxopt::ops::nbits::{self, Bits, BlockQuantized, PackedCodes};
 use onnxopt::passes::fuse::Target;
-use onnxopt::quant::int4::gptq::GptqOptions;
-use onnxopt::quant::int4::{quantize_int4, Int4Method, Int4Options};
 use onnxopt::quant::qdq::Selection;
+use onnxopt::quant::weight_only::gptq::GptqOptions;
+use onnxopt::quant::weight_only::{quantize_weights, WeightMethod, WeightOnlyOptions};
 
 fn chain() -> Model {
     io::load(&common::testdata("int4/chain.onnx")).unwrap()
@@ -33,8 +33,8 @@ fn batches(model: &Model) -> Vec<Batch> {
     .unwrap()
 }
 
-fn options(bits: Bits, target: Target, method: Int4Method, symmetric: bool) -> Int4Options {
-    Int4Options {
+fn options(bits: Bits, target: Target, method: WeightMethod, symmetric: bool) -> WeightOnlyOptions {
+    WeightOnlyOptions {
         bits,
         block_size: 32,
         symmetric,
@@ -49,17 +49,17 @@ fn options(bits: Bits, target: Target, method: Int4Method, symmetric: bool) -> I
     }
 }
 
-fn quantized(bits: Bits, target: Target, method: Int4Method, symmetric: bool) -> Model {
+fn quantized(bits: Bits, target: Target, method: WeightMethod, symmetric: bool) -> Model {
     let mut model = chain();
     let batches = batches(&model);
-    let report = quantize_int4(
+    let report = quantize_weights(
         &mut model,
         &batches,
         &options(bits, target, method, symmetric),
         &|_, _| {},
     )
     .unwrap();
-    let int4 = report.int4.unwrap();
+    let int4 = report.weight_only.unwrap();
     assert_eq!(int4.weights.len(), 2, "{int4:?}");
     model
 }
@@ -192,7 +192,7 @@ fn both_formats_give_the_dequantized_weights_outputs_in_tract_and_onnx_runtime()
         .flat_map(|s| [(s, Bits::Four), (s, Bits::Eight)]);
     for ((target, symmetric), bits) in settings {
         let what = format!("{target:?} {bits:?} symmetric {symmetric}");
-        let model = quantized(bits, target, Int4Method::Gptq, symmetric);
+        let model = quantized(bits, target, WeightMethod::Gptq, symmetric);
         let ops: Vec<&str> = model.graph.nodes().map(|(_, n)| n.op_type()).collect();
         match target {
             Target::Ort => assert_eq!(ops.iter().filter(|&&o| o == "MatMulNBits").count(), 2),
@@ -230,21 +230,21 @@ fn both_formats_give_the_dequantized_weights_outputs_in_tract_and_onnx_runtime()
 #[test]
 fn gptq_moves_the_calibration_outputs_less_than_round_to_nearest() {
     let float = chain();
-    let rtn = quantized(Bits::Four, Target::Ort, Int4Method::Rtn, false);
+    let rtn = quantized(Bits::Four, Target::Ort, WeightMethod::Rtn, false);
     let mut gptq = chain();
-    let report = quantize_int4(
+    let report = quantize_weights(
         &mut gptq,
         &batches(&float),
-        &options(Bits::Four, Target::Ort, Int4Method::Gptq, false),
+        &options(Bits::Four, Target::Ort, WeightMethod::Gptq, false),
         &|_, _| {},
     )
     .unwrap()
-    .int4
+    .weight_only
     .unwrap();
     // Each weight's own output error, measured by the quantizer on the calibration rows.
     for w in &report.weights {
         let (rtn_error, error) = (w.rtn_error.unwrap(), w.error.unwrap());
-        assert_eq!(w.kept, Int4Method::Gptq, "{w:?}");
+        assert_eq!(w.kept, WeightMethod::Gptq, "{w:?}");
         assert!(error < rtn_error, "{w:?}");
     }
     // The model's output, through both layers, on the same batches.
@@ -274,12 +274,12 @@ fn a_tied_lm_head_is_quantized_when_asked_and_the_gather_keeps_the_float_table()
     ] {
         let what = format!("lm_head {lm_head}, {target:?}");
         let mut model = llama();
-        let options = Int4Options {
+        let options = WeightOnlyOptions {
             lm_head,
-            ..options(Bits::Four, target, Int4Method::Rtn, false)
+            ..options(Bits::Four, target, WeightMethod::Rtn, false)
         };
-        let report = quantize_int4(&mut model, &[], &options, &|_, _| {}).unwrap();
-        let int4 = report.int4.unwrap();
+        let report = quantize_weights(&mut model, &[], &options, &|_, _| {}).unwrap();
+        let int4 = report.weight_only.unwrap();
         assert_eq!(int4.weights.len(), 14 + usize::from(lm_head), "{what}");
         assert_eq!(
             int4.skipped.len(),

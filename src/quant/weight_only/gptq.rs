@@ -1,6 +1,6 @@
-//! GPTQ (Frantar et al., 2023): 4-bit quantization of a `[K, N]` weight that compensates
-//! each rounding error in the weights not yet quantized, so that the layer's output on the
-//! calibration activations moves as little as it can.
+//! GPTQ (Frantar et al., 2023): 4- or 8-bit quantization of a `[K, N]` weight that
+//! compensates each rounding error in the weights not yet quantized, so that the layer's
+//! output on the calibration activations moves as little as it can.
 //!
 //! Matches: a weight and the Gram matrix H = XᵀX of its input over calibration rows
 //! (`gram`). Produces: the same block layout and grid kind as round-to-nearest (`grid`).

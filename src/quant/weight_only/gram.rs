@@ -1,4 +1,4 @@
-//! What a 4-bit weight's calibrated quantization needs to know of the activations it
+//! What a low-bit weight's calibrated quantization needs to know of the activations it
 //! multiplies: the Gram matrix `XᵀX` of its input X `[rows, K]` over the calibration batches.
 //! The output error of a weight change D `[K, N]` on those rows is `tr(Dᵀ·XᵀX·D)`, so the Gram
 //! matrix is all `gptq` reads, and its size (K² floats) does not grow with the batches.

@@ -51,7 +51,7 @@ pub const DEFAULT_BLOCK_SIZE: usize = 32;
 /// How the codes are chosen.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
-pub enum Int4Method {
+pub enum WeightMethod {
     /// Round to nearest, no data.
     Rtn,
     /// GPTQ on the calibration batches (`gptq`).
@@ -59,7 +59,7 @@ pub enum Int4Method {
 }
 
 #[derive(Clone, Debug)]
-pub struct Int4Options {
+pub struct WeightOnlyOptions {
     /// Bits per weight: 4 or 8.
     pub bits: Bits,
     /// Weights per block along K: a power of two, at least 16 (MatMulNBits' contract; the
@@ -67,7 +67,7 @@ pub struct Int4Options {
     pub block_size: usize,
     /// Zero points 8 (no zero-point input) instead of one per block.
     pub symmetric: bool,
-    pub method: Int4Method,
+    pub method: WeightMethod,
     /// How GPTQ walks each weight (act order, damping).
     pub gptq: gptq::GptqOptions,
     /// Also quantize a MatMul reading `Transpose(table)` of a table a Gather reads (a tied LM
@@ -94,15 +94,15 @@ pub struct WeightReport {
     pub rtn_error: Option<f64>,
     pub error: Option<f64>,
     /// The method whose codes were kept.
-    pub kept: Int4Method,
+    pub kept: WeightMethod,
 }
 
 #[derive(Clone, Debug, serde::Serialize)]
-pub struct Int4Report {
+pub struct WeightOnlyReport {
     /// `MatMulNBits` or `DequantizeLinear`.
     pub format: &'static str,
     pub bits: Bits,
-    pub method: Int4Method,
+    pub method: WeightMethod,
     pub block_size: usize,
     pub symmetric: bool,
     pub calibration_rows: usize,
@@ -114,7 +114,7 @@ pub struct Int4Report {
     pub quantized_bytes: usize,
 }
 
-impl Int4Report {
+impl WeightOnlyReport {
     /// The mean relative output error on the calibration rows of round-to-nearest and of the
     /// codes kept, over the weights that have both.
     pub fn mean_errors(&self) -> Option<(f64, f64)> {
@@ -150,10 +150,10 @@ struct Site {
 
 /// Quantizes the weights of `model`'s MatMuls to 4 bits (see the module doc), calibrating
 /// on `batches` for GPTQ. `on_weight(done, total)` reports progress.
-pub fn quantize_int4(
+pub fn quantize_weights(
     model: &mut Model,
     batches: &[Batch],
-    options: &Int4Options,
+    options: &WeightOnlyOptions,
     on_weight: &(dyn Fn(usize, usize) + Sync),
 ) -> Result<QuantReport> {
     let b = options.block_size;
@@ -170,7 +170,7 @@ pub fn quantize_int4(
     }
     let already = qdq::quantization_ops(model);
     let (sites, skipped) = sites(&model.graph, &options.selection, options.lm_head);
-    let mut report = Int4Report {
+    let mut report = WeightOnlyReport {
         format: match options.target {
             Target::Ort => "MatMulNBits",
             Target::Onnx => "DequantizeLinear",
@@ -192,13 +192,13 @@ pub fn quantize_int4(
             Target::Onnx => opset::raise(model, BLOCKWISE_OPSET)?,
         }
         let mut grams = match options.method {
-            Int4Method::Rtn => HashMap::new(),
-            Int4Method::Gptq => {
+            WeightMethod::Rtn => HashMap::new(),
+            WeightMethod::Gptq => {
                 let mut inputs: Vec<ValueId> = sites.iter().map(|s| s.input).collect();
                 inputs.sort();
                 inputs.dedup();
                 gram::collect(model, &inputs, batches, options.engine)
-                    .map_err(|e| Error::Quantization(format!("int4 calibration run: {e}")))?
+                    .map_err(|e| Error::Quantization(format!("weight-only calibration run: {e}")))?
             }
         };
         report.calibration_rows = grams.values().map(|g| g.rows).max().unwrap_or(0);
@@ -253,7 +253,7 @@ pub fn quantize_int4(
         already_quantized: already,
         auto_exclusion: None,
         smoothing: None,
-        int4: Some(report),
+        weight_only: Some(report),
     })
 }
 
@@ -264,7 +264,7 @@ fn quantize_weight(
     site: &Site,
     name: &str,
     gram: Option<&gram::Gram>,
-    options: &Int4Options,
+    options: &WeightOnlyOptions,
 ) -> (BlockQuantized, WeightReport) {
     let (k, n, block, symmetric) = (site.k, site.n, options.block_size, options.symmetric);
     let rtn = grid::round_to_nearest(options.bits, w, k, n, block, symmetric);
@@ -274,7 +274,7 @@ fn quantize_weight(
         n,
         rtn_error: None,
         error: None,
-        kept: Int4Method::Rtn,
+        kept: WeightMethod::Rtn,
     };
     let Some(gram) = gram.filter(|g| g.matrix.nrows() == k) else {
         return (rtn, report);
@@ -298,7 +298,7 @@ fn quantize_weight(
     let error = gptq::output_error(w, &calibrated.dequantize(), &gram.matrix) / energy;
     if error < rtn_error {
         report.error = Some(error);
-        report.kept = Int4Method::Gptq;
+        report.kept = WeightMethod::Gptq;
         return (calibrated, report);
     }
     (rtn, report)
@@ -417,8 +417,8 @@ fn emit(
     site: &Site,
     name: &str,
     q: &BlockQuantized,
-    options: &Int4Options,
-    report: &mut Int4Report,
+    options: &WeightOnlyOptions,
+    report: &mut WeightOnlyReport,
 ) -> Result<Patch> {
     let mut patch = Patch::new("weight-only");
     let (k, n, blocks) = (site.k as i64, site.n as i64, q.blocks() as i64);
