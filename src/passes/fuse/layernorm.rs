@@ -304,7 +304,10 @@ fn build_rms_norm(m: &Match, rw: &mut Rewrite) -> Built {
     reduces_last_axis(m, rw, "variance", "variance_axes")?;
     if rw.target == Target::Ort && rw.opset < RMS_NORM_OPSET {
         // Written out, ONNX Runtime fuses it when it loads the model (see above).
-        return Err(Declined::Opset(RMS_NORM_OPSET));
+        return Err(Declined::LeftToRuntime(
+            "below opset 23 ONNX Runtime fuses it into SimplifiedLayerNormalization when it \
+             loads the model",
+        ));
     }
     rw.require_opset(RMS_NORM_OPSET)?;
     let epsilon = epsilon(m, rw)?;

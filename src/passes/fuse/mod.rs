@@ -106,6 +106,9 @@ pub enum Declined {
     /// The operator needs an opset the model cannot be raised to.
     #[error("needs opset {0}, which this model cannot be raised to")]
     Opset(i64),
+    /// Left written out by design: the runtime fuses it itself when it loads the model.
+    #[error("left written out: {0}")]
+    LeftToRuntime(&'static str),
     /// An intermediate value is also read outside the match.
     #[error("{value} is also read by {reader}, outside the match")]
     ReadOutside { value: String, reader: String },
