@@ -107,7 +107,8 @@ pub fn diff(
     })
 }
 
-fn as_f64(t: &Tensor) -> Result<Vec<f64>, String> {
+/// The values of a numeric tensor, widened to f64.
+pub(crate) fn as_f64(t: &Tensor) -> Result<Vec<f64>, String> {
     let cast = t.cast_to::<f64>().map_err(|e| e.to_string())?;
     let view = cast
         .to_plain_array_view::<f64>()

@@ -39,7 +39,7 @@ pub fn next_tokens(logits: &Tensor, ids: &Tensor, mask: Option<&Tensor>) -> Opti
     if (ib, is) != (b, s) || v == 0 {
         return None;
     }
-    let logits = values_f64(logits)?;
+    let logits = super::compare::as_f64(logits).ok()?;
     let ids = values_i64(ids)?;
     let mask = match mask {
         Some(m) => match *m.shape() {
@@ -78,17 +78,7 @@ pub fn next_tokens(logits: &Tensor, ids: &Tensor, mask: Option<&Tensor>) -> Opti
     Some(out)
 }
 
-fn values_f64(t: &Tensor) -> Option<Vec<f64>> {
-    let cast = t.cast_to::<f64>().ok()?;
-    Some(
-        cast.to_plain_array_view::<f64>()
-            .ok()?
-            .iter()
-            .copied()
-            .collect(),
-    )
-}
-
+/// The values of an integer tensor (ids, a mask), widened to i64.
 fn values_i64(t: &Tensor) -> Option<Vec<i64>> {
     if !t.datum_type().is_integer() {
         return None;
