@@ -8,7 +8,7 @@
 //! fed tokens'. The negative log-likelihoods are summed in float64 and averaged over the
 //! tokens scored; the perplexity is the exponential of that mean.
 
-use tract_onnx::prelude::Tensor;
+use tract_onnx::prelude::{DatumType, Tensor};
 
 /// Summed negative log-likelihood of the tokens scored.
 #[derive(Clone, Copy, Debug, Default, PartialEq, serde::Serialize)]
@@ -78,9 +78,10 @@ pub fn next_tokens(logits: &Tensor, ids: &Tensor, mask: Option<&Tensor>) -> Opti
     Some(out)
 }
 
-/// The values of an integer tensor (ids, a mask), widened to i64.
+/// The values of an integer or boolean tensor (ids, a mask), widened to i64.
 fn values_i64(t: &Tensor) -> Option<Vec<i64>> {
-    if !t.datum_type().is_integer() {
+    let dt = t.datum_type();
+    if !(dt.is_integer() || dt == DatumType::Bool) {
         return None;
     }
     let cast = t.cast_to::<i64>().ok()?;
@@ -126,6 +127,11 @@ mod tests {
         let l = next_tokens(&logits, &arr2(&ids).into(), Some(&mask)).unwrap();
         assert_eq!(l.tokens, 3 + 1);
         assert!((l.perplexity().unwrap() - 4.0).abs() < 1e-6);
+        let boolean = mask.cast_to::<bool>().unwrap().into_owned();
+        assert_eq!(
+            next_tokens(&logits, &arr2(&ids).into(), Some(&boolean)),
+            Some(l)
+        );
     }
 
     #[test]
