@@ -108,8 +108,9 @@ pub fn tract_refusal(model: &Model) -> Option<support::Unsupported> {
 
 /// Runs `model` on every batch in order, in the engine `engine` picks for it, and hands
 /// `each(index, values)` the values `names` took in that run. In tract, as many batches at
-/// once as threads (tract runs each on one core; handing them over in batch order keeps
-/// statistics independent of the thread count, and memory holds one chunk's values); in
+/// once as threads while their values take at most half the weights (`batches_at_once`;
+/// tract runs each on one core; handing them over in batch order keeps statistics
+/// independent of the thread count, and memory holds one chunk's values); in
 /// ONNX Runtime (where `Engine::Auto` puts a model tract cannot run faithfully: a boolean
 /// mask on the standard Attention, a contrib operator tract lacks; or one tract fails to
 /// run), one batch at a time, which parallelizes inside each run. When tract fails part-way,
@@ -149,24 +150,51 @@ enum Stopped<E> {
     Each(E),
 }
 
-/// `for_each_batch` in tract: as many batches at once as threads.
+/// `for_each_batch` in tract: the first batch alone, then as many at once as
+/// `batches_at_once` allows for what the first one's values took.
 fn in_tract<E>(
     model: &Model,
     names: &[String],
     batches: &[Batch],
     each: &mut impl FnMut(usize, Vec<(String, Tensor)>) -> Result<(), E>,
 ) -> Result<(), Stopped<E>> {
-    let mut done = 0;
     let mut runner = Runner::with_outputs(model, names).map_err(|e| Stopped::Engine(e))?;
     runner.prepare(batches).map_err(|e| Stopped::Engine(e))?;
-    for chunk in batches.chunks(super::parallel_batches()) {
+    let weights: usize = model.graph.initializers().map(|(_, t)| t.byte_len()).sum();
+    let (mut done, mut at_once) = (0, 1);
+    while done < batches.len() {
+        let chunk = &batches[done..batches.len().min(done + at_once)];
         let outputs = runner.run_parallel(chunk).map_err(|e| Stopped::Engine(e))?;
+        if let (0, Some(first)) = (done, outputs.first()) {
+            let held = first.iter().map(|(_, t)| value_bytes(t)).sum();
+            at_once = batches_at_once(held, weights, super::parallel_batches());
+        }
         for outputs in outputs {
             each(done, outputs).map_err(Stopped::Each)?;
             done += 1;
         }
     }
     Ok(())
+}
+
+/// How many batches tract runs at once, when one batch's requested values take `held` bytes
+/// and the model's weights `weights`: one per thread, as tract runs each on one core, as long
+/// as the values of the batches in flight take at most half the weights (or `SMALL_VALUES`,
+/// for a model of small weights). Every batch's values
+/// are held until its run ends (the values calibration observes are the plan's outputs), so
+/// large batches run in parallel would hold several times the weights (BERT-base's 49
+/// calibrated activations take 260 MB a batch of 8×128, next to 438 MB of weights). The
+/// outcome is the same either way: the batches are handed over in order.
+fn batches_at_once(held: usize, weights: usize, threads: usize) -> usize {
+    ((weights / 2).max(SMALL_VALUES) / held.max(1)).clamp(1, threads.max(1))
+}
+
+/// What the values of the batches in flight may take whatever the weights.
+const SMALL_VALUES: usize = 64 << 20;
+
+/// The bytes `t`'s elements take.
+fn value_bytes(t: &Tensor) -> usize {
+    t.len() * t.datum_type().size_of()
 }
 
 /// A model loaded into one engine.
@@ -237,5 +265,28 @@ impl EngineRunner {
             EngineRunner::Tract(r) => r.run_parallel(batches),
             EngineRunner::Ort(r) => r.run_parallel(batches),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn batches_run_in_parallel_while_their_values_take_at_most_half_the_weights() {
+        let mb = 1 << 20;
+        // BERT-base (438 MB of weights): 1×128 batches' 49 activations take 33 MB, 8×128
+        // batches' 260 MB.
+        assert_eq!(batches_at_once(33 * mb, 438 * mb, 2), 2);
+        assert_eq!(batches_at_once(260 * mb, 438 * mb, 2), 1);
+        assert_eq!(batches_at_once(33 * mb, 438 * mb, 16), 6);
+        // Never fewer than one, never more than the threads; a run returning nothing runs
+        // one batch per thread.
+        assert_eq!(batches_at_once(4 * 438 * mb, 438 * mb, 2), 1);
+        assert_eq!(batches_at_once(0, 438 * mb, 4), 4);
+        assert_eq!(batches_at_once(mb, 438 * mb, 0), 1);
+        // Small values run in parallel whatever the weights; large ones do not.
+        assert_eq!(batches_at_once(mb, 0, 4), 4);
+        assert_eq!(batches_at_once(64 * mb, 4 * mb, 4), 1);
     }
 }

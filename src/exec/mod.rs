@@ -10,6 +10,7 @@
 //! calibration uses to observe every tensor in one run. `ort::OrtRunner` runs models in
 //! ONNX Runtime instead, with the same surface.
 
+mod allocator;
 pub mod compare;
 pub mod engine;
 pub mod features;
@@ -34,6 +35,7 @@ use tract_onnx::prelude::{
 };
 
 use crate::ir::{Model, Source};
+pub use allocator::{map_large_blocks, return_freed_memory};
 pub use compare::{OutputDiff, Tolerance};
 pub use engine::{for_each_batch, Engine, EngineKind, EngineRunner};
 pub use inputs::{Batch, GenerateOptions, InputSpec, NamedArrays};
@@ -209,6 +211,7 @@ impl Runner {
 
     /// Loads `model`, returning the named values (graph outputs or intermediates) when run.
     pub fn with_outputs(model: &Model, outputs: &[String]) -> Result<Runner, ExecError> {
+        map_large_blocks();
         let mut lowered = model.clone();
         lower::lower_contrib_ops(&mut lowered)?;
         if let Some(u) = support::first_unsupported(&lowered) {
@@ -369,18 +372,6 @@ impl Drop for Runner {
         self.plans.clear();
         self.spare = None;
         return_freed_memory();
-    }
-}
-
-/// Asks the allocator to hand freed memory back to the kernel. glibc keeps freed blocks below
-/// its mmap threshold (which grows to the size of the largest block freed, up to 32 MB) in
-/// its heaps: a model's worth of tract tensors freed at once would stay counted against the
-/// process while the next step allocates as much again.
-pub fn return_freed_memory() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: malloc_trim only returns free memory of the allocator's own heaps.
-    unsafe {
-        libc::malloc_trim(0);
     }
 }
 

@@ -195,6 +195,7 @@ impl OrtRunner {
         outputs: &[String],
         options: &OrtOptions,
     ) -> Result<OrtRunner, ExecError> {
+        super::map_large_blocks();
         let inputs = super::inputs::input_specs(model)?;
         let (bytes, dir) = session_bytes(model, outputs)?;
         let engine = new_engine(&bytes, dir.as_deref(), options)?;
@@ -235,6 +236,14 @@ impl OrtRunner {
         batches
             .iter()
             .try_for_each(|b| check_batch(&self.inputs, b))
+    }
+}
+
+impl Drop for OrtRunner {
+    fn drop(&mut self) {
+        // ONNX Runtime frees a session's copy of the weights in blocks glibc keeps in its
+        // heaps otherwise: the next session or plan would come on top of them.
+        super::return_freed_memory();
     }
 }
 
