@@ -13,7 +13,8 @@
 /// Serves every block of `LARGE_BLOCK` bytes and more with a mapping of its own, given back to
 /// the kernel when freed, for the rest of the process (a fixed threshold also stops glibc
 /// from raising it). Costs a mapping and its page faults per large block, small next to
-/// the run that fills it. Called before a model is loaded into an engine; once per process.
+/// the run that fills it. The command line calls it as it starts: a process of its own. A
+/// library caller's process (Python's) keeps the policy its owner chose.
 pub fn map_large_blocks() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     {

@@ -211,7 +211,6 @@ impl Runner {
 
     /// Loads `model`, returning the named values (graph outputs or intermediates) when run.
     pub fn with_outputs(model: &Model, outputs: &[String]) -> Result<Runner, ExecError> {
-        map_large_blocks();
         let mut lowered = model.clone();
         lower::lower_contrib_ops(&mut lowered)?;
         if let Some(u) = support::first_unsupported(&lowered) {

@@ -195,7 +195,6 @@ impl OrtRunner {
         outputs: &[String],
         options: &OrtOptions,
     ) -> Result<OrtRunner, ExecError> {
-        super::map_large_blocks();
         let inputs = super::inputs::input_specs(model)?;
         let (bytes, dir) = session_bytes(model, outputs)?;
         let engine = new_engine(&bytes, dir.as_deref(), options)?;
