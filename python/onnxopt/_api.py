@@ -183,7 +183,7 @@ def optimize(
     weights_method="gptq",
     act_order=True,
     gptq_damping=0.1,
-    accuracy_level=0,
+    accuracy_level=4,
     lm_head=False,
     calib=None,
     calib_random=None,

@@ -297,8 +297,8 @@ pub struct QuantArgs {
     #[arg(long, alias = "int4-damping", value_name = "F", default_value_t = onnxopt::quant::weight_only::gptq::DAMPING, requires = "weight_only")]
     pub gptq_damping: f64,
     /// With --weights --target ort: MatMulNBits' accuracy_level (0: float32 compute; 4: ONNX
-    /// Runtime's CPU kernel quantizes the activations to int8 per block; measured no faster
-    /// here, see `quant::weight_only::DEFAULT_ACCURACY_LEVEL`).
+    /// Runtime's CPU kernel quantizes the activations to int8 per block: faster decoding,
+    /// slower prefill, see `quant::weight_only::DEFAULT_ACCURACY_LEVEL`).
     #[arg(
         long,
         alias = "int4-accuracy-level",

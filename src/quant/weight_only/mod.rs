@@ -47,13 +47,14 @@ use crate::passes::{opset, Rewrites};
 pub const BLOCKWISE_OPSET: i64 = 21;
 /// The default block size.
 pub const DEFAULT_BLOCK_SIZE: usize = 32;
-/// MatMulNBits' default `accuracy_level`: 0, float32 compute. Level 4 (ONNX Runtime's CPU
-/// kernel quantizes the activations to int8 per block) measured no faster where it matters:
-/// SmolLM2-135M with 4-bit weights and head, ONNX Runtime 1.32, 2 threads, against our
-/// float32 output in the same process: prefill 1×128 1.20× (level 4) vs 0.98× (level 0),
-/// prefill 1×512 1.18× vs 0.94×, decode after 512 0.46× vs 0.46×, after 128 0.33× vs 0.36×
-/// (an AVX-512 VNNI CPU).
-pub const DEFAULT_ACCURACY_LEVEL: i64 = 0;
+/// MatMulNBits' default `accuracy_level`: 4, ONNX Runtime's CPU kernel quantizing the
+/// activations to int8 per block (its own default for 4 bits). It decodes faster and
+/// prefills slower than level 0 (float32 compute): SmolLM2-135M with 4-bit weights and head,
+/// ONNX Runtime 1.32, 2 threads, an idle AVX-512-VNNI machine, against our float32 output in
+/// the same process: decode after 128 tokens 0.45× (level 0: 0.53×), after 512 0.53×
+/// (0.61×); prefill 1×128 1.40× (0.98×), 1×512 1.39× (1.07×). Generation spends its time
+/// decoding; a prompt-only use (an embedding model) is better served by level 0.
+pub const DEFAULT_ACCURACY_LEVEL: i64 = 4;
 
 /// How the codes are chosen.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
