@@ -109,10 +109,17 @@ pub fn diff(
 
 /// The values of a numeric tensor, widened to f64.
 pub(crate) fn as_f64(t: &Tensor) -> Result<Vec<f64>, String> {
-    let cast = t.cast_to::<f64>().map_err(|e| e.to_string())?;
-    let view = cast
-        .to_plain_array_view::<f64>()
-        .map_err(|e| e.to_string())?;
+    values_as::<f64>(t)
+}
+
+/// The values of a tensor cast to i64 (ids, masks).
+pub(crate) fn as_i64(t: &Tensor) -> Result<Vec<i64>, String> {
+    values_as::<i64>(t)
+}
+
+fn values_as<T: tract_onnx::prelude::Datum + Copy>(t: &Tensor) -> Result<Vec<T>, String> {
+    let cast = t.cast_to::<T>().map_err(|e| e.to_string())?;
+    let view = cast.to_plain_array_view::<T>().map_err(|e| e.to_string())?;
     Ok(view.iter().copied().collect())
 }
 

@@ -47,6 +47,13 @@ pub struct Batch {
     pub tensors: Vec<(String, Tensor)>,
 }
 
+impl Batch {
+    /// The tensor fed to the input `name`, if the batch has one.
+    pub fn tensor(&self, name: &str) -> Option<&Tensor> {
+        self.tensors.iter().find(|(n, _)| n == name).map(|(_, t)| t)
+    }
+}
+
 /// How to make inputs when none are given.
 #[derive(Clone, Debug)]
 pub struct GenerateOptions {

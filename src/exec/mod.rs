@@ -745,14 +745,7 @@ impl Likelihoods {
         candidate: &[(String, Tensor)],
         is_logits: &dyn Fn(&str) -> bool,
     ) {
-        let input = |name: &str| {
-            batch
-                .tensors
-                .iter()
-                .find(|(n, _)| n == name)
-                .map(|(_, t)| t)
-        };
-        let Some(ids) = input("input_ids") else {
+        let Some(ids) = batch.tensor("input_ids") else {
             return;
         };
         let Some((name, expected)) = reference.iter().find(|(n, _)| is_logits(n)) else {
@@ -761,7 +754,7 @@ impl Likelihoods {
         let Some((_, got)) = candidate.iter().find(|(n, _)| n == name) else {
             return;
         };
-        let mask = input("attention_mask");
+        let mask = batch.tensor("attention_mask");
         let scored = perplexity::next_tokens(expected, ids, mask)
             .zip(perplexity::next_tokens(got, ids, mask));
         if let Some((r, c)) = scored {

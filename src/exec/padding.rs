@@ -72,13 +72,7 @@ fn leads_with(dims: &[Dim], mask: &[Dim]) -> bool {
 /// mask's shape in this run, the mask cannot be read, or it keeps no position, so that the
 /// caller observes every value instead.
 pub fn unpadded(x: &ArrayViewD<f32>, mask: &Tensor) -> Option<Vec<f32>> {
-    let mask = mask.cast_to::<i64>().ok()?;
-    let mask: Vec<i64> = mask
-        .to_plain_array_view::<i64>()
-        .ok()?
-        .iter()
-        .copied()
-        .collect();
+    let mask = super::compare::as_i64(mask).ok()?;
     let shape = x.shape();
     let (rows, inner) = match shape {
         [b, s, rest @ ..] => (b * s, rest.iter().product::<usize>()),

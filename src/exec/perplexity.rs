@@ -84,14 +84,7 @@ fn values_i64(t: &Tensor) -> Option<Vec<i64>> {
     if !(dt.is_integer() || dt == DatumType::Bool) {
         return None;
     }
-    let cast = t.cast_to::<i64>().ok()?;
-    Some(
-        cast.to_plain_array_view::<i64>()
-            .ok()?
-            .iter()
-            .copied()
-            .collect(),
-    )
+    super::compare::as_i64(t).ok()
 }
 
 #[cfg(test)]

@@ -158,11 +158,7 @@ pub fn calibrate(
                     // A start, or a start over in another engine (`for_each_batch`).
                     observers.iter_mut().for_each(|o| *o = Observer::new());
                 }
-                let mask_of = |mask: &Option<String>| {
-                    let mask = mask.as_deref()?;
-                    let tensors = &batches[done].tensors;
-                    tensors.iter().find(|(n, _)| n == mask).map(|(_, t)| t)
-                };
+                let mask_of = |mask: &Option<String>| batches[done].tensor(mask.as_deref()?);
                 observers
                     .par_iter_mut()
                     .zip(outputs.par_iter())

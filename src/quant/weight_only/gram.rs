@@ -56,7 +56,7 @@ pub fn collect(
         }
         for &v in &inputs {
             let name = g.value_name(v);
-            if let Some((_, t)) = batch.tensors.iter().find(|(n, _)| n == name) {
+            if let Some(t) = batch.tensor(name) {
                 fold(&mut grams, v, name, t, mask.as_deref())?;
             }
         }
