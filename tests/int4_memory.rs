@@ -9,44 +9,20 @@
 //!
 //! Alone in its file: the measuring process must not be running other tests' models.
 
+mod common;
 #[path = "../benches/common/mod.rs"]
 mod measure;
 
 use std::path::Path;
 use std::process::Command;
 
+use common::chain::f32_value;
 use onnxopt::io::{self, ExternalData};
 use onnxopt::ir::{Model, Tensor};
-use onnxopt::proto::tensor_proto::DataType;
-use onnxopt::proto::tensor_shape_proto::{dimension, Dimension};
-use onnxopt::proto::type_proto::{Tensor as TensorType, Value as Type};
-use onnxopt::proto::{
-    GraphProto, ModelProto, NodeProto, OperatorSetIdProto, TensorShapeProto, TypeProto,
-    ValueInfoProto,
-};
+use onnxopt::proto::{GraphProto, ModelProto, NodeProto, OperatorSetIdProto};
 
 const SIZE: usize = 1024;
 const MIB: u64 = 1 << 20;
-
-fn value(name: &str) -> ValueInfoProto {
-    let dim = |d| Dimension {
-        value: Some(dimension::Value::DimValue(d)),
-        denotation: None,
-    };
-    ValueInfoProto {
-        name: Some(name.into()),
-        r#type: Some(TypeProto {
-            value: Some(Type::TensorType(TensorType {
-                elem_type: Some(DataType::Float as i32),
-                shape: Some(TensorShapeProto {
-                    dim: vec![dim(1), dim(SIZE as i64)],
-                }),
-            })),
-            ..Default::default()
-        }),
-        ..Default::default()
-    }
-}
 
 /// x → `weights` MatMuls by distinct pseudo-random 1024×1024 weights → y, written with its
 /// weights in `<path>.data`.
@@ -87,8 +63,8 @@ fn write_chain(path: &Path, weights: usize) {
             name: Some("chain".into()),
             node: nodes,
             initializer: initializers,
-            input: vec![value("x")],
-            output: vec![value("y")],
+            input: vec![f32_value("x", &[1, SIZE as i64])],
+            output: vec![f32_value("y", &[1, SIZE as i64])],
             ..Default::default()
         }),
         ..Default::default()
