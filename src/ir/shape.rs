@@ -6,7 +6,7 @@
 //! sequence)`) is kept whole as one opaque symbol named by its text. A dim nothing is known
 //! about is `Unknown`; two unknown dims are never taken to be equal (`same`).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 
 use crate::proto::tensor_shape_proto::dimension::Value as DimValue;
@@ -62,6 +62,12 @@ impl Dim {
             )),
             _ => None,
         }
+    }
+
+    /// True when the dim is one symbol, to the first power and without a factor.
+    pub fn is_plain_symbol(&self) -> bool {
+        matches!(self, Dim::Product { coeff: 1, symbols } if symbols.len() == 1
+            && symbols.values().all(|&e| e == 1))
     }
 
     /// True when both dims are provably the same size.
@@ -243,6 +249,14 @@ impl Dim {
 
     /// The operands of an opaque `Min(a, b)` symbol.
     fn min_operands(&self) -> Option<(Dim, Dim)> {
+        match &self.call_operands("Min")?[..] {
+            [a, b] => Some((Dim::parse(a), Dim::parse(b))),
+            _ => None,
+        }
+    }
+
+    /// The operand texts of an opaque `function(a, b, …)` symbol.
+    fn call_operands(&self, function: &str) -> Option<Vec<&str>> {
         let Dim::Product { coeff: 1, symbols } = self else {
             return None;
         };
@@ -252,11 +266,13 @@ impl Dim {
         let (name, &1) = symbols.iter().next()? else {
             return None;
         };
-        let inner = parenthesized(name.strip_prefix("Min")?)?;
-        match split_top_level(inner, b',')[..] {
-            [a, b] => Some((Dim::parse(a), Dim::parse(b))),
-            _ => None,
-        }
+        let inner = parenthesized(name.strip_prefix(function)?)?;
+        Some(
+            split_top_level(inner, b',')
+                .into_iter()
+                .map(str::trim)
+                .collect(),
+        )
     }
 
     /// True when `self` is `Min(of, k)` for a positive `k`: then broadcasting it with `of`
@@ -267,11 +283,25 @@ impl Dim {
         })
     }
 
+    /// What an opaque `Broadcast(a, b, …)` symbol stands for, as the texts of its operands;
+    /// any other dim stands for itself.
+    fn broadcast_operands(&self) -> BTreeSet<String> {
+        match self.call_operands("Broadcast") {
+            Some(operands) => operands.into_iter().map(str::to_string).collect(),
+            None => BTreeSet::from([self.to_string()]),
+        }
+    }
+
     /// The dim two dims broadcast to (ONNX multidirectional broadcasting), for a valid
     /// model: a 1 gives way to the other dim; equal dims stay; a known size other than 1 wins
     /// over a symbol or an unknown dim (which must then be 1 or that size); a dim wins over
-    /// `Min` of itself and a positive bound. Two different symbols give `Unknown`, since
-    /// either may be 1.
+    /// `Min` of itself and a positive bound. Two different symbols, either of which may be 1,
+    /// give the opaque symbol `Broadcast(a, b)`: the size is whichever is not 1, a function
+    /// of the operands, so every value broadcast from the same dims provably has the same
+    /// size (tf2onnx names each input's batch apart, and the sum of their embeddings must
+    /// still be seen to split into heads by its own batch). Broadcasting is associative and
+    /// commutative, so the operands are kept as a set (flattened, in text order). An unknown
+    /// operand gives `Unknown`.
     pub fn broadcast(&self, other: &Dim) -> Dim {
         match (self.value(), other.value()) {
             (Some(1), _) => other.clone(),
@@ -282,7 +312,18 @@ impl Dim {
             (None, Some(_)) => other.clone(),
             (None, None) if self.same(other) || other.is_min_of(self) => self.clone(),
             (None, None) if self.is_min_of(other) => other.clone(),
-            (None, None) => Dim::Unknown,
+            _ if matches!(self, Dim::Unknown) || matches!(other, Dim::Unknown) => Dim::Unknown,
+            (None, None) => {
+                let (mine, theirs) = (self.broadcast_operands(), other.broadcast_operands());
+                if theirs.is_subset(&mine) {
+                    return self.clone();
+                }
+                if mine.is_subset(&theirs) {
+                    return other.clone();
+                }
+                let all: Vec<String> = mine.union(&theirs).cloned().collect();
+                Dim::symbol(&format!("Broadcast({})", all.join(", ")))
+            }
         }
     }
 
@@ -635,7 +676,28 @@ mod tests {
         assert_eq!(b.broadcast(&Dim::known(4)), Dim::known(4));
         assert_eq!(Dim::Unknown.broadcast(&Dim::known(4)), Dim::known(4));
         assert_eq!(Dim::Unknown.broadcast(&one), Dim::Unknown);
-        assert_eq!(b.broadcast(&s), Dim::Unknown);
+        let either = b.broadcast(&s);
+        assert_eq!(either.to_string(), "Broadcast(batch, sequence)");
+        assert_eq!(s.broadcast(&b), either, "the same whatever the order");
+        assert_eq!(either.broadcast(&s), either);
+        assert_eq!(b.broadcast(&either), either);
+        assert_eq!(Dim::parse(&either.to_string()), either);
+        let m = Dim::symbol("mask");
+        assert_eq!(
+            either.broadcast(&m),
+            m.broadcast(&b).broadcast(&s),
+            "flattened: {}",
+            either.broadcast(&m)
+        );
+        assert_eq!(
+            either.broadcast(&m).to_string(),
+            "Broadcast(batch, mask, sequence)"
+        );
+        assert_eq!(
+            either.broadcast(&m).broadcast(&either),
+            either.broadcast(&m)
+        );
+        assert_eq!(b.broadcast(&Dim::Unknown), Dim::Unknown);
         assert_eq!(Dim::known(3).broadcast(&Dim::known(4)), Dim::Unknown);
         // Either Min(128, s) is s, or it is 128 < s and the model is invalid.
         assert_eq!(s.minimum(&Dim::known(128)).broadcast(&s), s);

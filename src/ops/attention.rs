@@ -17,8 +17,9 @@
 //!
 //! So a fusion hands these operators a bias whose last two dims are `q_len` and `total`:
 //! as proven from the inferred shapes, or by expanding a bias that broadcasts there (the
-//! classic BERT mask `[batch, 1, 1, seq]`, see `BiasFit::Expand`). A bias whose batch or
-//! head dim is not proven to be 1 or the score's keeps the block unfused.
+//! classic BERT mask `[batch, 1, 1, seq]`, see `BiasFit::Expand`). A bias whose head dim is
+//! not proven to be 1 or the score's, or whose batch is a known size other than 1 and the
+//! batch's, keeps the block unfused.
 
 use crate::ir::{attr, DataType, Dim, Graph, Node, NodeId, PValue, Patch, Tensor, ValueId};
 
@@ -57,7 +58,15 @@ impl BiasShape<'_> {
             return BiasFit::Refused(format!("the bias has rank {}, not 4", dims.len()));
         };
         let is_one = |d: &Dim| d.value() == Some(1);
-        if !(is_one(b) || b.same(self.batch)) {
+        // Two symbolic batches (tf2onnx names the mask's batch apart from the tokens'): the
+        // kernels take a bias batch of 1 or the batch and refuse any other at run time
+        // ("attention_bias dimension 0 should be batch_size or 1"), so a run gives the
+        // original's answer or an error, never another answer; the original fails on such
+        // a batch too (its residual Add cannot broadcast the mask's batch against the
+        // tokens').
+        let symbolic = |d: &Dim| d.value().is_none() && !matches!(d, Dim::Unknown);
+        let both_symbolic = symbolic(b) && symbolic(self.batch);
+        if !(is_one(b) || b.same(self.batch) || both_symbolic) {
             return BiasFit::Refused(format!(
                 "bias dim 0 is {b}: not proven to be 1 or the batch {}",
                 self.batch
@@ -350,6 +359,18 @@ mod tests {
             panic!("an unknown batch must be refused");
         };
         assert!(why.contains("dim 0"), "{why}");
+        let BiasFit::Refused(why) =
+            shape.fit(&[Dim::known(2), Dim::known(1), s.clone(), s.clone()])
+        else {
+            panic!("a batch of 2 against a symbolic one must be refused");
+        };
+        assert!(why.contains("dim 0"), "{why}");
+        let mask_batch = Dim::symbol("unk__312");
+        assert_eq!(
+            shape.fit(&[mask_batch, Dim::known(1), s.clone(), s.clone()]),
+            BiasFit::Fits,
+            "a batch named apart is the kernels' to check"
+        );
         assert!(matches!(
             shape.fit(&[s.clone(), s.clone()]),
             BiasFit::Refused(_)

@@ -128,15 +128,19 @@ fn heads(src: &'static str, reshape: &'static str) -> Pat {
     })
 }
 
-/// The query's heads, the query perhaps scaled before the split (CLIP, Whisper: `q · s`).
+/// The query's heads, the query perhaps scaled before the split (CLIP, Whisper: `q · s`) or
+/// between the split and the transposition (tf2onnx's DistilBERT: `Reshape(q) · s`).
 fn query_heads() -> Pat {
     let query = either([
         mul(value("q"), constant_where("q_pre", is_scalar)),
         value("q"),
     ]);
-    transpose(op("Reshape", [query, any()]).named("q_reshape"), |a| {
-        perm_is(a, &[0, 2, 1, 3])
-    })
+    let split = op("Reshape", [query, any()]).named("q_reshape");
+    let split = either([
+        mul(split.clone(), constant_where("q_pre", is_scalar)),
+        split,
+    ]);
+    transpose(split, |a| perm_is(a, &[0, 2, 1, 3]))
 }
 
 /// Heads, optionally after the past ones: `Concat(past, heads, axis=2)`; or a value already

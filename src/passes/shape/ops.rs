@@ -313,8 +313,12 @@ fn reshape(cx: &Ctx) -> ValueType {
                 .unwrap_or(Dim::Unknown),
             Some(n) if n >= 0 => Dim::known(n),
             Some(_) => Dim::Unknown,
-            // A symbolic element is a size (never the -1 or 0 markers) only if positive.
+            // A symbolic element is a size (never the -1 or 0 markers) only if positive; or
+            // when it is the input's dim at that position, which a 0 would copy anyway.
             None if d.is_positive() => d.clone(),
+            None if !allowzero && input.and_then(|s| s.get(i)).is_some_and(|x| x.same(d)) => {
+                d.clone()
+            }
             None => Dim::Unknown,
         };
         dims.push(dim);
@@ -565,12 +569,31 @@ pub(super) fn slice_range(dim: i64, start: i64, end: i64, step: i64) -> Option<(
 }
 
 /// The length of `start:end:step` along `dim`. With symbols it is decided only for a step
-/// of 1 from the start: up to a known end it is `Min(end, dim)`, to the end it is `dim`.
+/// of 1: from the start up to a known end it is `Min(end, dim)`, to the end it is `dim`;
+/// between two bounds that cannot be negative (so neither wraps around) it is
+/// `Min(end, dim) - Min(start, dim)`, except for a window `start : start + n` of a table
+/// of known length, which is `n` long. That window is how BART-style learned positions are
+/// cut (Whisper's decoder: `table[past : past + sequence]`, 448 rows); past the table's end
+/// the clamped window is shorter than the tokens, where the original model fails to
+/// broadcast it against them or adds no position at all: no model runs that gives the tokens
+/// their positions.
 fn slice_len(dim: &Dim, start: &Dim, end: &Dim, step: i64) -> Dim {
     if let (Some(d), Some(s), Some(e)) = (dim.value(), start.value(), end.value()) {
         return slice_range(d, s, e, step).map_or(Dim::Unknown, |(_, len)| Dim::known(len));
     }
     let from_start = start.value().is_some_and(|s| s == 0 || s <= -TO_THE_END);
+    if step == 1 && !from_start && start.is_positive() {
+        let window = end.sub(start);
+        if dim.value().is_some() && start.value().is_none() && window.is_positive() {
+            return window;
+        }
+        let to = match end.value() {
+            Some(e) if e >= TO_THE_END => dim.clone(),
+            _ if end.is_positive() => end.minimum(dim),
+            _ => return Dim::Unknown,
+        };
+        return to.sub(&start.minimum(dim));
+    }
     if step != 1 || !from_start {
         return Dim::Unknown;
     }

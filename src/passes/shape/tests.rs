@@ -200,10 +200,72 @@ fn broadcasting_follows_onnx_with_symbols() {
         .node("Where", &["eq", "a", "b"], &["w"])
         .infer();
     assert_eq!(t.ty("ab"), "f32[batch, 4, sequence]");
-    assert_eq!(t.ty("cd"), "f32[?]", "either symbol may be 1");
+    assert_eq!(
+        t.ty("cd"),
+        "f32[Broadcast(batch, sequence)]",
+        "either symbol may be 1"
+    );
     assert_eq!(t.ty("ed"), "f32[7, sequence]");
     assert_eq!(t.ty("eq"), "bool[batch, 4, sequence]");
     assert_eq!(t.ty("w"), "f32[batch, 4, sequence]");
+}
+
+#[test]
+fn inputs_named_apart_broadcast_to_one_named_dim_that_reshapes_split() {
+    // tf2onnx names every input's dims apart: the embeddings' sum has the batch of both
+    // token inputs, and a head split of it by its own Shape is proven.
+    let t = Net::new(13)
+        .input("ids", F32, "unk__310,unk__311,64")
+        .input("types", F32, "unk__314,unk__315,64")
+        .node("Add", &["ids", "types"], &["sum"])
+        .node("Shape", &["sum"], &["s"])
+        .ints("first", &[1], &[0])
+        .ints("second", &[1], &[1])
+        .node("Slice", &["s", "first", "second"], &["batch"])
+        .ints("heads", &[3], &[-1, 4, 16])
+        .node_with(
+            "Concat",
+            &["batch", "heads"],
+            &["target"],
+            vec![attr::int("axis", 0)],
+        )
+        .node("Reshape", &["sum", "target"], &["split"])
+        .infer();
+    assert_eq!(
+        t.ty("sum"),
+        "f32[Broadcast(unk__310, unk__314), Broadcast(unk__311, unk__315), 64]"
+    );
+    assert_eq!(
+        t.ty("split"),
+        "f32[Broadcast(unk__310, unk__314), Broadcast(unk__311, unk__315), 4, 16]"
+    );
+}
+
+#[test]
+fn a_window_of_learned_positions_is_as_long_as_the_tokens() {
+    // Whisper's decoder: positions table[past : past + sequence] of a 448-row table; a
+    // slice between symbolic bounds of a symbolic dim is clamped to it.
+    let t = with_x_shape(17)
+        .input("past", F32, "batch,4,past_sequence,16")
+        .floats("table", &[448, 64])
+        .node("Shape", &["past"], &["ps"])
+        .ints("two", &[1], &[2])
+        .ints("three", &[1], &[3])
+        .node("Slice", &["ps", "two", "three"], &["start"])
+        .ints("one", &[1], &[1])
+        .node("Slice", &["s", "one", "two"], &["len"])
+        .node("Add", &["start", "len"], &["end"])
+        .ints("zero", &[1], &[0])
+        .node("Slice", &["table", "start", "end", "zero"], &["positions"])
+        .node("Add", &["x", "positions"], &["embedded"])
+        .node("Slice", &["x", "start", "end", "one"], &["window"])
+        .infer();
+    assert_eq!(t.ty("positions"), "f32[sequence, 64]");
+    assert_eq!(t.ty("embedded"), "f32[batch, sequence, 64]");
+    assert_eq!(
+        t.ty("window"),
+        "f32[batch, (Min((past_sequence + sequence), sequence) - Min(past_sequence, sequence)), 64]"
+    );
 }
 
 #[test]
@@ -492,8 +554,8 @@ fn slices_of_tensors_and_of_values() {
     assert_eq!(t.ty("all_seq"), "f32[batch, sequence, 64]");
     assert_eq!(
         t.ty("from1"),
-        "f32[batch, ?, 64]",
-        "sequence - 1 may be negative"
+        "f32[batch, (sequence - 1), 64]",
+        "Min(1, sequence) is 1: a symbol is a positive size"
     );
     assert_eq!(t.value("reversed"), "[64, sequence, batch]");
     assert_eq!(t.ty("first2"), "f32[batch, sequence, 2]");
@@ -537,6 +599,19 @@ fn elements_a_narrow_type_cannot_hold_are_unknown() {
             &["s32"],
             vec![attr::int("to", DataType::Int32 as i64)],
         )
+        .node("Mul", &["s", "s"], &["squares"])
+        .node_with(
+            "Cast",
+            &["squares"],
+            &["squares32"],
+            vec![attr::int("to", DataType::Int32 as i64)],
+        )
+        .node_with(
+            "Cast",
+            &["s"],
+            &["s16"],
+            vec![attr::int("to", DataType::Int16 as i64)],
+        )
         .node_with(
             "Cast",
             &["s"],
@@ -555,7 +630,17 @@ fn elements_a_narrow_type_cannot_hold_are_unknown() {
         "[?, 14]",
         "i32::MAX + i32::MAX wraps around"
     );
-    assert_eq!(t.value("s32"), "[?, ?, 64]", "a size may not fit an i32");
+    assert_eq!(
+        t.value("s32"),
+        "[batch, sequence, 64]",
+        "an axis fits an i32 (tf2onnx's shapes are int32)"
+    );
+    assert_eq!(
+        t.value("squares32"),
+        "[?, ?, 4096]",
+        "a product of sizes may not fit an i32"
+    );
+    assert_eq!(t.value("s16"), "[?, ?, 64]", "an axis may not fit an i16");
     assert_eq!(t.value("nonzero"), "[1, 1, 1]");
     assert_eq!(t.value("float"), "none");
 }

@@ -46,7 +46,10 @@ pub(super) fn of_tensor(t: &Tensor) -> Option<Vec<Dim>> {
 /// `value` as the value of a tensor of type `t`, when it can be one: a followed element
 /// type, rank 0 with one element or rank 1 with as many elements as the dim says. An
 /// element the type cannot hold (the runtime wraps it around) becomes unknown, and so does
-/// a symbol in a type narrower than i64.
+/// a symbol in a type narrower than i64, except one plain symbol (`batch`, `Min(128, s)`)
+/// in i32: TensorFlow computes shapes in int32 and tf2onnx casts every `Shape` to it, so an
+/// axis of 2³¹ or more would already break the model's own arithmetic; a product of symbols
+/// (a flattened extent) may still overflow and stays unknown.
 pub(super) fn checked(value: &[Dim], t: &ValueType) -> Option<Vec<Dim>> {
     let (lo, hi) = range_of(t.elem)?;
     let fits = match t.shape.as_deref()? {
@@ -59,12 +62,13 @@ pub(super) fn checked(value: &[Dim], t: &ValueType) -> Option<Vec<Dim>> {
         return None;
     }
     let wide = t.elem == DataType::Int64 as i32;
+    let axis_fits = t.elem == DataType::Int32 as i32;
     Some(
         value
             .iter()
             .map(|d| match d.value() {
                 Some(x) if (lo..=hi).contains(&x) => d.clone(),
-                None if wide => d.clone(),
+                None if wide || (axis_fits && d.is_plain_symbol()) => d.clone(),
                 _ => Dim::Unknown,
             })
             .collect(),
