@@ -37,6 +37,16 @@ pub const BETA: usize = 6;
 pub const MASK: usize = 7;
 pub const POSITION_IDS: usize = 8;
 
+/// The table that the ids in input `slot` index, if they are ids.
+pub fn table_of(slot: usize) -> Option<usize> {
+    match slot {
+        INPUT_IDS => Some(WORD_EMBEDDING),
+        SEGMENT_IDS => Some(SEGMENT_EMBEDDING),
+        POSITION_IDS => Some(POSITION_EMBEDDING),
+        _ => None,
+    }
+}
+
 /// The ids as tract can gather with them: the int64 value our fusion cast to int32, or
 /// a new Cast to int64 (tract's Gather takes int64 indices only).
 fn int64_ids(g: &Graph, patch: &mut Patch, ids: ValueId) -> PValue {
@@ -68,15 +78,16 @@ pub fn lower_for_tract(g: &Graph, id: NodeId, node: &Node) -> Option<Patch> {
     }
     let epsilon = attr::get_float(&node.proto, "epsilon")?;
     let mut patch = Patch::new("lower-embed-layer-norm");
-    let gather = |table: usize, ids: usize, patch: &mut Patch| -> Option<PValue> {
+    let gather = |ids: usize, patch: &mut Patch| -> Option<PValue> {
+        let table = node.input(table_of(ids)?)?;
         let ids = int64_ids(g, patch, node.input(ids)?);
-        Some(patch.op("Gather", "", &[node.input(table)?.into(), ids], vec![]))
+        Some(patch.op("Gather", "", &[table.into(), ids], vec![]))
     };
-    let word = gather(WORD_EMBEDDING, INPUT_IDS, &mut patch)?;
-    let position = gather(POSITION_EMBEDDING, POSITION_IDS, &mut patch)?;
+    let word = gather(INPUT_IDS, &mut patch)?;
+    let position = gather(POSITION_IDS, &mut patch)?;
     let mut sum = patch.op("Add", "", &[word, position], vec![]);
     if node.input(SEGMENT_IDS).is_some() {
-        let segment = gather(SEGMENT_EMBEDDING, SEGMENT_IDS, &mut patch)?;
+        let segment = gather(SEGMENT_IDS, &mut patch)?;
         sum = patch.op("Add", "", &[sum, segment], vec![]);
     }
     if let Some(embedding_sum) = node.output(2) {
