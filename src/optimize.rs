@@ -14,6 +14,7 @@ use crate::passes::cse::CommonSubexpressions;
 use crate::passes::dce::DeadCodeElimination;
 use crate::passes::fold::ConstantFolding;
 use crate::passes::fuse::attention::AttentionFusion;
+use crate::passes::fuse::embed_layernorm::EmbedLayerNormFusion;
 use crate::passes::fuse::gelu::GeluFusion;
 use crate::passes::fuse::layernorm::LayerNormFusion;
 use crate::passes::fuse::rotary::RotaryFusion;
@@ -58,6 +59,7 @@ pub fn pipeline(options: &OptimizeOptions) -> PassManager {
         .with(RotaryFusion { target })
         .with(AttentionFusion { target })
         .with(LayerNormFusion { target })
+        .with(EmbedLayerNormFusion { target })
         .with(GeluFusion { target })
         .with(DeadCodeElimination)
 }

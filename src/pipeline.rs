@@ -27,6 +27,8 @@ use crate::exec::{
 };
 use crate::ir::Model;
 use crate::optimize::OptimizeOptions;
+use crate::passes::fuse::embed_layernorm::EmbedLayerNormFusion;
+use crate::passes::fuse::Fusion;
 use crate::prune::PruneOptions;
 use crate::quant::weight_only::{WeightMethod, WeightOnlyOptions};
 use crate::quant::{self, dynamic::DynamicOptions, fp16::Fp16Options, StaticOptions};
@@ -49,6 +51,26 @@ pub enum Mode {
     /// Weight-only 4 or 8 bits (round-to-nearest, or GPTQ on the calibration batches).
     WeightOnly(WeightOnlyOptions),
     Fp16(Fp16Options),
+}
+
+impl Options {
+    /// The optimization this run does: for a mode that converts the embedding tables (INT8
+    /// per row, float16), without the EmbedLayerNormalization fusion, whose kernel takes the
+    /// tables whole in float32 (`ops::embed_layer_norm`): they would stay float32, and the
+    /// output grow by them.
+    fn optimize_options(&self) -> OptimizeOptions {
+        let mut optimize = self.optimize.clone();
+        let converts_tables = matches!(
+            self.mode,
+            Mode::Static { .. } | Mode::Dynamic(_) | Mode::Fp16(_)
+        );
+        let name = EmbedLayerNormFusion::NAME;
+        let selected = optimize.passes.is_empty() || optimize.passes.iter().any(|p| p == name);
+        if converts_tables && selected && !optimize.skip.iter().any(|p| p == name) {
+            optimize.skip.push(name.to_string());
+        }
+        optimize
+    }
 }
 
 /// Limits given by the user; a lossless run checks against the defaults where none is given.
@@ -229,8 +251,10 @@ fn transform(
 ) -> Result<(Model, Option<Vec<Batch>>), PipelineError> {
     let step = |what| move |source| PipelineError::Step { what, source };
     report.target = Some(options.optimize.target);
-    report.passes =
-        Some(crate::optimize(&mut model, &options.optimize).map_err(step("optimization failed"))?);
+    report.passes = Some(
+        crate::optimize(&mut model, &options.optimize_options())
+            .map_err(step("optimization failed"))?,
+    );
     let smooth_dynamic = matches!(&options.mode, Mode::Dynamic(d) if d.smooth_quant.is_some());
     let gptq = matches!(&options.mode, Mode::WeightOnly(o) if o.method == WeightMethod::Gptq);
     let wants_calibration = matches!(options.mode, Mode::Static { .. })
@@ -628,6 +652,29 @@ mod tests {
         let path =
             std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("testdata/bert-tiny.ts.onnx");
         crate::io::load(&path).unwrap()
+    }
+
+    #[test]
+    fn embeddings_stay_unfused_where_their_tables_are_converted() {
+        let fused = |mode: Mode, passes: &[&str]| {
+            let mut options = Options {
+                mode,
+                ..Default::default()
+            };
+            options.optimize.passes = passes.iter().map(|p| p.to_string()).collect();
+            let mut model = bert_tiny();
+            crate::optimize(&mut model, &options.optimize_options()).unwrap();
+            let fused = model
+                .graph
+                .nodes()
+                .any(|(_, n)| n.op_type() == "EmbedLayerNormalization");
+            fused
+        };
+        let fp16 = || Mode::Fp16(Fp16Options::default());
+        assert!(fused(Mode::Float, &[]));
+        assert!(!fused(fp16(), &[]));
+        // A selection without the fusion is no error.
+        assert!(!fused(fp16(), &["shape-inference", "fuse-layernorm"]));
     }
 
     #[test]

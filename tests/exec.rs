@@ -73,6 +73,24 @@ fn generated_inputs_are_deterministic_and_index_the_embedding_table() {
         .all(|&v| v == 1));
 }
 
+/// Fused for ONNX Runtime, the ids reach their tables through EmbedLayerNormalization (and
+/// Casts): the same ranges, which its kernel enforces.
+#[test]
+fn generated_ids_index_the_tables_of_an_embed_layer_normalization() {
+    let model = common::optimized(
+        &common::testdata("bert-tiny.dynamo.onnx"),
+        onnxopt::passes::fuse::Target::Ort,
+    );
+    let fused = model
+        .graph
+        .nodes()
+        .any(|(_, n)| n.op_type() == "EmbedLayerNormalization");
+    assert!(fused);
+    let specs = inputs::input_specs(&model).unwrap();
+    assert_eq!(specs[0].inferred_range, Some((0, 999)));
+    assert_eq!(specs[2].inferred_range, Some((0, 1)));
+}
+
 #[test]
 fn input_files_with_a_wrong_shape_or_missing_input_are_refused() {
     let dir = tempfile::tempdir().unwrap();

@@ -11,6 +11,7 @@ use onnxopt::ir::Model;
 use onnxopt::passes::canonical::Canonicalize;
 use onnxopt::passes::dce::DeadCodeElimination;
 use onnxopt::passes::fuse::attention::AttentionFusion;
+use onnxopt::passes::fuse::embed_layernorm::EmbedLayerNormFusion;
 use onnxopt::passes::fuse::gelu::GeluFusion;
 use onnxopt::passes::fuse::layernorm::LayerNormFusion;
 use onnxopt::passes::fuse::Target;
@@ -141,6 +142,20 @@ fn residual_sum_bert() {
     let diff = fused_diff(
         "bert-tiny.dynamo.onnx",
         LayerNormFusion {
+            target: Target::Ort,
+        },
+    );
+    insta::assert_snapshot!(diff);
+}
+
+/// BERT's embeddings (legacy exporter, opset 17): `(word + token_type) + position`, the
+/// position ids a `[1, Min(64, sequence)]` slice of the buffer. The pair goes to the word and
+/// position slots, the position Gather to the segment slot, its ids expanded to the batch.
+#[test]
+fn embed_layer_norm_bert_legacy() {
+    let diff = wild_fused_diff(
+        "bert.ts17.t24.sdpa",
+        EmbedLayerNormFusion {
             target: Target::Ort,
         },
     );

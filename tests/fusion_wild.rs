@@ -11,7 +11,8 @@
 //! SkipSimplifiedLayerNormalization and RMSNormalization (we write a residual Add before a
 //! LayerNormalization as `Sum` + LayerNormalization for ONNX Runtime, see the README: the pair
 //! counts once, as SkipLayerNormalization does); a GELU is any of Gelu, FastGelu, BiasGelu
-//! and QuickGelu. Where a count may fall short, `SHORT` says which and why.
+//! and QuickGelu. Where a count may fall short, `SHORT` says which and why. For ONNX
+//! Runtime, every EmbedLayerNormalization its optimizer wrote must be ours too.
 
 mod common;
 
@@ -167,6 +168,15 @@ fn every_wild_model_fuses_as_much_as_onnx_runtime_and_keeps_its_outputs() {
             }
             if gelus < want_gelus {
                 failures.push(format!("{name}: {gelus} GELUs fused, ORT {want_gelus}"));
+            }
+            let embeddings =
+                |ops: &BTreeMap<String, usize>| count(ops, &["EmbedLayerNormalization"]);
+            if target == Target::Ort && embeddings(&ops) < embeddings(&entry.ort) {
+                failures.push(format!(
+                    "{name}: {} EmbedLayerNormalization, ORT {}",
+                    embeddings(&ops),
+                    embeddings(&entry.ort)
+                ));
             }
             let options = ValidateOptions {
                 inputs: source.clone(),

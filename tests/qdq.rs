@@ -59,7 +59,7 @@ fn optimized(path: &Path, target: QuantTarget) -> Model {
         QuantTarget::Ort => Target::Ort,
         QuantTarget::Trt => Target::Onnx,
     };
-    common::optimized(path, target)
+    common::optimized_to_convert(path, target)
 }
 
 /// Min and max of the finite values of `names` over the batches in `dir`, run in tract.

@@ -27,7 +27,7 @@ const METHODS: [RangeMethod; 4] = [
 ];
 
 fn optimized(name: &str) -> Model {
-    common::optimized(&common::testdata(name), Target::Ort)
+    common::optimized_to_convert(&common::testdata(name), Target::Ort)
 }
 
 fn ort_options() -> QdqOptions {
@@ -170,7 +170,7 @@ fn assert_close_in_tract(
 fn optimized_corpus_models() -> impl Iterator<Item = (std::path::PathBuf, String, Model)> {
     common::corpus_models().into_iter().map(|path| {
         let name = path.file_name().unwrap().to_string_lossy().into_owned();
-        let float = common::optimized(&path, Target::Ort);
+        let float = common::optimized_to_convert(&path, Target::Ort);
         (path, name, float)
     })
 }
@@ -412,7 +412,7 @@ fn smoothing_keeps_the_float_outputs() {
     ] {
         let path = common::corpus().join("tiny").join(name);
         for target in [Target::Ort, Target::Onnx] {
-            let float = common::optimized(&path, target);
+            let float = common::optimized_to_convert(&path, target);
             let mut smoothed = float.clone();
             let source = InputSource::Dir(common::calib_dir(&path));
             let batches = exec::batches_for(&float, &source, &GenerateOptions::default()).unwrap();

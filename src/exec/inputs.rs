@@ -19,6 +19,7 @@ use tract_onnx::tract_hir::internal::tract_ndarray::{ArrayD, IxDyn};
 use super::rng;
 use super::ExecError;
 use crate::ir::{DataType, Model};
+use crate::ops::embed_layer_norm;
 use crate::proto::tensor_shape_proto::dimension::Value as Dim;
 use crate::proto::type_proto::Value as Type;
 
@@ -185,17 +186,26 @@ pub fn datum_type(code: i32) -> Option<DatumType> {
     })
 }
 
-/// Rows of the initializer that `input` indexes through a `Gather` (token ids into an
-/// embedding table), looking through Casts.
+/// Rows of the initializer that `input` indexes through a `Gather` or an
+/// EmbedLayerNormalization (token ids into an embedding table), looking through Casts and
+/// the Expand of position ids to the batch (`fuse::embed_layernorm`).
 fn embedding_rows(model: &Model, input: crate::ir::ValueId) -> Option<i64> {
+    use crate::ir::Use;
     let g = &model.graph;
     let mut frontier = vec![input];
     while let Some(v) = frontier.pop() {
         for &(reader, use_) in g.uses(v) {
             let node = g.node(reader);
-            if node.is("Cast") {
+            if node.is("Cast") || (node.is("Expand") && use_ == Use::Input(0)) {
                 frontier.extend(node.output(0));
-            } else if node.is("Gather") && use_ == crate::ir::Use::Input(1) {
+            } else if node.op_type() == "EmbedLayerNormalization"
+                && node.domain() == crate::ops::MS_DOMAIN
+            {
+                let Use::Input(slot) = use_ else { continue };
+                let table = embed_layer_norm::table_of(slot).and_then(|t| node.input(t));
+                let table = g.initializer(table?)?;
+                return table.dims().first().copied().filter(|&r| r > 0);
+            } else if node.is("Gather") && use_ == Use::Input(1) {
                 let table = g.initializer(node.input(0)?)?;
                 let axis = crate::ir::attr::get_int(&node.proto, "axis").unwrap_or(0);
                 let rank = table.dims().len() as i64;

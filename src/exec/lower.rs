@@ -2,7 +2,7 @@
 //!
 //! - ONNX Runtime contrib operators that tract would misread (it resolves operators by name
 //!   and would read `com.microsoft::Attention` as the standard `Attention`): the lowerings
-//!   of `ops::attention` and `ops::rotary`, for the forms onnxopt's fusions emit; a node outside them is left
+//!   of `ops::attention`, `ops::embed_layer_norm` and `ops::rotary`, for the forms onnxopt's fusions emit; a node outside them is left
 //!   as it is and then refused by `support`, so it is never run wrongly.
 //! - a standard `RotaryEmbedding` with position ids: see `ops::rotary`.
 //! - `Gemm(A, B, C?)` with a float16 weight B, alpha and beta 1, A not transposed:
@@ -18,7 +18,7 @@
 use crate::error::Result;
 use crate::ir::{attr, DataType, Model, Node, NodeId, PValue, Patch, Tensor};
 use crate::ops::weights::plain_gemm_trans_b;
-use crate::ops::{attention, nbits, rotary, MS_DOMAIN};
+use crate::ops::{attention, embed_layer_norm, nbits, rotary, MS_DOMAIN};
 
 /// Lowers every contrib node of `model` that has a lowering, float16 Gemms and int64 sums.
 pub fn lower_contrib_ops(model: &mut Model) -> Result<()> {
@@ -38,6 +38,9 @@ pub fn lower_contrib_ops(model: &mut Model) -> Result<()> {
         let node = model.graph.node(id).clone();
         let patch = match (node.domain(), node.op_type()) {
             (MS_DOMAIN, "Attention") => attention::lower_packed(&model.graph, id, &node),
+            (MS_DOMAIN, "EmbedLayerNormalization") => {
+                embed_layer_norm::lower_for_tract(&model.graph, id, &node)
+            }
             (MS_DOMAIN, "MatMulNBits") => matmul_nbits(model, id, &node),
             (MS_DOMAIN, "MultiHeadAttention") => {
                 attention::lower_multi_head(&model.graph, id, &node)

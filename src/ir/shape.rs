@@ -292,6 +292,17 @@ impl Dim {
         }
     }
 
+    /// True when a valid model that broadcasts `self` with `of` has them equal: they are the
+    /// same, or `self` is `Min(of, k)` for a known `k ≥ 2` (the minimum is `of`, or it is
+    /// `k < of`, neither 1 nor `of`, which broadcasting refuses). A bound of 1 is always 1.
+    pub fn equals_where_broadcast(&self, of: &Dim) -> bool {
+        let bound_fits = |d: &Dim, k: &Dim| d.same(of) && k.value().is_some_and(|k| k >= 2);
+        self.same(of)
+            || self
+                .min_operands()
+                .is_some_and(|(a, b)| bound_fits(&a, &b) || bound_fits(&b, &a))
+    }
+
     /// The dim two dims broadcast to (ONNX multidirectional broadcasting), for a valid
     /// model: a 1 gives way to the other dim; equal dims stay; a known size other than 1 wins
     /// over a symbol or an unknown dim (which must then be 1 or that size); a dim wins over
@@ -710,6 +721,19 @@ mod tests {
             ),
             vec![b, Dim::known(4), s]
         );
+    }
+
+    #[test]
+    fn dims_equal_where_broadcast() {
+        let (b, s) = (Dim::symbol("batch"), Dim::symbol("sequence"));
+        assert!(s.equals_where_broadcast(&s));
+        assert!(Dim::parse("Min(64, sequence)").equals_where_broadcast(&s));
+        assert!(Dim::parse("Min(sequence, 2)").equals_where_broadcast(&s));
+        // Min(1, s) is always 1; Min(batch, s) may be 1 where s is not.
+        assert!(!Dim::parse("Min(1, sequence)").equals_where_broadcast(&s));
+        assert!(!s.minimum(&b).equals_where_broadcast(&s));
+        assert!(!Dim::known(1).equals_where_broadcast(&s));
+        assert!(!Dim::Unknown.equals_where_broadcast(&Dim::Unknown));
     }
 
     #[test]

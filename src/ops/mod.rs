@@ -2,10 +2,11 @@
 //! both `passes` (which build them) and `exec` (which runs them): the domain they live in,
 //! the input forms each runtime's kernel accepts (a fusion builds an operator only when the
 //! inferred shapes prove that contract: `attention`), how tract runs them (`CONTRIB_OPS`,
-//! and the lowerings in `attention`), which element types their schema takes, and which
+//! and the lowerings in `attention`, `embed_layer_norm`, `rotary`), which element types their schema takes, and which
 //! axis of their weights is which (`weights`).
 
 pub mod attention;
+pub mod embed_layer_norm;
 pub mod nbits;
 pub mod quantization;
 pub mod rotary;
@@ -88,6 +89,8 @@ pub const CONTRIB_OPS: &[ContribOp] = &[
     op("BiasGelu", Tract::Native(None), true, true),
     op("QuickGelu", Tract::Native(None), true, true),
     op("RotaryEmbedding", Tract::Lowered, true, true),
+    // ONNX Runtime 1.32 registers its CPU kernel for float32 only (`embed_layer_norm`).
+    op("EmbedLayerNormalization", Tract::Lowered, false, true),
     op(
         "SkipLayerNormalization",
         Tract::Native(Some(skip_layer_norm_caveat)),

@@ -169,6 +169,23 @@ pub fn optimized(path: &Path, target: onnxopt::passes::fuse::Target) -> onnxopt:
     optimized_with(path, target, Vec::new())
 }
 
+/// The model at `path` optimized for `target` as `pipeline` optimizes it before INT8
+/// quantization or float16 conversion: without the EmbedLayerNormalization fusion, which
+/// would keep the embedding tables float32 (`pipeline::Options::optimize_options`).
+pub fn optimized_to_convert(
+    path: &Path,
+    target: onnxopt::passes::fuse::Target,
+) -> onnxopt::ir::Model {
+    let mut model = onnxopt::io::load(path).unwrap();
+    let options = onnxopt::optimize::OptimizeOptions {
+        target,
+        skip: vec!["fuse-embed-layernorm".to_string()],
+        ..Default::default()
+    };
+    onnxopt::optimize::optimize(&mut model, &options).unwrap();
+    model
+}
+
 /// The model at `path` after `passes` of the optimize pipeline (all when empty) for `target`.
 pub fn optimized_with(
     path: &Path,

@@ -17,6 +17,7 @@
 //! got furthest and the first check that failed (`--explain`).
 
 pub mod attention;
+pub mod embed_layernorm;
 pub mod gelu;
 pub mod layernorm;
 pub mod pattern;

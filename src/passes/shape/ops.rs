@@ -129,6 +129,7 @@ fn contrib(cx: &Ctx) -> Option<Vec<ValueType>> {
         "LayerNormalization" => normalization(cx, Stats::MeanAndInvStdDev),
         "SimplifiedLayerNormalization" => normalization(cx, Stats::InvStdDev),
         "Attention" => contrib_attention(cx),
+        "EmbedLayerNormalization" => embed_layer_norm(cx),
         "DynamicQuantizeLSTM" => recurrent(cx),
         // (a, b, a_scale, …) and (a, b, b_scale, …): a float result of the scales' type.
         "MatMulIntegerToFloat" | "DynamicQuantizeMatMul" => vec![matmul_of(cx, 1, cx.elem(2))],
@@ -1094,6 +1095,17 @@ fn attention(cx: &Ctx) -> Vec<ValueType> {
 /// com.microsoft Attention: input [batch, sequence, input_hidden] with packed QKV weights;
 /// output [batch, sequence, v_hidden] (`qkv_hidden_sizes[2]`, else a third of the packed
 /// width), present [2, batch, heads, past + sequence, head_size].
+/// com.microsoft EmbedLayerNormalization: `[batch, seq]` ids and `[rows, hidden]` tables
+/// give `[batch, seq, hidden]` of the tables' type, the int32 `mask_index` `[batch]`, and the
+/// embedding sum like the output (`ops::embed_layer_norm`).
+fn embed_layer_norm(cx: &Ctx) -> Vec<ValueType> {
+    let (batch, seq) = (dim_at(cx, 0, 2, 0), dim_at(cx, 0, 2, 1));
+    let hidden = dim_at(cx, 2, 2, 1);
+    let output = ValueType::new(cx.elem(2), vec![batch.clone(), seq, hidden]);
+    let mask_index = ValueType::new(INT32, vec![batch]);
+    vec![output.clone(), mask_index, output]
+}
+
 fn contrib_attention(cx: &Ctx) -> Vec<ValueType> {
     let elem = cx.elem(0);
     let packed_width = match (cx.shape(2), cx.shape(1)) {
