@@ -3,8 +3,8 @@
 //! and 23, the legacy exporter for Llama): every RoPE is fused for ONNX Runtime, and for
 //! `--target onnx` once the model is at opset 23 (the opset-23 exports hold the standard
 //! operator already; below, the attention and RMSNorm fusions raise them to 23); every
-//! attention is fused (`passes::fuse::attention::grouped`) but in the one form
-//! `ATTENTION_NOT_PROVEN` names, and every SiLU for ONNX Runtime; the outputs stay the original's in ONNX Runtime on every
+//! attention is fused (`passes::fuse::attention::grouped`), Gemma-3's sliding-window layers
+//! too, and every SiLU for ONNX Runtime; the outputs stay the original's in ONNX Runtime on every
 //! batch of `testdata/llm/calib/{prefill,past}` (right and left padding, past of 0, 5 and 8,
 //! a decode step), and in tract for the models without cache (tract cannot run the KV-cache
 //! exports themselves: "Range: Undetermined symbol").
@@ -20,13 +20,6 @@ use onnxopt::passes::fuse::Target;
 const ROPES: usize = 4;
 /// Two layers, each with one attention.
 const ATTENTIONS: usize = 2;
-/// The Gemma-3 cache export whose sliding-window layers slice the cache to the window: the
-/// key length after the slice, `(past + new) - max(0, past - 4095)`, and the one the repeat
-/// of its heads computes, `max(0, past - max(0, past - 4095)) + new`, are equal for every
-/// past of 0 or more, which shape inference's dims do not prove; nor the dynamo exporter's
-/// Kᵀ detour over them.
-const ATTENTION_NOT_PROVEN: &[&str] = &["gemma3.past.dynamo20"];
-
 fn llm_models() -> Vec<PathBuf> {
     let mut models: Vec<PathBuf> = std::fs::read_dir(common::testdata("llm"))
         .unwrap()
@@ -85,8 +78,7 @@ fn every_rope_is_fused_and_outputs_stay_in_onnx_runtime_and_tract() {
             if target == Target::Ort && sigmoid_left != 0 {
                 failures.push(format!("{name} {target:?}: {sigmoid_left} Sigmoid left"));
             }
-            let unproven = ATTENTION_NOT_PROVEN.contains(&name.as_str());
-            if !unproven && (attentions != ATTENTIONS || softmax_left != 0) {
+            if attentions != ATTENTIONS || softmax_left != 0 {
                 failures.push(format!(
                     "{name} {target:?}: {attentions} Attention (want {ATTENTIONS}), {softmax_left} Softmax"
                 ));

@@ -172,6 +172,13 @@ impl Dim {
             (Dim::Unknown, _) | (_, Dim::Unknown) => Dim::Unknown,
             _ if other.value() == Some(0) => self.clone(),
             _ if self.value() == Some(0) => other.mul(&Dim::known(sign)),
+            // `a + (-1·b)` is `a - b` (torch's dynamo writes subtractions of dims so).
+            (_, Dim::Product { coeff, symbols }) if *coeff < 0 && !symbols.is_empty() => {
+                self.combine(&other.mul(&Dim::known(-1)), -sign)
+            }
+            _ if sign < 0 && self.minus_overflow(other).is_some() => {
+                self.minus_overflow(other).unwrap_or(Dim::Unknown)
+            }
             // `(a + b) - a` is `b`: a decoder's positions run from the past length to the
             // total one.
             _ if sign < 0
@@ -237,14 +244,53 @@ impl Dim {
             _ if self == other => self.clone(),
             _ if at_most_one(self) && other.is_positive() => self.clone(),
             _ if at_most_one(other) && self.is_positive() => other.clone(),
-            (None, Some(_)) => Dim::symbol(&format!("Min({other}, {self})")),
-            (Some(_), None) => Dim::symbol(&format!("Min({self}, {other})")),
+            _ => self.call("Min", other),
+        }
+    }
+
+    /// The opaque symbol `function(a, b)` of two dims, operands written as torch writes
+    /// them: a known operand first, else in text order.
+    fn call(&self, function: &str, other: &Dim) -> Dim {
+        let (a, b) = match (self.value(), other.value()) {
+            (None, Some(_)) => (other.to_string(), self.to_string()),
+            (Some(_), None) => (self.to_string(), other.to_string()),
             _ => {
                 let (a, b) = (self.to_string(), other.to_string());
-                let (a, b) = if a <= b { (a, b) } else { (b, a) };
-                Dim::symbol(&format!("Min({a}, {b})"))
+                if a <= b {
+                    (a, b)
+                } else {
+                    (b, a)
+                }
             }
+        };
+        Dim::symbol(&format!("{function}({a}, {b})"))
+    }
+
+    /// The larger of two dims where `Max` of shape values cannot be decided: an opaque
+    /// `Max(a, b)` symbol, written as torch writes it (a known operand first, else in text
+    /// order), which `sub` understands (`a - Max(0, a - k)` is `Min(a, k)`). Unknown where
+    /// either is.
+    pub fn maximum(&self, other: &Dim) -> Dim {
+        match (self.value(), other.value()) {
+            _ if matches!(self, Dim::Unknown) || matches!(other, Dim::Unknown) => Dim::Unknown,
+            (Some(a), Some(b)) => Dim::known(a.max(b)),
+            _ if self == other => self.clone(),
+            _ => self.call("Max", other),
         }
+    }
+
+    /// `Min(a, k)` when `self` is `a` and `other` is `Max(0, a - k)` for a known `k ≥ 0`:
+    /// what is left of `a` positions once those past a window of `k` are dropped (torch's
+    /// sliding-window caches: `past - Max(0, past - 4095)`).
+    fn minus_overflow(&self, other: &Dim) -> Option<Dim> {
+        let [zero, excess] = &other.call_operands("Max")?[..] else {
+            return None;
+        };
+        if Dim::parse(zero).value() != Some(0) {
+            return None;
+        }
+        let k = -Dim::parse(excess).sub(self).value()?;
+        (k >= 0).then(|| self.minimum(&Dim::known(k)))
     }
 
     /// The operands of an opaque `Min(a, b)` symbol.

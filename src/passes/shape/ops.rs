@@ -595,6 +595,12 @@ fn slice_len(dim: &Dim, start: &Dim, end: &Dim, step: i64) -> Dim {
         };
         return to.sub(&start.minimum(dim));
     }
+    // The last k: `x[-k:]` (a sliding window's cache keeps its last positions).
+    if let (1, Some(s), Some(e)) = (step, start.value(), end.value()) {
+        if s < 0 && s > -TO_THE_END && e >= TO_THE_END {
+            return dim.minimum(&Dim::known(-s));
+        }
+    }
     if step != 1 || !from_start {
         return Dim::Unknown;
     }

@@ -269,6 +269,34 @@ fn a_window_of_learned_positions_is_as_long_as_the_tokens() {
 }
 
 #[test]
+fn a_sliding_window_cache_is_as_long_as_its_repeat_says() {
+    // Gemma-3's sliding-window layers, torch dynamo at opset 20: the cache keeps its last
+    // 4095 positions (Slice from -4095), and the target of the heads' repeat is computed as
+    // new + Max(0, past + -1·Max(0, past - 4095)): both are Min(4095, past) + new.
+    let t = with_x_shape(20)
+        .input("past", F32, "batch,2,past_sequence,16")
+        .ints("window", &[1], &[-4095])
+        .ints("to_end", &[1], &[i64::MAX])
+        .ints("axis2", &[1], &[2])
+        .node("Slice", &["past", "window", "to_end", "axis2"], &["kept"])
+        .node("Shape", &["past"], &["ps"])
+        .ints("at2", &[], &[2])
+        .node_with("Gather", &["ps", "at2"], &["p"], vec![attr::int("axis", 0)])
+        .ints("minus_window", &[], &[-4095])
+        .ints("zero", &[], &[0])
+        .ints("minus_one", &[], &[-1])
+        .node("Add", &["minus_window", "p"], &["over"])
+        .node("Max", &["zero", "over"], &["dropped"])
+        .node("Mul", &["minus_one", "dropped"], &["neg_dropped"])
+        .node("Add", &["p", "neg_dropped"], &["left"])
+        .node("Max", &["zero", "left"], &["kept_len"])
+        .infer();
+    assert_eq!(t.ty("kept"), "f32[batch, 2, Min(4095, past_sequence), 16]");
+    assert_eq!(t.value("dropped"), "[Max(0, (-4095 + past_sequence))]");
+    assert_eq!(t.value("kept_len"), "[Min(4095, past_sequence)]");
+}
+
+#[test]
 fn a_slice_up_to_the_sequence_broadcasts_with_the_sequence() {
     // BERT's legacy export: position ids sliced from a [1, 128] buffer up to `sequence`.
     let t = with_x_shape(17)

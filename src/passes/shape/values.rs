@@ -100,7 +100,7 @@ pub(super) fn infer(cx: &Ctx, types: &[Option<ValueType>]) -> Vec<Option<Vec<Dim
         "Max" => elementwise(cx, |a, b| match compare(a, b) {
             Some(Ordering::Less | Ordering::Equal) => b.clone(),
             Some(Ordering::Greater) => a.clone(),
-            None => Dim::Unknown,
+            None => a.maximum(b),
         }),
         "Min" => elementwise(cx, |a, b| match compare(a, b) {
             Some(Ordering::Less | Ordering::Equal) => a.clone(),
