@@ -428,6 +428,27 @@ fn smoothing_keeps_the_float_outputs() {
     }
 }
 
+/// The output projection (Whisper's LM head, a constant weight writing the logits) keeps its
+/// weight: its norm is not smoothed, the decoder layers' norms are.
+#[test]
+fn smoothing_leaves_the_output_projection_alone() {
+    let stem = "whisper-dec-past.ts14.t21.eager";
+    let path = common::testdata(&format!("wild/{stem}.onnx"));
+    let float = common::optimized_to_convert(&path, Target::Ort);
+    let source = InputSource::Dir(common::testdata(&format!("wild/calib/{stem}")));
+    let batches = exec::batches_for(&float, &source, &GenerateOptions::default()).unwrap();
+    let mut smoothed = float.clone();
+    let report = smooth_quant(&mut smoothed, &batches, 0.5).unwrap();
+    assert_eq!(report.smoothed.len(), 6, "{report:?}");
+    let logits = float.graph.find_value("logits").unwrap();
+    let head_weight = |m: &onnxopt::ir::Model| {
+        let (head, _) = m.graph.value(logits).producer.unwrap();
+        let w = m.graph.node(head).input(1).unwrap();
+        m.graph.constant(w).unwrap().to_f32_vec().unwrap()
+    };
+    assert_eq!(head_weight(&float), head_weight(&smoothed));
+}
+
 #[test]
 fn smoothing_refuses_a_strength_outside_zero_to_one() {
     let mut model = optimized("bert-tiny.ts.onnx");
