@@ -875,12 +875,30 @@ fn build_attention(m: &Match, rw: &mut Rewrite) -> Built {
                 }
             }
         }
-        Target::Onnx => {
-            // ONNX Attention takes Q, K and V all 3-D or all 4-D: cross-attention over 4-D K/V
-            // stays as it is for this target.
-            if layout.bnsh {
+        Target::Onnx if layout.bnsh => {
+            // ONNX Attention takes Q, K and V all 3-D or all 4-D: over the encoder's cached
+            // [B, N, T, H] keys and values, Q is split into its heads and the output's heads
+            // joined again.
+            if past.is_some() || presents.iter().any(Option::is_some) {
                 return Err(Declined::NoOperator(rw.target.name()));
             }
+            rw.require_opset(ATTENTION_OPSET)?;
+            let bias = fitted_bias(bias, &layout, rw, (q, 1), &key_lengths)?;
+            let ints = |name: &str, v: &[i64]| {
+                Tensor::from_i64(name, &[v.len() as i64], v)
+                    .map_err(|e| Declined::Refused(e.to_string()))
+            };
+            let to_heads = rw.constant("heads", ints("heads", &[0, 0, n, layout.head_size])?);
+            let joined = rw.constant("joined", ints("joined", &[0, 0, n * layout.head_size])?);
+            let swap = || vec![attr::ints("perm", &[0, 2, 1, 3])];
+            let q_split = rw.op("Reshape", "", &[q.into(), to_heads], vec![]);
+            let q_heads = rw.op("Transpose", "", &[q_split], swap());
+            let qkv = [q_heads, k.into(), v.into()];
+            let (heads_out, _) = unpacked(rw, n, scale, qkv, bias, None, [false, false])?;
+            let out = rw.op("Transpose", "", &[heads_out], swap());
+            (rw.op("Reshape", "", &[out, joined], vec![]), vec![])
+        }
+        Target::Onnx => {
             rw.require_opset(ATTENTION_OPSET)?;
             let bias = fitted_bias(bias, &layout, rw, (q, 1), &key_lengths)?;
             let past = past.map(|(pk, pv)| (pk.into(), pv.into()));
@@ -930,9 +948,9 @@ fn build_attention(m: &Match, rw: &mut Rewrite) -> Built {
     Ok(())
 }
 
-/// The target's attention operator on Q, K and V as they are (3-D, or K and V `[B, N, T, H]`
-/// for ONNX Runtime), with the bias and past given: its output and the present K and V
-/// `wanted`.
+/// The target's attention operator on Q, K and V as they are (3-D; K and V `[B, N, T, H]`
+/// with a 3-D Q for ONNX Runtime, all three 4-D for the standard operator), with the bias
+/// and past given: its output and the present K and V `wanted`.
 fn unpacked(
     rw: &mut Rewrite,
     heads: i64,
