@@ -2,14 +2,14 @@
 """The GEMM floor of a model in ONNX Runtime (CPU): how fast its matrix products alone run,
 as a fraction of the whole model's latency.
 
-    gemm_floor.py MODEL [--shape 1x128 --shape 8x128] [--threads 2] [--rounds 10]
+    gemm_floor.py MODEL [--shape 1x128 --shape 8x128] [--threads 2] [--rounds 15]
 
 A float32 graph rewrite (fusion, clean-up) keeps every multiply-add of a model's MatMul and
 Gemm nodes, so its output cannot run faster than those products do. This script measures
 that bound: it runs MODEL once with every MatMul/Gemm input as an extra output, builds a
 model of those nodes alone (same weights; activations fed as inputs of the shapes seen),
-and times the two alternately in one process as `ort_latency.py` times models (one shared
-thread pool). The GEMM-only model writes its outputs into buffers bound once (I/O binding),
+and times the two by `latency_protocol` (one process, one shared pool, alternated, warm-ups,
+median of >= 15). The GEMM-only model writes its outputs into buffers bound once (I/O binding),
 so its runs pay nothing for handing every product back to Python.
 
 Prints one JSON line per shape: both medians in ms and `floor` = GEMM-only / model.
@@ -18,16 +18,15 @@ Needs onnxruntime, onnx, numpy.
 import argparse
 import json
 import os
-import statistics
 import sys
 import tempfile
-import time
 
 import numpy as np
 import onnx
 import onnxruntime as ort
 
-from ort_latency import feeds_for, session_on_shared_pool, use_one_thread_pool
+from latency_protocol import MIN_ROUNDS, alternate, describe, open_sessions
+from ort_latency import feeds_for
 
 GEMM_OPS = ("MatMul", "Gemm")
 
@@ -40,7 +39,7 @@ class ActivationProbe:
     """The whole model with every non-constant GEMM input as an extra output: one session,
     run once per shape to read the activations the GEMMs are fed."""
 
-    def __init__(self, model, gemms):
+    def __init__(self, model, gemms, threads):
         constants = {i.name for i in model.graph.initializer}
         constants |= {o for n in model.graph.node if n.op_type == "Constant" for o in n.output}
         self.wanted = sorted({i for n in gemms for i in n.input if i and i not in constants})
@@ -53,7 +52,7 @@ class ActivationProbe:
         with tempfile.TemporaryDirectory() as tmp:
             path = os.path.join(tmp, "probe.onnx")
             onnx.save(probe, path)
-            self.session = session_on_shared_pool(path)
+            [self.session] = open_sessions([path], threads)
 
     def activations(self, feeds):
         return dict(zip(self.wanted, self.session.run(self.wanted, feeds)))
@@ -82,15 +81,14 @@ def main():
     p.add_argument("model")
     p.add_argument("--shape", action="append", default=None, help="BATCHxSEQ")
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--rounds", type=int, default=10)
+    p.add_argument("--rounds", type=int, default=MIN_ROUNDS)
     a = p.parse_args()
-    use_one_thread_pool(a.threads)
     model = onnx.load(a.model)
     gemms = gemm_nodes(model)
     if not gemms:
         sys.exit(f"{a.model} has no MatMul or Gemm")
-    whole = session_on_shared_pool(a.model)
-    probe = ActivationProbe(model, gemms)
+    [whole] = open_sessions([a.model], a.threads)
+    probe = ActivationProbe(model, gemms, a.threads)
     rng = np.random.default_rng(0)
     for shape in a.shape or ["1x128", "8x128"]:
         batch, seq = (int(x) for x in shape.split("x"))
@@ -99,7 +97,7 @@ def main():
         with tempfile.TemporaryDirectory() as tmp:
             path = os.path.join(tmp, "gemm_only.onnx")
             onnx.save(gemm_only_model(model, gemms, inputs), path)
-            only = session_on_shared_pool(path)
+            [only] = open_sessions([path], a.threads)
         binding = only.io_binding()
         for name, value in inputs.items():
             binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(value))
@@ -108,17 +106,10 @@ def main():
         only.run_with_iobinding(binding)  # allocates the outputs, which later runs reuse
         for o, value in zip(only.get_outputs(), binding.get_outputs()):
             binding.bind_ortvalue_output(o.name, value)
-        whole.run(None, feeds)
-        runs = {"model": [], "gemm_only": []}
-        for _ in range(a.rounds):
-            start = time.perf_counter()
-            whole.run(None, feeds)
-            runs["model"].append(time.perf_counter() - start)
-            start = time.perf_counter()
-            only.run_with_iobinding(binding)
-            runs["gemm_only"].append(time.perf_counter() - start)
-        ms = {k: statistics.median(v) * 1000 for k, v in runs.items()}
-        print(json.dumps({"shape": shape, "threads": a.threads, "rounds": a.rounds,
+        model_s, gemm_only_s = alternate(
+            [lambda: whole.run(None, feeds), lambda: only.run_with_iobinding(binding)], a.rounds)
+        ms = {"model": model_s * 1000, "gemm_only": gemm_only_s * 1000}
+        print(json.dumps({"shape": shape, **describe(a.threads, a.rounds),
                           "gemms": len(gemms), "model_ms": ms["model"],
                           "gemm_only_ms": ms["gemm_only"],
                           "floor": ms["gemm_only"] / ms["model"]}))

@@ -9,33 +9,19 @@ else 0..999), an all-ones attention mask and zero token types, or float32 N(0,1)
 float inputs. Prints one JSON line per shape: the median latency of each model in
 milliseconds and each model's ratio to the first. Needs onnxruntime, onnx, numpy.
 
-The sessions share one global intra-op thread pool. With a pool per session, the workers of
-the session that just ran keep spinning while the next one runs: on a 2-core machine that
-added 25-60 ms to every BERT-base run at 1x128 (about a third), the same for every model, so
-it pulled every ratio towards 1 (pruned/dense 0.78-0.79 alternating vs 0.70 alone). With one
-pool, alternating runs match runs of each model alone (0.74-0.75)."""
+Timed by `latency_protocol` (one process, one shared pool, models alternated, warm-ups,
+median of >= 15). Why one pool: with a pool per session, the workers of the session that just
+ran keep spinning while the next one runs: on a 2-core machine that added 25-60 ms to every
+BERT-base run at 1x128 (about a third), the same for every model, so it pulled every ratio
+towards 1 (pruned/dense 0.78-0.79 alternating vs 0.70 alone). With one pool, alternating runs
+match runs of each model alone (0.74-0.75)."""
 import argparse
 import json
-import statistics
 import sys
-import time
 
 import numpy as np
-import onnxruntime as ort
 
-
-def use_one_thread_pool(threads):
-    """Makes the sessions `session_on_shared_pool` opens share one intra-op pool of `threads`
-    threads (see the module's doc). Afterwards ONNX Runtime refuses sessions with a pool of
-    their own."""
-    ort.set_global_thread_pool_sizes(threads, 1)
-
-
-def session_on_shared_pool(path):
-    """An ONNX Runtime CPU session on the pool `use_one_thread_pool` made."""
-    options = ort.SessionOptions()
-    options.use_per_session_threads = False
-    return ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+from latency_protocol import MIN_ROUNDS, alternate, describe, open_sessions
 
 
 def feeds_for(session, batch, seq, rng):
@@ -61,25 +47,17 @@ def main():
     p.add_argument("models", nargs="+")
     p.add_argument("--shape", action="append", default=None, help="BATCHxSEQ")
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--rounds", type=int, default=20)
+    p.add_argument("--rounds", type=int, default=20, help=f"at least {MIN_ROUNDS}")
     a = p.parse_args()
     shapes = a.shape or ["1x128", "8x128"]
-    use_one_thread_pool(a.threads)
-    sessions = [session_on_shared_pool(m) for m in a.models]
+    sessions = open_sessions(a.models, a.threads)
     rng = np.random.default_rng(0)
     for shape in shapes:
         batch, seq = (int(x) for x in shape.split("x"))
         feeds = feeds_for(sessions[0], batch, seq, rng)
-        for s in sessions:  # warm up
-            s.run(None, feeds)
-        times = [[] for _ in sessions]
-        for _ in range(a.rounds):
-            for k, s in enumerate(sessions):
-                start = time.perf_counter()
-                s.run(None, feeds)
-                times[k].append(time.perf_counter() - start)
-        medians = [statistics.median(t) * 1000 for t in times]
-        print(json.dumps({"shape": shape, "threads": a.threads, "rounds": a.rounds,
+        runs = [lambda s=s: s.run(None, feeds) for s in sessions]
+        medians = [m * 1000 for m in alternate(runs, a.rounds)]
+        print(json.dumps({"shape": shape, **describe(a.threads, a.rounds),
                           "median_ms": dict(zip(a.models, medians)),
                           "ratio_to_first": [m / medians[0] for m in medians]}))
 

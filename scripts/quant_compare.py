@@ -3,7 +3,7 @@
 float original and against ONNX Runtime's own quantizers, in ONNX Runtime (CPU).
 
     quant_compare.py FLOAT CALIB_DIR --eval BATCH[,BATCH...] [NAME=MODEL ...]
-                     [--anchors DIR] [--threads 2] [--rounds 10] [--shape 1x128 --shape 8x128]
+                     [--anchors DIR] [--threads 2] [--rounds 15] [--shape 1x128 --shape 8x128]
 
 CALIB_DIR holds `<batch>.<input>.npy` batches (`../shared/corpus/calib/minilm/dynamic`).
 The batches named by --eval are held back: they score the models and never calibrate.
@@ -11,22 +11,21 @@ With --anchors, ONNX Runtime's `quantize_static` (QDQ, per-channel weights, uint
 activations, MatMul only, min/max on the other batches) and `quantize_dynamic` (per-channel)
 are written into DIR and scored alongside. Quality is the cosine between each sentence's
 embedding (last_hidden_state mean-pooled over the attention mask, L2-normalized) from the
-model and from FLOAT, over the held-back sentences. Latency is the median over --rounds of
-each model at each shape, run alternately in one process on one shared thread pool (why:
-`ort_latency.py`), as a ratio to FLOAT. Prints one
+model and from FLOAT, over the held-back sentences. Latency is timed by `latency_protocol`
+(one process, one shared pool, models alternated, warm-ups, median of --rounds >= 15), as a
+ratio to FLOAT. Prints one
 JSON line per model. Needs onnxruntime, onnx, numpy.
 """
 import argparse
 import collections
 import json
 import os
-import statistics
 import sys
 import time
 
 import numpy as np
 
-from ort_latency import session_on_shared_pool, use_one_thread_pool
+from latency_protocol import MIN_ROUNDS, alternate, describe, open_sessions
 
 
 def read_batches(folder):
@@ -83,15 +82,7 @@ def latencies(sessions, shapes, rounds):
             "attention_mask": np.ones((batch, seq), dtype=np.int64),
             "token_type_ids": np.zeros((batch, seq), dtype=np.int64),
         }
-        for s in sessions:
-            s.run(None, feeds)
-        times = [[] for _ in sessions]
-        for _ in range(rounds):
-            for k, s in enumerate(sessions):
-                started = time.perf_counter()
-                s.run(None, feeds)
-                times[k].append(time.perf_counter() - started)
-        medians = [statistics.median(t) for t in times]
+        medians = alternate([lambda s=s: s.run(None, feeds) for s in sessions], rounds)
         for k, m in enumerate(medians):
             result[k][shape] = {"ms": round(m * 1e3, 2), "ratio": round(m / medians[0], 3)}
     return result
@@ -105,7 +96,7 @@ def main():
     p.add_argument("models", nargs="*", help="NAME=MODEL")
     p.add_argument("--anchors")
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--rounds", type=int, default=10)
+    p.add_argument("--rounds", type=int, default=MIN_ROUNDS)
     p.add_argument("--shape", action="append")
     a = p.parse_intermixed_args()
     batches = read_batches(a.calib_dir)
@@ -121,8 +112,7 @@ def main():
         models += anchors(a.float_model, calib, a.anchors)
     # After the anchors: ORT's quantizers open sessions with a pool of their own, which ONNX
     # Runtime refuses once a global pool exists.
-    use_one_thread_pool(a.threads)
-    sessions = [session_on_shared_pool(path) for _, path, _ in models]
+    sessions = open_sessions([path for _, path, _ in models], a.threads)
     reference = embeddings(sessions[0], evaluation)
     timing = latencies(sessions, a.shape or ["1x128", "8x128"], a.rounds)
     float_bytes = os.path.getsize(a.float_model)
@@ -134,6 +124,7 @@ def main():
             "mean_cosine": round(float(cos.mean()), 5),
             "min_cosine": round(float(cos.min()), 5),
             "latency": t,
+            "latency_protocol": describe(a.threads, a.rounds)["protocol"],
         }
         if seconds is not None:
             line["quantize_seconds"] = round(seconds, 2)

@@ -8,24 +8,19 @@ optimized form, on the same inputs, in one process.
 Steps: prefill of 1 x P real tokens (past of length 0), then decode of one token with the
 prefill's present (past P). Prints, as JSON: the max abs difference of the logits and of every
 present between the two models at each step, and the median latency (ms) of each step for
-each model: models alternated within each round, intra-op threads as given,
-`session.intra_op.allow_spinning` 0, 3 warm-up rounds first. Needs onnxruntime, numpy.
+each model, timed by `scripts/latency_protocol.py` (one process, one shared pool of
+`--threads` threads, the models alternated within each round, warm-ups, median of `--rounds`,
+at least 15). Needs onnxruntime, numpy.
 """
 import argparse
 import json
-import statistics
-import time
+import os
+import sys
 
 import numpy as np
-import onnxruntime as ort
 
-
-def session(path, threads):
-    o = ort.SessionOptions()
-    o.intra_op_num_threads = threads
-    o.inter_op_num_threads = 1
-    o.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return ort.InferenceSession(path, o, providers=["CPUExecutionProvider"])
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from latency_protocol import MIN_ROUNDS, alternate, describe, open_sessions  # noqa: E402
 
 
 def feeds(s, ids, past_len, past=None):
@@ -47,16 +42,16 @@ def main():
     ap.add_argument("--ids", help="token ids .npy (first row used); default: random ids")
     ap.add_argument("--vocab", type=int, default=1000, help="random ids below this (default 1000)")
     ap.add_argument("--prefill", type=int, default=128)
-    ap.add_argument("--rounds", type=int, default=15)
+    ap.add_argument("--rounds", type=int, default=MIN_ROUNDS)
     ap.add_argument("--threads", type=int, default=2)
     a = ap.parse_args()
-    sessions = [session(p, a.threads) for p in (a.original, a.optimized)]
+    sessions = open_sessions([a.original, a.optimized], a.threads)
     if a.ids:
         ids = np.load(a.ids)[:1, : a.prefill + 1].astype(np.int64)
     else:
         ids = np.random.default_rng(0).integers(3, a.vocab, size=(1, a.prefill + 1), dtype=np.int64)
     prompt, nxt = ids[:, : a.prefill], ids[:, a.prefill:]
-    report = {"prefill": a.prefill, "threads": a.threads, "rounds": a.rounds, "steps": {}}
+    report = {"prefill": a.prefill, **describe(a.threads, a.rounds), "steps": {}}
     outs = [s.run(None, feeds(s, prompt, 0)) for s in sessions]
     names = [o.name for o in sessions[0].get_outputs()]
     past = {n.replace("present.", "past_key_values."): v for n, v in zip(names, outs[0]) if n.startswith("present")}
@@ -65,14 +60,7 @@ def main():
     for step, fs in step_feeds.items():
         got = [s.run(None, f) for s, f in zip(sessions, fs)]
         diff = {n: float(np.abs(x - y).max()) for n, x, y in zip(names, got[0], got[1])}
-        times = [[], []]
-        for r in range(3 + a.rounds):
-            for k, (s, f) in enumerate(zip(sessions, fs)):
-                t = time.perf_counter()
-                s.run(None, f)
-                if r >= 3:
-                    times[k].append((time.perf_counter() - t) * 1e3)
-        med = [statistics.median(t) for t in times]
+        med = [m * 1e3 for m in alternate([lambda s=s, f=f: s.run(None, f) for s, f in zip(sessions, fs)], a.rounds)]
         report["steps"][step] = {
             "max_abs_logits": diff[names[0]],
             "max_abs_present": max(v for n, v in diff.items() if n != names[0]),
