@@ -333,10 +333,13 @@ fn write_quantization(f: &mut fmt::Formatter<'_>, q: &QuantReport) -> fmt::Resul
 }
 
 fn write_validation(f: &mut fmt::Formatter<'_>, v: &Validation) -> fmt::Result {
-    let verdict = if v.passed() {
-        "within tolerance"
-    } else {
+    // A lossy run given no limit is measured, not judged: it cannot be "within" anything.
+    let verdict = if !v.passed() {
         "OUT OF TOLERANCE"
+    } else if v.tolerance.sets_no_limit() {
+        "measured, not judged (no --max-error, --min-cosine or --max-kl given)"
+    } else {
+        "within tolerance"
     };
     writeln!(
         f,

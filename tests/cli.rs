@@ -458,6 +458,12 @@ fn int8_calibrates_validates_on_held_back_batches_and_reports() {
     let (result, json) = optimize_with_report(&model, &out, &["--int8", "--calib", s(&calib)]);
     let stdout = text(&result.stdout);
     assert!(stdout.contains("quantization: static-int8"), "{stdout}");
+    // No limit was given: the lossy result is measured, and the report does not call it
+    // within a tolerance.
+    assert!(
+        stdout.contains("validation on 1 batches in ") && stdout.contains(": measured, not judged"),
+        "{stdout}"
+    );
     let q = &json["quantization"];
     // Two batches: one calibrates, the other is held back for validation.
     assert_eq!(q["calibration"]["batches"], serde_json::json!(["batch_00"]));

@@ -196,6 +196,15 @@ pub struct Tolerance {
 }
 
 impl Tolerance {
+    /// True when no limit is set: a comparison only measures (non-finite values that differ
+    /// still break it).
+    pub fn sets_no_limit(&self) -> bool {
+        self.max_abs.is_none()
+            && self.max_abs_scaled.is_none()
+            && self.min_cosine.is_none()
+            && self.max_kl.is_none()
+    }
+
     /// Why `d` breaks the tolerance, one line per broken limit.
     pub fn violations(&self, d: &OutputDiff) -> Vec<String> {
         let mut out = Vec::new();
