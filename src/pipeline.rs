@@ -361,6 +361,16 @@ fn calibration_batches(
             InputSource::Generated(SMOOTHING_BATCHES)
         }
     };
+    if matches!(source, InputSource::Generated(_)) {
+        // Generated batches the model cannot run would stop calibration: probe one first.
+        let probe = validate_options(options, model, InputSource::Generated(1), generate.clone());
+        if runs_on_generated_inputs(model, &probe).is_err() {
+            if let Some(one_token) = one_token_inputs(model, &probe) {
+                report.warnings.push(ONE_TOKEN_CALIBRATION_WARNING.into());
+                generate = one_token.generate;
+            }
+        }
+    }
     let mut batches = exec::batches_for(model, &source, &generate)
         .map_err(|e| Error::InvalidArgument(format!("cannot read the calibration batches: {e}")))?;
     let given = matches!(
@@ -480,7 +490,13 @@ fn validate(
     let generated = matches!(source, InputSource::Generated(_));
     let validate_options = validate_options(options, original, source, generate);
     let on_batch = |done, total| progress("validating", done, total);
-    let validation = exec::validate(original, model, &validate_options, &on_batch);
+    let mut validation = exec::validate(original, model, &validate_options, &on_batch);
+    if validation.is_err() && runs_on_generated_inputs(original, &validate_options).is_err() {
+        if let Some(one_token) = one_token_inputs(original, &validate_options) {
+            report.warnings.push(ONE_TOKEN_WARNING.into());
+            validation = exec::validate(original, model, &one_token, &on_batch);
+        }
+    }
     match validation {
         Ok(v) if v.passed() => Ok(v),
         Ok(v) => {
@@ -539,10 +555,22 @@ fn check_or_fall_back(
     original: Model,
     model: Model,
     options: &Options,
-    mut report: Report,
+    report: Report,
     progress: Progress,
 ) -> Result<Outcome, PipelineError> {
     let check_options = check_options(options, &original);
+    check_on(original, model, options, report, progress, check_options)
+}
+
+/// `check_or_fall_back` on the generated inputs `check_options` makes.
+fn check_on(
+    original: Model,
+    model: Model,
+    options: &Options,
+    mut report: Report,
+    progress: Progress,
+    check_options: ValidateOptions,
+) -> Result<Outcome, PipelineError> {
     let on_batch = |done, total| progress("checking", done, total);
     let check = |candidate: &Model| -> Result<Validation, String> {
         match exec::validate(&original, candidate, &check_options, &on_batch) {
@@ -559,6 +587,10 @@ fn check_or_fall_back(
         Err(failure) => failure,
     };
     if let Err(why) = runs_on_generated_inputs(&original, &check_options) {
+        if let Some(one_token) = one_token_inputs(&original, &check_options) {
+            report.warnings.push(ONE_TOKEN_WARNING.into());
+            return check_on(original, model, options, report, progress, one_token);
+        }
         // Without the input model's outputs there is nothing to compare with: say so, and
         // write what the passes made (nothing showed it wrong).
         report.check = Some(Check::not_done(format!(
@@ -642,6 +674,31 @@ fn runs_on_generated_inputs(model: &Model, check: &ValidateOptions) -> Result<()
         }
     }
     Err(last.expect("one engine at least"))
+}
+
+const ONE_TOKEN_WARNING: &str = "the input model does not run on generated inputs of the \
+    default lengths: checked on one token (every free dim but the batch at 1); --inputs DIR \
+    checks on batches of your own";
+
+const ONE_TOKEN_CALIBRATION_WARNING: &str = "the model does not run on generated inputs of \
+    the default lengths: calibrated on generated single tokens (every free dim but the batch \
+    at 1); --calib DIR calibrates on batches of your own";
+
+/// The generated inputs of `check` with every free dim but the batch at 1 (one new token),
+/// when `model` runs on those: for a model that does not run on the default lengths. Exported
+/// decoders with a cache often take one token only: Optimum names GPT-2's mask
+/// `past_sequence_length + 1` beside tokens of `sequence_length`, and fixes Whisper's
+/// `input_ids` to `[batch, 1]`. Callers ask only once the input model itself failed, so a
+/// candidate that fails where the original runs is never handed other inputs.
+fn one_token_inputs(model: &Model, check: &ValidateOptions) -> Option<ValidateOptions> {
+    if !matches!(check.inputs, InputSource::Generated(_)) || check.generate.default_length == 1 {
+        return None;
+    }
+    let mut one_token = check.clone();
+    one_token.generate.default_length = 1;
+    runs_on_generated_inputs(model, &one_token)
+        .is_ok()
+        .then_some(one_token)
 }
 
 #[cfg(test)]
