@@ -1033,3 +1033,14 @@ fn a_decoder_that_takes_one_token_is_checked_on_one_token() {
         assert!(!said.contains("check: not done"), "{args:?}: {said}");
     }
 }
+
+/// DeBERTa's legacy export computes its relative positions in an If whose branches return
+/// int64 of ranks 3 and 4: `--fp16` needs every value's element type, which the If now has.
+#[test]
+fn fp16_converts_a_model_with_an_if() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = common::testdata("wild/deberta-v2.ts17.t27.eager.onnx");
+    let out = dir.path().join("out.onnx");
+    let result = onnxopt(&["optimize", s(&model), s(&out), "--fp16"]);
+    assert!(result.status.success(), "{}", text(&result.stderr));
+}

@@ -30,6 +30,7 @@ fn standard(cx: &Ctx) -> Option<Vec<ValueType>> {
         // Updates written into a copy of the data (torch's slice_scatter, index_put).
         "ScatterND" | "ScatterElements" | "Scatter" => same(cx, 0),
         "IsNaN" | "IsInf" => with_elem(cx, 0, BOOL),
+        "If" => return if_outputs(cx),
         // The mask is bool from opset 10, of the input's type before.
         "Dropout" => {
             let mask = if cx.opset < 10 { cx.elem(0) } else { BOOL };
@@ -141,6 +142,45 @@ fn contrib(cx: &Ctx) -> Option<Vec<ValueType>> {
 }
 
 // ---- building blocks ---------------------------------------------------------------------
+
+/// An If's outputs: each the element type both branches declare for it, with the sizes both
+/// declare where they agree; a symbolic dim is unknown (exporters name a branch's dims after
+/// its own values, and two Ifs' branches may reuse a name for different sizes). DeBERTa's
+/// exports return relative positions of rank 3 from one branch and 4 from the other.
+fn if_outputs(cx: &Ctx) -> Option<Vec<ValueType>> {
+    let branch = |name| -> Option<Vec<Option<ValueType>>> {
+        let graph = crate::ir::attr::get(&cx.node.proto, name)?.g.as_ref()?;
+        Some(
+            graph
+                .output
+                .iter()
+                .map(|o| ValueType::from_type_proto(o.r#type.as_ref()?))
+                .collect(),
+        )
+    };
+    let (then, other) = (branch("then_branch")?, branch("else_branch")?);
+    if then.len() != other.len() {
+        return None;
+    }
+    let outputs = then
+        .into_iter()
+        .zip(other)
+        .map(|pair| match pair {
+            (Some(a), Some(b)) if a.elem == b.elem => match (a.shape, b.shape) {
+                (Some(x), Some(y)) if x.len() == y.len() => {
+                    let agreed = |(p, q): (&Dim, &Dim)| match (p.value(), q.value()) {
+                        (Some(m), Some(n)) if m == n => p.clone(),
+                        _ => Dim::Unknown,
+                    };
+                    ValueType::new(a.elem, x.iter().zip(&y).map(agreed).collect())
+                }
+                _ => unknown(a.elem),
+            },
+            _ => unknown(0),
+        })
+        .collect();
+    Some(outputs)
+}
 
 fn unknown(elem: i32) -> ValueType {
     ValueType { elem, shape: None }

@@ -297,6 +297,51 @@ fn a_sliding_window_cache_is_as_long_as_its_repeat_says() {
 }
 
 #[test]
+fn an_if_has_the_element_type_its_branches_agree_on() {
+    // DeBERTa's relative positions: one branch returns rank 3, the other rank 4, both int64,
+    // and the branches name their dims after their own values.
+    let branch = |name: &str, dims: &str| GraphProto {
+        name: Some(name.into()),
+        initializer: vec![Tensor::from_i64(name, &[1], &[0]).unwrap().into_proto()],
+        output: vec![value_info(name, I64, dims)],
+        ..Default::default()
+    };
+    let graph_attr = |name: &str, g: GraphProto| AttributeProto {
+        name: Some(name.into()),
+        r#type: Some(crate::proto::attribute_proto::AttributeType::Graph as i32),
+        g: Some(g),
+        ..Default::default()
+    };
+    let t = Net::new(17)
+        .input("c", crate::ir::DataType::Bool as i32, "")
+        .node_with(
+            "If",
+            &["c"],
+            &["positions"],
+            vec![
+                graph_attr("then_branch", branch("a", "1,a_dim_1,a_dim_2")),
+                graph_attr("else_branch", branch("b", "1,1,b_dim_2,b_dim_3")),
+            ],
+        )
+        .node_with(
+            "If",
+            &["c"],
+            &["same"],
+            vec![
+                graph_attr("then_branch", branch("a", "2,x,4")),
+                graph_attr("else_branch", branch("b", "2,x,5")),
+            ],
+        )
+        .infer();
+    assert_eq!(t.ty("positions"), "i64[..]");
+    assert_eq!(
+        t.ty("same"),
+        "i64[2, ?, ?]",
+        "a branch's own dim names say nothing"
+    );
+}
+
+#[test]
 fn a_slice_up_to_the_sequence_broadcasts_with_the_sequence() {
     // BERT's legacy export: position ids sliced from a [1, 128] buffer up to `sequence`.
     let t = with_x_shape(17)
