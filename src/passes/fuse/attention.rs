@@ -764,15 +764,12 @@ fn fitted_bias(
     };
     // Expand(bias, [1, 1, q_len or 1, total or 1]), the lengths read at run time (Gather of
     // Shape rather than Shape's start/end, which needs opset 15).
-    let ints = |n: &[i64]| {
-        Tensor::from_i64("ints", &[n.len() as i64], n).map_err(|e| Declined::Refused(e.to_string()))
-    };
     let dim_of = |rw: &mut Rewrite, v: ValueId, axis: i64| -> Checked<PValue> {
         let shape = rw.op("Shape", "", &[v.into()], vec![]);
-        let axis = rw.constant("axis", ints(&[axis])?);
+        let axis = rw.ints("axis", &[axis])?;
         Ok(rw.op("Gather", "", &[shape, axis], vec![attr::int("axis", 0)]))
     };
-    let one = |rw: &mut Rewrite| Ok::<_, Declined>(rw.constant("one", ints(&[1])?));
+    let one = |rw: &mut Rewrite| rw.ints("one", &[1]);
     let rows = match rows {
         true => dim_of(rw, rows_of.0, rows_of.1)?,
         false => one(rw)?,
@@ -791,7 +788,7 @@ fn fitted_bias(
         }
         false => one(rw)?,
     };
-    let ones = rw.constant("ones", ints(&[1, 1])?);
+    let ones = rw.ints("ones", &[1, 1])?;
     let target = rw.op(
         "Concat",
         "",
@@ -884,12 +881,8 @@ fn build_attention(m: &Match, rw: &mut Rewrite) -> Built {
             }
             rw.require_opset(ATTENTION_OPSET)?;
             let bias = fitted_bias(bias, &layout, rw, (q, 1), &key_lengths)?;
-            let ints = |name: &str, v: &[i64]| {
-                Tensor::from_i64(name, &[v.len() as i64], v)
-                    .map_err(|e| Declined::Refused(e.to_string()))
-            };
-            let to_heads = rw.constant("heads", ints("heads", &[0, 0, n, layout.head_size])?);
-            let joined = rw.constant("joined", ints("joined", &[0, 0, n * layout.head_size])?);
+            let to_heads = rw.ints("heads", &[0, 0, n, layout.head_size])?;
+            let joined = rw.ints("joined", &[0, 0, n * layout.head_size])?;
             let swap = || vec![attr::ints("perm", &[0, 2, 1, 3])];
             let q_split = rw.op("Reshape", "", &[q.into(), to_heads], vec![]);
             let q_heads = rw.op("Transpose", "", &[q_split], swap());
@@ -934,9 +927,7 @@ fn build_attention(m: &Match, rw: &mut Rewrite) -> Built {
         .iter()
         .any(|(r, _)| !m.nodes().contains(r));
     if read_outside {
-        let split = Tensor::from_i64("heads", &[4], &[0, 0, n, layout.head_size])
-            .map_err(|e| Declined::Refused(e.to_string()))?;
-        let split = rw.constant("heads", split);
+        let split = rw.ints("heads", &[0, 0, n, layout.head_size])?;
         let heads = rw.op("Reshape", "", &[out, split], vec![]);
         rw.replace(context_t, heads);
     }

@@ -189,6 +189,13 @@ impl Rewrite<'_> {
         self.patch.new_initializer(hint, tensor)
     }
 
+    /// A 1-D int64 constant of `values` (a Reshape target, a Gather index).
+    pub fn ints(&mut self, hint: &str, values: &[i64]) -> std::result::Result<PValue, Declined> {
+        let tensor = Tensor::from_i64(hint, &[values.len() as i64], values)
+            .map_err(|e| Declined::Refused(e.to_string()))?;
+        Ok(self.constant(hint, tensor))
+    }
+
     /// Asks for the default-domain opset `version`: granted when the model has it or can be
     /// raised to it (which happens once the pass is done).
     pub fn require_opset(&mut self, version: i64) -> Built {
