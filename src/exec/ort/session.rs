@@ -6,17 +6,18 @@
 //! pointer from the C API), and a panic becomes an `ExecError`. Nothing calls into `ort`
 //! before the library has loaded, as `ort` would then look for a library of its own.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::OnceLock;
 
 use ort::environment::Environment;
 use ort::session::builder::GraphOptimizationLevel;
 use ort::session::{Session, SessionInputValue};
 use ort::value::{DynValue, TensorElementType, TensorRef, ValueType};
+use ort::AsPointer;
 use tract_onnx::prelude::{DatumType, Tensor};
 use tract_onnx::tract_hir::internal::tract_ndarray::{ArrayD, IxDyn};
 
-use super::{Optimization, OrtOptions};
+use super::{Load, Optimization, OrtOptions};
 use crate::exec::{tract_err, Batch, ExecError};
 
 /// The loaded library, and the one environment `ort` allows per process.
@@ -62,19 +63,20 @@ fn ort_err(e: impl std::fmt::Display) -> ExecError {
     ExecError::Ort(e.to_string())
 }
 
+/// A status returned by a call into the C API, as a result.
+fn ort_status(status: ort::sys::OrtStatusPtr) -> Result<(), ExecError> {
+    // SAFETY: `status` was just returned by the API, which hands its ownership to us.
+    unsafe { ort::Error::result_from_status(status) }.map_err(ort_err)
+}
+
 /// A session of ONNX Runtime.
 pub(super) struct Engine {
     session: Session,
 }
 
 impl Engine {
-    /// A session for the serialized model `bytes`, whose external data locations are relative
-    /// to `dir`.
-    pub(super) fn new(
-        bytes: &[u8],
-        dir: Option<&Path>,
-        options: &OrtOptions,
-    ) -> Result<Engine, ExecError> {
+    /// A session for the model `load` names.
+    pub(super) fn new(load: Load, options: &OrtOptions) -> Result<Engine, ExecError> {
         let runtime = runtime().map_err(ExecError::OrtUnavailable)?;
         let threads = match options.threads {
             0 => rayon::current_num_threads().max(1),
@@ -99,6 +101,18 @@ impl Engine {
                 // or another session may need.
                 .with_config_entry("session.intra_op.allow_spinning", "0")
                 .map_err(ort_err)?;
+            // Without its arena, a run's values are freed back to the process when the run
+            // ends (large blocks to the system: `exec::allocator`), instead of being kept
+            // for the next run: calibration asks for a hundred intermediate values per
+            // batch, which the arena would hold on top of our copies of them.
+            let options_ptr = builder.ptr_mut();
+            // SAFETY: the builder's options pointer is valid while the builder lives.
+            let status = unsafe { (ort::api().DisableCpuMemArena)(options_ptr) };
+            ort_status(status)?;
+            let (bytes, dir) = match load {
+                Load::File(path) => return builder.commit_from_file(path).map_err(ort_err),
+                Load::Bytes(bytes, dir) => (bytes, dir),
+            };
             if let Some(dir) = dir {
                 let dir = dir.to_str().ok_or_else(|| {
                     ExecError::Ort(format!("{} is not valid UTF-8", dir.display()))
@@ -133,16 +147,26 @@ impl Engine {
                 .iter()
                 .map(|(name, t)| Ok((name.as_str(), to_ort(name, t)?)))
                 .collect::<Result<Vec<_>, ExecError>>()?;
-            let results = session.run(inputs).map_err(ort_err)?;
-            outputs
-                .iter()
-                .map(|name| {
-                    let value = results.get(name).ok_or_else(|| {
-                        ExecError::Ort(format!("ONNX Runtime gave no value `{name}`"))
-                    })?;
-                    Ok((name.clone(), from_ort(name, value)?))
-                })
-                .collect()
+            let mut results = session.run(inputs).map_err(ort_err)?;
+            // Each value is dropped once copied, so that ONNX Runtime's copies of a batch's
+            // values (calibration asks for every activation it observes) and ours are never
+            // all held at once.
+            let mut values: Vec<(String, Tensor)> = Vec::with_capacity(outputs.len());
+            for name in outputs {
+                let tensor = match results.remove(name) {
+                    Some(value) => from_ort(name, &value)?,
+                    // A name asked for twice.
+                    None => values
+                        .iter()
+                        .find(|(done, _)| done == name)
+                        .map(|(_, t)| t.clone())
+                        .ok_or_else(|| {
+                            ExecError::Ort(format!("ONNX Runtime gave no value `{name}`"))
+                        })?,
+                };
+                values.push((name.clone(), tensor));
+            }
+            Ok(values)
         })
     }
 }
@@ -402,11 +426,11 @@ mod tests {
             .init(crate::ir::Tensor::from_f32("w", &[64, 64], &weights).unwrap())
             .node("MatMul", &["x", "w"], &["y"], vec![])
             .build();
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("m.onnx");
-        crate::io::save(&model, &path, crate::io::ExternalData::Always).unwrap();
-        assert!(dir.path().join("m.onnx.data").is_file());
-        let loaded = crate::io::load(&path).unwrap();
+        let dir_of_model = tempfile::tempdir().unwrap();
+        let saved = dir_of_model.path().join("m.onnx");
+        crate::io::save(&model, &saved, crate::io::ExternalData::Always).unwrap();
+        assert!(dir_of_model.path().join("m.onnx.data").is_file());
+        let loaded = crate::io::load(&saved).unwrap();
         let x: Vec<f32> = (0..2 * 64).map(|i| (i % 5) as f32 - 2.0).collect();
         let input = batch(vec![("x", Tensor::from_shape(&[2, 64], &x).unwrap())]);
         let expected = crate::exec::Runner::new(&model)
@@ -414,21 +438,35 @@ mod tests {
             .run(&input)
             .unwrap();
         let outputs = ["y".to_string()];
-        // Copied in, as it fits; then as for a model past 2 GB, left in the data file.
-        let (bytes, folder) = super::super::session_bytes(&loaded, &outputs).unwrap();
-        assert_eq!(folder, None);
-        let (small, folder) = super::super::session_bytes_within(&loaded, &outputs, 4096).unwrap();
+        // Under the limit, written to a folder of the session's own with the weights in a
+        // data file beside the model; past it (a model past 2 GB), left in the model's own
+        // data file, which the session is pointed at.
+        let Ok(super::super::SessionModel::Files {
+            folder,
+            model: path,
+        }) = super::super::session_model(&loaded, &outputs, super::super::PROTOBUF_LIMIT)
+        else {
+            panic!("the model fits: written to files");
+        };
+        let data = std::fs::metadata(folder.path().join("model.onnx.data")).unwrap();
+        assert!(data.len() >= 64 * 64 * 4 && std::fs::metadata(&path).unwrap().len() < 4096);
+        let Ok(super::super::SessionModel::Bytes { bytes: small, dir }) =
+            super::super::session_model(&loaded, &outputs, 4096)
+        else {
+            panic!("past the limit: serialized");
+        };
         assert_eq!(
-            folder.as_deref(),
-            Some(std::path::absolute(dir.path()).unwrap().as_path())
+            dir.as_deref(),
+            Some(std::path::absolute(dir_of_model.path()).unwrap().as_path())
         );
-        assert!(small.len() < 4096 && bytes.len() > 64 * 64 * 4);
-        for (bytes, folder) in [(bytes, None), (small, folder)] {
-            let engine = Engine::new(&bytes, folder.as_deref(), &Default::default()).unwrap();
+        assert!(small.len() < 4096);
+        for load in [Load::File(&path), Load::Bytes(&small, dir.as_deref())] {
+            let engine = Engine::new(load, &Default::default()).unwrap();
             let mut runner = OrtRunner {
                 engine,
                 inputs: crate::exec::inputs::input_specs(&loaded).unwrap(),
                 outputs: outputs.to_vec(),
+                _files: None,
             };
             let got = runner.run(&input).unwrap();
             let d = crate::exec::compare::diff("y", &expected[0].1, &got[0].1, None).unwrap();
