@@ -14,6 +14,7 @@
 use tract_onnx::prelude::Tensor;
 
 use super::ort::OrtRunner;
+use super::rows::{Run, Runs};
 use super::{support, Batch, ExecError, InputSpec, Runner};
 use crate::ir::Model;
 use crate::ops::{self, MS_DOMAIN};
@@ -107,7 +108,8 @@ pub fn tract_refusal(model: &Model) -> Option<support::Unsupported> {
 }
 
 /// Runs `model` on every batch in order, in the engine `engine` picks for it, and hands
-/// `each(index, values)` the values `names` took in that run. In tract, as many batches at
+/// `each(run, values)` the values `names` took in that run, with what ran (`rows::Run`): a
+/// batch whose values would take much memory runs a few rows at a time (`rows::runs`). In tract, as many batches at
 /// once as threads while their values take at most half the weights (`batches_at_once`;
 /// tract runs each on one core; handing them over in batch order keeps statistics
 /// independent of the thread count, and memory holds one chunk's values); in
@@ -121,11 +123,12 @@ pub fn for_each_batch<E: From<ExecError>>(
     engine: Engine,
     names: &[String],
     batches: &[Batch],
-    mut each: impl FnMut(usize, Vec<(String, Tensor)>) -> Result<(), E>,
+    mut each: impl FnMut(Run, Vec<(String, Tensor)>) -> Result<(), E>,
 ) -> Result<(), E> {
+    let runs = super::rows::runs(model, names, batches);
     let mut kind = engine.choose(&[model]);
     if kind == EngineKind::Tract {
-        match in_tract(model, names, batches, &mut each) {
+        match in_tract(model, names, &runs, &mut each) {
             Ok(()) => return Ok(()),
             Err(Stopped::Each(e)) => return Err(e),
             // tract failed on a batch (the KV-cache exports' `Range` of a length it cannot
@@ -138,8 +141,8 @@ pub fn for_each_batch<E: From<ExecError>>(
         }
     }
     let mut runner = EngineRunner::with_outputs(kind, model, names)?;
-    for (i, batch) in batches.iter().enumerate() {
-        each(i, runner.run(batch)?)?;
+    for (index, batch) in runs.batches.iter().enumerate() {
+        each(runs.run(index), runner.run(batch)?)?;
     }
     Ok(())
 }
@@ -155,9 +158,10 @@ enum Stopped<E> {
 fn in_tract<E>(
     model: &Model,
     names: &[String],
-    batches: &[Batch],
-    each: &mut impl FnMut(usize, Vec<(String, Tensor)>) -> Result<(), E>,
+    runs: &Runs,
+    each: &mut impl FnMut(Run, Vec<(String, Tensor)>) -> Result<(), E>,
 ) -> Result<(), Stopped<E>> {
+    let batches = &runs.batches;
     let mut runner = Runner::with_outputs(model, names).map_err(|e| Stopped::Engine(e))?;
     runner.prepare(batches).map_err(|e| Stopped::Engine(e))?;
     let weights: usize = model.graph.initializers().map(|(_, t)| t.byte_len()).sum();
@@ -170,7 +174,7 @@ fn in_tract<E>(
             at_once = batches_at_once(held, weights, super::parallel_batches());
         }
         for outputs in outputs {
-            each(done, outputs).map_err(Stopped::Each)?;
+            each(runs.run(done), outputs).map_err(Stopped::Each)?;
             done += 1;
         }
     }

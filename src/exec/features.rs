@@ -54,8 +54,8 @@ fn reduce(
         .collect();
     let mut accumulators: Vec<Vec<f64>> = vec![Vec::new(); values.len()];
     let mut positions = vec![0usize; values.len()];
-    super::for_each_batch(model, Engine::Auto, &names, batches, |index, outputs| {
-        if index == 0 {
+    super::for_each_batch(model, Engine::Auto, &names, batches, |run, outputs| {
+        if run.index == 0 {
             // A start, or a start over in another engine (`for_each_batch`).
             accumulators.iter_mut().for_each(Vec::clear);
             positions.fill(0);

@@ -20,6 +20,7 @@ pub mod ort;
 pub mod padding;
 pub mod perplexity;
 pub mod rng;
+mod rows;
 pub mod support;
 
 use rayon::prelude::*;
@@ -40,6 +41,7 @@ pub use compare::{OutputDiff, Tolerance};
 pub use engine::{for_each_batch, Engine, EngineKind, EngineRunner};
 pub use inputs::{Batch, GenerateOptions, InputSpec, NamedArrays};
 pub use ort::{OrtOptions, OrtRunner};
+pub use rows::Run;
 pub use support::Unsupported;
 
 #[derive(Debug, thiserror::Error)]

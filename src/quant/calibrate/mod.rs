@@ -148,28 +148,22 @@ pub fn calibrate(
         if batches.is_empty() {
             return Err(Error::Quantization("no calibration batches".into()));
         }
-        exec::for_each_batch(
-            model,
-            exec::Engine::Auto,
-            names,
-            batches,
-            |done, outputs| {
-                if done == 0 {
-                    // A start, or a start over in another engine (`for_each_batch`).
-                    observers.iter_mut().for_each(|o| *o = Observer::new());
-                }
-                let mask_of = |mask: &Option<String>| batches[done].tensor(mask.as_deref()?);
-                observers
-                    .par_iter_mut()
-                    .zip(outputs.par_iter())
-                    .zip(masks.par_iter())
-                    .try_for_each(|((observer, (name, t)), mask)| {
-                        observe(observer, name, t, mask_of(mask))
-                    })?;
-                on_batch(done + 1, batches.len());
-                Ok::<_, CalibrationError>(())
-            },
-        )
+        exec::for_each_batch(model, exec::Engine::Auto, names, batches, |run, outputs| {
+            if run.index == 0 {
+                // A start, or a start over in another engine (`for_each_batch`).
+                observers.iter_mut().for_each(|o| *o = Observer::new());
+            }
+            let mask_of = |mask: &Option<String>| run.batch.tensor(mask.as_deref()?);
+            observers
+                .par_iter_mut()
+                .zip(outputs.par_iter())
+                .zip(masks.par_iter())
+                .try_for_each(|((observer, (name, t)), mask)| {
+                    observe(observer, name, t, mask_of(mask))
+                })?;
+            on_batch(run.of_batch + 1, batches.len());
+            Ok::<_, CalibrationError>(())
+        })
         .map_err(|e| e.0)?;
     }
     let mut ranges = Ranges::new();

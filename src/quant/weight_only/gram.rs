@@ -44,12 +44,12 @@ pub fn collect(
         .map(|&v| g.value_name(v).to_string())
         .collect();
     let mut grams: HashMap<ValueId, Gram> = HashMap::new();
-    for_each_batch(model, engine, &names, batches, |index, outputs| {
-        if index == 0 {
+    for_each_batch(model, engine, &names, batches, |run, outputs| {
+        if run.index == 0 {
             // A start, or a start over in another engine (`for_each_batch`).
             grams.clear();
         }
-        let batch = &batches[index];
+        let batch = run.batch;
         let mask = attention_mask(batch);
         for (&v, (name, t)) in computed.iter().zip(&outputs) {
             fold(&mut grams, v, name, t, mask.as_deref())?;
