@@ -2,7 +2,8 @@
 """The GEMM floor of a model in ONNX Runtime (CPU): how fast its matrix products alone run,
 as a fraction of the whole model's latency.
 
-    gemm_floor.py MODEL [--shape 1x128 --shape 8x128] [--threads 2] [--rounds 15]
+    gemm_floor.py MODEL [--against OPTIMIZED ...] [--shape 1x128 --shape 8x128] [--threads 2] [--rounds 15]
+    gemm_floor.py QUANTIZED --int8 [--shape ...]
 
 A float32 graph rewrite (fusion, clean-up) keeps every multiply-add of a model's MatMul and
 Gemm nodes, so its output cannot run faster than those products do. This script measures
@@ -10,9 +11,16 @@ that bound: it runs MODEL once with every MatMul/Gemm input as an extra output, 
 model of those nodes alone (same weights; activations fed as inputs of the shapes seen),
 and times the two by `latency_protocol` (one process, one shared pool, alternated, warm-ups,
 median of >= 15). The GEMM-only model writes its outputs into buffers bound once (I/O binding),
-so its runs pay nothing for handing every product back to Python.
+so its runs pay nothing for handing every product back to Python. Each `--against` model (an
+optimized form of MODEL) is timed in the same rounds, with `removed`: the share of MODEL's
+time above the floor that it no longer spends, 1 - (ours - floor) / (model - floor).
 
-Prints one JSON line per shape: both medians in ms and `floor` = GEMM-only / model.
+With `--int8`, MODEL is a quantized model and its products are the integer kernels ONNX
+Runtime runs for it: the nodes of its own optimized graph (level "extended", where
+DequantizeLinear -> MatMul -> QuantizeLinear become one kernel) of the types in
+`INT8_PRODUCTS`, alone on the inputs they see; `within` = model / products alone.
+
+Prints one JSON line per shape: the medians in ms and `floor` = GEMM-only / model.
 Needs onnxruntime, onnx, numpy.
 """
 import argparse
@@ -29,10 +37,24 @@ from latency_protocol import MIN_ROUNDS, alternate, describe, open_sessions
 from ort_latency import feeds_for
 
 GEMM_OPS = ("MatMul", "Gemm")
+# The products of ONNX Runtime's optimized graph of a quantized model: integer kernels, and the
+# float products left beside them.
+INT8_PRODUCTS = ("MatMul", "Gemm", "FusedMatMul", "MatMulInteger", "MatMulIntegerToFloat",
+                 "DynamicQuantizeMatMul", "QLinearMatMul", "QGemm")
 
 
-def gemm_nodes(model):
-    return [n for n in model.graph.node if n.op_type in GEMM_OPS and n.domain in ("", "ai.onnx")]
+def gemm_nodes(model, ops=GEMM_OPS):
+    return [n for n in model.graph.node if n.op_type in ops
+            and n.domain in ("", "ai.onnx", "com.microsoft")]
+
+
+def session_graph(path, tmp):
+    """The model ONNX Runtime runs for `path` once its extended optimizations have run."""
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    options.optimized_model_filepath = os.path.join(tmp, "session.onnx")
+    ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+    return onnx.load(options.optimized_model_filepath)
 
 
 class ActivationProbe:
@@ -79,15 +101,23 @@ def gemm_only_model(model, gemms, inputs):
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("model")
+    p.add_argument("--against", action="append", default=[], help="an optimized form of MODEL")
+    p.add_argument("--int8", action="store_true",
+                   help="MODEL is quantized: its products are ONNX Runtime's integer kernels")
     p.add_argument("--shape", action="append", default=None, help="BATCHxSEQ")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--rounds", type=int, default=MIN_ROUNDS)
     a = p.parse_args()
-    model = onnx.load(a.model)
-    gemms = gemm_nodes(model)
+    if a.int8:
+        with tempfile.TemporaryDirectory() as tmp:
+            model = session_graph(a.model, tmp)
+        gemms = gemm_nodes(model, INT8_PRODUCTS)
+    else:
+        model = onnx.load(a.model)
+        gemms = gemm_nodes(model)
     if not gemms:
-        sys.exit(f"{a.model} has no MatMul or Gemm")
-    [whole] = open_sessions([a.model], a.threads)
+        sys.exit(f"{a.model} has no matrix product")
+    [whole, *against] = open_sessions([a.model, *a.against], a.threads)
     probe = ActivationProbe(model, gemms, a.threads)
     rng = np.random.default_rng(0)
     for shape in a.shape or ["1x128", "8x128"]:
@@ -106,13 +136,18 @@ def main():
         only.run_with_iobinding(binding)  # allocates the outputs, which later runs reuse
         for o, value in zip(only.get_outputs(), binding.get_outputs()):
             binding.bind_ortvalue_output(o.name, value)
-        model_s, gemm_only_s = alternate(
-            [lambda: whole.run(None, feeds), lambda: only.run_with_iobinding(binding)], a.rounds)
-        ms = {"model": model_s * 1000, "gemm_only": gemm_only_s * 1000}
-        print(json.dumps({"shape": shape, **describe(a.threads, a.rounds),
-                          "gemms": len(gemms), "model_ms": ms["model"],
-                          "gemm_only_ms": ms["gemm_only"],
-                          "floor": ms["gemm_only"] / ms["model"]}))
+        runs = [lambda: whole.run(None, feeds), lambda: only.run_with_iobinding(binding)]
+        runs += [lambda s=s: s.run(None, feeds) for s in against]
+        model_s, gemm_only_s, *against_s = alternate(runs, a.rounds)
+        line = {"shape": shape, **describe(a.threads, a.rounds), "gemms": len(gemms),
+                "model_ms": model_s * 1000, "gemm_only_ms": gemm_only_s * 1000,
+                "floor": gemm_only_s / model_s}
+        if a.int8:
+            line["within"] = model_s / gemm_only_s
+        line["against"] = [{"model": path, "ms": t * 1000,
+                            "removed": 1 - (t - gemm_only_s) / (model_s - gemm_only_s)}
+                           for path, t in zip(a.against, against_s)]
+        print(json.dumps(line))
 
 
 if __name__ == "__main__":
