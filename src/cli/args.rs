@@ -277,7 +277,7 @@ pub struct QuantArgs {
     /// Same as --weights int4.
     #[arg(long, group = "weight_only", conflicts_with_all = ["int8", "int8_dynamic", "fp16"])]
     pub int4: bool,
-    /// With --weights: weights per block (a power of two, at least 16).
+    /// With --weights: weights per block (a power of two, at least 16). Smaller blocks are more accurate; at --accuracy-level 4 larger ones prefill faster (128: faster than float32 on SmolLM2-135M, 32: slower; see `quant::weight_only::DEFAULT_BLOCK_SIZE`).
     #[arg(long, alias = "int4-block", value_name = "N", default_value_t = onnxopt::quant::weight_only::DEFAULT_BLOCK_SIZE, requires = "weight_only")]
     pub block_size: usize,
     /// With --weights: zero points the middle code (8 or 128) instead of one per block.
