@@ -298,6 +298,55 @@ mod tests {
     }
 
     #[test]
+    fn a_batch_run_a_few_rows_at_a_time_is_observed_whole() {
+        // 24 rows of 3 MiB of `h`: 72 MiB, past what one run may hand back (`exec::rows`),
+        // so the batch runs in two runs of 12 rows. Each run's rows must meet their own mask
+        // rows (else every padded position, 1000, would count) and every row must be seen
+        // (the extremes lie in the first and the last row).
+        let (rows, sequence, width) = (24, 4, 196_608);
+        let model = builder()
+            .input("x", DataType::Float, &["batch", "sequence", "width"])
+            .input("attention_mask", DataType::Int64, &["batch", "sequence"])
+            .output("h", DataType::Float, &["batch", "sequence", "width"])
+            .node("Neg", &["x"], &["h"], vec![])
+            .build();
+        let mask = tract_onnx::prelude::tract_ndarray::Array2::from_shape_fn(
+            (rows, sequence),
+            |(b, s)| i64::from(!(b % 2 == 1 && s == sequence - 1)),
+        );
+        let x = Array3::from_shape_fn((rows, sequence, width), |(b, s, f)| {
+            match (b, s, f, mask[[b, s]]) {
+                (_, _, _, 0) => -1000.0f32,
+                (0, 1, 3, _) => 9.0,
+                (23, 0, 5, _) => -7.0,
+                _ => ((b + s + f) % 7) as f32 / 10.0,
+            }
+        });
+        let batches = [Batch {
+            name: "rows".into(),
+            tensors: vec![
+                ("x".into(), Tensor::from(x)),
+                ("attention_mask".into(), Tensor::from(mask)),
+            ],
+        }];
+        let runs = std::sync::atomic::AtomicUsize::new(0);
+        let progress = |_: usize, _: usize| {
+            runs.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        };
+        let names = ["h".to_string()];
+        let c = calibrate(&model, &names, &batches, RangeMethod::MinMax, &progress).unwrap();
+        assert_eq!(runs.into_inner(), 2, "two runs of 12 rows");
+        assert_eq!(
+            c.ranges["h"],
+            Range {
+                min: -9.0,
+                max: 7.0
+            }
+        );
+        assert_eq!(c.unpadded["h"], "attention_mask");
+    }
+
+    #[test]
     fn observers_skip_masked_values_and_count_them() {
         let mut o = Observer::new();
         o.observe(&[f32::NEG_INFINITY, -2.0, 0.5, f32::NAN, f32::MIN]);
