@@ -321,7 +321,8 @@ enum SessionModel {
 }
 
 /// `model` for ONNX Runtime, its graph outputs being `outputs`: written with its weights as
-/// external data to a temporary folder when, weights included, it fits in `limit` bytes;
+/// external data to a temporary folder when, weights included, it fits in `limit` bytes (or
+/// serialized whole when that folder cannot be written);
 /// past that, serialized with the weights still in the model's files pointing at their place
 /// there (as for tract), so that the largest models are not copied.
 fn session_model(
@@ -331,28 +332,17 @@ fn session_model(
 ) -> Result<SessionModel, ExecError> {
     let mut proto = session_proto(model, outputs)?;
     if proto.encoded_len() <= limit {
-        let io_err = |e: std::io::Error| ExecError::Input(format!("a temporary folder: {e}"));
-        let folder = tempfile::Builder::new()
-            .prefix("onnxopt-ort-")
-            .tempdir()
-            .map_err(io_err)?;
-        let path = folder.path().join("model.onnx");
-        crate::io::save_proto(
-            proto,
-            &path,
-            crate::io::ExternalData::Always,
-            false,
-            model.source.as_ref(),
-        )?;
-        // The session reads the weights from its own file: the pages of the model's files
-        // this process has read (writing that file, or by passes that replaced weights, as
-        // SmoothQuant does) need not stay resident beside it.
-        if let Some(source) = &model.source {
-            source.release_resident_pages();
-        }
-        return Ok(SessionModel::Files {
-            folder,
-            model: path,
+        return Ok(match session_files(model, proto.clone()) {
+            Ok((folder, path)) => SessionModel::Files {
+                folder,
+                model: path,
+            },
+            // A temporary folder that cannot hold the weights (a small tmpfs, say): the bytes
+            // carry them, and ONNX Runtime copies them in as it always could.
+            Err(_) => SessionModel::Bytes {
+                bytes: proto.encode_to_vec(),
+                dir: None,
+            },
         });
     }
     let dir = super::point_at_source_files(&mut proto, model.source.as_ref())
@@ -368,6 +358,34 @@ fn session_model(
         bytes: proto.encode_to_vec(),
         dir,
     })
+}
+
+/// `proto`, a session's model, written to a new temporary folder (in `std::env::temp_dir()`,
+/// `$TMPDIR` on Unix) with its weights in a data file beside it; the folder and the model's
+/// path.
+fn session_files(
+    model: &Model,
+    proto: crate::proto::ModelProto,
+) -> Result<(tempfile::TempDir, PathBuf), ExecError> {
+    let folder = tempfile::Builder::new()
+        .prefix("onnxopt-ort-")
+        .tempdir()
+        .map_err(|e| ExecError::Input(format!("a temporary folder: {e}")))?;
+    let path = folder.path().join("model.onnx");
+    crate::io::save_proto(
+        proto,
+        &path,
+        crate::io::ExternalData::Always,
+        false,
+        model.source.as_ref(),
+    )?;
+    // The session reads the weights from its own file: the pages of the model's files this
+    // process has read (writing that file, or by passes that replaced weights, as SmoothQuant
+    // does) need not stay resident beside it.
+    if let Some(source) = &model.source {
+        source.release_resident_pages();
+    }
+    Ok((folder, path))
 }
 
 /// `model` as a `ModelProto` whose graph outputs are `outputs`.
