@@ -109,15 +109,15 @@ pub fn tract_refusal(model: &Model) -> Option<support::Unsupported> {
 
 /// Runs `model` on every batch in order, in the engine `engine` picks for it, and hands
 /// `each(run, values)` the values `names` took in that run, with what ran (`rows::Run`): a
-/// batch whose values would take much memory runs a few rows at a time (`rows::runs`). In tract, as many batches at
-/// once as threads while their values take at most half the weights (`batches_at_once`;
-/// tract runs each on one core; handing them over in batch order keeps statistics
-/// independent of the thread count, and memory holds one chunk's values); in
+/// batch whose values would take much memory runs a few rows at a time (`rows::runs`). In
+/// tract, as many runs at once as threads while their values take at most half the weights
+/// (`batches_at_once`; tract runs each on one core; handing them over in order keeps
+/// statistics independent of the thread count, and memory holds one chunk's values); in
 /// ONNX Runtime (where `Engine::Auto` puts a model tract cannot run faithfully: a boolean
 /// mask on the standard Attention, a contrib operator tract lacks; or one tract fails to
-/// run), one batch at a time, which parallelizes inside each run. When tract fails part-way,
-/// the batches run again in ONNX Runtime from the first: `each(0, …)` means start over, so a
-/// caller that accumulates resets there.
+/// run), one run at a time, which parallelizes inside each run. When tract fails part-way,
+/// the runs start again in ONNX Runtime from the first: a run of index 0 means start over,
+/// so a caller that accumulates resets there.
 pub fn for_each_batch<E: From<ExecError>>(
     model: &Model,
     engine: Engine,
@@ -164,7 +164,7 @@ fn in_tract<E>(
     let batches = &runs.batches;
     let mut runner = Runner::with_outputs(model, names).map_err(|e| Stopped::Engine(e))?;
     runner.prepare(batches).map_err(|e| Stopped::Engine(e))?;
-    let weights: usize = model.graph.initializers().map(|(_, t)| t.byte_len()).sum();
+    let weights = model.graph.initializer_bytes();
     let (mut done, mut at_once) = (0, 1);
     while done < batches.len() {
         let chunk = &batches[done..batches.len().min(done + at_once)];

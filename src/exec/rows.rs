@@ -14,7 +14,7 @@
 
 use std::collections::HashMap;
 
-use super::inputs::{input_specs, DimSpec};
+use super::inputs::{input_specs, DimSpec, InputSpec};
 use super::Batch;
 use crate::ir::Model;
 use crate::passes::shape;
@@ -68,19 +68,19 @@ pub fn runs(model: &Model, names: &[String], batches: &[Batch]) -> Runs {
         batches: Vec::with_capacity(batches.len()),
         of_batch: Vec::with_capacity(batches.len()),
     };
-    let Some(batch_symbol) = shared_leading_symbol(model) else {
+    let specs = input_specs(model).unwrap_or_default();
+    let Some(batch_symbol) = shared_leading_symbol(&specs) else {
         batches
             .iter()
             .enumerate()
             .for_each(|(i, b)| runs.push(i, b.clone()));
         return runs;
     };
-    let weights: usize = model.graph.initializers().map(|(_, t)| t.byte_len()).sum();
-    let budget = run_budget(weights);
+    let budget = run_budget(model.graph.initializer_bytes());
     let inference = shape::infer(model);
     for (of_batch, batch) in batches.iter().enumerate() {
         let rows = rows_of(batch);
-        let held = rows.and_then(|_| held_bytes(model, &inference, names, batch));
+        let held = rows.and_then(|_| held_bytes(model, &inference, &specs, names, batch));
         match (rows, held) {
             (Some(rows), Some(held)) if held > budget && rows > 1 => {
                 let per_run = rows_per_run(rows, held, budget);
@@ -95,11 +95,11 @@ pub fn runs(model: &Model, names: &[String], batches: &[Batch]) -> Runs {
     runs
 }
 
-/// The symbolic dim every fed input starts with, when they all start with the same one.
-fn shared_leading_symbol(model: &Model) -> Option<String> {
-    let specs = input_specs(model).ok()?;
+/// The symbolic dim every fed input (`specs`) starts with, when they all start with the same
+/// one.
+fn shared_leading_symbol(specs: &[InputSpec]) -> Option<String> {
     let mut symbol = None;
-    for spec in &specs {
+    for spec in specs {
         let DimSpec::Symbol(name) = spec.dims.first()? else {
             return None;
         };
@@ -124,17 +124,19 @@ fn rows_of(batch: &Batch) -> Option<usize> {
     rows
 }
 
-/// The bytes the values `names` take when `model` runs `batch`, from the shapes inference
-/// gives them with the symbols the batch's tensors fix; `None` when one cannot be sized.
+/// The bytes the values `names` take when `model` (fed inputs `specs`) runs `batch`, from
+/// the shapes inference gives them with the symbols the batch's tensors fix; `None` when one
+/// cannot be sized.
 fn held_bytes(
     model: &Model,
     inference: &shape::Inference,
+    specs: &[InputSpec],
     names: &[String],
     batch: &Batch,
 ) -> Option<usize> {
     let g = &model.graph;
     let mut symbols: HashMap<String, i64> = HashMap::new();
-    for spec in input_specs(model).ok()? {
+    for spec in specs {
         let t = batch.tensor(&spec.name)?;
         for (dim, &size) in spec.dims.iter().zip(t.shape()) {
             if let DimSpec::Symbol(s) = dim {

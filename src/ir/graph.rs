@@ -253,6 +253,11 @@ impl Graph {
             .filter_map(move |&v| self.value(v).initializer.as_ref().map(|t| (v, t)))
     }
 
+    /// The bytes the initializers' data take (the weights a runner loads).
+    pub fn initializer_bytes(&self) -> usize {
+        self.initializers().map(|(_, t)| t.byte_len()).sum()
+    }
+
     pub(crate) fn value_info_order(&self) -> &[ValueId] {
         &self.value_info_order
     }

@@ -332,7 +332,7 @@ fn session_model(
 ) -> Result<SessionModel, ExecError> {
     let mut proto = session_proto(model, outputs)?;
     if proto.encoded_len() <= limit {
-        return Ok(match session_files(model, proto.clone()) {
+        return Ok(match session_files(model, proto) {
             Ok((folder, path)) => SessionModel::Files {
                 folder,
                 model: path,
@@ -340,7 +340,7 @@ fn session_model(
             // A temporary folder that cannot hold the weights (a small tmpfs, say): the bytes
             // carry them, and ONNX Runtime copies them in as it always could.
             Err(_) => SessionModel::Bytes {
-                bytes: proto.encode_to_vec(),
+                bytes: session_proto(model, outputs)?.encode_to_vec(),
                 dir: None,
             },
         });
