@@ -6,7 +6,8 @@
 //! arrays are named after the inputs. Files that name no graph input (reference outputs,
 //! say) are ignored. Batches held in memory as arrays by input name (`NamedArrays`) get the
 //! same checks and conversions. Generated inputs are deterministic: symbolic dims take their
-//! `--dim` value (default 1 for a batch-like name, 16 otherwise), integer inputs are drawn
+//! `--dim` value, the size the graph fixes (an image's channels and size,
+//! `convolved_sizes`), or a default (1 for a batch-like name, 16 otherwise); integer inputs are drawn
 //! from `--input-range` or, for token ids, from the rows of the embedding table they index,
 //! and float inputs from a standard normal.
 
@@ -39,6 +40,9 @@ pub struct InputSpec {
     pub dims: Vec<DimSpec>,
     /// Integer range `[lo, hi]` inferred from the graph (the rows of an indexed table).
     pub inferred_range: Option<(i64, i64)>,
+    /// Sizes the graph fixes for its free dims, by axis (`convolved_sizes`); empty when it
+    /// fixes none.
+    pub inferred_dims: Vec<Option<usize>>,
 }
 
 /// Named tensors fed to a model in one run, in graph input order.
@@ -46,6 +50,13 @@ pub struct InputSpec {
 pub struct Batch {
     pub name: String,
     pub tensors: Vec<(String, Tensor)>,
+}
+
+impl InputSpec {
+    /// The size the graph fixes for `axis`, if it does.
+    fn inferred_dim(&self, axis: usize) -> Option<usize> {
+        self.inferred_dims.get(axis).copied().flatten()
+    }
 }
 
 impl Batch {
@@ -142,7 +153,7 @@ pub fn input_specs(model: &Model) -> Result<Vec<InputSpec>, ExecError> {
                     crate::ir::tensor::dtype_name(tt.elem_type())
                 ))
             })?;
-            let dims = tt
+            let dims: Vec<DimSpec> = tt
                 .shape
                 .as_ref()
                 .map(|s| {
@@ -158,6 +169,7 @@ pub fn input_specs(model: &Model) -> Result<Vec<InputSpec>, ExecError> {
                 .unwrap_or_default();
             Ok(InputSpec {
                 inferred_range: embedding_rows(model, port.value).map(|rows| (0, rows - 1)),
+                inferred_dims: convolved_sizes(model, port.value, dims.len()),
                 name,
                 dtype,
                 dims,
@@ -217,6 +229,134 @@ fn embedding_rows(model: &Model, input: crate::ir::ValueId) -> Option<i64> {
     None
 }
 
+/// Sizes the graph fixes for the dims of an input of rank `rank` that a convolution reads
+/// (pixels, audio features), by axis: the channels (axis 1) its weight takes (`[O, C/group,
+/// k...]`), and, where the embedding's tokens meet a table of fixed positions, the spatial
+/// size that makes their counts agree. Exporters name these dims (Optimum's `num_channels`,
+/// `height`, `width`, `feature_size`, `encoder_sequence_length`), and a generated size of 16
+/// runs no such model: ViT's stride-8 patches of a 32-pixel image are 16 tokens, which its
+/// `[1, 17, 64]` table (one class token) adds to; Whisper's convolutions of strides 1 and 2
+/// halve 3000 frames to its 1500 positions. The spatial size is `q` times the product of the
+/// strides of the convolutions in a row (through elementwise operators), where `q^spatial
+/// rank` is the table's length less 0, 1 or 2 leading tokens (class, distillation): square
+/// images. A table is an initializer of rank 2 or 3 whose last dim is the embedding's
+/// channels and which an `Add` reads (through Gather, Slice, Unsqueeze, Reshape, Expand,
+/// Cast); the longest one counts. A model that interpolates its positions runs at that size
+/// too. `None` where the graph says nothing.
+fn convolved_sizes(model: &Model, input: crate::ir::ValueId, rank: usize) -> Vec<Option<usize>> {
+    use crate::ir::attr::{get_int, get_ints};
+    use crate::ir::Use;
+    let g = &model.graph;
+    // The Conv reading `v` as its data (through Casts), with its weight's dims.
+    let conv_reading = |v: crate::ir::ValueId, through: &[&str]| {
+        let mut frontier = vec![v];
+        let mut seen = 0;
+        while let Some(v) = frontier.pop() {
+            seen += 1;
+            if seen > 64 {
+                break;
+            }
+            for &(reader, use_) in g.uses(v) {
+                let node = g.node(reader);
+                if node.is("Conv") && use_ == Use::Input(0) {
+                    let weight = g.initializer(node.input(1)?)?;
+                    return Some((node, weight.dims().to_vec()));
+                }
+                if through.contains(&node.op_type()) {
+                    frontier.extend(node.output(0));
+                }
+            }
+        }
+        None
+    };
+    let Some((conv, weight)) = conv_reading(input, &["Cast"]) else {
+        return Vec::new();
+    };
+    if weight.len() != rank || rank < 3 || weight.iter().any(|&d| d <= 0) {
+        return Vec::new();
+    }
+    let mut sizes = vec![None; rank];
+    let group = get_int(&conv.proto, "group").unwrap_or(1).max(1) as usize;
+    sizes[1] = Some(weight[1] as usize * group);
+    // One stride for every spatial axis, or no size for them.
+    let stride_of = |node: &crate::ir::Node| match get_ints(&node.proto, "strides") {
+        None => Some(1),
+        Some(s) if s.iter().all(|&x| x == s[0] && x > 0) => Some(s[0] as usize),
+        Some(_) => None,
+    };
+    let Some(mut stride) = stride_of(conv) else {
+        return sizes;
+    };
+    let mut channels = weight[0] as usize;
+    let mut last = conv;
+    while let Some((next, w)) = last
+        .output(0)
+        .and_then(|v| conv_reading(v, crate::ops::ELEMENTWISE))
+    {
+        let Some(s) = stride_of(next) else {
+            return sizes;
+        };
+        stride *= s;
+        channels = w[0] as usize;
+        last = next;
+    }
+    let spatial = (rank - 2) as u32;
+    let Some(length) = position_table_length(model, channels) else {
+        return sizes;
+    };
+    let side = (0..=2).find_map(|leading| {
+        let tokens = length.checked_sub(leading)?;
+        let q = (tokens as f64).powf(1.0 / spatial as f64).round() as usize;
+        (q > 0 && q.pow(spatial) == tokens).then_some(q)
+    });
+    if let Some(q) = side {
+        sizes[2..].iter_mut().for_each(|s| *s = Some(q * stride));
+    }
+    sizes
+}
+
+/// The length of the longest table of positions for an embedding of `channels`: an
+/// initializer `[length, channels]` or `[1, length, channels]` (length > 1) that an `Add`
+/// reads, directly or through the operators that select or place its rows.
+fn position_table_length(model: &Model, channels: usize) -> Option<usize> {
+    use crate::ir::Use;
+    let g = &model.graph;
+    let added = |table: crate::ir::ValueId| {
+        let mut frontier = vec![table];
+        let mut seen = 0;
+        while let Some(v) = frontier.pop() {
+            seen += 1;
+            if seen > 16 {
+                return false;
+            }
+            for &(reader, use_) in g.uses(v) {
+                let node = g.node(reader);
+                match node.op_type() {
+                    "Add" => return true,
+                    "Gather" if use_ == Use::Input(0) => frontier.extend(node.output(0)),
+                    "Slice" | "Unsqueeze" | "Reshape" | "Expand" | "Cast" | "Identity"
+                        if use_ == Use::Input(0) =>
+                    {
+                        frontier.extend(node.output(0))
+                    }
+                    _ => {}
+                }
+            }
+        }
+        false
+    };
+    g.initializers()
+        .filter_map(|(v, t)| {
+            let dims = t.dims();
+            let length = match dims {
+                [length, c] | [1, length, c] if *c as usize == channels => *length as usize,
+                _ => return None,
+            };
+            (length > 1 && added(v)).then_some(length)
+        })
+        .max()
+}
+
 /// Makes `count` deterministic batches for `specs`.
 pub fn generate(
     specs: &[InputSpec],
@@ -247,9 +387,18 @@ pub fn generate(
 /// say. Axis 0 of an input of rank 2 or more is the batch; the sequence axis of a 2-D mask is
 /// the past length plus the new tokens' when the model has past key/values (a past length of
 /// `default_length`, as a `past_sequence` symbol gets), the new tokens' otherwise; other
-/// symbols keep their size by name. A symbol `dims` gives, or one already placed, is kept.
+/// symbols keep their size by name. A symbol the graph fixes (`InputSpec::inferred_dims`: an
+/// image's channels and size) takes that size. A symbol `dims` gives, or one already placed,
+/// is kept.
 fn with_role_sizes(specs: &[InputSpec], options: &GenerateOptions) -> GenerateOptions {
     let mut options = options.clone();
+    for spec in specs {
+        for (axis, dim) in spec.dims.iter().enumerate() {
+            if let (DimSpec::Symbol(symbol), Some(size)) = (dim, spec.inferred_dim(axis)) {
+                options.dims.entry(symbol.clone()).or_insert(size);
+            }
+        }
+    }
     let has_past = specs
         .iter()
         .any(|s| s.name.to_ascii_lowercase().contains("past") && s.dims.len() >= 3);
@@ -288,10 +437,11 @@ fn generate_one(
     let shape: Vec<usize> = spec
         .dims
         .iter()
-        .map(|d| match d {
+        .enumerate()
+        .map(|(axis, d)| match d {
             DimSpec::Fixed(n) => *n,
             DimSpec::Symbol(s) => options.symbol_size(s),
-            DimSpec::Unknown => options.default_length,
+            DimSpec::Unknown => spec.inferred_dim(axis).unwrap_or(options.default_length),
         })
         .collect();
     let n: usize = shape.iter().product();
@@ -677,6 +827,7 @@ mod tests {
             dtype,
             dims,
             inferred_range: None,
+            inferred_dims: Vec::new(),
         }
     }
 
@@ -701,6 +852,127 @@ mod tests {
                 .map(|(n, t)| (n.to_string(), t))
                 .collect(),
         }
+    }
+
+    fn weights(name: &str, dims: &[i64]) -> crate::ir::Tensor {
+        let n = dims.iter().product::<i64>() as usize;
+        crate::ir::Tensor::from_f32(name, dims, &vec![0.5; n]).unwrap()
+    }
+
+    /// The shapes generated for the inputs of `model`.
+    fn generated_shapes(model: &Model) -> Vec<Vec<usize>> {
+        let specs = input_specs(model).unwrap();
+        let batch = generate(&specs, &GenerateOptions::default(), 1).unwrap();
+        batch[0]
+            .tensors
+            .iter()
+            .map(|(_, t)| t.shape().to_vec())
+            .collect()
+    }
+
+    /// Optimum's ViT: every dim of `pixel_values` free; 8-pixel patches of a 32-pixel image
+    /// are the 16 tokens a `[1, 17, 4]` table (one class token) adds to.
+    #[test]
+    fn an_image_gets_the_channels_and_size_its_patch_embedding_takes() {
+        use crate::ir::attr;
+        use crate::ir::testing::builder;
+        use crate::proto::tensor_proto::DataType::Float;
+        let model = builder()
+            .input(
+                "pixel_values",
+                Float,
+                &["batch_size", "num_channels", "height", "width"],
+            )
+            .output("tokens", Float, &["batch_size", "?", "4"])
+            .init(weights("patch", &[4, 3, 8, 8]))
+            .init(weights("cls", &[1, 1, 4]))
+            .init(weights("positions", &[1, 17, 4]))
+            .init(crate::ir::Tensor::from_i64("flat", &[3], &[0, 4, -1]).unwrap())
+            .node(
+                "Conv",
+                &["pixel_values", "patch"],
+                &["patches"],
+                vec![attr::ints("strides", &[8, 8])],
+            )
+            .node("Reshape", &["patches", "flat"], &["rows"], vec![])
+            .node(
+                "Transpose",
+                &["rows"],
+                &["embedded"],
+                vec![attr::ints("perm", &[0, 2, 1])],
+            )
+            .node(
+                "Concat",
+                &["cls", "embedded"],
+                &["with_cls"],
+                vec![attr::int("axis", 1)],
+            )
+            .node("Add", &["with_cls", "positions"], &["tokens"], vec![])
+            .build();
+        let specs = input_specs(&model).unwrap();
+        assert_eq!(specs[0].inferred_dims, [None, Some(3), Some(32), Some(32)]);
+        assert_eq!(generated_shapes(&model), [[1, 3, 32, 32]]);
+        // A size the user gives wins.
+        let options = GenerateOptions {
+            dims: HashMap::from([("height".to_string(), 64), ("width".to_string(), 64)]),
+            ..Default::default()
+        };
+        let given = generate(&specs, &options, 1).unwrap();
+        assert_eq!(given[0].tensors[0].1.shape(), [1, 3, 64, 64]);
+    }
+
+    /// Whisper's encoder: 80 mel bins, a stride-1 and a stride-2 convolution (a GELU between)
+    /// down to its 1500 positions: 3000 frames. Without a table only the channels are known.
+    #[test]
+    fn audio_features_get_the_frames_their_positions_count() {
+        use crate::ir::attr;
+        use crate::ir::testing::builder;
+        use crate::proto::tensor_proto::DataType::Float;
+        let encoder = |positions: Option<i64>| {
+            let mut b = builder()
+                .input(
+                    "input_features",
+                    Float,
+                    &["batch_size", "feature_size", "frames"],
+                )
+                .output("states", Float, &["batch_size", "?", "4"])
+                .init(weights("conv1", &[4, 80, 3]))
+                .init(weights("conv2", &[4, 4, 3]))
+                .node(
+                    "Conv",
+                    &["input_features", "conv1"],
+                    &["c1"],
+                    vec![attr::ints("pads", &[1, 1])],
+                )
+                .node("Gelu", &["c1"], &["g1"], vec![])
+                .node(
+                    "Conv",
+                    &["g1", "conv2"],
+                    &["c2"],
+                    vec![attr::ints("pads", &[1, 1]), attr::ints("strides", &[2])],
+                )
+                .node(
+                    "Transpose",
+                    &["c2"],
+                    &["t"],
+                    vec![attr::ints("perm", &[0, 2, 1])],
+                );
+            b = match positions {
+                Some(n) => b.init(weights("positions", &[n, 4])).node(
+                    "Add",
+                    &["t", "positions"],
+                    &["states"],
+                    vec![],
+                ),
+                None => b.node("Identity", &["t"], &["states"], vec![]),
+            };
+            b.build()
+        };
+        let specs = input_specs(&encoder(Some(1500))).unwrap();
+        assert_eq!(specs[0].inferred_dims, [None, Some(80), Some(3000)]);
+        let specs = input_specs(&encoder(None)).unwrap();
+        assert_eq!(specs[0].inferred_dims, [None, Some(80), None]);
+        assert_eq!(generated_shapes(&encoder(None)), [[1, 80, 16]]);
     }
 
     /// A dynamo export of a decoder with past names every dim apart (`s10`, `s70`, ...): the

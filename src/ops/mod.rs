@@ -12,6 +12,41 @@ pub mod quantization;
 pub mod rotary;
 pub mod weights;
 
+/// Operators that apply to each element (with broadcasting): they keep heads apart
+/// (structured pruning) and the spatial dims of what a convolution wrote (`exec::inputs`).
+pub const ELEMENTWISE: &[&str] = &[
+    "Add",
+    "Sub",
+    "Mul",
+    "Div",
+    "Where",
+    "Pow",
+    "Max",
+    "Min",
+    "Equal",
+    "Less",
+    "Greater",
+    "IsNaN",
+    "IsInf",
+    "Not",
+    "And",
+    "Or",
+    "Cast",
+    "Dropout",
+    "Identity",
+    "Sqrt",
+    "Neg",
+    "Exp",
+    "Tanh",
+    "Erf",
+    "Relu",
+    "Sigmoid",
+    "Abs",
+    "Reciprocal",
+    "Clip",
+    "Gelu",
+];
+
 /// The domain of ONNX Runtime's contrib operators.
 pub const MS_DOMAIN: &str = "com.microsoft";
 

@@ -47,39 +47,6 @@ struct Block {
     broken: bool,
 }
 
-/// Operators that apply to each element (with broadcasting) and so keep heads apart.
-const ELEMENTWISE: &[&str] = &[
-    "Add",
-    "Sub",
-    "Mul",
-    "Div",
-    "Where",
-    "Pow",
-    "Max",
-    "Min",
-    "Equal",
-    "Less",
-    "Greater",
-    "IsNaN",
-    "IsInf",
-    "Not",
-    "And",
-    "Or",
-    "Cast",
-    "Dropout",
-    "Identity",
-    "Sqrt",
-    "Neg",
-    "Exp",
-    "Tanh",
-    "Erf",
-    "Relu",
-    "Sigmoid",
-    "Abs",
-    "Reciprocal",
-    "Clip",
-];
-
 /// Every unfused attention block of `g` whose layout is proven, in `order`.
 pub(super) fn unfused_layouts(g: &Graph, order: &[NodeId]) -> Vec<HeadLayout> {
     let mut blocks: Vec<Block> = Vec::new();
@@ -272,7 +239,7 @@ fn follow(g: &Graph, id: NodeId, inputs: &[(usize, Tracked)], block: &Block) -> 
             let batch = a.axis + 2 < in_rank && b.axis + 2 < b_rank && b_rank - b.axis == from_end;
             batch.then(|| keep(out_rank - from_end))
         }
-        op if ELEMENTWISE.contains(&op) => {
+        op if crate::ops::ELEMENTWISE.contains(&op) => {
             let from_end = in_rank - first.axis;
             let axis = out_rank.checked_sub(from_end)?;
             let mut per_head = Vec::new();
