@@ -22,11 +22,55 @@ pub(super) fn infer(cx: &Ctx) -> Option<Vec<ValueType>> {
 
 fn standard(cx: &Ctx) -> Option<Vec<ValueType>> {
     let t = match cx.op() {
-        "Identity" | "Abs" | "Neg" | "Relu" | "Sigmoid" | "Erf" | "Exp" | "Log" | "Sqrt"
-        | "Reciprocal" | "Tanh" | "Floor" | "Ceil" | "Round" | "Sign" | "Sin" | "Cos"
-        | "Softplus" | "Softsign" | "LeakyRelu" | "Elu" | "Selu" | "Celu" | "HardSigmoid"
-        | "HardSwish" | "Mish" | "Clip" | "Softmax" | "LogSoftmax" | "Hardmax" | "CumSum"
-        | "Trilu" | "Gelu" | "Not" | "BitwiseNot" => same(cx, 0),
+        "Identity"
+        | "Abs"
+        | "Neg"
+        | "Relu"
+        | "Sigmoid"
+        | "Erf"
+        | "Exp"
+        | "Log"
+        | "Sqrt"
+        | "Reciprocal"
+        | "Tanh"
+        | "Floor"
+        | "Ceil"
+        | "Round"
+        | "Sign"
+        | "Sin"
+        | "Cos"
+        | "Softplus"
+        | "Softsign"
+        | "LeakyRelu"
+        | "Elu"
+        | "Selu"
+        | "Celu"
+        | "HardSigmoid"
+        | "HardSwish"
+        | "Mish"
+        | "Clip"
+        | "Softmax"
+        | "LogSoftmax"
+        | "Hardmax"
+        | "CumSum"
+        | "Trilu"
+        | "Gelu"
+        | "Not"
+        | "BitwiseNot"
+        | "Tan"
+        | "Asin"
+        | "Acos"
+        | "Atan"
+        | "Sinh"
+        | "Cosh"
+        | "Asinh"
+        | "Acosh"
+        | "Atanh"
+        | "Shrink"
+        | "ThresholdedRelu"
+        | "LRN"
+        | "MeanVarianceNormalization"
+        | "GroupNormalization" => same(cx, 0),
         // Updates written into a copy of the data (torch's slice_scatter, index_put).
         "ScatterND" | "ScatterElements" | "Scatter" => same(cx, 0),
         "IsNaN" | "IsInf" => with_elem(cx, 0, BOOL),
@@ -69,8 +113,27 @@ fn standard(cx: &Ctx) -> Option<Vec<ValueType>> {
         // and variance outputs are left to the file.
         "BatchNormalization" | "InstanceNormalization" | "LpNormalization" => same(cx, 0),
         "GlobalAveragePool" | "GlobalMaxPool" | "GlobalLpPool" => global_pool(cx),
-        "MaxPool" | "AveragePool" | "LpPool" => {
-            unknown_dims(cx.elem(0), cx.shape(0).map(<[Dim]>::len))
+        // Sizes from windows, scales, pads or block sizes, which these rules do not follow:
+        // the element type and the rank are known, the file's record where it has one.
+        "MaxPool" | "AveragePool" | "LpPool" | "Resize" | "Upsample" | "Pad" | "DepthToSpace"
+        | "SpaceToDepth" | "GridSample" | "ConvTranspose" => recorded_or(
+            cx,
+            0,
+            unknown_dims(cx.elem(0), cx.shape(0).map(<[Dim]>::len)),
+        ),
+        "Einsum" => recorded_or(cx, 0, unknown(cx.elem(0))),
+        // (indices, depth, values): a new axis of `depth` values' type.
+        "OneHot" => recorded_or(
+            cx,
+            0,
+            unknown_dims(cx.elem(2), cx.shape(0).map(|s| s.len() + 1)),
+        ),
+        "TopK" => {
+            let rank = cx.shape(0).map(<[Dim]>::len);
+            return Some(vec![
+                recorded_or(cx, 0, unknown_dims(cx.elem(0), rank)),
+                recorded_or(cx, 1, unknown_dims(INT64, rank)),
+            ]);
         }
         "MatMul" => matmul(cx),
         "MatMulInteger" => matmul_of(cx, 1, INT32),
@@ -180,6 +243,25 @@ fn if_outputs(cx: &Ctx) -> Option<Vec<ValueType>> {
         })
         .collect();
     Some(outputs)
+}
+
+/// `inferred`, whose dims are unknown, with the shape the file records for output `slot`
+/// where it records one of that rank. The element type stays the inferred one: a record
+/// may be older than a conversion of the inputs (FP16 re-infers after converting).
+fn recorded_or(cx: &Ctx, slot: usize, inferred: ValueType) -> ValueType {
+    let Some(recorded) = cx.node.output(slot).and_then(|v| cx.graph.value_type(v)) else {
+        return inferred;
+    };
+    let shape = match (recorded.shape, inferred.shape) {
+        (Some(r), Some(i)) if r.len() == i.len() => Some(r),
+        (Some(r), None) => Some(r),
+        (_, i) => i,
+    };
+    let elem = match inferred.elem {
+        0 => recorded.elem,
+        e => e,
+    };
+    ValueType { elem, shape }
 }
 
 fn unknown(elem: i32) -> ValueType {

@@ -1097,3 +1097,25 @@ fn scatters_have_their_datas_type() {
     assert_eq!(t.ty("nd"), "f16[batch, 4, 8]");
     assert_eq!(t.ty("elements"), "f16[batch, 4, 8]");
 }
+
+/// Resize's sizes come from its scales, which no rule follows: the element type is the
+/// data's and the rank is kept, with the shape the file records where it records one, never
+/// its element type (FP16 re-infers after converting the data to float16).
+#[test]
+fn a_resize_keeps_the_data_type_and_rank_and_a_recorded_shape() {
+    let net = |recorded: Option<(i32, &str)>| {
+        let net = Net::new(17)
+            .input("x", F16, "batch,3,32,32")
+            .floats("scales", &[4])
+            .node("Resize", &["x", "", "scales"], &["y"]);
+        match recorded {
+            Some((elem, dims)) => net.value_info("y", elem, dims),
+            None => net,
+        }
+    };
+    assert_eq!(net(None).infer().ty("y"), "f16[?, ?, ?, ?]");
+    assert_eq!(
+        net(Some((F32, "batch,3,64,64"))).infer().ty("y"),
+        "f16[batch, 3, 64, 64]"
+    );
+}
