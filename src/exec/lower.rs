@@ -154,7 +154,7 @@ fn matmul_nbits(model: &Model, id: NodeId, node: &Node) -> Option<Patch> {
     Some(patch)
 }
 
-/// `DequantizeLinear(x, scale, zero?)` with constant float32 scales of a 4-bit initializer x,
+/// `DequantizeLinear(x, scale, zero?)` with constant float32 or float16 scales of a 4-bit initializer x,
 /// or of an 8-bit one in blocks (`block_size`), as the float initializer it computes
 /// (`ops::nbits::dequantize_linear`); the initializers it alone read are dropped, since tract
 /// cannot load 4-bit ones even unread. 8-bit ones per tensor or per axis tract runs itself.
@@ -170,7 +170,8 @@ fn blockwise_dequantize(model: &Model, id: NodeId, node: &Node) -> Option<Patch>
         _ => return None,
     };
     let scales = g.initializer(node.input(1)?)?;
-    if scales.dtype() != DataType::Float {
+    let elem = scales.dtype();
+    if !matches!(elem, DataType::Float | DataType::Float16) {
         return None;
     }
     let scales = scales.to_f32_vec().ok()?;
@@ -195,7 +196,18 @@ fn blockwise_dequantize(model: &Model, id: NodeId, node: &Node) -> Option<Patch>
     let values =
         nbits::dequantize_linear(codes, &dims, axis, block_size, &scales, zeros.as_deref())?;
     let out = node.output(0)?;
-    let tensor = Tensor::from_f32(g.value_name(out), x.dims(), &values).ok()?;
+    // The scales' type, as DequantizeLinear computes: float16 scales give float16 weights.
+    let tensor = match elem {
+        DataType::Float16 => {
+            let bytes: Vec<u8> = values
+                .iter()
+                .flat_map(|&v| half::f16::from_f32(v).to_le_bytes())
+                .collect();
+            Tensor::from_raw(g.value_name(out), elem, x.dims(), bytes.into())
+        }
+        _ => Tensor::from_f32(g.value_name(out), x.dims(), &values),
+    }
+    .ok()?;
     let mut patch = Patch::new("lower-dequantize-blockwise");
     patch.remove_node(id);
     patch.replace_with_initializer(out, tensor);

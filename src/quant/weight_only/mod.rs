@@ -160,6 +160,15 @@ struct Site {
     input: ValueId,
     k: usize,
     n: usize,
+    /// The float weight's element type (float32 or float16), which its scales keep: a
+    /// float16 model's products stay float16.
+    elem: DataType,
+}
+
+/// The weight element types quantized: what MatMulNBits' activations and DequantizeLinear's
+/// scales may be.
+fn quantizable(elem: DataType) -> bool {
+    matches!(elem, DataType::Float | DataType::Float16)
 }
 
 /// Quantizes the weights of `model`'s MatMuls to 4 bits (see the module doc), calibrating
@@ -227,6 +236,7 @@ pub fn quantize_weights(
                 .initializer(site.table.map_or(site.weight, |(table, _)| table))
                 .ok_or_else(|| Error::Quantization("a weight is no longer a constant".into()))?;
             let values = t.to_f32_vec()?;
+            report.float_bytes += t.byte_len();
             // The float weight is read once: its pages in the input file need not stay
             // resident while the rest are quantized (a 1B model's would add up to the file).
             // A table a Gather still reads is read from the file again when it runs.
@@ -241,7 +251,6 @@ pub fn quantize_weights(
             let (q, weight_report) =
                 quantize_weight(&w, site, &name, grams.get(&site.input), options);
             drop(w);
-            report.float_bytes += site.k * site.n * 4;
             let patch = emit(&model.graph, site, &name, &q, options, &mut report)?;
             rewrites.apply(model, patch)?;
             report.weights.push(weight_report);
@@ -335,11 +344,7 @@ fn transposed_table(g: &Graph, weight: ValueId, reader: NodeId) -> Option<(Value
     let t = g.initializer(table)?;
     let only_reader =
         g.uses(weight).iter().all(|&(r, _)| r == reader) && !g.is_graph_output(weight);
-    (node.is("Transpose")
-        && swaps
-        && t.dims().len() == 2
-        && t.dtype() == DataType::Float
-        && only_reader)
+    (node.is("Transpose") && swaps && t.dims().len() == 2 && quantizable(t.dtype()) && only_reader)
         .then_some((table, transpose))
 }
 
@@ -361,8 +366,11 @@ fn sites(g: &Graph, selection: &Selection, lm_head: bool) -> (Vec<Site>, Vec<Str
         };
         if let Some((table, transpose)) = transposed_table(g, weight, id) {
             let name = g.value_name(table);
-            match g.initializer(table).map(|t| t.dims()) {
-                Some(&[n, k]) if lm_head && n >= 1 && k >= 1 => {
+            let Some(t) = g.initializer(table) else {
+                continue;
+            };
+            match t.dims() {
+                &[n, k] if lm_head && n >= 1 && k >= 1 => {
                     order.push(weight);
                     by_weight.insert(
                         weight,
@@ -373,6 +381,7 @@ fn sites(g: &Graph, selection: &Selection, lm_head: bool) -> (Vec<Site>, Vec<Str
                             input,
                             k: k as usize,
                             n: n as usize,
+                            elem: t.dtype(),
                         },
                     );
                 }
@@ -387,7 +396,7 @@ fn sites(g: &Graph, selection: &Selection, lm_head: bool) -> (Vec<Site>, Vec<Str
             continue;
         };
         let &[k, n] = t.dims() else { continue };
-        if t.dtype() != DataType::Float || k < 1 || n < 1 {
+        if !quantizable(t.dtype()) || k < 1 || n < 1 {
             continue;
         }
         if let Some(site) = by_weight.get_mut(&weight) {
@@ -415,6 +424,7 @@ fn sites(g: &Graph, selection: &Selection, lm_head: bool) -> (Vec<Site>, Vec<Str
                 input,
                 k: k as usize,
                 n: n as usize,
+                elem: t.dtype(),
             },
         );
     }
@@ -444,7 +454,15 @@ fn emit(
         Tensor::from_raw(&hint, dt, dims, Bytes::from(data))
             .map(|t| patch.new_initializer(&hint, t))
     };
-    let scales_bytes = |scales: &[f32]| scales.iter().flat_map(|s| s.to_le_bytes()).collect();
+    let scales_bytes = |scales: &[f32], elem: DataType| -> Vec<u8> {
+        match elem {
+            DataType::Float16 => scales
+                .iter()
+                .flat_map(|&s| half::f16::from_f32(s).to_le_bytes())
+                .collect(),
+            _ => scales.iter().flat_map(|s| s.to_le_bytes()).collect(),
+        }
+    };
     match options.target {
         Target::Ort => {
             let weight = initializer(
@@ -454,12 +472,16 @@ fn emit(
                 &[n, blocks, (options.block_size * bits.count() / 8) as i64],
                 q.matmul_nbits_weight(),
             )?;
+            // ONNX Runtime's float16 MatMulNBits on CPU gave wrong products inside a model
+            // run without its graph optimizations (ORT 1.32: MiniLM in float16, cosine 0.44,
+            // right only when each product was also a graph output): a float16 model's
+            // products run in float32 between Casts, which every level runs right.
             let scales = initializer(
                 &mut patch,
                 "scales",
                 DataType::Float,
                 &[n * blocks],
-                scales_bytes(&q.scales),
+                scales_bytes(&q.scales, DataType::Float),
             )?;
             let zeros = match q.matmul_nbits_zero_points() {
                 Some(z) => Some(initializer(
@@ -486,9 +508,29 @@ fn emit(
                     attr::int("block_size", options.block_size as i64),
                     attr::int("accuracy_level", options.accuracy_level),
                 ];
-                let mut inputs = vec![Some(a.into()), Some(weight), Some(scales)];
+                let float16 = site.elem == DataType::Float16;
+                let cast = |patch: &mut Patch, from: PValue, to: PValue, elem: DataType| {
+                    let to_type = attr::int("to", elem as i64);
+                    patch.add_node("Cast", "", &[Some(from)], &[to], vec![to_type]);
+                };
+                let a = match float16 {
+                    true => {
+                        let a_float = patch.new_value(&format!("{name}.input_float"));
+                        cast(&mut patch, a.into(), a_float, DataType::Float);
+                        a_float
+                    }
+                    false => a.into(),
+                };
+                let product = match float16 {
+                    true => patch.new_value(&format!("{name}.product_float")),
+                    false => PValue::Old(out),
+                };
+                let mut inputs = vec![Some(a), Some(weight), Some(scales)];
                 inputs.extend(zeros.map(Some));
-                patch.add_node_proto(proto, &inputs, &[PValue::Old(out)]);
+                patch.add_node_proto(proto, &inputs, &[product]);
+                if float16 {
+                    cast(&mut patch, product, PValue::Old(out), DataType::Float16);
+                }
                 patch.remove_node(reader);
             }
         }
@@ -504,9 +546,9 @@ fn emit(
             let scales = initializer(
                 &mut patch,
                 "scales",
-                DataType::Float,
+                site.elem,
                 &[blocks, n],
-                scales_bytes(&scales),
+                scales_bytes(&scales, site.elem),
             )?;
             let zeros = match zeros {
                 Some(z) => Some(initializer(
