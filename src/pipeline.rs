@@ -251,6 +251,11 @@ fn transform(
 ) -> Result<(Model, Option<Vec<Batch>>), PipelineError> {
     let step = |what| move |source| PipelineError::Step { what, source };
     report.target = Some(options.optimize.target);
+    let quantizes_activations = matches!(options.mode, Mode::Static { .. } | Mode::Dynamic(_));
+    if quantizes_activations && quant::upcast::is_float16(&model) {
+        quant::upcast::upcast_float16(&mut model).map_err(step("float32 conversion failed"))?;
+        report.warnings.push(FLOAT16_UPCAST_WARNING.into());
+    }
     report.passes = Some(
         crate::optimize(&mut model, &options.optimize_options())
             .map_err(step("optimization failed"))?,
@@ -675,6 +680,10 @@ fn runs_on_generated_inputs(model: &Model, check: &ValidateOptions) -> Result<()
     }
     Err(last.expect("one engine at least"))
 }
+
+const FLOAT16_UPCAST_WARNING: &str = "the model computes in float16: the output computes in \
+    float32 around its INT8 products (activation quantization is float32); its inputs and \
+    outputs keep their types";
 
 const ONE_TOKEN_WARNING: &str = "the input model does not run on generated inputs of the \
     default lengths: checked on one token (every free dim but the batch at 1); --inputs DIR \

@@ -737,6 +737,52 @@ fn fp16_keeps_float32_io_when_asked() {
     assert!(halves > 0);
 }
 
+/// A float16 model (here `--fp16`'s output: a float16 pooler output) takes INT8
+/// activations, static and dynamic: it computes in float32 around its integer products
+/// (`quant::upcast`), says so, and keeps its float16 outputs. Before, the output mixed float16
+/// and float32 inputs on one operator, which ONNX Runtime refused to load.
+#[test]
+fn a_float16_model_is_quantized_to_int8_with_its_interface_kept() {
+    let dir = tempfile::tempdir().unwrap();
+    let float16 = dir.path().join("float16.onnx");
+    let model = common::testdata("bert-tiny.ts.onnx");
+    let calib = common::testdata("calib/bert-tiny");
+    let result = onnxopt(&["optimize", s(&model), s(&float16), "--fp16"]);
+    assert!(result.status.success(), "{}", text(&result.stderr));
+    for mode in [
+        &["--int8-dynamic"][..],
+        &["--int8", "--calib", s(&calib)][..],
+    ] {
+        let out = dir.path().join("int8.onnx");
+        let mut args = vec!["optimize", s(&float16), s(&out), "--inputs", s(&calib)];
+        args.extend_from_slice(mode);
+        args.extend_from_slice(&["--min-cosine", "0.999"]);
+        let result = onnxopt(&args);
+        assert!(
+            result.status.success(),
+            "{mode:?}: {}",
+            text(&result.stderr)
+        );
+        let stdout = text(&result.stdout) + &text(&result.stderr);
+        assert!(stdout.contains("the model computes in float16"), "{stdout}");
+        let written = onnxopt::io::load(&out).unwrap();
+        let g = &written.graph;
+        let elems = |g: &onnxopt::ir::Graph| -> Vec<i32> {
+            let ports = g.inputs.iter().chain(&g.outputs);
+            ports.map(|p| g.value_type(p.value).unwrap().elem).collect()
+        };
+        let declared = elems(&onnxopt::io::load(&float16).unwrap().graph);
+        assert!(declared.contains(&(DataType::Float16 as i32)));
+        assert_eq!(elems(g), declared, "{mode:?}");
+        let integer_products = g
+            .nodes()
+            .filter(|(_, n)| n.op_type().contains("Integer") || n.op_type().starts_with("QLinear"))
+            .count()
+            + g.nodes().filter(|(_, n)| n.is("QuantizeLinear")).count();
+        assert!(integer_products > 0, "{mode:?}: nothing quantized");
+    }
+}
+
 #[test]
 fn passes_picks_passes_from_the_pipeline() {
     let dir = tempfile::tempdir().unwrap();

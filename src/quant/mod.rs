@@ -1,5 +1,5 @@
 //! Quantization: calibration, static INT8 with QuantizeLinear/DequantizeLinear pairs, dynamic
-//! INT8, 4-bit weights and FP16.
+//! INT8, 4-bit weights and FP16 (and float16 models back to float32, `upcast`).
 //!
 //! The pieces share these types: a static run calibrates the activations `qdq` chooses
 //! (`calibrate`), turning what it observed into a `Range` per tensor with a `RangeMethod`,
@@ -12,6 +12,7 @@ pub mod fp16;
 pub mod qdq;
 pub mod sensitivity;
 pub mod smooth;
+pub mod upcast;
 pub mod weight_only;
 
 use std::collections::BTreeMap;
