@@ -137,6 +137,7 @@ fn is_identifier(s: &str) -> bool {
 /// The inputs `model` must be fed.
 pub fn input_specs(model: &Model) -> Result<Vec<InputSpec>, ExecError> {
     let g = &model.graph;
+    let caches = cache_sizes(model);
     g.inputs
         .iter()
         .filter(|p| g.initializer(p.value).is_none())
@@ -169,7 +170,10 @@ pub fn input_specs(model: &Model) -> Result<Vec<InputSpec>, ExecError> {
                 .unwrap_or_default();
             Ok(InputSpec {
                 inferred_range: embedding_rows(model, port.value).map(|rows| (0, rows - 1)),
-                inferred_dims: convolved_sizes(model, port.value, dims.len()),
+                inferred_dims: match caches.get(&port.value) {
+                    Some(sizes) if dims.len() == 4 => sizes.to_vec(),
+                    _ => convolved_sizes(model, port.value, dims.len()),
+                },
                 name,
                 dtype,
                 dims,
@@ -227,6 +231,44 @@ fn embedding_rows(model: &Model, input: crate::ir::ValueId) -> Option<i64> {
         }
     }
     None
+}
+
+/// Sizes of the KV cache inputs that an attention operator reads as its past key or value
+/// (`ops::attention::cache_layout`), by input: `[batch, cache heads, past, head size]` with
+/// the heads and the head size known, the head size being the query's last dim over the heads
+/// it holds. ONNX Runtime GenAI's model builder names the head size `kv_cache_dim`, which a
+/// generated 16 does not fit ("Input 'past_key' dimension 3 should match the packed KV head
+/// dimension"). Shape inference runs only when some input is such a cache.
+fn cache_sizes(model: &Model) -> HashMap<crate::ir::ValueId, [Option<usize>; 4]> {
+    use crate::ir::Use;
+    use crate::ops::attention::cache_layout;
+    let g = &model.graph;
+    let mut caches = HashMap::new();
+    let mut inference = None;
+    for port in &g.inputs {
+        for &(reader, use_) in g.uses(port.value) {
+            let node = g.node(reader);
+            let (Some(layout), Use::Input(slot)) = (cache_layout(node), use_) else {
+                continue;
+            };
+            if !layout.past_slots.contains(&slot) {
+                continue;
+            }
+            let inference = inference.get_or_insert_with(|| crate::passes::shape::infer(model));
+            let query_width = node
+                .input(0)
+                .and_then(|q| inference.shape(q)?.last()?.value())
+                .and_then(|w| usize::try_from(w).ok());
+            let head_size = query_width
+                .filter(|w| w % layout.query_heads == 0)
+                .map(|w| w / layout.query_heads);
+            caches.insert(
+                port.value,
+                [None, Some(layout.cache_heads), None, head_size],
+            );
+        }
+    }
+    caches
 }
 
 /// Sizes the graph fixes for the dims of an input of rank `rank` that a convolution reads
@@ -973,6 +1015,57 @@ mod tests {
         let specs = input_specs(&encoder(None)).unwrap();
         assert_eq!(specs[0].inferred_dims, [None, Some(80), None]);
         assert_eq!(generated_shapes(&encoder(None)), [[1, 80, 16]]);
+    }
+
+    /// ONNX Runtime GenAI's decoders name the cache's head size `kv_cache_dim`: it is the
+    /// packed query's width over its heads (2 query and 1 key-value heads of 6: 24).
+    #[test]
+    fn a_kv_cache_gets_the_heads_and_head_size_its_attention_reads() {
+        use crate::ir::attr;
+        use crate::ir::testing::builder;
+        use crate::proto::tensor_proto::DataType::{Float, Int32};
+        let past = ["batch_size", "1", "past_sequence_length", "kv_cache_dim"];
+        let mut model = builder()
+            .input("hidden", Float, &["batch_size", "sequence_length", "8"])
+            .input("past_key_values.0.key", Float, &past)
+            .input("past_key_values.0.value", Float, &past)
+            .input("seqlens_k", Int32, &["batch_size"])
+            .input("total_sequence_length", Int32, &[])
+            .output("attended", Float, &["batch_size", "sequence_length", "12"])
+            .init(weights("qkv", &[8, 24]))
+            .node("MatMul", &["hidden", "qkv"], &["packed"], vec![])
+            .node(
+                "GroupQueryAttention",
+                &[
+                    "packed",
+                    "",
+                    "",
+                    "past_key_values.0.key",
+                    "past_key_values.0.value",
+                    "seqlens_k",
+                    "total_sequence_length",
+                ],
+                &["attended", "present.0.key", "present.0.value"],
+                vec![attr::int("num_heads", 2), attr::int("kv_num_heads", 1)],
+            )
+            .build();
+        let gqa = model
+            .graph
+            .nodes()
+            .find(|(_, n)| n.op_type() == "GroupQueryAttention");
+        let id = gqa.unwrap().0;
+        model.graph.node_mut_proto(id).domain = Some(crate::ops::MS_DOMAIN.into());
+        let specs = input_specs(&model).unwrap();
+        for spec in &specs[1..3] {
+            assert_eq!(
+                spec.inferred_dims,
+                [None, Some(1), None, Some(6)],
+                "{}",
+                spec.name
+            );
+        }
+        let batch = generate(&specs, &GenerateOptions::default(), 1).unwrap();
+        assert_eq!(batch[0].tensors[1].1.shape(), [1, 1, 16, 6]);
     }
 
     /// A dynamo export of a decoder with past names every dim apart (`s10`, `s70`, ...): the

@@ -377,3 +377,48 @@ mod tests {
         ));
     }
 }
+
+/// Where an attention operator reads its KV cache, and the heads that cache and its query
+/// hold: what sizes its past key and value must have (`exec::inputs` generates them).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CacheLayout {
+    /// The input slots of the past key and value, `[batch, cache_heads, past, head_size]`.
+    pub past_slots: [usize; 2],
+    pub cache_heads: usize,
+    /// The heads the query's last dim holds, `query_heads × head_size`: with key and value
+    /// packed into the query, theirs too.
+    pub query_heads: usize,
+}
+
+/// The cache layout of `node` in `g`: ONNX Runtime's GroupQueryAttention (past at 3 and 4,
+/// `kv_num_heads` heads; a query without separate key and value packs `num_heads + 2 ×
+/// kv_num_heads` heads) and MultiHeadAttention (past at 6 and 7, `num_heads` heads). `None`
+/// for any other node.
+pub fn cache_layout(node: &Node) -> Option<CacheLayout> {
+    if node.domain() != crate::ops::MS_DOMAIN {
+        return None;
+    }
+    let count = |name: &str| {
+        attr::get_int(&node.proto, name)
+            .and_then(|n| usize::try_from(n).ok())
+            .filter(|&n| n > 0)
+    };
+    let heads = count("num_heads")?;
+    match node.op_type() {
+        "GroupQueryAttention" => {
+            let kv_heads = count("kv_num_heads")?;
+            let packed = node.input(1).is_none();
+            Some(CacheLayout {
+                past_slots: [3, 4],
+                cache_heads: kv_heads,
+                query_heads: if packed { heads + 2 * kv_heads } else { heads },
+            })
+        }
+        "MultiHeadAttention" => Some(CacheLayout {
+            past_slots: [6, 7],
+            cache_heads: heads,
+            query_heads: heads,
+        }),
+        _ => None,
+    }
+}
