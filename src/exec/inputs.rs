@@ -202,7 +202,7 @@ pub fn datum_type(code: i32) -> Option<DatumType> {
     })
 }
 
-/// Rows of the initializer that `input` indexes through a `Gather` or an
+/// Rows of the table (`table_dims`) that `input` indexes through a `Gather` or an
 /// EmbedLayerNormalization (token ids into an embedding table), looking through Casts and
 /// the Expand of position ids to the batch (`fuse::embed_layernorm`).
 fn embedding_rows(model: &Model, input: crate::ir::ValueId) -> Option<i64> {
@@ -219,14 +219,14 @@ fn embedding_rows(model: &Model, input: crate::ir::ValueId) -> Option<i64> {
             {
                 let Use::Input(slot) = use_ else { continue };
                 let table = embed_layer_norm::table_of(slot).and_then(|t| node.input(t));
-                let table = g.initializer(table?)?;
-                return table.dims().first().copied().filter(|&r| r > 0);
+                let dims = table_dims(model, table?)?;
+                return dims.first().copied().filter(|&r| r > 0);
             } else if node.is("Gather") && use_ == Use::Input(1) {
-                let table = g.initializer(node.input(0)?)?;
+                let dims = table_dims(model, node.input(0)?)?;
                 let axis = crate::ir::attr::get_int(&node.proto, "axis").unwrap_or(0);
-                let rank = table.dims().len() as i64;
+                let rank = dims.len() as i64;
                 let axis = if axis < 0 { axis + rank } else { axis };
-                return table.dims().get(axis as usize).copied().filter(|&r| r > 0);
+                return dims.get(axis as usize).copied().filter(|&r| r > 0);
             }
         }
     }
@@ -397,6 +397,20 @@ fn position_table_length(model: &Model, channels: usize) -> Option<usize> {
             (length > 1 && added(v)).then_some(length)
         })
         .max()
+}
+
+/// The dims of the constant table `v`: an initializer, or one that a DequantizeLinear or a
+/// Cast turns into `v` (an INT8 QDQ model's embeddings, a float16 model's).
+fn table_dims(model: &Model, v: crate::ir::ValueId) -> Option<&[i64]> {
+    let g = &model.graph;
+    if let Some(t) = g.initializer(v) {
+        return Some(t.dims());
+    }
+    let node = g.node(g.producer(v)?);
+    if !(node.is("DequantizeLinear") || node.is("Cast")) {
+        return None;
+    }
+    g.initializer(node.input(0)?).map(|t| t.dims())
 }
 
 /// Makes `count` deterministic batches for `specs`.
@@ -1015,6 +1029,42 @@ mod tests {
         let specs = input_specs(&encoder(None)).unwrap();
         assert_eq!(specs[0].inferred_dims, [None, Some(80), None]);
         assert_eq!(generated_shapes(&encoder(None)), [[1, 80, 16]]);
+    }
+
+    /// An INT8 QDQ model's embeddings: the Gather reads the table through a
+    /// DequantizeLinear; token ids are drawn from its rows (2 token types here, where a
+    /// default 0..9 ran out of the table).
+    #[test]
+    fn ids_index_the_rows_of_a_dequantized_table() {
+        use crate::ir::testing::builder;
+        use crate::proto::tensor_proto::DataType::{Float, Int64};
+        let codes = crate::ir::Tensor::from_raw(
+            "types_q",
+            DataType::Int8,
+            &[2, 4],
+            bytes::Bytes::from(vec![1u8; 8]),
+        )
+        .unwrap();
+        let model = builder()
+            .input("token_type_ids", Int64, &["batch", "sequence"])
+            .output("embedded", Float, &["batch", "sequence", "4"])
+            .init(codes)
+            .init(crate::ir::Tensor::from_f32("scale", &[], &[0.1]).unwrap())
+            .node(
+                "DequantizeLinear",
+                &["types_q", "scale"],
+                &["types"],
+                vec![],
+            )
+            .node(
+                "Gather",
+                &["types", "token_type_ids"],
+                &["embedded"],
+                vec![],
+            )
+            .build();
+        let specs = input_specs(&model).unwrap();
+        assert_eq!(specs[0].inferred_range, Some((0, 1)));
     }
 
     /// ONNX Runtime GenAI's decoders name the cache's head size `kv_cache_dim`: it is the
