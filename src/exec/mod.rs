@@ -22,6 +22,7 @@ pub mod perplexity;
 pub mod rng;
 mod rows;
 pub mod support;
+mod warm;
 
 use rayon::prelude::*;
 use std::collections::HashMap;
@@ -577,14 +578,20 @@ pub fn batches_for(
 /// They run in the engines `options.engine` chooses for the pair (`Engine::choose_pair`);
 /// with `Engine::Auto`, when tract fails to run either model or finds them apart, ONNX
 /// Runtime (if there) runs both and decides: its kernels are the ones the models are written
-/// for, where tract runs our lowerings or has a gap of its own.
+/// for, where tract runs our lowerings or has a gap of its own. Generated batches of a
+/// decoder with a KV cache carry the reference's own past (`warm`).
 pub fn validate(
     reference: &Model,
     candidate: &Model,
     options: &ValidateOptions,
     on_batch: &dyn Fn(usize, usize),
 ) -> Result<Validation, ExecError> {
+    let engines = options.engine.choose_pair(reference, candidate);
     let batches = batches_for(reference, &options.inputs, &options.generate)?;
+    let batches = match options.inputs {
+        InputSource::Generated(_) => warm::with_own_past(reference, batches, engines.0),
+        _ => batches,
+    };
     let run_in = |(ours, theirs): (EngineKind, EngineKind)| {
         let n = batches.len();
         let expected = Reference::run(reference, batches.clone(), ours, &|done, _| {
@@ -594,7 +601,6 @@ pub fn validate(
             on_batch(n + done, 2 * n)
         })
     };
-    let engines = options.engine.choose_pair(reference, candidate);
     let first_result = run_in(engines);
     let first_said = match &first_result {
         Ok(v) if v.passed() => return first_result,
