@@ -82,40 +82,23 @@ fn constant_patches(model: &Model) -> Result<Vec<Patch>> {
         if !node.domain().is_empty() {
             continue;
         }
-        let mut proto = node.proto.clone();
-        let mut changed = false;
+        let mut patch = Patch::new("upcast-constant");
         match node.op_type() {
             "Constant" | "ConstantOfShape" => {
-                for a in &mut proto.attribute {
-                    let Some(t) = a.t.take() else { continue };
-                    let t = Tensor::from_proto(t)?;
-                    let t = match t.dtype() {
-                        DataType::Float16 => {
-                            changed = true;
-                            to_f32(&t)?
-                        }
-                        _ => t,
-                    };
-                    a.t = Some(t.into_proto());
+                for a in &node.proto.attribute {
+                    let Some(t) = &a.t else { continue };
+                    let t = Tensor::from_proto(t.clone())?;
+                    if t.dtype() == DataType::Float16 {
+                        patch.set_attribute(id, attr::tensor(a.name(), to_f32(&t)?));
+                    }
                 }
             }
             "Cast" if attr::get_int(&node.proto, "to") == Some(FLOAT16 as i64) => {
-                proto.attribute.retain(|a| a.name() != "to");
-                proto
-                    .attribute
-                    .push(attr::int("to", DataType::Float as i64));
-                changed = true;
+                patch.set_attribute(id, attr::int("to", DataType::Float as i64));
             }
             _ => {}
         }
-        if changed {
-            let mut patch = Patch::new("upcast-constant");
-            let inputs: Vec<Option<PValue>> =
-                node.inputs.iter().map(|i| i.map(PValue::from)).collect();
-            let outputs: Vec<PValue> = node.outputs.iter().flatten().map(|&o| o.into()).collect();
-            patch
-                .remove_node(id)
-                .add_node_proto(proto, &inputs, &outputs);
+        if !patch.is_empty() {
             patches.push(patch);
         }
     }
