@@ -319,11 +319,11 @@ fn convolved_sizes(model: &Model, input: crate::ir::ValueId, rank: usize) -> Vec
     }
     let mut sizes = vec![None; rank];
     let group = get_int(&conv.proto, "group").unwrap_or(1).max(1) as usize;
-    sizes[1] = Some(weight[1] as usize * group);
+    sizes[1] = (weight[1] as usize).checked_mul(group);
     // One stride for every spatial axis, or no size for them.
     let stride_of = |node: &crate::ir::Node| match get_ints(&node.proto, "strides") {
         None => Some(1),
-        Some(s) if s.iter().all(|&x| x == s[0] && x > 0) => Some(s[0] as usize),
+        Some(s) if !s.is_empty() && s.iter().all(|&x| x == s[0] && x > 0) => Some(s[0] as usize),
         Some(_) => None,
     };
     let Some(mut stride) = stride_of(conv) else {
@@ -338,8 +338,11 @@ fn convolved_sizes(model: &Model, input: crate::ir::ValueId, rank: usize) -> Vec
         let Some(s) = stride_of(next) else {
             return sizes;
         };
-        stride *= s;
-        channels = w[0] as usize;
+        let Some(&out_channels) = w.first().filter(|&&o| o > 0) else {
+            return sizes;
+        };
+        stride = stride.saturating_mul(s);
+        channels = out_channels as usize;
         last = next;
     }
     let spatial = (rank - 2) as u32;
@@ -349,10 +352,12 @@ fn convolved_sizes(model: &Model, input: crate::ir::ValueId, rank: usize) -> Vec
     let side = (0..=2).find_map(|leading| {
         let tokens = length.checked_sub(leading)?;
         let q = (tokens as f64).powf(1.0 / spatial as f64).round() as usize;
-        (q > 0 && q.pow(spatial) == tokens).then_some(q)
+        (q > 0 && q.checked_pow(spatial) == Some(tokens)).then_some(q)
     });
     if let Some(q) = side {
-        sizes[2..].iter_mut().for_each(|s| *s = Some(q * stride));
+        sizes[2..]
+            .iter_mut()
+            .for_each(|s| *s = q.checked_mul(stride));
     }
     sizes
 }
