@@ -272,25 +272,28 @@ fn cache_sizes(model: &Model) -> HashMap<crate::ir::ValueId, [Option<usize>; 4]>
 }
 
 /// Sizes the graph fixes for the dims of an input of rank `rank` that a convolution reads
-/// (pixels, audio features), by axis: the channels (axis 1) its weight takes (`[O, C/group,
-/// k...]`), and, where the embedding's tokens meet a table of fixed positions, the spatial
-/// size that makes their counts agree. Exporters name these dims (Optimum's `num_channels`,
-/// `height`, `width`, `feature_size`, `encoder_sequence_length`), and a generated size of 16
-/// runs no such model: ViT's stride-8 patches of a 32-pixel image are 16 tokens, which its
-/// `[1, 17, 64]` table (one class token) adds to; Whisper's convolutions of strides 1 and 2
-/// halve 3000 frames to its 1500 positions. The spatial size is `q` times the product of the
-/// strides of the convolutions in a row (through elementwise operators), where `q^spatial
-/// rank` is the table's length less 0, 1 or 2 leading tokens (class, distillation): square
-/// images. A table is an initializer of rank 2 or 3 whose last dim is the embedding's
-/// channels and which an `Add` reads (through Gather, Slice, Unsqueeze, Reshape, Expand,
-/// Cast); the longest one counts. A model that interpolates its positions runs at that size
-/// too. `None` where the graph says nothing.
+/// (pixels, audio features, raw audio), by axis: the channels (axis 1) its weight takes
+/// (`[O, C/group, k...]`), and a spatial size. Exporters name these dims (Optimum's
+/// `num_channels`, `height`, `width`, `feature_size`, `encoder_sequence_length`), and a
+/// generated size of 16 runs no such model. The convolutions in a row (through the
+/// operators of `CONV_CHAIN`) stride by the product of their strides. Where the embedding's
+/// tokens meet a table of fixed positions, the spatial size makes their counts agree: `q`
+/// times that product, where `q^spatial rank` is the table's length less 0, 1 or 2 leading
+/// tokens (class, distillation), square images. ViT's stride-8 patches of a 32-pixel image
+/// are the 16 tokens its `[1, 17, 64]` table adds to; Whisper's strides 1 and 2 halve 3000
+/// frames to its 1500 positions. A table is an initializer of rank 2 or 3 whose last dim is
+/// the last convolution's channels and which an `Add` reads (through Gather, Slice, Unsqueeze,
+/// Reshape, Expand, Cast); the longest one counts, and a model that interpolates its
+/// positions runs at that size too. Without a table, a stride past 1 gets 16 positions'
+/// worth: wav2vec2's feature encoder strides by 320, and 16 samples ran none of its seven
+/// convolutions ("Invalid input shape"). Raw audio (`[batch, samples]`, unsqueezed into one
+/// channel) has no channel axis. `None` where the graph says nothing.
 fn convolved_sizes(model: &Model, input: crate::ir::ValueId, rank: usize) -> Vec<Option<usize>> {
     use crate::ir::attr::{get_int, get_ints};
     use crate::ir::Use;
     let g = &model.graph;
-    // The Conv reading `v` as its data (through Casts), with its weight's dims.
-    let conv_reading = |v: crate::ir::ValueId, through: &[&str]| {
+    // The Conv reading `v` as its data (through `through`), with its weight's dims.
+    let conv_reading = |v: crate::ir::ValueId, through: &dyn Fn(&str) -> bool| {
         let mut frontier = vec![v];
         let mut seen = 0;
         while let Some(v) = frontier.pop() {
@@ -302,24 +305,31 @@ fn convolved_sizes(model: &Model, input: crate::ir::ValueId, rank: usize) -> Vec
                 let node = g.node(reader);
                 if node.is("Conv") && use_ == Use::Input(0) {
                     let weight = g.initializer(node.input(1)?)?;
-                    return Some((node, weight.dims().to_vec()));
+                    let dims = weight.dims();
+                    return (dims.len() >= 3 && dims.iter().all(|&d| d > 0))
+                        .then(|| (node, dims.to_vec()));
                 }
-                if through.contains(&node.op_type()) {
+                if through(node.op_type()) {
                     frontier.extend(node.output(0));
                 }
             }
         }
         None
     };
-    let Some((conv, weight)) = conv_reading(input, &["Cast"]) else {
+    let to_first = |op: &str| matches!(op, "Cast" | "Unsqueeze" | "Reshape" | "Sub" | "Div");
+    let Some((conv, weight)) = conv_reading(input, &to_first) else {
         return Vec::new();
     };
-    if weight.len() != rank || rank < 3 || weight.iter().any(|&d| d <= 0) {
-        return Vec::new();
-    }
-    let mut sizes = vec![None; rank];
     let group = get_int(&conv.proto, "group").unwrap_or(1).max(1) as usize;
-    sizes[1] = (weight[1] as usize).checked_mul(group);
+    let mut sizes = vec![None; rank];
+    let spatial: Vec<usize> = if rank == weight.len() {
+        sizes[1] = (weight[1] as usize).checked_mul(group);
+        (2..rank).collect()
+    } else if rank + 1 == weight.len() && weight[1] as usize * group == 1 && rank >= 2 {
+        vec![rank - 1]
+    } else {
+        return Vec::new();
+    };
     // One stride for every spatial axis, or no size for them.
     let stride_of = |node: &crate::ir::Node| match get_ints(&node.proto, "strides") {
         None => Some(1),
@@ -331,36 +341,49 @@ fn convolved_sizes(model: &Model, input: crate::ir::ValueId, rank: usize) -> Vec
     };
     let mut channels = weight[0] as usize;
     let mut last = conv;
-    while let Some((next, w)) = last
-        .output(0)
-        .and_then(|v| conv_reading(v, crate::ops::ELEMENTWISE))
-    {
+    let in_chain = |op: &str| crate::ops::ELEMENTWISE.contains(&op) || CONV_CHAIN.contains(&op);
+    while let Some((next, w)) = last.output(0).and_then(|v| conv_reading(v, &in_chain)) {
         let Some(s) = stride_of(next) else {
             return sizes;
         };
-        let Some(&out_channels) = w.first().filter(|&&o| o > 0) else {
-            return sizes;
-        };
         stride = stride.saturating_mul(s);
-        channels = out_channels as usize;
+        channels = w[0] as usize;
         last = next;
     }
-    let spatial = (rank - 2) as u32;
-    let Some(length) = position_table_length(model, channels) else {
-        return sizes;
+    let size = match position_table_length(model, channels) {
+        Some(length) => {
+            let axes = spatial.len() as u32;
+            let side = (0..=2).find_map(|leading| {
+                let tokens = length.checked_sub(leading)?;
+                let q = (tokens as f64).powf(1.0 / axes as f64).round() as usize;
+                (q > 0 && q.checked_pow(axes) == Some(tokens)).then_some(q)
+            });
+            side.and_then(|q| q.checked_mul(stride))
+        }
+        None if stride > 1 => stride.checked_mul(POSITIONS_WITHOUT_A_TABLE),
+        None => None,
     };
-    let side = (0..=2).find_map(|leading| {
-        let tokens = length.checked_sub(leading)?;
-        let q = (tokens as f64).powf(1.0 / spatial as f64).round() as usize;
-        (q > 0 && q.checked_pow(spatial) == Some(tokens)).then_some(q)
-    });
-    if let Some(q) = side {
-        sizes[2..]
-            .iter_mut()
-            .for_each(|s| *s = q.checked_mul(stride));
+    for axis in spatial {
+        sizes[axis] = size;
     }
     sizes
 }
+
+/// Operators between convolutions in a row: layout and normalization (a feature encoder's
+/// `Conv → Transpose → LayerNormalization → Transpose → Gelu → Conv`), besides elementwise ones.
+const CONV_CHAIN: &[&str] = &[
+    "Transpose",
+    "Reshape",
+    "Unsqueeze",
+    "Squeeze",
+    "LayerNormalization",
+    "GroupNormalization",
+    "InstanceNormalization",
+    "BatchNormalization",
+];
+
+/// The positions a strided input without a table of positions is generated for.
+const POSITIONS_WITHOUT_A_TABLE: usize = 16;
 
 /// The length of the longest table of positions for an embedding of `channels`: an
 /// initializer `[length, channels]` or `[1, length, channels]` (length > 1) that an `Add`
@@ -983,7 +1006,7 @@ mod tests {
     }
 
     /// Whisper's encoder: 80 mel bins, a stride-1 and a stride-2 convolution (a GELU between)
-    /// down to its 1500 positions: 3000 frames. Without a table only the channels are known.
+    /// down to its 1500 positions: 3000 frames.
     #[test]
     fn audio_features_get_the_frames_their_positions_count() {
         use crate::ir::attr;
@@ -1031,9 +1054,56 @@ mod tests {
         };
         let specs = input_specs(&encoder(Some(1500))).unwrap();
         assert_eq!(specs[0].inferred_dims, [None, Some(80), Some(3000)]);
+        // Without a table, 16 positions' worth of frames.
         let specs = input_specs(&encoder(None)).unwrap();
-        assert_eq!(specs[0].inferred_dims, [None, Some(80), None]);
-        assert_eq!(generated_shapes(&encoder(None)), [[1, 80, 16]]);
+        assert_eq!(specs[0].inferred_dims, [None, Some(80), Some(32)]);
+        assert_eq!(generated_shapes(&encoder(None)), [[1, 80, 32]]);
+    }
+
+    /// wav2vec2's raw audio: `[batch, samples]`, unsqueezed into one channel, through
+    /// convolutions of strides 5 and 2 with a normalization between: 16 positions' worth.
+    #[test]
+    fn raw_audio_gets_the_samples_of_sixteen_positions() {
+        use crate::ir::attr;
+        use crate::ir::testing::builder;
+        use crate::proto::tensor_proto::DataType::Float;
+        let model = builder()
+            .input("input_values", Float, &["batch_size", "sequence_length"])
+            .output("features", Float, &["batch_size", "4", "?"])
+            .init(weights("conv0", &[4, 1, 10]))
+            .init(weights("conv1", &[4, 4, 3]))
+            .init(weights("scale", &[4]))
+            .init(weights("bias", &[4]))
+            .init(crate::ir::Tensor::from_i64("channel_axis", &[1], &[1]).unwrap())
+            .node(
+                "Unsqueeze",
+                &["input_values", "channel_axis"],
+                &["waves"],
+                vec![],
+            )
+            .node(
+                "Conv",
+                &["waves", "conv0"],
+                &["c0"],
+                vec![attr::ints("strides", &[5])],
+            )
+            .node(
+                "InstanceNormalization",
+                &["c0", "scale", "bias"],
+                &["n0"],
+                vec![],
+            )
+            .node("Gelu", &["n0"], &["g0"], vec![])
+            .node(
+                "Conv",
+                &["g0", "conv1"],
+                &["features"],
+                vec![attr::ints("strides", &[2])],
+            )
+            .build();
+        let specs = input_specs(&model).unwrap();
+        assert_eq!(specs[0].inferred_dims, [None, Some(160)]);
+        assert_eq!(generated_shapes(&model), [[1, 160]]);
     }
 
     /// An INT8 QDQ model's embeddings: the Gather reads the table through a
