@@ -325,7 +325,10 @@ fn convolved_sizes(model: &Model, input: crate::ir::ValueId, rank: usize) -> Vec
     let spatial: Vec<usize> = if rank == weight.len() {
         sizes[1] = (weight[1] as usize).checked_mul(group);
         (2..rank).collect()
-    } else if rank + 1 == weight.len() && weight[1] as usize * group == 1 && rank >= 2 {
+    } else if rank + 1 == weight.len()
+        && (weight[1] as usize).checked_mul(group) == Some(1)
+        && rank >= 2
+    {
         vec![rank - 1]
     } else {
         return Vec::new();

@@ -197,17 +197,7 @@ fn blockwise_dequantize(model: &Model, id: NodeId, node: &Node) -> Option<Patch>
         nbits::dequantize_linear(codes, &dims, axis, block_size, &scales, zeros.as_deref())?;
     let out = node.output(0)?;
     // The scales' type, as DequantizeLinear computes: float16 scales give float16 weights.
-    let tensor = match elem {
-        DataType::Float16 => {
-            let bytes: Vec<u8> = values
-                .iter()
-                .flat_map(|&v| half::f16::from_f32(v).to_le_bytes())
-                .collect();
-            Tensor::from_raw(g.value_name(out), elem, x.dims(), bytes.into())
-        }
-        _ => Tensor::from_f32(g.value_name(out), x.dims(), &values),
-    }
-    .ok()?;
+    let tensor = Tensor::from_f32_as(g.value_name(out), elem, x.dims(), &values).ok()?;
     let mut patch = Patch::new("lower-dequantize-blockwise");
     patch.remove_node(id);
     patch.replace_with_initializer(out, tensor);

@@ -117,6 +117,24 @@ pub fn raw_byte_len(dt: DataType, n: usize) -> Option<usize> {
 }
 
 /// A tensor: its proto, validated so that its dims and its data agree.
+/// The little-endian bytes of `values` as element type `dt`: float32, or float16 rounded to
+/// nearest (a value past float16's ±65 504 becomes infinite: `quant::fp16` clamps first).
+pub fn float_bytes(values: &[f32], dt: DataType) -> Result<Vec<u8>> {
+    Ok(match dt {
+        DataType::Float => values.iter().flat_map(|v| v.to_le_bytes()).collect(),
+        DataType::Float16 => values
+            .iter()
+            .flat_map(|&v| half::f16::from_f32(v).to_le_bytes())
+            .collect(),
+        other => {
+            return Err(Error::InvalidArgument(format!(
+                "float values cannot be written as {}",
+                other.short_name()
+            )))
+        }
+    })
+}
+
 #[derive(Clone, Debug, PartialEq)]
 pub struct Tensor {
     proto: TensorProto,
@@ -142,8 +160,12 @@ impl Tensor {
     }
 
     pub fn from_f32(name: &str, dims: &[i64], values: &[f32]) -> Result<Tensor> {
-        let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
-        Tensor::from_raw(name, DataType::Float, dims, Bytes::from(bytes))
+        Tensor::from_f32_as(name, DataType::Float, dims, values)
+    }
+
+    /// `values` stored as `dt`, float32 or float16 (`float_bytes`).
+    pub fn from_f32_as(name: &str, dt: DataType, dims: &[i64], values: &[f32]) -> Result<Tensor> {
+        Tensor::from_raw(name, dt, dims, Bytes::from(float_bytes(values, dt)?))
     }
 
     pub fn from_i64(name: &str, dims: &[i64], values: &[i64]) -> Result<Tensor> {

@@ -23,9 +23,6 @@
 
 use std::collections::{HashMap, HashSet};
 
-use bytes::Bytes;
-use half::f16;
-
 use crate::error::{Error, Result};
 use crate::ir::{attr, DataType, Graph, Model, NodeId, PValue, Patch, Tensor, Use, ValueId};
 use crate::ops::{self, MS_DOMAIN};
@@ -459,18 +456,17 @@ fn keeps_float32(g: &Graph, id: NodeId, mask: &HashSet<NodeId>) -> bool {
 
 /// `t` as float16, values beyond float16's range clamped to ±65 504.
 fn to_f16(t: &Tensor) -> Result<Tensor> {
-    let values = t.to_f32_vec()?;
-    let raw: Vec<u8> = values
-        .iter()
-        .flat_map(|&x| {
-            // Infinities and NaN stay what they are.
-            let clamped = if x.is_finite() {
+    // Infinities and NaN stay what they are.
+    let clamped: Vec<f32> = t
+        .to_f32_vec()?
+        .into_iter()
+        .map(|x| {
+            if x.is_finite() {
                 x.clamp(-F16_MAX, F16_MAX)
             } else {
                 x
-            };
-            f16::from_f32(clamped).to_bits().to_le_bytes()
+            }
         })
         .collect();
-    Tensor::from_raw(t.name(), DataType::Float16, t.dims(), Bytes::from(raw))
+    Tensor::from_f32_as(t.name(), DataType::Float16, t.dims(), &clamped)
 }

@@ -17,8 +17,6 @@
 //! rounding of its result. No float16 value is left inside the graph (every source of one is
 //! rewritten), so no operator reads both precisions.
 
-use bytes::Bytes;
-
 use crate::error::Result;
 use crate::ir::{attr, DataType, Model, PValue, Patch, Tensor, Use, ValueId};
 use crate::passes::shape::ShapeInference;
@@ -162,12 +160,7 @@ fn edge_patches(model: &Model) -> Vec<Patch> {
 
 /// `t`, a float16 tensor, as float32 (exactly).
 fn to_f32(t: &Tensor) -> Result<Tensor> {
-    let raw: Vec<u8> = t
-        .to_f32_vec()?
-        .iter()
-        .flat_map(|x| x.to_le_bytes())
-        .collect();
-    Tensor::from_raw(t.name(), DataType::Float, t.dims(), Bytes::from(raw))
+    Tensor::from_f32(t.name(), t.dims(), &t.to_f32_vec()?)
 }
 
 #[cfg(test)]
@@ -176,12 +169,8 @@ mod tests {
     use crate::ir::testing::{builder, ops};
 
     fn half(name: &str, values: &[f32]) -> Tensor {
-        let raw: Vec<u8> = values
-            .iter()
-            .flat_map(|&v| half::f16::from_f32(v).to_le_bytes())
-            .collect();
         let dims = [values.len() as i64];
-        Tensor::from_raw(name, DataType::Float16, &dims, Bytes::from(raw)).unwrap()
+        Tensor::from_f32_as(name, DataType::Float16, &dims, values).unwrap()
     }
 
     /// `y = Cast<f16>(x · w + c)` over a float16 input, weight and constant.

@@ -37,6 +37,7 @@ use super::qdq::{self, Selection};
 use super::{QuantReport, QuantTarget};
 use crate::error::{Error, Result};
 use crate::exec::{Batch, Engine};
+use crate::ir::tensor::float_bytes;
 use crate::ir::{attr, DataType, Graph, Model, NodeId, PValue, Patch, Tensor, Use, ValueId};
 use crate::ops::nbits::{Bits, BlockQuantized};
 use crate::ops::MS_DOMAIN;
@@ -160,8 +161,8 @@ struct Site {
     input: ValueId,
     k: usize,
     n: usize,
-    /// The float weight's element type (float32 or float16), which its scales keep: a
-    /// float16 model's products stay float16.
+    /// The float weight's element type (float32 or float16): DequantizeLinear's scales keep
+    /// it; for ONNX Runtime a float16 weight's products run in float32 between Casts (`emit`).
     elem: DataType,
 }
 
@@ -454,15 +455,6 @@ fn emit(
         Tensor::from_raw(&hint, dt, dims, Bytes::from(data))
             .map(|t| patch.new_initializer(&hint, t))
     };
-    let scales_bytes = |scales: &[f32], elem: DataType| -> Vec<u8> {
-        match elem {
-            DataType::Float16 => scales
-                .iter()
-                .flat_map(|&s| half::f16::from_f32(s).to_le_bytes())
-                .collect(),
-            _ => scales.iter().flat_map(|s| s.to_le_bytes()).collect(),
-        }
-    };
     match options.target {
         Target::Ort => {
             let weight = initializer(
@@ -481,7 +473,7 @@ fn emit(
                 "scales",
                 DataType::Float,
                 &[n * blocks],
-                scales_bytes(&q.scales, DataType::Float),
+                float_bytes(&q.scales, DataType::Float)?,
             )?;
             let zeros = match q.matmul_nbits_zero_points() {
                 Some(z) => Some(initializer(
@@ -548,7 +540,7 @@ fn emit(
                 "scales",
                 site.elem,
                 &[blocks, n],
-                scales_bytes(&scales, site.elem),
+                float_bytes(&scales, site.elem)?,
             )?;
             let zeros = match zeros {
                 Some(z) => Some(initializer(
