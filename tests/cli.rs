@@ -1023,6 +1023,37 @@ fn optimize_checks_its_output_unless_told_not_to() {
     assert_eq!(json["check"]["outcome"], "skipped");
 }
 
+/// DINOv2 and wav2vec2 exported with every input dim free: their sequence is a Conv's output
+/// positions (and, in DINOv2, a table of positions resized to the image), a size no input dim
+/// gives. The query, key and value are still proved to share it, so each target gets its
+/// attention fused, and the output is checked on generated inputs.
+#[test]
+fn encoders_whose_sequence_no_input_dim_gives_get_their_attention_fused() {
+    let dir = tempfile::tempdir().unwrap();
+    for name in ["dinov2", "wav2vec2"] {
+        let model = common::testdata(&format!("forms/{name}.free-dims.onnx"));
+        for target in ["ort", "onnx"] {
+            let out = dir.path().join(format!("{name}.{target}.onnx"));
+            let (_, json) = optimize_with_report(&model, &out, &["--target", target]);
+            assert!(
+                json["check"]["outcome"]["passed"].is_object(),
+                "{name} {target}: {}",
+                json["check"]
+            );
+            let written = onnxopt::io::load(&out).unwrap();
+            let count = |op: &str| {
+                written
+                    .graph
+                    .nodes()
+                    .filter(|(_, n)| n.op_type() == op)
+                    .count()
+            };
+            assert_eq!(count("Attention"), 1, "{name} {target}");
+            assert_eq!(count("Softmax"), 0, "{name} {target}");
+        }
+    }
+}
+
 /// Optimum names a ViT's input dims `num_channels`, `height`, `width`: generated inputs take
 /// the sizes its graph fixes (3 channels from the patch kernel; 32 pixels, whose 8-pixel
 /// patches are the 16 tokens its table of 17 positions adds to), so a lossy run is

@@ -6,9 +6,10 @@
 use std::collections::{BTreeSet, HashMap, HashSet};
 
 use super::graph::{Graph, Node, OrderKey, Port};
+use super::shape::{Dim, ValueType};
 use super::tensor::Tensor;
 use crate::error::{Error, Result};
-use crate::proto::{AttributeProto, GraphProto, NodeProto, TensorProto, ValueInfoProto};
+use crate::proto::{AttributeProto, GraphProto, NodeProto, TensorProto, TypeProto, ValueInfoProto};
 
 /// Builds the IR of a top-level graph. Tensors must have had their external data resolved.
 /// Returns the graph and what loading repaired (see `drop_duplicate_constants`).
@@ -225,11 +226,25 @@ pub fn graph_to_proto(g: &Graph) -> Result<GraphProto> {
         .filter_map(|&v| {
             g.value(v).info.as_ref().map(|info| ValueInfoProto {
                 name: Some(g.value_name(v).to_string()),
+                r#type: info.r#type.as_ref().map(without_anonymous_dims),
                 ..info.clone()
             })
         })
         .collect();
     Ok(proto)
+}
+
+/// A recorded type as a file gets it: the dims shape inference named for itself
+/// (`Dim::anonymous`) are left unknown, since a runtime reading them would take them for
+/// sizes of their own (tract would try to unify them with the sizes it computes).
+fn without_anonymous_dims(t: &TypeProto) -> TypeProto {
+    match ValueType::from_type_proto(t) {
+        Some(vt) if vt.shape.iter().flatten().any(Dim::mentions_anonymous) => TypeProto {
+            denotation: t.denotation.clone(),
+            ..vt.without_anonymous_dims().to_type_proto()
+        },
+        _ => t.clone(),
+    }
 }
 
 /// Names that subgraph attributes read from enclosing scopes, in sorted order.

@@ -227,7 +227,8 @@ fn values_text(t: &Tensor) -> Option<String> {
     t.to_i64_vec().ok().map(|v| format!("{v:?}"))
 }
 
-fn fnv1a(bytes: &[u8]) -> u64 {
+/// 64-bit FNV-1a: a stable hash (the same across runs and builds) for names and contents.
+pub(crate) fn fnv1a(bytes: &[u8]) -> u64 {
     bytes.iter().fold(0xcbf29ce484222325, |h, &b| {
         (h ^ b as u64).wrapping_mul(0x100000001b3)
     })

@@ -4,7 +4,9 @@
 //! `sequence`), so that reshapes can multiply and divide dims exactly (`batch*sequence`, then
 //! back). An expression that is not a product (`past_sequence + sequence`, `Min(128,
 //! sequence)`) is kept whole as one opaque symbol named by its text. A dim nothing is known
-//! about is `Unknown`; two unknown dims are never taken to be equal (`same`).
+//! about is `Unknown`; two unknown dims are never taken to be equal (`same`). Shape inference
+//! names the unknown dims of the values it types (`Dim::anonymous`), so that dims computed
+//! from one of them compare equal; those names are never written into a file.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
@@ -24,6 +26,9 @@ pub enum Dim {
     Unknown,
 }
 
+/// What the symbols of `Dim::anonymous` start with.
+const ANONYMOUS: &str = "__anon_";
+
 impl Dim {
     pub fn known(n: i64) -> Dim {
         Dim::Product {
@@ -38,6 +43,26 @@ impl Dim {
         Dim::Product {
             coeff: 1,
             symbols: BTreeMap::from([(name.to_string(), 1)]),
+        }
+    }
+
+    /// Axis `axis` of the value named `value`, when nothing else is known of its size: a
+    /// symbol that stands for that one dim, so that the dims computed from it can be proved
+    /// equal to each other (a Conv's output positions, reshaped into a query and a key, are
+    /// the same sequence) where `Unknown` proves nothing. Stable: the same value and axis
+    /// give the same symbol in every run of shape inference. Internal: `to_proto` never
+    /// writes one into a file (`ValueType::without_anonymous_dims`), where a runtime would take it for a
+    /// size of its own.
+    pub fn anonymous(value: &str, axis: usize) -> Dim {
+        let name = crate::ir::dump::fnv1a(value.as_bytes());
+        Dim::symbol(&format!("{ANONYMOUS}{name:016x}_{axis}"))
+    }
+
+    /// True when the dim is computed from an `anonymous` one.
+    pub fn mentions_anonymous(&self) -> bool {
+        match self {
+            Dim::Product { symbols, .. } => symbols.keys().any(|s| s.contains(ANONYMOUS)),
+            Dim::Unknown => false,
         }
     }
 
@@ -604,6 +629,21 @@ impl ValueType {
                     .map(|s| s.dim.iter().map(Dim::from_proto).collect()),
             }),
             _ => None,
+        }
+    }
+
+    /// `self` with every dim computed from an anonymous one unknown (`Dim::anonymous`).
+    pub fn without_anonymous_dims(&self) -> ValueType {
+        let forget = |d: &Dim| {
+            if d.mentions_anonymous() {
+                Dim::Unknown
+            } else {
+                d.clone()
+            }
+        };
+        ValueType {
+            elem: self.elem,
+            shape: self.shape.as_ref().map(|s| s.iter().map(forget).collect()),
         }
     }
 

@@ -11,9 +11,14 @@
 //! 16]`, constant folding fold such chains when their dims are static, and fusions read
 //! head counts from them. The `shape-inference` pass records the inferred types of
 //! intermediate values in the graph's `value_info`.
+//! A dim that neither a rule nor the file sizes (a Conv's output positions over a free image
+//! size) is named for its value and axis (`Dim::anonymous`): nothing is known of its size, but
+//! the values computed from it share it, so a query and a key split from one Conv's positions
+//! are provably as long as each other. Those names stay in the IR; files get the dim unknown.
 //! Safe because: types are annotations; recording them changes no computation. A rule that
 //! cannot decide says `Unknown` (a dim, the rank, an element of a value) instead of guessing,
-//! and an operator without a rule keeps the type the file recorded. The rules take the model
+//! and an operator without a rule keeps the type the file recorded; an anonymous dim says only
+//! that it is itself. The rules take the model
 //! to be valid (where broadcasting needs a dim to be 1 or equal to another, it is) and every
 //! named symbol to be a size of at least 1.
 
@@ -85,10 +90,12 @@ pub fn infer(model: &Model) -> Inference {
             .enumerate()
             .map(|(slot, v)| {
                 let v = (*v)?;
-                match &rule {
-                    Some(types) => types.get(slot).cloned().or_else(|| g.value_type(v)),
-                    None => g.value_type(v),
-                }
+                let recorded = g.value_type(v);
+                let t = match rule.as_ref().and_then(|types| types.get(slot)) {
+                    Some(t) => keep_recorded_where_vaguer(t, recorded.as_ref()),
+                    None => recorded?,
+                };
+                Some(with_anonymous_dims(t, g.value_name(v)))
             })
             .collect();
         let elements = values::infer(&cx, &types);
@@ -189,9 +196,9 @@ const UINT8: i32 = DataType::Uint8 as i32;
 
 /// Records every inferred type of an intermediate value in the graph.
 ///
-/// Where inference leaves a dim `Unknown` (or the rank, or the element type) and the graph
-/// had recorded it, the recorded one is kept, so running the pass never loses what the file
-/// said. Graph inputs, outputs and initializers keep their declarations.
+/// Where inference leaves a dim `Unknown` or anonymous (or the rank, or the element type) and
+/// the graph had recorded it, `infer` kept the recorded one, so running the pass never loses
+/// what the file said. Graph inputs, outputs and initializers keep their declarations.
 pub struct ShapeInference;
 
 impl Pass for ShapeInference {
@@ -212,16 +219,14 @@ impl Pass for ShapeInference {
                 let Some(inferred) = inference.types.get(&v) else {
                     continue;
                 };
-                let recorded = g.value_type(v);
-                let t = keep_recorded_where_unknown(inferred, recorded.as_ref());
                 // A type without its element type is no type: ONNX Runtime refuses a file
                 // whose value_info says `elem_type 0` ("Invalid tensor data type 0").
-                let says_something = t.elem != 0;
+                let says_something = inferred.elem != 0;
                 // Compared as it will read back: a dim whose text does not parse back to the
                 // same dim must not count as a change on every run.
-                let written = ValueType::from_type_proto(&t.to_type_proto());
-                if says_something && recorded != written {
-                    g.set_value_type(v, &t);
+                let written = ValueType::from_type_proto(&inferred.to_type_proto());
+                if says_something && g.value_type(v) != written {
+                    g.set_value_type(v, inferred);
                     changed += 1;
                 }
             }
@@ -232,8 +237,21 @@ impl Pass for ShapeInference {
     }
 }
 
-/// `inferred`, with what `recorded` knows filled in where `inferred` knows nothing.
-fn keep_recorded_where_unknown(inferred: &ValueType, recorded: Option<&ValueType>) -> ValueType {
+/// `t` with each unknown dim named for the value and axis it sizes (`Dim::anonymous`), so
+/// that what is computed from it can be proved equal.
+fn with_anonymous_dims(mut t: ValueType, value: &str) -> ValueType {
+    for (axis, d) in t.shape.iter_mut().flatten().enumerate() {
+        if *d == Dim::Unknown {
+            *d = Dim::anonymous(value, axis);
+        }
+    }
+    t
+}
+
+/// `inferred`, with what `recorded` says filled in where `inferred` says less: where it knows
+/// nothing (`Unknown`), and where it knows a dim only through an anonymous one that the file
+/// sizes or names.
+fn keep_recorded_where_vaguer(inferred: &ValueType, recorded: Option<&ValueType>) -> ValueType {
     let Some(recorded) = recorded else {
         return inferred.clone();
     };
@@ -242,14 +260,15 @@ fn keep_recorded_where_unknown(inferred: &ValueType, recorded: Option<&ValueType
     } else {
         recorded.elem
     };
+    let vaguer = |x: &Dim, y: &Dim| {
+        *x == Dim::Unknown
+            || (x.mentions_anonymous() && *y != Dim::Unknown && !y.mentions_anonymous())
+    };
     let shape = match (&inferred.shape, &recorded.shape) {
         (Some(a), Some(b)) if a.len() == b.len() => Some(
             a.iter()
                 .zip(b)
-                .map(|(x, y)| match x {
-                    Dim::Unknown => y.clone(),
-                    x => x.clone(),
-                })
+                .map(|(x, y)| if vaguer(x, y) { y.clone() } else { x.clone() })
                 .collect(),
         ),
         (Some(a), _) => Some(a.clone()),

@@ -158,21 +158,30 @@ impl Typed {
         self.model.graph.find_value(name).expect("value exists")
     }
 
-    /// The inferred type as text: `f32[batch, sequence, 64]`.
+    /// The inferred type as text: `f32[batch, sequence, 64]`, a dim that is known only as
+    /// itself (`Dim::anonymous`, or computed from one) shown as `?`.
     fn ty(&self, name: &str) -> String {
         self.inference
             .types
             .get(&self.id(name))
-            .map_or("none".into(), |t| t.to_string())
+            .map_or("none".into(), |t| t.without_anonymous_dims().to_string())
     }
 
-    /// The inferred symbolic value as text: `[batch, sequence, 4, 16]`.
+    fn dims(&self, name: &str) -> Vec<Dim> {
+        self.inference
+            .shape(self.id(name))
+            .expect("a shape")
+            .to_vec()
+    }
+
+    /// The inferred symbolic value as text: `[batch, sequence, 4, 16]`, anonymous dims as `?`.
     fn value(&self, name: &str) -> String {
+        let shown = |d: &Dim| match d.mentions_anonymous() {
+            true => "?".to_string(),
+            false => d.to_string(),
+        };
         match self.inference.value(self.id(name)) {
-            Some(v) => format!(
-                "[{}]",
-                v.iter().map(Dim::to_string).collect::<Vec<_>>().join(", ")
-            ),
+            Some(v) => format!("[{}]", v.iter().map(shown).collect::<Vec<_>>().join(", ")),
             None => "none".into(),
         }
     }
@@ -855,6 +864,57 @@ fn attention_operators() {
     assert_eq!(t.ty("present_key"), "f32[batch, 4, sequence, 16]");
 }
 
+/// A vision tower with free image dims: nothing says how many patches a Conv makes, yet the
+/// query and the key split from them have the same sequence (what attention fusion must
+/// prove), and the anonymous dims that say so stay out of the written file.
+#[test]
+fn unknown_dims_computed_from_one_source_are_the_same() {
+    let t = Net::new(17)
+        .input("img", F32, "batch,3,height,width")
+        .floats("w", &[32, 3, 14, 14])
+        .floats("wq", &[32, 32])
+        .floats("wk", &[32, 32])
+        .ints("flat", &[3], &[0, 32, -1])
+        .ints("heads", &[4], &[0, -1, 2, 16])
+        .node_with(
+            "Conv",
+            &["img", "w"],
+            &["patches"],
+            vec![attr::ints("strides", &[14, 14])],
+        )
+        .node("Reshape", &["patches", "flat"], &["rows"])
+        .node_with(
+            "Transpose",
+            &["rows"],
+            &["tokens"],
+            vec![attr::ints("perm", &[0, 2, 1])],
+        )
+        .node("MatMul", &["tokens", "wq"], &["q"])
+        .node("MatMul", &["tokens", "wk"], &["k"])
+        .node("Reshape", &["q", "heads"], &["q_heads"])
+        .node("Reshape", &["k", "heads"], &["k_heads"])
+        .infer();
+    assert_eq!(t.ty("patches"), "f32[batch, 32, ?, ?]");
+    assert_eq!(t.ty("q_heads"), "f32[batch, ?, 2, 16]");
+    let (q, k) = (t.dims("q_heads"), t.dims("k_heads"));
+    assert!(q[1].same(&k[1]), "{} is {}", q[1], k[1]);
+    assert!(q[1].same(&t.dims("tokens")[1]));
+    let (h, w) = (&t.dims("patches")[2], &t.dims("patches")[3]);
+    assert!(!h.same(w), "two axes are two sizes");
+    assert_eq!(q[1], h.mul(w));
+
+    let mut model = t.model;
+    ShapeInference.run(&mut model).expect("infers");
+    let recorded = model
+        .graph
+        .value_type(model.graph.find_value("k_heads").unwrap());
+    assert!(recorded.unwrap().shape.unwrap()[1].mentions_anonymous());
+    let written = model.to_proto().expect("writable").graph.expect("a graph");
+    let k_heads = written.value_info.iter().find(|v| v.name() == "k_heads");
+    let k_heads = ValueType::from_type_proto(k_heads.unwrap().r#type.as_ref().unwrap());
+    assert_eq!(k_heads.unwrap().to_string(), "f32[batch, ?, 2, 16]");
+}
+
 #[test]
 fn conv_flatten_and_transpose() {
     let t = Net::new(17)
@@ -1032,11 +1092,11 @@ fn the_pass_records_types_once_and_keeps_declarations() {
 }
 
 #[test]
-fn recorded_dims_fill_what_inference_leaves_unknown() {
+fn recorded_dims_fill_what_inference_leaves_unknown_or_anonymous() {
     let recorded = ValueType::new(FLOAT, vec![Dim::symbol("batch"), Dim::known(64)]);
     let inferred = ValueType::new(FLOAT, vec![Dim::Unknown, Dim::known(64)]);
     assert_eq!(
-        keep_recorded_where_unknown(&inferred, Some(&recorded)),
+        keep_recorded_where_vaguer(&inferred, Some(&recorded)),
         recorded
     );
     let no_rank = ValueType {
@@ -1044,9 +1104,19 @@ fn recorded_dims_fill_what_inference_leaves_unknown() {
         shape: None,
     };
     assert_eq!(
-        keep_recorded_where_unknown(&no_rank, Some(&recorded)),
+        keep_recorded_where_vaguer(&no_rank, Some(&recorded)),
         recorded
     );
+    // A dim known only as an anonymous one's is vaguer than the size the file gives...
+    let anonymous = Dim::anonymous("x", 0);
+    let through = ValueType::new(FLOAT, vec![anonymous.clone(), Dim::known(64)]);
+    assert_eq!(
+        keep_recorded_where_vaguer(&through, Some(&recorded)),
+        recorded
+    );
+    // ...but not than another anonymous one (both are true; the inferred one is the link).
+    let other = ValueType::new(FLOAT, vec![Dim::anonymous("y", 0), Dim::known(64)]);
+    assert_eq!(keep_recorded_where_vaguer(&through, Some(&other)), through);
 }
 
 #[test]
