@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Every corpus model and every model of testdata/cases, testdata/wild and testdata/llm, for both targets, as written and with
+# Every corpus model and every model of testdata/cases, testdata/wild, testdata/forms and testdata/llm, for both targets, as written and with
 # --int8, --int8-dynamic and --fp16 (the decoders of testdata/llm also with 8- and 4-bit weights,
 # their tied LM heads included): optimized by the release binary (with its output check or
 # validation), and every output written run in ONNX Runtime against the original on the
@@ -26,6 +26,7 @@ calib_of() {
     case $model in
     testdata/cases/*|*/testdata/cases/*) echo "testdata/cases/calib/$name" ;;
     testdata/wild/*|*/testdata/wild/*) echo "testdata/wild/calib/$name" ;;
+    testdata/forms/*|*/testdata/forms/*) echo "testdata/forms/calib/$name" ;;
     *testdata/llm/*.past.*) echo "testdata/llm/calib/past" ;;
     *testdata/llm/*) echo "testdata/llm/calib/prefill" ;;
     *all-minilm*) echo "$corpus/calib/minilm/dynamic" ;;
@@ -36,7 +37,7 @@ calib_of() {
 written=0 refused=0 failed=0
 models=("$@")
 if [ ${#models[@]} -eq 0 ]; then
-    models=("$corpus"/tiny/*.onnx "$corpus"/minilm-l6/all-minilm-l6-v2.ts.onnx testdata/cases/*.onnx testdata/wild/*.onnx testdata/llm/*.onnx)
+    models=("$corpus"/tiny/*.onnx "$corpus"/minilm-l6/all-minilm-l6-v2.ts.onnx testdata/cases/*.onnx testdata/wild/*.onnx testdata/forms/*.onnx testdata/llm/*.onnx)
 fi
 for model in "${models[@]}"; do
     calib=$(calib_of "$model")
