@@ -3,12 +3,14 @@
 //! Each round: infer types (fusions read ranks and head counts from them), clean up (the
 //! legacy exporter writes the same constant and shape computation dozens of times), fold
 //! constants, cut shape computations loose from the values fusions replace, write each
-//! computation exporters spell several ways in one form (`canonical`), fuse, drop what
-//! became dead. Rounds repeat until nothing changes.
+//! computation exporters spell several ways in one form (`canonical`), fuse, run the same
+//! pipeline on the branches of `If` nodes (`passes::branches`), drop what became dead. Rounds
+//! repeat until nothing changes.
 
 use crate::error::Result;
 use crate::inspect::TARGET_KEY;
 use crate::ir::Model;
+use crate::passes::branches::BranchOptimization;
 use crate::passes::canonical::Canonicalize;
 use crate::passes::cse::CommonSubexpressions;
 use crate::passes::dce::DeadCodeElimination;
@@ -61,6 +63,9 @@ pub fn pipeline(options: &OptimizeOptions) -> PassManager {
         .with(LayerNormFusion { target })
         .with(EmbedLayerNormFusion { target })
         .with(GeluFusion { target })
+        .with(BranchOptimization {
+            options: options.clone(),
+        })
         .with(DeadCodeElimination)
 }
 
@@ -77,7 +82,7 @@ pub fn optimize(model: &mut Model, options: &OptimizeOptions) -> Result<PassRepo
 }
 
 /// The passes `options` runs: the pipeline, or the ones it names, less the ones it skips.
-fn selected(options: &OptimizeOptions) -> Result<PassManager> {
+pub(crate) fn selected(options: &OptimizeOptions) -> Result<PassManager> {
     let mut passes = pipeline(options);
     if !options.passes.is_empty() {
         passes = passes.only(&options.passes)?;

@@ -260,6 +260,10 @@ fn transform(
         crate::optimize(&mut model, &options.optimize_options())
             .map_err(step("optimization failed"))?,
     );
+    let converts = !matches!(options.mode, Mode::Float);
+    if converts && crate::passes::branches::computes_in_branches(&model) {
+        report.warnings.push(BRANCHES_WARNING.into());
+    }
     let smooth_dynamic = matches!(&options.mode, Mode::Dynamic(d) if d.smooth_quant.is_some());
     let gptq = matches!(&options.mode, Mode::WeightOnly(o) if o.method == WeightMethod::Gptq);
     let wants_calibration = matches!(options.mode, Mode::Static { .. })
@@ -684,6 +688,11 @@ fn runs_on_generated_inputs(model: &Model, check: &ValidateOptions) -> Result<()
 const FLOAT16_UPCAST_WARNING: &str = "the model computes in float16: the output computes in \
     float32 around its INT8 products (activation quantization is float32); its inputs and \
     outputs keep their types";
+
+const BRANCHES_WARNING: &str = "the model computes inside the branches of an If (an Optimum \
+    merged decoder, `decoder_model_merged.onnx`), which quantization and --fp16 leave in float32 \
+    as they are: to convert the decoder, export it unmerged (optimum-cli's --no-post-process) \
+    and convert each model";
 
 const ONE_TOKEN_WARNING: &str = "the input model does not run on generated inputs of the \
     default lengths: checked on one token (every free dim but the batch at 1); --inputs DIR \

@@ -1054,6 +1054,88 @@ fn encoders_whose_sequence_no_input_dim_gives_get_their_attention_fused() {
     }
 }
 
+/// Optimum's merged decoder (`testdata/forms/t5-dec.merged.onnx`): the decoder sits in both
+/// branches of an `If`, reading its weights from the main graph. Each branch gets its
+/// attention fused as a model of its own would (2 layers × self and cross attention); the
+/// tensors the rewrite makes live once in the main graph, shared by both branches; and ONNX
+/// Runtime gives the original's outputs down either branch (one calibration batch each).
+/// `--fp16` and INT8 leave the branches as they are and say so.
+#[test]
+fn the_branches_of_a_merged_decoder_are_optimized() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = common::testdata("forms/t5-dec.merged.onnx");
+    let out = dir.path().join("merged.onnx");
+    let (_, json) = optimize_with_report(&model, &out, &[]);
+    assert!(
+        json["check"]["outcome"]["passed"].is_object(),
+        "{}",
+        json["check"]
+    );
+    let stats = json["passes"]["passes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["pass"] == "optimize-branches")
+        .expect("the pass ran");
+    assert_eq!(stats["rewrites"]["attention"], 8, "{stats}");
+    let written = onnxopt::io::load(&out).unwrap().to_proto().unwrap();
+    let graph = written.graph.unwrap();
+    let branches: Vec<_> = graph.node[0]
+        .attribute
+        .iter()
+        .filter_map(|a| a.g.as_ref())
+        .collect();
+    assert_eq!(branches.len(), 2);
+    for branch in branches {
+        let fused = branch
+            .node
+            .iter()
+            .filter(|n| n.op_type() == "MultiHeadAttention");
+        assert_eq!(fused.count(), 4, "{}", branch.name());
+        assert!(branch.initializer.is_empty(), "{}", branch.name());
+    }
+    let contents: std::collections::HashSet<_> = graph
+        .initializer
+        .iter()
+        .map(|t| {
+            (
+                t.dims.clone(),
+                t.raw_data.clone(),
+                t.float_data.len(),
+                t.int64_data.clone(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        contents.len(),
+        graph.initializer.len(),
+        "a tensor held twice"
+    );
+    let mut checks = common::OrtChecks::default();
+    let calib = common::testdata("forms/calib/t5-dec.merged");
+    checks.add_exact(&model, &out, &calib);
+    // Conversions do not reach into the branches: the branches stay float32 (values they read
+    // by name included, which --fp16 used to make float16 under them) and a warning says so.
+    for mode in [&["--fp16"][..], &["--int8-dynamic"][..]] {
+        let converted = dir.path().join(format!("merged{}.onnx", mode[0]));
+        let mut args = vec!["optimize", s(&model), s(&converted)];
+        args.extend_from_slice(mode);
+        let result = onnxopt(&args);
+        assert!(
+            result.status.success(),
+            "{mode:?}: {}",
+            text(&result.stderr)
+        );
+        let said = format!("{}{}", text(&result.stdout), text(&result.stderr));
+        assert!(
+            said.contains("inside the branches of an If"),
+            "{mode:?}: {said}"
+        );
+        checks.add_exact(&model, &converted, &calib);
+    }
+    checks.run();
+}
+
 /// Optimum names a ViT's input dims `num_channels`, `height`, `width`: generated inputs take
 /// the sizes its graph fixes (3 channels from the patch kernel; 32 pixels, whose 8-pixel
 /// patches are the 16 tokens its table of 17 positions adds to), so a lossy run is

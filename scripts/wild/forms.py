@@ -2,10 +2,11 @@
 """Model forms users bring that no exporter of the wild corpus writes, and onnxopt on each:
 vision and speech encoders exported with every input dim free (as Optimum exports them),
 float16 models, models already quantized by ONNX Runtime's tools (QDQ, QOperator, dynamic),
-and an ONNX Runtime GenAI decoder. Run by hand (minutes; never by CI).
+an ONNX Runtime GenAI decoder, and Optimum's merged-decoder layout (an `If` per branch). Run by hand (minutes; never by CI).
 
     python3 scripts/wild/forms.py make OUT_DIR [--torch-python PY]   # build the forms
     python3 scripts/wild/forms.py run OUT_DIR [--onnxopt BIN]         # onnxopt on each, a line per run
+    python3 scripts/wild/forms.py merged DECODER.onnx OUT.onnx        # Optimum's merged layout of DECODER
 
 `make` exports with `--torch-python` (a venv with torch and transformers: the wild corpus's
 `wild-t210`), and quantizes and converts with this interpreter's onnxruntime; with
@@ -102,6 +103,49 @@ def make(args):
                        check=True, capture_output=True)
 
 
+def merged(decoder, out):
+    """Optimum's merged-decoder layout (`decoder_model_merged.onnx`): the weights in the main
+    graph, the decoder in each branch of an `If` on a `use_cache_branch` input. Both branches
+    are `decoder` (with a cache) here, renamed apart; Optimum's `else` branch is the decoder
+    without one. Writes calibration batches beside: `decoder`'s own (wild corpus), one per
+    branch."""
+    import copy
+
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper
+    m = onnx.load(decoder)
+    g = m.graph
+
+    def branch(prefix):
+        nodes = copy.deepcopy(list(g.node))
+        produced = {o for n in nodes for o in n.output if o}
+        for n in nodes:
+            n.name = prefix + n.name
+            n.output[:] = [prefix + o if o else o for o in n.output]
+            n.input[:] = [prefix + i if i in produced else i for i in n.input]
+        outputs = copy.deepcopy(list(g.output))
+        for o in outputs:
+            o.name = prefix + o.name
+        return helper.make_graph(nodes, prefix + "branch", [], outputs)
+
+    use = helper.make_tensor_value_info("use_cache_branch", TensorProto.BOOL, [1])
+    node = helper.make_node("If", ["use_cache_branch"], [o.name for o in g.output], name="optimum::if",
+                            then_branch=branch("with_past/"), else_branch=branch("no_past/"))
+    graph = helper.make_graph([node], "merged", list(g.input) + [use], list(g.output), list(g.initializer))
+    model = helper.make_model(graph, opset_imports=m.opset_import, ir_version=m.ir_version)
+    onnx.checker.check_model(model, full_check=True)
+    stem = os.path.splitext(os.path.basename(out))[0]
+    onnx.save(model, out)
+    calib = os.path.join(os.path.dirname(out), "calib", stem)
+    source = os.path.join(REPO, "testdata", "wild", "calib", os.path.splitext(os.path.basename(decoder))[0])
+    os.makedirs(calib, exist_ok=True)
+    for f in glob.glob(f"{source}/batch_0[01].*.npy"):
+        shutil.copy(f, calib)
+    for batch, use_cache in (("batch_00", True), ("batch_01", False)):
+        np.save(f"{calib}/{batch}.use_cache_branch.npy", np.array([use_cache]))
+
+
 MODES = {
     "float": [],
     "fp16": ["--fp16"],
@@ -135,10 +179,15 @@ def main():
     m.add_argument("out")
     m.add_argument("--torch-python", default="/work/venvs/wild-t210/bin/python")
     m.add_argument("--genai-hf", help="a Hugging Face model folder for ONNX Runtime GenAI's builder")
+    g = sub.add_parser("merged", help="Optimum's merged-decoder layout of a decoder with a cache")
+    g.add_argument("decoder")
+    g.add_argument("out")
     r = sub.add_parser("run")
     r.add_argument("out")
     r.add_argument("--onnxopt", default=os.path.join(REPO, "target", "release", "onnxopt"))
     args = p.parse_args()
+    if args.cmd == "merged":
+        return merged(args.decoder, args.out)
     return make(args) if args.cmd == "make" else run(args)
 
 

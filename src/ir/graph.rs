@@ -22,7 +22,7 @@ use petgraph::Direction;
 use super::shape::{Dim, ValueType};
 use super::tensor::Tensor;
 use crate::error::{Error, Result};
-use crate::proto::{GraphProto, NodeProto, SparseTensorProto, ValueInfoProto};
+use crate::proto::{AttributeProto, GraphProto, NodeProto, SparseTensorProto, ValueInfoProto};
 
 pub type NodeId = petgraph::stable_graph::NodeIndex<u32>;
 
@@ -697,6 +697,33 @@ impl Graph {
             self.node_names.remove(node.name());
         }
         self.dag.remove_node(id)
+    }
+
+    /// Replaces the attributes of `node` (an `If` whose branches were rewritten) and reads
+    /// again which values of this graph its subgraphs capture; each must exist here.
+    pub(crate) fn replace_subgraphs(
+        &mut self,
+        node: NodeId,
+        attributes: Vec<AttributeProto>,
+    ) -> Result<()> {
+        let mut captured = Vec::new();
+        for name in super::convert::captured_names(&attributes) {
+            let v = self.find_value(&name).ok_or_else(|| {
+                Error::Patch(format!(
+                    "a rewritten subgraph reads `{name}`, which is not here"
+                ))
+            })?;
+            captured.push(v);
+        }
+        for v in std::mem::take(&mut self.dag[node].captured) {
+            self.detach_use(node, v, Use::Captured);
+        }
+        self.dag[node].proto.attribute = attributes;
+        for &v in &captured {
+            self.attach_use(node, v, Use::Captured);
+        }
+        self.dag[node].captured = captured;
+        Ok(())
     }
 
     /// Points input `slot` of `node` at `value`.

@@ -6,6 +6,7 @@
 //! expose work for another), and records per pass the node counts before and after, the
 //! rewrites by kind and the time spent, for the report.
 
+pub mod branches;
 pub mod canonical;
 pub mod cse;
 pub mod dce;

@@ -7,7 +7,9 @@
 //! sums and squares pass float16's 65 504; the standard Attention, and the attention masks
 //! with what adds them to the scores, `mask_nodes`;
 //! subgraph and quantization operators) stays float32, and so do the graph inputs and outputs
-//! with `keep_io_types`; every other float value becomes float16.
+//! with `keep_io_types`, and every value a subgraph reads by name (the branches of an `If`
+//! are not converted: they compute in float32 as before); every other float value becomes
+//! float16.
 //! Produces:
 //! - float16 copies of float32 initializers and `Constant`/`ConstantOfShape` values read in
 //!   float16 (values beyond ±65 504 clamped there rather than made infinite);
@@ -204,6 +206,9 @@ fn precisions(model: &Model, options: &Fp16Options) -> Result<HashMap<ValueId, P
             } else {
                 Precision::F16
             }
+        } else if read_by_subgraph(g, v) {
+            // A branch reads it by name as the float32 it was: no Cast can go between.
+            Precision::F32
         } else if g.initializer(v).is_none() || g.is_graph_input(v) || g.is_graph_output(v) {
             at_edge
         } else {
@@ -451,7 +456,18 @@ fn keeps_float32(g: &Graph, id: NodeId, mask: &HashSet<NodeId>) -> bool {
     };
     // A square (`Mul(x, x)`, the canonical `Pow(x, 2)`) passes float16's range as Pow does.
     let square = node.is("Mul") && node.inputs.len() == 2 && node.inputs[0] == node.inputs[1];
-    !float16_schema || KEEP_FLOAT32.contains(&node.op_type()) || square
+    let read_by_name = node
+        .outputs
+        .iter()
+        .flatten()
+        .any(|&v| read_by_subgraph(g, v));
+    !float16_schema || KEEP_FLOAT32.contains(&node.op_type()) || square || read_by_name
+}
+
+/// Whether a subgraph (an `If` branch, a `Loop` body) reads `v` by name: it computes with
+/// the element type `v` has now, which this conversion does not change inside it.
+fn read_by_subgraph(g: &Graph, v: ValueId) -> bool {
+    g.uses(v).iter().any(|&(_, u)| u == Use::Captured)
 }
 
 /// `t` as float16, values beyond float16's range clamped to ±65 504.

@@ -1,0 +1,281 @@
+//! The branches of `If` nodes, optimized as models of their own.
+//!
+//! Matches: an `If` of the main graph whose branches compute with the main graph's values:
+//! Optimum's merged decoders (`decoder_model_merged.onnx`, what it writes for T5, BART,
+//! Whisper, Marian… and what transformers.js ships) hold the whole decoder twice, with and
+//! without its cache, in the two branches of one `If`, reading the weights from the main graph.
+//! Produces: each branch as the optimization pipeline (for the same target, this pass left out)
+//! leaves it when it runs on the branch as a model: its fusions, folds and clean-ups, inside
+//! the branch. Initializers the rewritten branch makes (a packed QKV weight) move to the main
+//! graph, once for both branches when they are the same tensor, under names no scope uses.
+//! A branch whose optimization needs another opset of the default domain than the model's
+//! (the standard `Attention` for `--target onnx`) is kept as it was: the other branch and the
+//! main graph would have to follow.
+//!
+//! Safe because: a branch is a graph that reads values of the enclosing scope by name. As a
+//! model, it reads the same values: the main graph's initializers it reads become its own
+//! initializers, every other value it reads becomes an input with the main graph's type of
+//! that value, and its outputs are the branch's outputs, which the pipeline keeps. Put back,
+//! an initializer still the main graph's (same name, same bytes) is read from the main graph
+//! again, and every name the branch defines that the main graph also defines is renamed
+//! inside the branch (ONNX forbids a subgraph to shadow an outer name).
+
+use std::collections::{HashMap, HashSet};
+
+use super::{Pass, Rewrites};
+use crate::error::Result;
+use crate::ir::{free_names, Model, NodeId, Tensor};
+use crate::optimize::OptimizeOptions;
+use crate::proto::{AttributeProto, GraphProto, ModelProto, NodeProto, ValueInfoProto};
+
+/// The fewest nodes of a branch `worth_a_run`.
+const MIN_BRANCH_NODES: usize = 16;
+
+pub struct BranchOptimization {
+    pub options: OptimizeOptions,
+}
+
+impl Pass for BranchOptimization {
+    fn name(&self) -> &'static str {
+        "optimize-branches"
+    }
+
+    fn run(&self, model: &mut Model) -> Result<Rewrites> {
+        let mut rewrites = Rewrites::default();
+        for id in if_nodes(model) {
+            let attributes = model.graph.node(id).proto.attribute.clone();
+            let mut hoisted = Hoisted::default();
+            let mut rewritten = Vec::with_capacity(attributes.len());
+            let mut changed = false;
+            for a in attributes {
+                match a.g.as_ref().filter(|g| worth_a_run(g)) {
+                    Some(branch) => match self.optimized(model, branch, &mut hoisted)? {
+                        Some((branch, done)) => {
+                            changed = true;
+                            rewrites.merge(&done);
+                            rewritten.push(AttributeProto {
+                                g: Some(branch),
+                                ..a
+                            });
+                        }
+                        None => rewritten.push(a),
+                    },
+                    None => rewritten.push(a),
+                }
+            }
+            if !changed {
+                continue;
+            }
+            // Names the branches define that the main graph now defines too are renamed
+            // inside them: a subgraph may not shadow an outer name.
+            let outer = &model.graph;
+            let hoisted_names: HashSet<&str> =
+                hoisted.tensors.iter().map(|(n, _)| n.as_str()).collect();
+            let clash = |n: &str| outer.find_value(n).is_some() || hoisted_names.contains(n);
+            for a in rewritten.iter_mut() {
+                if let Some(branch) = a.g.as_mut() {
+                    unshadow(branch, &clash);
+                }
+            }
+            for (name, tensor) in hoisted.tensors {
+                let v = model.graph.intern(&name);
+                model.graph.set_initializer(v, tensor);
+            }
+            model.graph.replace_subgraphs(id, rewritten)?;
+            rewrites.add("branch", 1);
+        }
+        Ok(rewrites)
+    }
+}
+
+/// Whether an `If` of the main graph holds a branch of `MIN_BRANCH_NODES` nodes or more: the
+/// model's computation is in there (an Optimum merged decoder), where only the optimization
+/// pipeline reaches.
+pub fn computes_in_branches(model: &Model) -> bool {
+    if_nodes(model).into_iter().any(|id| {
+        let attributes = &model.graph.node(id).proto.attribute;
+        attributes
+            .iter()
+            .filter_map(|a| a.g.as_ref())
+            .any(worth_a_run)
+    })
+}
+
+/// The `If` nodes of the main graph.
+fn if_nodes(model: &Model) -> Vec<NodeId> {
+    let g = &model.graph;
+    let ifs = g
+        .nodes()
+        .filter(|(_, n)| n.op_type() == "If" && n.domain().is_empty());
+    ifs.map(|(id, _)| id).collect()
+}
+
+/// Whether `branch` holds enough to be worth a pipeline run: a branch of a few nodes (a
+/// Constant, an Identity) has nothing to fuse.
+fn worth_a_run(branch: &GraphProto) -> bool {
+    branch.node.len() >= MIN_BRANCH_NODES
+}
+
+/// Initializers the rewritten branches of one `If` read from the main graph: new names, and
+/// the name each distinct tensor got (so that both branches share one copy).
+#[derive(Default)]
+struct Hoisted {
+    tensors: Vec<(String, Tensor)>,
+    by_content: HashMap<u64, Vec<usize>>,
+}
+
+impl Hoisted {
+    /// The main-graph name of `tensor`: the one an identical tensor got already, else a new
+    /// one starting with `hint` that `taken` does not hold.
+    fn name_of(&mut self, hint: &str, tensor: Tensor, taken: &dyn Fn(&str) -> bool) -> String {
+        let key = content_key(&tensor);
+        let same = self.by_content.get(&key).and_then(|at| {
+            at.iter()
+                .find(|&&i| same_tensor(&self.tensors[i].1, &tensor))
+        });
+        if let Some(&i) = same {
+            return self.tensors[i].0.clone();
+        }
+        let ours: HashSet<&str> = self.tensors.iter().map(|(n, _)| n.as_str()).collect();
+        let free = |n: &str| !taken(n) && !ours.contains(n);
+        let name = std::iter::once(hint.to_string())
+            .chain((1..).map(|i| format!("{hint}_{i}")))
+            .find(|n| free(n))
+            .unwrap_or_default();
+        self.by_content
+            .entry(key)
+            .or_default()
+            .push(self.tensors.len());
+        self.tensors.push((name.clone(), tensor));
+        name
+    }
+}
+
+fn content_key(t: &Tensor) -> u64 {
+    let bytes = t.raw_bytes().unwrap_or_default();
+    crate::ir::dump::fnv1a(&bytes) ^ (t.dtype() as u64).rotate_left(32)
+}
+
+fn same_tensor(a: &Tensor, b: &Tensor) -> bool {
+    a.dtype() == b.dtype() && a.dims() == b.dims() && a.raw_bytes() == b.raw_bytes()
+}
+
+impl BranchOptimization {
+    /// `branch` after the pipeline, ready to go back into the `If`, and what the pipeline
+    /// did; `None` when it did nothing or needed another opset.
+    fn optimized(
+        &self,
+        model: &mut Model,
+        branch: &GraphProto,
+        hoisted: &mut Hoisted,
+    ) -> Result<Option<(GraphProto, Rewrites)>> {
+        let outer = &model.graph;
+        let read = free_names(branch);
+        let types = crate::passes::shape::infer(model).types;
+        let mut standalone = branch.clone();
+        let mut from_outer: HashMap<String, Tensor> = HashMap::new();
+        for name in &read {
+            let Some(v) = outer.find_value(name) else {
+                continue;
+            };
+            match outer.initializer(v) {
+                Some(t) => {
+                    let mut p = t.proto().clone();
+                    p.name = Some(name.clone());
+                    standalone.initializer.push(p);
+                    from_outer.insert(name.clone(), t.clone());
+                }
+                None => standalone.input.push(ValueInfoProto {
+                    name: Some(name.clone()),
+                    r#type: types
+                        .get(&v)
+                        .map(|t| t.without_anonymous_dims().to_type_proto()),
+                    ..Default::default()
+                }),
+            }
+        }
+        let proto = ModelProto {
+            graph: Some(standalone),
+            ..model.envelope.clone()
+        };
+        let mut inner = Model::from_proto(proto)?;
+        let passes = crate::optimize::selected(&self.options)?.without(&[self.name().into()])?;
+        let report = passes.run(&mut inner)?;
+        let mut done = Rewrites::default();
+        for stats in report.passes.iter().filter(|s| s.pass != "shape-inference") {
+            done.merge(&stats.rewrites);
+        }
+        if done.total() == 0 || inner.opset("") != model.opset("") {
+            return Ok(None);
+        }
+        for import in &inner.envelope.opset_import {
+            if model.opset(import.domain()).is_none() {
+                model.envelope.opset_import.push(import.clone());
+            }
+        }
+        let mut rewritten = inner.to_proto()?.graph.unwrap_or_default();
+        rewritten.input.clear();
+        let outer = &model.graph;
+        let defined_outer = |n: &str| outer.find_value(n).is_some();
+        let mut renames: HashMap<String, String> = HashMap::new();
+        let initializers = std::mem::take(&mut rewritten.initializer);
+        for p in initializers {
+            let name = p.name().to_string();
+            let tensor = Tensor::from_proto(p)?;
+            if from_outer
+                .get(&name)
+                .is_some_and(|t| same_tensor(t, &tensor))
+            {
+                continue;
+            }
+            let main_name = hoisted.name_of(&name, tensor, &defined_outer);
+            if main_name != name {
+                renames.insert(name, main_name);
+            }
+        }
+        rename(&mut rewritten, &renames);
+        Ok(Some((rewritten, done)))
+    }
+}
+
+/// Renames, inside `g`, each value its nodes write whose name `clash` says the enclosing
+/// scope defines.
+fn unshadow(g: &mut GraphProto, clash: &dyn Fn(&str) -> bool) {
+    let written: HashSet<String> = g
+        .node
+        .iter()
+        .flat_map(|n| n.output.iter().cloned())
+        .collect();
+    let mut renames = HashMap::new();
+    for out in written.iter().filter(|o| !o.is_empty() && clash(o)) {
+        let fresh = (1..)
+            .map(|i| format!("{out}_branch{i}"))
+            .find(|n| !clash(n) && !written.contains(n))
+            .unwrap_or_default();
+        renames.insert(out.clone(), fresh);
+    }
+    rename(g, &renames);
+}
+
+/// Renames values of `g` as `renames` says: node inputs and outputs, graph outputs,
+/// value_info (the subgraphs of its nodes hold none of these names: they are new).
+fn rename(g: &mut GraphProto, renames: &HashMap<String, String>) {
+    if renames.is_empty() {
+        return;
+    }
+    let renamed = |n: &mut String| {
+        if let Some(new) = renames.get(n.as_str()) {
+            *n = new.clone();
+        }
+    };
+    let rename_node = |node: &mut NodeProto| {
+        node.input.iter_mut().for_each(renamed);
+        node.output.iter_mut().for_each(renamed);
+    };
+    g.node.iter_mut().for_each(rename_node);
+    for info in g.output.iter_mut().chain(g.value_info.iter_mut()) {
+        if let Some(name) = info.name.as_mut() {
+            renamed(name);
+        }
+    }
+}
