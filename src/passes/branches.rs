@@ -26,7 +26,7 @@ use super::{Pass, Rewrites};
 use crate::error::Result;
 use crate::ir::{free_names, Model, NodeId, Tensor};
 use crate::optimize::OptimizeOptions;
-use crate::proto::{AttributeProto, GraphProto, ModelProto, NodeProto, ValueInfoProto};
+use crate::proto::{AttributeProto, GraphProto, ModelProto, ValueInfoProto};
 
 /// The fewest nodes of a branch `worth_a_run`.
 const MIN_BRANCH_NODES: usize = 16;
@@ -162,7 +162,7 @@ fn same_tensor(a: &Tensor, b: &Tensor) -> bool {
 
 impl BranchOptimization {
     /// `branch` after the pipeline, ready to go back into the `If`, and what the pipeline
-    /// did; `None` when it did nothing or needed another opset.
+    /// did; `None` when it did nothing, needed another opset, or could not run.
     fn optimized(
         &self,
         model: &mut Model,
@@ -198,9 +198,15 @@ impl BranchOptimization {
             graph: Some(standalone),
             ..model.envelope.clone()
         };
-        let mut inner = Model::from_proto(proto)?;
         let passes = crate::optimize::selected(&self.options)?.without(&[self.name().into()])?;
-        let report = passes.run(&mut inner)?;
+        // A branch that does not stand as a model (or that a pass cannot take) stays as it
+        // was: the main graph and the other branch are optimized all the same.
+        let Ok(mut inner) = Model::from_proto(proto) else {
+            return Ok(None);
+        };
+        let Ok(report) = passes.run(&mut inner) else {
+            return Ok(None);
+        };
         let mut done = Rewrites::default();
         for stats in report.passes.iter().filter(|s| s.pass != "shape-inference") {
             done.merge(&stats.rewrites);
@@ -216,9 +222,12 @@ impl BranchOptimization {
         let mut rewritten = inner.to_proto()?.graph.unwrap_or_default();
         rewritten.input.clear();
         let outer = &model.graph;
-        let defined_outer = |n: &str| outer.find_value(n).is_some();
-        let mut renames: HashMap<String, String> = HashMap::new();
         let initializers = std::mem::take(&mut rewritten.initializer);
+        let mut within = HashSet::new();
+        names_in(&rewritten, &mut within);
+        names_in(branch, &mut within);
+        let taken = |n: &str| outer.find_value(n).is_some() || within.contains(n);
+        let mut renames: HashMap<String, String> = HashMap::new();
         for p in initializers {
             let name = p.name().to_string();
             let tensor = Tensor::from_proto(p)?;
@@ -228,7 +237,7 @@ impl BranchOptimization {
             {
                 continue;
             }
-            let main_name = hoisted.name_of(&name, tensor, &defined_outer);
+            let main_name = hoisted.name_of(&name, tensor, &taken);
             if main_name != name {
                 renames.insert(name, main_name);
             }
@@ -238,27 +247,44 @@ impl BranchOptimization {
     }
 }
 
-/// Renames, inside `g`, each value its nodes write whose name `clash` says the enclosing
-/// scope defines.
+/// Renames, inside `g`, each value it defines (a node's output, an initializer) whose name
+/// `clash` says the enclosing scope defines.
 fn unshadow(g: &mut GraphProto, clash: &dyn Fn(&str) -> bool) {
-    let written: HashSet<String> = g
-        .node
-        .iter()
-        .flat_map(|n| n.output.iter().cloned())
-        .collect();
+    let outputs = g.node.iter().flat_map(|n| n.output.iter().cloned());
+    let initializers = g.initializer.iter().map(|t| t.name().to_string());
+    let defined: Vec<String> = outputs.chain(initializers).collect();
+    let mut used = HashSet::new();
+    names_in(g, &mut used);
     let mut renames = HashMap::new();
-    for out in written.iter().filter(|o| !o.is_empty() && clash(o)) {
+    for name in defined.iter().filter(|n| !n.is_empty() && clash(n)) {
         let fresh = (1..)
-            .map(|i| format!("{out}_branch{i}"))
-            .find(|n| !clash(n) && !written.contains(n))
+            .map(|i| format!("{name}_branch{i}"))
+            .find(|n| !clash(n) && !used.contains(n))
             .unwrap_or_default();
-        renames.insert(out.clone(), fresh);
+        used.insert(fresh.clone());
+        renames.insert(name.clone(), fresh);
     }
     rename(g, &renames);
 }
 
-/// Renames values of `g` as `renames` says: node inputs and outputs, graph outputs,
-/// value_info (the subgraphs of its nodes hold none of these names: they are new).
+/// Every name `g` and its subgraphs define or read.
+fn names_in(g: &GraphProto, names: &mut HashSet<String>) {
+    let infos = g.input.iter().chain(&g.output).chain(&g.value_info);
+    names.extend(infos.map(|i| i.name().to_string()));
+    names.extend(g.initializer.iter().map(|t| t.name().to_string()));
+    for node in &g.node {
+        names.extend(node.input.iter().chain(&node.output).cloned());
+        for a in &node.attribute {
+            for sub in a.g.iter().chain(&a.graphs) {
+                names_in(sub, names);
+            }
+        }
+    }
+}
+
+/// Renames values of `g` as `renames` says: node inputs and outputs, initializers, graph
+/// outputs, value_info, and what its nodes' subgraphs read by those names (a name `g`
+/// defines, so no subgraph defines it again).
 fn rename(g: &mut GraphProto, renames: &HashMap<String, String>) {
     if renames.is_empty() {
         return;
@@ -268,14 +294,92 @@ fn rename(g: &mut GraphProto, renames: &HashMap<String, String>) {
             *n = new.clone();
         }
     };
-    let rename_node = |node: &mut NodeProto| {
+    for node in g.node.iter_mut() {
         node.input.iter_mut().for_each(renamed);
         node.output.iter_mut().for_each(renamed);
-    };
-    g.node.iter_mut().for_each(rename_node);
+        for a in node.attribute.iter_mut() {
+            for sub in a.g.iter_mut().chain(a.graphs.iter_mut()) {
+                rename(sub, renames);
+            }
+        }
+    }
+    for t in g.initializer.iter_mut() {
+        if let Some(name) = t.name.as_mut() {
+            renamed(name);
+        }
+    }
     for info in g.output.iter_mut().chain(g.value_info.iter_mut()) {
         if let Some(name) = info.name.as_mut() {
             renamed(name);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proto::NodeProto;
+
+    fn node(op: &str, inputs: &[&str], outputs: &[&str]) -> NodeProto {
+        NodeProto {
+            op_type: Some(op.into()),
+            input: inputs.iter().map(|s| s.to_string()).collect(),
+            output: outputs.iter().map(|s| s.to_string()).collect(),
+            ..Default::default()
+        }
+    }
+
+    fn graph(nodes: Vec<NodeProto>) -> GraphProto {
+        GraphProto {
+            node: nodes,
+            ..Default::default()
+        }
+    }
+
+    /// `g`: `x = Relu(a)`, then an `If` whose branch reads `x` by name.
+    fn reading_by_name() -> GraphProto {
+        let mut if_node = node("If", &["c"], &["y"]);
+        if_node.attribute.push(AttributeProto {
+            name: Some("then_branch".into()),
+            g: Some(graph(vec![node("Identity", &["x"], &["z"])])),
+            ..Default::default()
+        });
+        graph(vec![node("Relu", &["a"], &["x"]), if_node])
+    }
+
+    #[test]
+    fn a_rename_reaches_what_nested_subgraphs_read() {
+        let mut g = reading_by_name();
+        rename(&mut g, &HashMap::from([("x".to_string(), "x2".to_string())]));
+        assert_eq!(g.node[0].output, ["x2"]);
+        let nested = g.node[1].attribute[0].g.as_ref().unwrap();
+        assert_eq!(nested.node[0].input, ["x2"]);
+    }
+
+    #[test]
+    fn names_the_enclosing_scope_defines_are_renamed_apart() {
+        let mut g = reading_by_name();
+        // The enclosing scope defines `x` and `x_branch1`: the branch's `x` becomes a third
+        // name, which its nested subgraph reads; `y` (no clash) stays.
+        let clash = |n: &str| n == "x" || n == "x_branch1";
+        unshadow(&mut g, &clash);
+        assert_eq!(g.node[0].output, ["x_branch2"]);
+        assert_eq!(g.node[1].output, ["y"]);
+        let nested = g.node[1].attribute[0].g.as_ref().unwrap();
+        assert_eq!(nested.node[0].input, ["x_branch2"]);
+    }
+
+    #[test]
+    fn a_tensor_both_branches_make_is_hoisted_once() {
+        let mut hoisted = Hoisted::default();
+        let t = |v: f32| Tensor::from_f32("w", &[2], &[v, 1.0]).unwrap();
+        let taken = |n: &str| n == "w";
+        let first = hoisted.name_of("w", t(0.5), &taken);
+        let again = hoisted.name_of("w", t(0.5), &taken);
+        let other = hoisted.name_of("w", t(2.0), &taken);
+        assert_eq!(first, "w_1");
+        assert_eq!(again, first, "the same bytes, the same name");
+        assert_eq!(other, "w_2");
+        assert_eq!(hoisted.tensors.len(), 2);
     }
 }
