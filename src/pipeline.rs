@@ -27,8 +27,10 @@ use crate::exec::{
 };
 use crate::ir::Model;
 use crate::optimize::OptimizeOptions;
+use crate::passes::dce::DeadCodeElimination;
 use crate::passes::fuse::embed_layernorm::EmbedLayerNormFusion;
 use crate::passes::fuse::Fusion;
+use crate::passes::{Pass, Rewrites};
 use crate::prune::PruneOptions;
 use crate::quant::weight_only::{WeightMethod, WeightOnlyOptions};
 use crate::quant::{self, dynamic::DynamicOptions, fp16::Fp16Options, StaticOptions};
@@ -260,10 +262,6 @@ fn transform(
         crate::optimize(&mut model, &options.optimize_options())
             .map_err(step("optimization failed"))?,
     );
-    let converts = !matches!(options.mode, Mode::Float);
-    if converts && crate::passes::branches::computes_in_branches(&model) {
-        report.warnings.push(BRANCHES_WARNING.into());
-    }
     let smooth_dynamic = matches!(&options.mode, Mode::Dynamic(d) if d.smooth_quant.is_some());
     let gptq = matches!(&options.mode, Mode::WeightOnly(o) if o.method == WeightMethod::Gptq);
     let wants_calibration = matches!(options.mode, Mode::Static { .. })
@@ -283,7 +281,7 @@ fn transform(
         calibration = pruning.calibration;
         report.pruning = Some(result.map_err(step("pruning failed"))?);
     }
-    let quantized = match &options.mode {
+    let mut quantized = match &options.mode {
         Mode::Float => None,
         Mode::Dynamic(dynamic) => Some(
             quant::dynamic::quantize_dynamic(&mut model, &calibration, dynamic)
@@ -328,8 +326,71 @@ fn transform(
             Some(result.map_err(step("quantization failed"))?)
         }
     };
+    if let Some(quantized) = &mut quantized {
+        match convert_branches(&mut model, &options.mode).map_err(step("quantization failed"))? {
+            Some((in_branches, weights)) => {
+                quantized.rewrites.merge(&in_branches);
+                if let Some(main) = &mut quantized.weight_only {
+                    weights.iter().for_each(|w| main.absorb(w));
+                }
+            }
+            None if crate::passes::branches::computes_in_branches(&model) => {
+                report.warnings.push(BRANCHES_WARNING.into())
+            }
+            None => {}
+        }
+    }
     report.quantization = quantized;
     Ok((model, held_back))
+}
+
+/// Converts the branches of the main graph's `If` nodes (an Optimum merged decoder computes
+/// in there) as `mode` converted the main graph, each branch as a model of its own
+/// (`passes::branches::rewrite_branches`), for the modes that need no batches of the branch's
+/// values: dynamic INT8 (without smoothing), round-to-nearest weights, and float16 with
+/// Casts at the branch's edges (the values it reads from the main graph and its outputs stay
+/// float32, as the main graph has them). Returns the rewrites, and the weight-only reports of
+/// the branches; `None` for the other modes (static INT8, GPTQ), which leave the branches as
+/// they are.
+fn convert_branches(
+    model: &mut Model,
+    mode: &Mode,
+) -> crate::Result<Option<(Rewrites, Vec<quant::weight_only::WeightOnlyReport>)>> {
+    use crate::passes::branches::{rewrite_branches, BranchesOf::Products};
+    let weights = std::cell::RefCell::new(Vec::new());
+    let in_branches = match mode {
+        Mode::Dynamic(dynamic) => {
+            let unsmoothed = DynamicOptions {
+                smooth_quant: None,
+                ..dynamic.clone()
+            };
+            rewrite_branches(model, Products, &|branch| {
+                Ok(quant::dynamic::quantize_dynamic(branch, &[], &unsmoothed)?.rewrites)
+            })?
+        }
+        Mode::WeightOnly(weight_only) if weight_only.method == WeightMethod::Rtn => {
+            rewrite_branches(model, Products, &|branch| {
+                let quiet = |_, _| {};
+                let done = quant::weight_only::quantize_weights(branch, &[], weight_only, &quiet)?;
+                weights.borrow_mut().extend(done.weight_only);
+                Ok(done.rewrites)
+            })?
+        }
+        Mode::Fp16(_) => {
+            let edges_float32 = Fp16Options {
+                keep_io_types: true,
+            };
+            rewrite_branches(model, Products, &|branch| {
+                Ok(quant::fp16::convert_fp16(branch, &edges_float32)?.rewrites)
+            })?
+        }
+        _ => return Ok(None),
+    };
+    if in_branches.total() > 0 {
+        // The float weights the branches read before, if nothing else reads them.
+        DeadCodeElimination.run(model)?;
+    }
+    Ok(Some((in_branches, weights.into_inner())))
 }
 
 fn exec_step(what: &str, e: ExecError) -> PipelineError {
@@ -690,9 +751,10 @@ const FLOAT16_UPCAST_WARNING: &str = "the model computes in float16: the output 
     outputs keep their types";
 
 const BRANCHES_WARNING: &str = "the model computes inside the branches of an If (an Optimum \
-    merged decoder, `decoder_model_merged.onnx`), which quantization and --fp16 leave in float32 \
-    as they are: to convert the decoder, export it unmerged (optimum-cli's --no-post-process) \
-    and convert each model";
+    merged decoder, `decoder_model_merged.onnx`), which static INT8 and GPTQ leave in float32 \
+    as they are (their calibration runs the main graph only): --int8-dynamic, --weights with \
+    --weights-method rtn and --fp16 convert them; or export the decoder unmerged \
+    (optimum-cli's --no-post-process)";
 
 const ONE_TOKEN_WARNING: &str = "the input model does not run on generated inputs of the \
     default lengths: checked on one token (every free dim but the batch at 1); --inputs DIR \

@@ -1059,7 +1059,8 @@ fn encoders_whose_sequence_no_input_dim_gives_get_their_attention_fused() {
 /// attention fused as a model of its own would (2 layers × self and cross attention); the
 /// tensors the rewrite makes live once in the main graph, shared by both branches; and ONNX
 /// Runtime gives the original's outputs down either branch (one calibration batch each).
-/// `--fp16` and INT8 leave the branches as they are and say so.
+/// `--fp16`, dynamic INT8 and round-to-nearest weights convert the branches the same way;
+/// static INT8 leaves them float32 and says so.
 #[test]
 fn the_branches_of_a_merged_decoder_are_optimized() {
     let dir = tempfile::tempdir().unwrap();
@@ -1114,9 +1115,18 @@ fn the_branches_of_a_merged_decoder_are_optimized() {
     let mut checks = common::OrtChecks::default();
     let calib = common::testdata("forms/calib/t5-dec.merged");
     checks.add_exact(&model, &out, &calib);
-    // Conversions do not reach into the branches: the branches stay float32 (values they read
-    // by name included, which --fp16 used to make float16 under them) and a warning says so.
-    for mode in [&["--fp16"][..], &["--int8-dynamic"][..]] {
+    // Conversions that need no batches of the branch's values convert each branch as a
+    // model (each quantized weight once, shared by both branches); static INT8, whose
+    // calibration runs the main graph only, leaves them as they are and says so.
+    for (mode, converted_ops) in [
+        (&["--fp16"][..], "Cast"),
+        (&["--int8-dynamic"][..], "MatMulInteger"),
+        (
+            &["--weights", "int4", "--weights-method", "rtn"][..],
+            "MatMulNBits",
+        ),
+        (&["--int8", "--calib-random", "2"][..], ""),
+    ] {
         let converted = dir.path().join(format!("merged{}.onnx", mode[0]));
         let mut args = vec!["optimize", s(&model), s(&converted)];
         args.extend_from_slice(mode);
@@ -1127,11 +1137,23 @@ fn the_branches_of_a_merged_decoder_are_optimized() {
             text(&result.stderr)
         );
         let said = format!("{}{}", text(&result.stdout), text(&result.stderr));
-        assert!(
-            said.contains("inside the branches of an If"),
-            "{mode:?}: {said}"
-        );
-        checks.add_exact(&model, &converted, &calib);
+        let warned = said.contains("inside the branches of an If");
+        assert_eq!(warned, converted_ops.is_empty(), "{mode:?}: {said}");
+        let graph = onnxopt::io::load(&converted)
+            .unwrap()
+            .to_proto()
+            .unwrap()
+            .graph
+            .unwrap();
+        for branch in graph.node[0].attribute.iter().filter_map(|a| a.g.as_ref()) {
+            let ops = branch.node.iter().filter(|n| n.op_type() == converted_ops);
+            assert_eq!(ops.count() > 0, !converted_ops.is_empty(), "{mode:?}");
+        }
+        match converted_ops {
+            "" => checks.add_exact(&model, &converted, &calib),
+            "MatMulNBits" => checks.add("0.98", &model, &converted, &calib),
+            _ => checks.add("0.999", &model, &converted, &calib),
+        }
     }
     checks.run();
 }

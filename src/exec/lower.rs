@@ -19,9 +19,13 @@ use crate::error::Result;
 use crate::ir::{attr, DataType, Model, Node, NodeId, PValue, Patch, Tensor};
 use crate::ops::weights::plain_gemm_trans_b;
 use crate::ops::{attention, embed_layer_norm, nbits, rotary, MS_DOMAIN};
+use crate::passes::branches::{rewrite_branches, BranchesOf};
+use crate::passes::Rewrites;
 
-/// Lowers every contrib node of `model` that has a lowering, float16 Gemms and int64 sums.
-pub fn lower_contrib_ops(model: &mut Model) -> Result<()> {
+/// Lowers every contrib node of `model` that has a lowering, float16 Gemms and int64 sums, in
+/// the main graph and in the branches of its `If` nodes (an optimized merged decoder's fused
+/// operators are there). Returns how many nodes it lowered.
+pub fn lower_contrib_ops(model: &mut Model) -> Result<usize> {
     let nodes: Vec<NodeId> = model
         .graph
         .nodes()
@@ -34,6 +38,7 @@ pub fn lower_contrib_ops(model: &mut Model) -> Result<()> {
         })
         .map(|(id, _)| id)
         .collect();
+    let mut lowered = 0;
     for id in nodes {
         let node = model.graph.node(id).clone();
         let patch = match (node.domain(), node.op_type()) {
@@ -53,10 +58,19 @@ pub fn lower_contrib_ops(model: &mut Model) -> Result<()> {
         };
         if let Some(patch) = patch {
             model.graph.apply(patch)?;
+            lowered += 1;
         }
     }
-    Ok(())
+    let in_branches = rewrite_branches(model, BranchesOf::AnyKind, &|branch| {
+        let mut done = Rewrites::default();
+        done.add(LOWERED, lower_contrib_ops(branch)?);
+        Ok(done)
+    })?;
+    Ok(lowered + in_branches.0.get(LOWERED).copied().unwrap_or(0))
 }
+
+/// What `lower_contrib_ops` counts a lowered node as in the branches it rewrites.
+const LOWERED: &str = "lowered";
 
 /// `Gemm(A, B, C)` with a float16 weight B, alpha and beta 1 and A not transposed, as
 /// `MatMul(A, B or Bᵀ) + C`: tract 0.23's Gemm expansion types its result float32 whatever

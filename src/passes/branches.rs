@@ -10,7 +10,9 @@
 //! graph, once for both branches when they are the same tensor, under names no scope uses.
 //! A branch whose optimization needs another opset of the default domain than the model's
 //! (the standard `Attention` for `--target onnx`) is kept as it was: the other branch and the
-//! main graph would have to follow.
+//! main graph would have to follow. `rewrite_branches` does the same with any rewrite of a
+//! model: the pipeline converts the branches with the quantizers that need no batches
+//! (`pipeline::convert_branches`).
 //!
 //! Safe because: a branch is a graph that reads values of the enclosing scope by name. As a
 //! model, it reads the same values: the main graph's initializers it reads become its own
@@ -41,63 +43,109 @@ impl Pass for BranchOptimization {
     }
 
     fn run(&self, model: &mut Model) -> Result<Rewrites> {
-        let mut rewrites = Rewrites::default();
-        for id in if_nodes(model) {
-            let attributes = model.graph.node(id).proto.attribute.clone();
-            let mut hoisted = Hoisted::default();
-            let mut rewritten = Vec::with_capacity(attributes.len());
-            let mut changed = false;
-            for a in attributes {
-                match a.g.as_ref().filter(|g| worth_a_run(g)) {
-                    Some(branch) => match self.optimized(model, branch, &mut hoisted)? {
-                        Some((branch, done)) => {
-                            changed = true;
-                            rewrites.merge(&done);
-                            rewritten.push(AttributeProto {
-                                g: Some(branch),
-                                ..a
-                            });
-                        }
-                        None => rewritten.push(a),
-                    },
-                    None => rewritten.push(a),
-                }
+        let passes = crate::optimize::selected(&self.options)?.without(&[self.name().into()])?;
+        rewrite_branches(model, BranchesOf::AnyKind, &|branch| {
+            let report = passes.run(branch)?;
+            let mut done = Rewrites::default();
+            // Types recorded again are no rewrite: a branch's anonymous dims are recorded
+            // anew each time it stands as a model.
+            for stats in report.passes.iter().filter(|s| s.pass != "shape-inference") {
+                done.merge(&stats.rewrites);
             }
-            if !changed {
-                continue;
-            }
-            // Names the branches define that the main graph now defines too are renamed
-            // inside them: a subgraph may not shadow an outer name.
-            let outer = &model.graph;
-            let hoisted_names: HashSet<&str> =
-                hoisted.tensors.iter().map(|(n, _)| n.as_str()).collect();
-            let clash = |n: &str| outer.find_value(n).is_some() || hoisted_names.contains(n);
-            for a in rewritten.iter_mut() {
-                if let Some(branch) = a.g.as_mut() {
-                    unshadow(branch, &clash);
-                }
-            }
-            for (name, tensor) in hoisted.tensors {
-                let v = model.graph.intern(&name);
-                model.graph.set_initializer(v, tensor);
-            }
-            model.graph.replace_subgraphs(id, rewritten)?;
-            rewrites.add("branch", 1);
-        }
-        Ok(rewrites)
+            Ok(done)
+        })
     }
 }
 
-/// Whether an `If` of the main graph holds a branch of `MIN_BRANCH_NODES` nodes or more: the
-/// model's computation is in there (an Optimum merged decoder), where only the optimization
-/// pipeline reaches.
+/// Which branches `rewrite_branches` rewrites.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BranchesOf {
+    /// Every branch `worth_a_run`.
+    AnyKind,
+    /// Those with a product (MatMul, Gemm, Conv): a decoder's, which conversions are for,
+    /// not a helper computation such as DeBERTa's relative positions, whose float
+    /// arithmetic (log buckets) float16 could move for no gain.
+    Products,
+}
+
+impl BranchesOf {
+    fn selects(self, branch: &GraphProto) -> bool {
+        let product = |n: &crate::proto::NodeProto| {
+            matches!(n.op_type(), "MatMul" | "Gemm" | "Conv") && n.domain().is_empty()
+        };
+        self == BranchesOf::AnyKind || branch.node.iter().any(product)
+    }
+}
+
+/// Rewrites every branch of the `If` nodes of the main graph that is `worth_a_run` (and that
+/// `only` selects) as
+/// `rewrite` rewrites a model (see the module doc: the branch stands as a model, and goes back
+/// with its new tensors hoisted and its names kept apart from the main graph's). A branch that
+/// does not stand as a model, that `rewrite` refuses or leaves unchanged, or that comes back
+/// needing another opset of the default domain stays as it was. Returns what `rewrite` did,
+/// and `branch` once per `If` rewritten.
+pub fn rewrite_branches(
+    model: &mut Model,
+    only: BranchesOf,
+    rewrite: &dyn Fn(&mut Model) -> Result<Rewrites>,
+) -> Result<Rewrites> {
+    let mut rewrites = Rewrites::default();
+    for id in if_nodes(model) {
+        let attributes = model.graph.node(id).proto.attribute.clone();
+        let mut hoisted = Hoisted::default();
+        let mut rewritten = Vec::with_capacity(attributes.len());
+        let mut changed = false;
+        for a in attributes {
+            let selected = |g: &&GraphProto| worth_a_run(g) && only.selects(g);
+            let done = match a.g.as_ref().filter(selected) {
+                Some(branch) => rewritten_branch(model, branch, rewrite, &mut hoisted)?,
+                None => None,
+            };
+            match done {
+                Some((branch, done)) => {
+                    changed = true;
+                    rewrites.merge(&done);
+                    rewritten.push(AttributeProto {
+                        g: Some(branch),
+                        ..a
+                    });
+                }
+                None => rewritten.push(a),
+            }
+        }
+        if !changed {
+            continue;
+        }
+        // Names the branches define that the main graph now defines too are renamed inside
+        // them: a subgraph may not shadow an outer name.
+        let outer = &model.graph;
+        let hoisted_names: HashSet<&str> =
+            hoisted.tensors.iter().map(|(n, _)| n.as_str()).collect();
+        let clash = |n: &str| outer.find_value(n).is_some() || hoisted_names.contains(n);
+        for a in rewritten.iter_mut() {
+            if let Some(branch) = a.g.as_mut() {
+                unshadow(branch, &clash);
+            }
+        }
+        for (name, tensor) in hoisted.tensors {
+            let v = model.graph.intern(&name);
+            model.graph.set_initializer(v, tensor);
+        }
+        model.graph.replace_subgraphs(id, rewritten)?;
+        rewrites.add("branch", 1);
+    }
+    Ok(rewrites)
+}
+
+/// Whether an `If` of the main graph holds a branch `worth_a_run` with products in it: the
+/// model's computation is in there (an Optimum merged decoder).
 pub fn computes_in_branches(model: &Model) -> bool {
     if_nodes(model).into_iter().any(|id| {
         let attributes = &model.graph.node(id).proto.attribute;
         attributes
             .iter()
             .filter_map(|a| a.g.as_ref())
-            .any(worth_a_run)
+            .any(|g| worth_a_run(g) && BranchesOf::Products.selects(g))
     })
 }
 
@@ -160,91 +208,84 @@ fn same_tensor(a: &Tensor, b: &Tensor) -> bool {
     a.dtype() == b.dtype() && a.dims() == b.dims() && a.raw_bytes() == b.raw_bytes()
 }
 
-impl BranchOptimization {
-    /// `branch` after the pipeline, ready to go back into the `If`, and what the pipeline
-    /// did; `None` when it did nothing, needed another opset, or could not run.
-    fn optimized(
-        &self,
-        model: &mut Model,
-        branch: &GraphProto,
-        hoisted: &mut Hoisted,
-    ) -> Result<Option<(GraphProto, Rewrites)>> {
-        let outer = &model.graph;
-        let read = free_names(branch);
-        let types = crate::passes::shape::infer(model).types;
-        let mut standalone = branch.clone();
-        let mut from_outer: HashMap<String, Tensor> = HashMap::new();
-        for name in &read {
-            let Some(v) = outer.find_value(name) else {
-                continue;
-            };
-            match outer.initializer(v) {
-                Some(t) => {
-                    let mut p = t.proto().clone();
-                    p.name = Some(name.clone());
-                    standalone.initializer.push(p);
-                    from_outer.insert(name.clone(), t.clone());
-                }
-                None => standalone.input.push(ValueInfoProto {
-                    name: Some(name.clone()),
-                    r#type: types
-                        .get(&v)
-                        .map(|t| t.without_anonymous_dims().to_type_proto()),
-                    ..Default::default()
-                }),
-            }
-        }
-        let proto = ModelProto {
-            graph: Some(standalone),
-            ..model.envelope.clone()
+/// `branch` rewritten by `rewrite`, ready to go back into the `If`, and what `rewrite`
+/// did; `None` when it did nothing, needed another opset, or could not run.
+fn rewritten_branch(
+    model: &mut Model,
+    branch: &GraphProto,
+    rewrite: &dyn Fn(&mut Model) -> Result<Rewrites>,
+    hoisted: &mut Hoisted,
+) -> Result<Option<(GraphProto, Rewrites)>> {
+    let outer = &model.graph;
+    let read = free_names(branch);
+    let types = crate::passes::shape::infer(model).types;
+    let mut standalone = branch.clone();
+    let mut from_outer: HashMap<String, Tensor> = HashMap::new();
+    for name in &read {
+        let Some(v) = outer.find_value(name) else {
+            continue;
         };
-        let passes = crate::optimize::selected(&self.options)?.without(&[self.name().into()])?;
-        // A branch that does not stand as a model (or that a pass cannot take) stays as it
-        // was: the main graph and the other branch are optimized all the same.
-        let Ok(mut inner) = Model::from_proto(proto) else {
-            return Ok(None);
-        };
-        let Ok(report) = passes.run(&mut inner) else {
-            return Ok(None);
-        };
-        let mut done = Rewrites::default();
-        for stats in report.passes.iter().filter(|s| s.pass != "shape-inference") {
-            done.merge(&stats.rewrites);
-        }
-        if done.total() == 0 || inner.opset("") != model.opset("") {
-            return Ok(None);
-        }
-        for import in &inner.envelope.opset_import {
-            if model.opset(import.domain()).is_none() {
-                model.envelope.opset_import.push(import.clone());
+        match outer.initializer(v) {
+            Some(t) => {
+                let mut p = t.proto().clone();
+                p.name = Some(name.clone());
+                standalone.initializer.push(p);
+                from_outer.insert(name.clone(), t.clone());
             }
+            None => standalone.input.push(ValueInfoProto {
+                name: Some(name.clone()),
+                r#type: types
+                    .get(&v)
+                    .map(|t| t.without_anonymous_dims().to_type_proto()),
+                ..Default::default()
+            }),
         }
-        let mut rewritten = inner.to_proto()?.graph.unwrap_or_default();
-        rewritten.input.clear();
-        let outer = &model.graph;
-        let initializers = std::mem::take(&mut rewritten.initializer);
-        let mut within = HashSet::new();
-        names_in(&rewritten, &mut within);
-        names_in(branch, &mut within);
-        let taken = |n: &str| outer.find_value(n).is_some() || within.contains(n);
-        let mut renames: HashMap<String, String> = HashMap::new();
-        for p in initializers {
-            let name = p.name().to_string();
-            let tensor = Tensor::from_proto(p)?;
-            if from_outer
-                .get(&name)
-                .is_some_and(|t| same_tensor(t, &tensor))
-            {
-                continue;
-            }
-            let main_name = hoisted.name_of(&name, tensor, &taken);
-            if main_name != name {
-                renames.insert(name, main_name);
-            }
-        }
-        rename(&mut rewritten, &renames);
-        Ok(Some((rewritten, done)))
     }
+    let proto = ModelProto {
+        graph: Some(standalone),
+        ..model.envelope.clone()
+    };
+    // A branch that does not stand as a model (or that `rewrite` refuses) stays as it
+    // was: the main graph and the other branch are rewritten all the same.
+    let Ok(mut inner) = Model::from_proto(proto) else {
+        return Ok(None);
+    };
+    let Ok(done) = rewrite(&mut inner) else {
+        return Ok(None);
+    };
+    if done.total() == 0 || inner.opset("") != model.opset("") {
+        return Ok(None);
+    }
+    for import in &inner.envelope.opset_import {
+        if model.opset(import.domain()).is_none() {
+            model.envelope.opset_import.push(import.clone());
+        }
+    }
+    let mut rewritten = inner.to_proto()?.graph.unwrap_or_default();
+    rewritten.input.clear();
+    let outer = &model.graph;
+    let initializers = std::mem::take(&mut rewritten.initializer);
+    let mut within = HashSet::new();
+    names_in(&rewritten, &mut within);
+    names_in(branch, &mut within);
+    let taken = |n: &str| outer.find_value(n).is_some() || within.contains(n);
+    let mut renames: HashMap<String, String> = HashMap::new();
+    for p in initializers {
+        let name = p.name().to_string();
+        let tensor = Tensor::from_proto(p)?;
+        if from_outer
+            .get(&name)
+            .is_some_and(|t| same_tensor(t, &tensor))
+        {
+            continue;
+        }
+        let main_name = hoisted.name_of(&name, tensor, &taken);
+        if main_name != name {
+            renames.insert(name, main_name);
+        }
+    }
+    rename(&mut rewritten, &renames);
+    Ok(Some((rewritten, done)))
 }
 
 /// Renames, inside `g`, each value it defines (a node's output, an initializer) whose name
@@ -350,7 +391,10 @@ mod tests {
     #[test]
     fn a_rename_reaches_what_nested_subgraphs_read() {
         let mut g = reading_by_name();
-        rename(&mut g, &HashMap::from([("x".to_string(), "x2".to_string())]));
+        rename(
+            &mut g,
+            &HashMap::from([("x".to_string(), "x2".to_string())]),
+        );
         assert_eq!(g.node[0].output, ["x2"]);
         let nested = g.node[1].attribute[0].g.as_ref().unwrap();
         assert_eq!(nested.node[0].input, ["x2"]);

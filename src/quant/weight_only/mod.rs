@@ -110,6 +110,9 @@ pub struct WeightReport {
     pub error: Option<f64>,
     /// The method whose codes were kept.
     pub kept: WeightMethod,
+    /// Bytes of the float weight, and of what replaced it.
+    pub float_bytes: usize,
+    pub quantized_bytes: usize,
 }
 
 #[derive(Clone, Debug, serde::Serialize)]
@@ -130,6 +133,21 @@ pub struct WeightOnlyReport {
 }
 
 impl WeightOnlyReport {
+    /// Adds the weights of `other` (the same run on another graph: an `If` branch) that this
+    /// report does not list by name yet: both branches of a merged decoder quantize the same
+    /// weights, which the output holds once.
+    pub fn absorb(&mut self, other: &WeightOnlyReport) {
+        for w in &other.weights {
+            if self.weights.iter().all(|mine| mine.name != w.name) {
+                self.float_bytes += w.float_bytes;
+                self.quantized_bytes += w.quantized_bytes;
+                self.weights.push(w.clone());
+            }
+        }
+        self.skipped.extend(other.skipped.iter().cloned());
+        self.calibration_rows = self.calibration_rows.max(other.calibration_rows);
+    }
+
     /// The mean relative output error on the calibration rows of round-to-nearest and of the
     /// codes kept, over the weights that have both.
     pub fn mean_errors(&self) -> Option<(f64, f64)> {
@@ -237,7 +255,8 @@ pub fn quantize_weights(
                 .initializer(site.table.map_or(site.weight, |(table, _)| table))
                 .ok_or_else(|| Error::Quantization("a weight is no longer a constant".into()))?;
             let values = t.to_f32_vec()?;
-            report.float_bytes += t.byte_len();
+            let float_bytes = t.byte_len();
+            report.float_bytes += float_bytes;
             // The float weight is read once: its pages in the input file need not stay
             // resident while the rest are quantized (a 1B model's would add up to the file).
             // A table a Gather still reads is read from the file again when it runs.
@@ -252,9 +271,14 @@ pub fn quantize_weights(
             let (q, weight_report) =
                 quantize_weight(&w, site, &name, grams.get(&site.input), options);
             drop(w);
+            let before = report.quantized_bytes;
             let patch = emit(&model.graph, site, &name, &q, options, &mut report)?;
             rewrites.apply(model, patch)?;
-            report.weights.push(weight_report);
+            report.weights.push(WeightReport {
+                float_bytes,
+                quantized_bytes: report.quantized_bytes - before,
+                ..weight_report
+            });
             let left = remaining.entry(site.input).or_default();
             *left -= 1;
             if *left == 0 && grams.remove(&site.input).is_some() {
@@ -299,6 +323,9 @@ fn quantize_weight(
         rtn_error: None,
         error: None,
         kept: WeightMethod::Rtn,
+        // Known once the codes are written (`quantize_weights`).
+        float_bytes: 0,
+        quantized_bytes: 0,
     };
     let Some(gram) = gram.filter(|g| g.matrix.nrows() == k) else {
         return (rtn, report);
