@@ -1115,6 +1115,21 @@ fn the_branches_of_a_merged_decoder_are_optimized() {
     let mut checks = common::OrtChecks::default();
     let calib = common::testdata("forms/calib/t5-dec.merged");
     checks.add_exact(&model, &out, &calib);
+    // For standard operators, attention needs opset 23 (the model imports 13): the branches
+    // keep the model's opset, decline that fusion, and get the rest of the pipeline.
+    let standard = dir.path().join("merged.onnx-target.onnx");
+    let (_, json) = optimize_with_report(&model, &standard, &["--target", "onnx"]);
+    let stats = json["passes"]["passes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["pass"] == "optimize-branches")
+        .expect("the pass ran");
+    assert_eq!(stats["rewrites"]["branch"], 1, "{stats}");
+    assert!(stats["rewrites"]["attention"].is_null(), "{stats}");
+    let opset = |m: &Path| onnxopt::io::load(m).unwrap().opset("");
+    assert_eq!(opset(&standard), opset(&model));
+    checks.add_exact(&model, &standard, &calib);
     // Conversions that need no batches of the branch's values convert each branch as a
     // model (each quantized weight once, shared by both branches); static INT8, whose
     // calibration runs the main graph only, leaves them as they are and says so.

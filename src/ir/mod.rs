@@ -156,6 +156,10 @@ pub struct Model {
     /// What loading changed to make the file well-formed (a value written by two Constant
     /// nodes, say), one line each, for the report.
     pub repairs: Vec<String>,
+    /// The default-domain opset import may not be raised: the model is an `If` branch
+    /// rewritten on its own (`passes::branches`), and the main graph and the other branch
+    /// import the same opset.
+    pub opset_pinned: bool,
 }
 
 impl Model {
@@ -177,6 +181,7 @@ impl Model {
             graph,
             source: None,
             repairs,
+            opset_pinned: false,
         })
     }
 

@@ -8,9 +8,10 @@
 //! leaves it when it runs on the branch as a model: its fusions, folds and clean-ups, inside
 //! the branch. Initializers the rewritten branch makes (a packed QKV weight) move to the main
 //! graph, once for both branches when they are the same tensor, under names no scope uses.
-//! A branch whose optimization needs another opset of the default domain than the model's
-//! (the standard `Attention` for `--target onnx`) is kept as it was: the other branch and the
-//! main graph would have to follow. `rewrite_branches` does the same with any rewrite of a
+//! The branch keeps the model's opset of the default domain (`Model::opset_pinned`): a fusion
+//! whose operator needs a newer one (the standard `Attention` for `--target onnx` and for
+//! grouped-query heads, below opset 23) declines there, since the main graph and the other
+//! branch would have to follow; the rest of the pipeline goes on. `rewrite_branches` does the same with any rewrite of a
 //! model: the pipeline converts the branches with the quantizers that need no batches
 //! (`pipeline::convert_branches`).
 //!
@@ -250,6 +251,7 @@ fn rewritten_branch(
     let Ok(mut inner) = Model::from_proto(proto) else {
         return Ok(None);
     };
+    inner.opset_pinned = true;
     let Ok(done) = rewrite(&mut inner) else {
         return Ok(None);
     };

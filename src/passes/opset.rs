@@ -50,11 +50,13 @@ const REDUCE_AXES_18: &[&str] = &[
     "ReduceSumSquare",
 ];
 
-/// The highest default-domain opset `model` can be raised to (its own when it cannot).
+/// The highest default-domain opset `model` can be raised to (its own when it cannot, or
+/// when its opset is pinned).
 pub fn highest_reachable(model: &Model) -> i64 {
     let now = model.opset("").unwrap_or(0);
     let g = &model.graph;
-    let blocked = now < OLDEST
+    let blocked = model.opset_pinned
+        || now < OLDEST
         || g.nodes()
             .any(|(_, n)| n.domain().is_empty() && CHANGED_MEANING.contains(&n.op_type()))
         || g.nodes().any(|(_, n)| {
