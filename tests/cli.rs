@@ -1054,6 +1054,13 @@ fn encoders_whose_sequence_no_input_dim_gives_get_their_attention_fused() {
     }
 }
 
+/// What the report says pass `name` did.
+fn pass_stats<'a>(report: &'a serde_json::Value, name: &str) -> &'a serde_json::Value {
+    let passes = report["passes"]["passes"].as_array().unwrap();
+    let stats = passes.iter().find(|p| p["pass"] == name);
+    stats.unwrap_or_else(|| panic!("no pass {name} in the report"))
+}
+
 /// Optimum's merged decoder (`testdata/forms/t5-dec.merged.onnx`): the decoder sits in both
 /// branches of an `If`, reading its weights from the main graph. Each branch gets its
 /// attention fused as a model of its own would (2 layers × self and cross attention); the
@@ -1072,12 +1079,7 @@ fn the_branches_of_a_merged_decoder_are_optimized() {
         "{}",
         json["check"]
     );
-    let stats = json["passes"]["passes"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|p| p["pass"] == "optimize-branches")
-        .expect("the pass ran");
+    let stats = pass_stats(&json, "optimize-branches");
     assert_eq!(stats["rewrites"]["attention"], 8, "{stats}");
     let written = onnxopt::io::load(&out).unwrap().to_proto().unwrap();
     let graph = written.graph.unwrap();
@@ -1119,12 +1121,7 @@ fn the_branches_of_a_merged_decoder_are_optimized() {
     // keep the model's opset, decline that fusion, and get the rest of the pipeline.
     let standard = dir.path().join("merged.onnx-target.onnx");
     let (_, json) = optimize_with_report(&model, &standard, &["--target", "onnx"]);
-    let stats = json["passes"]["passes"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|p| p["pass"] == "optimize-branches")
-        .expect("the pass ran");
+    let stats = pass_stats(&json, "optimize-branches");
     assert_eq!(stats["rewrites"]["branch"], 1, "{stats}");
     assert!(stats["rewrites"]["attention"].is_null(), "{stats}");
     let opset = |m: &Path| onnxopt::io::load(m).unwrap().opset("");
