@@ -51,8 +51,8 @@ impl Dim {
     /// equal to each other (a Conv's output positions, reshaped into a query and a key, are
     /// the same sequence) where `Unknown` proves nothing. Stable: the same value and axis
     /// give the same symbol in every run of shape inference. Internal: `to_proto` never
-    /// writes one into a file (`ValueType::without_anonymous_dims`), where a runtime would take it for a
-    /// size of its own.
+    /// writes one into a file (`ValueType::without_anonymous_dims`), where a runtime would
+    /// take it for a size of its own.
     pub fn anonymous(value: &str, axis: usize) -> Dim {
         let name = crate::ir::dump::fnv1a(value.as_bytes());
         Dim::symbol(&format!("{ANONYMOUS}{name:016x}_{axis}"))

@@ -31,7 +31,8 @@ use crate::ir::{free_names, Model, NodeId, Tensor};
 use crate::optimize::OptimizeOptions;
 use crate::proto::{AttributeProto, GraphProto, ModelProto, ValueInfoProto};
 
-/// The fewest nodes of a branch `worth_a_run`.
+/// The fewest nodes of a branch `BranchesOf` selects: a branch of a few nodes (a Constant, an
+/// Identity) has nothing to rewrite.
 const MIN_BRANCH_NODES: usize = 16;
 
 pub struct BranchOptimization {
@@ -58,10 +59,10 @@ impl Pass for BranchOptimization {
     }
 }
 
-/// Which branches `rewrite_branches` rewrites.
+/// Which branches `rewrite_branches` rewrites, of those with `MIN_BRANCH_NODES` nodes or more.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum BranchesOf {
-    /// Every branch `worth_a_run`.
+    /// All of them.
     AnyKind,
     /// Those with a product (MatMul, Gemm, Conv): a decoder's, which conversions are for,
     /// not a helper computation such as DeBERTa's relative positions, whose float
@@ -74,13 +75,13 @@ impl BranchesOf {
         let product = |n: &crate::proto::NodeProto| {
             matches!(n.op_type(), "MatMul" | "Gemm" | "Conv") && n.domain().is_empty()
         };
-        self == BranchesOf::AnyKind || branch.node.iter().any(product)
+        let kind = self == BranchesOf::AnyKind || branch.node.iter().any(product);
+        branch.node.len() >= MIN_BRANCH_NODES && kind
     }
 }
 
-/// Rewrites every branch of the `If` nodes of the main graph that is `worth_a_run` (and that
-/// `only` selects) as
-/// `rewrite` rewrites a model (see the module doc: the branch stands as a model, and goes back
+/// Rewrites every branch of the `If` nodes of the main graph that `only` selects as `rewrite`
+/// rewrites a model (see the module doc: the branch stands as a model, and goes back
 /// with its new tensors hoisted and its names kept apart from the main graph's). A branch that
 /// does not stand as a model, that `rewrite` refuses or leaves unchanged, or that comes back
 /// needing another opset of the default domain stays as it was. Returns what `rewrite` did,
@@ -91,15 +92,20 @@ pub fn rewrite_branches(
     rewrite: &dyn Fn(&mut Model) -> Result<Rewrites>,
 ) -> Result<Rewrites> {
     let mut rewrites = Rewrites::default();
-    for id in if_nodes(model) {
+    let ifs = if_nodes(model);
+    if ifs.is_empty() {
+        return Ok(rewrites);
+    }
+    // The types of the values branches read; rewriting one `If` adds initializers only.
+    let types = crate::passes::shape::infer(model).types;
+    for id in ifs {
         let attributes = model.graph.node(id).proto.attribute.clone();
         let mut hoisted = Hoisted::default();
         let mut rewritten = Vec::with_capacity(attributes.len());
         let mut changed = false;
         for a in attributes {
-            let selected = |g: &&GraphProto| worth_a_run(g) && only.selects(g);
-            let done = match a.g.as_ref().filter(selected) {
-                Some(branch) => rewritten_branch(model, branch, rewrite, &mut hoisted)?,
+            let done = match a.g.as_ref().filter(|g| only.selects(g)) {
+                Some(branch) => rewritten_branch(model, &types, branch, rewrite, &mut hoisted)?,
                 None => None,
             };
             match done {
@@ -138,7 +144,7 @@ pub fn rewrite_branches(
     Ok(rewrites)
 }
 
-/// Whether an `If` of the main graph holds a branch `worth_a_run` with products in it: the
+/// Whether an `If` of the main graph holds a branch `BranchesOf::Products` selects: the
 /// model's computation is in there (an Optimum merged decoder).
 pub fn computes_in_branches(model: &Model) -> bool {
     if_nodes(model).into_iter().any(|id| {
@@ -146,7 +152,7 @@ pub fn computes_in_branches(model: &Model) -> bool {
         attributes
             .iter()
             .filter_map(|a| a.g.as_ref())
-            .any(|g| worth_a_run(g) && BranchesOf::Products.selects(g))
+            .any(|g| BranchesOf::Products.selects(g))
     })
 }
 
@@ -157,12 +163,6 @@ fn if_nodes(model: &Model) -> Vec<NodeId> {
         .nodes()
         .filter(|(_, n)| n.op_type() == "If" && n.domain().is_empty());
     ifs.map(|(id, _)| id).collect()
-}
-
-/// Whether `branch` holds enough to be worth a pipeline run: a branch of a few nodes (a
-/// Constant, an Identity) has nothing to fuse.
-fn worth_a_run(branch: &GraphProto) -> bool {
-    branch.node.len() >= MIN_BRANCH_NODES
 }
 
 /// Initializers the rewritten branches of one `If` read from the main graph: new names, and
@@ -210,16 +210,17 @@ fn same_tensor(a: &Tensor, b: &Tensor) -> bool {
 }
 
 /// `branch` rewritten by `rewrite`, ready to go back into the `If`, and what `rewrite`
-/// did; `None` when it did nothing, needed another opset, or could not run.
+/// did; `None` when it did nothing, needed another opset, or could not run. `types`: the
+/// main graph's, for the values the branch reads.
 fn rewritten_branch(
     model: &mut Model,
+    types: &HashMap<crate::ir::ValueId, crate::ir::ValueType>,
     branch: &GraphProto,
     rewrite: &dyn Fn(&mut Model) -> Result<Rewrites>,
     hoisted: &mut Hoisted,
 ) -> Result<Option<(GraphProto, Rewrites)>> {
     let outer = &model.graph;
     let read = free_names(branch);
-    let types = crate::passes::shape::infer(model).types;
     let mut standalone = branch.clone();
     let mut from_outer: HashMap<String, Tensor> = HashMap::new();
     for name in &read {

@@ -18,9 +18,8 @@
 //! Safe because: types are annotations; recording them changes no computation. A rule that
 //! cannot decide says `Unknown` (a dim, the rank, an element of a value) instead of guessing,
 //! and an operator without a rule keeps the type the file recorded; an anonymous dim says only
-//! that it is itself. The rules take the model
-//! to be valid (where broadcasting needs a dim to be 1 or equal to another, it is) and every
-//! named symbol to be a size of at least 1.
+//! that it is itself. The rules take the model to be valid (where broadcasting needs a dim to
+//! be 1 or equal to another, it is) and every named symbol to be a size of at least 1.
 
 mod ops;
 mod values;
