@@ -451,6 +451,7 @@ pub fn generate(
     count: usize,
 ) -> Result<Vec<Batch>, ExecError> {
     let options = &with_role_sizes(specs, options);
+    let past = past_length(specs, options).unwrap_or(0);
     (0..count)
         .map(|b| {
             let tensors = specs
@@ -458,7 +459,12 @@ pub fn generate(
                 .enumerate()
                 .map(|(i, spec)| {
                     let seed = options.seed ^ ((b as u64) << 32) ^ (i as u64 + 1);
-                    Ok((spec.name.clone(), generate_one(spec, options, seed)?))
+                    let tensor = if is_positions(spec, options) {
+                        positions(spec, options, past)?
+                    } else {
+                        generate_one(spec, options, seed)?
+                    };
+                    Ok((spec.name.clone(), tensor))
                 })
                 .collect::<Result<_, ExecError>>()?;
             Ok(Batch {
@@ -486,9 +492,7 @@ fn with_role_sizes(specs: &[InputSpec], options: &GenerateOptions) -> GenerateOp
             }
         }
     }
-    let has_past = specs
-        .iter()
-        .any(|s| s.name.to_ascii_lowercase().contains("past") && s.dims.len() >= 3);
+    let has_past = past_input(specs).is_some();
     let opaque = |symbol: &str, options: &GenerateOptions| {
         is_identifier(symbol)
             && !options.dims.contains_key(symbol)
@@ -502,13 +506,21 @@ fn with_role_sizes(specs: &[InputSpec], options: &GenerateOptions) -> GenerateOp
         }
     }
     let length = options.default_length;
+    // With a past, the mask spans the past and the new tokens whatever its dim says: Optimum
+    // names it `past_sequence_length + 1` (one new token) while the new tokens have their own
+    // symbol.
+    let total = match (past_length(specs, &options), new_tokens(specs, &options)) {
+        (Some(past), Some(new)) => past + new,
+        (Some(past), None) => past + length,
+        (None, _) => length,
+    };
     for spec in specs {
         let name = spec.name.to_ascii_lowercase();
         // An encoder's mask spans the encoder's tokens, never a decoder's past.
         let is_mask = name.contains("mask") && !name.contains("encoder");
         if let (true, [_, DimSpec::Symbol(symbol)]) = (is_mask, spec.dims.as_slice()) {
-            if opaque(symbol, &options) {
-                let total = if has_past { 2 * length } else { length };
+            let expression = !is_identifier(symbol) && !options.dims.contains_key(symbol);
+            if opaque(symbol, &options) || (has_past && expression) {
                 options.dims.insert(symbol.clone(), total);
             }
         }
@@ -516,20 +528,66 @@ fn with_role_sizes(specs: &[InputSpec], options: &GenerateOptions) -> GenerateOp
     options
 }
 
+/// A decoder's KV cache input: `past…` of rank 3 or more, its past positions on axis -2.
+fn past_input(specs: &[InputSpec]) -> Option<&InputSpec> {
+    specs
+        .iter()
+        .find(|s| s.name.to_ascii_lowercase().contains("past") && s.dims.len() >= 3)
+}
+
+fn dim_size(spec: &InputSpec, axis: usize, options: &GenerateOptions) -> usize {
+    match &spec.dims[axis] {
+        DimSpec::Fixed(n) => *n,
+        DimSpec::Symbol(s) => options.symbol_size(s),
+        DimSpec::Unknown => spec.inferred_dim(axis).unwrap_or(options.default_length),
+    }
+}
+
+/// The past length a decoder's cache inputs are generated with.
+fn past_length(specs: &[InputSpec], options: &GenerateOptions) -> Option<usize> {
+    past_input(specs).map(|p| dim_size(p, p.dims.len() - 2, options))
+}
+
+/// The number of new tokens: axis 1 of the token ids.
+fn new_tokens(specs: &[InputSpec], options: &GenerateOptions) -> Option<usize> {
+    specs
+        .iter()
+        .find(|s| s.name.to_ascii_lowercase().contains("input_ids") && s.dims.len() == 2)
+        .map(|ids| dim_size(ids, 1, options))
+}
+
+/// `position_ids` of the new tokens, `[batch, new]`: they follow the past (`past + j` in
+/// every row), as a generation step feeds them. Random positions could index past the
+/// rotary table a legacy export slices to the total length.
+fn is_positions(spec: &InputSpec, options: &GenerateOptions) -> bool {
+    spec.name.to_ascii_lowercase().contains("position_ids")
+        && spec.dims.len() == 2
+        && !spec.dtype.is_float()
+        && !options.ranges.contains_key(&spec.name)
+}
+
+fn positions(
+    spec: &InputSpec,
+    options: &GenerateOptions,
+    past: usize,
+) -> Result<Tensor, ExecError> {
+    let (rows, new) = (dim_size(spec, 0, options), dim_size(spec, 1, options));
+    let values: Vec<i64> = (0..rows * new).map(|i| (past + i % new) as i64).collect();
+    ArrayD::from_shape_vec(IxDyn(&[rows, new]), values)
+        .map(Tensor::from)
+        .map_err(|e| ExecError::Input(format!("input `{}`: {e}", spec.name)))?
+        .cast_to_dt(spec.dtype)
+        .map(|t| t.into_owned())
+        .map_err(|e| ExecError::Input(format!("input `{}`: {e}", spec.name)))
+}
+
 fn generate_one(
     spec: &InputSpec,
     options: &GenerateOptions,
     seed: u64,
 ) -> Result<Tensor, ExecError> {
-    let shape: Vec<usize> = spec
-        .dims
-        .iter()
-        .enumerate()
-        .map(|(axis, d)| match d {
-            DimSpec::Fixed(n) => *n,
-            DimSpec::Symbol(s) => options.symbol_size(s),
-            DimSpec::Unknown => spec.inferred_dim(axis).unwrap_or(options.default_length),
-        })
+    let shape: Vec<usize> = (0..spec.dims.len())
+        .map(|axis| dim_size(spec, axis, options))
         .collect();
     let n: usize = shape.iter().product();
     if spec.dtype == DatumType::String {
@@ -1227,6 +1285,59 @@ mod tests {
         // Without past, the mask spans the new tokens only.
         let batch = &generate(&specs[..2], &options, 1).unwrap()[0];
         assert_eq!(batch.tensors[1].1.shape(), [2, 8]);
+    }
+
+    /// Optimum names a decoder's mask `past_sequence_length + 1` and its new tokens
+    /// `sequence_length`: the mask spans the past and the new tokens whatever their number,
+    /// and the positions follow the past, as in a generation step (a legacy export's rotary
+    /// table, sliced to the total length, has no row for a position past it).
+    #[test]
+    fn a_decoders_mask_spans_its_past_and_its_positions_follow_it() {
+        let sym = |s: &str| DimSpec::Symbol(s.into());
+        let batch = || sym("batch_size");
+        let specs = vec![
+            spec(
+                "input_ids",
+                DatumType::I64,
+                vec![batch(), sym("sequence_length")],
+            ),
+            spec(
+                "attention_mask",
+                DatumType::I64,
+                vec![batch(), sym("past_sequence_length + 1")],
+            ),
+            spec(
+                "position_ids",
+                DatumType::I64,
+                vec![batch(), sym("sequence_length")],
+            ),
+            spec(
+                "past_key_values.0.key",
+                DatumType::F32,
+                vec![
+                    batch(),
+                    DimSpec::Fixed(2),
+                    sym("past_sequence_length"),
+                    DimSpec::Fixed(16),
+                ],
+            ),
+        ];
+        let options = GenerateOptions {
+            default_batch: 2,
+            default_length: 4,
+            ..Default::default()
+        };
+        let batch = &generate(&specs, &options, 1).unwrap()[0];
+        let shapes: Vec<&[usize]> = batch.tensors.iter().map(|(_, t)| t.shape()).collect();
+        assert_eq!(shapes, [&[2, 4][..], &[2, 8], &[2, 4], &[2, 2, 4, 16]]);
+        let positions = batch.tensor("position_ids").unwrap();
+        let positions: Vec<i64> = positions
+            .to_plain_array_view::<i64>()
+            .unwrap()
+            .iter()
+            .copied()
+            .collect();
+        assert_eq!(positions, [4, 5, 6, 7, 4, 5, 6, 7]);
     }
 
     #[test]
