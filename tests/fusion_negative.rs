@@ -2,17 +2,19 @@
 //! is fused (so that each test fails if the matcher stops matching at all): a LayerNorm
 //! reducing over axis 1, an RMSNorm of the mean of x·(−x) (and an RMSNorm for ONNX Runtime
 //! below opset 23), a GELU with a wrong constant, and a GELU whose intermediate value has
-//! another reader. Fused results are checked in tract.
+//! another reader, a RoPE on cached tables whose halves differ. Fused results are checked in
+//! tract.
 //! And files whose recorded types lie, which the fusions must survive.
 
 mod common;
 
-use common::chain::{model, node, scalar};
+use common::chain::{model, node, scalar, typed_value};
 use onnxopt::exec::{self, InputSource, ValidateOptions};
 use onnxopt::ir::{attr, Model, Tensor};
 use onnxopt::optimize::{optimize, OptimizeOptions};
 use onnxopt::passes::fuse::Target;
-use onnxopt::proto::NodeProto;
+use onnxopt::proto::tensor_proto::DataType;
+use onnxopt::proto::{GraphProto, ModelProto, NodeProto, OperatorSetIdProto};
 
 /// Optimizes for ONNX Runtime, checks the outputs in tract, returns the operators left.
 fn fused_ops(original: Model) -> Vec<String> {
@@ -216,5 +218,105 @@ fn fusions_survive_value_info_of_any_rank() {
                 assert!(run.is_ok(), "{file}: `{name}` of rank {rank}: panicked");
             }
         }
+    }
+}
+
+/// HF's RoPE on cached tables as transformers ≤ 4.37 wrote it, `x·cos[position_ids] +
+/// rotate_half(x)·sin[position_ids]`, on x: f32[2, 3, 8] split into 2 heads of 4 and
+/// position_ids: i64[2, 3], with `[8, 4]` tables whose halves repeat `Concat(f, f)`, or
+/// whose sin table's second half is off by `sin_skew`.
+fn cached_rope(sin_skew: f32) -> Model {
+    let table = |name: &str, trig: fn(f32) -> f32, skew: f32| {
+        let values: Vec<f32> = (0..8)
+            .flat_map(|p| {
+                let row: Vec<f32> = [1.0, 0.1].iter().map(|f| trig(p as f32 * f)).collect();
+                let high: Vec<f32> = row.iter().map(|v| v + skew).collect();
+                [row, high].concat()
+            })
+            .collect();
+        Tensor::from_f32(name, &[8, 4], &values).unwrap()
+    };
+    let ints = |name: &str, values: &[i64]| {
+        Tensor::from_i64(name, &[values.len() as i64], values).unwrap()
+    };
+    let nodes = vec![
+        node("Reshape", &["x", "heads_shape"], "xs", vec![]),
+        node(
+            "Transpose",
+            &["xs"],
+            "xh",
+            vec![attr::ints("perm", &[0, 2, 1, 3])],
+        ),
+        node(
+            "Gather",
+            &["cos_table", "position_ids"],
+            "cos_rows",
+            vec![attr::int("axis", 0)],
+        ),
+        node("Unsqueeze", &["cos_rows", "one"], "cos", vec![]),
+        node(
+            "Gather",
+            &["sin_table", "position_ids"],
+            "sin_rows",
+            vec![attr::int("axis", 0)],
+        ),
+        node("Unsqueeze", &["sin_rows", "one"], "sin", vec![]),
+        node("Slice", &["xh", "zero", "two", "last"], "x1", vec![]),
+        node("Slice", &["xh", "two", "end", "last"], "x2", vec![]),
+        node("Neg", &["x2"], "minus_x2", vec![]),
+        node(
+            "Concat",
+            &["minus_x2", "x1"],
+            "rotated",
+            vec![attr::int("axis", -1)],
+        ),
+        node("Mul", &["xh", "cos"], "x_cos", vec![]),
+        node("Mul", &["rotated", "sin"], "rotated_sin", vec![]),
+        node("Add", &["x_cos", "rotated_sin"], "y", vec![]),
+    ];
+    let constants = vec![
+        ints("heads_shape", &[2, 3, 2, 4]),
+        table("cos_table", f32::cos, 0.0),
+        table("sin_table", f32::sin, sin_skew),
+        ints("one", &[1]),
+        ints("zero", &[0]),
+        ints("two", &[2]),
+        ints("end", &[i64::MAX]),
+        ints("last", &[-1]),
+    ];
+    Model::from_proto(ModelProto {
+        ir_version: Some(8),
+        opset_import: vec![OperatorSetIdProto {
+            domain: Some(String::new()),
+            version: Some(14),
+        }],
+        graph: Some(GraphProto {
+            name: Some("cached_rope".into()),
+            node: nodes,
+            initializer: constants.into_iter().map(Tensor::into_proto).collect(),
+            input: vec![
+                typed_value("x", DataType::Float, &[2, 3, 8]),
+                typed_value("position_ids", DataType::Int64, &[2, 3]),
+            ],
+            output: vec![typed_value("y", DataType::Float, &[2, 2, 3, 4])],
+            ..Default::default()
+        }),
+        ..Default::default()
+    })
+    .unwrap()
+}
+
+#[test]
+fn rope_on_cached_tables_whose_halves_differ_is_not_fused() {
+    for target in [Target::Ort, Target::Onnx] {
+        let fused = fused_ops_for(cached_rope(0.0), target);
+        let expected = match target {
+            Target::Ort => 1,
+            // No standard RotaryEmbedding below opset 23, which nothing here raises to.
+            Target::Onnx => 0,
+        };
+        let ropes = fused.iter().filter(|op| *op == "RotaryEmbedding").count();
+        assert_eq!(ropes, expected, "{target:?}: {fused:?}");
+        assert!(!fused_ops_for(cached_rope(1e-3), target).contains(&"RotaryEmbedding".to_string()));
     }
 }

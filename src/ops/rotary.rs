@@ -11,8 +11,9 @@
 //!   is refused ("Input 'position_ids' dimension 0 should be of size batch_size, got 1");
 //! - `cos_cache`/`sin_cache` are `[rows, h]` and every position must lie in `[0, rows)`; one
 //!   outside is an error ("position_ids value 8 at index 3 is out of range [0, 8)"), never a
-//!   wrong value. A fusion therefore builds the caches from the positions it is given (rows
-//!   `min..=max`, positions shifted by `min`), which holds for any position a user passes.
+//!   wrong value. A fusion therefore builds the caches from the positions it is given
+//!   (one row per token, the ids numbering the tokens, `fuse::rotary`), which holds for any
+//!   position a user passes.
 //!
 //! tract 0.23.9 implements both (it reads the domain and the contrib input order) but gathers
 //! the cache rows with `Gather`, which takes i64 indices only, while tract types every value

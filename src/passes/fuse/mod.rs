@@ -24,7 +24,7 @@ pub mod pattern;
 pub mod rotary;
 
 use crate::error::Result;
-use crate::ir::{Graph, Model, NodeId, PValue, Patch, Tensor, ValueId};
+use crate::ir::{attr, Graph, Model, NodeId, PValue, Patch, Tensor, ValueId};
 use crate::passes::{opset, Pass, Rewrites, Unfused};
 use crate::proto::AttributeProto;
 use pattern::{Match, Name, Pat, Trace};
@@ -122,6 +122,9 @@ pub enum Declined {
 }
 
 /// What a rule's builder sees and fills in.
+/// The opset from which `Shape` takes `start`/`end`.
+const SHAPE_SLICE_OPSET: i64 = 15;
+
 pub struct Rewrite<'a> {
     pub graph: &'a Graph,
     pub target: Target,
@@ -194,6 +197,18 @@ impl Rewrite<'_> {
         let tensor = Tensor::from_i64(hint, &[values.len() as i64], values)
             .map_err(|e| Declined::Refused(e.to_string()))?;
         Ok(self.constant(hint, tensor))
+    }
+
+    /// Dim `axis` of `v` as a 1-D int64 tensor of one element: `Shape` with `start`/`end`
+    /// where the opset has them (15), the whole shape's `Gather` before.
+    pub fn dim_of(&mut self, v: PValue, axis: i64) -> std::result::Result<PValue, Declined> {
+        if self.opset >= SHAPE_SLICE_OPSET {
+            let bounds = vec![attr::int("start", axis), attr::int("end", axis + 1)];
+            return Ok(self.op("Shape", "", &[v], bounds));
+        }
+        let shape = self.op("Shape", "", &[v], vec![]);
+        let index = self.ints("axis", &[axis])?;
+        Ok(self.op("Gather", "", &[shape, index], vec![attr::int("axis", 0)]))
     }
 
     /// Asks for the default-domain opset `version`: granted when the model has it or can be

@@ -495,6 +495,11 @@ pub fn int_attr_is(a: Option<&AttributeProto>, v: i64, default: i64) -> bool {
     a.map_or(default, |a| a.i()) == v
 }
 
+/// Attribute predicate: a Transpose's `perm` is `perm`.
+pub fn perm_is(a: Option<&AttributeProto>, perm: &[i64]) -> bool {
+    a.is_some_and(|a| a.ints == perm)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -3,37 +3,50 @@
 //! Matches HF's `rotate_half` RoPE as torch's dynamo (opset 20) and legacy exporters write it
 //! for Llama, Qwen2/3, Mistral, Phi-3 and Gemma:
 //! `y = x·cos + Concat(−x[..., h:], x[..., :h])·sin` with `x` of `[batch, heads, seq, head]`
-//! and `h = head/2` (the halves as Slices of constant bounds over the last axis), where
-//! `cos = Unsqueeze(Cos(e), [1])` (and `sin` likewise), optionally `Cos(e)·s` with the same
-//! scalar `s` on both (HF's `attention_scaling`, written out by the legacy exporter),
-//! `e = Concat(f, f)` over the last axis and `f = Cast(positions)·inv_freq`: integer positions
-//! `[batch | 1, seq, 1]` times a constant of `h` frequencies.
+//! and `h = head/2` (the halves as Slices of constant bounds over the last axis), where the
+//! tables come in one of two forms:
+//! - computed: `cos = Unsqueeze(Cos(e), [1])` (and `sin` likewise), optionally `Cos(e)·s`
+//!   with the same scalar `s` on both (HF's `attention_scaling`, written out by the legacy
+//!   exporter), `e = Concat(f, f)` over the last axis and `f` the angles of integer positions:
+//!   `Cast(positions)·inv_freq` with positions `[batch | 1, seq, 1]` and a constant of `h`
+//!   frequencies (transformers ≥ 4.48 through dynamo), or
+//!   `Transpose(Expand(inv_freq[1, h, 1])·Cast(positions[batch, 1, seq]), [0, 2, 1])`
+//!   (transformers 4.38–4.47's `inv_freq_expanded @ position_ids_expanded`, through the legacy
+//!   exporter and Optimum);
+//! - cached: `cos = Unsqueeze(Gather(Slice(cos_table, 0, n, axis 0) | cos_table, position_ids), [1])`
+//!   with a constant `[rows, head]` table whose two halves are equal (transformers ≤ 4.37's
+//!   `cos_cached[:seq_len][position_ids]`, and Qwen2 until 4.45).
 //!
 //! Produces, for `x`: `com.microsoft::RotaryEmbedding` (`Target::Ort`) or the standard
 //! `RotaryEmbedding` (`Target::Onnx`, only in a model at opset 23 already: the opset-23
-//! exporters write it themselves), with `position_ids` and the `[rows, h]` caches computed in
-//! the graph from the positions the model was given: rows `min..=max` of them (and as many
-//! as the sequence has tokens at least, as ONNX Runtime's kernels want), positions
-//! shifted by the min and expanded to `x`'s batch (the operators' contract, `ops::rotary`).
-//! The model's inputs and outputs do not change. The cos/sin chains stay for their other
-//! readers and are removed as dead code once every RoPE is fused.
+//! exporters write it themselves), with `position_ids` and `[rows, h]` caches. Computed
+//! tables: the caches are computed in the graph from the positions the model was given, one
+//! row per token (the positions flattened), and the ids number the tokens, expanded to `x`'s
+//! batch (the operators' contract, `ops::rotary`). Cached tables: the caches are the tables'
+//! first halves and the positions are the Gather's indices. The model's inputs and outputs do not change. The
+//! cos/sin chains stay for their other readers and are removed as dead code once every RoPE
+//! is fused.
 //!
 //! Safe because: every bound is checked (the two halves of the last axis, steps 1, the
-//! Concat and the Unsqueeze axes), both tables must come from the same `e` and the same scale,
-//! `f` must be a product of integer positions (Cast to `x`'s float type, so the cast back to
-//! int64 is exact) with one frequency per rotated pair, and the fused operators compute the
-//! same products (`x₁·cos − x₂·sin`, `x₂·cos + x₁·sin`) on the same float32 angles: each cache
-//! row is `Cast(p)·inv_freq` for the same integer `p`. Interleaved and partial rotary are not
-//! matched (no exporter in the corpus writes them).
+//! Concat and the Unsqueeze axes), both tables must come from the same `e` and the same scale
+//! (or the same positions), `f` must be a product of integer positions (Cast to `x`'s float
+//! type, so the cast back to int64 is exact) with one frequency per rotated pair (a product
+//! of one term, which a MatMul computes exactly), and the fused operators compute the same
+//! products (`x₁·cos − x₂·sin`, `x₂·cos + x₁·sin`) on the same float32 angles: each cache
+//! row is `Cast(p)·inv_freq` for the same integer `p`, or the table row the Gather read. A
+//! cached table's Slice only bounds which positions the original accepts: a position it
+//! refuses (past the slice) the fused operator reads from the full table, and one past the
+//! table both refuse. Negative positions (which Gather counts from the end) the fused
+//! operator refuses. Interleaved and partial rotary are not matched (no exporter in the
+//! corpus writes them).
 
-use super::pattern::{any, constant, constant_where, either, mul, op, unary, value, Match, Pat};
+use super::pattern::{
+    any, constant, constant_where, either, int_attr_is, mul, op, perm_is, unary, value, Match, Pat,
+};
 use super::{Built, Declined, Fusion, Rewrite, Rule, Target};
-use crate::ir::{attr, DataType, DataTypeExt, PValue, Tensor, ValueId};
+use crate::ir::{attr, DataType, DataTypeExt, Dim, PValue, Tensor, ValueId};
 use crate::ops::rotary::{rotary_inputs, ROTARY_OPSET};
 use crate::ops::MS_DOMAIN;
-
-/// Shape with `start`/`end` attributes.
-const SHAPE_SLICE_OPSET: i64 = 15;
 
 pub struct RotaryFusion {
     pub target: Target,
@@ -77,41 +90,82 @@ fn is_scalar(t: &Tensor) -> bool {
     t.numel() == 1 && t.dtype().is_float()
 }
 
-/// `Unsqueeze(trig(Concat(f, f)) [· scale], axes)` with `f = Cast(positions) · inv_freq`.
+/// The angles `f` of integer positions: `Cast(positions) · inv_freq` (positions
+/// `[batch, seq, 1]`), or `Transpose(Expand(inv_freq) · Cast(positions), [0, 2, 1])`
+/// (positions `[batch, 1, seq]`, a product of one term per element).
+fn freqs() -> Pat {
+    let positions_float = || op("Cast", [value("positions")]).named("positions_float");
+    let by_matmul = op(
+        "MatMul",
+        [
+            op("Expand", [constant("inv_freq"), any()]),
+            positions_float(),
+        ],
+    );
+    either([
+        mul(positions_float(), constant("inv_freq")),
+        op("Transpose", [by_matmul]).attr("perm", |a| perm_is(a, &[0, 2, 1])),
+    ])
+    .named("freqs")
+}
+
+/// `Unsqueeze(trig(Concat(f, f)) [· scale], axes)`, or
+/// `Unsqueeze(Gather(Slice(table, …) | table, positions), axes)`.
 fn table(trig: &'static str) -> Pat {
-    let freqs = mul(
-        op("Cast", [value("positions")]).named("positions_float"),
-        constant("inv_freq"),
-    )
-    .named("freqs");
-    let angles = op("Concat", [freqs, value("freqs")])
+    let angles = op("Concat", [freqs(), value("freqs")])
         .named("angles")
         .node("angles_concat");
-    let values = either([
+    let computed = either([
         unary(trig, angles.clone()),
         mul(unary(trig, angles), constant_where("scale", is_scalar)),
     ]);
-    op("Unsqueeze", [values, constant("unsqueeze_axes")])
+    let rows = either([
+        op("Slice", [constant("table"), any(), any(), any()]).node("table_slice"),
+        op("Slice", [constant("table"), any(), any(), any(), any()]).node("table_slice"),
+        constant("table"),
+    ]);
+    let cached = op("Gather", [rows, value("positions")])
+        .attr("axis", |a| int_attr_is(a, 0, 0))
+        .named("gathered");
+    op(
+        "Unsqueeze",
+        [either([computed, cached]), constant("unsqueeze_axes")],
+    )
 }
 
-/// What the cos and sin tables share: the angles' positions, frequencies and scale.
-struct Table {
-    angles: ValueId,
-    positions_float: ValueId,
-    inv_freq: Vec<f32>,
-    scale: Option<f64>,
+/// Where a pair of tables comes from.
+enum Source {
+    /// Computed from the positions: what the cos and sin tables share is their angles,
+    /// positions, frequencies and scale.
+    Computed {
+        angles: ValueId,
+        positions_float: ValueId,
+        /// The axis of `positions_float` that is 1 (2 for `[batch, seq, 1]`, 1 for
+        /// `[batch, 1, seq]`).
+        unit_axis: usize,
+        inv_freq: Vec<f32>,
+        scale: Option<f64>,
+    },
+    /// Rows of a constant `[rows, head]` table picked by integer positions `[batch | 1, seq]`.
+    Cached { table: ValueId, positions: ValueId },
 }
 
-fn read_table(m: &Match, rw: &Rewrite, name: &'static str, trig: &'static str) -> Option<Table> {
+fn read_table(m: &Match, rw: &Rewrite, name: &'static str, trig: &'static str) -> Option<Source> {
     let g = rw.graph;
     let found = table(trig).matches(g, m.value(name)?);
     let t = found.first()?;
     let axes = g.constant(t.value("unsqueeze_axes")?)?.to_i64_vec().ok()?;
+    if axes != [1] {
+        return None;
+    }
+    if t.value("gathered").is_some() {
+        return read_cached(t, rw);
+    }
     let concat = g.node(t.node("angles_concat")?);
     let concat_axis = attr::get_int(&concat.proto, "axis")?;
     let angles = t.value("angles")?;
     let rank = g.value_type(angles)?.rank()?;
-    if axes != [1] || rank != 3 || !(concat_axis == -1 || concat_axis == 2) {
+    if rank != 3 || !(concat_axis == -1 || concat_axis == 2) {
         return None;
     }
     let scale = match t.value("scale") {
@@ -119,15 +173,45 @@ fn read_table(m: &Match, rw: &Rewrite, name: &'static str, trig: &'static str) -
         None => None,
     };
     let inv_freq = g.constant(t.value("inv_freq")?)?;
-    let dims = inv_freq.dims();
+    let positions_float = t.value("positions_float")?;
+    let freqs_node = g.node(g.producer(t.value("freqs")?)?);
+    // Mul: frequencies along the last axis ([h] or [1, …, h]); MatMul: along the rows of a
+    // [1, h, 1] (or [h, 1]) column.
+    let (dims, unit_axis) = if freqs_node.is("Transpose") {
+        (inv_freq.dims().strip_suffix(&[1])?, 1)
+    } else {
+        (inv_freq.dims(), 2)
+    };
     if !dims.iter().rev().skip(1).all(|&d| d == 1) {
         return None;
     }
-    Some(Table {
+    Some(Source::Computed {
         angles,
-        positions_float: t.value("positions_float")?,
+        positions_float,
+        unit_axis,
         inv_freq: inv_freq.to_f32_vec().ok()?,
         scale,
+    })
+}
+
+/// A cached table: a Slice (if any) keeps rows from 0 along axis 0, with step 1.
+fn read_cached(t: &Match, rw: &Rewrite) -> Option<Source> {
+    let g = rw.graph;
+    if let Some(slice) = t.node("table_slice").map(|id| g.node(id)) {
+        let ints = |slot: usize| -> Option<Vec<i64>> {
+            match slice.input(slot) {
+                Some(v) => g.constant(v)?.to_i64_vec().ok(),
+                None => Some(vec![1]),
+            }
+        };
+        let (starts, axes, steps) = (ints(1)?, ints(3)?, ints(4)?);
+        if starts != [0] || axes != [0] || steps != [1] {
+            return None;
+        }
+    }
+    Some(Source::Cached {
+        table: t.value("table")?,
+        positions: t.value("positions")?,
     })
 }
 
@@ -186,12 +270,12 @@ fn rotary(m: &Match, rw: &mut Rewrite) -> Option<()> {
     let x = m.value("x")?;
     let x_type = g.value_type(x)?;
     let x_dims = x_type.shape.clone()?;
-    let [batch, _heads, seq, head] = &x_dims[..] else {
+    let [_, _heads, seq, head] = &x_dims[..] else {
         return None;
     };
     let head = head.value()?;
     let half = head / 2;
-    if head % 2 != 0 || rw.opset < SHAPE_SLICE_OPSET {
+    if head % 2 != 0 {
         return None;
     }
     let concat_axis = attr::get_int(&g.node(m.node("concat")?).proto, "axis")?;
@@ -201,99 +285,133 @@ fn rotary(m: &Match, rw: &mut Rewrite) -> Option<()> {
     {
         return None;
     }
-    let cos = read_table(m, rw, "cos", "Cos")?;
-    let sin = read_table(m, rw, "sin", "Sin")?;
-    let same_scale = match (cos.scale, sin.scale) {
-        (None, None) => true,
-        (Some(a), Some(b)) => a == b,
-        _ => false,
-    };
-    if cos.angles != sin.angles || !same_scale || cos.inv_freq.len() as i64 != half {
-        return None;
-    }
-    // Integer positions `[batch | 1, seq, 1]`, cast to x's float type.
-    let float_type = g.value_type(cos.positions_float)?;
-    let cast = g.node(g.producer(cos.positions_float)?);
-    let int_type = g.value_type(cast.input(0)?)?;
-    let integer = [DataType::Int64 as i32, DataType::Int32 as i32].contains(&int_type.elem);
-    let positions_dims = float_type.shape?;
-    let [p_batch, p_seq, one] = &positions_dims[..] else {
-        return None;
-    };
-    let angles_type = g.value_type(cos.angles)?;
-    if !integer
-        || float_type.elem != x_type.elem
-        || angles_type.elem != x_type.elem
-        || one.value() != Some(1)
-        || !p_seq.same(seq)
-    {
-        return None;
-    }
-    let expand_batch = if p_batch.same(batch) {
-        false
-    } else if p_batch.value() == Some(1) {
-        true
-    } else {
-        return None;
-    };
     let contrib = match rw.target {
         Target::Ort => true,
         Target::Onnx if rw.opset >= ROTARY_OPSET => false,
         Target::Onnx => return None,
     };
-    let (scale, inv_freq) = (cos.scale, cos.inv_freq);
-    let positions_float = cos.positions_float;
+    let tables = (
+        read_table(m, rw, "cos", "Cos")?,
+        read_table(m, rw, "sin", "Sin")?,
+    );
+    let (ids, caches) = match tables {
+        (
+            Source::Computed {
+                angles,
+                positions_float,
+                unit_axis,
+                inv_freq,
+                scale,
+            },
+            Source::Computed {
+                angles: sin_angles,
+                scale: sin_scale,
+                ..
+            },
+        ) if angles == sin_angles && scale == sin_scale && inv_freq.len() as i64 == half => {
+            computed_caches(rw, x, seq, positions_float, unit_axis, &inv_freq, scale)?
+        }
+        (
+            Source::Cached { table, positions },
+            Source::Cached {
+                table: sin_table,
+                positions: sin_positions,
+            },
+        ) if positions == sin_positions => {
+            cached_caches(rw, x, seq, positions, [table, sin_table])?
+        }
+        _ => return None,
+    };
+    let inputs = rotary_inputs(contrib, x.into(), ids, caches[0], caches[1]);
+    let out = if contrib {
+        rw.op("RotaryEmbedding", MS_DOMAIN, &inputs, vec![])
+    } else {
+        rw.op("RotaryEmbedding", "", &inputs, vec![])
+    };
+    let root = g.node(*m.nodes().first()?).output(0)?;
+    rw.replace(root, out);
+    Some(())
+}
 
-    // position_ids: [batch | 1, seq] int64, shifted by their min.
-    let int64 = attr::int("to", DataType::Int64 as i64);
-    let positions = rw.op("Cast", "", &[positions_float.into()], vec![int64]);
-    let last_axis = int64_constant(rw, "rotary_last_axis", &[1], &[2])?;
-    let positions = rw.op("Squeeze", "", &[positions, last_axis], vec![]);
-    let keep_none = || vec![attr::int("keepdims", 0)];
-    let low = rw.op("ReduceMin", "", &[positions], keep_none());
-    let high = rw.op("ReduceMax", "", &[positions], keep_none());
-    let one = int64_constant(rw, "rotary_one", &[], &[1])?;
-    let mut ids = rw.op("Sub", "", &[positions, low], vec![]);
-    if expand_batch {
-        let x_batch = rw.op(
-            "Shape",
-            "",
-            &[x.into()],
-            vec![attr::int("start", 0), attr::int("end", 1)],
-        );
-        let one_1d = int64_constant(rw, "rotary_one_1d", &[1], &[1])?;
-        let shape = rw.op("Concat", "", &[x_batch, one_1d], vec![attr::int("axis", 0)]);
-        ids = rw.op("Expand", "", &[ids, shape], vec![]);
+/// `ids`, int64 positions `[batch | 1, seq]`, expanded to `x`'s batch where they have one
+/// row for all (the operators refuse a broadcast, `ops::rotary`).
+fn to_batch(rw: &mut Rewrite, x: ValueId, ids: PValue, ids_batch: &Dim) -> Option<PValue> {
+    let x_batch = rw.graph.value_type(x)?.shape?.first()?.clone();
+    if ids_batch.same(&x_batch) {
+        return Some(ids);
     }
-    // The caches: rows low..=high, each Cast(p)·inv_freq as the model computes it, and at
-    // least as many rows as x has tokens: ONNX Runtime's kernels refuse fewer ("Updating
-    // cos_cache and sin_cache in RotaryEmbedding is not currently supported") whatever the
-    // positions, e.g. repeated ones. Rows past `high` are never read.
-    let past_high = rw.op("Add", "", &[high, one], vec![]);
-    let tokens = rw.op(
-        "Shape",
+    if ids_batch.value() != Some(1) {
+        return None;
+    }
+    let x_batch = rw.dim_of(x.into(), 0).ok()?;
+    let one_1d = int64_constant(rw, "rotary_one_1d", &[1], &[1])?;
+    let shape = rw.op("Concat", "", &[x_batch, one_1d], vec![attr::int("axis", 0)]);
+    Some(rw.op("Expand", "", &[ids, shape], vec![]))
+}
+
+/// Position ids and caches for computed tables: the caches hold rows `low..=high` of the
+/// positions given (and as many rows as `x` has tokens at least), the ids are shifted by
+/// `low`.
+fn computed_caches(
+    rw: &mut Rewrite,
+    x: ValueId,
+    seq: &Dim,
+    positions_float: ValueId,
+    unit_axis: usize,
+    inv_freq: &[f32],
+    scale: Option<f64>,
+) -> Option<(PValue, [PValue; 2])> {
+    let g = rw.graph;
+    let x_type = g.value_type(x)?;
+    // Integer positions `[batch | 1, seq, 1]` or `[batch | 1, 1, seq]`, cast to x's float
+    // type.
+    let float_type = g.value_type(positions_float)?;
+    let cast = g.node(g.producer(positions_float)?);
+    let int_type = g.value_type(cast.input(0)?)?;
+    let integer = [DataType::Int64 as i32, DataType::Int32 as i32].contains(&int_type.elem);
+    let positions_dims = float_type.shape?;
+    let [p_batch, rest @ ..] = &positions_dims[..] else {
+        return None;
+    };
+    let (p_seq, one) = match (unit_axis, rest) {
+        (2, [p_seq, one]) | (1, [one, p_seq]) => (p_seq, one),
+        _ => return None,
+    };
+    if !integer || float_type.elem != x_type.elem || one.value() != Some(1) || !p_seq.same(seq) {
+        return None;
+    }
+    let half = inv_freq.len() as i64;
+
+    // One cache row per token: row i holds the angles of the i-th of the positions as the
+    // model gave them (flattened), and the ids number the tokens 0..n. Each row is then
+    // Cast(p)·inv_freq for the model's own p, there are at least as many rows as x has
+    // tokens (ONNX Runtime's kernels refuse fewer: "Updating cos_cache and sin_cache in
+    // RotaryEmbedding is not currently supported"), and no size depends on the positions'
+    // values (tract cannot size a Range that does). Every layer reads the same positions, so
+    // once CSE has run all layers share one cache.
+    let rows_by_one = int64_constant(rw, "rotary_rows_by_one", &[2], &[-1, 1])?;
+    let flat = rw.op(
+        "Reshape",
         "",
-        &[x.into()],
-        vec![attr::int("start", 2), attr::int("end", 3)],
+        &[positions_float.into(), rows_by_one],
+        vec![],
     );
+    let count = rw.dim_of(flat, 0).ok()?;
     let first_axis = int64_constant(rw, "rotary_first_axis", &[1], &[0])?;
-    let tokens = rw.op("Squeeze", "", &[tokens, first_axis], vec![]);
-    let low_plus_tokens = rw.op("Add", "", &[low, tokens], vec![]);
-    let end = rw.op("Max", "", &[past_high, low_plus_tokens], vec![]);
-    let rows = rw.op("Range", "", &[low, end, one], vec![]);
-    let rows = rw.op(
-        "Cast",
-        "",
-        &[rows],
-        vec![attr::int("to", x_type.elem.into())],
-    );
-    let column = int64_constant(rw, "rotary_column", &[1], &[1])?;
-    let rows = rw.op("Unsqueeze", "", &[rows, column], vec![]);
+    let count = rw.op("Squeeze", "", &[count, first_axis], vec![]);
+    let zero = int64_constant(rw, "rotary_zero", &[], &[0])?;
+    let one = int64_constant(rw, "rotary_one", &[], &[1])?;
+    let tokens = rw.op("Range", "", &[zero, count, one], vec![]);
+    let positions_shape = rw.op("Shape", "", &[positions_float.into()], vec![]);
+    let ids = rw.op("Reshape", "", &[tokens, positions_shape], vec![]);
+    let unit = int64_constant(rw, "rotary_unit_axis", &[1], &[unit_axis as i64])?;
+    let ids = rw.op("Squeeze", "", &[ids, unit], vec![]);
+    let ids = to_batch(rw, x, ids, p_batch)?;
     let freq = rw.constant(
         "rotary_inv_freq",
-        Tensor::from_f32("rotary_inv_freq", &[half], &inv_freq).ok()?,
+        Tensor::from_f32("rotary_inv_freq", &[half], inv_freq).ok()?,
     );
-    let angles = rw.op("Mul", "", &[rows, freq], vec![]);
+    let angles = rw.op("Mul", "", &[flat, freq], vec![]);
     let mut caches = [
         rw.op("Cos", "", &[angles], vec![]),
         rw.op("Sin", "", &[angles], vec![]),
@@ -307,13 +425,62 @@ fn rotary(m: &Match, rw: &mut Rewrite) -> Option<()> {
             *cache = rw.op("Mul", "", &[*cache, s], vec![]);
         }
     }
-    let inputs = rotary_inputs(contrib, x.into(), ids, caches[0], caches[1]);
-    let out = if contrib {
-        rw.op("RotaryEmbedding", MS_DOMAIN, &inputs, vec![])
-    } else {
-        rw.op("RotaryEmbedding", "", &inputs, vec![])
+    Some((ids, caches))
+}
+
+/// Position ids and caches for cached tables: the Gather's indices, and each table's first
+/// half, which must equal its second (`Concat(f, f)` before the trig) so that rows of `h`
+/// give what the rows of `head` gave.
+fn cached_caches(
+    rw: &mut Rewrite,
+    x: ValueId,
+    seq: &Dim,
+    positions: ValueId,
+    tables: [ValueId; 2],
+) -> Option<(PValue, [PValue; 2])> {
+    let g = rw.graph;
+    let x_type = g.value_type(x)?;
+    let head = x_type.shape.as_ref()?.last()?.value()?;
+    let ids_type = g.value_type(positions)?;
+    let ids_dims = ids_type.shape.clone()?;
+    let [ids_batch, ids_seq] = &ids_dims[..] else {
+        return None;
     };
-    let root = g.node(*m.nodes().first()?).output(0)?;
-    rw.replace(root, out);
-    Some(())
+    let integer = [DataType::Int64 as i32, DataType::Int32 as i32].contains(&ids_type.elem);
+    if !integer || !ids_seq.same(seq) || x_type.elem != DataType::Float as i32 {
+        return None;
+    }
+    let mut caches = Vec::with_capacity(2);
+    for (table, name) in tables
+        .into_iter()
+        .zip(["rotary_cos_cache", "rotary_sin_cache"])
+    {
+        let table = g.constant(table)?;
+        let [rows, width] = table.dims() else {
+            return None;
+        };
+        if *width != head || table.dtype() != DataType::Float {
+            return None;
+        }
+        let values = table.to_f32_vec().ok()?;
+        let half = (head / 2) as usize;
+        let mut first = Vec::with_capacity(values.len() / 2);
+        for row in values.chunks(head as usize) {
+            let (low, high) = row.split_at(half);
+            if low != high {
+                return None;
+            }
+            first.extend_from_slice(low);
+        }
+        let cache = Tensor::from_f32(name, &[*rows, head / 2], &first).ok()?;
+        caches.push(rw.constant(name, cache));
+    }
+    let ids = if ids_type.elem == DataType::Int64 as i32 {
+        positions.into()
+    } else {
+        let int64 = attr::int("to", DataType::Int64 as i64);
+        rw.op("Cast", "", &[positions.into()], vec![int64])
+    };
+    let ids = to_batch(rw, x, ids, ids_batch)?;
+    Some((ids, [caches[0], caches[1]]))
 }
