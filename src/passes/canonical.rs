@@ -14,6 +14,9 @@
 //! - `neg`: `Sub(0, x)` → `Neg(x)` (float and signed integer x);
 //! - `mean-last-axis`: `GlobalAveragePool(x)` of a rank-3 x (tf2onnx's mean over the last axis
 //!   of `[batch, sequence, hidden]`) → `ReduceMean(x, axes=[-1], keepdims=1)`;
+//! - `scale-into-where`: `Where(c, a, f) · s` with `f` and `s` one-element float32 constants
+//!   (GPT-J and CodeGen mask the scores before scaling them) → `Where(c, a · s, f·s)`, the
+//!   order every other exporter writes (`fuse::attention` scales the scores, then masks);
 //! - `einsum-matmul`: an `Einsum` that is a projection (`bsi,io->bso`, `...i,io->...o`,
 //!   `abc,cd->abd`, the weight transposed `bsi,oi->bso`, 3-D weights `bsh,hnd->bsnd` and
 //!   `bsnd,ndh->bsh`) → `MatMul` (with Reshapes where several axes are contracted or kept).
@@ -44,11 +47,13 @@
 //!   1 ulp of the quotient: x·fl(1/c) rounds x/c·(1 + δ), |δ| ≤ 2⁻²⁴, once more (measured on
 //!   4·10⁶ float32 x of magnitudes 10⁻³ to 10³ for c in √2, 1.41421, √48, √96, 3, 6, 7, 10,
 //!   0.7, 10⁻⁵: at most 1 ulp apart, for 0.3% to 54% of x depending on c);
+//! - `scale-into-where` computes the same products: each element is `a·s` or `f·s`, the
+//!   latter rounded once at build time as it was at run time;
 //! - `einsum-matmul` sums the same products (in the MatMul kernel's order).
 
 mod einsum;
 
-use super::matching::{rewire, rewrite_each};
+use super::matching::{only_feeds, rewire, rewrite_each};
 use super::{Pass, Rewrites};
 use crate::error::Result;
 use crate::ir::{attr, DataType, Graph, Model, NodeId, PValue, Patch, Tensor, ValueId};
@@ -74,6 +79,7 @@ const RULES: &[Rule] = &[
     power,
     neg,
     mean_last_axis,
+    scale_into_where,
     einsum::to_matmul,
 ];
 
@@ -233,6 +239,56 @@ fn neg(m: &Model, id: NodeId) -> Option<Patch> {
         return None;
     }
     unary(g, id, "neg", "Neg", x)
+}
+
+/// `Mul(Where(c, a, f), s)` (either operand order of the Mul, either branch of the Where the
+/// constant) → `Where(c, Mul(a, s), f·s)`, when the Where is read by this Mul only.
+fn scale_into_where(m: &Model, id: NodeId) -> Option<Patch> {
+    let g = &m.graph;
+    let node = onnx_node(g, id, "Mul", 2)?;
+    let out = node.output(0)?;
+    let (masked, s) = [(0, 1), (1, 0)].into_iter().find_map(|(w, c)| {
+        let masked = node.input(w)?;
+        let producer = g.producer(masked)?;
+        let scale = node.input(c)?;
+        (onnx_node(g, producer, "Where", 3).is_some() && g.constant(scale).is_some())
+            .then_some((producer, scale))
+    })?;
+    let where_node = g.node(masked);
+    if !only_feeds(g, masked, id) || !is_float32(g, out) {
+        return None;
+    }
+    let (cond, x, y) = (
+        where_node.input(0)?,
+        where_node.input(1)?,
+        where_node.input(2)?,
+    );
+    let (a, f, fill_first) = if g.constant(y).is_some() {
+        (x, y, false)
+    } else {
+        (y, x, true)
+    };
+    let (fill, scale) = (one_element(g, f, a)?, one_element(g, s, a)?);
+    if g.constant(a).is_some() || !is_float32(g, f) || !is_float32(g, s) {
+        return None;
+    }
+    let mut patch = Patch::new("scale-into-where");
+    let scaled = patch.op("Mul", "", &[a.into(), s.into()], vec![]);
+    let hint = format!("{}_scaled", g.value_name(f));
+    let fill = (fill as f32) * (scale as f32);
+    let fill = patch.new_initializer(&hint, Tensor::from_f32(&hint, &[], &[fill]).ok()?);
+    let branches = if fill_first {
+        [fill, scaled]
+    } else {
+        [scaled, fill]
+    };
+    let proto = where_node.proto.clone();
+    patch.remove_node(masked).remove_node(id).add_node_proto(
+        proto,
+        &[Some(cond.into()), Some(branches[0]), Some(branches[1])],
+        &[out.into()],
+    );
+    Some(patch)
 }
 
 fn mean_last_axis(m: &Model, id: NodeId) -> Option<Patch> {

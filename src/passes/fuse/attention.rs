@@ -46,7 +46,7 @@
 //! a uniform average in the fused operators; such rows are padding of an all-padding input.
 
 use super::pattern::{
-    add, any, constant_where, div, either, mul, op, scalar, unary, value, Match, Pat,
+    add, any, constant_where, div, either, mul, op, perm_is, scalar, unary, value, Match, Pat,
 };
 use super::{Built, Declined, Fusion, Rewrite, Rule, Target, MS_DOMAIN};
 use crate::ir::shape::broadcast_shapes;
@@ -112,10 +112,6 @@ impl Fusion for AttentionFusion {
 type Checked<T> = std::result::Result<T, Declined>;
 
 // ---- the pattern ---------------------------------------------------------------------------
-
-fn perm_is(a: Option<&AttributeProto>, perm: &[i64]) -> bool {
-    a.is_some_and(|a| a.ints == perm)
-}
 
 fn transpose(input: Pat, perm: fn(Option<&AttributeProto>) -> bool) -> Pat {
     op("Transpose", [input]).attr("perm", perm)
@@ -247,25 +243,7 @@ fn attention() -> Pat {
         div(scores.clone(), constant_where("s_div", is_scalar)),
         scores,
     ]);
-    // Masked scores replaced by a fill (DistilBERT: `Where(mask == 0, finfo.min, scores)`),
-    // or kept where allowed (GPT-2's causal `Where(causal, scores, finfo.min)`).
-    let filled = op(
-        "Where",
-        [
-            value("fill_where"),
-            constant_where("fill", is_mask_fill),
-            scaled_scores.clone(),
-        ],
-    );
-    let kept = op(
-        "Where",
-        [
-            value("keep_where"),
-            scaled_scores.clone(),
-            constant_where("fill", is_mask_fill),
-        ],
-    );
-    let masked = either([filled, kept, scaled_scores]);
+    let masked = masked(scaled_scores);
     // One bias, or two (MPNet: its relative position bias, then the padding mask).
     let once = add(masked.clone(), value("bias"));
     let biased = either([add(once.clone(), value("bias2")), once, masked]);
@@ -293,6 +271,29 @@ fn attention() -> Pat {
             any(),
         ],
     )
+}
+
+/// Scores masked by a fill or not: replaced by it where masked (DistilBERT: `Where(mask == 0,
+/// finfo.min, scores)`), kept where allowed (GPT-2's causal `Where(causal, scores,
+/// finfo.min)`), or as they are. `bias_of` turns the fill into a bias.
+fn masked(scores: Pat) -> Pat {
+    let filled = op(
+        "Where",
+        [
+            value("fill_where"),
+            constant_where("fill", is_mask_fill),
+            scores.clone(),
+        ],
+    );
+    let kept = op(
+        "Where",
+        [
+            value("keep_where"),
+            scores.clone(),
+            constant_where("fill", is_mask_fill),
+        ],
+    );
+    either([filled, kept, scores])
 }
 
 /// The attention core with the heads merged into the batch, as the eager attention of CLIP,

@@ -35,7 +35,7 @@
 //! operator does not.
 
 use super::pattern::{
-    add, constant, constant_where, div, either, int_attr_is, mul, op, pow, scalar, sub, unary,
+    add, any, constant, constant_where, div, either, int_attr_is, mul, op, pow, scalar, sub, unary,
     value, Match, Pat,
 };
 use super::{Built, Declined, Fusion, Rewrite, Rule, Target};
@@ -118,7 +118,11 @@ fn divided_by(numerator: Pat, denominator: Pat) -> Pat {
 
 /// `normalized · γ (+ β)`.
 fn scaled(normalized: Pat) -> Pat {
-    let times_gamma = mul(normalized, constant_where("gamma", is_vector));
+    let times_gamma = mul(
+        normalized.named("normalized"),
+        constant_where("gamma", is_vector),
+    )
+    .node("times_gamma");
     either([
         add(times_gamma.clone(), constant_where("beta", is_vector)),
         times_gamma,
@@ -270,15 +274,63 @@ fn build_layer_norm(m: &Match, rw: &mut Rewrite) -> Built {
     let epsilon = epsilon(m, rw)?;
     let mut inputs: Vec<PValue> = vec![m.get("x")?.into(), m.get("gamma")?.into()];
     inputs.extend(m.value("beta").map(PValue::from));
-    let out = rw.op(
-        "LayerNormalization",
-        "",
-        &inputs,
-        vec![attr::int("axis", -1), attr::float("epsilon", epsilon)],
-    );
+    let layer_norm = |rw: &mut Rewrite, inputs: &[PValue]| {
+        rw.op(
+            "LayerNormalization",
+            "",
+            inputs,
+            vec![attr::int("axis", -1), attr::float("epsilon", epsilon)],
+        )
+    };
+    let out = layer_norm(rw, &inputs);
     let root = rw.root_of(m)?;
     rw.replace(root, out);
+    // GPT-NeoX normalizes one input twice (its parallel attention and MLP), with the same ε:
+    // CSE leaves one normalization read by two `· γ (+ β)` tails. Each tail gets its own
+    // LayerNormalization; any other reader keeps the match open, and the driver declines it.
+    for tail in sibling_tails(m, rw) {
+        let mut inputs: Vec<PValue> = vec![m.get("x")?.into(), tail.get("gamma")?.into()];
+        inputs.extend(tail.value("beta").map(PValue::from));
+        let out = layer_norm(rw, &inputs);
+        for &node in tail.nodes() {
+            rw.absorb(node);
+        }
+        let root = rw.root_of(&tail)?;
+        rw.replace(root, out);
+    }
     Ok(())
+}
+
+/// The other `normalized · γ' (+ β')` tails (γ', β' of x's type) reading the normalization
+/// the match computes.
+fn sibling_tails(m: &Match, rw: &Rewrite) -> Vec<Match> {
+    let g = rw.graph;
+    let (Some(normalized), Some(own)) = (m.value("normalized"), m.node("times_gamma")) else {
+        return Vec::new();
+    };
+    let x = m.value("x").and_then(|x| g.value_type(x)).map(|t| t.elem);
+    let tail = |v: ValueId| {
+        scaled(any()).matches(g, v).into_iter().find(|t| {
+            t.value("normalized") == Some(normalized)
+                && [t.value("gamma"), t.value("beta")]
+                    .into_iter()
+                    .flatten()
+                    .all(|p| g.value_type(p).map(|t| t.elem) == x)
+        })
+    };
+    g.uses(normalized)
+        .iter()
+        .filter(|(reader, _)| *reader != own && g.node(*reader).is("Mul"))
+        .filter_map(|(reader, _)| {
+            let product = g.node(*reader).output(0)?;
+            // The longest tail: through the Add of β when the product's only reader is one.
+            let with_beta = match g.uses(product) {
+                [(add, _)] if g.node(*add).is("Add") => g.node(*add).output(0).and_then(tail),
+                _ => None,
+            };
+            with_beta.or_else(|| tail(product))
+        })
+        .collect()
 }
 
 /// RMSNorm as ONNX `RMSNormalization` (opset 23).

@@ -8,7 +8,8 @@
 //! Kt = Concat(past_k, Kn, axis 2) | Kn          (the cache; Kt is the `present` output)
 //! Kr = Reshape(Expand(Unsqueeze(Kt, 2), [B, Nkv, r, T, H]), [B, Nkv·r, T, H]) | Kt
 //!                                                (repeat_kv: each key head r times)
-//! y  = Softmax(Q·Krᵀ (· scales) (+ bias)) · Vr    then Where(IsNaN(P), 0, P) after the Softmax
+//! y  = Softmax(Q·Krᵀ (· scales) (masked by a fill) (+ bias)) · Vr
+//!                                                then Where(IsNaN(P), 0, P) after the Softmax
 //!    | Attention(Q, Kr, Vr (, mask))             the opset-23 export
 //! ```
 //!
@@ -96,10 +97,12 @@ pub(super) fn written_out() -> Pat {
             maybe_scaled(k_t, "k_scale", "k_div"),
         ],
     );
-    let scaled = maybe_scaled(scores, "s_scale", "s_div");
+    // GPT-J masks its causal positions with a fill (`passes::canonical` moves its scale
+    // inside the Where), then adds the padding mask.
+    let scores = masked(maybe_scaled(scores, "s_scale", "s_div"));
     let probs = op(
         "Softmax",
-        [either([add(scaled.clone(), value("bias")), scaled])],
+        [either([add(scores.clone(), value("bias")), scores])],
     )
     .attr("axis", last_of_4)
     .anchor()
