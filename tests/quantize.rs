@@ -257,11 +257,14 @@ fn an_excluded_attention_keeps_its_packed_projection() {
     assert_eq!(rewrites.total(), 0);
 }
 
+/// Weights of 7 bits (the default: ONNX Runtime's uint8×int8 kernel cannot saturate on them
+/// without VNNI) keep within ±63 and reach it; int8 and uint8 ones use every code.
 #[test]
-fn dynamic_weights_are_int8_or_uint8_with_matching_zero_points() {
-    for (codes, dtype, zero) in [
-        (DynamicWeights::Int8, DataType::Int8, 0u8),
-        (DynamicWeights::Uint8, DataType::Uint8, 128u8),
+fn dynamic_weights_are_int7_int8_or_uint8_with_matching_zero_points() {
+    for (codes, dtype, zero, reach) in [
+        (DynamicWeights::Int7, DataType::Int8, 0u8, 63),
+        (DynamicWeights::Int8, DataType::Int8, 0u8, 127),
+        (DynamicWeights::Uint8, DataType::Uint8, 128u8, 127),
     ] {
         let mut model = optimized("bert-tiny.ts.onnx");
         quantize_dynamic(&mut model, &[], &dynamic_options(codes)).unwrap();
@@ -278,6 +281,14 @@ fn dynamic_weights_are_int8_or_uint8_with_matching_zero_points() {
             assert_eq!((weight.dtype(), zero_point.dtype()), (dtype, dtype));
             let zero_points = zero_point.raw_bytes().unwrap();
             assert!(zero_points.iter().all(|&z| z == zero), "{codes:?}");
+            let largest = weight
+                .raw_bytes()
+                .unwrap()
+                .iter()
+                .map(|&b| (i32::from(b.wrapping_sub(zero) as i8)).abs())
+                .max();
+            // Each column's largest magnitude maps to the top code.
+            assert_eq!(largest, Some(reach), "{codes:?}");
         }
     }
 }

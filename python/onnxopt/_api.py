@@ -176,7 +176,7 @@ def optimize(
     int8_dynamic=False,
     fp16=False,
     keep_io_types=False,
-    dynamic_weights="int8",
+    dynamic_weights="int7",
     weights=None,
     block_size=32,
     symmetric=False,
@@ -247,7 +247,7 @@ def optimize(
         _fail("keep_io_types needs fp16=True")
     if auto_exclude and not int8:
         _fail("auto_exclude needs int8=True")
-    if dynamic_weights != "int8" and not int8_dynamic:
+    if dynamic_weights != "int7" and not int8_dynamic:
         _fail("dynamic_weights needs int8_dynamic=True")
     if smooth_quant is True:
         _fail("smooth_quant takes a strength α in [0, 1] (or False: no smoothing)")

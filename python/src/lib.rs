@@ -382,7 +382,7 @@ type Optimized = (String, String, Option<Py<PyBytes>>);
 #[pyfunction]
 #[pyo3(signature = (
     model, output=None, *, target="ort", passes=vec![], validate=false, check=true,
-    int8=false, int8_dynamic=false, fp16=false, keep_io_types=false, dynamic_weights="int8",
+    int8=false, int8_dynamic=false, fp16=false, keep_io_types=false, dynamic_weights="int7",
     weights=None, block_size=onnxopt::quant::weight_only::DEFAULT_BLOCK_SIZE, symmetric=false,
     weights_method="gptq", act_order=true,
     gptq_damping=onnxopt::quant::weight_only::gptq::DAMPING,
@@ -517,11 +517,12 @@ fn optimize(
         Mode::Dynamic(DynamicOptions {
             qdq,
             weights: match dynamic_weights {
+                "int7" => DynamicWeights::Int7,
                 "int8" => DynamicWeights::Int8,
                 "uint8" => DynamicWeights::Uint8,
                 other => {
                     return Err(Fail::arg(format!(
-                        "dynamic_weights={other:?}: expected \"int8\" or \"uint8\""
+                        "dynamic_weights={other:?}: expected \"int7\", \"int8\" or \"uint8\""
                     ))
                     .into())
                 }

@@ -262,10 +262,12 @@ pub struct QuantArgs {
     /// otherwise) reads --calib/--calib-random batches when given, else 8 generated ones.
     #[arg(long, conflicts_with = "fp16", group = "int8_mode")]
     pub int8_dynamic: bool,
-    /// With --int8-dynamic: how the weights are stored. `int8` runs ONNX Runtime's fast
-    /// uint8×int8 kernel; `uint8` its uint8×uint8 kernel, slower but exact on x86 CPUs
-    /// without VNNI, where the int8 kernel can saturate.
-    #[arg(long, value_enum, default_value_t = DynamicWeightsArg::Int8, requires = "int8_dynamic")]
+    /// With --int8-dynamic: how the weights are stored. `int7` (7-bit codes) runs ONNX
+    /// Runtime's fast uint8×int8 kernel without saturating on x86 CPUs lacking VNNI; `int8`
+    /// (every code) the same kernel, a little more accurate where the CPU has VNNI and much
+    /// less where it has not (it saturates); `uint8` its uint8×uint8 kernel, exact
+    /// everywhere and slower.
+    #[arg(long, value_enum, default_value_t = DynamicWeightsArg::Int7, requires = "int8_dynamic")]
     pub dynamic_weights: DynamicWeightsArg,
     /// Weight-only quantization, `int4` or `int8`: every MatMul with a constant 2-D weight
     /// read by nothing else gets codes of that many bits in blocks along the summed axis:
@@ -391,6 +393,7 @@ impl QuantArgs {
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
 pub enum DynamicWeightsArg {
+    Int7,
     Int8,
     Uint8,
 }
@@ -401,6 +404,7 @@ impl DynamicWeightsArg {
         match self {
             DynamicWeightsArg::Int8 => DynamicWeights::Int8,
             DynamicWeightsArg::Uint8 => DynamicWeights::Uint8,
+            DynamicWeightsArg::Int7 => DynamicWeights::Int7,
         }
     }
 }

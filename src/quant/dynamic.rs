@@ -8,7 +8,8 @@
 //!   all its integer readers, and per MatMul
 //!   `Cast(MatMulInteger(x_q, W_q, x_zero_point, W.zero_point), float) · (x_scale · W.scale)`
 //!   (`+ c` for a Gemm)
-//!   with `W.scale [N]` and `W_q` the symmetric per-column int8 weight (zero points 0), or,
+//!   with `W.scale [N]` and `W_q` the symmetric per-column weight of 7-bit codes (zero
+//!   points 0), every int8 code with `DynamicWeights::Int8`, or,
 //!   with `DynamicWeights::Uint8`, that weight plus 128 with zero points 128 — exactly the
 //!   chain ONNX Runtime fuses into its `DynamicQuantizeMatMul` kernel (the fastest CPU form
 //!   it has), and a chain of standard operators every runtime loads;
@@ -18,18 +19,29 @@
 //!   tables: the same int8 weights static quantization writes, dequantized by a
 //!   DequantizeLinear (weight-only), so the file shrinks everywhere.
 //!
-//! Why int8 weights by default, and uint8 on request: ONNX Runtime's uint8×int8 kernel is
-//! its fast one, but on x86 CPUs without VNNI (AVX2, AVX-512BW) it sums pairs of products in
-//! int16 (`vpmaddubsw`), which saturates when codes are large (255 · 127 · 2 > 32 767); its
-//! uint8×uint8 kernel does not saturate, and is slower. Measured on all-MiniLM-L6-v2,
-//! sentence-embedding cosine to float on held-back sentences: on an AVX2 machine int8
-//! weights 0.9941, uint8 0.9952; on an AVX-512-VNNI machine both 0.9952, with int8 running at
-//! 0.67× of float's latency at 8×128 tokens and uint8 at 0.96× (before the projection of
-//! Attention was quantized too).
+//! Why 7-bit weights by default (`DynamicWeights::Int7`): ONNX Runtime's uint8×int8 kernel
+//! is its fast one, but on x86 CPUs without VNNI (AVX2, AVX-512BW) it sums pairs of products
+//! in int16 (`vpmaddubsw`), which saturates when codes are large (255 · 127 · 2 > 32 767);
+//! codes within ±63 cannot saturate it (255 · 63 · 2 < 32 767). Its uint8×uint8 kernel does
+//! not saturate either, and is slower. all-MiniLM-L6-v2, 214 held-out sentences padded to
+//! their batch's longest (`scripts/heldout_cosine.py`, cosine of the mean-pooled embedding to
+//! float's), and latency against float (`scripts/ort_latency.py`, one shared pool of 2
+//! threads, alternated, median of 15), on an AVX2 machine (AMD EPYC, ONNX Runtime 1.32):
+//!
+//! | weights | mean cosine | min | 1×128 | 8×128 |
+//! |---|---|---|---|---|
+//! | `int8` (every code) | 0.98526 | 0.96548 | 0.674× | 0.685× |
+//! | `int7` (default) | 0.99490 | 0.98721 | 0.656× | 0.669× |
+//! | `uint8` | 0.99579 | 0.98846 | 0.774× | 0.813× |
+//!
+//! On an AVX-512-VNNI machine (an earlier measurement, before the projection of Attention
+//! was quantized) int8 and uint8 weights both gave 0.9952, int8 at 0.67× of float's latency
+//! at 8×128 and uint8 at 0.96×: there `int8` is the better choice, `--dynamic-weights int8`.
 //!
 //! Safe because: `DynamicQuantizeLinear` picks, per run, the uint8 scale covering the
 //! activation's actual range (widened to hold 0), so nothing saturates; the integer product
-//! is exact in int32 for any K below 2¹⁵ (|x_q − zp| ≤ 255, |w| ≤ 127: K · 255 · 127 < 2³¹);
+//! is exact in int32 for any K below 2¹⁵ (|x_q − zp| ≤ 255, |w| ≤ 127: K · 255 · 127 < 2³¹)
+//! where the kernel sums in int32, and with 7-bit codes where it sums pairs in int16 too;
 //! multiplying by `x_scale · W.scale[n]` dequantizes column n exactly as the per-channel
 //! weight was quantized. The result differs from float only by the two roundings.
 
@@ -52,12 +64,16 @@ const DYNAMIC_OPSET: i64 = 13;
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum DynamicWeights {
-    /// Symmetric int8, zero points 0: ONNX Runtime's fast uint8×int8 kernel.
-    #[default]
+    /// Symmetric int8, zero points 0: ONNX Runtime's fast uint8×int8 kernel, which can
+    /// saturate on CPUs without VNNI.
     Int8,
     /// The int8 codes plus 128, zero points 128: the uint8×uint8 kernel, which does not
     /// saturate on CPUs without VNNI.
     Uint8,
+    /// Symmetric int8 codes of 7 bits (in [-63, 63]), zero points 0: the fast uint8×int8
+    /// kernel, which cannot saturate on them.
+    #[default]
+    Int7,
 }
 
 #[derive(Clone, Debug)]
@@ -281,9 +297,14 @@ fn k_by_n_weight(
         (data, dims) = (transposed, vec![k, n]);
         name.push_str(".transposed");
     }
-    let q = qdq::quantize_per_channel(&name, &data, &dims, 1)?;
+    let range = match codes {
+        DynamicWeights::Int7 => qdq::INT7_SYMMETRIC,
+        _ => qdq::INT8_SYMMETRIC,
+    };
+    let q = qdq::quantize_per_channel_within(&name, &data, &dims, 1, range)?;
     let (dtype, suffix, offset) = match codes {
         DynamicWeights::Int8 => (DataType::Int8, "int8", 0u8),
+        DynamicWeights::Int7 => (DataType::Int8, "int7", 0u8),
         DynamicWeights::Uint8 => (DataType::Uint8, "uint8", 128u8),
     };
     // Two's complement: an int8 code's byte plus 128 (wrapping) is the uint8 code.

@@ -44,7 +44,8 @@ pub(crate) use crate::ops::quantization::{is_integer_op, is_q_or_dq, quantizes};
 use crate::passes::{opset, Rewrites};
 use crate::quant::{QuantTarget, Ranges};
 pub use params::{
-    activation_params, quantize_per_channel, scale_zero_point, IntRange, PerChannel, QParams,
+    activation_params, quantize_per_channel, quantize_per_channel_within, scale_zero_point,
+    IntRange, PerChannel, QParams, INT7_SYMMETRIC, INT8_SYMMETRIC,
 };
 pub(crate) use placement::Plan;
 use placement::{ActivationQdq, EmbeddingQdq, WeightQdq};

@@ -23,6 +23,10 @@ pub const INT8_SYMMETRIC: IntRange = IntRange {
     min: -127,
     max: 127,
 };
+/// int8 codes of 7 bits, symmetric (ONNX Runtime's `reduce_range`): a uint8 activation times
+/// such a weight, summed in pairs, stays within int16 (2 · 255 · 63 < 32 767), where ONNX
+/// Runtime's uint8×int8 kernel sums pairs on CPUs without VNNI.
+pub const INT7_SYMMETRIC: IntRange = IntRange { min: -63, max: 63 };
 /// Every int8 value: where quantized values are clipped (as `quantize_nparray` clips).
 const INT8_FULL: IntRange = IntRange {
     min: -128,
@@ -96,6 +100,17 @@ pub fn quantize_per_channel(
     dims: &[usize],
     axis: usize,
 ) -> Result<PerChannel> {
+    quantize_per_channel_within(name, data, dims, axis, INT8_SYMMETRIC)
+}
+
+/// `quantize_per_channel` with each channel's largest magnitude mapped to `codes.max`.
+pub fn quantize_per_channel_within(
+    name: &str,
+    data: &[f32],
+    dims: &[usize],
+    axis: usize,
+    codes: IntRange,
+) -> Result<PerChannel> {
     let bad = |why: String| Error::Quantization(format!("weight `{name}`: {why}"));
     let channels = *dims
         .get(axis)
@@ -121,7 +136,7 @@ pub fn quantize_per_channel(
     let params: Vec<QParams> = lo
         .iter()
         .zip(&hi)
-        .map(|(&l, &h)| scale_zero_point(l, h, INT8_SYMMETRIC, true))
+        .map(|(&l, &h)| scale_zero_point(l, h, codes, true))
         .collect();
     let values = data
         .iter()
