@@ -150,7 +150,7 @@ pub struct Outcome {
 #[derive(Debug, thiserror::Error)]
 pub enum PipelineError {
     /// A step failed (a pass, calibration, quantization); `what` names the step.
-    #[error("{what}: {source}")]
+    #[error("{what}")]
     Step {
         what: &'static str,
         #[source]
