@@ -28,7 +28,20 @@ PLAN = [
                                               "decoder_with_past_model": "optimum-t5-dec-past"}),
     ("bart", "text2text-generation-with-past", {"decoder_with_past_model": "optimum-bart-dec-past"}),
     ("whisper", "automatic-speech-recognition-with-past", {"decoder_with_past_model": "optimum-whisper-dec-past"}),
+    # decoder LLMs as the Hub's ONNX LLMs were made (one model.onnx whose past may be empty); 4 query heads over 2
+    # key/value heads where the architecture has grouped heads
+    ("llama", "text-generation-with-past", {"model": "optimum-llama"}),
+    ("qwen2", "text-generation-with-past", {"model": "optimum-qwen2"}),
+    ("mistral", "text-generation-with-past", {"model": "optimum-mistral"}),
+    ("phi3", "text-generation-with-past", {"model": "optimum-phi3"}),
+    ("gemma", "text-generation-with-past", {"model": "optimum-gemma"}),
+    # partial rotary (the first quarter or half of each head rotated) and GPT-J's interleaved pairs
+    ("phi", "text-generation-with-past", {"model": "optimum-phi"}),
+    ("gpt_neox", "text-generation-with-past", {"model": "optimum-gpt-neox"}),
+    ("gptj", "text-generation-with-past", {"model": "optimum-gptj"}),
 ]
+# decoder-only models whose second batch has a left-padded past
+DECODER_ONLY = ("gpt2", "llama", "qwen2", "mistral", "phi3", "gemma", "phi", "gpt_neox", "gptj")
 # (batch_size, sequence_length): Optimum's dummy-input shapes for the two batches (for a decoder with past,
 # sequence_length is the past length and the new tokens are 1)
 SHAPES = [(1, 8), (2, 12)]
@@ -39,6 +52,14 @@ NAMES = {
     "optimum-t5-enc": "T5 v1.1 encoder (encoder_model)", "optimum-t5-dec-past": "T5 v1.1 decoder_with_past_model",
     "optimum-bart-dec-past": "BART decoder_with_past_model", "optimum-whisper-enc": "Whisper encoder_model",
     "optimum-whisper-dec-past": "Whisper decoder_with_past_model",
+    "optimum-llama": "Llama LM with past (text-generation-with-past, grouped KV heads)",
+    "optimum-qwen2": "Qwen2 LM with past (text-generation-with-past, grouped KV heads, QKV biases)",
+    "optimum-mistral": "Mistral LM with past (text-generation-with-past, grouped KV heads)",
+    "optimum-phi3": "Phi-3 LM with past (text-generation-with-past, packed QKV and gate/up)",
+    "optimum-gemma": "Gemma LM with past (text-generation-with-past, GeGLU, scaled embeddings)",
+    "optimum-phi": "Phi-2 LM with past (parallel attention and MLP, half of each head rotated)",
+    "optimum-gpt-neox": "GPT-NeoX (Pythia) LM with past (packed QKV per head, a quarter of each head rotated)",
+    "optimum-gptj": "GPT-J LM with past (interleaved rotary pairs on half of each head)",
 }
 
 
@@ -74,6 +95,29 @@ def build(arch, seed):
                                    decoder_ffn_dim=W.FF, d_model=W.H, max_source_positions=16,
                                    max_target_positions=32, pad_token_id=0, bos_token_id=1, eos_token_id=2,
                                    decoder_start_token_id=1), T.WhisperForConditionalGeneration
+    elif arch in ("llama", "qwen2", "mistral", "phi3", "gemma"):
+        llm = dict(vocab_size=W.V_SMALL, hidden_size=W.H, intermediate_size=W.FF, num_hidden_layers=W.L,
+                   num_attention_heads=W.NH, num_key_value_heads=W.NH // 2, max_position_embeddings=128,
+                   tie_word_embeddings=arch in ("qwen2", "gemma"))
+        if arch == "phi3":
+            llm.update(num_key_value_heads=W.NH, pad_token_id=0)  # Phi-3's packed QKV: as many KV heads as queries
+        if arch == "gemma":
+            llm.update(head_dim=W.H // W.NH)
+        cfg, cls = {"llama": (T.LlamaConfig, T.LlamaForCausalLM), "qwen2": (T.Qwen2Config, T.Qwen2ForCausalLM),
+                    "mistral": (T.MistralConfig, T.MistralForCausalLM), "phi3": (T.Phi3Config, T.Phi3ForCausalLM),
+                    "gemma": (T.GemmaConfig, T.GemmaForCausalLM)}[arch]
+        cfg = cfg(**llm)
+    elif arch == "phi":
+        cfg, cls = T.PhiConfig(vocab_size=W.V_SMALL, hidden_size=W.H, intermediate_size=W.FF, num_hidden_layers=W.L,
+                               num_attention_heads=W.NH, partial_rotary_factor=0.5,
+                               max_position_embeddings=128), T.PhiForCausalLM
+    elif arch == "gpt_neox":
+        cfg, cls = T.GPTNeoXConfig(vocab_size=W.V_SMALL, hidden_size=W.H, intermediate_size=W.FF,
+                                   num_hidden_layers=W.L, num_attention_heads=W.NH, rotary_pct=0.25,
+                                   max_position_embeddings=128), T.GPTNeoXForCausalLM
+    elif arch == "gptj":
+        cfg, cls = T.GPTJConfig(vocab_size=W.V_SMALL, n_positions=128, n_embd=W.H, n_layer=W.L, n_head=W.NH,
+                                rotary_dim=8, n_inner=W.FF), T.GPTJForCausalLM
     torch.manual_seed(seed)
     m = cls(cfg)
     W.add_noise(m, seed)
@@ -166,7 +210,7 @@ def export_arch(arch, task, keep, seed):
         onnx_outs = [o.name for o in m.graph.output]
         feeds, refs = [], []
         for k, shp in enumerate(SHAPES):
-            f, r = refs_for(config, submodel, shp, seed + 10 * k, arch == "gpt2", onnx_ins)
+            f, r = refs_for(config, submodel, shp, seed + 10 * k, arch in DECODER_ONLY, onnx_ins)
             feeds.append({n: v for n, v in f.items() if n in onnx_ins})
             refs.append({n: v for n, v in r.items() if n in onnx_outs})
         W.save(stem, feeds, "calib")
@@ -186,7 +230,10 @@ def export_arch(arch, task, keep, seed):
 
 def main():
     os.makedirs(os.path.join(W.BUILD, "info"), exist_ok=True)
+    only = sys.argv[sys.argv.index("--only") + 1:] if "--only" in sys.argv else None
     for k, (arch, task, keep) in enumerate(PLAN):
+        if only and arch not in only:
+            continue
         seed = 2500 + k
         try:
             for stem, info in export_arch(arch, task, keep, seed):

@@ -67,6 +67,7 @@ PLANS = {
         ("clip-text", "ts", 14, "eager"), ("deit", "ts", 11, "eager"), ("whisper-enc", "ts", 14, "eager"),
         ("whisper-dec-past", "ts", 14, "eager"), ("t5-dec-past", "ts", 14, "eager"),
         ("gpt2-past1", "ts", 14, "eager"), ("st-mpnet", "ts", 14, "eager"),
+        ("llama-past", "ts", 14, "eager"), ("mistral-past", "ts", 14, "eager"),
     ],
     "t24": [  # torch 2.4.1 (no dynamo= argument), transformers 4.44.2, sentence-transformers 3.0.1
         ("bert", "ts", 17, "sdpa"), ("distilbert", "ts", 14, "eager"), ("roberta", "ts", 17, "eager"),
@@ -80,6 +81,7 @@ PLANS = {
         ("whisper-enc", "dynamo", 18, "sdpa"), ("gpt2-past", "dynamo", 18, "sdpa"),
         ("bert", "dynamo", 20, "eager"), ("mpnet", "dynamo", 20, "eager"),
         ("bart-dec-past", "dynamo", 20, "eager"), ("xlmr", "ts", 17, "sdpa"), ("deberta-v2", "ts", 17, "eager"),
+        ("llama-past", "ts", 17, "sdpa"), ("qwen2-past", "ts", 17, "eager"),
     ],
     "t210": [  # torch 2.10.0, transformers 5.2.0, onnxscript 0.6.2
         ("bert", "dynamo", 23, "sdpa"), ("gpt2-past", "dynamo", 23, "sdpa"), ("vit", "dynamo", 23, "sdpa"),
@@ -504,6 +506,66 @@ def gpt2_past(arch, attn, seed):
     return G().eval(), ins, outs, batches, axes, cfg
 
 
+def llm_past(arch, attn, seed):
+    """Decoder LLM step with a KV cache (Llama, Mistral, Qwen2: 4 query heads over 2 key/value heads, RoPE,
+    RMSNorm, SiLU-gated MLP): input_ids, attention_mask, position_ids, past_key_values.<i>.key/value -> logits,
+    present.<i>.key/value (the layout of Optimum's text-generation-with-past and of testdata/llm's `past` form).
+    Positions follow the mask (cumsum - 1, 1 where masked), as transformers' generate feeds them."""
+    torch = _torch()
+    import numpy as np
+    import transformers as T
+    family = arch[:-len("-past")]
+    config_cls, model_cls = {"llama": (T.LlamaConfig, "LlamaForCausalLM"),
+                             "mistral": (T.MistralConfig, "MistralForCausalLM"),
+                             "qwen2": ("Qwen2Config", "Qwen2ForCausalLM")}[family]
+    config_cls = getattr(T, config_cls) if isinstance(config_cls, str) else config_cls
+    kv_heads = NH // 2
+    cfg = make_config(config_cls, attn, vocab_size=V_SMALL, hidden_size=H, intermediate_size=FF, num_hidden_layers=L,
+                      num_attention_heads=NH, num_key_value_heads=kv_heads, max_position_embeddings=128)
+    full = build(getattr(T, model_cls), cfg, seed)
+    nl = L
+
+    class D(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.m = full
+
+        def forward(self, input_ids, attention_mask, position_ids, *past):
+            kv = [(past[2 * i], past[2 * i + 1]) for i in range(nl)]
+            o = self.m(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                       past_key_values=make_cache(kv), use_cache=True, return_dict=True)
+            res = [o.logits]
+            for k, v in cache_layers(o.past_key_values):
+                res += [k, v]
+            return tuple(res)
+
+    rng = np.random.RandomState(seed)
+    hd = H // NH
+    batches = []
+    for b, s, p, _, _ in DEC_PLAN:
+        mask = np.ones((b, p + s), np.int64)
+        if b > 1:
+            mask[1, :2] = 0  # row 1 left-padded by 2 in its past (as in generation with left padding)
+        pos = np.cumsum(mask, axis=1) - 1
+        pos[mask == 0] = 1
+        d = {"input_ids": rng.randint(5, V_SMALL, size=(b, s)).astype(np.int64), "attention_mask": mask,
+             "position_ids": pos[:, p:].astype(np.int64)}
+        for i in range(nl):
+            for kv in ("key", "value"):
+                d["past_key_values.%d.%s" % (i, kv)] = rng.standard_normal((b, kv_heads, p, hd)).astype(np.float32)
+        batches.append(d)
+    ins = list(batches[0])
+    outs = ["logits"] + ["present.%d.%s" % (i, kv) for i in range(nl) for kv in ("key", "value")]
+    axes = {"input_ids": {0: "batch", 1: "sequence"}, "position_ids": {0: "batch", 1: "sequence"},
+            "attention_mask": {0: "batch", 1: "past_sequence+sequence"}, "logits": {0: "batch", 1: "sequence"}}
+    for n in ins + outs:
+        if n.startswith("past_"):
+            axes[n] = {0: "batch", 2: "past_sequence"}
+        elif n.startswith("present"):
+            axes[n] = {0: "batch", 2: "past_sequence+sequence"}
+    return D().eval(), ins, outs, batches, axes, cfg
+
+
 def sentence_transformer(arch, attn, seed):
     """sentence-transformers SentenceTransformer (tiny local model folder) exported whole: transformer -> mean
     pooling -> L2 normalize."""
@@ -561,6 +623,8 @@ for _a in ("t5-dec-past", "bart-dec-past", "whisper-dec-past"):
     BUILDERS[_a] = seq2seq_decoder
 BUILDERS["gpt2-past"] = BUILDERS["gpt2-past1"] = gpt2_past
 BUILDERS["st-mpnet"] = BUILDERS["st-bert"] = sentence_transformer
+for _a in ("llama-past", "mistral-past", "qwen2-past"):
+    BUILDERS[_a] = llm_past
 
 ARCH_NAMES = {
     "bert": "BERT (BertModel + pooler)", "distilbert": "DistilBERT (DistilBertModel)",
@@ -573,6 +637,9 @@ ARCH_NAMES = {
     "siglip-vision": "SigLIP vision (SiglipVisionModel, attention-pool head)",
     "whisper-enc": "Whisper encoder (WhisperEncoder, 80 mel bins x 32 frames)",
     "whisper-dec-past": "Whisper decoder step with past (self + cross KV inputs) + proj_out",
+    "llama-past": "Llama LM step with past (grouped KV heads, RoPE, RMSNorm, SiLU-gated MLP)",
+    "mistral-past": "Mistral LM step with past (grouped KV heads)",
+    "qwen2-past": "Qwen2 LM step with past (grouped KV heads, QKV biases)",
     "t5-dec-past": "T5 v1.1 decoder step with past (self + cross KV inputs) + scaled tied LM head",
     "bart-dec-past": "BART decoder step with past (self + cross KV inputs) + LM head + final_logits_bias",
     "gpt2-past": "GPT-2 LM step, per-layer past key/value inputs, present outputs",
@@ -915,6 +982,13 @@ def post():
         man["models"].append(i)
         print("%-48s %7d B  diff %.2g  softmax %d  checker %s" % (stem, i["size_bytes"], i["max_abs_diff_vs_torch"],
                                                                  i["structure"]["softmax"], i["checker"][:50]))
+    # models exported in an earlier run whose notes are gone (`.build` is not kept) stay as the manifest had them
+    noted = {m["stem"] for m in man["models"]} | {f["stem"] for f in man["failed"]}
+    for m in old.get("models", []):
+        if m["stem"] not in noted and os.path.exists(os.path.join(OUT, m["file"])):
+            man["models"].append(m)
+    man["failed"] += [f for f in old.get("failed", []) if f.get("stem") not in noted]
+    man["models"].sort(key=lambda m: m["stem"])
     # calib folders of models that are gone
     keep = {m["stem"] for m in man["models"]}
     for d in glob.glob(os.path.join(OUT, "calib", "*")):
