@@ -473,14 +473,10 @@ def gpt2_past(arch, attn, seed):
     hd = H // NH
     batches = []
     for b, s, p, _, _ in DEC_PLAN:
-        mask = np.ones((b, p + s), np.int64)
-        if b > 1:
-            mask[1, :2] = 0  # row 1 left-padded by 2 in its past (as in generation with left padding)
+        mask, positions = left_padded_step(b, s, p)
         d = {"input_ids": rng.randint(5, V_SMALL, size=(b, s)).astype(np.int64)}
         if single:
-            pos = np.cumsum(mask, axis=1) - 1
-            pos[mask == 0] = 1
-            d["position_ids"] = pos[:, p:].astype(np.int64)
+            d["position_ids"] = positions
         d["attention_mask"] = mask
         for i in range(nl):
             if single:
@@ -494,16 +490,35 @@ def gpt2_past(arch, attn, seed):
         outs = ["logits"] + ["present_%d" % i for i in range(nl)]
     else:
         outs = ["logits"] + ["present.%d.%s" % (i, kv) for i in range(nl) for kv in ("key", "value")]
+    axes = step_axes(ins, outs, (1, 3) if single else (0, 2))
+    return G().eval(), ins, outs, batches, axes, cfg
+
+
+def left_padded_step(b, s, p):
+    """A decoder step of `s` new tokens over `p` past ones: the mask, row 1 left-padded by 2 in its past (as in
+    generation with left padding), and the new tokens' positions as transformers' generate computes them (cumsum
+    of the mask - 1, 1 where masked)."""
+    import numpy as np
+    mask = np.ones((b, p + s), np.int64)
+    if b > 1:
+        mask[1, :2] = 0
+    pos = np.cumsum(mask, axis=1) - 1
+    pos[mask == 0] = 1
+    return mask, pos[:, p:].astype(np.int64)
+
+
+def step_axes(ins, outs, cache_axes):
+    """Dynamic axes of a decoder step whose cache tensors (`past_*`, `present*`) hold the batch and the past
+    positions at `cache_axes`."""
+    batch_axis, past_axis = cache_axes
     axes = {"input_ids": {0: "batch", 1: "sequence"}, "position_ids": {0: "batch", 1: "sequence"},
             "attention_mask": {0: "batch", 1: "past_sequence+sequence"}, "logits": {0: "batch", 1: "sequence"}}
     for n in ins + outs:
         if n.startswith("past_"):
-            axes[n] = {1: "batch", 3: "past_sequence"} if single else {0: "batch", 2: "past_sequence"}
+            axes[n] = {batch_axis: "batch", past_axis: "past_sequence"}
         elif n.startswith("present"):
-            axes[n] = {1: "batch", 3: "past_sequence+sequence"} if single else {0: "batch",
-                                                                                   2: "past_sequence+sequence"}
-    axes = {k: v for k, v in axes.items() if k in ins + outs}
-    return G().eval(), ins, outs, batches, axes, cfg
+            axes[n] = {batch_axis: "batch", past_axis: "past_sequence+sequence"}
+    return {k: v for k, v in axes.items() if k in ins + outs}
 
 
 def llm_past(arch, attn, seed):
@@ -543,27 +558,16 @@ def llm_past(arch, attn, seed):
     hd = H // NH
     batches = []
     for b, s, p, _, _ in DEC_PLAN:
-        mask = np.ones((b, p + s), np.int64)
-        if b > 1:
-            mask[1, :2] = 0  # row 1 left-padded by 2 in its past (as in generation with left padding)
-        pos = np.cumsum(mask, axis=1) - 1
-        pos[mask == 0] = 1
+        mask, positions = left_padded_step(b, s, p)
         d = {"input_ids": rng.randint(5, V_SMALL, size=(b, s)).astype(np.int64), "attention_mask": mask,
-             "position_ids": pos[:, p:].astype(np.int64)}
+             "position_ids": positions}
         for i in range(nl):
             for kv in ("key", "value"):
                 d["past_key_values.%d.%s" % (i, kv)] = rng.standard_normal((b, kv_heads, p, hd)).astype(np.float32)
         batches.append(d)
     ins = list(batches[0])
     outs = ["logits"] + ["present.%d.%s" % (i, kv) for i in range(nl) for kv in ("key", "value")]
-    axes = {"input_ids": {0: "batch", 1: "sequence"}, "position_ids": {0: "batch", 1: "sequence"},
-            "attention_mask": {0: "batch", 1: "past_sequence+sequence"}, "logits": {0: "batch", 1: "sequence"}}
-    for n in ins + outs:
-        if n.startswith("past_"):
-            axes[n] = {0: "batch", 2: "past_sequence"}
-        elif n.startswith("present"):
-            axes[n] = {0: "batch", 2: "past_sequence+sequence"}
-    return D().eval(), ins, outs, batches, axes, cfg
+    return D().eval(), ins, outs, batches, step_axes(ins, outs, (0, 2)), cfg
 
 
 def sentence_transformer(arch, attn, seed):
