@@ -10,7 +10,8 @@
 //!   exporter), `e = Concat(f, f)` over the last axis and `f` the angles of integer positions:
 //!   `Cast(positions)·inv_freq` with positions `[batch | 1, seq, 1]` and a constant of `h`
 //!   frequencies (transformers ≥ 4.48 through dynamo), or
-//!   `Transpose(Expand(inv_freq[1, h, 1])·Cast(positions[batch, 1, seq]), [0, 2, 1])`
+//!   `Transpose(Expand(inv_freq[1, h, 1])·Cast(positions[batch, 1, seq]), [0, 2, 1])` (the
+//!   Expand folded away when the positions' batch is 1)
 //!   (transformers 4.38–4.47's `inv_freq_expanded @ position_ids_expanded`, through the legacy
 //!   exporter and Optimum);
 //! - cached: `cos = Unsqueeze(Gather(Slice(cos_table, 0, n, axis 0) | cos_table, position_ids), [1])`
@@ -95,10 +96,14 @@ fn is_scalar(t: &Tensor) -> bool {
 /// (positions `[batch, 1, seq]`, a product of one term per element).
 fn freqs() -> Pat {
     let positions_float = || op("Cast", [value("positions")]).named("positions_float");
+    // The Expand to the positions' batch is folded away where that batch is a constant 1.
     let by_matmul = op(
         "MatMul",
         [
-            op("Expand", [constant("inv_freq"), any()]),
+            either([
+                op("Expand", [constant("inv_freq"), any()]),
+                constant("inv_freq"),
+            ]),
             positions_float(),
         ],
     );
