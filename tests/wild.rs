@@ -19,8 +19,8 @@ use onnxopt::io::{self, ExternalData};
 use onnxopt::passes::fuse::Target;
 use onnxopt::pipeline;
 
-/// Fused attention blocks over the corpus for each target, at least (of 170; the decoder
-/// LLMs' 24 become the standard Attention for both targets, which the count for ONNX Runtime
+/// Fused attention blocks over the corpus for each target, at least (of 176; the decoder
+/// LLMs' 30 become the standard Attention for both targets, which the count for ONNX Runtime
 /// leaves out).
 const MIN_ATTENTION_FUSED: usize = 140;
 
@@ -140,17 +140,21 @@ fn every_wild_model_is_fused_and_runs_in_onnx_runtime() {
 /// exporter: transformers 4.36 and 4.52 through the legacy exporter (cached cos/sin tables
 /// indexed by position ids in 4.36) and Optimum 1.22 on transformers 4.44 (angles as `inv_freq @ positions`,
 /// Qwen2's cached tables; Phi-2 and GPT-NeoX rotating part of each head; GPT-J masking its
-/// scores before scaling them), at opsets 14 and 17: both targets fuse every attention and every
+/// scores before scaling them), at opsets 14 and 17, with a cache and without (4.52's
+/// prefill: the positions' batch of 1 folds the Expand of `inv_freq` away): both targets fuse every attention and every
 /// rotate-half RoPE (2 layers × query and key); GPT-J's interleaved pairs stay written out.
 /// The main test above runs the outputs in ONNX Runtime.
 #[test]
 fn every_rope_and_attention_of_the_wild_decoder_llms_is_fused() {
     // (file name prefix, RoPEs fused)
-    const LLMS: [(&str, usize); 12] = [
+    const LLMS: [(&str, usize); 15] = [
         ("llama-past.ts14.t21", 4),
         ("llama-past.ts17.t27", 4),
         ("mistral-past.", 4),
         ("qwen2-past.", 4),
+        ("phi-prefill.", 4),
+        ("phi3-prefill.", 4),
+        ("gpt-neox-prefill.", 4),
         ("optimum-llama.", 4),
         ("optimum-mistral.", 4),
         ("optimum-qwen2.", 4),

@@ -82,6 +82,7 @@ PLANS = {
         ("bert", "dynamo", 20, "eager"), ("mpnet", "dynamo", 20, "eager"),
         ("bart-dec-past", "dynamo", 20, "eager"), ("xlmr", "ts", 17, "sdpa"), ("deberta-v2", "ts", 17, "eager"),
         ("llama-past", "ts", 17, "sdpa"), ("qwen2-past", "ts", 17, "eager"),
+        ("phi-prefill", "ts", 17, "eager"), ("phi3-prefill", "ts", 17, "eager"), ("gpt-neox-prefill", "ts", 17, "eager"),
     ],
     "t210": [  # torch 2.10.0, transformers 5.2.0, onnxscript 0.6.2
         ("bert", "dynamo", 23, "sdpa"), ("gpt2-past", "dynamo", 23, "sdpa"), ("vit", "dynamo", 23, "sdpa"),
@@ -570,6 +571,37 @@ def llm_past(arch, attn, seed):
     return D().eval(), ins, outs, batches, step_axes(ins, outs, (0, 2)), cfg
 
 
+def llm_prefill(arch, attn, seed):
+    """Decoder LLM without a cache, as an embedding model or a first step runs it: input_ids, attention_mask ->
+    logits, on the text batches (row 1 right-padded). Phi-2 and Phi-3 rotate half of each head, GPT-NeoX a quarter
+    (partial rotary); Phi-3 groups 4 query heads over 2 key/value heads."""
+    torch = _torch()
+    import transformers as T
+    family = arch[:-len("-prefill")]
+    common = dict(vocab_size=V_SMALL, hidden_size=H, intermediate_size=FF, num_hidden_layers=L,
+                  num_attention_heads=NH, max_position_embeddings=128)
+    if family == "phi":
+        cfg, cls = make_config(T.PhiConfig, attn, partial_rotary_factor=0.5, **common), T.PhiForCausalLM
+    elif family == "phi3":
+        cfg, cls = make_config(T.Phi3Config, attn, partial_rotary_factor=0.5, num_key_value_heads=NH // 2,
+                               pad_token_id=0, **common), T.Phi3ForCausalLM
+    else:
+        cfg, cls = make_config(T.GPTNeoXConfig, attn, rotary_pct=0.25, **common), T.GPTNeoXForCausalLM
+    full = build(cls, cfg, seed)
+
+    class P(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.m = full
+
+        def forward(self, input_ids, attention_mask):
+            return self.m(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+
+    batches = text_batches(seed, V_SMALL)
+    ins = list(batches[0])
+    return P().eval(), ins, ["logits"], batches, dict({n: dict(TEXT_AXES) for n in ins + ["logits"]}), cfg
+
+
 def sentence_transformer(arch, attn, seed):
     """sentence-transformers SentenceTransformer (tiny local model folder) exported whole: transformer -> mean
     pooling -> L2 normalize."""
@@ -629,6 +661,8 @@ BUILDERS["gpt2-past"] = BUILDERS["gpt2-past1"] = gpt2_past
 BUILDERS["st-mpnet"] = BUILDERS["st-bert"] = sentence_transformer
 for _a in ("llama-past", "mistral-past", "qwen2-past"):
     BUILDERS[_a] = llm_past
+for _a in ("phi-prefill", "phi3-prefill", "gpt-neox-prefill"):
+    BUILDERS[_a] = llm_prefill
 
 ARCH_NAMES = {
     "bert": "BERT (BertModel + pooler)", "distilbert": "DistilBERT (DistilBertModel)",
@@ -644,6 +678,9 @@ ARCH_NAMES = {
     "llama-past": "Llama LM step with past (grouped KV heads, RoPE, RMSNorm, SiLU-gated MLP)",
     "mistral-past": "Mistral LM step with past (grouped KV heads)",
     "qwen2-past": "Qwen2 LM step with past (grouped KV heads, QKV biases)",
+    "phi-prefill": "Phi-2 LM without cache (half of each head rotated)",
+    "phi3-prefill": "Phi-3 LM without cache (grouped KV heads, half of each head rotated)",
+    "gpt-neox-prefill": "GPT-NeoX LM without cache (a quarter of each head rotated, parallel residual)",
     "t5-dec-past": "T5 v1.1 decoder step with past (self + cross KV inputs) + scaled tied LM head",
     "bart-dec-past": "BART decoder step with past (self + cross KV inputs) + LM head + final_logits_bias",
     "gpt2-past": "GPT-2 LM step, per-layer past key/value inputs, present outputs",
