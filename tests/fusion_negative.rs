@@ -226,6 +226,11 @@ fn fusions_survive_value_info_of_any_rank() {
 /// position_ids: i64[2, 3], with `[8, 4]` tables whose halves repeat `Concat(f, f)`, or
 /// whose sin table's second half is off by `sin_skew`.
 fn cached_rope(sin_skew: f32) -> Model {
+    cached_rope_at(sin_skew, 14)
+}
+
+/// `cached_rope` importing the default-domain `opset`.
+fn cached_rope_at(sin_skew: f32, opset: i64) -> Model {
     let table = |name: &str, trig: fn(f32) -> f32, skew: f32| {
         let values: Vec<f32> = (0..8)
             .flat_map(|p| {
@@ -288,7 +293,7 @@ fn cached_rope(sin_skew: f32) -> Model {
         ir_version: Some(8),
         opset_import: vec![OperatorSetIdProto {
             domain: Some(String::new()),
-            version: Some(14),
+            version: Some(opset),
         }],
         graph: Some(GraphProto {
             name: Some("cached_rope".into()),
@@ -319,4 +324,19 @@ fn rope_on_cached_tables_whose_halves_differ_is_not_fused() {
         assert_eq!(ropes, expected, "{target:?}: {fused:?}");
         assert!(!fused_ops_for(cached_rope(1e-3), target).contains(&"RotaryEmbedding".to_string()));
     }
+}
+
+/// Below opset 13 Squeeze and Unsqueeze take no axes input, which the fused caches use: the
+/// fusion raises the model to 13 rather than write nodes its opset does not define.
+#[test]
+fn rope_below_opset_13_raises_the_model() {
+    let mut model = cached_rope_at(0.0, 12);
+    optimize(&mut model, &OptimizeOptions::default()).unwrap();
+    let ropes = model
+        .graph
+        .nodes()
+        .filter(|(_, n)| n.op_type() == "RotaryEmbedding")
+        .count();
+    assert_eq!(ropes, 1);
+    assert!(model.opset("").unwrap_or(0) >= 13, "{:?}", model.opset(""));
 }

@@ -255,10 +255,15 @@ fn int64_constant(rw: &mut Rewrite, hint: &str, dims: &[i64], values: &[i64]) ->
     Some(rw.constant(hint, Tensor::from_i64(hint, dims, values).ok()?))
 }
 
+/// The opset from which Squeeze and Unsqueeze take their axes as an input, as the caches
+/// and ids are built.
+const AXES_INPUT_OPSET: i64 = 13;
+
 fn build_rotary(m: &Match, rw: &mut Rewrite) -> Built {
-    if rw.target == Target::Onnx {
-        rw.require_opset(ROTARY_OPSET)?;
-    }
+    rw.require_opset(match rw.target {
+        Target::Onnx => ROTARY_OPSET,
+        Target::Ort => AXES_INPUT_OPSET,
+    })?;
     rotary(m, rw).ok_or_else(|| {
         Declined::NotProven(
             "the rotate_half halves, the cos/sin tables from inv_freq and the positions, or \
@@ -354,9 +359,8 @@ fn to_batch(rw: &mut Rewrite, x: ValueId, ids: PValue, ids_batch: &Dim) -> Optio
     Some(rw.op("Expand", "", &[ids, shape], vec![]))
 }
 
-/// Position ids and caches for computed tables: the caches hold rows `low..=high` of the
-/// positions given (and as many rows as `x` has tokens at least), the ids are shifted by
-/// `low`.
+/// Position ids and caches for computed tables: one cache row per token (the positions
+/// flattened), the ids numbering the tokens.
 fn computed_caches(
     rw: &mut Rewrite,
     x: ValueId,
