@@ -571,14 +571,14 @@ fn positions(
     options: &GenerateOptions,
     past: usize,
 ) -> Result<Tensor, ExecError> {
+    let bad = |e: &dyn std::fmt::Display| ExecError::Input(format!("input `{}`: {e}", spec.name));
     let (rows, new) = (dim_size(spec, 0, options), dim_size(spec, 1, options));
     let values: Vec<i64> = (0..rows * new).map(|i| (past + i % new) as i64).collect();
-    ArrayD::from_shape_vec(IxDyn(&[rows, new]), values)
-        .map(Tensor::from)
-        .map_err(|e| ExecError::Input(format!("input `{}`: {e}", spec.name)))?
-        .cast_to_dt(spec.dtype)
+    let ids =
+        Tensor::from(ArrayD::from_shape_vec(IxDyn(&[rows, new]), values).map_err(|e| bad(&e))?);
+    ids.cast_to_dt(spec.dtype)
         .map(|t| t.into_owned())
-        .map_err(|e| ExecError::Input(format!("input `{}`: {e}", spec.name)))
+        .map_err(|e| bad(&e))
 }
 
 fn generate_one(

@@ -272,31 +272,30 @@ fn build_layer_norm(m: &Match, rw: &mut Rewrite) -> Built {
     reduces_last_axis(m, rw, "variance", "variance_axes")?;
     rw.require_opset(LAYER_NORM_OPSET)?;
     let epsilon = epsilon(m, rw)?;
-    let mut inputs: Vec<PValue> = vec![m.get("x")?.into(), m.get("gamma")?.into()];
-    inputs.extend(m.value("beta").map(PValue::from));
-    let layer_norm = |rw: &mut Rewrite, inputs: &[PValue]| {
-        rw.op(
+    let x = m.get("x")?;
+    // The LayerNormalization of x that `tail` (`· γ (+ β)`) ends with replaces the tail's root.
+    let replace_tail = |rw: &mut Rewrite, tail: &Match| -> Built {
+        let mut inputs: Vec<PValue> = vec![x.into(), tail.get("gamma")?.into()];
+        inputs.extend(tail.value("beta").map(PValue::from));
+        let out = rw.op(
             "LayerNormalization",
             "",
-            inputs,
+            &inputs,
             vec![attr::int("axis", -1), attr::float("epsilon", epsilon)],
-        )
+        );
+        let root = rw.root_of(tail)?;
+        rw.replace(root, out);
+        Ok(())
     };
-    let out = layer_norm(rw, &inputs);
-    let root = rw.root_of(m)?;
-    rw.replace(root, out);
+    replace_tail(rw, m)?;
     // GPT-NeoX normalizes one input twice (its parallel attention and MLP), with the same ε:
     // CSE leaves one normalization read by two `· γ (+ β)` tails. Each tail gets its own
     // LayerNormalization; any other reader keeps the match open, and the driver declines it.
     for tail in sibling_tails(m, rw) {
-        let mut inputs: Vec<PValue> = vec![m.get("x")?.into(), tail.get("gamma")?.into()];
-        inputs.extend(tail.value("beta").map(PValue::from));
-        let out = layer_norm(rw, &inputs);
         for &node in tail.nodes() {
             rw.absorb(node);
         }
-        let root = rw.root_of(&tail)?;
-        rw.replace(root, out);
+        replace_tail(rw, &tail)?;
     }
     Ok(())
 }

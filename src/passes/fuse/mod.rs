@@ -121,10 +121,10 @@ pub enum Declined {
     Mismatch(String),
 }
 
-/// What a rule's builder sees and fills in.
 /// The opset from which `Shape` takes `start`/`end`.
 const SHAPE_SLICE_OPSET: i64 = 15;
 
+/// What a rule's builder sees and fills in.
 pub struct Rewrite<'a> {
     pub graph: &'a Graph,
     pub target: Target,

@@ -14,8 +14,8 @@
 //!   Expand folded away when the positions' batch is 1)
 //!   (transformers 4.38–4.47's `inv_freq_expanded @ position_ids_expanded`, through the legacy
 //!   exporter and Optimum);
-//! - cached: `cos = Unsqueeze(Gather(Slice(cos_table, 0, n, axis 0) | cos_table, position_ids), [1])`
-//!   with a constant `[rows, head]` table whose two halves are equal (transformers ≤ 4.37's
+//! - cached: `cos = Unsqueeze(Gather(Slice(cos_table, 0, n, axis 0) | cos_table,
+//!   position_ids), [1])` with a constant `[rows, head]` table whose two halves are equal (transformers ≤ 4.37's
 //!   `cos_cached[:seq_len][position_ids]`, and Qwen2 until 4.45).
 //!
 //! Produces, for `x`: `com.microsoft::RotaryEmbedding` (`Target::Ort`) or the standard
@@ -24,9 +24,9 @@
 //! tables: the caches are computed in the graph from the positions the model was given, one
 //! row per token (the positions flattened), and the ids number the tokens, expanded to `x`'s
 //! batch (the operators' contract, `ops::rotary`). Cached tables: the caches are the tables'
-//! first halves and the positions are the Gather's indices. The model's inputs and outputs do not change. The
-//! cos/sin chains stay for their other readers and are removed as dead code once every RoPE
-//! is fused.
+//! first halves and the positions are the Gather's indices. The model's inputs and outputs
+//! do not change. The cos/sin chains stay for their other readers and are removed as dead
+//! code once every RoPE is fused.
 //!
 //! Safe because: every bound is checked (the two halves of the last axis, steps 1, the
 //! Concat and the Unsqueeze axes), both tables must come from the same `e` and the same scale
@@ -38,8 +38,9 @@
 //! cached table's Slice only bounds which positions the original accepts: a position it
 //! refuses (past the slice) the fused operator reads from the full table, and one past the
 //! table both refuse. Negative positions (which Gather counts from the end) the fused
-//! operator refuses. Interleaved and partial rotary are not matched (no exporter in the
-//! corpus writes them).
+//! operator refuses. Partial rotary (Phi-2, Phi-3.5, GPT-NeoX: the first part of each head
+//! rotated, the rest concatenated after) fuses on its rotated slice, which is `x`.
+//! Interleaved pairs (GPT-J, CodeGen, Cohere: `x[..., ::2]`, `x[..., 1::2]`) are not matched.
 
 use super::pattern::{
     any, constant, constant_where, either, int_attr_is, mul, op, perm_is, unary, value, Match, Pat,
