@@ -340,3 +340,147 @@ fn rope_below_opset_13_raises_the_model() {
     assert_eq!(ropes, 1);
     assert!(model.opset("").unwrap_or(0) >= 13, "{:?}", model.opset(""));
 }
+
+/// How `interleaved_rope` writes its RoPE.
+#[derive(Clone, Copy, PartialEq)]
+enum Interleaving {
+    /// GPT-J's: `x·cos + rotate_every_two(x)·sin`, each table `repeat_interleave(t, 2)`.
+    Pairs,
+    /// The negated lane is the even channels: the rotation turns the other way.
+    NegatedEven,
+    /// Each table repeated whole (`[t, t]`, a new axis before the last one) instead of
+    /// value by value.
+    TablesRepeatedWhole,
+}
+
+/// GPT-J's RoPE as the legacy exporter and Optimum write it, on x: f32[2, 3, 2, 4]
+/// (`[batch, seq, heads, rot]`) and position_ids: i64[2, 3], the tables the two halves of the
+/// rows `torch.gather` picks from a `[1, 8, 4]` table of sin | cos; or a variant that must not
+/// fuse.
+fn interleaved_rope(form: Interleaving) -> Model {
+    let values: Vec<f32> = (0..8)
+        .flat_map(|p| {
+            let angles = [p as f32, p as f32 * 0.1];
+            let sin = angles.map(f32::sin);
+            let cos = angles.map(f32::cos);
+            [sin, cos].concat()
+        })
+        .collect();
+    let ints = |name: &str, values: &[i64]| {
+        Tensor::from_i64(name, &[values.len() as i64], values).unwrap()
+    };
+    let (negated, kept) = match form {
+        Interleaving::NegatedEven => ("x_even", "x_odd"),
+        _ => ("x_odd", "x_even"),
+    };
+    let (lane_axis, doubling) = match form {
+        Interleaving::TablesRepeatedWhole => ("three", "twice_before_last"),
+        _ => ("last", "twice_last"),
+    };
+    let mut nodes = vec![
+        node("Unsqueeze", &["position_ids", "last"], "index_lane", vec![]),
+        node("Tile", &["index_lane", "index_repeats"], "index", vec![]),
+        node("Tile", &["table", "batch_repeats"], "rows", vec![]),
+        node(
+            "GatherElements",
+            &["rows", "index"],
+            "sincos",
+            vec![attr::int("axis", 1)],
+        ),
+        NodeProto {
+            op_type: Some("Split".into()),
+            input: vec!["sincos".into(), "halves".into()],
+            output: vec!["sin_part".into(), "cos_part".into()],
+            attribute: vec![attr::int("axis", -1)],
+            ..Default::default()
+        },
+    ];
+    for t in ["sin", "cos"] {
+        let part = format!("{t}_part");
+        let with_head = format!("{t}_with_head");
+        let lane = format!("{t}_lane");
+        let doubled = format!("{t}_doubled");
+        nodes.extend([
+            node("Unsqueeze", &[&part, "two"], &with_head, vec![]),
+            node("Unsqueeze", &[&with_head, lane_axis], &lane, vec![]),
+            node("Tile", &[&lane, doubling], &doubled, vec![]),
+            node("Reshape", &[&doubled, "table_shape"], t, vec![]),
+        ]);
+    }
+    nodes.extend([
+        node(
+            "Slice",
+            &["x", "zero", "end", "last", "two"],
+            "x_even",
+            vec![],
+        ),
+        node(
+            "Slice",
+            &["x", "one", "end", "last", "two"],
+            "x_odd",
+            vec![],
+        ),
+        node("Neg", &[negated], "negated", vec![]),
+        node("Unsqueeze", &["negated", "last"], "negated_lane", vec![]),
+        node("Unsqueeze", &[kept, "last"], "kept_lane", vec![]),
+        node(
+            "Concat",
+            &["negated_lane", "kept_lane"],
+            "pairs",
+            vec![attr::int("axis", -1)],
+        ),
+        node("Reshape", &["pairs", "x_shape"], "rotated", vec![]),
+        node("Mul", &["x", "cos"], "x_cos", vec![]),
+        node("Mul", &["rotated", "sin"], "rotated_sin", vec![]),
+        node("Add", &["x_cos", "rotated_sin"], "y", vec![]),
+    ]);
+    let constants = vec![
+        Tensor::from_f32("table", &[1, 8, 4], &values).unwrap(),
+        ints("index_repeats", &[1, 1, 4]),
+        ints("batch_repeats", &[2, 1, 1]),
+        ints("halves", &[2, 2]),
+        ints("twice_last", &[1, 1, 1, 1, 2]),
+        ints("twice_before_last", &[1, 1, 1, 2, 1]),
+        ints("table_shape", &[2, 3, 1, 4]),
+        ints("x_shape", &[2, 3, 2, 4]),
+        ints("zero", &[0]),
+        ints("one", &[1]),
+        ints("two", &[2]),
+        ints("three", &[3]),
+        ints("end", &[i64::MAX]),
+        ints("last", &[-1]),
+    ];
+    Model::from_proto(ModelProto {
+        ir_version: Some(8),
+        opset_import: vec![OperatorSetIdProto {
+            domain: Some(String::new()),
+            version: Some(17),
+        }],
+        graph: Some(GraphProto {
+            name: Some("interleaved_rope".into()),
+            node: nodes,
+            initializer: constants.into_iter().map(Tensor::into_proto).collect(),
+            input: vec![
+                typed_value("x", DataType::Float, &[2, 3, 2, 4]),
+                typed_value("position_ids", DataType::Int64, &[2, 3]),
+            ],
+            output: vec![typed_value("y", DataType::Float, &[2, 3, 2, 4])],
+            ..Default::default()
+        }),
+        ..Default::default()
+    })
+    .unwrap()
+}
+
+/// GPT-J's interleaved RoPE fuses (and gives the original's outputs in tract); the same
+/// graph turning its pairs the other way, or repeating its tables whole, does not.
+#[test]
+fn interleaved_rope_fuses_only_with_pairs_and_tables_repeated_value_by_value() {
+    let ropes = |form| {
+        let fused = fused_ops_for(interleaved_rope(form), Target::Ort);
+        fused.iter().filter(|op| *op == "RotaryEmbedding").count()
+    };
+    assert_eq!(ropes(Interleaving::Pairs), 1);
+    assert_eq!(ropes(Interleaving::NegatedEven), 0);
+    assert_eq!(ropes(Interleaving::TablesRepeatedWhole), 0);
+}

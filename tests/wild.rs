@@ -141,13 +141,14 @@ fn every_wild_model_is_fused_and_runs_in_onnx_runtime() {
 /// indexed by position ids in 4.36) and Optimum 1.22 on transformers 4.44 (angles as `inv_freq @ positions`,
 /// Qwen2's cached tables; Phi-2 and GPT-NeoX rotating part of each head; GPT-J masking its
 /// scores before scaling them), at opsets 14 and 17, with a cache and without (4.52's
-/// prefill: the positions' batch of 1 folds the Expand of `inv_freq` away): both targets fuse every attention and every
-/// rotate-half RoPE (2 layers × query and key); GPT-J's interleaved pairs stay written out.
+/// prefill: the positions' batch of 1 folds the Expand of `inv_freq` away; GPT-J's interleaved
+/// pairs, on tables `torch.gather` picks): both targets fuse every attention and every RoPE
+/// (2 layers × query and key).
 /// The main test above runs the outputs in ONNX Runtime.
 #[test]
 fn every_rope_and_attention_of_the_wild_decoder_llms_is_fused() {
     // (file name prefix, RoPEs fused)
-    const LLMS: [(&str, usize); 15] = [
+    const LLMS: [(&str, usize); 16] = [
         ("llama-past.ts14.t21", 4),
         ("llama-past.ts17.t27", 4),
         ("mistral-past.", 4),
@@ -162,7 +163,8 @@ fn every_rope_and_attention_of_the_wild_decoder_llms_is_fused() {
         ("optimum-gemma.", 4),
         ("optimum-phi.", 4),
         ("optimum-gpt-neox.", 4),
-        ("optimum-gptj.", 0),
+        ("optimum-gptj.", 4),
+        ("gptj-prefill.", 4),
     ];
     let files: Vec<String> = manifest().into_iter().map(|e| e.file).collect();
     let mut failures = Vec::new();

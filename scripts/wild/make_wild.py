@@ -83,6 +83,7 @@ PLANS = {
         ("bart-dec-past", "dynamo", 20, "eager"), ("xlmr", "ts", 17, "sdpa"), ("deberta-v2", "ts", 17, "eager"),
         ("llama-past", "ts", 17, "sdpa"), ("qwen2-past", "ts", 17, "eager"),
         ("phi-prefill", "ts", 17, "eager"), ("phi3-prefill", "ts", 17, "eager"), ("gpt-neox-prefill", "ts", 17, "eager"),
+        ("gptj-prefill", "ts", 17, "eager"), ("codegen-prefill", "ts", 17, "eager"),
     ],
     "t210": [  # torch 2.10.0, transformers 5.2.0, onnxscript 0.6.2
         ("bert", "dynamo", 23, "sdpa"), ("gpt2-past", "dynamo", 23, "sdpa"), ("vit", "dynamo", 23, "sdpa"),
@@ -574,7 +575,8 @@ def llm_past(arch, attn, seed):
 def llm_prefill(arch, attn, seed):
     """Decoder LLM without a cache, as an embedding model or a first step runs it: input_ids, attention_mask ->
     logits, on the text batches (row 1 right-padded). Phi-2 and Phi-3 rotate half of each head, GPT-NeoX a quarter
-    (partial rotary); Phi-3 groups 4 query heads over 2 key/value heads."""
+    (partial rotary); Phi-3 groups 4 query heads over 2 key/value heads. GPT-J and CodeGen rotate interleaved pairs
+    of half of each head, before the heads are transposed."""
     torch = _torch()
     import transformers as T
     family = arch[:-len("-prefill")]
@@ -585,8 +587,13 @@ def llm_prefill(arch, attn, seed):
     elif family == "phi3":
         cfg, cls = make_config(T.Phi3Config, attn, partial_rotary_factor=0.5, num_key_value_heads=NH // 2,
                                pad_token_id=0, **common), T.Phi3ForCausalLM
-    else:
+    elif family == "gpt-neox":
         cfg, cls = make_config(T.GPTNeoXConfig, attn, rotary_pct=0.25, **common), T.GPTNeoXForCausalLM
+    else:
+        config_cls, cls = {"gptj": (T.GPTJConfig, T.GPTJForCausalLM),
+                           "codegen": (T.CodeGenConfig, T.CodeGenForCausalLM)}[family]
+        cfg = make_config(config_cls, attn, vocab_size=V_SMALL, n_embd=H, n_inner=FF, n_layer=L, n_head=NH,
+                          n_positions=128, rotary_dim=H // NH // 2)
     full = build(cls, cfg, seed)
 
     class P(torch.nn.Module):
@@ -661,7 +668,7 @@ BUILDERS["gpt2-past"] = BUILDERS["gpt2-past1"] = gpt2_past
 BUILDERS["st-mpnet"] = BUILDERS["st-bert"] = sentence_transformer
 for _a in ("llama-past", "mistral-past", "qwen2-past"):
     BUILDERS[_a] = llm_past
-for _a in ("phi-prefill", "phi3-prefill", "gpt-neox-prefill"):
+for _a in ("phi-prefill", "phi3-prefill", "gpt-neox-prefill", "gptj-prefill", "codegen-prefill"):
     BUILDERS[_a] = llm_prefill
 
 ARCH_NAMES = {
@@ -681,6 +688,8 @@ ARCH_NAMES = {
     "phi-prefill": "Phi-2 LM without cache (half of each head rotated)",
     "phi3-prefill": "Phi-3 LM without cache (grouped KV heads, half of each head rotated)",
     "gpt-neox-prefill": "GPT-NeoX LM without cache (a quarter of each head rotated, parallel residual)",
+    "gptj-prefill": "GPT-J LM without cache (interleaved pairs of half of each head rotated, parallel residual)",
+    "codegen-prefill": "CodeGen LM without cache (interleaved pairs of half of each head rotated, packed QKV)",
     "t5-dec-past": "T5 v1.1 decoder step with past (self + cross KV inputs) + scaled tied LM head",
     "bart-dec-past": "BART decoder step with past (self + cross KV inputs) + LM head + final_logits_bias",
     "gpt2-past": "GPT-2 LM step, per-layer past key/value inputs, present outputs",

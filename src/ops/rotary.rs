@@ -1,10 +1,13 @@
 //! Rotary position embeddings (RoPE): `com.microsoft::RotaryEmbedding` (ONNX Runtime) and
-//! ONNX `RotaryEmbedding` (opset 23), in the one form onnxopt emits.
+//! ONNX `RotaryEmbedding` (opset 23), in the forms onnxopt emits.
 //!
 //! Both compute, for `x` of `[batch, heads, seq, head]` and rotary half `h = head/2`,
 //! `y[..., :h] = x₁·cos − x₂·sin`, `y[..., h:] = x₂·cos + x₁·sin` with `x₁ = x[..., :h]`,
-//! `x₂ = x[..., h:]` and `cos = cos_cache[position_ids[b, s]]` (HF's `rotate_half`). They
-//! differ only in the order of their inputs (`rotary_inputs`).
+//! `x₂ = x[..., h:]` and `cos = cos_cache[position_ids[b, s]]` (HF's `rotate_half`); with
+//! `interleaved = 1` the pairs are adjacent channels instead, `x₁ = x[..., ::2]`,
+//! `x₂ = x[..., 1::2]` (GPT-J's `rotate_every_two`), and with `num_heads` they also take `x` as
+//! `[batch, seq, heads·head]`. They differ only in the order of their inputs
+//! (`rotary_inputs`).
 //!
 //! Contract, measured in ONNX Runtime 1.32 (both operators, CPU):
 //! - `position_ids` is int64 `[batch, seq]` with `batch` the input's: a `[1, seq]` broadcast
@@ -23,6 +26,7 @@
 //! picked, by a one-hot product (exact: one term of 1·row, the others 0·row).
 
 use crate::ir::{attr, Graph, Node, NodeId, PValue, Patch, Tensor};
+use crate::proto::AttributeProto;
 
 /// The opset that defines the standard RotaryEmbedding.
 pub const ROTARY_OPSET: i64 = 23;
@@ -43,11 +47,18 @@ pub fn rotary_inputs(
     }
 }
 
-/// A RotaryEmbedding with position ids and default attributes (the form onnxopt emits, in
-/// either domain), for tract: `RotaryEmbedding(x, onehot(ids)·cos_cache,
-/// onehot(ids)·sin_cache)`, the standard operator given `[batch, seq, h]` tables.
+/// The attributes onnxopt writes: none for rotate-half pairs over `[batch, heads, seq, head]`;
+/// `interleaved` for adjacent pairs, with `num_heads` where the input is
+/// `[batch, seq, heads·head]` (the contrib operator then takes `num_heads` without
+/// `rotary_embedding_dim`, measured in ONNX Runtime 1.32).
+const EMITTED_ATTRIBUTES: [&str; 2] = ["interleaved", "num_heads"];
+
+/// A RotaryEmbedding with position ids and the attributes onnxopt writes (in either
+/// domain), for tract: `RotaryEmbedding(x, onehot(ids)·cos_cache, onehot(ids)·sin_cache)`,
+/// the standard operator given `[batch, seq, h]` tables and the same attributes.
 pub fn lower_for_tract(g: &Graph, id: NodeId, node: &Node) -> Option<Patch> {
-    if node.inputs.len() != 4 || !node.proto.attribute.is_empty() {
+    let emitted = |a: &AttributeProto| EMITTED_ATTRIBUTES.contains(&a.name());
+    if node.inputs.len() != 4 || !node.proto.attribute.iter().all(emitted) {
         return None;
     }
     let slots = if node.domain().is_empty() {
@@ -93,7 +104,7 @@ pub fn lower_for_tract(g: &Graph, id: NodeId, node: &Node) -> Option<Patch> {
         "",
         &[Some(x.into()), Some(cos), Some(sin)],
         &[PValue::Old(node.output(0)?)],
-        vec![],
+        node.proto.attribute.clone(),
     );
     patch.remove_node(id);
     Some(patch)

@@ -40,7 +40,11 @@
 //! table both refuse. Negative positions (which Gather counts from the end) the fused
 //! operator refuses. Partial rotary (Phi-2, Phi-3.5, GPT-NeoX: the first part of each head
 //! rotated, the rest concatenated after) fuses on its rotated slice, which is `x`.
-//! Interleaved pairs (GPT-J, CodeGen, Cohere: `x[..., ::2]`, `x[..., 1::2]`) are not matched.
+//!
+//! Interleaved pairs (GPT-J, CodeGen: `x[..., ::2]`, `x[..., 1::2]`) are the second rule,
+//! `interleaved`.
+
+mod interleaved;
 
 use super::pattern::{
     any, constant, constant_where, either, int_attr_is, mul, op, perm_is, unary, value, Match, Pat,
@@ -49,6 +53,7 @@ use super::{Built, Declined, Fusion, Rewrite, Rule, Target};
 use crate::ir::{attr, DataType, DataTypeExt, Dim, PValue, Tensor, ValueId};
 use crate::ops::rotary::{rotary_inputs, ROTARY_OPSET};
 use crate::ops::MS_DOMAIN;
+use crate::proto::AttributeProto;
 
 pub struct RotaryFusion {
     pub target: Target,
@@ -58,11 +63,18 @@ impl Fusion for RotaryFusion {
     const NAME: &'static str = "fuse-rotary";
 
     fn rules() -> Vec<Rule> {
-        vec![Rule {
-            kind: "rotary-embedding",
-            pattern: rope(),
-            build: build_rotary,
-        }]
+        vec![
+            Rule {
+                kind: "rotary-embedding",
+                pattern: rope(),
+                build: build_rotary,
+            },
+            Rule {
+                kind: "rotary-embedding-interleaved",
+                pattern: interleaved::rope_interleaved(),
+                build: build_interleaved,
+            },
+        ]
     }
 
     fn target(&self) -> Target {
@@ -221,14 +233,13 @@ fn read_cached(t: &Match, rw: &Rewrite) -> Option<Source> {
     })
 }
 
-/// `Slice` over the last axis of a rank-4 value from `start` to `end` (or past it when
-/// `open_end`: the exporters write i64::MAX), with step 1.
-fn is_half(
+/// `Slice` node `node` of the match over the last axis of a rank-4 value from `start` with
+/// step `step`, up to `end` (or past it when `open_end`: the exporters write i64::MAX).
+fn slices_last_axis(
     rw: &Rewrite,
     m: &Match,
     node: &'static str,
-    start: i64,
-    end: i64,
+    (start, end, step): (i64, i64, i64),
     open_end: bool,
 ) -> bool {
     let g = rw.graph;
@@ -249,7 +260,7 @@ fn is_half(
         [e] => e == end || (open_end && e > end),
         _ => false,
     };
-    starts == [start] && end_ok && (axes == [-1] || axes == [3]) && steps == [1]
+    starts == [start] && end_ok && (axes == [-1] || axes == [3]) && steps == [step]
 }
 
 fn int64_constant(rw: &mut Rewrite, hint: &str, dims: &[i64], values: &[i64]) -> Option<PValue> {
@@ -260,15 +271,53 @@ fn int64_constant(rw: &mut Rewrite, hint: &str, dims: &[i64], values: &[i64]) ->
 /// and ids are built.
 const AXES_INPUT_OPSET: i64 = 13;
 
-fn build_rotary(m: &Match, rw: &mut Rewrite) -> Built {
+/// The opset the fused form needs: the standard operator's, or for the contrib operator the
+/// one its caches and ids are built in.
+fn require_rotary_opset(rw: &mut Rewrite) -> Built {
     rw.require_opset(match rw.target {
         Target::Onnx => ROTARY_OPSET,
         Target::Ort => AXES_INPUT_OPSET,
-    })?;
+    })
+}
+
+/// Whether the target's RotaryEmbedding is the contrib operator, `None` where the target has
+/// none in this model (the standard one needs a model at opset 23 already).
+fn contrib_operator(rw: &Rewrite) -> Option<bool> {
+    match rw.target {
+        Target::Ort => Some(true),
+        Target::Onnx if rw.opset >= ROTARY_OPSET => Some(false),
+        Target::Onnx => None,
+    }
+}
+
+/// A RotaryEmbedding node of the target's domain.
+fn rotary_node(
+    rw: &mut Rewrite,
+    contrib: bool,
+    inputs: [PValue; 4],
+    attributes: Vec<AttributeProto>,
+) -> PValue {
+    let domain = if contrib { MS_DOMAIN } else { "" };
+    rw.op("RotaryEmbedding", domain, &inputs, attributes)
+}
+
+fn build_rotary(m: &Match, rw: &mut Rewrite) -> Built {
+    require_rotary_opset(rw)?;
     rotary(m, rw).ok_or_else(|| {
         Declined::NotProven(
             "the rotate_half halves, the cos/sin tables from inv_freq and the positions, or \
              the head layout"
+                .into(),
+        )
+    })
+}
+
+fn build_interleaved(m: &Match, rw: &mut Rewrite) -> Built {
+    require_rotary_opset(rw)?;
+    interleaved::interleaved(m, rw).ok_or_else(|| {
+        Declined::NotProven(
+            "the interleaved pairs, the repeated table parts of constant rows picked by the \
+             positions, or the head layout"
                 .into(),
         )
     })
@@ -291,16 +340,12 @@ fn rotary(m: &Match, rw: &mut Rewrite) -> Option<()> {
     }
     let concat_axis = attr::get_int(&g.node(m.node("concat")?).proto, "axis")?;
     if !(concat_axis == -1 || concat_axis == 3)
-        || !is_half(rw, m, "low", 0, half, false)
-        || !is_half(rw, m, "high", half, head, true)
+        || !slices_last_axis(rw, m, "low", (0, half, 1), false)
+        || !slices_last_axis(rw, m, "high", (half, head, 1), true)
     {
         return None;
     }
-    let contrib = match rw.target {
-        Target::Ort => true,
-        Target::Onnx if rw.opset >= ROTARY_OPSET => false,
-        Target::Onnx => return None,
-    };
+    let contrib = contrib_operator(rw)?;
     let tables = (
         read_table(m, rw, "cos", "Cos")?,
         read_table(m, rw, "sin", "Sin")?,
@@ -334,11 +379,7 @@ fn rotary(m: &Match, rw: &mut Rewrite) -> Option<()> {
         _ => return None,
     };
     let inputs = rotary_inputs(contrib, x.into(), ids, caches[0], caches[1]);
-    let out = if contrib {
-        rw.op("RotaryEmbedding", MS_DOMAIN, &inputs, vec![])
-    } else {
-        rw.op("RotaryEmbedding", "", &inputs, vec![])
-    };
+    let out = rotary_node(rw, contrib, inputs, vec![]);
     let root = g.node(*m.nodes().first()?).output(0)?;
     rw.replace(root, out);
     Some(())
