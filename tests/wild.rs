@@ -141,14 +141,15 @@ fn every_wild_model_is_fused_and_runs_in_onnx_runtime() {
 /// indexed by position ids in 4.36) and Optimum 1.22 on transformers 4.44 (angles as `inv_freq @ positions`,
 /// Qwen2's cached tables; Phi-2 and GPT-NeoX rotating part of each head; GPT-J masking its
 /// scores before scaling them), at opsets 14 and 17, with a cache and without (4.52's
-/// prefill: the positions' batch of 1 folds the Expand of `inv_freq` away; GPT-J's interleaved
-/// pairs, on tables `torch.gather` picks): both targets fuse every attention and every RoPE
-/// (2 layers × query and key).
+/// prefill: the positions' batch of 1 folds the Expand of `inv_freq` away; GPT-J's and
+/// CodeGen's interleaved pairs, on tables `torch.gather` or indexing picks, their keys
+/// transposed from `[B, T, N, H]` at once, CodeGen's scores scaled after the mask): both
+/// targets fuse every attention and every RoPE (2 layers × query and key).
 /// The main test above runs the outputs in ONNX Runtime.
 #[test]
 fn every_rope_and_attention_of_the_wild_decoder_llms_is_fused() {
     // (file name prefix, RoPEs fused)
-    const LLMS: [(&str, usize); 16] = [
+    const LLMS: [(&str, usize); 18] = [
         ("llama-past.ts14.t21", 4),
         ("llama-past.ts17.t27", 4),
         ("mistral-past.", 4),
@@ -165,6 +166,8 @@ fn every_rope_and_attention_of_the_wild_decoder_llms_is_fused() {
         ("optimum-gpt-neox.", 4),
         ("optimum-gptj.", 4),
         ("gptj-prefill.", 4),
+        ("optimum-codegen.", 4),
+        ("codegen-prefill.", 4),
     ];
     let files: Vec<String> = manifest().into_iter().map(|e| e.file).collect();
     let mut failures = Vec::new();

@@ -39,9 +39,10 @@ PLAN = [
     ("phi", "text-generation-with-past", {"model": "optimum-phi"}),
     ("gpt_neox", "text-generation-with-past", {"model": "optimum-gpt-neox"}),
     ("gptj", "text-generation-with-past", {"model": "optimum-gptj"}),
+    ("codegen", "text-generation-with-past", {"model": "optimum-codegen"}),
 ]
 # decoder-only models whose second batch has a left-padded past
-DECODER_ONLY = ("gpt2", "llama", "qwen2", "mistral", "phi3", "gemma", "phi", "gpt_neox", "gptj")
+DECODER_ONLY = ("gpt2", "llama", "qwen2", "mistral", "phi3", "gemma", "phi", "gpt_neox", "gptj", "codegen")
 # (batch_size, sequence_length): Optimum's dummy-input shapes for the two batches (for a decoder with past,
 # sequence_length is the past length and the new tokens are 1)
 SHAPES = [(1, 8), (2, 12)]
@@ -60,6 +61,7 @@ NAMES = {
     "optimum-phi": "Phi-2 LM with past (parallel attention and MLP, half of each head rotated)",
     "optimum-gpt-neox": "GPT-NeoX (Pythia) LM with past (packed QKV per head, a quarter of each head rotated)",
     "optimum-gptj": "GPT-J LM with past (interleaved rotary pairs on half of each head)",
+    "optimum-codegen": "CodeGen LM with past (packed QKV, interleaved rotary pairs on half of each head)",
 }
 
 
@@ -118,6 +120,9 @@ def build(arch, seed):
     elif arch == "gptj":
         cfg, cls = T.GPTJConfig(vocab_size=W.V_SMALL, n_positions=128, n_embd=W.H, n_layer=W.L, n_head=W.NH,
                                 rotary_dim=8, n_inner=W.FF), T.GPTJForCausalLM
+    elif arch == "codegen":
+        cfg, cls = T.CodeGenConfig(vocab_size=W.V_SMALL, n_positions=128, n_embd=W.H, n_layer=W.L, n_head=W.NH,
+                                   rotary_dim=8, n_inner=W.FF), T.CodeGenForCausalLM
     torch.manual_seed(seed)
     m = cls(cfg)
     W.add_noise(m, seed)

@@ -461,7 +461,14 @@ fn scale_of(m: &Match, g: &Graph, layout: &Layout) -> Checked<f32> {
         let default = 1.0 / (layout.head_size as f64).sqrt();
         scale = attr::get_float(&node.proto, "scale").map_or(default, f64::from);
     }
-    for name in ["q_pre", "q_heads_scale", "q_scale", "k_scale", "s_scale"] {
+    for name in [
+        "q_pre",
+        "q_heads_scale",
+        "q_scale",
+        "k_scale",
+        "s_scale",
+        "bias_scale",
+    ] {
         scale *= value(name)?.unwrap_or(1.0);
     }
     for name in ["q_heads_div", "q_div", "k_div", "s_div"] {
@@ -662,11 +669,17 @@ fn bias_of(m: &Match, rw: &mut Rewrite) -> Checked<Option<(PValue, Vec<Dim>)>> {
     let Some(first) = parts.next() else {
         return Ok(None);
     };
-    let sum = parts.fold(first, |(sum, sum_dims), (bias, bias_dims)| {
+    let (sum, sum_dims) = parts.fold(first, |(sum, sum_dims), (bias, bias_dims)| {
         let both = broadcast_shapes(&sum_dims, &bias_dims);
         (rw.op("Add", "", &[sum, bias], vec![]), both)
     });
-    Ok(Some(sum))
+    // Scores scaled after the masks were added, `(S + bias)·s`: the fused operator scales S
+    // alone, so the bias takes the scale too.
+    let sum = match m.value("bias_scale") {
+        Some(scale) => rw.op("Mul", "", &[sum, scale.into()], vec![]),
+        None => sum,
+    };
+    Ok(Some((sum, sum_dims)))
 }
 
 /// The merged-heads form (`merged_heads_attention`): every `[B·N, ·, ·]` value must merge

@@ -10,14 +10,19 @@
 //!                                                (repeat_kv: each key head r times)
 //! y  = Softmax(Q·Krᵀ (· scales) (masked by a fill) (+ bias)) · Vr
 //!                                                then Where(IsNaN(P), 0, P) after the Softmax
+//!    | Softmax((Q·Krᵀ + bias) · scale) · Vr       (CodeGen scales after the mask)
 //!    | Attention(Q, Kr, Vr (, mask))             the opset-23 export
 //! ```
 //!
 //! where Q `[B, Nq, S, H]` is any value (RotaryEmbedding's output, a q-norm's; when no heads
 //! are repeated, not a Q split from its projection in place, the form the `attention` rule
 //! fuses into MultiHeadAttention for ONNX Runtime without opset 23), Kᵀ is the
-//! Transpose of the last two axes or the dynamo exporter's detour through `[B·N, T, H]`, and
-//! V is written like K.
+//! Transpose of the last two axes, the dynamo exporter's detour through `[B·N, T, H]`, or
+//! (GPT-J through dynamo, CodeGen: keys rotated before their heads move, no cache or repeat)
+//! one `Transpose[0,2,3,1]` of `[B, T, N, H]` keys, which the fused operator takes moved to
+//! `[B, N, T, H]`; V is written like K. A scale applied after the mask scales the mask too in
+//! the fused form (`(S + b)·s = S·s + b·s`, exact for the powers of two of `1/√H` at head
+//! sizes 4ᵏ, within rounding otherwise).
 //!
 //! Produces, for both targets, the standard `Attention` (opset 23, raising the import) on the
 //! 4-D heads: `Attention(Q, Kn, Vn, bias, past_k, past_v) → y, present_k, present_v`, whose
@@ -79,6 +84,9 @@ fn values() -> Pat {
 pub(super) fn written_out() -> Pat {
     let k_t = either([
         transpose(keys(), |a| perm_is(a, &[0, 1, 3, 2])),
+        // GPT-J (dynamo) and CodeGen rotate the keys before moving their heads: one Transpose
+        // from `[B, T, N, H]`.
+        transpose(value("k_seq_first"), |a| perm_is(a, &[0, 2, 3, 1])),
         op(
             "Reshape",
             [
@@ -100,9 +108,18 @@ pub(super) fn written_out() -> Pat {
     // GPT-J masks its causal positions with a fill (`passes::canonical` moves its scale
     // inside the Where), then adds the padding mask.
     let scores = masked(maybe_scaled(scores, "s_scale", "s_div"));
+    // CodeGen scales its scores after adding the mask.
+    let scaled_after = mul(
+        add(scores.clone(), value("bias")),
+        constant_where("bias_scale", is_scalar),
+    );
     let probs = op(
         "Softmax",
-        [either([add(scores.clone(), value("bias")), scores])],
+        [either([
+            scaled_after,
+            add(scores.clone(), value("bias")),
+            scores,
+        ])],
     )
     .attr("axis", last_of_4)
     .anchor()
@@ -221,10 +238,31 @@ fn check_kv(
     }
 }
 
+/// Keys `[B, T, N, H]` (`k_seq_first`): (B, N, T, H), with as many heads as the query (no
+/// repeat or cache is matched in this layout).
+fn seq_first_keys(g: &Graph, k: ValueId, q_heads: i64) -> Checked<(Dim, i64, Dim, i64)> {
+    match dims(g, k)?.as_slice() {
+        [b, t, n, h] => match (n.value(), h.value()) {
+            (Some(n), Some(h)) if n == q_heads => Ok((b.clone(), n, t.clone(), h)),
+            _ => Err(Declined::NotProven(format!(
+                "{} is [batch, length, {q_heads} heads, head size]",
+                shown(g, k)
+            ))),
+        },
+        _ => Err(Declined::NotProven(format!(
+            "{} is [batch, length, {q_heads} heads, head size]",
+            shown(g, k)
+        ))),
+    }
+}
+
 fn check_grouped(m: &Match, g: &Graph) -> Checked<Grouped> {
     let (batch, q_heads, q_len, head_size) = heads_of(g, m.get("q")?)?;
     let k_names = ["k", "past_k", "k_total"];
-    let (kb, kv_heads, total, kh) = check_kv(m, g, k_names, K_REPEAT, q_heads)?;
+    let (kb, kv_heads, total, kh) = match m.value("k_seq_first") {
+        Some(k) => seq_first_keys(g, k, q_heads)?,
+        None => check_kv(m, g, k_names, K_REPEAT, q_heads)?,
+    };
     let v_names = ["v", "past_v", "v_total"];
     let (vb, vn, _, _) = check_kv(m, g, v_names, V_REPEAT, q_heads)?;
     if kh != head_size || vn != kv_heads {
@@ -305,8 +343,13 @@ pub(super) fn build_grouped(m: &Match, rw: &mut Rewrite) -> Built {
     rw.require_opset(ATTENTION_OPSET)?;
     let scale = scale_of(m, g, &layout)?;
     let q = m.get("q")?;
-    let (k, v) = (m.get("k")?, m.get("v")?);
-    let mut key_lengths = vec![(k, 2)];
+    let v = m.get("v")?;
+    // Keys with their length axis, and as the operator takes them, `[B, N, T, H]`.
+    let (k, key_length_axis) = match m.value("k_seq_first") {
+        Some(k) => (k, 1),
+        None => (m.get("k")?, 2),
+    };
+    let mut key_lengths = vec![(k, key_length_axis)];
     if let Some((past_k, _)) = past {
         key_lengths.push((past_k, 2));
     }
@@ -327,10 +370,19 @@ pub(super) fn build_grouped(m: &Match, rw: &mut Rewrite) -> Built {
         Some(bias) if !standard => Some(lowest_as_masked(rw, bias)?),
         bias => bias,
     };
+    let heads_first = match m.value("k_seq_first") {
+        Some(_) => rw.op(
+            "Transpose",
+            "",
+            &[k.into()],
+            vec![attr::ints("perm", &[0, 2, 1, 3])],
+        ),
+        None => k.into(),
+    };
     let presents = [m.value("k_total"), m.value("v_total")];
     let inputs = [
         Some(q.into()),
-        Some(k.into()),
+        Some(heads_first),
         Some(v.into()),
         bias,
         past.map(|p| p.0.into()),

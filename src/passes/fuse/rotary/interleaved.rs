@@ -1,15 +1,16 @@
 //! Interleaved RoPE: adjacent channel pairs rotated (GPT-J, CodeGen).
 //!
-//! Matches HF's `rotate_every_two` as the legacy exporter and Optimum write it (transformers
-//! 4.36–4.52): `y = x·cos + Reshape(Concat(Unsqueeze(−x[..., 1::2], -1),
+//! Matches HF's `rotate_every_two` as the legacy exporter, Optimum and dynamo write it
+//! (transformers 4.36–4.52): `y = x·cos + Reshape(Concat(Unsqueeze(−x[..., 1::2], -1),
 //! Unsqueeze(x[..., ::2], -1), axis -1), x's shape)·sin`, with `x` of `[batch, seq, heads, rot]`
 //! (GPT-J and CodeGen rotate before they move the heads) or `[batch, heads, seq, rot]`, and each
 //! table `repeat_interleave(t, 2, -1)`: `Reshape(Tile | Expand(Unsqueeze(Unsqueeze(t, [2 | 1]),
 //! [-1]), …), …)` of `t`, one part of a `Split` over the last axis of constant rows picked by
 //! integer positions: `GatherElements(Tile(table[1, rows, w]) | table, Tile |
 //! Expand(Unsqueeze(positions, -1), …), axis 1)` (GPT-J's `torch.gather(embed_positions, 1,
-//! position_ids[..., None].repeat(…))`) or `Gather(table[rows, w], positions)` (CodeGen's
-//! `embed_positions[position_ids]`).
+//! position_ids[..., None].repeat(…))`), `Gather(table[rows, w], positions)` or
+//! `GatherND(table[rows, w], Unsqueeze(positions, -1))` (CodeGen's
+//! `embed_positions[position_ids]`, legacy exporter and dynamo).
 //!
 //! Produces `RotaryEmbedding` with `interleaved = 1` (either domain, as the rotate-half rule),
 //! its caches the table columns each part reads and the positions as ids; a
@@ -23,10 +24,11 @@
 //! `y[2i] = x[2i]·c_i − x[2i+1]·s_i` and `y[2i+1] = x[2i+1]·c_i + x[2i]·s_i`, the operators'
 //! interleaved rotation, on the same float32 table values. The rows picked are the positions'
 //! (a GatherElements' index is the positions repeated along a new last axis, axes and shapes
-//! checked; its data the table, tiled along the batch only), so cache row `p` is the table's
-//! row `p`, restricted to that part's columns. A position past the table both refuse; a
-//! negative one, which Gather and GatherElements count from the end, the fused operator refuses
-//! (as the rotate-half rule's cached tables).
+//! checked; its data the table, tiled along the batch only; a GatherND's index is the positions
+//! along a new last axis, with no batch dims), so cache row `p` is the table's row `p`,
+//! restricted to that part's columns. A position past the table both refuse; a negative one,
+//! which the Gathers count from the end, the fused operator refuses (as the rotate-half rule's
+//! cached tables).
 
 use super::{contrib_operator, int64_constant, rotary_node, slices_last_axis, to_batch};
 use crate::ir::{attr, DataType, Dim, Graph, Tensor, ValueId};
@@ -66,21 +68,29 @@ fn repeated() -> Pat {
     op("Reshape", [doubled, any()])
 }
 
-/// Rows of a constant table picked by positions `[batch | 1, seq]`.
+/// Rows of a constant table picked by positions `[batch | 1, seq]`: by GatherElements (GPT-J),
+/// Gather (CodeGen through the legacy exporter) or GatherND (CodeGen through dynamo), the
+/// node bound to `picker`.
 fn picked_rows() -> Pat {
     let index = op("Unsqueeze", [value("positions"), constant("index_axes")]);
-    let index = either([
+    let repeated_index = either([
         op("Tile", [index.clone(), any()]),
-        op("Expand", [index, any()]),
+        op("Expand", [index.clone(), any()]),
     ]);
     let data = either([
         op("Tile", [constant("table"), any()]).named("tiled"),
         constant("table"),
     ]);
     either([
-        op("GatherElements", [data, index]).attr("axis", |a| int_attr_is(a, 1, 0)),
+        op("GatherElements", [data, repeated_index])
+            .attr("axis", |a| int_attr_is(a, 1, 0))
+            .node("picker"),
         op("Gather", [constant("table"), value("positions")])
-            .attr("axis", |a| int_attr_is(a, 0, 0)),
+            .attr("axis", |a| int_attr_is(a, 0, 0))
+            .node("picker"),
+        op("GatherND", [constant("table"), index])
+            .attr("batch_dims", |a| int_attr_is(a, 0, 0))
+            .node("picker"),
     ])
 }
 
@@ -197,13 +207,15 @@ fn read_rows(rw: &Rewrite, rows: ValueId) -> Option<(ValueId, Tensor)> {
         return None;
     };
     let width = width.value()?;
-    // GatherElements reads a `[1, rows, width]` table, Gather a `[rows, width]` one.
-    let table_ok = match (table.dims(), r.value("index_axes").is_some()) {
+    // GatherElements reads a `[1, rows, width]` table, Gather and GatherND a `[rows, width]`
+    // one.
+    let elements = g.node(r.node("picker")?).is("GatherElements");
+    let table_ok = match (table.dims(), elements) {
         ([1, _, w], true) | ([_, w], false) => *w == width,
         _ => false,
     };
-    // GatherElements: the index repeats the positions along a new last axis, and the data is
-    // the table tiled along the batch only.
+    // GatherElements and GatherND: the index is the positions along a new last axis (which
+    // GatherElements repeats); GatherElements' data is the table tiled along the batch only.
     let index_ok = match r.value("index_axes") {
         Some(axes) => matches!(ints(g, axes)?[..], [2] | [-1]),
         None => true,
