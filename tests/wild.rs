@@ -143,13 +143,16 @@ fn every_wild_model_is_fused_and_runs_in_onnx_runtime() {
 /// scores before scaling them), at opsets 14 and 17, with a cache and without (4.52's
 /// prefill: the positions' batch of 1 folds the Expand of `inv_freq` away; GPT-J's and
 /// CodeGen's interleaved pairs, on tables `torch.gather` or indexing picks, their keys
-/// transposed from `[B, T, N, H]` at once, CodeGen's scores scaled after the mask): both
-/// targets fuse every attention and every RoPE (2 layers × query and key).
+/// transposed from `[B, T, N, H]` at once, CodeGen's scores scaled after the mask), and more
+/// families through transformers 4.52's legacy export (Qwen3's q/k norms, StableLM's and
+/// Persimmon's partial rotary, StarCoder2, OLMo, Granite, Falcon's grouped and multi-query
+/// heads, OPT's learned positions): both targets fuse every attention and every RoPE (2
+/// layers × query and key).
 /// The main test above runs the outputs in ONNX Runtime.
 #[test]
 fn every_rope_and_attention_of_the_wild_decoder_llms_is_fused() {
     // (file name prefix, RoPEs fused)
-    const LLMS: [(&str, usize); 18] = [
+    const LLMS: [(&str, usize); 27] = [
         ("llama-past.ts14.t21", 4),
         ("llama-past.ts17.t27", 4),
         ("mistral-past.", 4),
@@ -168,6 +171,15 @@ fn every_rope_and_attention_of_the_wild_decoder_llms_is_fused() {
         ("gptj-prefill.", 4),
         ("optimum-codegen.", 4),
         ("codegen-prefill.", 4),
+        ("qwen3-prefill.", 4),
+        ("stablelm-prefill.", 4),
+        ("starcoder2-prefill.", 4),
+        ("olmo-prefill.", 4),
+        ("granite-prefill.", 4),
+        ("persimmon-prefill.", 4),
+        ("falcon-prefill.", 4),
+        ("falcon-mq-prefill.", 4),
+        ("opt-prefill.", 0),
     ];
     let files: Vec<String> = manifest().into_iter().map(|e| e.file).collect();
     let mut failures = Vec::new();

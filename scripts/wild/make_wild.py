@@ -84,6 +84,13 @@ PLANS = {
         ("llama-past", "ts", 17, "sdpa"), ("qwen2-past", "ts", 17, "eager"),
         ("phi-prefill", "ts", 17, "eager"), ("phi3-prefill", "ts", 17, "eager"), ("gpt-neox-prefill", "ts", 17, "eager"),
         ("gptj-prefill", "ts", 17, "eager"), ("codegen-prefill", "ts", 17, "eager"),
+        ("qwen3-prefill", "ts", 17, "eager"), ("gemma2-prefill", "ts", 17, "eager"),
+        ("stablelm-prefill", "ts", 17, "eager"), ("starcoder2-prefill", "ts", 17, "eager"),
+        ("olmo-prefill", "ts", 17, "eager"), ("granite-prefill", "ts", 17, "eager"),
+        ("persimmon-prefill", "ts", 17, "eager"), ("falcon-prefill", "ts", 17, "eager"),
+        ("falcon-mq-prefill", "ts", 17, "eager"), ("opt-prefill", "ts", 17, "eager"),
+        ("gpt-bigcode-prefill", "ts", 17, "eager"), ("bloom-prefill", "ts", 17, "eager"),
+        ("mpt-prefill", "ts", 17, "eager"),
     ],
     "t210": [  # torch 2.10.0, transformers 5.2.0, onnxscript 0.6.2
         ("bert", "dynamo", 23, "sdpa"), ("gpt2-past", "dynamo", 23, "sdpa"), ("vit", "dynamo", 23, "sdpa"),
@@ -589,11 +596,38 @@ def llm_prefill(arch, attn, seed):
                                pad_token_id=0, **common), T.Phi3ForCausalLM
     elif family == "gpt-neox":
         cfg, cls = make_config(T.GPTNeoXConfig, attn, rotary_pct=0.25, **common), T.GPTNeoXForCausalLM
-    else:
+    elif family in ("gptj", "codegen"):
         config_cls, cls = {"gptj": (T.GPTJConfig, T.GPTJForCausalLM),
                            "codegen": (T.CodeGenConfig, T.CodeGenForCausalLM)}[family]
         cfg = make_config(config_cls, attn, vocab_size=V_SMALL, n_embd=H, n_inner=FF, n_layer=L, n_head=NH,
                           n_positions=128, rotary_dim=H // NH // 2)
+    else:
+        # more decoder families (grouped KV heads where the architecture has them)
+        grouped = dict(common, num_key_value_heads=NH // 2)
+        cfg = {
+            "qwen3": lambda: make_config(T.Qwen3Config, attn, head_dim=H // NH, **grouped),
+            "gemma2": lambda: make_config(T.Gemma2Config, attn, head_dim=H // NH, **grouped),
+            "stablelm": lambda: make_config(T.StableLmConfig, attn, partial_rotary_factor=0.25, **grouped),
+            "starcoder2": lambda: make_config(T.Starcoder2Config, attn, **grouped),
+            "olmo": lambda: make_config(T.OlmoConfig, attn, **grouped),
+            "granite": lambda: make_config(T.GraniteConfig, attn, **grouped),
+            "persimmon": lambda: make_config(T.PersimmonConfig, attn, **common),
+            "falcon": lambda: make_config(T.FalconConfig, attn, vocab_size=V_SMALL, hidden_size=H, num_hidden_layers=L,
+                                          num_attention_heads=NH, num_kv_heads=NH // 2, new_decoder_architecture=True,
+                                          max_position_embeddings=128),
+            "falcon-mq": lambda: make_config(T.FalconConfig, attn, vocab_size=V_SMALL, hidden_size=H, num_hidden_layers=L,
+                                             num_attention_heads=NH, alibi=False, multi_query=True, parallel_attn=True,
+                                             max_position_embeddings=128),
+            "opt": lambda: make_config(T.OPTConfig, attn, vocab_size=V_SMALL, hidden_size=H, ffn_dim=FF,
+                                       num_hidden_layers=L, num_attention_heads=NH, max_position_embeddings=128,
+                                       word_embed_proj_dim=H),
+            "gpt-bigcode": lambda: make_config(T.GPTBigCodeConfig, attn, vocab_size=V_SMALL, n_embd=H, n_layer=L,
+                                               n_head=NH, n_inner=FF, n_positions=128, multi_query=True),
+            "bloom": lambda: make_config(T.BloomConfig, attn, vocab_size=V_SMALL, hidden_size=H, n_layer=L, n_head=NH),
+            "mpt": lambda: make_config(T.MptConfig, attn, vocab_size=V_SMALL, d_model=H, n_heads=NH, n_layers=L,
+                                       expansion_ratio=FF // H, max_seq_len=128),
+        }[family]()
+        cls = T.AutoModelForCausalLM.from_config(cfg).__class__
     full = build(cls, cfg, seed)
 
     class P(torch.nn.Module):
@@ -668,8 +702,9 @@ BUILDERS["gpt2-past"] = BUILDERS["gpt2-past1"] = gpt2_past
 BUILDERS["st-mpnet"] = BUILDERS["st-bert"] = sentence_transformer
 for _a in ("llama-past", "mistral-past", "qwen2-past"):
     BUILDERS[_a] = llm_past
-for _a in ("phi-prefill", "phi3-prefill", "gpt-neox-prefill", "gptj-prefill", "codegen-prefill"):
-    BUILDERS[_a] = llm_prefill
+for _a in ("phi", "phi3", "gpt-neox", "gptj", "codegen", "qwen3", "gemma2", "stablelm", "starcoder2", "olmo",
+           "granite", "persimmon", "falcon", "falcon-mq", "opt", "gpt-bigcode", "bloom", "mpt"):
+    BUILDERS[_a + "-prefill"] = llm_prefill
 
 ARCH_NAMES = {
     "bert": "BERT (BertModel + pooler)", "distilbert": "DistilBERT (DistilBertModel)",
@@ -690,6 +725,19 @@ ARCH_NAMES = {
     "gpt-neox-prefill": "GPT-NeoX LM without cache (a quarter of each head rotated, parallel residual)",
     "gptj-prefill": "GPT-J LM without cache (interleaved pairs of half of each head rotated, parallel residual)",
     "codegen-prefill": "CodeGen LM without cache (interleaved pairs of half of each head rotated, packed QKV)",
+    "qwen3-prefill": "Qwen3 LM without cache (q/k RMSNorms, grouped KV heads)",
+    "gemma2-prefill": "Gemma-2 LM without cache (attention logit soft-capping, four norms per layer)",
+    "stablelm-prefill": "StableLM LM without cache (a quarter of each head rotated, LayerNorm)",
+    "starcoder2-prefill": "StarCoder2 LM without cache (grouped KV heads, biases, LayerNorm, GELU MLP)",
+    "olmo-prefill": "OLMo LM without cache (LayerNorm without parameters)",
+    "granite-prefill": "Granite LM without cache (scaled embeddings, residuals and logits)",
+    "persimmon-prefill": "Persimmon LM without cache (q/k LayerNorms, half of each head rotated)",
+    "falcon-prefill": "Falcon LM without cache (new decoder architecture: grouped KV heads, parallel attention)",
+    "falcon-mq-prefill": "Falcon-RW style LM without cache (multi-query: one KV head, parallel attention)",
+    "opt-prefill": "OPT LM without cache (learned positions offset by 2)",
+    "gpt-bigcode-prefill": "GPT-BigCode (StarCoder) LM without cache (multi-query attention)",
+    "bloom-prefill": "BLOOM LM without cache (ALiBi)",
+    "mpt-prefill": "MPT LM without cache (ALiBi, no biases)",
     "t5-dec-past": "T5 v1.1 decoder step with past (self + cross KV inputs) + scaled tied LM head",
     "bart-dec-past": "BART decoder step with past (self + cross KV inputs) + LM head + final_logits_bias",
     "gpt2-past": "GPT-2 LM step, per-layer past key/value inputs, present outputs",

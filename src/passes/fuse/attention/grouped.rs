@@ -7,7 +7,8 @@
 //! ```text
 //! Kt = Concat(past_k, Kn, axis 2) | Kn          (the cache; Kt is the `present` output)
 //! Kr = Reshape(Expand(Unsqueeze(Kt, 2), [B, Nkv, r, T, H]), [B, Nkv·r, T, H]) | Kt
-//!                                                (repeat_kv: each key head r times)
+//!                                                (repeat_kv: each key head r times; or one
+//!                                                head the MatMuls broadcast: multi-query)
 //! y  = Softmax(Q·Krᵀ (· scales) (masked by a fill) (+ bias)) · Vr
 //!                                                then Where(IsNaN(P), 0, P) after the Softmax
 //!    | Softmax((Q·Krᵀ + bias) · scale) · Vr       (CodeGen scales after the mask)
@@ -135,12 +136,6 @@ pub(super) fn standard_op() -> Pat {
     plain_attention_op(value("q"), keys(), values())
 }
 
-/// What the checks prove: the query's layout and the key/value heads.
-struct Grouped {
-    layout: Layout,
-    kv_heads: i64,
-}
-
 /// `[B, N, T, H]` with N and H known: (B, N, T, H).
 fn heads_of(g: &Graph, v: ValueId) -> Checked<(Dim, i64, Dim, i64)> {
     match dims(g, v)?.as_slice() {
@@ -184,7 +179,9 @@ fn check_kv(
     }
     let cached = m.value(total).map_or_else(|| m.get(new), Ok)?;
     let Some(repeat) = m.value(repeat) else {
-        return match n == q_heads {
+        // One key/value head (multi-query attention: Falcon) is broadcast by the MatMuls to
+        // every query head, as the fused operator repeats it.
+        return match n == q_heads || n == 1 {
             true => Ok((batch, n, length, h)),
             false => Err(Declined::Mismatch(format!(
                 "{} has {n} heads, the query {q_heads}, and nothing repeats them",
@@ -256,7 +253,8 @@ fn seq_first_keys(g: &Graph, k: ValueId, q_heads: i64) -> Checked<(Dim, i64, Dim
     }
 }
 
-fn check_grouped(m: &Match, g: &Graph) -> Checked<Grouped> {
+/// The query's layout, once the key/value heads are proven to serve it.
+fn check_grouped(m: &Match, g: &Graph) -> Checked<Layout> {
     let (batch, q_heads, q_len, head_size) = heads_of(g, m.get("q")?)?;
     let k_names = ["k", "past_k", "k_total"];
     let (kb, kv_heads, total, kh) = match m.value("k_seq_first") {
@@ -284,16 +282,13 @@ fn check_grouped(m: &Match, g: &Graph) -> Checked<Grouped> {
     if m.value("k_flat").is_some() {
         check_dynamo_kt(m, g)?;
     }
-    Ok(Grouped {
-        layout: Layout {
-            heads: q_heads,
-            head_size,
-            batch,
-            q_len,
-            total,
-            bnsh: true,
-        },
-        kv_heads,
+    Ok(Layout {
+        heads: q_heads,
+        head_size,
+        batch,
+        q_len,
+        total,
+        bnsh: true,
     })
 }
 
@@ -320,15 +315,15 @@ fn lowest_as_masked(rw: &mut Rewrite, bias: PValue) -> Checked<PValue> {
 pub(super) fn build_grouped(m: &Match, rw: &mut Rewrite) -> Built {
     let g = rw.graph;
     softmax_axis(m, g, rw.opset)?;
-    let Grouped { layout, kv_heads } = check_grouped(m, g)?;
+    let layout = check_grouped(m, g)?;
     let standard = m.value("attention_op").is_some();
     let past = m.value("past_k").zip(m.value("past_v"));
-    if standard && past.is_none() && kv_heads == layout.heads {
+    let repeated = m.value("k_repeat").is_some() || m.value("v_repeat").is_some();
+    if standard && past.is_none() && !repeated {
         return Err(Declined::Mismatch(
             "the standard Attention without repeated heads or a cache is the fused form".into(),
         ));
     }
-    let repeated = m.value("k_repeat").is_some() || m.value("v_repeat").is_some();
     let split_from_projection = !query_heads().matches(g, m.get("q")?).is_empty();
     if !repeated && split_from_projection {
         // The `attention` rule's form: ONNX Runtime gets MultiHeadAttention from it, which
