@@ -146,13 +146,13 @@ fn every_wild_model_is_fused_and_runs_in_onnx_runtime() {
 /// transposed from `[B, T, N, H]` at once, CodeGen's scores scaled after the mask), and more
 /// families through transformers 4.52's legacy export (Qwen3's q/k norms, StableLM's and
 /// Persimmon's partial rotary, StarCoder2, OLMo, Granite, Falcon's grouped and multi-query
-/// heads, OPT's learned positions): both targets fuse every attention and every RoPE (2
-/// layers × query and key).
+/// heads, OPT's learned positions, Gemma-2's capped scores): both targets fuse every
+/// attention and every RoPE (2 layers × query and key).
 /// The main test above runs the outputs in ONNX Runtime.
 #[test]
 fn every_rope_and_attention_of_the_wild_decoder_llms_is_fused() {
     // (file name prefix, RoPEs fused)
-    const LLMS: [(&str, usize); 27] = [
+    const LLMS: [(&str, usize); 28] = [
         ("llama-past.ts14.t21", 4),
         ("llama-past.ts17.t27", 4),
         ("mistral-past.", 4),
@@ -180,6 +180,7 @@ fn every_rope_and_attention_of_the_wild_decoder_llms_is_fused() {
         ("falcon-prefill.", 4),
         ("falcon-mq-prefill.", 4),
         ("opt-prefill.", 0),
+        ("gemma2-prefill.", 4),
     ];
     let files: Vec<String> = manifest().into_iter().map(|e| e.file).collect();
     let mut failures = Vec::new();

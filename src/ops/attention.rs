@@ -15,6 +15,11 @@
 //!   and Q)"), and so does tract's (`FlashSDPA: incompatible shapes`), although the
 //!   standard allows any broadcastable mask.
 //!
+//! The standard `Attention`'s `softcap` (Gemma-2's `tanh(S / cap) · cap`) comes before the
+//! mask in the standard, in its reference and in ONNX Runtime 1.32's CPU kernel (measured
+//! against numpy with a causal and a padding mask of float32's lowest: 4.8e-7); tract 0.23
+//! refuses it, so a model with it is checked in ONNX Runtime only.
+//!
 //! So a fusion hands these operators a bias whose last two dims are `q_len` and `total`:
 //! as proven from the inferred shapes, or by expanding a bias that broadcasts there (the
 //! classic BERT mask `[batch, 1, 1, seq]`, see `BiasFit::Expand`). A bias whose head dim is

@@ -12,6 +12,9 @@
 //! y  = Softmax(Q·Krᵀ (· scales) (masked by a fill) (+ bias)) · Vr
 //!                                                then Where(IsNaN(P), 0, P) after the Softmax
 //!    | Softmax((Q·Krᵀ + bias) · scale) · Vr       (CodeGen scales after the mask)
+//!    | Softmax(tanh(Q·Krᵀ·s / cap)·cap + bias)·Vr (Gemma-2's soft cap: the operator's `softcap`,
+//!                                                which ONNX Runtime 1.32 applies before the
+//!                                                mask as the standard says, measured)
 //!    | Attention(Q, Kr, Vr (, mask))             the opset-23 export
 //! ```
 //!
@@ -108,7 +111,16 @@ pub(super) fn written_out() -> Pat {
     );
     // GPT-J masks its causal positions with a fill (`passes::canonical` moves its scale
     // inside the Where), then adds the padding mask.
-    let scores = masked(maybe_scaled(scores, "s_scale", "s_div"));
+    let scores = maybe_scaled(scores, "s_scale", "s_div");
+    // Gemma-2 caps its scores: `tanh(S / cap) · cap`, before the mask.
+    let capped = mul(
+        unary(
+            "Tanh",
+            mul(scores.clone(), constant_where("cap_inverse", is_scalar)),
+        ),
+        constant_where("softcap", is_scalar),
+    );
+    let scores = masked(either([capped, scores]));
     // CodeGen scales its scores after adding the mask.
     let scaled_after = mul(
         add(scores.clone(), value("bias")),
@@ -292,6 +304,24 @@ fn check_grouped(m: &Match, g: &Graph) -> Checked<Layout> {
     })
 }
 
+/// The cap of capped scores, `tanh(S · c⁻¹) · c`: the two constants must be inverses (within
+/// float32 rounding: the graph's `S / c` became `S · (1/c)` in `passes::canonical`) and `c`
+/// positive.
+fn softcap_of(m: &Match, g: &Graph) -> Checked<Option<f32>> {
+    let (Some(inverse), Some(cap)) = (m.value("cap_inverse"), m.value("softcap")) else {
+        return Ok(None);
+    };
+    let scalar = |v: ValueId| g.constant(v).and_then(|t| t.scalar_f64());
+    match (scalar(inverse), scalar(cap)) {
+        (Some(i), Some(c)) if c > 0.0 && (i * c - 1.0).abs() < 1e-6 => Ok(Some(c as f32)),
+        _ => Err(Declined::Mismatch(format!(
+            "the scores are capped by tanh(S · {}) · {}: not a cap and its inverse",
+            shown(g, inverse),
+            shown(g, cap)
+        ))),
+    }
+}
+
 /// What the mask adds to a masked score for ONNX Runtime (see `lowest_as_masked`).
 const MASKED: f32 = -1e30;
 
@@ -384,13 +414,11 @@ pub(super) fn build_grouped(m: &Match, rw: &mut Rewrite) -> Built {
         past.map(|p| p.1.into()),
     ];
     let wanted = [true, presents[0].is_some(), presents[1].is_some()];
-    let outs = rw.op_with_outputs(
-        "Attention",
-        "",
-        trim(&inputs),
-        &wanted,
-        vec![attr::float("scale", scale)],
-    );
+    let mut attributes = vec![attr::float("scale", scale)];
+    if let Some(cap) = softcap_of(m, g)? {
+        attributes.push(attr::float("softcap", cap));
+    }
+    let outs = rw.op_with_outputs("Attention", "", trim(&inputs), &wanted, attributes);
     let mut out = outs[0].ok_or(Declined::Missing("output"))?;
     if cleaned {
         let nan = rw.op("IsNaN", "", &[out], vec![]);
