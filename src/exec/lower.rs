@@ -5,6 +5,7 @@
 //!   of `ops::attention`, `ops::embed_layer_norm` and `ops::rotary`, for the forms onnxopt's fusions emit; a node outside them is left
 //!   as it is and then refused by `support`, so it is never run wrongly.
 //! - a standard `RotaryEmbedding` with position ids: see `ops::rotary`.
+//! - a standard `Attention` with a `softcap`: written out (see `ops::attention::lower_softcap`).
 //! - `Gemm(A, B, C?)` with a float16 weight B, alpha and beta 1, A not transposed:
 //!   `MatMul(A, B or Bᵀ) + C` (tract 0.23 mistypes a float16 Gemm; see `float16_gemm`).
 //! - `com.microsoft::MatMulNBits(A, B, scales, zero_points?)` with 4- or 8-bit constant
@@ -35,6 +36,7 @@ pub fn lower_contrib_ops(model: &mut Model) -> Result<usize> {
                 || n.is("CumSum")
                 || n.is("RotaryEmbedding")
                 || n.is("DequantizeLinear")
+                || n.is("Attention")
         })
         .map(|(id, _)| id)
         .collect();
@@ -54,6 +56,7 @@ pub fn lower_contrib_ops(model: &mut Model) -> Result<usize> {
             ("", "Gemm") => float16_gemm(model, id, &node),
             ("", "CumSum") => int64_cumsum(model, id, &node),
             ("", "DequantizeLinear") => blockwise_dequantize(model, id, &node),
+            ("", "Attention") => attention::lower_softcap(&model.graph, id, &node),
             _ => None,
         };
         if let Some(patch) = patch {

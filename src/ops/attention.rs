@@ -18,7 +18,7 @@
 //! The standard `Attention`'s `softcap` (Gemma-2's `tanh(S / cap) · cap`) comes before the
 //! mask in the standard, in its reference and in ONNX Runtime 1.32's CPU kernel (measured
 //! against numpy with a causal and a padding mask of float32's lowest: 4.8e-7); tract 0.23
-//! refuses it, so a model with it is checked in ONNX Runtime only.
+//! refuses it, so `lower_softcap` writes it out for tract.
 //!
 //! So a fusion hands these operators a bias whose last two dims are `q_len` and `total`:
 //! as proven from the inferred shapes, or by expanding a bias that broadcasts there (the
@@ -426,4 +426,97 @@ pub fn cache_layout(node: &Node) -> Option<CacheLayout> {
         }),
         _ => None,
     }
+}
+
+/// The standard 4-D `Attention` with a `softcap` (Gemma-2's capped scores), which tract 0.23
+/// refuses, written out for it: `Softmax(tanh(Q·Kᵀ·scale / cap)·cap + mask)·V`, over the keys
+/// and values after their past and, for grouped heads, each key/value head repeated for its
+/// query heads (the operator's GQA); the presents are the concatenations. Only the form the
+/// grouped fusion writes: `scale` and `softcap` alone, 4-D Q, K and V with known heads and
+/// head size, a float mask or none, no `nonpad_kv_seqlen`, at most three outputs.
+pub fn lower_softcap(g: &Graph, id: NodeId, node: &Node) -> Option<Patch> {
+    let cap = attr::get_float(&node.proto, "softcap")?;
+    let known = |a: &crate::proto::AttributeProto| ["scale", "softcap"].contains(&a.name());
+    if cap <= 0.0
+        || !node.proto.attribute.iter().all(known)
+        || node.inputs.len() > 6
+        || node.output(3).is_some()
+    {
+        return None;
+    }
+    let heads_of = |v: ValueId| -> Option<(i64, i64)> {
+        match g.value_type(v)?.shape?.as_slice() {
+            [_, n, _, h] => Some((n.value()?, h.value()?)),
+            _ => None,
+        }
+    };
+    let (q, k, v) = (node.input(0)?, node.input(1)?, node.input(2)?);
+    let (q_heads, head) = heads_of(q)?;
+    let (kv_heads, _) = heads_of(k)?;
+    if kv_heads == 0 || q_heads % kv_heads != 0 {
+        return None;
+    }
+    let mask = node.input(3);
+    if mask.is_some_and(|m| g.value_type(m).map(|t| t.elem) != Some(DataType::Float as i32)) {
+        return None;
+    }
+    let scale = attr::get_float(&node.proto, "scale").unwrap_or(1.0 / (head as f32).sqrt());
+    let mut patch = Patch::new("lower-softcapped-attention");
+    let scalar = |patch: &mut Patch, name: &str, x: f32| {
+        Some(patch.new_initializer(name, Tensor::from_f32(name, &[], &[x]).ok()?))
+    };
+    let ints = |patch: &mut Patch, name: &str, values: &[i64]| {
+        let tensor = Tensor::from_i64(name, &[values.len() as i64], values).ok()?;
+        Some(patch.new_initializer(name, tensor))
+    };
+    // Keys and values after their past (the presents), repeated for grouped heads.
+    let mut all = Vec::with_capacity(2);
+    for (new, past, present) in [(k, 4, 1), (v, 5, 2)] {
+        let total = match node.input(past) {
+            Some(past) => patch.op(
+                "Concat",
+                "",
+                &[past.into(), new.into()],
+                vec![attr::int("axis", 2)],
+            ),
+            None => new.into(),
+        };
+        if let Some(present) = node.output(present) {
+            patch.replace_uses(present, total);
+        }
+        let repeats = q_heads / kv_heads;
+        let total = if repeats == 1 {
+            total
+        } else {
+            let axis = ints(&mut patch, "repeat_axis", &[2])?;
+            let times = ints(&mut patch, "repeats", &[1, 1, repeats, 1, 1])?;
+            let heads = ints(&mut patch, "repeated_heads", &[0, q_heads, -1, head])?;
+            let unsqueezed = patch.op("Unsqueeze", "", &[total, axis], vec![]);
+            let expanded = patch.op("Expand", "", &[unsqueezed, times], vec![]);
+            patch.op("Reshape", "", &[expanded, heads], vec![])
+        };
+        all.push(total);
+    }
+    let keys_t = patch.op(
+        "Transpose",
+        "",
+        &[all[0]],
+        vec![attr::ints("perm", &[0, 1, 3, 2])],
+    );
+    let scores = patch.op("MatMul", "", &[q.into(), keys_t], vec![]);
+    let scale = scalar(&mut patch, "scale", scale)?;
+    let scores = patch.op("Mul", "", &[scores, scale], vec![]);
+    let inverse = scalar(&mut patch, "cap_inverse", 1.0 / cap)?;
+    let cap = scalar(&mut patch, "softcap", cap)?;
+    let scores = patch.op("Mul", "", &[scores, inverse], vec![]);
+    let scores = patch.op("Tanh", "", &[scores], vec![]);
+    let mut scores = patch.op("Mul", "", &[scores, cap], vec![]);
+    if let Some(mask) = mask {
+        scores = patch.op("Add", "", &[scores, mask.into()], vec![]);
+    }
+    let probs = patch.op("Softmax", "", &[scores], vec![attr::int("axis", -1)]);
+    let y = patch.op("MatMul", "", &[probs, all[1]], vec![]);
+    patch.replace_uses(node.output(0)?, y);
+    patch.remove_node(id);
+    Some(patch)
 }

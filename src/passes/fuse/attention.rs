@@ -243,10 +243,18 @@ fn attention() -> Pat {
         div(scores.clone(), constant_where("s_div", is_scalar)),
         scores,
     ]);
-    let masked = masked(scaled_scores);
-    // One bias, or two (MPNet: its relative position bias, then the padding mask).
+    let masked = masked(scaled_scores.clone());
+    // One bias, or two (MPNet: its relative position bias, then the padding mask); or a bias
+    // and then the fill (MPT: ALiBi, then its masks), which is the same sum: where the fill is
+    // written, `S + bias + fill` rounds to the fill as `S + fill` does.
     let once = add(masked.clone(), value("bias"));
-    let biased = either([add(once.clone(), value("bias2")), once, masked]);
+    let filled_after = filled(add(scaled_scores, value("bias")));
+    let biased = either([
+        add(once.clone(), value("bias2")),
+        once,
+        masked,
+        filled_after,
+    ]);
     let probs = op("Softmax", [biased])
         .attr("axis", last_of_4)
         .anchor()
@@ -277,6 +285,11 @@ fn attention() -> Pat {
 /// finfo.min, scores)`), kept where allowed (GPT-2's causal `Where(causal, scores,
 /// finfo.min)`), or as they are. `bias_of` turns the fill into a bias.
 fn masked(scores: Pat) -> Pat {
+    either([filled(scores.clone()), scores])
+}
+
+/// Scores masked by a fill, in either of `masked`'s two forms.
+fn filled(scores: Pat) -> Pat {
     let filled = op(
         "Where",
         [
@@ -293,7 +306,7 @@ fn masked(scores: Pat) -> Pat {
             constant_where("fill", is_mask_fill),
         ],
     );
-    either([filled, kept, scores])
+    either([filled, kept])
 }
 
 /// The attention core with the heads merged into the batch, as the eager attention of CLIP,
@@ -638,7 +651,7 @@ fn bias_of(m: &Match, rw: &mut Rewrite) -> Checked<Option<(PValue, Vec<Dim>)>> {
     }
     for name in ["bias", "bias2"] {
         if let Some(bias) = m.value(name) {
-            parts.push((bias.into(), dims(g, bias)?));
+            parts.push(with_rank_4(rw, bias)?);
         }
     }
     if let Some(mask) = m.value("attn_mask") {
@@ -680,6 +693,27 @@ fn bias_of(m: &Match, rw: &mut Rewrite) -> Checked<Option<(PValue, Vec<Dim>)>> {
         None => sum,
     };
     Ok(Some((sum, sum_dims)))
+}
+
+/// A bias of rank below 4 with the leading axes of 1 it broadcasts with (MPT's ALiBi is
+/// `[heads, 1, total]`), as the kernels take it; a bias of rank 4 as it is.
+fn with_rank_4(rw: &mut Rewrite, bias: ValueId) -> Checked<(PValue, Vec<Dim>)> {
+    let bias_dims = dims(rw.graph, bias)?;
+    let missing = 4usize.saturating_sub(bias_dims.len());
+    if missing == 0 {
+        return Ok((bias.into(), bias_dims));
+    }
+    let leading: Vec<i64> = (0..missing as i64).collect();
+    let unsqueezed = if rw.opset >= 13 {
+        let axes = rw.ints("leading_axes", &leading)?;
+        rw.op("Unsqueeze", "", &[bias.into(), axes], vec![])
+    } else {
+        let axes = attr::ints("axes", &leading);
+        rw.op("Unsqueeze", "", &[bias.into()], vec![axes])
+    };
+    let mut all = vec![Dim::known(1); missing];
+    all.extend(bias_dims);
+    Ok((unsqueezed, all))
 }
 
 /// The merged-heads form (`merged_heads_attention`): every `[B·N, ·, ·]` value must merge
