@@ -144,7 +144,7 @@ fn every_wild_model_is_fused_and_runs_in_onnx_runtime() {
 /// prefill: the positions' batch of 1 folds the Expand of `inv_freq` away; GPT-J's and
 /// CodeGen's interleaved pairs, on tables `torch.gather` or indexing picks, their keys
 /// transposed from `[B, T, N, H]` at once, CodeGen's scores scaled after the mask), and more
-/// families through transformers 4.52's legacy export (Qwen3's q/k norms, StableLM's and
+/// families through transformers 4.52's legacy export, with a cache and without (Qwen3's q/k norms, StableLM's and
 /// Persimmon's partial rotary, StarCoder2, OLMo, Granite, Falcon's grouped and multi-query
 /// heads, OPT's learned positions, Gemma-2's capped scores, MPT's ALiBi before its masks):
 /// both targets fuse every attention and every RoPE (2 layers × query and key). BLOOM's
@@ -154,7 +154,7 @@ fn every_wild_model_is_fused_and_runs_in_onnx_runtime() {
 #[test]
 fn every_rope_and_attention_of_the_wild_decoder_llms_is_fused() {
     // (file name prefix, RoPEs fused)
-    const LLMS: [(&str, usize); 29] = [
+    const LLMS: [(&str, usize); 36] = [
         ("llama-past.ts14.t21", 4),
         ("llama-past.ts17.t27", 4),
         ("mistral-past.", 4),
@@ -184,6 +184,13 @@ fn every_rope_and_attention_of_the_wild_decoder_llms_is_fused() {
         ("opt-prefill.", 0),
         ("gemma2-prefill.", 4),
         ("mpt-prefill.", 0),
+        ("qwen3-past.", 4),
+        ("gemma2-past.", 4),
+        ("phi3-past.", 4),
+        ("starcoder2-past.", 4),
+        ("falcon-mq-past.", 4),
+        ("stablelm-past.", 4),
+        ("gptj-past.", 4),
     ];
     let files: Vec<String> = manifest().into_iter().map(|e| e.file).collect();
     let mut failures = Vec::new();

@@ -91,6 +91,9 @@ PLANS = {
         ("falcon-mq-prefill", "ts", 17, "eager"), ("opt-prefill", "ts", 17, "eager"),
         ("gpt-bigcode-prefill", "ts", 17, "eager"), ("bloom-prefill", "ts", 17, "eager"),
         ("mpt-prefill", "ts", 17, "eager"),
+        ("qwen3-past", "ts", 17, "eager"), ("gemma2-past", "ts", 17, "eager"), ("phi3-past", "ts", 17, "eager"),
+        ("starcoder2-past", "ts", 17, "eager"),
+        ("falcon-mq-past", "ts", 17, "eager"), ("stablelm-past", "ts", 17, "eager"), ("gptj-past", "ts", 17, "eager"),
     ],
     "t210": [  # torch 2.10.0, transformers 5.2.0, onnxscript 0.6.2
         ("bert", "dynamo", 23, "sdpa"), ("gpt2-past", "dynamo", 23, "sdpa"), ("vit", "dynamo", 23, "sdpa"),
@@ -530,23 +533,73 @@ def step_axes(ins, outs, cache_axes):
     return {k: v for k, v in axes.items() if k in ins + outs}
 
 
+def decoder_config(family, attn):
+    """(config, model class) of a tiny decoder LLM of `family`: Phi-2 and Phi-3 rotate half of each head,
+    GPT-NeoX a quarter (partial rotary); GPT-J and CodeGen rotate interleaved pairs of half of each head, before
+    the heads are transposed; 4 query heads over 2 key/value heads where the architecture groups them."""
+    import transformers as T
+    common = dict(vocab_size=V_SMALL, hidden_size=H, intermediate_size=FF, num_hidden_layers=L,
+                  num_attention_heads=NH, max_position_embeddings=128)
+    grouped = dict(common, num_key_value_heads=NH // 2)
+    interleaved = dict(vocab_size=V_SMALL, n_embd=H, n_inner=FF, n_layer=L, n_head=NH, n_positions=128,
+                       rotary_dim=H // NH // 2)
+    falcon = dict(vocab_size=V_SMALL, hidden_size=H, num_hidden_layers=L, num_attention_heads=NH,
+                  max_position_embeddings=128)
+    cfg = {
+        "llama": lambda: make_config(T.LlamaConfig, attn, **grouped),
+        "mistral": lambda: make_config(T.MistralConfig, attn, **grouped),
+        "qwen2": lambda: make_config(T.Qwen2Config, attn, **grouped),
+        "phi": lambda: make_config(T.PhiConfig, attn, partial_rotary_factor=0.5, **common),
+        "phi3": lambda: make_config(T.Phi3Config, attn, partial_rotary_factor=0.5, pad_token_id=0, **grouped),
+        "gpt-neox": lambda: make_config(T.GPTNeoXConfig, attn, rotary_pct=0.25, **common),
+        "gptj": lambda: make_config(T.GPTJConfig, attn, **interleaved),
+        "codegen": lambda: make_config(T.CodeGenConfig, attn, **interleaved),
+        "qwen3": lambda: make_config(T.Qwen3Config, attn, head_dim=H // NH, **grouped),
+        # a cap the tiny random scores reach (Gemma-2's 50 would leave them as they are)
+        "gemma2": lambda: make_config(T.Gemma2Config, attn, head_dim=H // NH, attn_logit_softcapping=0.05,
+                                      **grouped),
+        "stablelm": lambda: make_config(T.StableLmConfig, attn, partial_rotary_factor=0.25, **grouped),
+        "starcoder2": lambda: make_config(T.Starcoder2Config, attn, **grouped),
+        "olmo": lambda: make_config(T.OlmoConfig, attn, **grouped),
+        "granite": lambda: make_config(T.GraniteConfig, attn, **grouped),
+        "persimmon": lambda: make_config(T.PersimmonConfig, attn, **common),
+        "falcon": lambda: make_config(T.FalconConfig, attn, num_kv_heads=NH // 2, new_decoder_architecture=True,
+                                      **falcon),
+        "falcon-mq": lambda: make_config(T.FalconConfig, attn, alibi=False, multi_query=True, parallel_attn=True,
+                                         **falcon),
+        "opt": lambda: make_config(T.OPTConfig, attn, vocab_size=V_SMALL, hidden_size=H, ffn_dim=FF,
+                                   num_hidden_layers=L, num_attention_heads=NH, max_position_embeddings=128,
+                                   word_embed_proj_dim=H),
+        "gpt-bigcode": lambda: make_config(T.GPTBigCodeConfig, attn, vocab_size=V_SMALL, n_embd=H, n_layer=L,
+                                           n_head=NH, n_inner=FF, n_positions=128, multi_query=True),
+        "bloom": lambda: make_config(T.BloomConfig, attn, vocab_size=V_SMALL, hidden_size=H, n_layer=L, n_head=NH),
+        "mpt": lambda: make_config(T.MptConfig, attn, vocab_size=V_SMALL, d_model=H, n_heads=NH, n_layers=L,
+                                   expansion_ratio=FF // H, max_seq_len=128),
+    }[family]()
+    return cfg, T.AutoModelForCausalLM.from_config(cfg).__class__
+
+
+def cache_heads(cfg):
+    """Key/value heads of a decoder's cache."""
+    if getattr(cfg, "multi_query", False) and not getattr(cfg, "new_decoder_architecture", False):
+        return 1
+    for name in ("num_key_value_heads", "num_kv_heads"):
+        n = getattr(cfg, name, None)
+        if n:
+            return n
+    return NH
+
+
 def llm_past(arch, attn, seed):
-    """Decoder LLM step with a KV cache (Llama, Mistral, Qwen2: 4 query heads over 2 key/value heads, RoPE,
-    RMSNorm, SiLU-gated MLP): input_ids, attention_mask, position_ids, past_key_values.<i>.key/value -> logits,
-    present.<i>.key/value (the layout of Optimum's text-generation-with-past and of testdata/llm's `past` form).
-    Positions follow the mask (cumsum - 1, 1 where masked), as transformers' generate feeds them."""
+    """Decoder LLM step with a KV cache (Llama, Mistral, Qwen2 and the families of `decoder_config`): input_ids,
+    attention_mask, position_ids, past_key_values.<i>.key/value -> logits, present.<i>.key/value (the layout of
+    Optimum's text-generation-with-past and of testdata/llm's `past` form). Positions follow the mask (cumsum - 1,
+    1 where masked), as transformers' generate feeds them."""
     torch = _torch()
     import numpy as np
-    import transformers as T
-    family = arch[:-len("-past")]
-    config_cls, model_cls = {"llama": (T.LlamaConfig, "LlamaForCausalLM"),
-                             "mistral": (T.MistralConfig, "MistralForCausalLM"),
-                             "qwen2": ("Qwen2Config", "Qwen2ForCausalLM")}[family]
-    config_cls = getattr(T, config_cls) if isinstance(config_cls, str) else config_cls
-    kv_heads = NH // 2
-    cfg = make_config(config_cls, attn, vocab_size=V_SMALL, hidden_size=H, intermediate_size=FF, num_hidden_layers=L,
-                      num_attention_heads=NH, num_key_value_heads=kv_heads, max_position_embeddings=128)
-    full = build(getattr(T, model_cls), cfg, seed)
+    cfg, cls = decoder_config(arch[:-len("-past")], attn)
+    kv_heads = cache_heads(cfg)
+    full = build(cls, cfg, seed)
     nl = L
 
     class D(torch.nn.Module):
@@ -581,55 +634,9 @@ def llm_past(arch, attn, seed):
 
 def llm_prefill(arch, attn, seed):
     """Decoder LLM without a cache, as an embedding model or a first step runs it: input_ids, attention_mask ->
-    logits, on the text batches (row 1 right-padded). Phi-2 and Phi-3 rotate half of each head, GPT-NeoX a quarter
-    (partial rotary); Phi-3 groups 4 query heads over 2 key/value heads. GPT-J and CodeGen rotate interleaved pairs
-    of half of each head, before the heads are transposed."""
+    logits, on the text batches (row 1 right-padded); the families of `decoder_config`."""
     torch = _torch()
-    import transformers as T
-    family = arch[:-len("-prefill")]
-    common = dict(vocab_size=V_SMALL, hidden_size=H, intermediate_size=FF, num_hidden_layers=L,
-                  num_attention_heads=NH, max_position_embeddings=128)
-    if family == "phi":
-        cfg, cls = make_config(T.PhiConfig, attn, partial_rotary_factor=0.5, **common), T.PhiForCausalLM
-    elif family == "phi3":
-        cfg, cls = make_config(T.Phi3Config, attn, partial_rotary_factor=0.5, num_key_value_heads=NH // 2,
-                               pad_token_id=0, **common), T.Phi3ForCausalLM
-    elif family == "gpt-neox":
-        cfg, cls = make_config(T.GPTNeoXConfig, attn, rotary_pct=0.25, **common), T.GPTNeoXForCausalLM
-    elif family in ("gptj", "codegen"):
-        config_cls, cls = {"gptj": (T.GPTJConfig, T.GPTJForCausalLM),
-                           "codegen": (T.CodeGenConfig, T.CodeGenForCausalLM)}[family]
-        cfg = make_config(config_cls, attn, vocab_size=V_SMALL, n_embd=H, n_inner=FF, n_layer=L, n_head=NH,
-                          n_positions=128, rotary_dim=H // NH // 2)
-    else:
-        # more decoder families (grouped KV heads where the architecture has them)
-        grouped = dict(common, num_key_value_heads=NH // 2)
-        cfg = {
-            "qwen3": lambda: make_config(T.Qwen3Config, attn, head_dim=H // NH, **grouped),
-            # a cap the tiny random scores reach (Gemma-2's 50 would leave them as they are)
-            "gemma2": lambda: make_config(T.Gemma2Config, attn, head_dim=H // NH, attn_logit_softcapping=0.05,
-                                          **grouped),
-            "stablelm": lambda: make_config(T.StableLmConfig, attn, partial_rotary_factor=0.25, **grouped),
-            "starcoder2": lambda: make_config(T.Starcoder2Config, attn, **grouped),
-            "olmo": lambda: make_config(T.OlmoConfig, attn, **grouped),
-            "granite": lambda: make_config(T.GraniteConfig, attn, **grouped),
-            "persimmon": lambda: make_config(T.PersimmonConfig, attn, **common),
-            "falcon": lambda: make_config(T.FalconConfig, attn, vocab_size=V_SMALL, hidden_size=H, num_hidden_layers=L,
-                                          num_attention_heads=NH, num_kv_heads=NH // 2, new_decoder_architecture=True,
-                                          max_position_embeddings=128),
-            "falcon-mq": lambda: make_config(T.FalconConfig, attn, vocab_size=V_SMALL, hidden_size=H, num_hidden_layers=L,
-                                             num_attention_heads=NH, alibi=False, multi_query=True, parallel_attn=True,
-                                             max_position_embeddings=128),
-            "opt": lambda: make_config(T.OPTConfig, attn, vocab_size=V_SMALL, hidden_size=H, ffn_dim=FF,
-                                       num_hidden_layers=L, num_attention_heads=NH, max_position_embeddings=128,
-                                       word_embed_proj_dim=H),
-            "gpt-bigcode": lambda: make_config(T.GPTBigCodeConfig, attn, vocab_size=V_SMALL, n_embd=H, n_layer=L,
-                                               n_head=NH, n_inner=FF, n_positions=128, multi_query=True),
-            "bloom": lambda: make_config(T.BloomConfig, attn, vocab_size=V_SMALL, hidden_size=H, n_layer=L, n_head=NH),
-            "mpt": lambda: make_config(T.MptConfig, attn, vocab_size=V_SMALL, d_model=H, n_heads=NH, n_layers=L,
-                                       expansion_ratio=FF // H, max_seq_len=128),
-        }[family]()
-        cls = T.AutoModelForCausalLM.from_config(cfg).__class__
+    cfg, cls = decoder_config(arch[:-len("-prefill")], attn)
     full = build(cls, cfg, seed)
 
     class P(torch.nn.Module):
@@ -702,8 +709,8 @@ for _a in ("t5-dec-past", "bart-dec-past", "whisper-dec-past"):
     BUILDERS[_a] = seq2seq_decoder
 BUILDERS["gpt2-past"] = BUILDERS["gpt2-past1"] = gpt2_past
 BUILDERS["st-mpnet"] = BUILDERS["st-bert"] = sentence_transformer
-for _a in ("llama-past", "mistral-past", "qwen2-past"):
-    BUILDERS[_a] = llm_past
+for _a in ("llama", "mistral", "qwen2", "qwen3", "gemma2", "phi3", "starcoder2", "falcon-mq", "stablelm", "gptj"):
+    BUILDERS[_a + "-past"] = llm_past
 for _a in ("phi", "phi3", "gpt-neox", "gptj", "codegen", "qwen3", "gemma2", "stablelm", "starcoder2", "olmo",
            "granite", "persimmon", "falcon", "falcon-mq", "opt", "gpt-bigcode", "bloom", "mpt"):
     BUILDERS[_a + "-prefill"] = llm_prefill
@@ -722,6 +729,13 @@ ARCH_NAMES = {
     "llama-past": "Llama LM step with past (grouped KV heads, RoPE, RMSNorm, SiLU-gated MLP)",
     "mistral-past": "Mistral LM step with past (grouped KV heads)",
     "qwen2-past": "Qwen2 LM step with past (grouped KV heads, QKV biases)",
+    "qwen3-past": "Qwen3 LM step with past (q/k RMSNorms, grouped KV heads)",
+    "gemma2-past": "Gemma-2 LM step with past (soft-capped attention logits)",
+    "phi3-past": "Phi-3 LM step with past (packed QKV and gate/up, half of each head rotated)",
+    "starcoder2-past": "StarCoder2 LM step with past (grouped KV heads, biases)",
+    "falcon-mq-past": "Falcon-RW style LM step with past (multi-query: one KV head)",
+    "stablelm-past": "StableLM LM step with past (a quarter of each head rotated)",
+    "gptj-past": "GPT-J LM step with past (interleaved rotary pairs)",
     "phi-prefill": "Phi-2 LM without cache (half of each head rotated)",
     "phi3-prefill": "Phi-3 LM without cache (grouped KV heads, half of each head rotated)",
     "gpt-neox-prefill": "GPT-NeoX LM without cache (a quarter of each head rotated, parallel residual)",
