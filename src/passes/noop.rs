@@ -1,6 +1,7 @@
 //! No-op and redundant chains: nodes that return their input, and pairs of nodes whose work
 //! one node (or none) does. One rewrite family per file:
 //!
+//! - `arith`: a Mul by ones, an Add of zeros.
 //! - `cast`: a Cast to the type its input has; a Cast after a lossless Cast.
 //! - `transpose`: an identity Transpose; a Transpose after a Transpose.
 //! - `shape`: a Reshape or Expand to the shape its input has; a Reshape after a Reshape; a
@@ -12,6 +13,7 @@
 //! `matching::bypass`). The pass applies to each node the first rule that matches it
 //! (`matching::rewrite_each`).
 
+mod arith;
 mod cast;
 mod shape;
 mod transpose;
@@ -33,6 +35,8 @@ const RULES: &[Rule] = &[
     shape::reshape_chain,
     shape::squeeze_pair,
     shape::expand_noop,
+    arith::mul_one,
+    arith::add_zeros,
 ];
 
 pub struct NoOpElimination;
