@@ -19,7 +19,9 @@
 //! Also (see each pattern's doc): heads merged into the batch (`attention-3d`), the standard
 //! `Attention` op (`attention-op`), and `torch.nn.MultiheadAttention`'s sequence-first layout
 //! (`attention-seq-first`, fused on Q, K and V transposed batch first), and the grouped-query
-//! attention of decoder LLMs on rotated heads and a cache (`attention-grouped`, `grouped.rs`).
+//! attention of decoder LLMs on rotated heads and a cache (`attention-grouped`, `grouped.rs`),
+//! and multi-query attention with the query heads folded into the rows (`attention-query-rows`,
+//! GPT-BigCode, `query_rows.rs`).
 //!
 //! The additive bias carries everything masks do (padding as `Where(mask, 0, -inf)`, GPT-2's
 //! causal mask folded into it, T5's relative position bias), so no mask form is special. A
@@ -56,6 +58,7 @@ use crate::ops::weights::plain_gemm_trans_b;
 use crate::proto::AttributeProto;
 
 mod grouped;
+mod query_rows;
 
 const ATTENTION_OPSET: i64 = 23;
 /// The largest fill `is_mask_fill` takes for a masked score: -10000, what BERT-era exports
@@ -100,6 +103,11 @@ impl Fusion for AttentionFusion {
                 kind: "attention-grouped-op",
                 pattern: grouped::standard_op(),
                 build: grouped::build_grouped,
+            },
+            Rule {
+                kind: "attention-query-rows",
+                pattern: query_rows::folded_rows(),
+                build: query_rows::build_folded,
             },
         ]
     }

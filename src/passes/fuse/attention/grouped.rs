@@ -332,7 +332,7 @@ const MASKED: f32 = -1e30;
 /// row is uniform). `MASKED` keeps the graph's arithmetic: a score below 3.8e22 in magnitude
 /// plus -1e30 rounds to -1e30 (the row stays uniform), and `exp(-1e30 - max)` is 0 as
 /// `exp(lowest - max)` is; -inf and every other value pass through unchanged.
-fn lowest_as_masked(rw: &mut Rewrite, bias: PValue) -> Checked<PValue> {
+pub(super) fn lowest_as_masked(rw: &mut Rewrite, bias: PValue) -> Checked<PValue> {
     let scalar = |name: &str, v: f32| {
         Tensor::from_f32(name, &[], &[v]).map_err(|e| Declined::Refused(e.to_string()))
     };
