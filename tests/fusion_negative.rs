@@ -289,6 +289,17 @@ fn cached_rope_at(sin_skew: f32, opset: i64) -> Model {
         ints("end", &[i64::MAX]),
         ints("last", &[-1]),
     ];
+    rope_model(opset, nodes, constants, (&[2, 3, 8], &[2, 2, 3, 4]))
+}
+
+/// A RoPE test graph at the default-domain `opset`: inputs x: f32 of `dims.0` and
+/// position_ids: i64[2, 3], output y: f32 of `dims.1`.
+fn rope_model(
+    opset: i64,
+    nodes: Vec<NodeProto>,
+    constants: Vec<Tensor>,
+    dims: (&[i64], &[i64]),
+) -> Model {
     Model::from_proto(ModelProto {
         ir_version: Some(8),
         opset_import: vec![OperatorSetIdProto {
@@ -296,14 +307,14 @@ fn cached_rope_at(sin_skew: f32, opset: i64) -> Model {
             version: Some(opset),
         }],
         graph: Some(GraphProto {
-            name: Some("cached_rope".into()),
+            name: Some("rope".into()),
             node: nodes,
             initializer: constants.into_iter().map(Tensor::into_proto).collect(),
             input: vec![
-                typed_value("x", DataType::Float, &[2, 3, 8]),
+                typed_value("x", DataType::Float, dims.0),
                 typed_value("position_ids", DataType::Int64, &[2, 3]),
             ],
-            output: vec![typed_value("y", DataType::Float, &[2, 2, 3, 4])],
+            output: vec![typed_value("y", DataType::Float, dims.1)],
             ..Default::default()
         }),
         ..Default::default()
@@ -450,26 +461,7 @@ fn interleaved_rope(form: Interleaving) -> Model {
         ints("end", &[i64::MAX]),
         ints("last", &[-1]),
     ];
-    Model::from_proto(ModelProto {
-        ir_version: Some(8),
-        opset_import: vec![OperatorSetIdProto {
-            domain: Some(String::new()),
-            version: Some(17),
-        }],
-        graph: Some(GraphProto {
-            name: Some("interleaved_rope".into()),
-            node: nodes,
-            initializer: constants.into_iter().map(Tensor::into_proto).collect(),
-            input: vec![
-                typed_value("x", DataType::Float, &[2, 3, 2, 4]),
-                typed_value("position_ids", DataType::Int64, &[2, 3]),
-            ],
-            output: vec![typed_value("y", DataType::Float, &[2, 3, 2, 4])],
-            ..Default::default()
-        }),
-        ..Default::default()
-    })
-    .unwrap()
+    rope_model(17, nodes, constants, (&[2, 3, 2, 4], &[2, 3, 2, 4]))
 }
 
 /// GPT-J's interleaved RoPE fuses (and gives the original's outputs in tract); the same

@@ -150,16 +150,25 @@ pub(super) fn standard_op() -> Pat {
 
 /// `[B, N, T, H]` with N and H known: (B, N, T, H).
 fn heads_of(g: &Graph, v: ValueId) -> Checked<(Dim, i64, Dim, i64)> {
-    match dims(g, v)?.as_slice() {
-        [b, n, t, h] => match (n.value(), h.value()) {
-            (Some(n), Some(h)) => Ok((b.clone(), n, t.clone(), h)),
-            _ => Err(Declined::NotProven(format!(
-                "{} has a known head count and head size",
-                shown(g, v)
-            ))),
-        },
+    heads_in(g, v, false)
+}
+
+/// (B, N, T, H) of `v`, `[B, N, T, H]`, or `[B, T, N, H]` when `seq_first`, with N and H
+/// known.
+fn heads_in(g: &Graph, v: ValueId, seq_first: bool) -> Checked<(Dim, i64, Dim, i64)> {
+    let layout = match seq_first {
+        true => "[batch, length, heads, head size]",
+        false => "[batch, heads, length, head size]",
+    };
+    let found = match dims(g, v)?.as_slice() {
+        [b, n, t, h] if !seq_first => Some((b.clone(), n.value(), t.clone(), h.value())),
+        [b, t, n, h] => Some((b.clone(), n.value(), t.clone(), h.value())),
+        _ => None,
+    };
+    match found {
+        Some((b, Some(n), t, Some(h))) => Ok((b, n, t, h)),
         _ => Err(Declined::NotProven(format!(
-            "{} is [batch, heads, length, head size]",
+            "{} is {layout} with a known head count and head size",
             shown(g, v)
         ))),
     }
@@ -250,16 +259,11 @@ fn check_kv(
 /// Keys `[B, T, N, H]` (`k_seq_first`): (B, N, T, H), with as many heads as the query (no
 /// repeat or cache is matched in this layout).
 fn seq_first_keys(g: &Graph, k: ValueId, q_heads: i64) -> Checked<(Dim, i64, Dim, i64)> {
-    match dims(g, k)?.as_slice() {
-        [b, t, n, h] => match (n.value(), h.value()) {
-            (Some(n), Some(h)) if n == q_heads => Ok((b.clone(), n, t.clone(), h)),
-            _ => Err(Declined::NotProven(format!(
-                "{} is [batch, length, {q_heads} heads, head size]",
-                shown(g, k)
-            ))),
-        },
-        _ => Err(Declined::NotProven(format!(
-            "{} is [batch, length, {q_heads} heads, head size]",
+    let (b, n, t, h) = heads_in(g, k, true)?;
+    match n == q_heads {
+        true => Ok((b, n, t, h)),
+        false => Err(Declined::Mismatch(format!(
+            "{} has {n} heads, the query {q_heads}",
             shown(g, k)
         ))),
     }
