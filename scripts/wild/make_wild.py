@@ -90,7 +90,7 @@ PLANS = {
         ("persimmon-prefill", "ts", 17, "eager"), ("falcon-prefill", "ts", 17, "eager"),
         ("falcon-mq-prefill", "ts", 17, "eager"), ("opt-prefill", "ts", 17, "eager"),
         ("gpt-bigcode-prefill", "ts", 17, "eager"), ("bloom-prefill", "ts", 17, "eager"),
-        ("mpt-prefill", "ts", 17, "eager"),
+        ("mpt-prefill", "ts", 17, "eager"), ("mixtral-prefill", "ts", 17, "eager"),
         ("qwen3-past", "ts", 17, "eager"), ("gemma2-past", "ts", 17, "eager"), ("phi3-past", "ts", 17, "eager"),
         ("starcoder2-past", "ts", 17, "eager"),
         ("falcon-mq-past", "ts", 17, "eager"), ("stablelm-past", "ts", 17, "eager"), ("gptj-past", "ts", 17, "eager"),
@@ -575,6 +575,9 @@ def decoder_config(family, attn):
         "bloom": lambda: make_config(T.BloomConfig, attn, vocab_size=V_SMALL, hidden_size=H, n_layer=L, n_head=NH),
         "mpt": lambda: make_config(T.MptConfig, attn, vocab_size=V_SMALL, d_model=H, n_heads=NH, n_layers=L,
                                    expansion_ratio=FF // H, max_seq_len=128),
+        # experts of a quarter of the FFN, to keep the file under 1 MiB
+        "mixtral": lambda: make_config(T.MixtralConfig, attn, num_local_experts=4, num_experts_per_tok=2,
+                                       **dict(grouped, intermediate_size=FF // 4)),
     }[family]()
     return cfg, T.AutoModelForCausalLM.from_config(cfg).__class__
 
@@ -712,7 +715,7 @@ BUILDERS["st-mpnet"] = BUILDERS["st-bert"] = sentence_transformer
 for _a in ("llama", "mistral", "qwen2", "qwen3", "gemma2", "phi3", "starcoder2", "falcon-mq", "stablelm", "gptj"):
     BUILDERS[_a + "-past"] = llm_past
 for _a in ("phi", "phi3", "gpt-neox", "gptj", "codegen", "qwen3", "gemma2", "stablelm", "starcoder2", "olmo",
-           "granite", "persimmon", "falcon", "falcon-mq", "opt", "gpt-bigcode", "bloom", "mpt"):
+           "granite", "persimmon", "falcon", "falcon-mq", "opt", "gpt-bigcode", "bloom", "mpt", "mixtral"):
     BUILDERS[_a + "-prefill"] = llm_prefill
 
 ARCH_NAMES = {
@@ -754,6 +757,7 @@ ARCH_NAMES = {
     "gpt-bigcode-prefill": "GPT-BigCode (StarCoder) LM without cache (multi-query attention)",
     "bloom-prefill": "BLOOM LM without cache (ALiBi)",
     "mpt-prefill": "MPT LM without cache (ALiBi, no biases)",
+    "mixtral-prefill": "Mixtral LM without cache (sparse mixture of 4 experts, 2 per token)",
     "t5-dec-past": "T5 v1.1 decoder step with past (self + cross KV inputs) + scaled tied LM head",
     "bart-dec-past": "BART decoder step with past (self + cross KV inputs) + LM head + final_logits_bias",
     "gpt2-past": "GPT-2 LM step, per-layer past key/value inputs, present outputs",
