@@ -160,19 +160,24 @@ fn read_part(m: &Match, rw: &Rewrite, name: &'static str, rot: i64) -> Option<Pa
     }
     let (split_id, slot) = g.value(part).producer?;
     let split = g.node(split_id);
-    let rows = split.input(0)?;
-    let (positions, table) = read_rows(rw, rows)?;
-    // The part's columns: the Split's sizes (an input from opset 13, else equal parts).
     let axis = attr::get_int(&split.proto, "axis").unwrap_or(0);
-    let row_width = dims(g, rows)?.last()?.value()?;
-    let sizes = match split.input(1) {
-        Some(v) => ints(g, v)?,
-        None => vec![row_width / split.outputs.len() as i64; split.outputs.len()],
-    };
-    if !split.is("Split") || !(axis == -1 || axis == 2) || sizes.iter().sum::<i64>() != row_width {
+    if !split.is("Split") || !(axis == -1 || axis == 2) {
         return None;
     }
-    let start = sizes[..slot].iter().sum::<i64>() as usize;
+    let rows = split.input(0)?;
+    let (positions, table) = read_rows(rw, rows)?;
+    // The part's columns: the Split's sizes (an input from opset 13, an attribute before,
+    // else equal parts).
+    let row_width = dims(g, rows)?.last()?.value()?;
+    let sizes = match (split.input(1), attr::get_ints(&split.proto, "split")) {
+        (Some(v), _) => ints(g, v)?,
+        (None, Some(sizes)) => sizes.to_vec(),
+        (None, None) => vec![row_width / split.outputs.len() as i64; split.outputs.len()],
+    };
+    if sizes.iter().sum::<i64>() != row_width {
+        return None;
+    }
+    let start = sizes.get(..slot)?.iter().sum::<i64>() as usize;
     let half = (rot / 2) as usize;
     if sizes.get(slot) != Some(&(half as i64)) {
         return None;
