@@ -287,6 +287,15 @@ fn write_quantization(f: &mut fmt::Formatter<'_>, q: &QuantReport) -> fmt::Resul
                 masks.join(", ")
             )?;
         }
+        if !c.unobserved.is_empty() {
+            writeln!(
+                f,
+                "  {} activations held no finite value in any batch (nothing was routed there): \
+                 their readers stay float ({})",
+                c.unobserved.len(),
+                c.unobserved.join(", ")
+            )?;
+        }
         if !c.masked.is_empty() {
             let total: u64 = c.masked.values().sum();
             writeln!(

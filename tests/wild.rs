@@ -308,3 +308,29 @@ fn explain_names_why_blocks_stay_unfused() {
     );
     insta::assert_snapshot!(text);
 }
+
+/// Static INT8 of a mixture of experts: an expert no calibration token is routed to sees an
+/// empty activation, with no range; its readers stay float (the run was refused before) and
+/// the report names the activations.
+#[test]
+fn static_int8_keeps_experts_calibration_never_reached_float() {
+    let file = "mixtral-prefill.ts17.t27.eager.onnx";
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join(file);
+    let run = std::process::Command::new(env!("CARGO_BIN_EXE_onnxopt"))
+        .args(["optimize", "--int8", "--calib"])
+        .arg(common::testdata(
+            "wild/calib/mixtral-prefill.ts17.t27.eager",
+        ))
+        .arg(path_of(file))
+        .arg(&out)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&run.stdout);
+    assert!(run.status.success(), "{run:?}");
+    assert!(
+        stdout.contains("held no finite value in any batch (nothing was routed there)"),
+        "{stdout}"
+    );
+    assert!(out.exists());
+}

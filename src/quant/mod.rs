@@ -17,7 +17,7 @@ pub mod weight_only;
 
 use std::collections::BTreeMap;
 
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::exec::Batch;
 use crate::ir::Model;
 use crate::passes::Rewrites;
@@ -107,8 +107,9 @@ pub fn quantize_static(
     let (unpacked, smoothing) = prepare_float(model, batches, &options.qdq, options.smooth_quant)?;
     let names = qdq::activations_to_calibrate(model, &options.qdq);
     let calibration = calibrate::calibrate(model, &names, batches, options.method, on_batch)?;
+    let qdq_options = keeping_unobserved_float(model, &options.qdq, &calibration.unobserved)?;
     let (mut rewrites, already_quantized) =
-        match qdq::insert_qdq(model, &calibration.ranges, &options.qdq)? {
+        match qdq::insert_qdq(model, &calibration.ranges, &qdq_options)? {
             QdqOutcome::Quantized(rewrites) => (rewrites, Vec::new()),
             QdqOutcome::AlreadyQuantized { operators } => (Rewrites::default(), operators),
         };
@@ -123,6 +124,36 @@ pub fn quantize_static(
         smoothing,
         weight_only: None,
     })
+}
+
+/// `options` with the readers of the `unobserved` activations (no finite value in any
+/// calibration batch, so no range) excluded: they stay float, and so does what only they read.
+/// A reader without a name cannot be excluded: the activation is then refused as before.
+fn keeping_unobserved_float(
+    model: &Model,
+    options: &qdq::QdqOptions,
+    unobserved: &[String],
+) -> Result<qdq::QdqOptions> {
+    let mut kept = options.clone();
+    let g = &model.graph;
+    for name in unobserved {
+        let value = g.find_value(name).ok_or_else(|| {
+            Error::Quantization(format!("activation `{name}` is not in the model"))
+        })?;
+        for (reader, _) in g.uses(value) {
+            let reader = g.node(*reader).name();
+            if reader.is_empty() {
+                return Err(Error::Quantization(format!(
+                    "activation `{name}` held no finite value in any calibration batch, and an \
+                     unnamed node reads it (it cannot be kept float)"
+                )));
+            }
+            kept.selection
+                .exclude
+                .push(qdq::Selector::Name(reader.to_string()));
+        }
+    }
+    Ok(kept)
 }
 
 /// The float rewrites every quantizer starts with, in this order: for ONNX Runtime, the

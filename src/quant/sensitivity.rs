@@ -73,6 +73,12 @@ pub fn quantize_static_auto_exclude(
         options.method,
         &|done, total| on_step("calibrating", done, total),
     )?;
+    // What calibration saw nothing of stays float in every candidate.
+    let kept = StaticOptions {
+        qdq: super::keeping_unobserved_float(&float, &options.qdq, &calibration.unobserved)?,
+        ..options.clone()
+    };
+    let options = &kept;
     let layers = qdq::quantized_layers(&float, &options.qdq);
     let cannot_validate = |e| Error::Quantization(format!("cannot validate: {e}"));
     // The float model's outputs, once for every candidate.

@@ -123,6 +123,9 @@ pub struct Calibration {
     /// Observed tensors whose padded positions were left out, with the mask input that said
     /// which.
     pub unpadded: BTreeMap<String, String>,
+    /// Tensors that held no finite value in any batch (an expert of a mixture no calibration
+    /// token was routed to is empty): they have no range, and their readers stay float.
+    pub unobserved: Vec<String>,
 }
 
 /// Runs `model` on `batches` and computes the range `method` gives for each of `names`.
@@ -168,16 +171,17 @@ pub fn calibrate(
     }
     let mut ranges = Ranges::new();
     let mut masked = BTreeMap::new();
+    let mut unobserved = Vec::new();
     for (name, observer) in names.iter().zip(&observers) {
         if observer.masked > 0 {
             masked.insert(name.clone(), observer.masked);
         }
-        let range = observer.range(method).ok_or_else(|| {
-            Error::Quantization(format!(
-                "activation `{name}` held no finite value in any calibration batch"
-            ))
-        })?;
-        ranges.insert(name.clone(), range);
+        match observer.range(method) {
+            Some(range) => {
+                ranges.insert(name.clone(), range);
+            }
+            None => unobserved.push(name.clone()),
+        }
     }
     let unpadded = names
         .iter()
@@ -191,6 +195,7 @@ pub fn calibrate(
         ranges,
         masked,
         unpadded,
+        unobserved,
     })
 }
 
