@@ -469,7 +469,17 @@ pub fn lower_softcap(g: &Graph, id: NodeId, node: &Node) -> Option<Patch> {
         let tensor = Tensor::from_i64(name, &[values.len() as i64], values).ok()?;
         Some(patch.new_initializer(name, tensor))
     };
-    // Keys and values after their past (the presents), repeated for grouped heads.
+    // Keys and values after their past (the presents), repeated for grouped heads: each
+    // head r times along a new axis 2, merged into the heads.
+    let repeats = q_heads / kv_heads;
+    let repeat = match repeats {
+        1 => None,
+        _ => Some((
+            ints(&mut patch, "repeat_axis", &[2])?,
+            ints(&mut patch, "repeats", &[1, 1, repeats, 1, 1])?,
+            ints(&mut patch, "repeated_heads", &[0, q_heads, -1, head])?,
+        )),
+    };
     let mut all = Vec::with_capacity(2);
     for (new, past, present) in [(k, 4, 1), (v, 5, 2)] {
         let total = match node.input(past) {
@@ -484,16 +494,13 @@ pub fn lower_softcap(g: &Graph, id: NodeId, node: &Node) -> Option<Patch> {
         if let Some(present) = node.output(present) {
             patch.replace_uses(present, total);
         }
-        let repeats = q_heads / kv_heads;
-        let total = if repeats == 1 {
-            total
-        } else {
-            let axis = ints(&mut patch, "repeat_axis", &[2])?;
-            let times = ints(&mut patch, "repeats", &[1, 1, repeats, 1, 1])?;
-            let heads = ints(&mut patch, "repeated_heads", &[0, q_heads, -1, head])?;
-            let unsqueezed = patch.op("Unsqueeze", "", &[total, axis], vec![]);
-            let expanded = patch.op("Expand", "", &[unsqueezed, times], vec![]);
-            patch.op("Reshape", "", &[expanded, heads], vec![])
+        let total = match repeat {
+            None => total,
+            Some((axis, times, heads)) => {
+                let unsqueezed = patch.op("Unsqueeze", "", &[total, axis], vec![]);
+                let expanded = patch.op("Expand", "", &[unsqueezed, times], vec![]);
+                patch.op("Reshape", "", &[expanded, heads], vec![])
+            }
         };
         all.push(total);
     }

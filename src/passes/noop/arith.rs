@@ -10,7 +10,8 @@
 //! and infinities included (`-0 + 0` gives `+0`, which compares equal).
 
 use super::super::matching::{bypass, op_node};
-use crate::ir::{attr, DataType, DataTypeExt, Dim, Graph, NodeId, Patch, Tensor, ValueId};
+use super::shape::same_shape;
+use crate::ir::{attr, DataType, DataTypeExt, Graph, NodeId, Patch, Tensor, ValueId};
 
 pub fn mul_one(g: &Graph, id: NodeId) -> Option<Patch> {
     let node = op_node(g, id, "Mul")?;
@@ -43,14 +44,10 @@ fn operands(
         let keeps = g.value_type(x).is_some_and(|t| {
             t.elem == out_type.elem
                 && DataType::try_from(t.elem).is_ok_and(|d| d.is_float())
-                && t.shape.is_some_and(|d| same(&d, &out_dims))
+                && t.shape.is_some_and(|d| same_shape(&d, &out_dims))
         });
         keeps && is_identity(g, other) == Some(true)
     })
-}
-
-fn same(a: &[Dim], b: &[Dim]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).all(|(x, y)| x.same(y))
 }
 
 /// Every element of `t` is `v`.

@@ -96,7 +96,7 @@ fn dims(g: &Graph, v: ValueId) -> Option<Vec<Dim>> {
 
 /// True when the two shapes are provably equal: same rank, and each dim the same size or
 /// the same symbol.
-fn same_shape(a: &[Dim], b: &[Dim]) -> bool {
+pub(super) fn same_shape(a: &[Dim], b: &[Dim]) -> bool {
     a.len() == b.len() && a.iter().zip(b).all(|(x, y)| x.same(y))
 }
 

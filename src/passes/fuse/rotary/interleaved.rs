@@ -30,7 +30,7 @@
 //! which the Gathers count from the end, the fused operator refuses (as the rotate-half rule's
 //! cached tables).
 
-use super::{contrib_operator, int64_constant, rotary_node, slices_last_axis, to_batch};
+use super::{contrib_operator, int64_constant, position_ids, rotary_node, slices_last_axis};
 use crate::ir::{attr, DataType, Dim, Graph, Tensor, ValueId};
 use crate::ops::rotary::rotary_inputs;
 use crate::passes::fuse::pattern::{add, any, constant, either, int_attr_is, mul, op, unary};
@@ -236,10 +236,9 @@ fn read_rows(rw: &Rewrite, rows: ValueId) -> Option<(ValueId, Tensor)> {
         }
         None => true,
     };
-    let typed = table.dtype() == DataType::Float
-        && [DataType::Int64 as i32, DataType::Int32 as i32]
-            .contains(&g.value_type(positions)?.elem);
-    (table_ok && index_ok && tiled_ok && typed && r_batch.same(p_batch) && r_seq.same(p_seq))
+    // The positions' type `position_ids` checks.
+    let float_table = table.dtype() == DataType::Float;
+    (table_ok && index_ok && tiled_ok && float_table && r_batch.same(p_batch) && r_seq.same(p_seq))
         .then_some((positions, table))
 }
 
@@ -290,18 +289,7 @@ pub(super) fn interleaved(m: &Match, rw: &mut Rewrite) -> Option<()> {
         Layout::SeqHeads => (&x_dims[1], Some(x_dims[2].value()?)),
         Layout::HeadsSeq => (&x_dims[2], None),
     };
-    let positions_type = g.value_type(cos.positions)?;
-    let position_dims = positions_type.shape?;
-    if !position_dims.get(1)?.same(seq) {
-        return None;
-    }
-    let ids = if positions_type.elem == DataType::Int64 as i32 {
-        cos.positions.into()
-    } else {
-        let int64 = attr::int("to", DataType::Int64 as i64);
-        rw.op("Cast", "", &[cos.positions.into()], vec![int64])
-    };
-    let ids = to_batch(rw, x, ids, &position_dims[0])?;
+    let ids = position_ids(rw, x, seq, cos.positions)?;
     let caches = [
         rw.constant("rotary_cos_cache", cos.cache),
         rw.constant("rotary_sin_cache", sin.cache),

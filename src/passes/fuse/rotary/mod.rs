@@ -492,15 +492,10 @@ fn cached_caches(
     let g = rw.graph;
     let x_type = g.value_type(x)?;
     let head = x_type.shape.as_ref()?.last()?.value()?;
-    let ids_type = g.value_type(positions)?;
-    let ids_dims = ids_type.shape.clone()?;
-    let [ids_batch, ids_seq] = &ids_dims[..] else {
-        return None;
-    };
-    let integer = [DataType::Int64 as i32, DataType::Int32 as i32].contains(&ids_type.elem);
-    if !integer || !ids_seq.same(seq) || x_type.elem != DataType::Float as i32 {
+    if x_type.elem != DataType::Float as i32 {
         return None;
     }
+    let ids = position_ids(rw, x, seq, positions)?;
     let mut caches = Vec::with_capacity(2);
     for (table, name) in tables
         .into_iter()
@@ -526,12 +521,26 @@ fn cached_caches(
         let cache = Tensor::from_f32(name, &[*rows, head / 2], &first).ok()?;
         caches.push(rw.constant(name, cache));
     }
+    Some((ids, [caches[0], caches[1]]))
+}
+
+/// Integer `positions` `[batch | 1, seq]`, with `seq` x's, as the operators' ids: int64 (cast
+/// from int32), expanded to x's batch (`to_batch`).
+fn position_ids(rw: &mut Rewrite, x: ValueId, seq: &Dim, positions: ValueId) -> Option<PValue> {
+    let ids_type = rw.graph.value_type(positions)?;
+    let ids_dims = ids_type.shape?;
+    let [ids_batch, ids_seq] = &ids_dims[..] else {
+        return None;
+    };
+    let integer = [DataType::Int64 as i32, DataType::Int32 as i32].contains(&ids_type.elem);
+    if !integer || !ids_seq.same(seq) {
+        return None;
+    }
     let ids = if ids_type.elem == DataType::Int64 as i32 {
         positions.into()
     } else {
         let int64 = attr::int("to", DataType::Int64 as i64);
         rw.op("Cast", "", &[positions.into()], vec![int64])
     };
-    let ids = to_batch(rw, x, ids, ids_batch)?;
-    Some((ids, [caches[0], caches[1]]))
+    to_batch(rw, x, ids, ids_batch)
 }
