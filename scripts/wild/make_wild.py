@@ -91,6 +91,11 @@ PLANS = {
         ("falcon-mq-prefill", "ts", 17, "eager"), ("opt-prefill", "ts", 17, "eager"),
         ("gpt-bigcode-prefill", "ts", 17, "eager"), ("bloom-prefill", "ts", 17, "eager"),
         ("mpt-prefill", "ts", 17, "eager"), ("mixtral-prefill", "ts", 17, "eager"),
+        ("modernbert", "ts", 17, "eager"), ("modernbert", "dynamo", 18, "sdpa"), ("esm", "ts", 17, "eager"),
+        ("esm", "dynamo", 18, "sdpa"), ("roformer", "ts", 17, "eager"), ("beit", "ts", 17, "eager"),
+        ("beit", "dynamo", 18, "sdpa"), ("swin", "ts", 17, "eager"), ("swin", "dynamo", 18, "eager"),
+        ("convnext", "ts", 17, None), ("wav2vec2", "ts", 17, "eager"), ("wav2vec2", "dynamo", 18, "sdpa"),
+        ("hubert", "ts", 17, "sdpa"), ("wavlm", "ts", 17, None),
         ("qwen3-past", "ts", 17, "eager"), ("gemma2-past", "ts", 17, "eager"), ("phi3-past", "ts", 17, "eager"),
         ("starcoder2-past", "ts", 17, "eager"),
         ("falcon-mq-past", "ts", 17, "eager"), ("stablelm-past", "ts", 17, "eager"), ("gptj-past", "ts", 17, "eager"),
@@ -299,6 +304,23 @@ def text_encoder(arch, attn, seed):
         cfg = make_config(T.CLIPTextConfig, attn, max_position_embeddings=32, eos_token_id=2, **common)
         m = build(T.CLIPTextModel, cfg, seed)
         outs = ["last_hidden_state", "pooler_output"]
+    elif arch == "modernbert":
+        c = dict(common)
+        c.pop("intermediate_size")
+        cfg = make_config(T.ModernBertConfig, attn, intermediate_size=FF // 2, max_position_embeddings=64,
+                          global_attn_every_n_layers=2, local_attention=8, pad_token_id=0, reference_compile=False,
+                          **c)
+        m = build(T.ModernBertModel, cfg, seed)
+    elif arch == "esm":
+        cfg = make_config(T.EsmConfig, attn, max_position_embeddings=66, pad_token_id=1, mask_token_id=4,
+                          position_embedding_type="rotary", token_dropout=True, emb_layer_norm_before=False,
+                          **common)
+        m = build(T.EsmModel, cfg, seed, add_pooling_layer=False)
+        pad = 1
+    elif arch == "roformer":
+        cfg = make_config(T.RoFormerConfig, attn, max_position_embeddings=64, **common)
+        m = build(T.RoFormerModel, cfg, seed)
+        tt = True
     else:
         raise KeyError(arch)
     batches = text_batches(seed, vocab, tt, pad)
@@ -334,6 +356,18 @@ def vision_encoder(arch, attn, seed):
     elif arch == "siglip-vision":
         cfg = make_config(T.SiglipVisionConfig, attn, **common)
         m = build(T.SiglipVisionModel, cfg, seed)
+    elif arch == "beit":
+        cfg = make_config(T.BeitConfig, attn, use_relative_position_bias=True, use_mean_pooling=True,
+                          layer_scale_init_value=0.1, **common)
+        m = build(T.BeitModel, cfg, seed)
+    elif arch == "swin":
+        cfg = make_config(T.SwinConfig, attn, image_size=32, patch_size=2, num_channels=3, embed_dim=16,
+                          depths=[2, 2], num_heads=[2, 4], window_size=4, mlp_ratio=2.0)
+        m = build(T.SwinModel, cfg, seed)
+    elif arch == "convnext":
+        cfg = make_config(T.ConvNextConfig, attn, image_size=32, patch_size=4, num_channels=3, num_stages=2,
+                          hidden_sizes=[16, 32], depths=[2, 2])
+        m = build(T.ConvNextModel, cfg, seed)
     else:
         raise KeyError(arch)
     return enc_spec(wrap(torch, encoder_fn(["pixel_values"], outs))(m), ["pixel_values"], outs, image_batches(seed)) + (cfg,)
@@ -352,6 +386,47 @@ def whisper_encoder(arch, attn, seed):
     batches = [{"input_features": rng.standard_normal((b, 80, 32)).astype(np.float32)} for b in IMAGE_BATCHES]
     return (wrap(torch, encoder_fn(["input_features"], ["last_hidden_state"]))(m), ["input_features"], ["last_hidden_state"], batches,
             {"input_features": {0: "batch"}, "last_hidden_state": {0: "batch"}}, cfg)
+
+
+SPEECH_PLAN = [(1, 800, [800]), (2, 1200, [1200, 700])]  # (batch, samples, real samples of each row)
+
+
+def speech_encoder(arch, attn, seed):
+    """Raw-audio encoders: a convolutional feature extractor (GroupNorm after the first layer, or a LayerNorm
+    after each with `do_stable_layer_norm`), a grouped positional convolution, then the transformer. Models whose
+    extractor uses LayerNorms take the padding mask (wav2vec2-large-lv60, WavLM); the GroupNorm ones are run
+    without it (wav2vec2-base, HuBERT base)."""
+    torch = _torch()
+    import numpy as np
+    import transformers as T
+    common = dict(num_hidden_layers=L, hidden_size=H, num_attention_heads=NH, intermediate_size=FF,
+                  conv_dim=(32, 32, 32), conv_stride=(5, 4, 4), conv_kernel=(10, 8, 4),
+                  num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=4, vocab_size=32)
+    if arch == "wav2vec2":
+        cfg = make_config(T.Wav2Vec2Config, attn, feat_extract_norm="layer", do_stable_layer_norm=True, **common)
+        m, masked = build(T.Wav2Vec2Model, cfg, seed), True
+    elif arch == "hubert":
+        cfg = make_config(T.HubertConfig, attn, feat_extract_norm="group", do_stable_layer_norm=False, **common)
+        m, masked = build(T.HubertModel, cfg, seed), False
+    elif arch == "wavlm":
+        cfg = make_config(T.WavLMConfig, attn, feat_extract_norm="layer", do_stable_layer_norm=True, num_buckets=32,
+                          max_bucket_distance=64, **common)
+        m, masked = build(T.WavLMModel, cfg, seed), True
+    else:
+        raise KeyError(arch)
+    rng = np.random.RandomState(seed)
+    batches = []
+    for b, n, lens in SPEECH_PLAN:
+        x = (0.1 * rng.standard_normal((b, n))).astype(np.float32)
+        mask = np.zeros((b, n), np.int64)
+        for r, k in enumerate(lens):
+            mask[r, :k] = 1
+            x[r, k:] = 0.0
+        batches.append({"input_values": x, "attention_mask": mask} if masked else {"input_values": x})
+    ins = list(batches[0])
+    axes = {n: {0: "batch", 1: "samples"} for n in ins}
+    axes["last_hidden_state"] = {0: "batch", 1: "frames"}
+    return wrap(torch, encoder_fn(ins, ["last_hidden_state"]))(m), ins, ["last_hidden_state"], batches, axes, cfg
 
 
 def seq2seq_decoder(arch, attn, seed):
@@ -708,6 +783,12 @@ for _a in ("bert", "distilbert", "roberta", "xlmr", "albert", "electra", "mpnet"
 for _a in ("vit", "deit", "dinov2", "clip-vision", "siglip-vision"):
     BUILDERS[_a] = vision_encoder
 BUILDERS["whisper-enc"] = whisper_encoder
+for _a in ("modernbert", "esm", "roformer"):
+    BUILDERS[_a] = text_encoder
+for _a in ("beit", "swin", "convnext"):
+    BUILDERS[_a] = vision_encoder
+for _a in ("wav2vec2", "hubert", "wavlm"):
+    BUILDERS[_a] = speech_encoder
 for _a in ("t5-dec-past", "bart-dec-past", "whisper-dec-past"):
     BUILDERS[_a] = seq2seq_decoder
 BUILDERS["gpt2-past"] = BUILDERS["gpt2-past1"] = gpt2_past
@@ -728,6 +809,15 @@ ARCH_NAMES = {
     "dinov2": "DINOv2 (Dinov2Model, layer scale)", "clip-vision": "CLIP vision (CLIPVisionModel, quick_gelu)",
     "siglip-vision": "SigLIP vision (SiglipVisionModel, attention-pool head)",
     "whisper-enc": "Whisper encoder (WhisperEncoder, 80 mel bins x 32 frames)",
+    "modernbert": "ModernBERT (ModernBertModel: RoPE, GeGLU, a local sliding-window layer and a global one)",
+    "esm": "ESM-2 (EsmModel: rotary positions, token-dropout rescaling)",
+    "roformer": "RoFormer (RoFormerModel: interleaved rotary positions)",
+    "beit": "BEiT (BeitModel: relative position bias, layer scale, mean pooling)",
+    "swin": "Swin (SwinModel: shifted windows, relative position bias, patch merging)",
+    "convnext": "ConvNeXt (ConvNextModel: depthwise convolutions, channels-last LayerNorm, no attention)",
+    "wav2vec2": "wav2vec 2.0 large-style (LayerNorm feature extractor, padding mask, positional convolution)",
+    "hubert": "HuBERT base-style (GroupNorm feature extractor, no mask, positional convolution)",
+    "wavlm": "WavLM (gated relative position bias, padding mask)",
     "whisper-dec-past": "Whisper decoder step with past (self + cross KV inputs) + proj_out",
     "llama-past": "Llama LM step with past (grouped KV heads, RoPE, RMSNorm, SiLU-gated MLP)",
     "mistral-past": "Mistral LM step with past (grouped KV heads)",
@@ -1138,6 +1228,9 @@ ORT_MODEL_TYPE = {
     "optimum-t5-enc": "t5", "optimum-t5-dec-past": "t5", "optimum-whisper-enc": "bart",
     "optimum-whisper-dec-past": "bart", "optimum-bart-dec-past": "bart",
     "tf-bert": "bert_tf", "tf-distilbert": "bert_tf", "tf-roberta": "bert_tf",
+    # encoders ONNX Runtime's optimizer has no type of their own for: its BERT fusions
+    "modernbert": "bert", "esm": "bert", "roformer": "bert", "wav2vec2": "bert", "hubert": "bert", "wavlm": "bert",
+    "convnext": "vit", "beit": "vit", "swin": "swin",
 }
 
 
