@@ -13,6 +13,9 @@
 //!   the same tensor, so equal lists mean equal axes, negative ones included.
 //! - `expand-noop`: `Expand(x, shape)` whose result has `x`'s shape: recorded and equal, or a
 //!   constant `shape` no longer than `x`'s rank whose every entry is 1 or `x`'s size there.
+//! - `pad-zeros`: `Pad(x, pads)` whose pads are all zero (the constant input, or the attribute
+//!   before opset 11): nothing is added or cropped on any axis, whatever the mode and value
+//!   (Swin pads its windows by `(size − H % size) % size`, zero for the shapes it was made for).
 
 use super::super::matching::{bypass, const_ints, input_producer, only_feeds, op_node, rewire};
 use crate::ir::{attr, Dim, Graph, Node, NodeId, Patch, ValueId};
@@ -87,6 +90,18 @@ pub fn expand_noop(g: &Graph, id: NodeId) -> Option<Patch> {
         return None;
     }
     bypass(g, "expand-noop", id, out, x)
+}
+
+pub fn pad_zeros(g: &Graph, id: NodeId) -> Option<Patch> {
+    let node = op_node(g, id, "Pad")?;
+    let pads = match node.input(1) {
+        Some(pads) => const_ints(g, pads)?,
+        None => attr::get_ints(&node.proto, "pads")?.to_vec(),
+    };
+    if pads.iter().any(|&p| p != 0) {
+        return None;
+    }
+    bypass(g, "pad-zeros", id, node.output(0)?, node.input(0)?)
 }
 
 /// The recorded dims of `v`, when its rank is known.
@@ -286,6 +301,17 @@ mod tests {
         for shape in [&[2, 64][..], &[1, 1, 1, 64], &[32]] {
             let mut m = one_node("Expand", shape).build();
             assert!(rewrites(&mut m).is_empty(), "{shape:?}");
+        }
+    }
+
+    #[test]
+    fn a_pad_by_zeros_goes_and_any_other_stays() {
+        let mut m = one_node("Pad", &[0, 0, 0, 0, 0, 0]).build();
+        assert_eq!(rewrites(&mut m), ["pad-zeros"]);
+        assert!(!ops(&m).contains(&"Pad".to_string()));
+        for pads in [&[0, 0, 0, 0, 0, 1][..], &[0, 0, -1, 0, 0, 0]] {
+            let mut m = one_node("Pad", pads).build();
+            assert!(rewrites(&mut m).is_empty(), "{pads:?}");
         }
     }
 }

@@ -115,7 +115,8 @@ fn standard(cx: &Ctx) -> Option<Vec<ValueType>> {
         "GlobalAveragePool" | "GlobalMaxPool" | "GlobalLpPool" => global_pool(cx),
         // Sizes from windows, scales, pads or block sizes, which these rules do not follow:
         // the element type and the rank are known, the file's record where it has one.
-        "MaxPool" | "AveragePool" | "LpPool" | "Resize" | "Upsample" | "Pad" | "DepthToSpace"
+        "Pad" => pad(cx),
+        "MaxPool" | "AveragePool" | "LpPool" | "Resize" | "Upsample" | "DepthToSpace"
         | "SpaceToDepth" | "GridSample" | "ConvTranspose" => recorded_or(
             cx,
             0,
@@ -756,6 +757,43 @@ fn slice(cx: &Ctx) -> ValueType {
         dims[axis] = slice_len(&data[axis], &p.starts[i], &p.ends[i], p.steps[i]);
     }
     ValueType::new(elem, dims)
+}
+
+/// Each padded axis grows by its two pads (negative pads crop), whatever the mode. The pads are
+/// an attribute before opset 11, an input after; opset 18's `axes` input names the axes they
+/// cover (all of them without it).
+fn pad(cx: &Ctx) -> ValueType {
+    let elem = cx.elem(0);
+    let Some(data) = cx.shape(0) else {
+        return recorded_or(cx, 0, unknown(elem));
+    };
+    let grown = || -> Option<Vec<Dim>> {
+        let pads = match cx.opset {
+            ..=10 => cx.attr_ints("pads")?.to_vec(),
+            _ => cx.ints(1)?,
+        };
+        let axes: Vec<usize> = match cx.opset >= 18 && cx.has_input(3) {
+            true => cx
+                .ints(3)?
+                .into_iter()
+                .map(|a| normalize_axis(a, data.len()))
+                .collect::<Option<_>>()?,
+            false => (0..data.len()).collect(),
+        };
+        if pads.len() != 2 * axes.len() {
+            return None;
+        }
+        let mut dims = data.to_vec();
+        for (i, &axis) in axes.iter().enumerate() {
+            let total = pads[i].checked_add(pads[i + axes.len()])?;
+            dims[axis] = dims[axis].add(&Dim::known(total));
+        }
+        Some(dims)
+    };
+    match grown() {
+        Some(dims) => ValueType::new(elem, dims),
+        None => recorded_or(cx, 0, unknown_dims(elem, Some(data.len()))),
+    }
 }
 
 fn split(cx: &Ctx) -> Vec<ValueType> {
