@@ -154,7 +154,7 @@ fn every_wild_model_is_fused_and_runs_in_onnx_runtime() {
 #[test]
 fn every_rope_and_attention_of_the_wild_decoder_llms_is_fused() {
     // (file name prefix, RoPEs fused)
-    const LLMS: [(&str, usize); 38] = [
+    const LLMS: &[(&str, usize)] = &[
         ("llama-past.ts14.t21", 4),
         ("llama-past.ts17.t27", 4),
         ("mistral-past.", 4),
@@ -194,9 +194,31 @@ fn every_rope_and_attention_of_the_wild_decoder_llms_is_fused() {
         ("stablelm-past.", 4),
         ("gptj-past.", 4),
     ];
+    let failures = rope_and_attention_left(LLMS);
+    assert!(failures.is_empty(), "{failures:#?}");
+}
+
+/// Encoders with rotary positions: ModernBERT (both exporters: global and sliding-window layers,
+/// positions computed from `inv_freq`) and ESM-2 (the legacy exporter bakes its cached tables
+/// in, sliced to the sequence with no positions at all): both targets fuse every RoPE (2
+/// layers × query and key) and every attention.
+#[test]
+fn every_rope_and_attention_of_the_wild_rotary_encoders_is_fused() {
+    const ENCODERS: &[(&str, usize)] = &[
+        ("modernbert.ts17.", 4),
+        ("modernbert.dynamo18.", 4),
+        ("esm.ts17.", 4),
+    ];
+    let failures = rope_and_attention_left(ENCODERS);
+    assert!(failures.is_empty(), "{failures:#?}");
+}
+
+/// For each model (by file prefix) and its RoPE count, what each target's output leaves
+/// unfused: RoPEs, the 2 attention blocks, Softmax (Mixtral's routers aside).
+fn rope_and_attention_left(models: &[(&str, usize)]) -> Vec<String> {
     let files: Vec<String> = manifest().into_iter().map(|e| e.file).collect();
     let mut failures = Vec::new();
-    for (prefix, want_ropes) in LLMS {
+    for &(prefix, want_ropes) in models {
         let Some(file) = files.iter().find(|f| f.starts_with(prefix)) else {
             failures.push(format!("no {prefix}* model in the manifest"));
             continue;
@@ -226,7 +248,7 @@ fn every_rope_and_attention_of_the_wild_decoder_llms_is_fused() {
             }
         }
     }
-    assert!(failures.is_empty(), "{failures:#?}");
+    failures
 }
 
 /// tf2onnx names each input's batch apart, so the mask's batch is not proven to be the
@@ -333,4 +355,38 @@ fn static_int8_keeps_experts_calibration_never_reached_float() {
         "{stdout}"
     );
     assert!(out.exists());
+}
+
+/// `--fp16` of the wild WavLM, whose attention projects `[T, B, C]` activations moved there by
+/// `Transpose[1, 0, 2]`: ONNX Runtime (its default optimization level, as deployed) crashed
+/// loading the float16 Transpose → MatMul chain (onnxruntime#28392); the Transpose computes in
+/// float32 now, and the output loads and matches the original.
+#[test]
+fn fp16_of_a_batch_moving_transpose_loads_in_onnx_runtime() {
+    let file = "wavlm.ts17.t27.eager.onnx";
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join(file);
+    let run = std::process::Command::new(env!("CARGO_BIN_EXE_onnxopt"))
+        .args(["optimize", "--fp16"])
+        .arg(path_of(file))
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(run.status.success(), "{run:?}");
+    let written = io::load(&out).unwrap();
+    let g = &written.graph;
+    let float16_batch_moves_into_matmul = g
+        .nodes()
+        .filter(|(_, n)| n.is("Transpose"))
+        .filter(|(_, n)| onnxopt::ir::attr::get_ints(&n.proto, "perm") == Some(&[1, 0, 2][..]))
+        .filter(|(_, n)| {
+            let v = n.output(0).unwrap();
+            g.value_type(v).is_some_and(|t| t.elem == 10)
+                && g.uses(v).iter().any(|&(r, _)| g.node(r).is("MatMul"))
+        })
+        .count();
+    assert_eq!(float16_batch_moves_into_matmul, 0);
+    let mut checks = common::OrtChecks::default();
+    checks.add("0.99", &path_of(file), &out, &calib_of(file));
+    checks.run();
 }

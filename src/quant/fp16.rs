@@ -461,7 +461,41 @@ fn keeps_float32(g: &Graph, id: NodeId, mask: &HashSet<NodeId>) -> bool {
         .iter()
         .flatten()
         .any(|&v| read_by_subgraph(g, v));
-    !float16_schema || KEEP_FLOAT32.contains(&node.op_type()) || square || read_by_name
+    !float16_schema
+        || KEEP_FLOAT32.contains(&node.op_type())
+        || square
+        || read_by_name
+        || moves_batch_into_matmul(g, id)
+}
+
+/// A Transpose that moves the leading (batch) axis of a MatMul operand back among the matrix
+/// axes (`[1, …, r−2, 0, r−1]` or `[1, …, r−1, 0]`: WavLM's `[T, B, C]` projections), read
+/// by a MatMul. In float16, ONNX Runtime (1.24 to 1.32 at least, x86-64) crashes loading it
+/// at its default level: its MatMul-Transpose fusion rewrites the float16 chain (through the
+/// Cast it puts before a MatMul it has no float16 kernel for) into a node the NCHWc
+/// transformer then dereferences without a schema (onnxruntime#28392). Computed in float32
+/// (a Transpose is exact in both) the chain loads.
+fn moves_batch_into_matmul(g: &Graph, id: NodeId) -> bool {
+    let node = g.node(id);
+    let Some(perm) = node
+        .is("Transpose")
+        .then(|| attr::get_ints(&node.proto, "perm"))
+        .flatten()
+    else {
+        return false;
+    };
+    let rank = perm.len();
+    let batch_moved = |at: usize| {
+        let mut order: Vec<i64> = (1..rank as i64).collect();
+        order.insert(at, 0);
+        order == perm
+    };
+    let read_by_matmul = node.output(0).is_some_and(|v| {
+        g.uses(v)
+            .iter()
+            .any(|&(reader, u)| matches!(u, Use::Input(_)) && g.node(reader).is("MatMul"))
+    });
+    rank >= 3 && (batch_moved(rank - 2) || batch_moved(rank - 1)) && read_by_matmul
 }
 
 /// Whether a subgraph (an `If` branch, a `Loop` body) reads `v` by name: it computes with
