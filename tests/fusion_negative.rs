@@ -14,7 +14,7 @@ use onnxopt::ir::{attr, Model, Tensor};
 use onnxopt::optimize::{optimize, OptimizeOptions};
 use onnxopt::passes::fuse::Target;
 use onnxopt::proto::tensor_proto::DataType;
-use onnxopt::proto::{GraphProto, ModelProto, NodeProto, OperatorSetIdProto};
+use onnxopt::proto::{GraphProto, ModelProto, NodeProto, OperatorSetIdProto, ValueInfoProto};
 
 /// Optimizes for ONNX Runtime, checks the outputs in tract, returns the operators left.
 fn fused_ops(original: Model) -> Vec<String> {
@@ -231,20 +231,77 @@ fn cached_rope(sin_skew: f32) -> Model {
 
 /// `cached_rope` importing the default-domain `opset`.
 fn cached_rope_at(sin_skew: f32, opset: i64) -> Model {
+    cached_rope_of(sin_skew, opset, None)
+}
+
+/// `cached_rope` on a sequence of any length, where the tables, `[1, 1, 64, 4]`, are sliced
+/// along their rows from `start` to `start + sequence` instead of gathered (ESM-2's legacy
+/// export): the positions go unread.
+fn sliced_rope(start: i64) -> Model {
+    cached_rope_of(0.0, 14, Some(start))
+}
+
+fn cached_rope_of(sin_skew: f32, opset: i64, sliced_from: Option<i64>) -> Model {
+    // Sliced tables are sliced to the sequence the check generates: more rows than it has.
+    let rows: i64 = if sliced_from.is_some() { 64 } else { 8 };
     let table = |name: &str, trig: fn(f32) -> f32, skew: f32| {
-        let values: Vec<f32> = (0..8)
+        let values: Vec<f32> = (0..rows)
             .flat_map(|p| {
                 let row: Vec<f32> = [1.0, 0.1].iter().map(|f| trig(p as f32 * f)).collect();
                 let high: Vec<f32> = row.iter().map(|v| v + skew).collect();
                 [row, high].concat()
             })
             .collect();
-        Tensor::from_f32(name, &[8, 4], &values).unwrap()
+        let dims = match sliced_from {
+            Some(_) => vec![1, 1, rows, 4],
+            None => vec![rows, 4],
+        };
+        Tensor::from_f32(name, &dims, &values).unwrap()
     };
     let ints = |name: &str, values: &[i64]| {
         Tensor::from_i64(name, &[values.len() as i64], values).unwrap()
     };
-    let nodes = vec![
+    let tables = match sliced_from {
+        Some(_) => vec![
+            node("Shape", &["xh"], "xh_shape", vec![]),
+            node(
+                "Gather",
+                &["xh_shape", "rows"],
+                "seq",
+                vec![attr::int("axis", 0)],
+            ),
+            node("Add", &["seq", "rows_from"], "rows_to", vec![]),
+            node(
+                "Slice",
+                &["cos_table", "rows_from", "rows_to", "rows"],
+                "cos",
+                vec![],
+            ),
+            node(
+                "Slice",
+                &["sin_table", "rows_from", "rows_to", "rows"],
+                "sin",
+                vec![],
+            ),
+        ],
+        None => vec![
+            node(
+                "Gather",
+                &["cos_table", "position_ids"],
+                "cos_rows",
+                vec![attr::int("axis", 0)],
+            ),
+            node("Unsqueeze", &["cos_rows", "one"], "cos", vec![]),
+            node(
+                "Gather",
+                &["sin_table", "position_ids"],
+                "sin_rows",
+                vec![attr::int("axis", 0)],
+            ),
+            node("Unsqueeze", &["sin_rows", "one"], "sin", vec![]),
+        ],
+    };
+    let heads = vec![
         node("Reshape", &["x", "heads_shape"], "xs", vec![]),
         node(
             "Transpose",
@@ -252,20 +309,8 @@ fn cached_rope_at(sin_skew: f32, opset: i64) -> Model {
             "xh",
             vec![attr::ints("perm", &[0, 2, 1, 3])],
         ),
-        node(
-            "Gather",
-            &["cos_table", "position_ids"],
-            "cos_rows",
-            vec![attr::int("axis", 0)],
-        ),
-        node("Unsqueeze", &["cos_rows", "one"], "cos", vec![]),
-        node(
-            "Gather",
-            &["sin_table", "position_ids"],
-            "sin_rows",
-            vec![attr::int("axis", 0)],
-        ),
-        node("Unsqueeze", &["sin_rows", "one"], "sin", vec![]),
+    ];
+    let rotation = vec![
         node("Slice", &["xh", "zero", "two", "last"], "x1", vec![]),
         node("Slice", &["xh", "two", "end", "last"], "x2", vec![]),
         node("Neg", &["x2"], "minus_x2", vec![]),
@@ -279,8 +324,12 @@ fn cached_rope_at(sin_skew: f32, opset: i64) -> Model {
         node("Mul", &["rotated", "sin"], "rotated_sin", vec![]),
         node("Add", &["x_cos", "rotated_sin"], "y", vec![]),
     ];
+    let nodes = [heads, tables, rotation].concat();
+    let start = sliced_from.unwrap_or(0);
     let constants = vec![
-        ints("heads_shape", &[2, 3, 2, 4]),
+        ints("rows_from", &[start]),
+        ints("rows", &[2]),
+        ints("heads_shape", &[2, -1, 2, 4]),
         table("cos_table", f32::cos, 0.0),
         table("sin_table", f32::sin, sin_skew),
         ints("one", &[1]),
@@ -289,11 +338,15 @@ fn cached_rope_at(sin_skew: f32, opset: i64) -> Model {
         ints("end", &[i64::MAX]),
         ints("last", &[-1]),
     ];
-    rope_model(opset, nodes, constants, (&[2, 3, 8], &[2, 2, 3, 4]))
+    let dims: (&[i64], &[i64]) = match sliced_from {
+        Some(_) => (&[2, -1, 8], &[2, 2, -1, 4]),
+        None => (&[2, 3, 8], &[2, 2, 3, 4]),
+    };
+    rope_model(opset, nodes, constants, dims)
 }
 
 /// A RoPE test graph at the default-domain `opset`: inputs x: f32 of `dims.0` and
-/// position_ids: i64[2, 3], output y: f32 of `dims.1`.
+/// position_ids: i64[2, 3], output y: f32 of `dims.1`; a dim of −1 is the symbol `sequence`.
 fn rope_model(
     opset: i64,
     nodes: Vec<NodeProto>,
@@ -311,15 +364,29 @@ fn rope_model(
             node: nodes,
             initializer: constants.into_iter().map(Tensor::into_proto).collect(),
             input: vec![
-                typed_value("x", DataType::Float, dims.0),
+                with_sequence(typed_value("x", DataType::Float, dims.0)),
                 typed_value("position_ids", DataType::Int64, &[2, 3]),
             ],
-            output: vec![typed_value("y", DataType::Float, dims.1)],
+            output: vec![with_sequence(typed_value("y", DataType::Float, dims.1))],
             ..Default::default()
         }),
         ..Default::default()
     })
     .unwrap()
+}
+
+/// `v` with its dims of −1 named `sequence`.
+fn with_sequence(mut v: ValueInfoProto) -> ValueInfoProto {
+    use onnxopt::proto::tensor_shape_proto::dimension::Value;
+    use onnxopt::proto::type_proto::Value as Type;
+    if let Some(Type::TensorType(t)) = v.r#type.as_mut().and_then(|t| t.value.as_mut()) {
+        for d in t.shape.iter_mut().flat_map(|s| s.dim.iter_mut()) {
+            if d.value == Some(Value::DimValue(-1)) {
+                d.value = Some(Value::DimParam("sequence".into()));
+            }
+        }
+    }
+    v
 }
 
 #[test]
@@ -335,6 +402,18 @@ fn rope_on_cached_tables_whose_halves_differ_is_not_fused() {
         assert_eq!(ropes, expected, "{target:?}: {fused:?}");
         assert!(!fused_ops_for(cached_rope(1e-3), target).contains(&"RotaryEmbedding".to_string()));
     }
+}
+
+/// ESM-2's tables sliced from row 0 fuse (token `i` reads row `i`); sliced from row 1 they
+/// do not (the fused ids number the tokens from 0).
+#[test]
+fn rope_on_sliced_tables_fuses_only_from_the_first_row() {
+    let ropes = |start| {
+        let fused = fused_ops_for(sliced_rope(start), Target::Ort);
+        fused.iter().filter(|op| *op == "RotaryEmbedding").count()
+    };
+    assert_eq!(ropes(0), 1);
+    assert_eq!(ropes(1), 0);
 }
 
 /// Below opset 13 Squeeze and Unsqueeze take no axes input, which the fused caches use: the

@@ -16,7 +16,10 @@
 //!   exporter and Optimum);
 //! - cached: `cos = Unsqueeze(Gather(Slice(cos_table, 0, n, axis 0) | cos_table,
 //!   position_ids), [1])` with a constant `[rows, head]` table whose two halves are equal (transformers ≤ 4.37's
-//!   `cos_cached[:seq_len][position_ids]`, and Qwen2 until 4.45).
+//!   `cos_cached[:seq_len][position_ids]`, and Qwen2 until 4.45);
+//! - sliced: `cos = Slice(cos_table, 0, n, axis 2)` of a constant `[1, 1, rows, head]` table
+//!   whose two halves are equal, with no positions at all (ESM-2's cached tables, which the
+//!   legacy exporter bakes in from the export's own length: token `i` reads row `i`).
 //!
 //! Produces, for `x`: `com.microsoft::RotaryEmbedding` (`Target::Ort`) or the standard
 //! `RotaryEmbedding` (`Target::Onnx`, only in a model at opset 23 already: the opset-23
@@ -24,7 +27,11 @@
 //! tables: the caches are computed in the graph from the positions the model was given, one
 //! row per token (the positions flattened), and the ids number the tokens, expanded to `x`'s
 //! batch (the operators' contract, `ops::rotary`). Cached tables: the caches are the tables'
-//! first halves and the positions are the Gather's indices. The model's inputs and outputs
+//! first halves and the positions are the Gather's indices. Sliced tables: the same caches,
+//! and the ids `Expand(Range(0, n′), [batch, seq])` for the sliced length `n′`, which is
+//! what the original's broadcast of its `[1, 1, n′, head]` rows against `x` reads (row `i`
+//! for token `i` when `n′ = seq`, row 0 for every token when `n′ = 1`; any other length both
+//! refuse). The model's inputs and outputs
 //! do not change. The cos/sin chains stay for their other readers and are removed as dead
 //! code once every RoPE is fused.
 //!
@@ -145,10 +152,25 @@ fn table(trig: &'static str) -> Pat {
     let cached = op("Gather", [rows, value("positions")])
         .attr("axis", |a| int_attr_is(a, 0, 0))
         .named("gathered");
-    op(
-        "Unsqueeze",
-        [either([computed, cached]), constant("unsqueeze_axes")],
-    )
+    let sliced = either([
+        op(
+            "Slice",
+            [constant("table"), any(), value("rows_end"), any()],
+        ),
+        op(
+            "Slice",
+            [constant("table"), any(), value("rows_end"), any(), any()],
+        ),
+    ])
+    .named("sliced")
+    .node("table_slice");
+    either([
+        op(
+            "Unsqueeze",
+            [either([computed, cached]), constant("unsqueeze_axes")],
+        ),
+        sliced,
+    ])
 }
 
 /// Where a pair of tables comes from.
@@ -166,12 +188,22 @@ enum Source {
     },
     /// Rows of a constant `[rows, head]` table picked by integer positions `[batch | 1, seq]`.
     Cached { table: ValueId, positions: ValueId },
+    /// The first rows of a constant `[1, 1, rows, head]` table, up to `rows_end`: `sliced`
+    /// `[1, 1, n′, head]`.
+    Sliced {
+        table: ValueId,
+        sliced: ValueId,
+        rows_end: ValueId,
+    },
 }
 
 fn read_table(m: &Match, rw: &Rewrite, name: &'static str, trig: &'static str) -> Option<Source> {
     let g = rw.graph;
     let found = table(trig).matches(g, m.value(name)?);
     let t = found.first()?;
+    if t.value("sliced").is_some() {
+        return read_sliced(t, rw);
+    }
     let axes = g.constant(t.value("unsqueeze_axes")?)?.to_i64_vec().ok()?;
     if axes != [1] {
         return None;
@@ -214,23 +246,41 @@ fn read_table(m: &Match, rw: &Rewrite, name: &'static str, trig: &'static str) -
 
 /// A cached table: a Slice (if any) keeps rows from 0 along axis 0, with step 1.
 fn read_cached(t: &Match, rw: &Rewrite) -> Option<Source> {
-    let g = rw.graph;
-    if let Some(slice) = t.node("table_slice").map(|id| g.node(id)) {
-        let ints = |slot: usize| -> Option<Vec<i64>> {
-            match slice.input(slot) {
-                Some(v) => g.constant(v)?.to_i64_vec().ok(),
-                None => Some(vec![1]),
-            }
-        };
-        let (starts, axes, steps) = (ints(1)?, ints(3)?, ints(4)?);
-        if starts != [0] || axes != [0] || steps != [1] {
-            return None;
-        }
+    if t.node("table_slice").is_some() && !slices_rows_from_zero(t, rw, &[0])? {
+        return None;
     }
     Some(Source::Cached {
         table: t.value("table")?,
         positions: t.value("positions")?,
     })
+}
+
+/// A sliced table: `[1, 1, rows, head]`, its rows kept from 0 along axis 2, with step 1.
+fn read_sliced(t: &Match, rw: &Rewrite) -> Option<Source> {
+    let table = t.value("table")?;
+    let leading_ones = matches!(rw.graph.constant(table)?.dims(), [1, 1, _, _]);
+    if !leading_ones || !slices_rows_from_zero(t, rw, &[2, -2])? {
+        return None;
+    }
+    Some(Source::Sliced {
+        table,
+        sliced: t.value("sliced")?,
+        rows_end: t.value("rows_end")?,
+    })
+}
+
+/// Whether the match's `table_slice` starts at 0 with step 1 along one of `axes`.
+fn slices_rows_from_zero(t: &Match, rw: &Rewrite, axes: &[i64]) -> Option<bool> {
+    let g = rw.graph;
+    let slice = g.node(t.node("table_slice")?);
+    let ints = |slot: usize| -> Option<Vec<i64>> {
+        match slice.input(slot) {
+            Some(v) => g.constant(v)?.to_i64_vec().ok(),
+            None => Some(vec![1]),
+        }
+    };
+    let (starts, sliced_axes, steps) = (ints(1)?, ints(3)?, ints(4)?);
+    Some(starts == [0] && steps == [1] && matches!(sliced_axes[..], [a] if axes.contains(&a)))
 }
 
 /// `Slice` node `node` of the match over the last axis of a rank-4 value from `start` with
@@ -374,7 +424,23 @@ fn rotary(m: &Match, rw: &mut Rewrite) -> Option<()> {
                 positions: sin_positions,
             },
         ) if positions == sin_positions => {
-            cached_caches(rw, x, seq, positions, [table, sin_table])?
+            let ids = position_ids(rw, x, seq, positions)?;
+            (ids, half_caches(rw, x, [table, sin_table])?)
+        }
+        (
+            Source::Sliced {
+                table,
+                sliced,
+                rows_end,
+            },
+            Source::Sliced {
+                table: sin_table,
+                rows_end: sin_rows_end,
+                ..
+            },
+        ) if rows_end == sin_rows_end => {
+            let ids = sliced_ids(rw, x, sliced)?;
+            (ids, half_caches(rw, x, [table, sin_table])?)
         }
         _ => return None,
     };
@@ -479,31 +545,40 @@ fn computed_caches(
     Some((ids, caches))
 }
 
-/// Position ids and caches for cached tables: the Gather's indices, and each table's first
+/// The ids of sliced tables `[1, 1, n′, head]` for `x` `[batch, heads, seq, head]`: the rows
+/// `0..n′` broadcast to `[batch, seq]` as the original broadcasts them against `x`.
+fn sliced_ids(rw: &mut Rewrite, x: ValueId, sliced: ValueId) -> Option<PValue> {
+    let rows = rw.dim_of(sliced.into(), 2).ok()?;
+    let first_axis = int64_constant(rw, "rotary_first_axis", &[1], &[0])?;
+    let rows = rw.op("Squeeze", "", &[rows, first_axis], vec![]);
+    let zero = int64_constant(rw, "rotary_zero", &[], &[0])?;
+    let one = int64_constant(rw, "rotary_one", &[], &[1])?;
+    let tokens = rw.op("Range", "", &[zero, rows, one], vec![]);
+    let batch = rw.dim_of(x.into(), 0).ok()?;
+    let seq = rw.dim_of(x.into(), 2).ok()?;
+    let shape = rw.op("Concat", "", &[batch, seq], vec![attr::int("axis", 0)]);
+    Some(rw.op("Expand", "", &[tokens, shape], vec![]))
+}
+
+/// The caches of constant tables (`[rows, head]`, or `[1, 1, rows, head]`): each table's first
 /// half, which must equal its second (`Concat(f, f)` before the trig) so that rows of `h`
 /// give what the rows of `head` gave.
-fn cached_caches(
-    rw: &mut Rewrite,
-    x: ValueId,
-    seq: &Dim,
-    positions: ValueId,
-    tables: [ValueId; 2],
-) -> Option<(PValue, [PValue; 2])> {
+fn half_caches(rw: &mut Rewrite, x: ValueId, tables: [ValueId; 2]) -> Option<[PValue; 2]> {
     let g = rw.graph;
     let x_type = g.value_type(x)?;
     let head = x_type.shape.as_ref()?.last()?.value()?;
     if x_type.elem != DataType::Float as i32 {
         return None;
     }
-    let ids = position_ids(rw, x, seq, positions)?;
     let mut caches = Vec::with_capacity(2);
     for (table, name) in tables
         .into_iter()
         .zip(["rotary_cos_cache", "rotary_sin_cache"])
     {
         let table = g.constant(table)?;
-        let [rows, width] = table.dims() else {
-            return None;
+        let (rows, width) = match table.dims() {
+            [rows, width] | [1, 1, rows, width] => (rows, width),
+            _ => return None,
         };
         if *width != head || table.dtype() != DataType::Float {
             return None;
@@ -521,7 +596,7 @@ fn cached_caches(
         let cache = Tensor::from_f32(name, &[*rows, head / 2], &first).ok()?;
         caches.push(rw.constant(name, cache));
     }
-    Some((ids, [caches[0], caches[1]]))
+    Some([caches[0], caches[1]])
 }
 
 /// Integer `positions` `[batch | 1, seq]`, with `seq` x's, as the operators' ids: int64 (cast
