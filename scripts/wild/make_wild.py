@@ -370,6 +370,13 @@ def vision_encoder(arch, attn, seed):
         m = build(T.ConvNextModel, cfg, seed)
     else:
         raise KeyError(arch)
+    # BEiT and Swin start their relative position bias tables at zeros (2-D, so add_noise leaves them): a
+    # trained model's are not, and a zero bias would vanish from the graph.
+    g = torch.Generator().manual_seed(seed + 2)
+    with torch.no_grad():
+        for name, p in sorted(m.named_parameters()):
+            if "relative_position_bias_table" in name:
+                p.add_(torch.randn(p.shape, generator=g) * 0.5)
     return enc_spec(wrap(torch, encoder_fn(["pixel_values"], outs))(m), ["pixel_values"], outs, image_batches(seed)) + (cfg,)
 
 

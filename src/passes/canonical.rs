@@ -19,7 +19,10 @@
 //!   order every other exporter writes (`fuse::attention` scales the scores, then masks);
 //! - `einsum-matmul`: an `Einsum` that is a projection (`bsi,io->bso`, `...i,io->...o`,
 //!   `abc,cd->abd`, the weight transposed `bsi,oi->bso`, 3-D weights `bsh,hnd->bsnd` and
-//!   `bsnd,ndh->bsh`) → `MatMul` (with Reshapes where several axes are contracted or kept).
+//!   `bsnd,ndh->bsh`) → `MatMul` (with Reshapes where several axes are contracted or kept);
+//! - `window-bias`: a bias added to scores with their batch split in two and merged back
+//!   (Swin's shifted-window mask) → the scores plus the bias tiled along their batch
+//!   (`window_bias`).
 //!
 //! Why squares become `Pow(x, 2)` and reciprocals `Div(1, x)`, and not the other way round:
 //! those are the forms torch's legacy exporter writes, and the only ones ONNX Runtime's own
@@ -52,6 +55,7 @@
 //! - `einsum-matmul` sums the same products (in the MatMul kernel's order).
 
 mod einsum;
+mod window_bias;
 
 use super::matching::{only_feeds, rewire, rewrite_each};
 use super::{Pass, Rewrites};
@@ -81,6 +85,7 @@ const RULES: &[Rule] = &[
     mean_last_axis,
     scale_into_where,
     einsum::to_matmul,
+    window_bias::window_bias,
 ];
 
 /// Node `id` when it is the default-domain operator `op` with `inputs` inputs.

@@ -262,3 +262,47 @@ fn an_einsum_that_is_no_projection_stays() {
         assert!(Canonicalize.run(&mut m).unwrap().0.is_empty(), "{equation}");
     }
 }
+
+/// `x` `[2, 3, 4]` seen as scores `s` `[4, 3, 2]` (two batches of K = 2 windows), split to
+/// `[2, 2, 3, 2]`, plus a constant bias of `bias_dims`, merged back to `merged` and returned
+/// as `[2, 3, 4]`.
+fn window_scores(bias_dims: &[i64], merged: &[i64]) -> Model {
+    let ints = |name: &str, v: &[i64]| Tensor::from_i64(name, &[v.len() as i64], v).unwrap();
+    let count: i64 = bias_dims.iter().product();
+    let bias: Vec<f32> = (0..count).map(|i| i as f32 * 10.0 - 3.0).collect();
+    let merged_dims: Vec<String> = merged.iter().map(i64::to_string).collect();
+    let merged_dims: Vec<&str> = merged_dims.iter().map(String::as_str).collect();
+    graph(&["2", "3", "4"])
+        .constant("s_shape", ints("s_shape", &[4, 3, 2]))
+        .constant("split_shape", ints("split_shape", &[2, 2, 3, 2]))
+        .constant("merged_shape", ints("merged_shape", merged))
+        .constant("x_shape", ints("x_shape", &[2, 3, 4]))
+        .constant("bias", Tensor::from_f32("bias", bias_dims, &bias).unwrap())
+        .node("Reshape", &["x", "s_shape"], &["s"], vec![])
+        .node("Reshape", &["s", "split_shape"], &["split"], vec![])
+        .node("Add", &["split", "bias"], &["sum"], vec![])
+        .typed("merged", DataType::Float, &merged_dims)
+        .node("Reshape", &["sum", "merged_shape"], &["merged"], vec![])
+        .node("Reshape", &["merged", "x_shape"], &["y"], vec![])
+        .build()
+}
+
+#[test]
+fn a_bias_added_to_split_windows_is_added_to_the_scores_tiled() {
+    // One bias row per window (tiled over the batches), or one for all.
+    for bias in [&[1, 2, 1, 2][..], &[1, 2, 3, 2], &[1, 1, 3, 2]] {
+        let mut m = window_scores(bias, &[4, 3, 2]);
+        assert_eq!(canonicalized(&mut m, 0.0), ["window-bias"], "{bias:?}");
+        // The split and the merge are gone; the bias loses its leading 1.
+        let reshapes = ops(&m).iter().filter(|op| *op == "Reshape").count();
+        assert_eq!(reshapes, 3, "{:?}", ops(&m));
+    }
+    // A bias that grows the split (a batch of its own), or scores merged into another shape.
+    for (bias, merged) in [
+        (&[2, 2, 3, 2][..], &[4, 3, 2][..]),
+        (&[1, 2, 3, 2], &[3, 4, 2]),
+    ] {
+        let mut m = window_scores(bias, merged);
+        assert!(canonicalized(&mut m, 0.0).is_empty(), "{bias:?} {merged:?}");
+    }
+}
