@@ -8,7 +8,10 @@
 //! - a GPT-2 export with two identical Constant nodes writing one value;
 //! - a T5 decoder and an LSTM dynamically quantized by ONNX Runtime (DynamicQuantizeLinear,
 //!   MatMulInteger, com.microsoft DynamicQuantizeLSTM, which tract cannot run);
-//! - a ViT whose head keeps BatchNormalization after a Conv.
+//! - a ViT whose head keeps BatchNormalization after a Conv;
+//! - a BERT through ONNX Runtime's own transformers optimizer and `quantize_dynamic`
+//!   (QEmbedLayerNormalization, QAttention), whose token ids the generated validation inputs
+//!   must keep within its quantized embedding table.
 //!
 //! Every case goes through the whole pipeline for both targets, as written and with each
 //! lossy mode; each must be written, and load and run in ONNX Runtime with the original's

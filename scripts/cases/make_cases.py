@@ -11,7 +11,9 @@ Stages (`all` runs them in order; each runs under the interpreter that has what 
     export-t21    in /work/venvs/cases-t21       torch 2.1.2 + transformers 4.36.2 + sentence-transformers 2.7.0
     export-tf420  in /work/venvs/cases-t21-tf420 torch 2.1.2 + transformers 4.20.1 (the `* -10000.0` mask)
     post          in the system python3         onnx 1.23.2 + onnxruntime 1.32.0: duplicate-producer edit,
-                                                quantize_dynamic, checker, ORT vs torch, manifest.json
+                                                quantize_dynamic, ONNX Runtime's transformers optimizer (case 5),
+                                                checker, ORT vs torch, manifest.json
+    add-ortopt-qdyn  (by hand)                  case 5 alone, recorded in the existing manifest.json
 Every random number comes from a fixed seed, so a rebuild writes the same files.
 """
 import argparse
@@ -553,6 +555,8 @@ def post(keep_sources):
         i["post_processing"] = ("onnxruntime %s quantization.quantize_dynamic(weight_type=QuantType.QInt8), "
                                 "defaults otherwise" % ort.__version__)
         i["refs"] = None
+    # case 5: ONNX Runtime's own pipeline before us
+    ortopt_qdyn(derived)
     for stale in glob.glob(os.path.join(OUT, "*-opt.onnx")):
         os.remove(stale)
 
@@ -602,6 +606,67 @@ def post(keep_sources):
         f.write("\n")
     if failures:
         sys.exit("FAILED:\n  " + "\n  ".join(failures))
+
+
+ORTOPT_QDYN = ("bert-finfo-mask.ts17", "bert-ortopt.qdyn")
+
+
+def ortopt_qdyn(derived):
+    """Case 5: BERT through ONNX Runtime's transformers optimizer (its python fusions only, opt_level=0, which needs
+    no torch), then quantize_dynamic: QEmbedLayerNormalization, QAttention, MatMulInteger. `derived(stem, src_stem,
+    **info)` records the new file's info."""
+    import onnx
+    import onnxruntime as ort
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+    from onnxruntime.transformers.optimizer import optimize_model
+    src, dst = ORTOPT_QDYN
+    os.makedirs(os.path.join(OUT, ".build"), exist_ok=True)
+    fused = os.path.join(OUT, ".build", src + ".ortopt.onnx")
+    optimize_model(os.path.join(OUT, src + ".onnx"), model_type="bert", num_heads=0, hidden_size=0, opt_level=0,
+                   use_gpu=False).save_model_to_file(fused)
+    quantize_dynamic(fused, os.path.join(OUT, dst + ".onnx"), weight_type=QuantType.QInt8,
+                     extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
+    i = derived(dst, src, case="5", description="BERT through ONNX Runtime's transformers optimizer "
+                                               "(EmbedLayerNormalization, Attention), then quantize_dynamic: "
+                                               "QEmbedLayerNormalization, QAttention, MatMulInteger")
+    i["post_processing"] = ("onnxruntime %s transformers.optimizer.optimize_model(model_type='bert', opt_level=0), "
+                            "then quantization.quantize_dynamic(weight_type=QuantType.QInt8)" % ort.__version__)
+    i["refs"] = None
+    return i
+
+
+def add_ortopt_qdyn():
+    """Makes case 5 alone and records it in manifest.json (the other cases' build folder need not exist)."""
+    import numpy as np
+    import onnxruntime as ort
+    path = os.path.join(OUT, "manifest.json")
+    with open(path) as f:
+        manifest = json.load(f)
+    src, dst = ORTOPT_QDYN
+    by_file = {m["file"][:-5]: m for m in manifest["models"]}
+
+    def derived(stem, src_stem, **kw):
+        i = dict(by_file[src_stem], **kw)
+        i.update(file=stem + ".onnx", calib="calib/" + stem, source=src_stem + ".onnx")
+        for k in ("max_abs_diff_vs_torch", "sha256", "size_bytes", "num_nodes", "ops"):
+            i.pop(k, None)
+        d = os.path.join(OUT, "calib", stem)
+        shutil.rmtree(d, ignore_errors=True)
+        shutil.copytree(os.path.join(OUT, "calib", src_stem), d)
+        return i
+    i = ortopt_qdyn(derived)
+    out = os.path.join(OUT, i["file"])
+    i.update(describe(out))
+    i["checker"] = check(out)
+    batches = load_batches(os.path.join(OUT, i["calib"]))
+    i["ort"] = "ok (%d batches)" % len(ort_run(out, batches))
+    i["max_abs_diff_vs_float_model"] = max_diff(ort_run(out, batches), ort_run(os.path.join(OUT, i["source"]), batches))
+    i["checked_with"] = {"onnx": __import__("onnx").__version__, "onnxruntime": ort.__version__, "numpy": np.__version__}
+    manifest["models"] = [m for m in manifest["models"] if m["file"] != i["file"]] + [i]
+    with open(path, "w") as f:
+        json.dump(manifest, f, indent=1)
+        f.write("\n")
+    print(dst, i["ort"], "diff vs float", i["max_abs_diff_vs_float_model"])
 
 
 # --------------------------------------------------------------------------------------------------
@@ -690,7 +755,8 @@ def evaluate(onnxopt, workdir):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("stage", choices=["setup", "all", "export-t21", "export-tf420", "post", "evaluate"])
+    ap.add_argument("stage", choices=["setup", "all", "export-t21", "export-tf420", "post", "add-ortopt-qdyn",
+                                      "evaluate"])
     ap.add_argument("--keep-sources", action="store_true",
                     help="keep gpt2-base.ts17.onnx (the unedited GPT-2 export) in testdata/cases/")
     ap.add_argument("--onnxopt", default=os.path.join(REPO, "target", "release", "onnxopt"))
@@ -704,6 +770,8 @@ def main():
         export_t21()
     elif a.stage == "export-tf420":
         export_tf420()
+    elif a.stage == "add-ortopt-qdyn":
+        add_ortopt_qdyn()
     elif a.stage == "post":
         post(a.keep_sources)
     elif a.stage == "evaluate":

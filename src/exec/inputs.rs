@@ -203,7 +203,7 @@ pub fn datum_type(code: i32) -> Option<DatumType> {
 }
 
 /// Rows of the table (`table_dims`) that `input` indexes through a `Gather` or an
-/// EmbedLayerNormalization (token ids into an embedding table), looking through Casts and
+/// EmbedLayerNormalization, quantized or not (token ids into an embedding table), looking through Casts and
 /// the Expand of position ids to the batch (`fuse::embed_layernorm`).
 fn embedding_rows(model: &Model, input: crate::ir::ValueId) -> Option<i64> {
     use crate::ir::Use;
@@ -214,11 +214,12 @@ fn embedding_rows(model: &Model, input: crate::ir::ValueId) -> Option<i64> {
             let node = g.node(reader);
             if node.is("Cast") || (node.is("Expand") && use_ == Use::Input(0)) {
                 frontier.extend(node.output(0));
-            } else if node.op_type() == "EmbedLayerNormalization"
-                && node.domain() == crate::ops::MS_DOMAIN
-            {
+            } else if node.domain() == crate::ops::MS_DOMAIN {
                 let Use::Input(slot) = use_ else { continue };
-                let table = embed_layer_norm::table_of(slot).and_then(|t| node.input(t));
+                let Some(table) = embed_layer_norm::table_of_op(node.op_type(), slot) else {
+                    continue;
+                };
+                let table = node.input(table);
                 let dims = table_dims(model, table?)?;
                 return dims.first().copied().filter(|&r| r > 0);
             } else if node.is("Gather") && use_ == Use::Input(1) {

@@ -37,6 +37,19 @@ pub const BETA: usize = 6;
 pub const MASK: usize = 7;
 pub const POSITION_IDS: usize = 8;
 
+/// The table that the ids in input `slot` of a `com.microsoft` node `op_type` index, if they
+/// are ids: EmbedLayerNormalization's (`table_of`), or QEmbedLayerNormalization's, ONNX
+/// Runtime's quantized form (its `quantize_dynamic` writes it), whose first inputs keep that
+/// layout with the tables quantized, and whose inputs from 8 on are the tables' scales and
+/// zero points (no position ids).
+pub fn table_of_op(op_type: &str, slot: usize) -> Option<usize> {
+    match op_type {
+        "EmbedLayerNormalization" => table_of(slot),
+        "QEmbedLayerNormalization" if slot < POSITION_IDS => table_of(slot),
+        _ => None,
+    }
+}
+
 /// The table that the ids in input `slot` index, if they are ids.
 pub fn table_of(slot: usize) -> Option<usize> {
     match slot {
