@@ -4,7 +4,8 @@
 //! RMSNorms) and GELUs as ONNX Runtime's transformers optimizer did (its counts are in the
 //! manifest), and the optimized model must give the original's outputs within 1e-4 on the
 //! model's calibration batches, in tract (our lowerings of the contrib operators) and in
-//! ONNX Runtime (with the full onnx.checker first: `scripts/ort_check.py`).
+//! ONNX Runtime (with the full onnx.checker first: `scripts/ort_check.py`). Where ONNX
+//! Runtime's own output lost the original's outputs (past 1e-2), its counts are no bar.
 //!
 //! How fusions are counted on each side: a normalization is any of LayerNormalization,
 //! SkipLayerNormalization, EmbedLayerNormalization, SimplifiedLayerNormalization,
@@ -83,8 +84,17 @@ fn manifest() -> Vec<Entry> {
         .iter()
         .map(|m| {
             let count = |v: &serde_json::Value| v.as_u64().unwrap_or(0) as usize;
+            // ONNX Runtime's optimizer fuses ConvNeXt's channels-first LayerNorms as if they
+            // normalized the last axis (0.39 off the original's outputs): fusions that break
+            // the model are no bar to hold onnxopt to.
+            let ort_kept_outputs = m["ort_fused"]["runs"]
+                .as_str()
+                .and_then(|r| r.strip_prefix("ok, max abs diff vs original "))
+                .and_then(|d| d.parse::<f64>().ok())
+                .is_none_or(|d| d <= 1e-2);
             let ort = m["ort_fused"]["counts"]
                 .as_object()
+                .filter(|_| ort_kept_outputs)
                 .map(|c| {
                     c.iter()
                         .map(|(k, v)| (k.trim_start_matches("onnx:").to_string(), count(v)))

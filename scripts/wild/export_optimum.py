@@ -40,6 +40,11 @@ PLAN = [
     ("gpt_neox", "text-generation-with-past", {"model": "optimum-gpt-neox"}),
     ("gptj", "text-generation-with-past", {"model": "optimum-gptj"}),
     ("codegen", "text-generation-with-past", {"model": "optimum-codegen"}),
+    # translation (Marian, M2M100 / NLLB: the files transformers.js ships) and vision beyond ViT
+    ("marian", "text2text-generation-with-past", {"encoder_model": "optimum-marian-enc",
+                                                  "decoder_with_past_model": "optimum-marian-dec-past"}),
+    ("m2m_100", "text2text-generation-with-past", {"decoder_with_past_model": "optimum-m2m100-dec-past"}),
+    ("swin", "feature-extraction", {"model": "optimum-swin"}),
 ]
 # decoder-only models whose second batch has a left-padded past
 DECODER_ONLY = ("gpt2", "llama", "qwen2", "mistral", "phi3", "gemma", "phi", "gpt_neox", "gptj", "codegen")
@@ -62,6 +67,10 @@ NAMES = {
     "optimum-gpt-neox": "GPT-NeoX (Pythia) LM with past (packed QKV per head, a quarter of each head rotated)",
     "optimum-gptj": "GPT-J LM with past (interleaved rotary pairs on half of each head)",
     "optimum-codegen": "CodeGen LM with past (packed QKV, interleaved rotary pairs on half of each head)",
+    "optimum-marian-enc": "Marian encoder_model (sinusoidal positions, scaled embeddings)",
+    "optimum-marian-dec-past": "Marian decoder_with_past_model",
+    "optimum-m2m100-dec-past": "M2M100 / NLLB decoder_with_past_model (pre-norm, ReLU)",
+    "optimum-swin": "Swin (SwinModel, feature-extraction: shifted windows)",
 }
 
 
@@ -97,6 +106,16 @@ def build(arch, seed):
                                    decoder_ffn_dim=W.FF, d_model=W.H, max_source_positions=16,
                                    max_target_positions=32, pad_token_id=0, bos_token_id=1, eos_token_id=2,
                                    decoder_start_token_id=1), T.WhisperForConditionalGeneration
+    elif arch in ("marian", "m2m_100"):
+        c = {"marian": T.MarianConfig, "m2m_100": T.M2M100Config}[arch]
+        cfg, cls = c(vocab_size=W.V_SMALL, d_model=W.H, encoder_layers=W.L, decoder_layers=W.L,
+                     encoder_attention_heads=W.NH, decoder_attention_heads=W.NH, encoder_ffn_dim=W.FF,
+                     decoder_ffn_dim=W.FF, max_position_embeddings=64, pad_token_id=1, decoder_start_token_id=1,
+                     scale_embedding=True), \
+            {"marian": T.MarianMTModel, "m2m_100": T.M2M100ForConditionalGeneration}[arch]
+    elif arch == "swin":
+        cfg, cls = T.SwinConfig(image_size=32, patch_size=2, num_channels=3, embed_dim=16, depths=[2, 2],
+                                num_heads=[2, 4], window_size=4, mlp_ratio=2.0), T.SwinModel
     elif arch in ("llama", "qwen2", "mistral", "phi3", "gemma"):
         llm = dict(vocab_size=W.V_SMALL, hidden_size=W.H, intermediate_size=W.FF, num_hidden_layers=W.L,
                    num_attention_heads=W.NH, num_key_value_heads=W.NH // 2, max_position_embeddings=128,
@@ -126,6 +145,11 @@ def build(arch, seed):
     torch.manual_seed(seed)
     m = cls(cfg)
     W.add_noise(m, seed)
+    g = torch.Generator().manual_seed(seed + 2)
+    with torch.no_grad():  # Swin's relative position tables start at zeros (make_wild.vision_encoder)
+        for name, p in sorted(m.named_parameters()):
+            if "relative_position_bias_table" in name:
+                p.add_(torch.randn(p.shape, generator=g) * 0.5)
     return m.eval()
 
 

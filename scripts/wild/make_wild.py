@@ -96,6 +96,8 @@ PLANS = {
         ("beit", "dynamo", 18, "sdpa"), ("swin", "ts", 17, "eager"), ("swin", "dynamo", 18, "eager"),
         ("convnext", "ts", 17, None), ("wav2vec2", "ts", 17, "eager"), ("wav2vec2", "dynamo", 18, "sdpa"),
         ("hubert", "ts", 17, "sdpa"), ("wavlm", "ts", 17, None),
+        ("marian-dec-past", "ts", 17, "eager"), ("m2m100-dec-past", "ts", 17, "sdpa"),
+        ("segformer", "ts", 17, None), ("yolos", "ts", 17, "eager"), ("yolos", "dynamo", 18, "sdpa"),
         ("qwen3-past", "ts", 17, "eager"), ("gemma2-past", "ts", 17, "eager"), ("phi3-past", "ts", 17, "eager"),
         ("starcoder2-past", "ts", 17, "eager"),
         ("falcon-mq-past", "ts", 17, "eager"), ("stablelm-past", "ts", 17, "eager"), ("gptj-past", "ts", 17, "eager"),
@@ -364,6 +366,15 @@ def vision_encoder(arch, attn, seed):
         cfg = make_config(T.SwinConfig, attn, image_size=32, patch_size=2, num_channels=3, embed_dim=16,
                           depths=[2, 2], num_heads=[2, 4], window_size=4, mlp_ratio=2.0)
         m = build(T.SwinModel, cfg, seed)
+    elif arch == "segformer":
+        cfg = make_config(T.SegformerConfig, attn, num_channels=3, num_encoder_blocks=2, depths=[1, 1],
+                          sr_ratios=[2, 1], hidden_sizes=[16, 32], patch_sizes=[7, 3], strides=[4, 2],
+                          num_attention_heads=[1, 2], mlp_ratios=[2, 2])
+        m = build(T.SegformerModel, cfg, seed)
+        outs = ["last_hidden_state"]
+    elif arch == "yolos":
+        cfg = make_config(T.YolosConfig, attn, num_detection_tokens=4, **dict(common, image_size=[32, 32]))
+        m = build(T.YolosModel, cfg, seed)
     elif arch == "convnext":
         cfg = make_config(T.ConvNextConfig, attn, image_size=32, patch_size=4, num_channels=3, num_stages=2,
                           hidden_sizes=[16, 32], depths=[2, 2])
@@ -459,6 +470,16 @@ def seq2seq_decoder(arch, attn, seed):
         full = build(T.BartForConditionalGeneration, cfg, seed)
         dec, head, use_mask, scale = full.model.get_decoder(), full.lm_head, True, None
         bias = full.final_logits_bias
+    elif arch in ("marian-dec-past", "m2m100-dec-past"):
+        cls, model_cls = {"marian-dec-past": (T.MarianConfig, T.MarianMTModel),
+                          "m2m100-dec-past": (T.M2M100Config, T.M2M100ForConditionalGeneration)}[arch]
+        cfg = make_config(cls, attn, vocab_size=vocab, d_model=H, encoder_layers=L, decoder_layers=L,
+                          encoder_attention_heads=NH, decoder_attention_heads=NH, encoder_ffn_dim=FF,
+                          decoder_ffn_dim=FF, max_position_embeddings=64, pad_token_id=1, decoder_start_token_id=1,
+                          scale_embedding=True)
+        full = build(model_cls, cfg, seed)
+        dec, head, use_mask, scale = full.model.get_decoder(), full.lm_head, True, None
+        bias = getattr(full, "final_logits_bias", None)
     elif arch == "whisper-dec-past":
         cfg = make_config(T.WhisperConfig, attn, vocab_size=vocab, num_mel_bins=80, encoder_layers=L,
                           decoder_layers=L, encoder_attention_heads=NH, decoder_attention_heads=NH,
@@ -792,11 +813,11 @@ for _a in ("vit", "deit", "dinov2", "clip-vision", "siglip-vision"):
 BUILDERS["whisper-enc"] = whisper_encoder
 for _a in ("modernbert", "esm", "roformer"):
     BUILDERS[_a] = text_encoder
-for _a in ("beit", "swin", "convnext"):
+for _a in ("beit", "swin", "convnext", "segformer", "yolos"):
     BUILDERS[_a] = vision_encoder
 for _a in ("wav2vec2", "hubert", "wavlm"):
     BUILDERS[_a] = speech_encoder
-for _a in ("t5-dec-past", "bart-dec-past", "whisper-dec-past"):
+for _a in ("t5-dec-past", "bart-dec-past", "whisper-dec-past", "marian-dec-past", "m2m100-dec-past"):
     BUILDERS[_a] = seq2seq_decoder
 BUILDERS["gpt2-past"] = BUILDERS["gpt2-past1"] = gpt2_past
 BUILDERS["st-mpnet"] = BUILDERS["st-bert"] = sentence_transformer
@@ -822,6 +843,10 @@ ARCH_NAMES = {
     "beit": "BEiT (BeitModel: relative position bias, layer scale, mean pooling)",
     "swin": "Swin (SwinModel: shifted windows, relative position bias, patch merging)",
     "convnext": "ConvNeXt (ConvNextModel: depthwise convolutions, channels-last LayerNorm, no attention)",
+    "marian-dec-past": "Marian decoder step with past (sinusoidal positions, scaled embeddings) + LM head",
+    "m2m100-dec-past": "M2M100 / NLLB decoder step with past (sinusoidal positions, pre-norm) + LM head",
+    "segformer": "SegFormer (MiT encoder: overlapping patch embeddings, attention over spatially reduced keys)",
+    "yolos": "YOLOS (ViT with detection tokens, interpolated positions)",
     "wav2vec2": "wav2vec 2.0 large-style (LayerNorm feature extractor, padding mask, positional convolution)",
     "hubert": "HuBERT base-style (GroupNorm feature extractor, no mask, positional convolution)",
     "wavlm": "WavLM (gated relative position bias, padding mask)",
@@ -1234,10 +1259,13 @@ ORT_MODEL_TYPE = {
     "optimum-bert": "bert", "optimum-distilbert": "bert", "optimum-vit": "vit", "optimum-gpt2": "gpt2",
     "optimum-t5-enc": "t5", "optimum-t5-dec-past": "t5", "optimum-whisper-enc": "bart",
     "optimum-whisper-dec-past": "bart", "optimum-bart-dec-past": "bart",
+    "optimum-marian-enc": "bart", "optimum-marian-dec-past": "bart", "optimum-m2m100-dec-past": "bart",
+    "optimum-swin": "swin",
     "tf-bert": "bert_tf", "tf-distilbert": "bert_tf", "tf-roberta": "bert_tf",
     # encoders ONNX Runtime's optimizer has no type of their own for: its BERT fusions
     "modernbert": "bert", "esm": "bert", "roformer": "bert", "wav2vec2": "bert", "hubert": "bert", "wavlm": "bert",
-    "convnext": "vit", "beit": "vit", "swin": "swin",
+    "convnext": "vit", "beit": "vit", "swin": "swin", "segformer": "vit", "yolos": "vit",
+    "marian-dec-past": "bart", "m2m100-dec-past": "bart",
 }
 
 
