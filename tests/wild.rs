@@ -390,3 +390,58 @@ fn fp16_of_a_batch_moving_transpose_loads_in_onnx_runtime() {
     checks.add("0.99", &path_of(file), &out, &calib_of(file));
     checks.run();
 }
+
+/// Models whose every attention block fuses for both targets (no Softmax left): the speech
+/// encoders (wav2vec 2.0 with its padding mask, HuBERT, WavLM's gated relative positions),
+/// vision (BEiT's relative positions, Swin's shifted windows through `canonical`'s
+/// window-bias, SegFormer's reduced keys, YOLOS), the rotary encoders, and the translation
+/// decoders with their caches (Marian slices its mask to the keys' length through a shape
+/// chain on the keys the match removes, which the fused node keeps alive), both through the
+/// legacy exporter and Optimum.
+#[test]
+fn every_attention_of_the_wild_encoders_and_translation_decoders_is_fused() {
+    const MODELS: &[&str] = &[
+        "wav2vec2.ts17.",
+        "hubert.ts17.",
+        "wavlm.ts17.",
+        "beit.ts17.",
+        "swin.ts17.",
+        "segformer.ts17.",
+        "yolos.ts17.",
+        "yolos.dynamo18.",
+        "modernbert.ts17.",
+        "esm.ts17.",
+        "marian-dec-past.ts17.",
+        "m2m100-dec-past.ts17.",
+        "optimum-marian-enc.",
+        "optimum-marian-dec-past.",
+        "optimum-m2m100-dec-past.",
+    ];
+    let entries = manifest();
+    let mut failures = Vec::new();
+    for prefix in MODELS {
+        let Some(e) = entries.iter().find(|e| e.file.starts_with(prefix)) else {
+            failures.push(format!("no {prefix}* model in the manifest"));
+            continue;
+        };
+        for target in [Target::Ort, Target::Onnx] {
+            let model = common::optimized(&path_of(&e.file), target);
+            let count = |f: &dyn Fn(&str) -> bool| {
+                model
+                    .graph
+                    .nodes()
+                    .filter(|(_, n)| f(n.op_type()))
+                    .count()
+            };
+            let attention = count(&|op| op.ends_with("Attention"));
+            let softmax = count(&|op| op == "Softmax");
+            if softmax != 0 || attention != e.blocks {
+                failures.push(format!(
+                    "{} {target:?}: {attention} of {} attention blocks fused, {softmax} Softmax left",
+                    e.file, e.blocks
+                ));
+            }
+        }
+    }
+    assert!(failures.is_empty(), "{failures:#?}");
+}

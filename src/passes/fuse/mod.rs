@@ -294,6 +294,7 @@ fn attempt(
     (rule.build)(m, &mut rw)?;
     let mut removed: Vec<NodeId> = m.nodes().iter().chain(&rw.absorbed).copied().collect();
     removed.extend(dying_readers(g, &removed, &rw.replaced));
+    keep_what_the_replacement_reads(g, &mut removed, &rw.patch.reads(), &rw.replaced);
     if let Some((value, reader)) = read_outside(g, &removed, &rw.replaced) {
         return Err(Declined::ReadOutside { value, reader });
     }
@@ -401,6 +402,35 @@ fn dying_readers(g: &Graph, removed: &[NodeId], replaced: &[ValueId]) -> Vec<Nod
             return dying;
         }
         reached = dying;
+    }
+}
+
+/// Takes out of `removed` the nodes computing what the replacement reads (`reads`), with
+/// the removed nodes they read from, transitively: Marian's mask is sliced to the length of
+/// the keys as the match reshapes them (`Shape(Reshape(present))`), a shape chain that would
+/// otherwise die with the match while the fused node reads the mask. Kept nodes compute what
+/// they computed, from the same inputs; a node whose output the replacement replaces is not
+/// kept (`check_patch` refuses the rewrite then).
+fn keep_what_the_replacement_reads(
+    g: &Graph,
+    removed: &mut Vec<NodeId>,
+    reads: &[ValueId],
+    replaced: &[ValueId],
+) {
+    let mut wanted: Vec<ValueId> = reads.to_vec();
+    while let Some(v) = wanted.pop() {
+        let Some(producer) = g.producer(v) else {
+            continue;
+        };
+        let Some(at) = removed.iter().position(|&n| n == producer) else {
+            continue;
+        };
+        let node = g.node(producer);
+        if node.outputs.iter().flatten().any(|o| replaced.contains(o)) {
+            continue;
+        }
+        removed.remove(at);
+        wanted.extend(node.inputs.iter().flatten());
     }
 }
 
