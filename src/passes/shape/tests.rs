@@ -662,6 +662,38 @@ fn unknown_elements_stay_unknown() {
     assert_eq!(t.value("halved"), "[?, ?]", "batch may be odd");
 }
 
+/// Swin pads each side to a multiple of its window, `(w − H mod w) mod w`, with Python's
+/// modulo (the divisor's sign, fmod=0); C's (the dividend's) with fmod=1.
+#[test]
+fn remainders_of_known_elements_follow_fmod() {
+    let t = Net::new(17)
+        .input("x", F32, "batch,30")
+        .node("Shape", &["x"], &["s"])
+        .ints("seven", &[], &[7])
+        .ints("minus", &[2], &[-5, 5])
+        .ints("minus_seven", &[], &[-7])
+        .ints("zero", &[], &[0])
+        .node("Mod", &["s", "seven"], &["rem"])
+        .node("Sub", &["seven", "rem"], &["missing"])
+        .node("Mod", &["missing", "seven"], &["pad"])
+        .node("Mod", &["minus", "seven"], &["python"])
+        .node_with(
+            "Mod",
+            &["minus", "seven"],
+            &["c"],
+            vec![attr::int("fmod", 1)],
+        )
+        .node("Mod", &["minus", "minus_seven"], &["negative_divisor"])
+        .node("Mod", &["s", "zero"], &["by_zero"])
+        .infer();
+    assert_eq!(t.value("rem"), "[?, 2]");
+    assert_eq!(t.value("pad"), "[?, 5]");
+    assert_eq!(t.value("python"), "[2, 5]");
+    assert_eq!(t.value("c"), "[-5, 5]");
+    assert_eq!(t.value("negative_divisor"), "[-5, -2]");
+    assert_eq!(t.value("by_zero"), "[?, ?]");
+}
+
 #[test]
 fn elements_a_narrow_type_cannot_hold_are_unknown() {
     let big = Tensor::from_raw(

@@ -97,6 +97,15 @@ pub(super) fn infer(cx: &Ctx, types: &[Option<ValueType>]) -> Vec<Option<Vec<Dim
         "Sub" => elementwise(cx, Dim::sub),
         "Mul" => elementwise(cx, Dim::mul),
         "Div" => elementwise(cx, divide),
+        // fmod=0: the remainder takes the divisor's sign (Python's %); fmod=1: the dividend's.
+        "Mod" if cx.attr_int("fmod", 0) == 0 => known_binary(cx, |a, b| {
+            a.checked_rem(b)
+                .and_then(|r| match r != 0 && (r < 0) != (b < 0) {
+                    true => r.checked_add(b),
+                    false => Some(r),
+                })
+        }),
+        "Mod" => known_binary(cx, i64::checked_rem),
         "Max" => elementwise(cx, |a, b| match compare(a, b) {
             Some(Ordering::Less | Ordering::Equal) => b.clone(),
             Some(Ordering::Greater) => a.clone(),
