@@ -19,10 +19,10 @@ use onnxopt::io::{self, ExternalData};
 use onnxopt::passes::fuse::Target;
 use onnxopt::pipeline;
 
-/// Fused attention blocks over the corpus for each target, at least (of 176; the decoder
-/// LLMs' 30 become the standard Attention for both targets, which the count for ONNX Runtime
-/// leaves out).
-const MIN_ATTENTION_FUSED: usize = 140;
+/// Fused attention blocks over the corpus, at least: for ONNX Runtime (its attention operators;
+/// the decoder LLMs' blocks become the standard Attention for both targets, which this count
+/// leaves out) and with standard operators. Of 274 blocks: 180 and 262 at 212c642.
+const MIN_ATTENTION_FUSED: (usize, usize) = (180, 262);
 
 const ATTENTION_OPS: &[&str] = &["Attention", "MultiHeadAttention", "GroupQueryAttention"];
 
@@ -127,10 +127,11 @@ fn every_wild_model_is_fused_and_runs_in_onnx_runtime() {
     }
     println!("attention fused of {blocks} blocks: {fused_ort} for ONNX Runtime, {fused_onnx} with standard operators");
     assert!(failures.is_empty(), "{failures:#?}");
-    for (target, fused) in [("ort", fused_ort), ("onnx", fused_onnx)] {
+    let (min_ort, min_onnx) = MIN_ATTENTION_FUSED;
+    for (target, fused, min) in [("ort", fused_ort, min_ort), ("onnx", fused_onnx, min_onnx)] {
         assert!(
-            fused >= MIN_ATTENTION_FUSED,
-            "--target {target}: {fused} of {blocks} blocks fused, fewer than {MIN_ATTENTION_FUSED}"
+            fused >= min,
+            "--target {target}: {fused} of {blocks} blocks fused, fewer than {min}"
         );
     }
     checks.run();
@@ -427,11 +428,7 @@ fn every_attention_of_the_wild_encoders_and_translation_decoders_is_fused() {
         for target in [Target::Ort, Target::Onnx] {
             let model = common::optimized(&path_of(&e.file), target);
             let count = |f: &dyn Fn(&str) -> bool| {
-                model
-                    .graph
-                    .nodes()
-                    .filter(|(_, n)| f(n.op_type()))
-                    .count()
+                model.graph.nodes().filter(|(_, n)| f(n.op_type())).count()
             };
             let attention = count(&|op| op.ends_with("Attention"));
             let softmax = count(&|op| op == "Softmax");
