@@ -48,9 +48,18 @@ fn fused_ops_for(original: Model, target: Target) -> Vec<String> {
     ops
 }
 
-/// LayerNorm written out, reducing over `axis`.
+/// LayerNorm written out, reducing over `axis`, with `[8]` parameters.
 fn layer_norm_over(axis: i64) -> Model {
+    layer_norm_with(axis, &[8])
+}
+
+/// LayerNorm of x `[2, 3, 8]` written out, reducing over `axis`, with parameters of `dims`
+/// (a different value per element).
+fn layer_norm_with(axis: i64, dims: &[i64]) -> Model {
     let axes = || vec![attr::ints("axes", &[axis])];
+    let n: i64 = dims.iter().product();
+    let gamma: Vec<f32> = (0..n).map(|i| 1.5 + 0.25 * i as f32).collect();
+    let beta: Vec<f32> = (0..n).map(|i| 0.25 - 0.5 * i as f32).collect();
     model(
         vec![
             node("ReduceMean", &["x"], "mean", axes()),
@@ -66,8 +75,8 @@ fn layer_norm_over(axis: i64) -> Model {
         vec![
             scalar("two", 2.0),
             scalar("eps", 1e-5),
-            Tensor::from_f32("gamma", &[8], &[1.5; 8]).unwrap(),
-            Tensor::from_f32("beta", &[8], &[0.25; 8]).unwrap(),
+            Tensor::from_f32("gamma", dims, &gamma).unwrap(),
+            Tensor::from_f32("beta", dims, &beta).unwrap(),
         ],
         &["y"],
     )
@@ -82,6 +91,24 @@ fn layer_norm_over_another_axis_is_not_fused() {
         !kept.contains(&"LayerNormalization".to_string()),
         "{kept:?}"
     );
+}
+
+/// A LayerNorm over the channels of `[N, C, …]` with `[C, 1, …]` parameters (ConvNeXt's) fuses
+/// between two Transposes; parameters of another form (x's own rank, or varying along the
+/// positions too) stay written out.
+#[test]
+fn channels_first_layer_norm_fuses_only_with_per_channel_parameters() {
+    assert_eq!(
+        fused_ops(layer_norm_with(1, &[3, 1])),
+        ["LayerNormalization", "Transpose", "Transpose"]
+    );
+    for dims in [&[1, 3, 1][..], &[3, 8]] {
+        let kept = fused_ops(layer_norm_with(1, dims));
+        assert!(
+            !kept.contains(&"LayerNormalization".to_string()),
+            "{dims:?}: {kept:?}"
+        );
+    }
 }
 
 /// RMSNorm with x² written by `square` (nodes writing `x2`).
