@@ -392,28 +392,34 @@ fn fp16_of_a_batch_moving_transpose_loads_in_onnx_runtime() {
     checks.run();
 }
 
-/// Models whose every attention block fuses for both targets (no Softmax left): the speech
-/// encoders (wav2vec 2.0 with its padding mask, HuBERT, WavLM's gated relative positions),
+/// Models whose every attention block fuses for both targets (no Softmax left), through the
+/// legacy exporter, dynamo and Optimum: the speech encoders (wav2vec 2.0 with its padding
+/// mask, HuBERT, WavLM's gated relative positions),
 /// vision (BEiT's relative positions, Swin's shifted windows through `canonical`'s
 /// window-bias, SegFormer's reduced keys, YOLOS), the rotary encoders, and the translation
 /// decoders with their caches (Marian slices its mask to the keys' length through a shape
-/// chain on the keys the match removes, which the fused node keeps alive), both through the
-/// legacy exporter and Optimum.
+/// chain on the keys the match removes, which the fused node keeps alive).
 #[test]
 fn every_attention_of_the_wild_encoders_and_translation_decoders_is_fused() {
     const MODELS: &[&str] = &[
         "wav2vec2.ts17.",
         "hubert.ts17.",
+        "hubert.dynamo18.",
         "wavlm.ts17.",
         "beit.ts17.",
         "swin.ts17.",
         "segformer.ts17.",
+        "segformer.dynamo18.",
         "yolos.ts17.",
         "yolos.dynamo18.",
         "modernbert.ts17.",
         "esm.ts17.",
+        "roformer.ts17.",
+        "roformer.dynamo18.",
         "marian-dec-past.ts17.",
+        "marian-dec-past.dynamo18.",
         "m2m100-dec-past.ts17.",
+        "m2m100-dec-past.dynamo18.",
         "optimum-marian-enc.",
         "optimum-marian-dec-past.",
         "optimum-m2m100-dec-past.",
