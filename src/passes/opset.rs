@@ -1,9 +1,13 @@
 //! Raising the default-domain opset import, for fusions whose replacement exists only in a
 //! newer opset (LayerNormalization 17, Gelu 20, RMSNormalization and Attention 23).
 //!
-//! Matches: a model importing ONNX opset 11 or later.
+//! Matches: a model importing ONNX opset 9 or later.
 //! Produces: the same model importing the requested opset, with the operators whose
 //! signature changed in between rewritten (the adapters of onnx's version converter):
+//! - at 10, Slice takes `starts`, `ends` and `axes`, and TopK its `k`, as inputs;
+//! - at 11, Clip takes `min` and `max`, and Pad its `pads` and constant `value`, as inputs
+//!   (of the data's float type; a Pad of integers by a value other than 0, or a Clip or Pad
+//!   of a type onnxopt does not know, keeps the model at its opset);
 //! - at 12, Dropout takes `ratio` as an input instead of an attribute;
 //! - at 13, Squeeze, Unsqueeze and ReduceSum take `axes`, and Split its `split`, as an input;
 //!   Softmax, LogSoftmax and Hardmax normalize over their one `axis` instead of over the
@@ -19,11 +23,12 @@
 //! forms are the same function; any other keeps the model at its opset), and between opsets
 //! 11 and 23 the other operators only gained element types or attributes whose defaults keep
 //! the old behaviour, except the few listed in `CHANGED_MEANING`, whose presence stops the
-//! raise, as do subgraphs holding an operator the raise would rewrite (the rewrites here do
-//! not reach into subgraphs) and opsets below 11.
+//! raise, as do, below 11, Upsample, Resize and Scatter (replaced or changed at 10 and 11),
+//! subgraphs holding an operator the raise would rewrite (the rewrites here do not reach into
+//! subgraphs), and opsets below 9 (broadcasting and Upsample's scales changed at 7 to 9).
 
 use crate::error::{Error, Result};
-use crate::ir::{attr, Model, Node, NodeId, Patch, Tensor};
+use crate::ir::{attr, DataType, Model, Node, NodeId, Patch, Tensor};
 use crate::proto::NodeProto;
 
 /// The newest opset this module raises to.
@@ -31,7 +36,10 @@ pub const NEWEST: i64 = 23;
 /// Operators whose meaning (not only types or optional attributes) changed between 13 and 23.
 const CHANGED_MEANING: &[&str] = &["RoiAlign", "DFT", "GroupNormalization"];
 /// The lowest opset raised from.
-const OLDEST: i64 = 11;
+const OLDEST: i64 = 9;
+/// Operators replaced or changed in meaning at opsets 10 and 11, which stop a raise from
+/// below 11.
+const CHANGED_BY_11: &[&str] = &["Upsample", "Resize", "Scatter"];
 /// Operators that take `axes` as an input from opset 13.
 const AXES_13: &[&str] = &["Squeeze", "Unsqueeze", "ReduceSum"];
 /// Operators that normalize over one axis from opset 13, over the flattened trailing
@@ -64,6 +72,11 @@ pub fn highest_reachable(model: &Model) -> i64 {
             subgraph_ops(&n.proto, &mut inner);
             inner.iter().any(|op| rewritten_or_changed(op, now))
         })
+        || (now < 11
+            && g.nodes().any(|(_, n)| {
+                n.domain().is_empty()
+                    && (CHANGED_BY_11.contains(&n.op_type()) || !attributes_movable(model, n))
+            }))
         || (now < 13
             && g.nodes().any(|(_, n)| {
                 n.domain().is_empty()
@@ -98,7 +111,31 @@ fn rewritten_or_changed(op: &str, from: i64) -> bool {
     CHANGED_MEANING.contains(&op)
         || REDUCE_AXES_18.contains(&op)
         || op == "Split"
+        || (from < 11
+            && (CHANGED_BY_11.contains(&op) || ["Slice", "TopK", "Clip", "Pad"].contains(&op)))
         || (from < 13 && (AXES_13.contains(&op) || SOFTMAX_13.contains(&op) || op == "Dropout"))
+}
+
+/// Whether the float attributes Clip and Pad move to inputs at opset 11 can be written as
+/// constants of the data's type: a float type onnxopt knows, or, for a Pad, any type when the
+/// value is 0 (its default, left out).
+fn attributes_movable(model: &Model, n: &Node) -> bool {
+    let float_data = || {
+        n.input(0)
+            .and_then(|v| model.graph.value_type(v))
+            .and_then(|t| DataType::try_from(t.elem).ok())
+            .is_some_and(|t| matches!(t, DataType::Float | DataType::Float16 | DataType::Double))
+    };
+    match n.op_type() {
+        "Clip" => {
+            ["min", "max"]
+                .iter()
+                .all(|a| attr::get(&n.proto, a).is_none())
+                || float_data()
+        }
+        "Pad" => attr::get_float(&n.proto, "value").unwrap_or(0.0) == 0.0 || float_data(),
+        _ => true,
+    }
 }
 
 /// True when a Softmax-family node of opset < 13 normalizes over the last axis of its input
@@ -134,6 +171,21 @@ pub fn raise(model: &mut Model, to: i64) -> Result<()> {
         return Err(Error::InvalidModel(format!(
             "cannot raise the ONNX opset from {from} to {to}"
         )));
+    }
+    if from < 10 && to >= 10 {
+        move_attributes_to_inputs(model, "Slice", &["starts", "ends", "axes"], ints_input)?;
+        move_attributes_to_inputs(model, "TopK", &["k"], ints_input)?;
+    }
+    if from < 11 && to >= 11 {
+        move_attributes_to_inputs(model, "Clip", &["min", "max"], float_of_data)?;
+        move_attributes_to_inputs(model, "Pad", &["pads", "value"], |m, moved, ints| {
+            match moved.name {
+                "pads" => ints_input(m, moved, ints),
+                // 0, the default, needs no input (and may pad integers).
+                _ if attr::get_float(&moved.node.proto, "value") == Some(0.0) => Ok(None),
+                _ => float_of_data(m, moved, ints),
+            }
+        })?;
     }
     if from < 12 && to >= 12 {
         move_dropout_ratio_to_input(model)?;
@@ -194,6 +246,91 @@ fn move_ints_to_input(model: &mut Model, ops: &[&str], name: &str) -> Result<()>
         with_input_for(model, id, name, tensor)?;
     }
     Ok(())
+}
+
+/// What an attribute moved to an input holds: `make(model, node, ints)` builds the constant
+/// from the attribute's ints (an int attribute as one int; none for a float attribute, which
+/// the builder reads itself through `float_of_data`'s node argument), or none for an input
+/// left empty.
+type MakeInput = fn(&Model, &MovedAttribute, &[i64]) -> Result<Option<Tensor>>;
+
+/// The node and attribute an input is being made for.
+struct MovedAttribute<'a> {
+    node: &'a Node,
+    name: &'a str,
+}
+
+/// Each default-domain `op` node: its attributes `names` become inputs 1, 2, … in that order
+/// (an attribute left out is an empty input, or none at the end), made by `make`.
+fn move_attributes_to_inputs(
+    model: &mut Model,
+    op: &str,
+    names: &[&str],
+    make: MakeInput,
+) -> Result<()> {
+    let targets: Vec<NodeId> = model
+        .graph
+        .nodes()
+        .filter(|(_, n)| n.domain().is_empty() && n.is(op))
+        .map(|(id, _)| id)
+        .collect();
+    for id in targets {
+        let node = model.graph.node(id).clone();
+        let mut patch = Patch::new("opset-attribute-to-input");
+        let mut inputs: Vec<_> = node
+            .inputs
+            .iter()
+            .take(1)
+            .map(|v| v.map(Into::into))
+            .collect();
+        for name in names {
+            let moved = MovedAttribute { node: &node, name };
+            let ints: Vec<i64> = match attr::get(&node.proto, name) {
+                None => {
+                    inputs.push(None);
+                    continue;
+                }
+                Some(a) if !a.ints.is_empty() => a.ints.clone(),
+                Some(a) if a.i.is_some() => vec![a.i()],
+                Some(_) => Vec::new(),
+            };
+            let tensor = make(model, &moved, &ints)?;
+            inputs.push(tensor.map(|t| patch.new_initializer(name, t)));
+        }
+        while inputs.last().is_some_and(Option::is_none) {
+            inputs.pop();
+        }
+        let outputs: Vec<_> = node.outputs.iter().flatten().map(|&v| v.into()).collect();
+        let mut proto = node.proto.clone();
+        proto.attribute.retain(|a| !names.contains(&a.name()));
+        patch
+            .remove_node(id)
+            .add_node_proto(proto, &inputs, &outputs);
+        model.graph.apply(patch)?;
+    }
+    Ok(())
+}
+
+/// An int or ints attribute as a 1-D int64 input.
+fn ints_input(_: &Model, moved: &MovedAttribute, ints: &[i64]) -> Result<Option<Tensor>> {
+    Ok(Some(Tensor::from_i64(
+        moved.name,
+        &[ints.len() as i64],
+        ints,
+    )?))
+}
+
+/// A float attribute as a scalar of the node's data type (`attributes_movable` checked it is
+/// a float type, or that a Pad's value is 0, which is then left out).
+fn float_of_data(model: &Model, moved: &MovedAttribute, _: &[i64]) -> Result<Option<Tensor>> {
+    let value = attr::get_float(&moved.node.proto, moved.name).unwrap_or(0.0);
+    let elem = moved
+        .node
+        .input(0)
+        .and_then(|v| model.graph.value_type(v))
+        .and_then(|t| DataType::try_from(t.elem).ok())
+        .unwrap_or(DataType::Float);
+    Ok(Some(Tensor::from_f32_as(moved.name, elem, &[], &[value])?))
 }
 
 /// Dropout's `ratio` attribute (opset 10) becomes its second input (opset 12).
@@ -293,8 +430,16 @@ mod tests {
         nodes: &[crate::ir::testing::NodeSpec],
         attrs: &[Vec<crate::proto::AttributeProto>],
     ) -> Model {
+        at_opset(11, nodes, attrs)
+    }
+
+    fn at_opset(
+        opset: i64,
+        nodes: &[crate::ir::testing::NodeSpec],
+        attrs: &[Vec<crate::proto::AttributeProto>],
+    ) -> Model {
         let mut p = model_proto(&["x"], &["y"], &[], nodes);
-        p.opset_import[0].version = Some(11);
+        p.opset_import[0].version = Some(opset);
         p.ir_version = Some(6);
         let g = p.graph.as_mut().unwrap();
         for (n, a) in g.node.iter_mut().zip(attrs) {
@@ -356,6 +501,85 @@ mod tests {
             .find(|t| t.name().starts_with("ratio"))
             .unwrap();
         assert_eq!(ratio.dims, [0i64; 0]);
+    }
+
+    /// torch's default before 1.12: Slice and TopK (10), Clip and Pad (11) with attributes.
+    #[test]
+    fn opset_9_attributes_become_inputs() {
+        let nodes: &[crate::ir::testing::NodeSpec] = &[
+            ("Slice", &["x"], &["s"]),
+            ("Clip", &["s"], &["c"]),
+            ("Pad", &["c"], &["p"]),
+            ("Pad", &["p"], &["q"]),
+            ("TopK", &["q"], &["y", "i"]),
+        ];
+        let attrs = [
+            vec![attr::ints("starts", &[1]), attr::ints("ends", &[4])],
+            vec![attr::float("max", 6.0)],
+            vec![attr::ints("pads", &[0, 1, 0, 1]), attr::float("value", 0.5)],
+            vec![attr::ints("pads", &[1, 0, 1, 0])],
+            vec![attr::int("k", 2), attr::int("axis", -1)],
+        ];
+        let mut m = at_opset(9, nodes, &attrs);
+        for v in ["s", "c"] {
+            let v = m.graph.find_value(v).unwrap();
+            m.graph
+                .set_value_type(v, &crate::ir::ValueType::new(1, vec![]));
+        }
+        assert_eq!(highest_reachable(&m), NEWEST);
+        raise(&mut m, 17).unwrap();
+        let g = m.to_proto().unwrap().graph.unwrap();
+        let inputs: Vec<Vec<&str>> = g
+            .node
+            .iter()
+            .map(|n| {
+                n.input
+                    .iter()
+                    .map(|i| i.split('_').next().unwrap())
+                    .collect()
+            })
+            .collect();
+        assert_eq!(
+            inputs,
+            [
+                vec!["x", "starts", "ends"],
+                vec!["s", "", "max"],
+                vec!["c", "pads", "value"],
+                vec!["p", "pads"],
+                vec!["q", "k"],
+            ]
+        );
+        let attributes: Vec<usize> = g.node.iter().map(|n| n.attribute.len()).collect();
+        assert_eq!(attributes, [0, 0, 0, 0, 1], "TopK keeps its axis");
+    }
+
+    /// Upsample (replaced at 10), Resize (changed at 11), a Pad of an unknown type by a value
+    /// other than 0, and opsets below 9 keep the model where it is.
+    #[test]
+    fn what_changed_below_opset_11_blocks_the_raise() {
+        for op in ["Upsample", "Resize", "Scatter"] {
+            let m = at_opset(9, &[(op, &["x"], &["y"])], &[vec![]]);
+            assert_eq!(highest_reachable(&m), 9, "{op}");
+        }
+        let int64 = DataType::Int64 as i64;
+        let mut padded = at_opset(
+            10,
+            &[("Cast", &["x"], &["c"]), ("Pad", &["c"], &["y"])],
+            &[
+                vec![attr::int("to", int64)],
+                vec![attr::float("value", 1.0)],
+            ],
+        );
+        let c = padded.graph.find_value("c").unwrap();
+        let ints = crate::ir::ValueType::new(int64 as i32, vec![]);
+        padded.graph.set_value_type(c, &ints);
+        assert_eq!(highest_reachable(&padded), 10);
+        let old = at_opset(8, &[("Relu", &["x"], &["y"])], &[vec![]]);
+        assert_eq!(highest_reachable(&old), 8);
+        assert_eq!(
+            highest_reachable(&at_opset(10, &[("Relu", &["x"], &["y"])], &[vec![]])),
+            NEWEST
+        );
     }
 
     #[test]

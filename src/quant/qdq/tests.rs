@@ -477,9 +477,11 @@ fn per_axis_dequantization_needs_opset_13() {
     let mut m = matmul_at(13);
     quantized(&mut m, &r, QuantTarget::Ort);
     assert_eq!(m.opset(""), Some(13));
-    let mut m = matmul_at(12);
-    quantized(&mut m, &r, QuantTarget::Ort);
-    assert_eq!(m.opset(""), Some(13), "raised");
-    let err = insert_qdq(&mut matmul_at(10), &r, &options(QuantTarget::Ort)).unwrap_err();
+    for from in [12, 10, 9] {
+        let mut m = matmul_at(from);
+        quantized(&mut m, &r, QuantTarget::Ort);
+        assert_eq!(m.opset(""), Some(13), "raised from {from}");
+    }
+    let err = insert_qdq(&mut matmul_at(8), &r, &options(QuantTarget::Ort)).unwrap_err();
     assert!(err.to_string().contains("opset"), "{err}");
 }
