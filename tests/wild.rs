@@ -393,7 +393,8 @@ fn fp16_of_a_batch_moving_transpose_loads_in_onnx_runtime() {
 }
 
 /// Models whose every attention block fuses for both targets (no Softmax left), through the
-/// legacy exporter, dynamo and Optimum: the speech encoders (wav2vec 2.0 with its padding
+/// legacy exporter, dynamo and Optimum: DistilBERT and ViT at opset 10 (raised to 17 or 23,
+/// their Slices' bounds moved to inputs), the speech encoders (wav2vec 2.0 with its padding
 /// mask, HuBERT, WavLM's gated relative positions),
 /// vision (BEiT's relative positions, Swin's shifted windows through `canonical`'s
 /// window-bias, SegFormer's reduced keys, YOLOS), the rotary encoders, and the translation
@@ -402,6 +403,8 @@ fn fp16_of_a_batch_moving_transpose_loads_in_onnx_runtime() {
 #[test]
 fn every_attention_of_the_wild_encoders_and_translation_decoders_is_fused() {
     const MODELS: &[&str] = &[
+        "distilbert.ts10.",
+        "vit.ts10.",
         "wav2vec2.ts17.",
         "hubert.ts17.",
         "hubert.dynamo18.",

@@ -68,6 +68,8 @@ PLANS = {
         ("whisper-dec-past", "ts", 14, "eager"), ("t5-dec-past", "ts", 14, "eager"),
         ("gpt2-past1", "ts", 14, "eager"), ("st-mpnet", "ts", 14, "eager"),
         ("llama-past", "ts", 14, "eager"), ("mistral-past", "ts", 14, "eager"),
+        # opsets 9 and 10, torch's default before 1.12: Slice, Clip and Pad take attributes
+        ("bert", "ts", 9, "eager"), ("distilbert", "ts", 10, "eager"), ("vit", "ts", 10, "eager"),
     ],
     "t24": [  # torch 2.4.1 (no dynamo= argument), transformers 4.44.2, sentence-transformers 3.0.1
         ("bert", "ts", 17, "sdpa"), ("distilbert", "ts", 14, "eager"), ("roberta", "ts", 17, "eager"),
