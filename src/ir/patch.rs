@@ -185,22 +185,6 @@ impl Patch {
         out
     }
 
-    /// The existing values the new nodes read.
-    pub fn reads(&self) -> Vec<ValueId> {
-        let mut read: Vec<ValueId> = self
-            .nodes
-            .iter()
-            .flat_map(|n| n.inputs.iter().flatten())
-            .filter_map(|v| match v {
-                PValue::Old(v) => Some(*v),
-                PValue::New(_) => None,
-            })
-            .collect();
-        read.sort_by_key(|v| v.index());
-        read.dedup();
-        read
-    }
-
     pub fn remove_node(&mut self, node: NodeId) -> &mut Self {
         if !self.remove.contains(&node) {
             self.remove.push(node);

@@ -642,6 +642,7 @@ fn bias_of(m: &Match, rw: &mut Rewrite) -> Checked<Option<(PValue, Vec<Dim>)>> {
     let zero =
         || Tensor::from_f32("zero", &[], &[0.0]).map_err(|e| Declined::Refused(e.to_string()));
     if let Some((condition, masked)) = fill_where {
+        rw.keep_alive(condition);
         let fill = m.get("fill")?;
         if rw.constant_of(fill)?.dtype() != DataType::Float {
             return Err(Declined::Mismatch(format!(
@@ -659,10 +660,12 @@ fn bias_of(m: &Match, rw: &mut Rewrite) -> Checked<Option<(PValue, Vec<Dim>)>> {
     }
     for name in ["bias", "bias2"] {
         if let Some(bias) = m.value(name) {
+            rw.keep_alive(bias);
             parts.push(with_rank_4(rw, bias)?);
         }
     }
     if let Some(mask) = m.value("attn_mask") {
+        rw.keep_alive(mask);
         // The standard op's mask: additive when float; when boolean, true where a key is
         // attended, which the op itself reads as 0 there and -inf elsewhere.
         let mask_dims = dims(g, mask)?;

@@ -136,10 +136,20 @@ pub struct Rewrite<'a> {
     replaced: Vec<ValueId>,
     /// Nodes outside the match that the replacement also makes redundant.
     absorbed: Vec<NodeId>,
+    /// Values the replacement reads whose computation must outlive the match
+    /// (`keep_alive`).
+    kept: Vec<ValueId>,
     uses_contrib: bool,
 }
 
 impl Rewrite<'_> {
+    /// The replacement reads `v`, a mask or bias the graph computes: where that computation
+    /// reads the match only to size itself (a shape chain that would die with the match), it
+    /// is kept (`keep_what_the_replacement_reads`).
+    pub fn keep_alive(&mut self, v: ValueId) {
+        self.kept.push(v);
+    }
+
     /// Removes `node` along with the match (it must be read only by the match too).
     pub fn absorb(&mut self, node: NodeId) {
         if !self.absorbed.contains(&node) {
@@ -289,12 +299,14 @@ fn attempt(
         patch: Patch::new(rule.kind),
         replaced: Vec::new(),
         absorbed: Vec::new(),
+        kept: Vec::new(),
         uses_contrib: false,
     };
     (rule.build)(m, &mut rw)?;
     let mut removed: Vec<NodeId> = m.nodes().iter().chain(&rw.absorbed).copied().collect();
+    let matched = removed.len();
     removed.extend(dying_readers(g, &removed, &rw.replaced));
-    keep_what_the_replacement_reads(g, &mut removed, &rw.patch.reads(), &rw.replaced);
+    keep_what_the_replacement_reads(g, &mut removed, matched, &rw.kept, &rw.replaced);
     if let Some((value, reader)) = read_outside(g, &removed, &rw.replaced) {
         return Err(Declined::ReadOutside { value, reader });
     }
@@ -405,19 +417,28 @@ fn dying_readers(g: &Graph, removed: &[NodeId], replaced: &[ValueId]) -> Vec<Nod
     }
 }
 
-/// Takes out of `removed` the nodes computing what the replacement reads (`reads`), with
-/// the removed nodes they read from, transitively: Marian's mask is sliced to the length of
-/// the keys as the match reshapes them (`Shape(Reshape(present))`), a shape chain that would
+/// Takes out of `removed` the dying readers (`removed[matched..]`) computing what the
+/// builder asked to keep (`kept`, `Rewrite::keep_alive`), with the removed nodes they read
+/// from, transitively, match nodes included: Marian's mask is sliced to the length of the
+/// keys as the match reshapes them (`Shape(Reshape(present))`), a shape chain that would
 /// otherwise die with the match while the fused node reads the mask. Kept nodes compute what
-/// they computed, from the same inputs; a node whose output the replacement replaces is not
-/// kept (`check_patch` refuses the rewrite then).
+/// they computed, from the same inputs. Only what a builder names is kept: any other value the
+/// replacement reads from a removed node leaves the rewrite refused (`check_patch`), so that a
+/// better-bound match can take its place. Nor is a node kept whose output the replacement
+/// replaces.
 fn keep_what_the_replacement_reads(
     g: &Graph,
     removed: &mut Vec<NodeId>,
-    reads: &[ValueId],
+    matched: usize,
+    kept: &[ValueId],
     replaced: &[ValueId],
 ) {
-    let mut wanted: Vec<ValueId> = reads.to_vec();
+    let dying: Vec<NodeId> = removed[matched..].to_vec();
+    let mut wanted: Vec<ValueId> = kept
+        .iter()
+        .copied()
+        .filter(|&v| g.producer(v).is_some_and(|p| dying.contains(&p)))
+        .collect();
     while let Some(v) = wanted.pop() {
         let Some(producer) = g.producer(v) else {
             continue;
