@@ -579,6 +579,12 @@ fn parenthesized(text: &str) -> Option<&str> {
 
 /// The shape two shapes broadcast to (ONNX multidirectional broadcasting): aligned at the
 /// last dim, the shorter one padded with 1s, each pair of dims as `Dim::broadcast`.
+/// True when the two shapes are provably equal: same rank, and each dim the same size or
+/// the same symbol (`Dim::same`).
+pub fn same_shape(a: &[Dim], b: &[Dim]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).all(|(x, y)| x.same(y))
+}
+
 pub fn broadcast_shapes(a: &[Dim], b: &[Dim]) -> Vec<Dim> {
     let rank = a.len().max(b.len());
     let one = Dim::known(1);

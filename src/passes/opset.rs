@@ -173,12 +173,12 @@ pub fn raise(model: &mut Model, to: i64) -> Result<()> {
         )));
     }
     if from < 10 && to >= 10 {
-        move_attributes_to_inputs(model, "Slice", &["starts", "ends", "axes"], ints_input)?;
-        move_attributes_to_inputs(model, "TopK", &["k"], ints_input)?;
+        move_attributes_to_inputs(model, &["Slice"], &["starts", "ends", "axes"], ints_input)?;
+        move_attributes_to_inputs(model, &["TopK"], &["k"], ints_input)?;
     }
     if from < 11 && to >= 11 {
-        move_attributes_to_inputs(model, "Clip", &["min", "max"], float_of_data)?;
-        move_attributes_to_inputs(model, "Pad", &["pads", "value"], |m, moved, ints| {
+        move_attributes_to_inputs(model, &["Clip"], &["min", "max"], float_of_data)?;
+        move_attributes_to_inputs(model, &["Pad"], &["pads", "value"], |m, moved, ints| {
             match moved.name {
                 "pads" => ints_input(m, moved, ints),
                 // 0, the default, needs no input (and may pad integers).
@@ -188,62 +188,21 @@ pub fn raise(model: &mut Model, to: i64) -> Result<()> {
         })?;
     }
     if from < 12 && to >= 12 {
-        move_dropout_ratio_to_input(model)?;
+        move_attributes_to_inputs(model, &["Dropout"], &["ratio"], dropout_ratio)?;
     }
     if from < 13 && to >= 13 {
-        move_ints_to_input(model, AXES_13, "axes")?;
-        move_ints_to_input(model, &["Split"], "split")?;
+        move_attributes_to_inputs(model, AXES_13, &["axes"], ints_input)?;
+        move_attributes_to_inputs(model, &["Split"], &["split"], ints_input)?;
         pin_softmax_axis(model)?;
     }
     if from < 18 && to >= 18 {
-        move_ints_to_input(model, REDUCE_AXES_18, "axes")?;
+        move_attributes_to_inputs(model, REDUCE_AXES_18, &["axes"], ints_input)?;
         count_split_outputs(model)?;
     }
     model.require_opset("", to);
     let ir = ir_version_for(to);
     if model.ir_version() < ir {
         model.envelope.ir_version = Some(ir);
-    }
-    Ok(())
-}
-
-/// Default-domain nodes of `ops` that set the attribute `name`.
-fn nodes_with(model: &Model, ops: &[&str], name: &str) -> Vec<NodeId> {
-    model
-        .graph
-        .nodes()
-        .filter(|(_, n)| n.domain().is_empty() && ops.contains(&n.op_type()))
-        .filter(|(_, n)| attr::get(&n.proto, name).is_some())
-        .map(|(id, _)| id)
-        .collect()
-}
-
-/// Replaces node `id` by the same operator reading `input` at slot 1 (after its data input),
-/// without the attribute `name`.
-fn with_input_for(model: &mut Model, id: NodeId, name: &str, input: Tensor) -> Result<()> {
-    let node = model.graph.node(id).clone();
-    let mut patch = Patch::new("opset-attribute-to-input");
-    let value = patch.new_initializer(name, input);
-    let mut inputs: Vec<_> = node.inputs.iter().map(|v| v.map(Into::into)).collect();
-    inputs.truncate(1);
-    inputs.push(Some(value));
-    let outputs: Vec<_> = node.outputs.iter().flatten().map(|&v| v.into()).collect();
-    let mut proto = node.proto.clone();
-    proto.attribute.retain(|a| a.name() != name);
-    patch
-        .remove_node(id)
-        .add_node_proto(proto, &inputs, &outputs);
-    model.graph.apply(patch)
-}
-
-/// The ints attribute `name` of each node of `ops` becomes its second input.
-fn move_ints_to_input(model: &mut Model, ops: &[&str], name: &str) -> Result<()> {
-    for id in nodes_with(model, ops, name) {
-        let values = attr::get_ints(&model.graph.node(id).proto, name)
-            .unwrap_or_default()
-            .to_vec();
-        let tensor = Tensor::from_i64(name, &[values.len() as i64], &values)?;
-        with_input_for(model, id, name, tensor)?;
     }
     Ok(())
 }
@@ -260,18 +219,20 @@ struct MovedAttribute<'a> {
     name: &'a str,
 }
 
-/// Each default-domain `op` node: its attributes `names` become inputs 1, 2, … in that order
-/// (an attribute left out is an empty input, or none at the end), made by `make`.
+/// Each default-domain node of `ops` that sets any of the attributes `names`: they become
+/// its inputs 1, 2, … in that order (after its data input; an attribute left out is an empty
+/// input, or none at the end), made by `make`.
 fn move_attributes_to_inputs(
     model: &mut Model,
-    op: &str,
+    ops: &[&str],
     names: &[&str],
     make: MakeInput,
 ) -> Result<()> {
     let targets: Vec<NodeId> = model
         .graph
         .nodes()
-        .filter(|(_, n)| n.domain().is_empty() && n.is(op))
+        .filter(|(_, n)| n.domain().is_empty() && ops.contains(&n.op_type()))
+        .filter(|(_, n)| names.iter().any(|name| attr::get(&n.proto, name).is_some()))
         .map(|(id, _)| id)
         .collect();
     for id in targets {
@@ -333,24 +294,15 @@ fn float_of_data(model: &Model, moved: &MovedAttribute, _: &[i64]) -> Result<Opt
     Ok(Some(Tensor::from_f32_as(moved.name, elem, &[], &[value])?))
 }
 
-/// Dropout's `ratio` attribute (opset 10) becomes its second input (opset 12).
-fn move_dropout_ratio_to_input(model: &mut Model) -> Result<()> {
-    for id in nodes_with(model, &["Dropout"], "ratio") {
-        let node = model.graph.node(id);
-        if node.inputs.len() > 1 {
-            return Err(Error::InvalidModel(
-                "a Dropout with inputs past the first".into(),
-            ));
-        }
-        let ratio = attr::get_float(&node.proto, "ratio").unwrap_or(0.5);
-        with_input_for(
-            model,
-            id,
-            "ratio",
-            Tensor::from_f32("ratio", &[], &[ratio])?,
-        )?;
+/// Dropout's `ratio` attribute (opset 10) as its second input (opset 12), a float32 scalar.
+fn dropout_ratio(_: &Model, moved: &MovedAttribute, _: &[i64]) -> Result<Option<Tensor>> {
+    if moved.node.inputs.len() > 1 {
+        return Err(Error::InvalidModel(
+            "a Dropout with inputs past the first".into(),
+        ));
     }
-    Ok(())
+    let ratio = attr::get_float(&moved.node.proto, "ratio").unwrap_or(0.5);
+    Ok(Some(Tensor::from_f32("ratio", &[], &[ratio])?))
 }
 
 /// Writes out the axis of each Softmax-family node (its default moves from 1 to -1 at opset

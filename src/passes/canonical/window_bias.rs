@@ -9,10 +9,11 @@
 //! grows the split shape) and the merge back to `s`'s shape. The attention fusions then see
 //! the scores plus a bias (`fuse::attention`).
 
-use crate::ir::{Dim, Graph, Model, NodeId, Patch, Tensor, ValueId};
+use crate::ir::shape::same_shape;
+use crate::ir::{Dim, Graph, Model, NodeId, Patch, ValueId};
 use crate::passes::matching::{input_producer, only_feeds};
 
-use super::onnx_node;
+use super::{onnx_node, shape_constant};
 
 /// The opset from which Slice takes its bounds as inputs, as the tile count is computed.
 const SLICE_INPUTS_OPSET: i64 = 10;
@@ -37,8 +38,8 @@ pub fn window_bias(m: &Model, id: NodeId) -> Option<Patch> {
     let bias_dims = dims(g, bias)?;
     let rows = split_rows(&s_dims, &split_dims)?;
     let bias_rows = bias_rows(&bias_dims, &split_dims, rows)?;
-    let proven = same(&dims(g, add.output(0)?)?, &split_dims)
-        && same(&dims(g, merge.output(0)?)?, &s_dims)
+    let proven = same_shape(&dims(g, add.output(0)?)?, &split_dims)
+        && same_shape(&dims(g, merge.output(0)?)?, &s_dims)
         && g.value_type(s)?.elem == g.value_type(bias)?.elem;
     if !proven {
         return None;
@@ -49,17 +50,17 @@ pub fn window_bias(m: &Model, id: NodeId) -> Option<Patch> {
         .iter()
         .map(Dim::value)
         .collect::<Option<_>>()?;
-    let shape = ints(&mut patch, "window_bias_shape", &known)?;
+    let shape = shape_constant(&mut patch, "window_bias_shape", &known)?;
     let mut b = patch.op("Reshape", "", &[bias.into(), shape], vec![]);
     if bias_rows == rows {
         // A = s's batch / K, then `[A, 1, …]` repeats.
         let s_shape = patch.op("Shape", "", &[s.into()], vec![]);
-        let zero = ints(&mut patch, "window_bias_zero", &[0])?;
-        let one = ints(&mut patch, "window_bias_one", &[1])?;
+        let zero = shape_constant(&mut patch, "window_bias_zero", &[0])?;
+        let one = shape_constant(&mut patch, "window_bias_one", &[1])?;
         let batch = patch.op("Slice", "", &[s_shape, zero, one], vec![]);
-        let k = ints(&mut patch, "window_bias_rows", &[rows])?;
+        let k = shape_constant(&mut patch, "window_bias_rows", &[rows])?;
         let windows = patch.op("Div", "", &[batch, k], vec![]);
-        let ones = ints(&mut patch, "window_bias_ones", &vec![1; known.len() - 1])?;
+        let ones = shape_constant(&mut patch, "window_bias_ones", &vec![1; known.len() - 1])?;
         let repeats = patch.op(
             "Concat",
             "",
@@ -84,17 +85,14 @@ fn dims(g: &Graph, v: ValueId) -> Option<Vec<Dim>> {
     g.value_type(v)?.shape
 }
 
-fn same(a: &[Dim], b: &[Dim]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).all(|(x, y)| x.same(y))
-}
-
 /// `K` when `split` is `s` `[A·K, r…]` with its first axis split into `[A, K]`.
 fn split_rows(s: &[Dim], split: &[Dim]) -> Option<i64> {
     let [a, k, rest @ ..] = split else {
         return None;
     };
     let rows = k.value().filter(|&k| k > 1)?;
-    (s.len() == split.len() - 1 && a.mul(k).same(&s[0]) && same(rest, &s[1..])).then_some(rows)
+    (s.len() == split.len() - 1 && a.mul(k).same(&s[0]) && same_shape(rest, &s[1..]))
+        .then_some(rows)
 }
 
 /// The rows (`K` or 1) of a bias `[1, K | 1, r′…]` that adds to `split` `[A, K, r…]` without
@@ -111,9 +109,4 @@ fn bias_rows(bias: &[Dim], split: &[Dim], rows: i64) -> Option<i64> {
             .all(|(b, r)| b.value() == Some(1) || b.same(r));
     let k = k.value()?;
     (fits && (k == rows || k == 1)).then_some(k)
-}
-
-fn ints(patch: &mut Patch, hint: &str, values: &[i64]) -> Option<crate::ir::PValue> {
-    let t = Tensor::from_i64(hint, &[values.len() as i64], values).ok()?;
-    Some(patch.new_initializer(hint, t))
 }

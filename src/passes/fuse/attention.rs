@@ -51,7 +51,7 @@ use super::pattern::{
     add, any, constant_where, div, either, mul, op, perm_is, scalar, unary, value, Match, Pat,
 };
 use super::{Built, Declined, Fusion, Rewrite, Rule, Target, MS_DOMAIN};
-use crate::ir::shape::broadcast_shapes;
+use crate::ir::shape::{broadcast_shapes, same_shape};
 use crate::ir::{attr, DataType, DataTypeExt, Dim, Graph, NodeId, PValue, Tensor, ValueId};
 use crate::ops::attention::{BiasFit, BiasShape};
 use crate::ops::weights::plain_gemm_trans_b;
@@ -581,7 +581,7 @@ fn check_heads(m: &Match, g: &Graph) -> Checked<Layout> {
     if let Some(r) = m.value("context_reshape") {
         let context = m.get("context")?;
         let (before, after) = (dims(g, context)?, dims(g, r)?);
-        if before.len() != after.len() || !before.iter().zip(&after).all(|(a, b)| a.same(b)) {
+        if !same_shape(&before, &after) {
             return Err(Declined::NotProven(format!(
                 "the Reshape {} of the context {} changes nothing",
                 shown(g, r),

@@ -10,7 +10,7 @@
 //! and infinities included (`-0 + 0` gives `+0`, which compares equal).
 
 use super::super::matching::{bypass, op_node};
-use super::shape::same_shape;
+use crate::ir::shape::same_shape;
 use crate::ir::{attr, DataType, DataTypeExt, Graph, NodeId, Patch, Tensor, ValueId};
 
 pub fn mul_one(g: &Graph, id: NodeId) -> Option<Patch> {

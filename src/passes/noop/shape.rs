@@ -18,6 +18,7 @@
 //!   (Swin pads its windows by `(size − H % size) % size`, zero for the shapes it was made for).
 
 use super::super::matching::{bypass, const_ints, input_producer, only_feeds, op_node, rewire};
+use crate::ir::shape::same_shape;
 use crate::ir::{attr, Dim, Graph, Node, NodeId, Patch, ValueId};
 
 pub fn reshape_noop(g: &Graph, id: NodeId) -> Option<Patch> {
@@ -107,12 +108,6 @@ pub fn pad_zeros(g: &Graph, id: NodeId) -> Option<Patch> {
 /// The recorded dims of `v`, when its rank is known.
 fn dims(g: &Graph, v: ValueId) -> Option<Vec<Dim>> {
     g.value_type(v)?.shape
-}
-
-/// True when the two shapes are provably equal: same rank, and each dim the same size or
-/// the same symbol.
-pub(super) fn same_shape(a: &[Dim], b: &[Dim]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).all(|(x, y)| x.same(y))
 }
 
 fn allows_zero(reshape: &Node) -> bool {

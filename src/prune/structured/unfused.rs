@@ -21,7 +21,7 @@ use std::collections::HashMap;
 
 use super::heads::{projected_qkv, HeadLayout};
 use super::*;
-use crate::ir::shape::Dim;
+use crate::ir::shape::{same_shape, Dim};
 
 /// The heads axis of a tracked value, and the block it belongs to. A folded axis holds
 /// batch × heads (heads inner), as `[batch·heads, seq, head size]`.
@@ -286,7 +286,6 @@ fn reshape_step(g: &Graph, id: NodeId, t: Tracked, block: &Block) -> Option<Step
     let y = g.value_type(node.output(0)?)?.shape?;
     let a = t.axis;
     let heads = Dim::known(block.heads);
-    let same = |p: &[Dim], q: &[Dim]| p.len() == q.len() && p.iter().zip(q).all(|(p, q)| p.same(q));
     let tracked = |axis: usize, folded: bool, head_count: Option<usize>| Step::Tracked {
         axis,
         folded,
@@ -298,8 +297,8 @@ fn reshape_step(g: &Graph, id: NodeId, t: Tracked, block: &Block) -> Option<Step
         let unfolds = y.len() == x.len() + 1
             && y[a + 1].same(&heads)
             && y[a].mul(&heads).same(&x[a])
-            && same(&y[..a], &x[..a])
-            && same(&y[a + 2..], &x[a + 1..]);
+            && same_shape(&y[..a], &x[..a])
+            && same_shape(&y[a + 2..], &x[a + 1..]);
         return unfolds.then(|| tracked(a + 1, false, Some(y.len() - (a + 1))));
     }
     // Heads and head size last, merged into the last axis (the leading axes may merge too,
@@ -314,8 +313,8 @@ fn reshape_step(g: &Graph, id: NodeId, t: Tracked, block: &Block) -> Option<Step
     let folds = a >= 1
         && y.len() + 1 == x.len()
         && y[a - 1].same(&x[a - 1].mul(&x[a]))
-        && same(&y[..a - 1], &x[..a - 1])
-        && same(&y[a..], &x[a + 1..])
+        && same_shape(&y[..a - 1], &x[..a - 1])
+        && same_shape(&y[a..], &x[a + 1..])
         && shape_entry(g, node.input(1)?, a - 1) == Some(-1);
     folds.then(|| tracked(a - 1, true, None))
 }

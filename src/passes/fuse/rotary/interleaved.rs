@@ -31,6 +31,7 @@
 //! cached tables).
 
 use super::{contrib_operator, int64_constant, position_ids, rotary_node, slices_last_axis};
+use crate::ir::shape::same_shape;
 use crate::ir::{attr, DataType, Dim, Graph, Tensor, ValueId};
 use crate::ops::rotary::rotary_inputs;
 use crate::passes::fuse::pattern::{add, any, constant, either, int_attr_is, mul, op, unary};
@@ -258,8 +259,7 @@ fn pairs_ok(m: &Match, rw: &Rewrite, x_dims: &[Dim], rot: i64) -> Option<bool> {
         (concat_axis == -1 || concat_axis == 4)
             && lanes_ok
             && extends(&dims(g, pairs.output(0)?)?, &stacked, 2)
-            && rotated.len() == 4
-            && rotated.iter().zip(x_dims).all(|(a, b)| a.same(b))
+            && same_shape(&rotated, x_dims)
             && slices_last_axis(rw, m, "odd", (1, rot, 2), true)
             && slices_last_axis(rw, m, "even", (0, rot, 2), true),
     )

@@ -57,7 +57,7 @@ use super::pattern::{
     any, constant, constant_where, either, int_attr_is, mul, op, perm_is, unary, value, Match, Pat,
 };
 use super::{Built, Declined, Fusion, Rewrite, Rule, Target};
-use crate::ir::{attr, DataType, DataTypeExt, Dim, PValue, Tensor, ValueId};
+use crate::ir::{attr, DataType, DataTypeExt, Dim, Graph, Node, PValue, Tensor, ValueId};
 use crate::ops::rotary::{rotary_inputs, ROTARY_OPSET};
 use crate::ops::MS_DOMAIN;
 use crate::proto::AttributeProto;
@@ -269,16 +269,20 @@ fn read_sliced(t: &Match, rw: &Rewrite) -> Option<Source> {
     })
 }
 
+/// Input `slot` of Slice node `slice` as constant ints, `[1]` where it is left out (the
+/// steps' default).
+fn slice_ints(g: &Graph, slice: &Node, slot: usize) -> Option<Vec<i64>> {
+    match slice.input(slot) {
+        Some(v) => g.constant(v)?.to_i64_vec().ok(),
+        None => Some(vec![1]),
+    }
+}
+
 /// Whether the match's `table_slice` starts at 0 with step 1 along one of `axes`.
 fn slices_rows_from_zero(t: &Match, rw: &Rewrite, axes: &[i64]) -> Option<bool> {
     let g = rw.graph;
     let slice = g.node(t.node("table_slice")?);
-    let ints = |slot: usize| -> Option<Vec<i64>> {
-        match slice.input(slot) {
-            Some(v) => g.constant(v)?.to_i64_vec().ok(),
-            None => Some(vec![1]),
-        }
-    };
+    let ints = |slot| slice_ints(g, slice, slot);
     let (starts, sliced_axes, steps) = (ints(1)?, ints(3)?, ints(4)?);
     Some(starts == [0] && steps == [1] && matches!(sliced_axes[..], [a] if axes.contains(&a)))
 }
@@ -296,12 +300,7 @@ fn slices_last_axis(
     let Some(n) = m.node(node).map(|id| g.node(id)) else {
         return false;
     };
-    let ints = |slot: usize| -> Option<Vec<i64>> {
-        match n.input(slot) {
-            Some(v) => g.constant(v)?.to_i64_vec().ok(),
-            None => Some(vec![1]),
-        }
-    };
+    let ints = |slot| slice_ints(g, n, slot);
     let (Some(starts), Some(ends), Some(axes), Some(steps)) = (ints(1), ints(2), ints(3), ints(4))
     else {
         return false;
