@@ -10,6 +10,7 @@
 #
 #   scripts/sweep_ort.sh [ONNXOPT_BIN [MODEL...]]   (default: target/release/onnxopt, all models;
 #                                                    needs ../shared)
+#   SWEEP_TARGETS="ort" SWEEP_MODES="int8" scripts/sweep_ort.sh ...   (a part of the sweep)
 #
 # Run by hand (it takes minutes); the tests check the same on fewer combinations.
 set -uo pipefail
@@ -43,7 +44,9 @@ for model in "${models[@]}"; do
     calib=$(calib_of "$model")
     modes=(float int8 int8-dynamic fp16)
     case $model in *testdata/llm/*) modes+=(weights-int8 weights-int4) ;; esac
-    for target in ort onnx; do
+    if [ -n "${SWEEP_MODES:-}" ]; then read -ra modes <<<"$SWEEP_MODES"; fi
+    read -ra targets <<<"${SWEEP_TARGETS:-ort onnx}"
+    for target in "${targets[@]}"; do
         for mode in "${modes[@]}"; do
             out="$work/$target.$mode.$(basename "$model")"
             case $mode in

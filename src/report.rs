@@ -241,7 +241,15 @@ fn write_quantization(f: &mut fmt::Formatter<'_>, q: &QuantReport) -> fmt::Resul
         QuantTarget::Ort => "ONNX Runtime",
         QuantTarget::Trt => "TensorRT rules",
     };
-    writeln!(f, "quantization: {} for {target}", q.mode)?;
+    match q.product_weights {
+        Some(codes) => writeln!(
+            f,
+            "quantization: {} for {target}, {} weights",
+            q.mode,
+            codes.storage().2
+        )?,
+        None => writeln!(f, "quantization: {} for {target}", q.mode)?,
+    }
     if !q.already_quantized.is_empty() {
         writeln!(
             f,
@@ -435,6 +443,9 @@ fn write_diff(f: &mut fmt::Formatter<'_>, d: &OutputDiff) -> fmt::Result {
         "  {:<28} {:>10.3e} {:>10.3e} {:>10.6} {:>10} {:>7}",
         d.name, d.max_abs, d.max_rel, d.cosine, kl, top1
     )?;
+    if let Some(mask) = &d.at_positions_kept_by {
+        writeln!(f, "    (at the positions `{mask}` keeps)")?;
+    }
     if d.nonfinite_mismatches > 0 {
         writeln!(
             f,

@@ -53,10 +53,7 @@ fn options(model: &Path, target: Target, mode: &str) -> pipeline::Options {
         Target::Ort => QuantTarget::Ort,
         Target::Onnx => QuantTarget::Trt,
     };
-    let qdq = QdqOptions {
-        target: quant_target,
-        selection: Default::default(),
-    };
+    let qdq = QdqOptions::for_target(quant_target);
     let mode = match mode {
         "float" => Mode::Float,
         "int8" => Mode::Static {
@@ -68,8 +65,10 @@ fn options(model: &Path, target: Target, mode: &str) -> pipeline::Options {
             auto_exclude: false,
         },
         "int8-dynamic" => Mode::Dynamic(quant::dynamic::DynamicOptions {
-            qdq,
-            weights: quant::dynamic::DynamicWeights::Int8,
+            qdq: QdqOptions {
+                product_weights: quant::qdq::ProductWeights::Int8,
+                ..qdq
+            },
             smooth_quant: Some(0.5),
         }),
         "fp16" => Mode::Fp16(Default::default()),

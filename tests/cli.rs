@@ -603,6 +603,76 @@ fn int8_dynamic_needs_no_calibration() {
 }
 
 #[test]
+fn static_int8_weight_codes_follow_the_target_unless_chosen() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out.onnx");
+    let model = common::testdata("bert-tiny.ts.onnx");
+    let calib = common::testdata("calib/bert-tiny");
+    // The codes of the first selected MatMul's weight: its stored type and largest magnitude.
+    let codes = |args: &[&str]| {
+        let mut all = vec![
+            "optimize",
+            s(&model),
+            s(&out),
+            "--int8",
+            "--calib",
+            s(&calib),
+        ];
+        all.extend_from_slice(args);
+        let result = onnxopt(&all);
+        assert!(
+            result.status.success(),
+            "{args:?}: {}",
+            text(&result.stderr)
+        );
+        let written = onnxopt::io::load(&out).unwrap();
+        let g = &written.graph;
+        let feeds_matmul = |n: &onnxopt::ir::Node| {
+            let uses = n.output(0).map(|v| g.uses(v)).unwrap_or_default();
+            uses.iter().any(|&(r, _)| g.node(r).is("MatMul"))
+        };
+        let (_, dq) = g
+            .nodes()
+            .find(|(_, n)| {
+                n.is("DequantizeLinear")
+                    && g.initializer(n.input(0).unwrap()).is_some()
+                    && feeds_matmul(n)
+            })
+            .unwrap();
+        let w = g.initializer(dq.input(0).unwrap()).unwrap();
+        let zero_point = g
+            .initializer(dq.input(2).unwrap())
+            .unwrap()
+            .raw_bytes()
+            .unwrap()[0];
+        let code = |b: u8| match w.dtype() {
+            DataType::Int8 => i32::from(b as i8),
+            _ => i32::from(b) - i32::from(zero_point),
+        };
+        let widest = w.raw_bytes().unwrap().iter().map(|&b| code(b).abs()).max();
+        (w.dtype(), widest.unwrap())
+    };
+    assert_eq!(codes(&[]), (DataType::Int8, 63));
+    assert_eq!(codes(&["--int8-weights", "int8"]), (DataType::Int8, 127));
+    assert_eq!(codes(&["--int8-weights", "uint8"]), (DataType::Uint8, 127));
+    assert_eq!(codes(&["--target", "trt"]), (DataType::Int8, 127));
+    let refused = onnxopt(&[
+        "optimize",
+        s(&model),
+        s(&out),
+        "--int8",
+        "--calib",
+        s(&calib),
+        "--target",
+        "trt",
+        "--int8-weights",
+        "uint8",
+    ]);
+    assert!(!refused.status.success());
+    assert!(text(&refused.stderr).contains("TensorRT takes int8 weights only"));
+}
+
+#[test]
 fn weights_int8_and_int4_quantize_every_matmul_weight_and_validate() {
     let dir = tempfile::tempdir().unwrap();
     let model = common::testdata("int4/chain.onnx");
@@ -829,10 +899,11 @@ fn prune_then_int8_calibrates_the_pruned_model() {
             .unwrap()
             > 0
     );
-    // The quantized weights keep the pattern: zero quantizes to the (symmetric) zero point.
+    // The quantized weights (7-bit codes for ONNX Runtime) keep the pattern: zero quantizes
+    // to the (symmetric) zero point.
     let written = onnxopt::io::load(&out).unwrap();
     for w in json["pruning"]["weights"].as_array().unwrap() {
-        let name = format!("{}.int8", w["weight"].as_str().unwrap());
+        let name = format!("{}.int7", w["weight"].as_str().unwrap());
         let v = written.graph.find_value(&name).unwrap();
         let t = written.graph.initializer(v).unwrap();
         let zeros = t.raw_bytes().unwrap().iter().filter(|&&b| b == 0).count();

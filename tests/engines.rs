@@ -127,14 +127,11 @@ fn tract_and_onnx_runtime_agree_on_corpus_models() {
 /// The variants of a model optimized for ONNX Runtime that its quantizers and float16
 /// conversion make, by name.
 fn variants(optimized: &Model, batches: &[exec::Batch]) -> Vec<(&'static str, Model)> {
-    use onnxopt::quant::dynamic::{quantize_dynamic, DynamicOptions, DynamicWeights};
+    use onnxopt::quant::dynamic::{quantize_dynamic, DynamicOptions};
     use onnxopt::quant::fp16::{convert_fp16, Fp16Options};
-    use onnxopt::quant::qdq::{QdqOptions, Selection};
+    use onnxopt::quant::qdq::QdqOptions;
     use onnxopt::quant::{quantize_static, QuantTarget, RangeMethod, StaticOptions};
-    let qdq = QdqOptions {
-        target: QuantTarget::Ort,
-        selection: Selection::default(),
-    };
+    let qdq = QdqOptions::for_target(QuantTarget::Ort);
     let mut int8 = optimized.clone();
     let options = StaticOptions {
         qdq: qdq.clone(),
@@ -144,10 +141,10 @@ fn variants(optimized: &Model, batches: &[exec::Batch]) -> Vec<(&'static str, Mo
     quantize_static(&mut int8, batches, &options, &|_, _| {}).unwrap();
     let mut dynamic = optimized.clone();
     // The default 7-bit codes: with every int8 code, ONNX Runtime's kernel saturates on CPUs
-    // without VNNI where tract does not (`quant::dynamic`), and the engines part for that.
+    // without VNNI where tract does not (`quant::qdq::ProductWeights`), and the engines part
+    // for that.
     let options = DynamicOptions {
         qdq,
-        weights: DynamicWeights::default(),
         smooth_quant: None,
     };
     quantize_dynamic(&mut dynamic, batches, &options).unwrap();

@@ -15,7 +15,7 @@ use onnxopt::io::{self, ExternalData};
 use onnxopt::ir::Model;
 use onnxopt::passes::fuse::Target;
 use onnxopt::quant::qdq::{
-    activations_to_calibrate, insert_qdq, trt_violations, QdqOptions, QdqOutcome, Selection,
+    activations_to_calibrate, insert_qdq, trt_violations, QdqOptions, QdqOutcome,
 };
 use onnxopt::quant::{QuantTarget, Range, Ranges};
 
@@ -47,10 +47,7 @@ fn min_cosine(model: &str, target: QuantTarget) -> f64 {
 /// Models tract cannot run (see `tests/shape_inference.rs`): their ranges come from ONNX
 /// Runtime, and only ONNX Runtime checks them.
 fn options(target: QuantTarget) -> QdqOptions {
-    QdqOptions {
-        target,
-        selection: Selection::default(),
-    }
+    QdqOptions::for_target(target)
 }
 
 /// `path` after the optimize pipeline for the runtime `target` builds for.

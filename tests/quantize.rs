@@ -12,9 +12,11 @@ use onnxopt::ir::{DataType, Model};
 use onnxopt::passes::fuse::Target;
 use onnxopt::quant::attention_projection::unpack_attention_projections;
 use onnxopt::quant::calibrate::calibrate;
-use onnxopt::quant::dynamic::{quantize_dynamic, DynamicOptions, DynamicWeights};
+use onnxopt::quant::dynamic::{quantize_dynamic, DynamicOptions};
 use onnxopt::quant::fp16::{convert_fp16, Fp16Options};
-use onnxopt::quant::qdq::{activations_to_calibrate, QdqOptions, Selection, Selector};
+use onnxopt::quant::qdq::{
+    activations_to_calibrate, ProductWeights, QdqOptions, Selection, Selector,
+};
 use onnxopt::quant::sensitivity::quantize_static_auto_exclude;
 use onnxopt::quant::smooth::smooth_quant;
 use onnxopt::quant::{quantize_static, QuantTarget, RangeMethod, StaticOptions};
@@ -31,16 +33,15 @@ fn optimized(name: &str) -> Model {
 }
 
 fn ort_options() -> QdqOptions {
-    QdqOptions {
-        target: QuantTarget::Ort,
-        selection: Selection::default(),
-    }
+    QdqOptions::for_target(QuantTarget::Ort)
 }
 
-fn dynamic_options(weights: DynamicWeights) -> DynamicOptions {
+fn dynamic_options(product_weights: ProductWeights) -> DynamicOptions {
     DynamicOptions {
-        qdq: ort_options(),
-        weights,
+        qdq: QdqOptions {
+            product_weights,
+            ..ort_options()
+        },
         smooth_quant: None,
     }
 }
@@ -88,6 +89,7 @@ fn masked_values_in_an_observed_activation_are_counted_and_left_out() {
             include: vec![Selector::parse("op:Softmax").unwrap()],
             exclude: vec![],
         },
+        ..QdqOptions::for_target(QuantTarget::Ort)
     };
     let batches = bert_batches(&model);
     let mut quantized = model.clone();
@@ -108,9 +110,9 @@ fn masked_values_in_an_observed_activation_are_counted_and_left_out() {
 #[test]
 fn a_model_holding_quantization_operators_is_not_quantized_twice() {
     let mut model = optimized("bert-tiny.ts.onnx");
-    quantize_dynamic(&mut model, &[], &dynamic_options(DynamicWeights::Int8)).unwrap();
+    quantize_dynamic(&mut model, &[], &dynamic_options(ProductWeights::Int8)).unwrap();
     let before = dump_model(&model.to_proto().unwrap());
-    let again = quantize_dynamic(&mut model, &[], &dynamic_options(DynamicWeights::Int8)).unwrap();
+    let again = quantize_dynamic(&mut model, &[], &dynamic_options(ProductWeights::Int8)).unwrap();
     assert!(again
         .already_quantized
         .contains(&"MatMulInteger".to_string()));
@@ -133,7 +135,7 @@ fn a_model_holding_quantization_operators_is_not_quantized_twice() {
 fn dynamic_int8_of_bert_tiny() {
     let float = optimized("bert-tiny.dynamo.onnx");
     let mut model = float.clone();
-    let report = quantize_dynamic(&mut model, &[], &dynamic_options(DynamicWeights::Int8)).unwrap();
+    let report = quantize_dynamic(&mut model, &[], &dynamic_options(ProductWeights::Int8)).unwrap();
     let diff = common::dump_diff(&float, &model);
     insta::assert_snapshot!(format!("rewrites {:?}\n{diff}", report.rewrites.0));
 }
@@ -184,7 +186,7 @@ fn dynamically_quantized_corpus_models_stay_close_to_float_in_tract_and_onnx_run
     for (path, name, float) in optimized_corpus_models() {
         let mut model = float.clone();
         let report =
-            quantize_dynamic(&mut model, &[], &dynamic_options(DynamicWeights::Int8)).unwrap();
+            quantize_dynamic(&mut model, &[], &dynamic_options(ProductWeights::Int8)).unwrap();
         assert!(
             report.rewrites.0.contains_key("dynamic-matmul"),
             "{name}: {:?}",
@@ -262,9 +264,9 @@ fn an_excluded_attention_keeps_its_packed_projection() {
 #[test]
 fn dynamic_weights_are_int7_int8_or_uint8_with_matching_zero_points() {
     for (codes, dtype, zero, reach) in [
-        (DynamicWeights::Int7, DataType::Int8, 0u8, 63),
-        (DynamicWeights::Int8, DataType::Int8, 0u8, 127),
-        (DynamicWeights::Uint8, DataType::Uint8, 128u8, 127),
+        (ProductWeights::Int7, DataType::Int8, 0u8, 63),
+        (ProductWeights::Int8, DataType::Int8, 0u8, 127),
+        (ProductWeights::Uint8, DataType::Uint8, 128u8, 127),
     ] {
         let mut model = optimized("bert-tiny.ts.onnx");
         quantize_dynamic(&mut model, &[], &dynamic_options(codes)).unwrap();

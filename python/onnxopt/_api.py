@@ -176,7 +176,8 @@ def optimize(
     int8_dynamic=False,
     fp16=False,
     keep_io_types=False,
-    dynamic_weights="int7",
+    int8_weights=None,
+    dynamic_weights=None,
     weights=None,
     block_size=32,
     symmetric=False,
@@ -247,8 +248,13 @@ def optimize(
         _fail("keep_io_types needs fp16=True")
     if auto_exclude and not int8:
         _fail("auto_exclude needs int8=True")
-    if dynamic_weights != "int7" and not int8_dynamic:
-        _fail("dynamic_weights needs int8_dynamic=True")
+    if dynamic_weights is not None:
+        # The name int8_weights had while it applied to dynamic INT8 only.
+        if int8_weights is not None:
+            _fail("int8_weights and dynamic_weights (its former name) exclude each other")
+        int8_weights = dynamic_weights
+    if int8_weights is not None and not (int8 or int8_dynamic):
+        _fail("int8_weights needs int8=True or int8_dynamic=True")
     if smooth_quant is True:
         _fail("smooth_quant takes a strength α in [0, 1] (or False: no smoothing)")
     if smooth_quant is not None and smooth_quant is not False and not (int8 or int8_dynamic):
@@ -289,7 +295,7 @@ def optimize(
         int8_dynamic=int8_dynamic,
         fp16=fp16,
         keep_io_types=keep_io_types,
-        dynamic_weights=dynamic_weights,
+        int8_weights=int8_weights,
         weights=weights,
         block_size=block_size,
         symmetric=symmetric,

@@ -29,9 +29,9 @@ use onnxopt::ops::nbits::Bits;
 use onnxopt::passes::fuse::Target;
 use onnxopt::pipeline::{self, Mode, PipelineError, Tolerances};
 use onnxopt::prune::{PruneOptions, Scope, Unstructured};
-use onnxopt::quant::dynamic::{DynamicOptions, DynamicWeights};
+use onnxopt::quant::dynamic::DynamicOptions;
 use onnxopt::quant::fp16::Fp16Options;
-use onnxopt::quant::qdq::{QdqOptions, Selection, Selector};
+use onnxopt::quant::qdq::{ProductWeights, QdqOptions, Selection, Selector};
 use onnxopt::quant::smooth::default_alpha;
 use onnxopt::quant::weight_only::gptq::GptqOptions;
 use onnxopt::quant::weight_only::{WeightMethod, WeightOnlyOptions};
@@ -382,7 +382,7 @@ type Optimized = (String, String, Option<Py<PyBytes>>);
 #[pyfunction]
 #[pyo3(signature = (
     model, output=None, *, target="ort", passes=vec![], validate=false, check=true,
-    int8=false, int8_dynamic=false, fp16=false, keep_io_types=false, dynamic_weights="int7",
+    int8=false, int8_dynamic=false, fp16=false, keep_io_types=false, int8_weights=None,
     weights=None, block_size=onnxopt::quant::weight_only::DEFAULT_BLOCK_SIZE, symmetric=false,
     weights_method="gptq", act_order=true,
     gptq_damping=onnxopt::quant::weight_only::gptq::DAMPING,
@@ -407,7 +407,7 @@ fn optimize(
     int8_dynamic: bool,
     fp16: bool,
     keep_io_types: bool,
-    dynamic_weights: &str,
+    int8_weights: Option<&str>,
     weights: Option<&str>,
     block_size: usize,
     symmetric: bool,
@@ -447,12 +447,26 @@ fn optimize(
 ) -> PyResult<Optimized> {
     let model = ModelArg::extract(model)?;
     let (fusion_target, quant_target) = self::target(target)?;
+    let chosen = match int8_weights {
+        None => None,
+        Some("int7") => Some(ProductWeights::Int7),
+        Some("int8") => Some(ProductWeights::Int8),
+        Some("uint8") => Some(ProductWeights::Uint8),
+        Some(other) => {
+            return Err(Fail::arg(format!(
+                "int8_weights={other:?}: expected \"int7\", \"int8\" or \"uint8\""
+            ))
+            .into())
+        }
+    };
+    let product_weights = ProductWeights::chosen_or_default(chosen, int8, quant_target);
     let qdq = QdqOptions {
         target: quant_target,
         selection: Selection {
             include: selectors(&include)?,
             exclude: selectors(&exclude)?,
         },
+        product_weights,
     };
     let weight_bits = match weights {
         None => None,
@@ -516,17 +530,6 @@ fn optimize(
     } else if int8_dynamic {
         Mode::Dynamic(DynamicOptions {
             qdq,
-            weights: match dynamic_weights {
-                "int7" => DynamicWeights::Int7,
-                "int8" => DynamicWeights::Int8,
-                "uint8" => DynamicWeights::Uint8,
-                other => {
-                    return Err(Fail::arg(format!(
-                        "dynamic_weights={other:?}: expected \"int7\", \"int8\" or \"uint8\""
-                    ))
-                    .into())
-                }
-            },
             smooth_quant: smoothing(true),
         })
     } else if fp16 {

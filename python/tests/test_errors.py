@@ -138,6 +138,8 @@ def test_invalid_arguments(tmp_path, cli):
 
     with pytest.raises(onnxopt.InvalidArgumentError, match="exclude each other"):
         onnxopt.optimize(BERT, int8=True, fp16=True)
+    with pytest.raises(onnxopt.InvalidArgumentError, match="needs int8=True"):
+        onnxopt.optimize(BERT, int8_weights="int8")
     with pytest.raises(onnxopt.InvalidArgumentError, match="target="):
         onnxopt.optimize(BERT, target="tensorflow")
     with pytest.raises(onnxopt.InvalidArgumentError, match="not int"):

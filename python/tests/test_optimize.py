@@ -148,6 +148,15 @@ def test_int8_dynamic_and_fp16_equal_the_cli(tmp_path, cli):
             ["--int8", "--calib-random", "2", "--no-smooth-quant"],
             {"int8": True, "calib_random": 2, "smooth_quant": False},
         ),
+        (
+            ["--int8", "--calib-random", "2", "--int8-weights", "uint8"],
+            {"int8": True, "calib_random": 2, "int8_weights": "uint8"},
+        ),
+        # The option's former name, from when it was dynamic INT8's only.
+        (
+            ["--int8-dynamic", "--dynamic-weights", "int8"],
+            {"int8_dynamic": True, "dynamic_weights": "int8"},
+        ),
         (["--fp16", "--keep-io-types"], {"fp16": True, "keep_io_types": True}),
         (["--target", "onnx", "--prune", "2:4"], {"target": "onnx", "prune": "2:4"}),
         (

@@ -262,13 +262,14 @@ pub struct QuantArgs {
     /// otherwise) reads --calib/--calib-random batches when given, else 8 generated ones.
     #[arg(long, conflicts_with = "fp16", group = "int8_mode")]
     pub int8_dynamic: bool,
-    /// With --int8-dynamic: how the weights are stored. `int7` (7-bit codes) runs ONNX
-    /// Runtime's fast uint8×int8 kernel without saturating on x86 CPUs lacking VNNI; `int8`
-    /// (every code) the same kernel, a little more accurate where the CPU has VNNI and much
-    /// less where it has not (it saturates); `uint8` its uint8×uint8 kernel, exact
-    /// everywhere and slower.
-    #[arg(long, value_enum, default_value_t = DynamicWeightsArg::Int7, requires = "int8_dynamic")]
-    pub dynamic_weights: DynamicWeightsArg,
+    /// With --int8 or --int8-dynamic: how the weights of the integer products are stored.
+    /// `int7` (7-bit codes; the default for ONNX Runtime) runs its fast uint8×int8 kernel
+    /// without saturating on x86 CPUs lacking VNNI; `int8` (every code; the default of static
+    /// INT8 for TensorRT) the same kernel, a little more accurate where the CPU has VNNI and
+    /// much less where it has not (it saturates); `uint8` its uint8×uint8 kernel, exact
+    /// everywhere and slower (not for TensorRT).
+    #[arg(long, value_enum, alias = "dynamic-weights", requires = "int8_mode")]
+    pub int8_weights: Option<Int8WeightsArg>,
     /// Weight-only quantization, `int4` or `int8`: every MatMul with a constant 2-D weight
     /// read by nothing else gets codes of that many bits in blocks along the summed axis:
     /// com.microsoft MatMulNBits for --target ort, blockwise DequantizeLinear (opset 21)
@@ -392,19 +393,19 @@ impl QuantArgs {
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
-pub enum DynamicWeightsArg {
+pub enum Int8WeightsArg {
     Int7,
     Int8,
     Uint8,
 }
 
-impl DynamicWeightsArg {
-    pub fn codes(self) -> onnxopt::quant::dynamic::DynamicWeights {
-        use onnxopt::quant::dynamic::DynamicWeights;
+impl Int8WeightsArg {
+    pub fn codes(self) -> onnxopt::quant::qdq::ProductWeights {
+        use onnxopt::quant::qdq::ProductWeights;
         match self {
-            DynamicWeightsArg::Int8 => DynamicWeights::Int8,
-            DynamicWeightsArg::Uint8 => DynamicWeights::Uint8,
-            DynamicWeightsArg::Int7 => DynamicWeights::Int7,
+            Int8WeightsArg::Int8 => ProductWeights::Int8,
+            Int8WeightsArg::Uint8 => ProductWeights::Uint8,
+            Int8WeightsArg::Int7 => ProductWeights::Int7,
         }
     }
 }

@@ -11,14 +11,14 @@ use std::process::ExitCode;
 use anyhow::{bail, Context, Result};
 use clap::Parser;
 
-use args::{Cli, Command, InputArgs, OptimizeArgs, QuantArgs, ToleranceArgs};
+use args::{Cli, Command, InputArgs, Int8WeightsArg, OptimizeArgs, QuantArgs, ToleranceArgs};
 use onnxopt::exec::{self, Batch, GenerateOptions, InputSource, ValidateOptions};
 use onnxopt::io::{self, ExternalData};
 use onnxopt::ir::Model;
 use onnxopt::pipeline::{self, Mode, Outcome, PipelineError, Tolerances};
 use onnxopt::quant::{
     self,
-    qdq::{QdqOptions, Selection, Selector},
+    qdq::{ProductWeights, QdqOptions, Selection, Selector},
     StaticOptions,
 };
 use onnxopt::report::{ModelStats, Report};
@@ -193,13 +193,19 @@ fn optimize(args: OptimizeArgs) -> Result<()> {
 /// The pipeline's options from the command line.
 fn pipeline_options(args: &OptimizeArgs) -> Result<pipeline::Options> {
     let (inputs, generate) = input_source(&args.inputs);
+    let q = &args.quant;
+    let product_weights = ProductWeights::chosen_or_default(
+        q.int8_weights.map(Int8WeightsArg::codes),
+        q.int8,
+        args.target.quant(),
+    );
     let qdq = || -> Result<QdqOptions> {
         Ok(QdqOptions {
             target: args.target.quant(),
-            selection: selection(&args.quant)?,
+            selection: selection(q)?,
+            product_weights,
         })
     };
-    let q = &args.quant;
     let mode = if q.int8 {
         Mode::Static {
             options: StaticOptions {
@@ -212,7 +218,6 @@ fn pipeline_options(args: &OptimizeArgs) -> Result<pipeline::Options> {
     } else if q.int8_dynamic {
         Mode::Dynamic(quant::dynamic::DynamicOptions {
             qdq: qdq()?,
-            weights: q.dynamic_weights.codes(),
             smooth_quant: q.smoothing(args.target.quant()),
         })
     } else if let Some(bits) = q.weight_bits() {

@@ -30,6 +30,9 @@ pub struct OutputDiff {
     /// outputs compared as logits.
     pub top1_agreement: Option<f64>,
     pub nonfinite_mismatches: usize,
+    /// The mask input whose kept positions alone were compared, when one indexes the
+    /// output's first two axes (`exec::padding`); none: every value was.
+    pub at_positions_kept_by: Option<String>,
 }
 
 impl OutputDiff {
@@ -49,6 +52,9 @@ impl OutputDiff {
             (a, b) => a.or(b),
         };
         self.nonfinite_mismatches += other.nonfinite_mismatches;
+        if self.at_positions_kept_by.is_none() {
+            self.at_positions_kept_by = other.at_positions_kept_by.clone();
+        }
     }
 }
 
@@ -104,6 +110,7 @@ pub fn diff(
         kl_divergence,
         top1_agreement,
         nonfinite_mismatches: mismatches,
+        at_positions_kept_by: None,
     })
 }
 

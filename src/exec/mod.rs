@@ -627,6 +627,12 @@ pub struct Reference {
     batches: Vec<Batch>,
     inputs: Vec<InputSpec>,
     outputs: Vec<Vec<(String, Tensor)>>,
+    /// The outputs whose first two axes an attention mask input indexes, by output name:
+    /// they are compared at the positions the batch's mask keeps (`padding`). At padded
+    /// positions a model computes values nothing reads (pooling and losses mask them out),
+    /// and a quantized model, calibrated on real positions, moves them far more than it moves
+    /// the rest.
+    masked_by: HashMap<String, String>,
 }
 
 impl Reference {
@@ -644,11 +650,23 @@ impl Reference {
             outputs.extend(runner.run_parallel(chunk)?);
             on_batch(outputs.len(), batches.len());
         }
+        let g = &reference.graph;
+        let names: Vec<String> = g
+            .outputs
+            .iter()
+            .map(|p| g.value_name(p.value).to_string())
+            .collect();
+        let masked_by = names
+            .iter()
+            .zip(padding::masks_indexing(reference, &names))
+            .filter_map(|(output, mask)| Some((output.clone(), mask?)))
+            .collect();
         Ok(Reference {
             engine,
             batches,
             inputs: runner.inputs().to_vec(),
             outputs,
+            masked_by,
         })
     }
 
@@ -714,7 +732,12 @@ impl Reference {
                 if let Some(l) = &mut likelihoods {
                     l.add(batch, ra, &rb, &is_logits);
                 }
-                compare_batch(ra, rb, &is_logits, options, &mut outputs)?;
+                let compared = Compared {
+                    is_logits: &is_logits,
+                    masked_by: &self.masked_by,
+                    batch,
+                };
+                compare_batch(ra, rb, &compared, options, &mut outputs)?;
                 done += 1;
                 on_batch(done, self.batches.len());
             }
@@ -787,12 +810,20 @@ pub fn parallel_batches() -> usize {
     rayon::current_num_threads().max(1)
 }
 
+/// How one batch's outputs are compared: which are logits, and which are compared at the
+/// positions the batch's mask keeps (`Reference::masked_by`).
+struct Compared<'a> {
+    is_logits: &'a dyn Fn(&str) -> bool,
+    masked_by: &'a HashMap<String, String>,
+    batch: &'a Batch,
+}
+
 /// Folds one batch's differences between the reference's outputs `ra` and the candidate's
 /// `rb` into `outputs` (one entry per reference output).
 fn compare_batch(
     ra: &[(String, Tensor)],
     rb: Vec<(String, Tensor)>,
-    is_logits: &dyn Fn(&str) -> bool,
+    compared: &Compared,
     options: &ValidateOptions,
     outputs: &mut Vec<OutputDiff>,
 ) -> Result<(), ExecError> {
@@ -801,8 +832,22 @@ fn compare_batch(
         let tb = rb
             .get(name)
             .ok_or_else(|| ExecError::Input(format!("the candidate has no output `{name}`")))?;
-        let t = is_logits(name).then_some(options.kl_temperature);
-        let d = compare::diff(name, ta, tb, t).map_err(ExecError::Input)?;
+        let t = (compared.is_logits)(name).then_some(options.kl_temperature);
+        let mask = compared
+            .masked_by
+            .get(name)
+            .and_then(|mask| Some((mask, compared.batch.tensor(mask)?)));
+        let kept = mask.and_then(|(mask, m)| {
+            let both = padding::kept_positions(ta, m).zip(padding::kept_positions(tb, m))?;
+            Some((mask, both))
+        });
+        let d = match kept {
+            Some((mask, (ka, kb))) => OutputDiff {
+                at_positions_kept_by: Some(mask.clone()),
+                ..compare::diff(name, &ka, &kb, t).map_err(ExecError::Input)?
+            },
+            None => compare::diff(name, ta, tb, t).map_err(ExecError::Input)?,
+        };
         match outputs.get_mut(k) {
             Some(acc) => acc.merge(&d),
             None => outputs.push(d),
@@ -815,6 +860,48 @@ fn compare_batch(
 mod tests {
     use super::*;
     use crate::ir::DataType;
+
+    #[test]
+    fn an_output_the_mask_indexes_is_compared_at_the_kept_positions_only() {
+        use tract_onnx::prelude::tract_ndarray::{arr2, Array3};
+        let reference = Array3::from_shape_fn((2, 3, 2), |(b, s, f)| (1 + b + s + f) as f32);
+        // The candidate is off only where the mask is 0.
+        let mut candidate = reference.clone();
+        candidate[[0, 2, 0]] = -50.0;
+        candidate[[1, 1, 1]] = 80.0;
+        let mask = Tensor::from(arr2(&[[1i64, 1, 0], [1, 0, 0]]));
+        let batch = Batch {
+            name: "b".into(),
+            tensors: vec![("attention_mask".into(), mask)],
+        };
+        let ra = vec![("h".to_string(), Tensor::from(reference))];
+        let rb = || vec![("h".to_string(), Tensor::from(candidate.clone()))];
+        let is_logits = |_: &str| false;
+        let compare = |masked_by: &HashMap<String, String>| {
+            let compared = Compared {
+                is_logits: &is_logits,
+                masked_by,
+                batch: &batch,
+            };
+            let mut outputs = Vec::new();
+            compare_batch(
+                &ra,
+                rb(),
+                &compared,
+                &ValidateOptions::default(),
+                &mut outputs,
+            )
+            .unwrap();
+            outputs.remove(0)
+        };
+        let masked_by = HashMap::from([("h".to_string(), "attention_mask".to_string())]);
+        let kept = compare(&masked_by);
+        assert_eq!((kept.max_abs, kept.elements), (0.0, 6));
+        assert_eq!(kept.at_positions_kept_by.as_deref(), Some("attention_mask"));
+        let every = compare(&HashMap::new());
+        assert!(every.max_abs > 50.0 && every.cosine < 0.9, "{every:?}");
+        assert_eq!(every.at_positions_kept_by, None);
+    }
 
     #[test]
     fn tensors_come_back_from_tract_with_their_onnx_type() {

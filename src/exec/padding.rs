@@ -101,6 +101,22 @@ pub fn unpadded(x: &ArrayViewD<f32>, mask: &Tensor) -> Option<Vec<f32>> {
     Some(values)
 }
 
+/// A float `x` at the positions `mask` keeps, as float32 `[kept positions, trailing axes…]`
+/// (see `unpadded`); `None` for another element type, or where `unpadded` keeps every value.
+pub fn kept_positions(x: &Tensor, mask: &Tensor) -> Option<Tensor> {
+    if !x.datum_type().is_float() {
+        return None;
+    }
+    let float = x.cast_to::<f32>().ok()?;
+    let values = unpadded(&float.to_plain_array_view::<f32>().ok()?, mask)?;
+    let trailing = x.shape().get(2..)?;
+    let kept = values.len() / trailing.iter().product::<usize>().max(1);
+    let shape: Vec<usize> = std::iter::once(kept)
+        .chain(trailing.iter().copied())
+        .collect();
+    Tensor::from_shape(&shape, &values).ok()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -142,5 +158,25 @@ mod tests {
         assert_eq!(unpadded(&x.view().into_dyn(), &other), None);
         let none = Tensor::from(arr2(&[[0i64, 0, 0], [0, 0, 0]]));
         assert_eq!(unpadded(&x.view().into_dyn(), &none), None);
+    }
+
+    #[test]
+    fn kept_positions_are_rows_of_the_trailing_axes() {
+        let x = Tensor::from(Array3::from_shape_fn((2, 3, 2), |(b, s, f)| {
+            (b * 100 + s * 10 + f) as f32
+        }));
+        let mask = Tensor::from(arr2(&[[1i64, 1, 0], [0, 1, 0]]));
+        let kept = kept_positions(&x, &mask).unwrap();
+        assert_eq!(kept.shape(), [3, 2]);
+        assert_eq!(
+            kept.to_plain_array_view::<f32>()
+                .unwrap()
+                .as_slice()
+                .unwrap(),
+            [0.0, 1.0, 10.0, 11.0, 110.0, 111.0]
+        );
+        // Integer outputs are compared whole.
+        let ids = Tensor::from(arr2(&[[1i64, 2, 3], [4, 5, 6]]));
+        assert!(kept_positions(&ids, &mask).is_none());
     }
 }

@@ -9,8 +9,8 @@
 //!   `Cast(MatMulInteger(x_q, W_q, x_zero_point, W.zero_point), float) · (x_scale · W.scale)`
 //!   (`+ c` for a Gemm)
 //!   with `W.scale [N]` and `W_q` the symmetric per-column weight of 7-bit codes (zero
-//!   points 0), every int8 code with `DynamicWeights::Int8`, or,
-//!   with `DynamicWeights::Uint8`, that weight plus 128 with zero points 128 — exactly the
+//!   points 0), every int8 code with `ProductWeights::Int8`, or,
+//!   with `ProductWeights::Uint8`, that weight plus 128 with zero points 128 — exactly the
 //!   chain ONNX Runtime fuses into its `DynamicQuantizeMatMul` kernel (the fastest CPU form
 //!   it has), and a chain of standard operators every runtime loads;
 //! - for ONNX Runtime, its fused `Attention` first gives up its Q/K/V projection to a MatMul
@@ -19,11 +19,9 @@
 //!   tables: the same int8 weights static quantization writes, dequantized by a
 //!   DequantizeLinear (weight-only), so the file shrinks everywhere.
 //!
-//! Why 7-bit weights by default (`DynamicWeights::Int7`): ONNX Runtime's uint8×int8 kernel
-//! is its fast one, but on x86 CPUs without VNNI (AVX2, AVX-512BW) it sums pairs of products
-//! in int16 (`vpmaddubsw`), which saturates when codes are large (255 · 127 · 2 > 32 767);
-//! codes within ±63 cannot saturate it (255 · 63 · 2 < 32 767). Its uint8×uint8 kernel does
-//! not saturate either, and is slower. all-MiniLM-L6-v2, 214 held-out sentences padded to
+//! Why 7-bit weights by default (`ProductWeights::Int7`): ONNX Runtime's fast uint8×int8
+//! kernel saturates on x86 CPUs without VNNI when codes are large (`ProductWeights` says
+//! how), and a model does not know the CPU it will meet. all-MiniLM-L6-v2, 214 held-out sentences padded to
 //! their batch's longest (`scripts/heldout_cosine.py`, cosine of the mean-pooled embedding to
 //! float's), and latency against float (`scripts/ort_latency.py`, one shared pool of 2
 //! threads, alternated, median of 15), on an AVX2 machine (AMD EPYC, ONNX Runtime 1.32):
@@ -36,7 +34,7 @@
 //!
 //! On an AVX-512-VNNI machine (an earlier measurement, before the projection of Attention
 //! was quantized) int8 and uint8 weights both gave 0.9952, int8 at 0.67× of float's latency
-//! at 8×128 and uint8 at 0.96×: there `int8` is the better choice, `--dynamic-weights int8`.
+//! at 8×128 and uint8 at 0.96×: there `int8` is the better choice, `--int8-weights int8`.
 //!
 //! Safe because: `DynamicQuantizeLinear` picks, per run, the uint8 scale covering the
 //! activation's actual range (widened to hold 0), so nothing saturates; the integer product
@@ -47,41 +45,24 @@
 
 use std::collections::{HashMap, HashSet};
 
-use bytes::Bytes;
-
 use crate::error::Result;
 use crate::exec::Batch;
-use crate::ir::{attr, DataType, Model, NodeId, PValue, Patch, Tensor, ValueId};
+use crate::ir::{attr, DataType, Model, NodeId, PValue, Patch, ValueId};
 use crate::ops::weights::plain_gemm_trans_b;
 use crate::passes::{opset, Rewrites};
-use crate::quant::qdq::{self, QdqOptions};
+use crate::quant::qdq::{self, ProductWeights, QdqOptions};
 use crate::quant::{QuantReport, QuantTarget};
 
 /// MatMulInteger, DynamicQuantizeLinear and per-axis DequantizeLinear: opset 13 has them all.
 const DYNAMIC_OPSET: i64 = 13;
 
-/// How the weights MatMulInteger reads are stored (see the module doc for the trade).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum DynamicWeights {
-    /// Symmetric int8, zero points 0: ONNX Runtime's fast uint8×int8 kernel, which can
-    /// saturate on CPUs without VNNI.
-    Int8,
-    /// The int8 codes plus 128, zero points 128: the uint8×uint8 kernel, which does not
-    /// saturate on CPUs without VNNI.
-    Uint8,
-    /// Symmetric int8 codes of 7 bits (in [-63, 63]), zero points 0: the fast uint8×int8
-    /// kernel, which cannot saturate on them.
-    #[default]
-    Int7,
-}
-
 #[derive(Clone, Debug)]
 pub struct DynamicOptions {
     /// `target` names the report's runtime and, for ONNX Runtime, lets its fused Attention
     /// give up its projection; the other operators written are standard ones.
+    /// Its `product_weights` are how the weights MatMulInteger reads are stored (see the
+    /// module doc for the trade).
     pub qdq: QdqOptions,
-    pub weights: DynamicWeights,
     /// SmoothQuant's migration strength α, applied before quantizing with the channel
     /// maxima of the calibration batches; `None`: no smoothing, and no batches needed.
     pub smooth_quant: Option<f64>,
@@ -106,6 +87,7 @@ pub fn quantize_dynamic(
         auto_exclusion: None,
         smoothing,
         weight_only: None,
+        product_weights: Some(options.qdq.product_weights),
     };
     if !operators.is_empty() {
         return Ok(report(Rewrites::default(), operators));
@@ -131,7 +113,7 @@ pub fn quantize_dynamic(
     }
     let activation_patches = integer
         .iter()
-        .map(|(x, products)| integer_products(model, *x, products, options.weights))
+        .map(|(x, products)| integer_products(model, *x, products, options.qdq.product_weights))
         .collect::<Result<Vec<_>>>()?;
     // Every other weight and table, weight-only, as static quantization writes them.
     let mut weight_only = plan.clone();
@@ -139,7 +121,14 @@ pub fn quantize_dynamic(
     weight_only
         .weights
         .retain(|w| !integer_weights.contains(&w.value));
-    let mut rewrites = qdq::apply_plan(model, &weight_only, &Default::default(), QuantTarget::Ort)?;
+    // What is left is dequantized for float products: every int8 code.
+    let mut rewrites = qdq::apply_plan(
+        model,
+        &weight_only,
+        &Default::default(),
+        QuantTarget::Ort,
+        ProductWeights::Int8,
+    )?;
     if !activation_patches.is_empty() {
         opset::raise(model, DYNAMIC_OPSET)?;
     }
@@ -198,7 +187,7 @@ fn integer_products(
     model: &Model,
     x: ValueId,
     products: &[IntegerProduct],
-    codes: DynamicWeights,
+    codes: ProductWeights,
 ) -> Result<Patch> {
     let g = &model.graph;
     let name = g.value_name(x);
@@ -281,7 +270,7 @@ fn integer_products(
 fn k_by_n_weight(
     model: &Model,
     p: &IntegerProduct,
-    codes: DynamicWeights,
+    codes: ProductWeights,
     patch: &mut Patch,
 ) -> Result<(PValue, PValue, PValue)> {
     let (mut data, mut dims) = qdq::float_weight(model, p.weight)?;
@@ -297,33 +286,5 @@ fn k_by_n_weight(
         (data, dims) = (transposed, vec![k, n]);
         name.push_str(".transposed");
     }
-    let range = match codes {
-        DynamicWeights::Int7 => qdq::INT7_SYMMETRIC,
-        _ => qdq::INT8_SYMMETRIC,
-    };
-    let q = qdq::quantize_per_channel_within(&name, &data, &dims, 1, range)?;
-    let (dtype, suffix, offset) = match codes {
-        DynamicWeights::Int8 => (DataType::Int8, "int8", 0u8),
-        DynamicWeights::Int7 => (DataType::Int8, "int7", 0u8),
-        DynamicWeights::Uint8 => (DataType::Uint8, "uint8", 128u8),
-    };
-    // Two's complement: an int8 code's byte plus 128 (wrapping) is the uint8 code.
-    let stored: Bytes = q
-        .values
-        .iter()
-        .map(|&v| (v as u8).wrapping_add(offset))
-        .collect();
-    let tensor = |dims: &[i64], data: Bytes| Tensor::from_raw("", dtype, dims, data);
-    let shape: Vec<i64> = dims.iter().map(|&d| d as i64).collect();
-    let channels = [q.scales.len() as i64];
-    let weight = patch.new_initializer(&format!("{name}.{suffix}"), tensor(&shape, stored)?);
-    let scale = patch.new_initializer(
-        &format!("{name}.scale"),
-        Tensor::from_f32("", &channels, &q.scales)?,
-    );
-    let zero_point = patch.new_initializer(
-        &format!("{name}.zero_point"),
-        tensor(&channels, Bytes::from(vec![offset; q.scales.len()]))?,
-    );
-    Ok((weight, scale, zero_point))
+    qdq::stored_weight(&name, &data, &dims, 1, codes, patch)
 }

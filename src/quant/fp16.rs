@@ -111,6 +111,7 @@ pub fn convert_fp16(model: &mut Model, options: &Fp16Options) -> Result<QuantRep
         auto_exclusion: None,
         smoothing: None,
         weight_only: None,
+        product_weights: None,
     };
     let operators = crate::quant::qdq::quantization_ops(model);
     if !operators.is_empty() {

@@ -94,6 +94,8 @@ pub struct QuantReport {
     pub smoothing: Option<smooth::SmoothReport>,
     /// `--weights`: the weights quantized, and how well.
     pub weight_only: Option<weight_only::WeightOnlyReport>,
+    /// INT8: how the weights of the integer products are stored.
+    pub product_weights: Option<qdq::ProductWeights>,
 }
 
 /// Static INT8: calibrates the activations QDQ insertion will quantize on `batches`, then
@@ -123,6 +125,7 @@ pub fn quantize_static(
         auto_exclusion: None,
         smoothing,
         weight_only: None,
+        product_weights: Some(options.qdq.product_weights),
     })
 }
 

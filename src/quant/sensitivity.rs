@@ -141,6 +141,7 @@ pub fn quantize_static_auto_exclude(
         }),
         smoothing,
         weight_only: None,
+        product_weights: Some(options.qdq.product_weights),
     })
 }
 

@@ -8,8 +8,11 @@
 //! - per float activation read by a selected node, one shared `Q → DQ` pair (per-tensor;
 //!   uint8 asymmetric for ONNX Runtime, int8 symmetric with zero point 0 for TensorRT), read
 //!   by the selected readers only — the others keep the float value;
-//! - per weight (a float initializer), an int8 initializer `<w>.int8`, a float scale per
-//!   output channel `<w>.scale` and int8 zero points `<w>.zero_point` (all 0), dequantized by
+//! - per weight (a float initializer), an initializer of its codes, a float scale per output
+//!   channel `<w>.scale` and zero points `<w>.zero_point`: for the weights of integer
+//!   products as `QdqOptions::product_weights` says (`<w>.int7` by default for ONNX Runtime,
+//!   7-bit codes its AVX2 kernel cannot saturate on; `<w>.int8`, every code, for TensorRT;
+//!   `<w>.uint8` with zero points 128), every int8 code otherwise, dequantized by
 //!   a per-axis DequantizeLinear (opset 13: a model below it is refused); biases stay float
 //!   (no int32 bias, which TensorRT refuses and ONNX Runtime does not need);
 //! - per embedding table, `<table>.int8` and per-row scales `<table>.scale` `[V, 1]`: the
@@ -45,7 +48,7 @@ use crate::passes::{opset, Rewrites};
 use crate::quant::{QuantTarget, Ranges};
 pub use params::{
     activation_params, quantize_per_channel, quantize_per_channel_within, scale_zero_point,
-    IntRange, PerChannel, QParams, INT7_SYMMETRIC, INT8_SYMMETRIC,
+    IntRange, PerChannel, ProductWeights, QParams, INT7_SYMMETRIC, INT8_SYMMETRIC,
 };
 pub(crate) use placement::Plan;
 use placement::{ActivationQdq, EmbeddingQdq, WeightQdq};
@@ -59,6 +62,20 @@ const QDQ_OPSET: i64 = 13;
 pub struct QdqOptions {
     pub target: QuantTarget,
     pub selection: Selection,
+    /// How the weights of the integer products are stored (`ProductWeights::default_for`
+    /// the target unless the user chose).
+    pub product_weights: ProductWeights,
+}
+
+impl QdqOptions {
+    /// Every selected node, weights stored as `target`'s kernels want them.
+    pub fn for_target(target: QuantTarget) -> QdqOptions {
+        QdqOptions {
+            target,
+            selection: Selection::default(),
+            product_weights: ProductWeights::default_for(target),
+        }
+    }
 }
 
 /// What `insert_qdq` did.
@@ -133,7 +150,13 @@ pub fn insert_qdq(model: &mut Model, ranges: &Ranges, options: &QdqOptions) -> R
         return Ok(QdqOutcome::AlreadyQuantized { operators });
     }
     let plan = Plan::new(model, options.target, &options.selection);
-    let mut rewrites = apply_plan(model, &plan, ranges, options.target)?;
+    let mut rewrites = apply_plan(
+        model,
+        &plan,
+        ranges,
+        options.target,
+        options.product_weights,
+    )?;
     drop_unread_weights(model, plan.weights.iter().map(|w| w.value), &mut rewrites)?;
     Ok(QdqOutcome::Quantized(rewrites))
 }
@@ -146,10 +169,16 @@ pub(crate) fn apply_plan(
     plan: &Plan,
     ranges: &Ranges,
     target: QuantTarget,
+    product_weights: ProductWeights,
 ) -> Result<Rewrites> {
     let mut rewrites = Rewrites::default();
     if plan.is_empty() {
         return Ok(rewrites);
+    }
+    if target == QuantTarget::Trt && product_weights == ProductWeights::Uint8 {
+        return Err(Error::Quantization(
+            "TensorRT takes int8 weights only, not uint8".into(),
+        ));
     }
     let activations = plan
         .activations
@@ -159,7 +188,7 @@ pub(crate) fn apply_plan(
     let weights = plan
         .weights
         .iter()
-        .map(|w| weight_patch(model, w))
+        .map(|w| weight_patch(model, w, product_weights))
         .collect::<Result<Vec<_>>>()?;
     let embeddings = plan
         .embeddings
@@ -270,37 +299,61 @@ pub(crate) fn float_weight(model: &Model, v: ValueId) -> Result<(Vec<f32>, Vec<u
     Ok((t.to_f32_vec()?, dims))
 }
 
-/// New initializers holding weight `w` as int8 with one scale per index along `axis`:
-/// `<w>.int8`, `<w>.scale` and `<w>.zero_point` (all 0).
-pub(crate) fn int8_weight(
-    model: &Model,
-    w: ValueId,
+/// New initializers holding the float weight `data` (shape `dims`, named `name`) stored as
+/// `codes` with one symmetric scale per index along `axis`: `<name>.<int8|int7|uint8>`,
+/// `<name>.scale` and `<name>.zero_point` (0, or 128 for uint8).
+pub(crate) fn stored_weight(
+    name: &str,
+    data: &[f32],
+    dims: &[usize],
     axis: usize,
+    codes: ProductWeights,
     patch: &mut Patch,
 ) -> Result<(PValue, PValue, PValue)> {
-    let name = model.graph.value_name(w);
-    let (data, dims) = float_weight(model, w)?;
-    let q = quantize_per_channel(name, &data, &dims, axis)?;
-    let dims: Vec<i64> = dims.iter().map(|&d| d as i64).collect();
+    let q = quantize_per_channel_within(name, data, dims, axis, codes.codes())?;
+    let (dtype, offset, suffix) = codes.storage();
+    // Two's complement: an int8 code's byte plus 128 (wrapping) is the uint8 code.
+    let stored: Bytes = q
+        .values
+        .iter()
+        .map(|&v| (v as u8).wrapping_add(offset))
+        .collect();
+    let shape: Vec<i64> = dims.iter().map(|&d| d as i64).collect();
     let channels = [q.scales.len() as i64];
-    let int8 = patch.new_initializer(&format!("{name}.int8"), int8_tensor(&dims, &q.values)?);
+    let weight = patch.new_initializer(
+        &format!("{name}.{suffix}"),
+        Tensor::from_raw("", dtype, &shape, stored)?,
+    );
     let scale = patch.new_initializer(
         &format!("{name}.scale"),
         Tensor::from_f32("", &channels, &q.scales)?,
     );
     let zero_point = patch.new_initializer(
         &format!("{name}.zero_point"),
-        int8_tensor(&channels, &vec![0; q.scales.len()])?,
+        Tensor::from_raw(
+            "",
+            dtype,
+            &channels,
+            Bytes::from(vec![offset; q.scales.len()]),
+        )?,
     );
-    Ok((int8, scale, zero_point))
+    Ok((weight, scale, zero_point))
 }
 
 /// A weight stored int8 per output channel and dequantized for its selected readers.
-fn weight_patch(model: &Model, w: &WeightQdq) -> Result<Patch> {
+fn weight_patch(model: &Model, w: &WeightQdq, product_weights: ProductWeights) -> Result<Patch> {
     let name = model.graph.value_name(w.value);
     let mut patch = Patch::new("qdq-weight");
     patch.anchor_at(w.readers[0].0);
-    let (int8, scale, zero_point) = int8_weight(model, w.value, w.axis, &mut patch)?;
+    let (data, dims) = float_weight(model, w.value)?;
+    // A weight dequantized for a float product (an Attention's packed projection) loses
+    // nothing to a kernel: it keeps every code.
+    let codes = if w.in_products {
+        product_weights
+    } else {
+        ProductWeights::Int8
+    };
+    let (int8, scale, zero_point) = stored_weight(name, &data, &dims, w.axis, codes, &mut patch)?;
     let dq = patch.new_value(&format!("{name}.dq"));
     patch.add_node(
         "DequantizeLinear",

@@ -6,6 +6,7 @@
 //! rounding is half to even (numpy's `round`).
 
 use crate::error::{Error, Result};
+use crate::ir::DataType;
 use crate::quant::{QuantTarget, Range};
 
 /// The integers a quantized type may take, as ONNX Runtime chooses them: int8 weights and
@@ -32,6 +33,69 @@ const INT8_FULL: IntRange = IntRange {
     min: -128,
     max: 127,
 };
+
+/// How the weights of integer products (the MatMul/Gemm/Conv a quantized activation feeds)
+/// are stored. ONNX Runtime's fast CPU kernel multiplies uint8 activations by int8 weights,
+/// and on x86 CPUs without VNNI (AVX2, AVX-512BW) it sums pairs of products in int16
+/// (`vpmaddubsw`), which saturates when codes are large (255 · 127 · 2 > 32 767); 7-bit codes
+/// cannot saturate it (255 · 63 · 2 < 32 767). Its uint8×uint8 kernel does not saturate either,
+/// and is slower. TensorRT multiplies int8 by int8 and takes nothing else.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ProductWeights {
+    /// Symmetric int8, zero points 0: the fast uint8×int8 kernel, which can saturate on CPUs
+    /// without VNNI.
+    Int8,
+    /// The int8 codes plus 128, zero points 128: the uint8×uint8 kernel.
+    Uint8,
+    /// Symmetric int8 codes of 7 bits (in [-63, 63]), zero points 0: the fast uint8×int8
+    /// kernel, which cannot saturate on them.
+    #[default]
+    Int7,
+}
+
+impl ProductWeights {
+    /// The default for `target`: 7-bit codes for ONNX Runtime (whatever CPU the model will
+    /// meet), every int8 code for TensorRT (its int8×int8 products do not saturate).
+    pub fn default_for(target: QuantTarget) -> ProductWeights {
+        match target {
+            QuantTarget::Ort => ProductWeights::Int7,
+            QuantTarget::Trt => ProductWeights::Int8,
+        }
+    }
+
+    /// The codes a user `chosen`, else the mode's default: static INT8's follow `target`'s
+    /// kernels; dynamic INT8's MatMulInteger runs in ONNX Runtime whatever the target.
+    pub fn chosen_or_default(
+        chosen: Option<ProductWeights>,
+        static_int8: bool,
+        target: QuantTarget,
+    ) -> ProductWeights {
+        match chosen {
+            Some(codes) => codes,
+            None if static_int8 => ProductWeights::default_for(target),
+            None => ProductWeights::default(),
+        }
+    }
+
+    /// The symmetric codes a channel's largest magnitude maps onto.
+    pub fn codes(self) -> IntRange {
+        match self {
+            ProductWeights::Int7 => INT7_SYMMETRIC,
+            ProductWeights::Int8 | ProductWeights::Uint8 => INT8_SYMMETRIC,
+        }
+    }
+
+    /// The stored element type, the offset added to each symmetric code (and stored as every
+    /// zero point), and the suffix of the stored initializer's name.
+    pub fn storage(self) -> (DataType, u8, &'static str) {
+        match self {
+            ProductWeights::Int8 => (DataType::Int8, 0, "int8"),
+            ProductWeights::Int7 => (DataType::Int8, 0, "int7"),
+            ProductWeights::Uint8 => (DataType::Uint8, 128, "uint8"),
+        }
+    }
+}
 
 /// `x ≈ scale · (q − zero_point)`.
 #[derive(Clone, Copy, Debug, PartialEq)]

@@ -21,12 +21,14 @@ pub struct ActivationQdq {
 }
 
 /// A float weight stored int8 with one scale per index along `axis`, dequantized for
-/// `readers` (node, input slot).
+/// `readers` (node, input slot); `in_products` when a reader multiplies it by a quantized
+/// activation (a MatMul, Gemm or Conv the runtime runs in integers), not only in float.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct WeightQdq {
     pub value: ValueId,
     pub axis: usize,
     pub readers: Vec<(NodeId, usize)>,
+    pub in_products: bool,
 }
 
 /// An embedding table stored int8 per row, read by the Gather nodes `gathers`.
@@ -68,11 +70,13 @@ impl Plan {
             match roles.get(&id) {
                 Some(Role::Weighted) => {
                     // Inputs A and B (X and W): a bias (slot 2) stays float.
+                    let quantized = |v: ValueId| !is_constant(g, v) && is_float(v);
+                    let integer = node.input(0).is_some_and(quantized);
                     for slot in 0..2 {
                         let Some(v) = node.input(slot) else { continue };
                         if let Some(axis) = (slot == 1).then(|| weight_axis(g, id)).flatten() {
-                            plan.add_weight(v, axis, (id, slot));
-                        } else if !is_constant(g, v) && is_float(v) {
+                            plan.add_weight(v, axis, (id, slot), integer);
+                        } else if quantized(v) {
                             plan.add_activation(v, (id, slot));
                         }
                     }
@@ -85,7 +89,7 @@ impl Plan {
                             })
                     });
                     if let Some(w) = packed {
-                        plan.add_weight(w, 1, (id, 1));
+                        plan.add_weight(w, 1, (id, 1), false);
                     }
                 }
                 Some(Role::Embedding) => {
@@ -124,17 +128,27 @@ impl Plan {
         }
     }
 
-    fn add_weight(&mut self, value: ValueId, axis: usize, reader: (NodeId, usize)) {
+    fn add_weight(
+        &mut self,
+        value: ValueId,
+        axis: usize,
+        reader: (NodeId, usize),
+        in_product: bool,
+    ) {
         match self
             .weights
             .iter_mut()
             .find(|w| w.value == value && w.axis == axis)
         {
-            Some(w) => w.readers.push(reader),
+            Some(w) => {
+                w.readers.push(reader);
+                w.in_products |= in_product;
+            }
             None => self.weights.push(WeightQdq {
                 value,
                 axis,
                 readers: vec![reader],
+                in_products: in_product,
             }),
         }
     }

@@ -5,10 +5,7 @@ use crate::proto::GraphProto;
 use crate::quant::Range;
 
 fn options(target: QuantTarget) -> QdqOptions {
-    QdqOptions {
-        target,
-        selection: Selection::default(),
-    }
+    QdqOptions::for_target(target)
 }
 
 fn weight(name: &str, dims: &[i64]) -> Tensor {
@@ -53,6 +50,7 @@ fn selecting(include: &[&str], exclude: &[&str]) -> QdqOptions {
             include: parse(include),
             exclude: parse(exclude),
         },
+        ..QdqOptions::for_target(QuantTarget::Ort)
     }
 }
 

@@ -302,6 +302,7 @@ pub fn quantize_weights(
         auto_exclusion: None,
         smoothing: None,
         weight_only: Some(report),
+        product_weights: None,
     })
 }
 
