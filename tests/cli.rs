@@ -483,24 +483,20 @@ fn int8_calibrates_validates_on_held_back_batches_and_reports() {
     assert!(cosine > 0.999, "{cosine}");
 }
 
+/// `onnxopt optimize MODEL OUT --int8 --calib CALIB EXTRA…`.
+fn optimize_int8(model: &Path, out: &Path, calib: &Path, extra: &[&str]) -> Output {
+    let mut args = vec!["optimize", s(model), s(out), "--int8", "--calib", s(calib)];
+    args.extend_from_slice(extra);
+    onnxopt(&args)
+}
+
 #[test]
 fn int8_gates_only_on_the_tolerances_given() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("out.onnx");
     let model = common::testdata("bert-tiny.dynamo.onnx");
     let calib = common::testdata("calib/bert-tiny");
-    let args = |extra: &[&str]| {
-        let mut args = vec![
-            "optimize",
-            s(&model),
-            s(&out),
-            "--int8",
-            "--calib",
-            s(&calib),
-        ];
-        args.extend_from_slice(extra);
-        onnxopt(&args)
-    };
+    let args = |extra: &[&str]| optimize_int8(&model, &out, &calib, extra);
     // An exact tolerance no int8 model keeps: refused, nothing written.
     let refused = args(&["--max-error", "1e-9"]);
     assert_eq!(refused.status.code(), Some(3), "{}", text(&refused.stderr));
@@ -610,16 +606,7 @@ fn static_int8_weight_codes_follow_the_target_unless_chosen() {
     let calib = common::testdata("calib/bert-tiny");
     // The codes of the first selected MatMul's weight: its stored type and largest magnitude.
     let codes = |args: &[&str]| {
-        let mut all = vec![
-            "optimize",
-            s(&model),
-            s(&out),
-            "--int8",
-            "--calib",
-            s(&calib),
-        ];
-        all.extend_from_slice(args);
-        let result = onnxopt(&all);
+        let result = optimize_int8(&model, &out, &calib, args);
         assert!(
             result.status.success(),
             "{args:?}: {}",
@@ -656,18 +643,12 @@ fn static_int8_weight_codes_follow_the_target_unless_chosen() {
     assert_eq!(codes(&["--int8-weights", "int8"]), (DataType::Int8, 127));
     assert_eq!(codes(&["--int8-weights", "uint8"]), (DataType::Uint8, 127));
     assert_eq!(codes(&["--target", "trt"]), (DataType::Int8, 127));
-    let refused = onnxopt(&[
-        "optimize",
-        s(&model),
-        s(&out),
-        "--int8",
-        "--calib",
-        s(&calib),
-        "--target",
-        "trt",
-        "--int8-weights",
-        "uint8",
-    ]);
+    let refused = optimize_int8(
+        &model,
+        &out,
+        &calib,
+        &["--target", "trt", "--int8-weights", "uint8"],
+    );
     assert!(!refused.status.success());
     assert!(text(&refused.stderr).contains("TensorRT takes int8 weights only"));
 }

@@ -224,13 +224,7 @@ impl EngineRunner {
 
     /// Loads `model` into `engine`, returning its graph outputs when run.
     pub fn new(engine: EngineKind, model: &Model) -> Result<EngineRunner, ExecError> {
-        let g = &model.graph;
-        let outputs: Vec<String> = g
-            .outputs
-            .iter()
-            .map(|p| g.value_name(p.value).to_string())
-            .collect();
-        EngineRunner::with_outputs(engine, model, &outputs)
+        EngineRunner::with_outputs(engine, model, &model.graph.output_names())
     }
 
     pub fn kind(&self) -> EngineKind {

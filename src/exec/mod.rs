@@ -203,13 +203,7 @@ pub struct Runner {
 impl Runner {
     /// Loads `model`, returning its graph outputs when run.
     pub fn new(model: &Model) -> Result<Runner, ExecError> {
-        let outputs: Vec<String> = model
-            .graph
-            .outputs
-            .iter()
-            .map(|p| model.graph.value_name(p.value).to_string())
-            .collect();
-        Runner::with_outputs(model, &outputs)
+        Runner::with_outputs(model, &model.graph.output_names())
     }
 
     /// Loads `model`, returning the named values (graph outputs or intermediates) when run.
@@ -650,12 +644,7 @@ impl Reference {
             outputs.extend(runner.run_parallel(chunk)?);
             on_batch(outputs.len(), batches.len());
         }
-        let g = &reference.graph;
-        let names: Vec<String> = g
-            .outputs
-            .iter()
-            .map(|p| g.value_name(p.value).to_string())
-            .collect();
+        let names = reference.graph.output_names();
         let masked_by = names
             .iter()
             .zip(padding::masks_indexing(reference, &names))

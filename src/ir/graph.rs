@@ -234,6 +234,14 @@ impl Graph {
         &self.value(v).uses
     }
 
+    /// The names of the graph's outputs, in order.
+    pub fn output_names(&self) -> Vec<String> {
+        self.outputs
+            .iter()
+            .map(|p| self.value_name(p.value).to_string())
+            .collect()
+    }
+
     pub fn is_graph_output(&self, v: ValueId) -> bool {
         self.outputs.iter().any(|p| p.value == v)
     }

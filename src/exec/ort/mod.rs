@@ -184,13 +184,7 @@ pub struct OrtRunner {
 impl OrtRunner {
     /// Loads `model`, returning its graph outputs when run.
     pub fn new(model: &Model) -> Result<OrtRunner, ExecError> {
-        let outputs: Vec<String> = model
-            .graph
-            .outputs
-            .iter()
-            .map(|p| model.graph.value_name(p.value).to_string())
-            .collect();
-        OrtRunner::with_outputs(model, &outputs)
+        OrtRunner::with_outputs(model, &model.graph.output_names())
     }
 
     /// Loads `model`, returning the named values (graph outputs or intermediates) when run.
