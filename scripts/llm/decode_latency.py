@@ -3,12 +3,12 @@
 present.N.key/value, as shared/llm/build.sh and scripts/llm/make_llm.py export it) against its
 optimized form, on the same inputs, in one process.
 
-    decode_latency.py ORIGINAL OPTIMIZED [--ids FILE.npy | --vocab N] [--prefill 128] [--rounds 15] [--threads 2]
+    decode_latency.py ORIGINAL OPTIMIZED [OPTIMIZED ...] [--ids FILE.npy | --vocab N] [--prefill 128] [--rounds 15] [--threads 2]
 
 Steps: prefill of 1 x P real tokens (past of length 0), then decode of one token with the
-prefill's present (past P). Prints, as JSON: the max abs difference of the logits and of every
-present between the two models at each step, and the median latency (ms) of each step for
-each model, timed by `scripts/latency_protocol.py` (one process, one shared pool of
+prefill's present (past P). Prints, as JSON: for each optimized model, the max abs difference
+of its logits and of every present from the original's at each step, and the median latency
+(ms) of each step for every model, timed by `scripts/latency_protocol.py` (one process, one shared pool of
 `--threads` threads, the models alternated within each round, warm-ups, median of `--rounds`,
 at least 15). Needs onnxruntime, numpy.
 """
@@ -38,14 +38,14 @@ def feeds(s, ids, past_len, past=None):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("original")
-    ap.add_argument("optimized")
+    ap.add_argument("optimized", nargs="+")
     ap.add_argument("--ids", help="token ids .npy (first row used); default: random ids")
     ap.add_argument("--vocab", type=int, default=1000, help="random ids below this (default 1000)")
     ap.add_argument("--prefill", type=int, default=128)
     ap.add_argument("--rounds", type=int, default=MIN_ROUNDS)
     ap.add_argument("--threads", type=int, default=2)
     a = ap.parse_args()
-    sessions = open_sessions([a.original, a.optimized], a.threads)
+    sessions = open_sessions([a.original, *a.optimized], a.threads)
     if a.ids:
         ids = np.load(a.ids)[:1, : a.prefill + 1].astype(np.int64)
     else:
@@ -59,14 +59,17 @@ def main():
                   "decode": [feeds(s, nxt, a.prefill, past) for s in sessions]}
     for step, fs in step_feeds.items():
         got = [s.run(None, f) for s, f in zip(sessions, fs)]
-        diff = {n: float(np.abs(x - y).max()) for n, x, y in zip(names, got[0], got[1])}
         med = [m * 1e3 for m in alternate([lambda s=s, f=f: s.run(None, f) for s, f in zip(sessions, fs)], a.rounds)]
-        report["steps"][step] = {
-            "max_abs_logits": diff[names[0]],
-            "max_abs_present": max(v for n, v in diff.items() if n != names[0]),
-            "original_ms": round(med[0], 3), "optimized_ms": round(med[1], 3),
-            "ratio": round(med[1] / med[0], 3),
-        }
+        optimized = []
+        for path, outs, ms in zip(a.optimized, got[1:], med[1:]):
+            diff = {n: float(np.abs(x - y).max()) for n, x, y in zip(names, got[0], outs)}
+            optimized.append({
+                "model": path,
+                "max_abs_logits": diff[names[0]],
+                "max_abs_present": max(v for n, v in diff.items() if n != names[0]),
+                "ms": round(ms, 3), "ratio": round(ms / med[0], 3),
+            })
+        report["steps"][step] = {"original_ms": round(med[0], 3), "optimized": optimized}
     print(json.dumps(report, indent=1))
 
 
