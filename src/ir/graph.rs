@@ -234,6 +234,11 @@ impl Graph {
         &self.value(v).uses
     }
 
+    /// The recorded dims of `v`, when its rank is known.
+    pub fn dims_of(&self, v: ValueId) -> Option<Vec<Dim>> {
+        self.value_type(v)?.shape
+    }
+
     /// The names of the graph's outputs, in order.
     pub fn output_names(&self) -> Vec<String> {
         self.outputs

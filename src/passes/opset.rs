@@ -121,9 +121,7 @@ fn rewritten_or_changed(op: &str, from: i64) -> bool {
 /// value is 0 (its default, left out).
 fn attributes_movable(model: &Model, n: &Node) -> bool {
     let float_data = || {
-        n.input(0)
-            .and_then(|v| model.graph.value_type(v))
-            .and_then(|t| DataType::try_from(t.elem).ok())
+        data_type(model, n)
             .is_some_and(|t| matches!(t, DataType::Float | DataType::Float16 | DataType::Double))
     };
     match n.op_type() {
@@ -136,6 +134,12 @@ fn attributes_movable(model: &Model, n: &Node) -> bool {
         "Pad" => attr::get_float(&n.proto, "value").unwrap_or(0.0) == 0.0 || float_data(),
         _ => true,
     }
+}
+
+/// The element type of node `n`'s data input (its first), when recorded.
+fn data_type(model: &Model, n: &Node) -> Option<DataType> {
+    let t = model.graph.value_type(n.input(0)?)?;
+    DataType::try_from(t.elem).ok()
 }
 
 /// True when a Softmax-family node of opset < 13 normalizes over the last axis of its input
@@ -285,12 +289,7 @@ fn ints_input(_: &Model, moved: &MovedAttribute, ints: &[i64]) -> Result<Option<
 /// a float type, or that a Pad's value is 0, which is then left out).
 fn float_of_data(model: &Model, moved: &MovedAttribute, _: &[i64]) -> Result<Option<Tensor>> {
     let value = attr::get_float(&moved.node.proto, moved.name).unwrap_or(0.0);
-    let elem = moved
-        .node
-        .input(0)
-        .and_then(|v| model.graph.value_type(v))
-        .and_then(|t| DataType::try_from(t.elem).ok())
-        .unwrap_or(DataType::Float);
+    let elem = data_type(model, moved.node).unwrap_or(DataType::Float);
     Ok(Some(Tensor::from_f32_as(moved.name, elem, &[], &[value])?))
 }
 

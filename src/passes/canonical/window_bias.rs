@@ -10,7 +10,7 @@
 //! the scores plus a bias (`fuse::attention`).
 
 use crate::ir::shape::same_shape;
-use crate::ir::{Dim, Graph, Model, NodeId, Patch, ValueId};
+use crate::ir::{Dim, Model, NodeId, Patch};
 use crate::passes::matching::{input_producer, only_feeds};
 
 use super::{onnx_node, shape_constant};
@@ -33,13 +33,13 @@ pub fn window_bias(m: &Model, id: NodeId) -> Option<Patch> {
         return None;
     }
     let s = split.input(0)?;
-    let s_dims = dims(g, s)?;
-    let split_dims = dims(g, split.output(0)?)?;
-    let bias_dims = dims(g, bias)?;
+    let s_dims = g.dims_of(s)?;
+    let split_dims = g.dims_of(split.output(0)?)?;
+    let bias_dims = g.dims_of(bias)?;
     let rows = split_rows(&s_dims, &split_dims)?;
     let bias_rows = bias_rows(&bias_dims, &split_dims, rows)?;
-    let proven = same_shape(&dims(g, add.output(0)?)?, &split_dims)
-        && same_shape(&dims(g, merge.output(0)?)?, &s_dims)
+    let proven = same_shape(&g.dims_of(add.output(0)?)?, &split_dims)
+        && same_shape(&g.dims_of(merge.output(0)?)?, &s_dims)
         && g.value_type(s)?.elem == g.value_type(bias)?.elem;
     if !proven {
         return None;
@@ -79,10 +79,6 @@ pub fn window_bias(m: &Model, id: NodeId) -> Option<Patch> {
             &[merge.output(0)?.into()],
         );
     Some(patch)
-}
-
-fn dims(g: &Graph, v: ValueId) -> Option<Vec<Dim>> {
-    g.value_type(v)?.shape
 }
 
 /// `K` when `split` is `s` `[A·K, r…]` with its first axis split into `[A, K]`.

@@ -19,13 +19,13 @@
 
 use super::super::matching::{bypass, const_ints, input_producer, only_feeds, op_node, rewire};
 use crate::ir::shape::same_shape;
-use crate::ir::{attr, Dim, Graph, Node, NodeId, Patch, ValueId};
+use crate::ir::{attr, Dim, Graph, Node, NodeId, Patch};
 
 pub fn reshape_noop(g: &Graph, id: NodeId) -> Option<Patch> {
     let node = op_node(g, id, "Reshape")?;
     let (x, out) = (node.input(0)?, node.output(0)?);
-    let input = dims(g, x)?;
-    let proven = dims(g, out).is_some_and(|d| same_shape(&d, &input))
+    let input = g.dims_of(x)?;
+    let proven = g.dims_of(out).is_some_and(|d| same_shape(&d, &input))
         || reshape_target(g, node, &input).is_some_and(|d| same_shape(&d, &input));
     if !proven {
         return None;
@@ -76,7 +76,7 @@ pub fn squeeze_pair(g: &Graph, id: NodeId) -> Option<Patch> {
 pub fn expand_noop(g: &Graph, id: NodeId) -> Option<Patch> {
     let node = op_node(g, id, "Expand")?;
     let (x, out) = (node.input(0)?, node.output(0)?);
-    let input = dims(g, x)?;
+    let input = g.dims_of(x)?;
     let broadcast_keeps_shape = |shape: Vec<i64>| {
         shape.len() <= input.len()
             && shape
@@ -85,7 +85,7 @@ pub fn expand_noop(g: &Graph, id: NodeId) -> Option<Patch> {
                 .zip(input.iter().rev())
                 .all(|(&s, d)| s == 1 || d.value() == Some(s))
     };
-    let proven = dims(g, out).is_some_and(|d| same_shape(&d, &input))
+    let proven = g.dims_of(out).is_some_and(|d| same_shape(&d, &input))
         || const_ints(g, node.input(1)?).is_some_and(broadcast_keeps_shape);
     if !proven {
         return None;
@@ -103,11 +103,6 @@ pub fn pad_zeros(g: &Graph, id: NodeId) -> Option<Patch> {
         return None;
     }
     bypass(g, "pad-zeros", id, node.output(0)?, node.input(0)?)
-}
-
-/// The recorded dims of `v`, when its rank is known.
-fn dims(g: &Graph, v: ValueId) -> Option<Vec<Dim>> {
-    g.value_type(v)?.shape
 }
 
 fn allows_zero(reshape: &Node) -> bool {

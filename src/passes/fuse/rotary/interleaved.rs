@@ -112,10 +112,6 @@ struct Part {
     cache: Tensor,
 }
 
-fn dims(g: &Graph, v: ValueId) -> Option<Vec<Dim>> {
-    g.value_type(v)?.shape
-}
-
 fn ints(g: &Graph, v: ValueId) -> Option<Vec<i64>> {
     g.constant(v)?.to_i64_vec().ok()
 }
@@ -138,17 +134,17 @@ fn read_part(m: &Match, rw: &Rewrite, name: &'static str, rot: i64) -> Option<Pa
         [1] | [-3] => Layout::HeadsSeq,
         _ => return None,
     };
-    let part_dims = dims(g, part)?;
-    let head_dims = dims(g, with_head)?;
-    let lane_dims = dims(g, lane)?;
-    let repeated_dims = dims(g, m.value(name)?)?;
+    let part_dims = g.dims_of(part)?;
+    let head_dims = g.dims_of(with_head)?;
+    let lane_dims = g.dims_of(lane)?;
+    let repeated_dims = g.dims_of(m.value(name)?)?;
     let [_, _, width] = &part_dims[..] else {
         return None;
     };
     // Every value twice in a row: a new last axis of 1, doubled, merged into the one before.
     let doubled_ok = matches!(ints(g, t.value("lane_axes")?)?[..], [4] | [-1])
         && extends(&lane_dims, &head_dims, 1)
-        && extends(&dims(g, t.value("doubled")?)?, &head_dims, 2)
+        && extends(&g.dims_of(t.value("doubled")?)?, &head_dims, 2)
         && repeated_dims.len() == 4
         && repeated_dims[..3]
             .iter()
@@ -169,7 +165,7 @@ fn read_part(m: &Match, rw: &Rewrite, name: &'static str, rot: i64) -> Option<Pa
     let (positions, table) = read_rows(rw, rows)?;
     // The part's columns: the Split's sizes (an input from opset 13, an attribute before,
     // else equal parts).
-    let row_width = dims(g, rows)?.last()?.value()?;
+    let row_width = g.dims_of(rows)?.last()?.value()?;
     let sizes = match (split.input(1), attr::get_ints(&split.proto, "split")) {
         (Some(v), _) => ints(g, v)?,
         (None, Some(sizes)) => sizes.to_vec(),
@@ -204,8 +200,8 @@ fn read_rows(rw: &Rewrite, rows: ValueId) -> Option<(ValueId, Tensor)> {
     let r = found.first()?;
     let positions = r.value("positions")?;
     let table = g.constant(r.value("table")?)?;
-    let position_dims = dims(g, positions)?;
-    let row_dims = dims(g, rows)?;
+    let position_dims = g.dims_of(positions)?;
+    let row_dims = g.dims_of(rows)?;
     let [p_batch, p_seq] = &position_dims[..] else {
         return None;
     };
@@ -228,7 +224,7 @@ fn read_rows(rw: &Rewrite, rows: ValueId) -> Option<(ValueId, Tensor)> {
     };
     let tiled_ok = match r.value("tiled") {
         Some(tiled) => {
-            let tiled_dims = dims(g, tiled)?;
+            let tiled_dims = g.dims_of(tiled)?;
             tiled_dims.len() == 3
                 && tiled_dims[1..]
                     .iter()
@@ -254,11 +250,11 @@ fn pairs_ok(m: &Match, rw: &Rewrite, x_dims: &[Dim], rot: i64) -> Option<bool> {
         .all(|v| matches!(ints(g, v).as_deref(), Some([4] | [-1])));
     let mut stacked = x_dims[..3].to_vec();
     stacked.push(Dim::known(rot / 2));
-    let rotated = dims(g, m.value("rotated")?)?;
+    let rotated = g.dims_of(m.value("rotated")?)?;
     Some(
         (concat_axis == -1 || concat_axis == 4)
             && lanes_ok
-            && extends(&dims(g, pairs.output(0)?)?, &stacked, 2)
+            && extends(&g.dims_of(pairs.output(0)?)?, &stacked, 2)
             && same_shape(&rotated, x_dims)
             && slices_last_axis(rw, m, "odd", (1, rot, 2), true)
             && slices_last_axis(rw, m, "even", (0, rot, 2), true),
