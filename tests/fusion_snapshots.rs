@@ -14,6 +14,7 @@ use onnxopt::passes::fuse::attention::AttentionFusion;
 use onnxopt::passes::fuse::embed_layernorm::EmbedLayerNormFusion;
 use onnxopt::passes::fuse::gelu::GeluFusion;
 use onnxopt::passes::fuse::layernorm::LayerNormFusion;
+use onnxopt::passes::fuse::rotary::RotaryFusion;
 use onnxopt::passes::fuse::Target;
 use onnxopt::passes::shape::ShapeInference;
 use onnxopt::passes::shape_of::ShapeFromInputs;
@@ -34,6 +35,12 @@ fn wild_fused_diff(stem: &str, fusion: impl Pass + 'static) -> String {
 }
 
 fn diff_of(path: &std::path::Path, calib: &std::path::Path, fusion: impl Pass + 'static) -> String {
+    diff_of_passes(path, calib, PassManager::new().with(fusion))
+}
+
+/// `diff_of` for several fusions run together to their fixpoint (a rewrite of what another
+/// fused); the first line gives each one's rewrite counts.
+fn diff_of_passes(path: &std::path::Path, calib: &std::path::Path, fusions: PassManager) -> String {
     let model = path.file_name().unwrap().to_string_lossy();
     let mut typed = onnxopt::io::load(path).unwrap();
     PassManager::new()
@@ -45,11 +52,7 @@ fn diff_of(path: &std::path::Path, calib: &std::path::Path, fusion: impl Pass + 
         .unwrap();
     let before = dump_model(&typed.to_proto().unwrap());
     let mut fused: Model = typed.clone();
-    let report = PassManager::new()
-        .with(fusion)
-        .with(DeadCodeElimination)
-        .run(&mut fused)
-        .unwrap();
+    let report = fusions.with(DeadCodeElimination).run(&mut fused).unwrap();
     let same = common::same_outputs(&typed, &fused, calib);
     assert!(same.is_ok(), "{model}: {same:?}");
     let after = dump_model(&fused.to_proto().unwrap());
@@ -57,7 +60,12 @@ fn diff_of(path: &std::path::Path, calib: &std::path::Path, fusion: impl Pass + 
         .unified_diff()
         .context_radius(0)
         .to_string();
-    format!("rewrites {:?}\n{diff}", report.passes[0].rewrites.0)
+    let fusions = &report.passes[..report.passes.len() - 1];
+    let rewrites: Vec<String> = fusions
+        .iter()
+        .map(|p| format!("{:?}", p.rewrites.0))
+        .collect();
+    format!("rewrites {}\n{diff}", rewrites.join(" "))
 }
 
 #[test]
@@ -253,6 +261,25 @@ fn attention_grouped_query_llama_dynamo() {
         AttentionFusion {
             target: Target::Ort,
         },
+    );
+    insta::assert_snapshot!(diff);
+}
+
+/// The same block with a cache, its RoPE fused first (`testdata/llm`, Llama-3, dynamo at opset
+/// 20): the grouped rule's `Attention` on 4-D heads, then the heads' split and merge moved
+/// inside it (`attention-flat-heads`): `q_num_heads`/`kv_num_heads` on the projections'
+/// `[batch, sequence, N·16]` rows, RotaryEmbedding with `num_heads` on the same rows, the
+/// past and presents still `[batch, 2, ·, 16]`.
+#[test]
+fn attention_grouped_query_with_cache_flat_heads() {
+    let llm = common::testdata("llm");
+    let target = Target::Ort;
+    let diff = diff_of_passes(
+        &llm.join("llama3.past.dynamo20.onnx"),
+        &llm.join("calib").join("past"),
+        PassManager::new()
+            .with(RotaryFusion { target })
+            .with(AttentionFusion { target }),
     );
     insta::assert_snapshot!(diff);
 }

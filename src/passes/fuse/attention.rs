@@ -21,7 +21,8 @@
 //! (`attention-seq-first`, fused on Q, K and V transposed batch first), and the grouped-query
 //! attention of decoder LLMs on rotated heads and a cache (`attention-grouped`, `grouped.rs`),
 //! and multi-query attention with the query heads folded into the rows (`attention-query-rows`,
-//! GPT-BigCode, `query_rows.rs`).
+//! GPT-BigCode, `query_rows.rs`); the standard `Attention` these leave on 4-D heads then takes
+//! the heads' split and merge inside (`attention-flat-heads`, `flat_heads.rs`).
 //!
 //! The additive bias carries everything masks do (padding as `Where(mask, 0, -inf)`, GPT-2's
 //! causal mask folded into it, T5's relative position bias), so no mask form is special. A
@@ -57,6 +58,7 @@ use crate::ops::attention::{BiasFit, BiasShape};
 use crate::ops::weights::plain_gemm_trans_b;
 use crate::proto::AttributeProto;
 
+mod flat_heads;
 mod grouped;
 mod query_rows;
 
@@ -108,6 +110,11 @@ impl Fusion for AttentionFusion {
                 kind: "attention-query-rows",
                 pattern: query_rows::folded_rows(),
                 build: query_rows::build_folded,
+            },
+            Rule {
+                kind: "attention-flat-heads",
+                pattern: flat_heads::moved_heads(),
+                build: flat_heads::build_moved_heads,
             },
         ]
     }

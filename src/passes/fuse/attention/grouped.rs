@@ -37,7 +37,9 @@
 //! wrongly, max error 3.1; 1.23.1, 1.23.2, 1.24.4, 1.25.1 and 1.32 agree with the standard
 //! to 2.4e-7). No `com.microsoft` operator takes grouped heads and a cache with the caller's
 //! mask as it is: GroupQueryAttention reads sequence lengths instead of the mask, which
-//! changes left-padded batches.
+//! changes left-padded batches. Where the heads are split from `[B, S, N·H]` rows and merged
+//! back after it, the `attention-flat-heads` rule then moves the split inside the operator
+//! (`flat_heads.rs`).
 //!
 //! Safe because: the heads layout, the repeat (`Unsqueeze` at axis 2, `Expand` along that axis
 //! only, `Reshape` merging axes 1 and 2 only) and the cache's concatenation axis are checked
@@ -346,6 +348,16 @@ pub(super) fn lowest_as_masked(rw: &mut Rewrite, bias: PValue) -> Checked<PValue
     Ok(rw.op("Where", "", &[is_lowest, masked, bias], vec![]))
 }
 
+/// `Where(IsNaN(y), 0, y)`: the SDPA export's clean-up of rows whose every key is masked,
+/// kept on the fused output (see the module doc).
+pub(super) fn nan_as_zero(rw: &mut Rewrite, y: PValue) -> Checked<PValue> {
+    let nan = rw.op("IsNaN", "", &[y], vec![]);
+    let zero =
+        Tensor::from_f32("zero", &[], &[0.0]).map_err(|e| Declined::Refused(e.to_string()))?;
+    let zero = rw.constant("zero", zero);
+    Ok(rw.op("Where", "", &[nan, zero, y], vec![]))
+}
+
 pub(super) fn build_grouped(m: &Match, rw: &mut Rewrite) -> Built {
     let g = rw.graph;
     softmax_axis(m, g, rw.opset)?;
@@ -425,11 +437,7 @@ pub(super) fn build_grouped(m: &Match, rw: &mut Rewrite) -> Built {
     let outs = rw.op_with_outputs("Attention", "", trim(&inputs), &wanted, attributes);
     let mut out = outs[0].ok_or(Declined::Missing("output"))?;
     if cleaned {
-        let nan = rw.op("IsNaN", "", &[out], vec![]);
-        let zero =
-            Tensor::from_f32("zero", &[], &[0.0]).map_err(|e| Declined::Refused(e.to_string()))?;
-        let zero = rw.constant("zero", zero);
-        out = rw.op("Where", "", &[nan, zero, out], vec![]);
+        out = nan_as_zero(rw, out)?;
     }
     rw.replace(rw.root_of(m)?, out);
     for (old, new) in presents.iter().zip(&outs[1..]) {
