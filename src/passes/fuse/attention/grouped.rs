@@ -405,7 +405,21 @@ pub(super) fn build_grouped(m: &Match, rw: &mut Rewrite) -> Built {
             )));
         }
     }
-    let bias = bias_of(m, rw)?;
+    // The opset-23 export's boolean mask stays boolean: the fused operator reads it as the
+    // exported one did, in every ONNX Runtime version. As a float -inf bias (what the
+    // standard says false means), a row masked whole (the queries of left padding) is NaN
+    // in ONNX Runtime 1.24 and 1.25 where the export's boolean one is not, and the next
+    // layer carries that NaN into every row (measured on the opset-23 LLM corpus).
+    let boolean_mask = m
+        .value("attn_mask")
+        .filter(|&mask| g.value_type(mask).map(|t| t.elem) == Some(DataType::Bool as i32));
+    let bias = match boolean_mask {
+        Some(mask) => {
+            rw.keep_alive(mask);
+            Some((mask.into(), dims(g, mask)?))
+        }
+        None => bias_of(m, rw)?,
+    };
     let bias = fitted_bias(bias, &layout, rw, (q, 2), &key_lengths)?;
     let bias = match bias {
         Some(bias) if !standard => Some(lowest_as_masked(rw, bias)?),
