@@ -85,15 +85,14 @@ fn every_rope_is_fused_and_outputs_stay_in_onnx_runtime_and_tract() {
                 ));
             }
             // The heads' split and merge move inside the fused operator (`attention-flat-heads`),
-            // except where Gemma-3 normalizes each head after moving it and where the legacy
-            // export's repeated cache stays outside the operator.
+            // except where Gemma-3 normalizes each head after moving it.
             let flat = model
                 .graph
                 .nodes()
                 .filter(|(_, n)| n.op_type() == "Attention")
                 .filter(|(_, n)| onnxopt::ir::attr::get_int(&n.proto, "q_num_heads").is_some())
                 .count();
-            let flat_expected = match name.starts_with("gemma3") || name == "llama3.past.legacy17" {
+            let flat_expected = match name.starts_with("gemma3") {
                 true => 0,
                 false => ATTENTIONS,
             };

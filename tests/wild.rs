@@ -451,3 +451,70 @@ fn every_attention_of_the_wild_encoders_and_translation_decoders_is_fused() {
     }
     assert!(failures.is_empty(), "{failures:#?}");
 }
+
+/// Decoders with grouped (or multi-query) key/value heads and a cache, from every exporter
+/// that writes them (Optimum's legacy exports, whose cache declares one new token's length and
+/// whose repeat of the heads is shaped by the mask; the legacy and dynamo exporters): both
+/// targets hand the cache to the fused `Attention` (its past inputs), with no repeat of its
+/// heads left outside, and the heads' split and merge inside it (`q_num_heads`). The main test
+/// above runs the outputs in ONNX Runtime.
+#[test]
+fn the_cache_of_every_wild_grouped_decoder_is_the_fused_operators() {
+    const DECODERS: &[&str] = &[
+        "optimum-llama.",
+        "optimum-mistral.",
+        "optimum-qwen2.",
+        "optimum-gemma.",
+        "optimum-phi3.",
+        "llama-past.ts14.t21",
+        "llama-past.ts17.t27",
+        "mistral-past.",
+        "qwen2-past.",
+        "qwen3-past.",
+        "starcoder2-past.",
+        "falcon-mq-past.",
+    ];
+    let files: Vec<String> = manifest().into_iter().map(|e| e.file).collect();
+    let mut failures = Vec::new();
+    for prefix in DECODERS {
+        let Some(file) = files.iter().find(|f| f.starts_with(prefix)) else {
+            failures.push(format!("no {prefix}* model in the manifest"));
+            continue;
+        };
+        for target in [Target::Ort, Target::Onnx] {
+            let model = common::optimized(&path_of(file), target);
+            let attentions: Vec<_> = model
+                .graph
+                .nodes()
+                .filter(|(_, n)| n.op_type() == "Attention" && n.domain().is_empty())
+                .map(|(_, n)| n)
+                .collect();
+            let cached = attentions.iter().filter(|n| n.input(4).is_some()).count();
+            let flat = attentions
+                .iter()
+                .filter(|n| onnxopt::ir::attr::get_int(&n.proto, "q_num_heads").is_some())
+                .count();
+            let expands = model
+                .graph
+                .nodes()
+                .filter(|(_, n)| n.op_type() == "Expand")
+                .filter(|(_, n)| {
+                    n.input(0).is_some_and(|x| {
+                        model
+                            .graph
+                            .value_type(x)
+                            .and_then(|t| t.shape)
+                            .is_some_and(|s| s.len() == 5)
+                    })
+                })
+                .count();
+            if (attentions.len(), cached, flat, expands) != (2, 2, 2, 0) {
+                failures.push(format!(
+                    "{file} {target:?}: {} Attention, {cached} with the cache, {flat} on rows, {expands} head repeats left",
+                    attentions.len()
+                ));
+            }
+        }
+    }
+    assert!(failures.is_empty(), "{failures:#?}");
+}

@@ -363,6 +363,17 @@ impl Dim {
         }
     }
 
+    /// True when `self` is `of`, or `of` broadcast with other dims (`Broadcast(of, …)`, or
+    /// one of its operands when `of` is such a symbol): what an Expand of an axis of size
+    /// `of` to a size computed elsewhere (a mask's length) is typed.
+    pub fn is_broadcast_of(&self, of: &Dim) -> bool {
+        self.same(of)
+            || (self.call_operands("Broadcast").is_some() && {
+                let (mine, theirs) = (self.broadcast_operands(), of.broadcast_operands());
+                theirs.is_subset(&mine) || mine.is_subset(&theirs)
+            })
+    }
+
     /// True when a valid model that broadcasts `self` with `of` has them equal: they are the
     /// same, or `self` is `Min(of, k)` for a known `k ≥ 2` (the minimum is `of`, or it is
     /// `k < of`, neither 1 nor `of`, which broadcasting refuses). A bound of 1 is always 1.
@@ -768,6 +779,22 @@ mod tests {
             s.minimum(&Dim::known(128))
         );
         assert_eq!(s.minimum(&Dim::Unknown), Dim::Unknown);
+    }
+
+    #[test]
+    fn a_length_broadcast_with_another_is_a_broadcast_of_either() {
+        let cache = Dim::symbol("past").add(&Dim::symbol("sequence"));
+        let mask = Dim::parse("past + 1");
+        let expanded = cache.broadcast(&mask);
+        assert!(expanded.is_broadcast_of(&cache));
+        assert!(expanded.is_broadcast_of(&mask));
+        assert!(cache.is_broadcast_of(&cache));
+        assert!(
+            !cache.is_broadcast_of(&mask),
+            "two lengths, neither broadcast"
+        );
+        assert!(!expanded.is_broadcast_of(&Dim::symbol("batch")));
+        assert!(!Dim::Unknown.is_broadcast_of(&Dim::Unknown));
     }
 
     #[test]

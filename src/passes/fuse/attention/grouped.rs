@@ -213,8 +213,19 @@ fn check_kv(
         };
     };
     // Unsqueeze at axis 2, Expand along that axis only, Reshape merging axes 1 and 2 only.
+    // The cache is `length` long, whatever the file declares for it as a graph output
+    // (Optimum declares `past_sequence_length + 1`, a one-token step's). The Expand may
+    // broadcast the length with one computed elsewhere (the mask's: Optimum and the legacy
+    // exporter build the repeat's shape from it), and the Reshape take that one: a run of
+    // the original then has them equal, or a cache of one position repeated to the mask's
+    // length, whose mask the fused operator refuses at run time (`fitted_bias` expands it
+    // to the cache's length), so the fused form gives the original's answer or an error.
+    let mut c = dims(g, cached)?;
+    if let Some(t) = c.get_mut(2) {
+        *t = length.clone();
+    }
     let (c, u, e, r) = (
-        dims(g, cached)?,
+        c,
         dims(g, m.get(unsqueezed)?)?,
         dims(g, m.get(expanded)?)?,
         dims(g, repeat)?,
@@ -236,10 +247,10 @@ fn check_kv(
         ) => {
             let unsqueezed_at_2 =
                 ub.same(cb) && un.same(cn) && one.value() == Some(1) && ut.same(ct) && uh.same(ch);
-            let expanded_at_2 = eb.same(cb) && en.same(cn) && et.same(ct) && eh.same(ch);
+            let expanded_at_2 = eb.same(cb) && en.same(cn) && et.is_broadcast_of(ct) && eh.same(ch);
             let merged = rb.same(cb)
                 && rn.value() == Some(n * t)
-                && rt.same(ct)
+                && (rt.same(ct) || et.is_broadcast_of(rt))
                 && rh.same(ch)
                 && n * t == q_heads;
             unsqueezed_at_2 && expanded_at_2 && merged
