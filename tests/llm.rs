@@ -85,20 +85,16 @@ fn every_rope_is_fused_and_outputs_stay_in_onnx_runtime_and_tract() {
                 ));
             }
             // The heads' split and merge move inside the fused operator (`attention-flat-heads`),
-            // except where Gemma-3 normalizes each head after moving it.
+            // Gemma-3's norm of each head with them.
             let flat = model
                 .graph
                 .nodes()
                 .filter(|(_, n)| n.op_type() == "Attention")
                 .filter(|(_, n)| onnxopt::ir::attr::get_int(&n.proto, "q_num_heads").is_some())
                 .count();
-            let flat_expected = match name.starts_with("gemma3") {
-                true => 0,
-                false => ATTENTIONS,
-            };
-            if flat != flat_expected {
+            if flat != ATTENTIONS {
                 failures.push(format!(
-                    "{name} {target:?}: {flat} Attention on [batch, sequence, heads·size] rows (want {flat_expected})"
+                    "{name} {target:?}: {flat} Attention on [batch, sequence, heads·size] rows (want {ATTENTIONS})"
                 ));
             }
             // An opset-23 export's boolean mask reaches the fused operator as a boolean: as a

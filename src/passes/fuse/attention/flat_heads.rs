@@ -2,8 +2,9 @@
 //! grouped rule fuses decoder LLMs (and torch's opset-23 export writes SDPA):
 //!
 //! ```text
-//! Qh = RotaryEmbedding(Transpose[0,2,1,3](q4)) | Transpose[0,2,1,3](q4)   q4 [B, S, Nq, H]
-//! Kh, Vh likewise (Vh never rotated)                                       [B, S, Nkv, H]
+//! Qh = RotaryEmbedding(Q4) | Q4,   Q4 = Transpose[0,2,1,3](q4)            q4 [B, S, Nq, H]
+//!                                 | RMSNormalization(Transpose[0,2,1,3](q4), w)  (Gemma-3)
+//! Kh, Vh likewise (Vh never normalized or rotated)                         [B, S, Nkv, H]
 //! y  = Reshape(Transpose[0,2,1,3](Attention(Qh, Kh, Vh, mask?, past_k?, past_v?)
 //!                                 (then Where(IsNaN(·), 0, ·))), [B, S, Nq·Hv])
 //! ```
@@ -11,8 +12,8 @@
 //! Produces the operator's 3-D form, with the heads moved inside it: `q_num_heads`/
 //! `kv_num_heads` on `[B, S, N·H]` inputs and output (`q4` flattened: its producer's input
 //! when that is a Reshape splitting only the last dim of a `[B, S, N·H]` value, else
-//! `Reshape(q4, [0, 0, N·H])`, which moves no data), and RotaryEmbedding with `num_heads` on
-//! the same `[B, S, N·H]` rows. The cache inputs and the presents keep their 4-D layout.
+//! `Reshape(q4, [0, 0, N·H])`, which moves no data; a head's norm is applied to `q4` before
+//! that Reshape), and RotaryEmbedding with `num_heads` on the same `[B, S, N·H]` rows. The cache inputs and the presents keep their 4-D layout.
 //! SmolLM2-135M loses 240 of its 831 nodes (four head moves and four Reshapes per layer):
 //! in ONNX Runtime 1.32 its 512-token prefill takes 2–3% less time; a decoding step, whose
 //! moves are of one token, the same within noise.
@@ -20,7 +21,8 @@
 //! Safe because: the standard defines the 3-D form as the 4-D one on `Reshape(x, [B, S, N,
 //! H])` moved heads first, and the output as the 4-D output moved back and merged, exactly
 //! the nodes removed; both RotaryEmbedding operators define the 3-D input the same way; the
-//! NaN clean-up is elementwise, so it reads the merged output the same. Dims are checked
+//! NaN clean-up is elementwise, so it reads the merged output the same; a norm over the
+//! last axis (the head size) normalizes the same rows before the move as after it. Dims are checked
 //! from types (each split keeps B and S and has known N and H; the merge gives `[B, S,
 //! Nq·Hv]`). A soft-capped Attention keeps 4-D heads: tract's lowering of `softcap`
 //! (`ops::attention::lower_softcap`) takes those. ONNX Runtime 1.23.2, 1.24.4, 1.25.1 and
@@ -37,11 +39,16 @@ fn moved(split_name: Name) -> Pat {
     transpose(value(split_name), |a| perm_is(a, &[0, 2, 1, 3]))
 }
 
-/// Moved heads, rotated by either RotaryEmbedding (its node bound to `rotary`; the standard
-/// one's position ids are optional) or not.
-fn maybe_rotated(split_name: Name, rotary: Name) -> Pat {
+/// Moved heads, each head normalized (Gemma-3's q/k norms: RMSNormalization over the head
+/// size, its node bound to `norm`) or not, then rotated by either RotaryEmbedding (its node
+/// bound to `rotary`; the standard one's position ids are optional) or not.
+fn maybe_rotated(split_name: Name, norm: Name, rotary: Name) -> Pat {
+    let normed = op("RMSNormalization", [moved(split_name), any()])
+        .attr("axis", |a| a.is_none_or(|a| a.i() == -1 || a.i() == 3))
+        .node(norm);
+    let heads = either([normed, moved(split_name)]);
     let rotated = |domain: &'static str, inputs: usize| {
-        let mut pats = vec![moved(split_name)];
+        let mut pats = vec![heads.clone()];
         pats.extend((1..inputs).map(|_| any()));
         op("RotaryEmbedding", pats).domain(domain).node(rotary)
     };
@@ -49,14 +56,14 @@ fn maybe_rotated(split_name: Name, rotary: Name) -> Pat {
         rotated(MS_DOMAIN, 4),
         rotated("", 4),
         rotated("", 3),
-        moved(split_name),
+        heads.clone(),
     ])
 }
 
 /// The standard `Attention` on 4-D heads (no head counts), with 3 to 6 inputs.
 fn attention_on_heads() -> Pat {
-    let q = maybe_rotated("q_split", "q_rotary");
-    let k = maybe_rotated("k_split", "k_rotary");
+    let q = maybe_rotated("q_split", "q_norm", "q_rotary");
+    let k = maybe_rotated("k_split", "k_norm", "k_rotary");
     let v = moved("v_split");
     let optional = || either([any(), absent()]);
     let arities = (3..=6).map(|n| {
@@ -119,6 +126,27 @@ fn flattened(rw: &mut Rewrite, split: ValueId, (n, h): (i64, i64)) -> Checked<PV
             Ok(rw.op("Reshape", "", &[split.into(), rows], vec![]))
         }
     }
+}
+
+/// RMSNormalization `norm` of each head, applied to the `[B, S, N, H]` split before its
+/// move (the same rows of H normalized), merged into `[B, S, N·H]` rows.
+fn normed_rows(
+    rw: &mut Rewrite,
+    norm: NodeId,
+    split: ValueId,
+    (n, h): (i64, i64),
+) -> Checked<PValue> {
+    let node = rw.graph.node(norm);
+    let scale = node.input(1).ok_or(Declined::Missing("norm scale"))?;
+    let attributes = node.proto.attribute.clone();
+    let normed = rw.op(
+        "RMSNormalization",
+        "",
+        &[split.into(), scale.into()],
+        attributes,
+    );
+    let rows = rw.ints("rows", &[0, 0, n * h])?;
+    Ok(rw.op("Reshape", "", &[normed, rows], vec![]))
 }
 
 /// RotaryEmbedding `rotary`, rebuilt on `[B, S, N·H]` rows with `num_heads`. It may set
@@ -190,12 +218,16 @@ pub(super) fn build_moved_heads(m: &Match, rw: &mut Rewrite) -> Built {
         )));
     }
     let mut rows = Vec::with_capacity(3);
-    for (split, rotary, heads, size) in [
-        ("q_split", "q_rotary", q_heads, head),
-        ("k_split", "k_rotary", kv_heads, head),
-        ("v_split", "", kv_heads, v_head),
+    for (split, norm, rotary, heads, size) in [
+        ("q_split", "q_norm", "q_rotary", q_heads, head),
+        ("k_split", "k_norm", "k_rotary", kv_heads, head),
+        ("v_split", "", "", kv_heads, v_head),
     ] {
-        let flat = flattened(rw, m.get(split)?, (heads, size))?;
+        let split = m.get(split)?;
+        let flat = match m.node(norm) {
+            Some(norm) => normed_rows(rw, norm, split, (heads, size))?,
+            None => flattened(rw, split, (heads, size))?,
+        };
         rows.push(match m.node(rotary) {
             Some(rotary) => rotated_rows(rw, rotary, flat, heads)?,
             None => flat,
