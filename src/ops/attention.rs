@@ -17,8 +17,13 @@
 //!
 //! The standard `Attention`'s `softcap` (Gemma-2's `tanh(S / cap) · cap`) comes before the
 //! mask in the standard, in its reference and in ONNX Runtime 1.32's CPU kernel (measured
-//! against numpy with a causal and a padding mask of float32's lowest: 4.8e-7); tract 0.23
-//! refuses it, so `lower_softcap` writes it out for tract.
+//! against numpy with a causal and a padding mask of float32's lowest: 4.8e-7), and from
+//! ONNX Runtime 1.27 on; 1.23 to 1.26 add the mask first, so a masked score is capped to
+//! `-cap` instead of staying masked, and keeps a weight `e^(-cap - s)` of a kept score `s`'s:
+//! at Gemma-2's cap of 50, nothing float32 shows (the tiny wild Gemma-2 with its cap set to
+//! 50: 5.4e-7 from the original in 1.25.1 and 1.26.0, padded batches included); at the tiny
+//! model's own cap of 0.05, logits 0.9 off. tract 0.23 refuses it, so `lower_softcap` writes
+//! it out for tract.
 //!
 //! So a fusion hands these operators a bias whose last two dims are `q_len` and `total`:
 //! as proven from the inferred shapes, or by expanding a bias that broadcasts there (the
