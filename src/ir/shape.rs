@@ -363,15 +363,15 @@ impl Dim {
         }
     }
 
-    /// True when `self` is `of`, or `of` broadcast with other dims (`Broadcast(of, …)`, or
-    /// one of its operands when `of` is such a symbol): what an Expand of an axis of size
-    /// `of` to a size computed elsewhere (a mask's length) is typed.
+    /// True when `self` is `of`, or `of` broadcast with other dims (`Broadcast(of, …)`; `of`'s
+    /// own operands when it is such a symbol): what an Expand of an axis of size `of` to a
+    /// size computed elsewhere (a mask's length) is typed.
     pub fn is_broadcast_of(&self, of: &Dim) -> bool {
         self.same(of)
-            || (self.call_operands("Broadcast").is_some() && {
-                let (mine, theirs) = (self.broadcast_operands(), of.broadcast_operands());
-                theirs.is_subset(&mine) || mine.is_subset(&theirs)
-            })
+            || (self.call_operands("Broadcast").is_some()
+                && of
+                    .broadcast_operands()
+                    .is_subset(&self.broadcast_operands()))
     }
 
     /// True when a valid model that broadcasts `self` with `of` has them equal: they are the
