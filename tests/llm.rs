@@ -86,12 +86,7 @@ fn every_rope_is_fused_and_outputs_stay_in_onnx_runtime_and_tract() {
             }
             // The heads' split and merge move inside the fused operator (`attention-flat-heads`),
             // Gemma-3's norm of each head with them.
-            let flat = model
-                .graph
-                .nodes()
-                .filter(|(_, n)| n.op_type() == "Attention")
-                .filter(|(_, n)| onnxopt::ir::attr::get_int(&n.proto, "q_num_heads").is_some())
-                .count();
+            let flat = common::flat_attentions(&model);
             if flat != ATTENTIONS {
                 failures.push(format!(
                     "{name} {target:?}: {flat} Attention on [batch, sequence, heads·size] rows (want {ATTENTIONS})"

@@ -217,35 +217,50 @@ fn every_rope_and_attention_of_the_wild_rotary_encoders_is_fused() {
 /// For each model (by file prefix) and its RoPE count, what each target's output leaves
 /// unfused: RoPEs, the 2 attention blocks, Softmax (Mixtral's routers aside).
 fn rope_and_attention_left(models: &[(&str, usize)]) -> Vec<String> {
+    let want: std::collections::HashMap<&str, usize> = models.iter().copied().collect();
+    let prefixes: Vec<&str> = models.iter().map(|&(prefix, _)| prefix).collect();
+    each_optimized(&prefixes, |prefix, model| {
+        let want_ropes = want[prefix];
+        let count = |op: &str| {
+            model
+                .graph
+                .nodes()
+                .filter(|(_, n)| n.op_type() == op)
+                .count()
+        };
+        let ropes = count("RotaryEmbedding");
+        let attention = model
+            .graph
+            .nodes()
+            .filter(|(_, n)| n.op_type().ends_with("Attention"))
+            .count();
+        let softmax = count("Softmax");
+        // A mixture of experts routes each token through a Softmax of its own.
+        let routers = if prefix.starts_with("mixtral") { 2 } else { 0 };
+        ((ropes, attention, softmax) != (want_ropes, 2, routers)).then(|| {
+            format!("RotaryEmbedding {ropes} (want {want_ropes}), Attention {attention}, Softmax {softmax}")
+        })
+    })
+}
+
+/// Each manifest model whose file starts with one of `prefixes`, optimized for both targets
+/// and handed to `check` (with its prefix); the failures it names, one line each with the
+/// file and target, and a line for each prefix no model has.
+fn each_optimized(
+    prefixes: &[&str],
+    check: impl Fn(&str, &onnxopt::ir::Model) -> Option<String>,
+) -> Vec<String> {
     let files: Vec<String> = manifest().into_iter().map(|e| e.file).collect();
     let mut failures = Vec::new();
-    for &(prefix, want_ropes) in models {
+    for &prefix in prefixes {
         let Some(file) = files.iter().find(|f| f.starts_with(prefix)) else {
             failures.push(format!("no {prefix}* model in the manifest"));
             continue;
         };
         for target in [Target::Ort, Target::Onnx] {
             let model = common::optimized(&path_of(file), target);
-            let count = |op: &str| {
-                model
-                    .graph
-                    .nodes()
-                    .filter(|(_, n)| n.op_type() == op)
-                    .count()
-            };
-            let ropes = count("RotaryEmbedding");
-            let attention = model
-                .graph
-                .nodes()
-                .filter(|(_, n)| n.op_type().ends_with("Attention"))
-                .count();
-            let softmax = count("Softmax");
-            // A mixture of experts routes each token through a Softmax of its own.
-            let routers = if prefix.starts_with("mixtral") { 2 } else { 0 };
-            if (ropes, attention, softmax) != (want_ropes, 2, routers) {
-                failures.push(format!(
-                    "{file} {target:?}: RotaryEmbedding {ropes} (want {want_ropes}), Attention {attention}, Softmax {softmax}"
-                ));
+            if let Some(failure) = check(prefix, &model) {
+                failures.push(format!("{file} {target:?}: {failure}"));
             }
         }
     }
@@ -474,47 +489,34 @@ fn the_cache_of_every_wild_grouped_decoder_is_the_fused_operators() {
         "starcoder2-past.",
         "falcon-mq-past.",
     ];
-    let files: Vec<String> = manifest().into_iter().map(|e| e.file).collect();
-    let mut failures = Vec::new();
-    for prefix in DECODERS {
-        let Some(file) = files.iter().find(|f| f.starts_with(prefix)) else {
-            failures.push(format!("no {prefix}* model in the manifest"));
-            continue;
+    let failures = each_optimized(DECODERS, |_, model| {
+        let attentions: Vec<_> = model
+            .graph
+            .nodes()
+            .filter(|(_, n)| n.op_type() == "Attention" && n.domain().is_empty())
+            .map(|(_, n)| n)
+            .collect();
+        let cached = attentions.iter().filter(|n| n.input(4).is_some()).count();
+        let flat = common::flat_attentions(model);
+        // The repeat of the heads expands a `[B, N, 1, T, H]` value.
+        let five_d = |v| {
+            model
+                .graph
+                .value_type(v)
+                .and_then(|t| t.shape)
+                .is_some_and(|s| s.len() == 5)
         };
-        for target in [Target::Ort, Target::Onnx] {
-            let model = common::optimized(&path_of(file), target);
-            let attentions: Vec<_> = model
-                .graph
-                .nodes()
-                .filter(|(_, n)| n.op_type() == "Attention" && n.domain().is_empty())
-                .map(|(_, n)| n)
-                .collect();
-            let cached = attentions.iter().filter(|n| n.input(4).is_some()).count();
-            let flat = attentions
-                .iter()
-                .filter(|n| onnxopt::ir::attr::get_int(&n.proto, "q_num_heads").is_some())
-                .count();
-            let expands = model
-                .graph
-                .nodes()
-                .filter(|(_, n)| n.op_type() == "Expand")
-                .filter(|(_, n)| {
-                    n.input(0).is_some_and(|x| {
-                        model
-                            .graph
-                            .value_type(x)
-                            .and_then(|t| t.shape)
-                            .is_some_and(|s| s.len() == 5)
-                    })
-                })
-                .count();
-            if (attentions.len(), cached, flat, expands) != (2, 2, 2, 0) {
-                failures.push(format!(
-                    "{file} {target:?}: {} Attention, {cached} with the cache, {flat} on rows, {expands} head repeats left",
-                    attentions.len()
-                ));
-            }
-        }
-    }
+        let expands = model
+            .graph
+            .nodes()
+            .filter(|(_, n)| n.op_type() == "Expand" && n.input(0).is_some_and(five_d))
+            .count();
+        ((attentions.len(), cached, flat, expands) != (2, 2, 2, 0)).then(|| {
+            format!(
+                "{} Attention, {cached} with the cache, {flat} on rows, {expands} head repeats left",
+                attentions.len()
+            )
+        })
+    });
     assert!(failures.is_empty(), "{failures:#?}");
 }

@@ -164,6 +164,17 @@ impl OrtChecks {
     }
 }
 
+/// The standard `Attention` nodes of `model` in their 3-D form (`q_num_heads` set: the heads'
+/// split and merge inside the operator, `passes::fuse::attention::flat_heads`).
+pub fn flat_attentions(model: &onnxopt::ir::Model) -> usize {
+    model
+        .graph
+        .nodes()
+        .filter(|(_, n)| n.op_type() == "Attention" && n.domain().is_empty())
+        .filter(|(_, n)| onnxopt::ir::attr::get_int(&n.proto, "q_num_heads").is_some())
+        .count()
+}
+
 /// The model at `path` after the optimize pipeline for `target`.
 pub fn optimized(path: &Path, target: onnxopt::passes::fuse::Target) -> onnxopt::ir::Model {
     optimized_with(path, target, Vec::new())

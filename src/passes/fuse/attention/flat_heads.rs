@@ -110,7 +110,7 @@ fn split_dims(g: &Graph, split: ValueId) -> Checked<(Dim, Dim, i64, i64)> {
 }
 
 /// `split` as `[B, S, N·H]` rows: the value a Reshape split (when it split only the last
-/// dim), else the split merged back by a Reshape (no data moves).
+/// dim), else the split merged back (`merged_rows`).
 fn flattened(rw: &mut Rewrite, split: ValueId, (n, h): (i64, i64)) -> Checked<PValue> {
     let g = rw.graph;
     let reshaped_from = g
@@ -121,32 +121,28 @@ fn flattened(rw: &mut Rewrite, split: ValueId, (n, h): (i64, i64)) -> Checked<PV
         .filter(|&src| split_heads(g, src, split).is_ok());
     match reshaped_from {
         Some(src) => Ok(src.into()),
-        None => {
-            let rows = rw.ints("rows", &[0, 0, n * h])?;
-            Ok(rw.op("Reshape", "", &[split.into(), rows], vec![]))
-        }
+        None => merged_rows(rw, split.into(), n * h),
     }
 }
 
 /// RMSNormalization `norm` of each head, applied to the `[B, S, N, H]` split before its
-/// move (the same rows of H normalized), merged into `[B, S, N·H]` rows.
-fn normed_rows(
-    rw: &mut Rewrite,
-    norm: NodeId,
-    split: ValueId,
-    (n, h): (i64, i64),
-) -> Checked<PValue> {
+/// move (the same rows of H normalized): the normalized heads, still split.
+fn normed(rw: &mut Rewrite, norm: NodeId, split: ValueId) -> Checked<PValue> {
     let node = rw.graph.node(norm);
     let scale = node.input(1).ok_or(Declined::Missing("norm scale"))?;
     let attributes = node.proto.attribute.clone();
-    let normed = rw.op(
+    Ok(rw.op(
         "RMSNormalization",
         "",
         &[split.into(), scale.into()],
         attributes,
-    );
-    let rows = rw.ints("rows", &[0, 0, n * h])?;
-    Ok(rw.op("Reshape", "", &[normed, rows], vec![]))
+    ))
+}
+
+/// `[B, S, N, H]` heads merged into `[B, S, width]` rows by a Reshape (no data moves).
+fn merged_rows(rw: &mut Rewrite, heads: PValue, width: i64) -> Checked<PValue> {
+    let rows = rw.ints("rows", &[0, 0, width])?;
+    Ok(rw.op("Reshape", "", &[heads, rows], vec![]))
 }
 
 /// RotaryEmbedding `rotary`, rebuilt on `[B, S, N·H]` rows with `num_heads`. It may set
@@ -225,7 +221,10 @@ pub(super) fn build_moved_heads(m: &Match, rw: &mut Rewrite) -> Built {
     ] {
         let split = m.get(split)?;
         let flat = match m.node(norm) {
-            Some(norm) => normed_rows(rw, norm, split, (heads, size))?,
+            Some(norm) => {
+                let heads_normed = normed(rw, norm, split)?;
+                merged_rows(rw, heads_normed, heads * size)?
+            }
             None => flattened(rw, split, (heads, size))?,
         };
         rows.push(match m.node(rotary) {
