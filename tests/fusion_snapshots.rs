@@ -270,7 +270,9 @@ fn attention_grouped_query_llama_dynamo() {
 /// 20): the grouped rule's `Attention` on 4-D heads, then the heads' split and merge moved
 /// inside it (`attention-flat-heads`): `q_num_heads`/`kv_num_heads` on the projections'
 /// `[batch, sequence, N·16]` rows, RotaryEmbedding with `num_heads` on the same rows, the
-/// past and presents still `[batch, 2, ·, 16]`.
+/// past and presents still `[batch, 2, ·, 16]`; then, for ONNX Runtime, the scale on the
+/// query (`attention-unit-scale`: `Mul` by 0.25, `scale=1.0`) and the three projections one
+/// product split three ways (`attention-packed-projections`).
 #[test]
 fn attention_grouped_query_with_cache_flat_heads() {
     let llm = common::testdata("llm");

@@ -92,6 +92,30 @@ fn every_rope_is_fused_and_outputs_stay_in_onnx_runtime_and_tract() {
                     "{name} {target:?}: {flat} Attention on [batch, sequence, heads·size] rows (want {ATTENTIONS})"
                 ));
             }
+            // For ONNX Runtime the scale is on the query (its kernel decodes faster at scale 1)
+            // and the value is a third of one product (Phi-3's own packed projection is
+            // sliced; the others' are split by `attention-packed-projections`).
+            if target == Target::Ort {
+                let g = &model.graph;
+                let made_by = |v: Option<onnxopt::ir::ValueId>| {
+                    v.and_then(|v| g.producer(v))
+                        .map_or("", |p| g.node(p).op_type())
+                };
+                let unfit = g
+                    .nodes()
+                    .filter(|(_, n)| n.op_type() == "Attention")
+                    .filter(|(_, n)| {
+                        onnxopt::ir::attr::get_float(&n.proto, "scale") != Some(1.0)
+                            || made_by(n.input(0)) != "Mul"
+                            || !matches!(made_by(n.input(2)), "Split" | "Slice")
+                    })
+                    .count();
+                if unfit != 0 {
+                    failures.push(format!(
+                        "{name} {target:?}: {unfit} Attention with a scale or three projections"
+                    ));
+                }
+            }
             // An opset-23 export's boolean mask reaches the fused operator as a boolean: as a
             // -inf float mask, left padding gives NaN in ONNX Runtime 1.24 and 1.25.
             if exported_at_23 {

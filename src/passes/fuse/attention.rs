@@ -22,7 +22,11 @@
 //! attention of decoder LLMs on rotated heads and a cache (`attention-grouped`, `grouped.rs`),
 //! and multi-query attention with the query heads folded into the rows (`attention-query-rows`,
 //! GPT-BigCode, `query_rows.rs`); the standard `Attention` these leave on 4-D heads then takes
-//! the heads' split and merge inside (`attention-flat-heads`, `flat_heads.rs`).
+//! the heads' split and merge inside (`attention-flat-heads`, `flat_heads.rs`). For ONNX
+//! Runtime, the standard `Attention` finally takes its scale on the query
+//! (`attention-unit-scale`, `unit_scale.rs`: its kernel decodes faster at scale 1), and its
+//! query, key and value projections become one product (`attention-packed-projections`,
+//! `packed_projections.rs`).
 //!
 //! The additive bias carries everything masks do (padding as `Where(mask, 0, -inf)`, GPT-2's
 //! causal mask folded into it, T5's relative position bias), so no mask form is special. A
@@ -60,7 +64,9 @@ use crate::proto::AttributeProto;
 
 mod flat_heads;
 mod grouped;
+mod packed_projections;
 mod query_rows;
+mod unit_scale;
 
 const ATTENTION_OPSET: i64 = 23;
 /// The largest fill `is_mask_fill` takes for a masked score: -10000, what BERT-era exports
@@ -115,6 +121,18 @@ impl Fusion for AttentionFusion {
                 kind: "attention-flat-heads",
                 pattern: flat_heads::moved_heads(),
                 build: flat_heads::build_moved_heads,
+            },
+            // Rooted at the Attention itself, upstream of the merges the rules above are
+            // rooted at: consumers first, they take a 4-D Attention before this one sees it.
+            Rule {
+                kind: "attention-unit-scale",
+                pattern: unit_scale::scaled_attention(),
+                build: unit_scale::build_unit_scale,
+            },
+            Rule {
+                kind: "attention-packed-projections",
+                pattern: packed_projections::projection(),
+                build: packed_projections::build_packed,
             },
         ]
     }
