@@ -219,7 +219,7 @@ fn every_rope_and_attention_of_the_wild_rotary_encoders_is_fused() {
 fn rope_and_attention_left(models: &[(&str, usize)]) -> Vec<String> {
     let want: std::collections::HashMap<&str, usize> = models.iter().copied().collect();
     let prefixes: Vec<&str> = models.iter().map(|&(prefix, _)| prefix).collect();
-    each_optimized(&prefixes, |prefix, model| {
+    each_optimized(&prefixes, |prefix, _, model| {
         let want_ropes = want[prefix];
         let count = |op: &str| {
             model
@@ -244,11 +244,11 @@ fn rope_and_attention_left(models: &[(&str, usize)]) -> Vec<String> {
 }
 
 /// Each manifest model whose file starts with one of `prefixes`, optimized for both targets
-/// and handed to `check` (with its prefix); the failures it names, one line each with the
+/// and handed to `check` (with its prefix and the target); the failures it names, one line each with the
 /// file and target, and a line for each prefix no model has.
 fn each_optimized(
     prefixes: &[&str],
-    check: impl Fn(&str, &onnxopt::ir::Model) -> Option<String>,
+    check: impl Fn(&str, Target, &onnxopt::ir::Model) -> Option<String>,
 ) -> Vec<String> {
     let files: Vec<String> = manifest().into_iter().map(|e| e.file).collect();
     let mut failures = Vec::new();
@@ -259,7 +259,7 @@ fn each_optimized(
         };
         for target in [Target::Ort, Target::Onnx] {
             let model = common::optimized(&path_of(file), target);
-            if let Some(failure) = check(prefix, &model) {
+            if let Some(failure) = check(prefix, target, &model) {
                 failures.push(format!("{file} {target:?}: {failure}"));
             }
         }
@@ -489,7 +489,7 @@ fn the_cache_of_every_wild_grouped_decoder_is_the_fused_operators() {
         "starcoder2-past.",
         "falcon-mq-past.",
     ];
-    let failures = each_optimized(DECODERS, |_, model| {
+    let failures = each_optimized(DECODERS, |_, _, model| {
         let attentions: Vec<_> = model
             .graph
             .nodes()
@@ -515,6 +515,50 @@ fn the_cache_of_every_wild_grouped_decoder_is_the_fused_operators() {
             format!(
                 "{} Attention, {cached} with the cache, {flat} on rows, {expands} head repeats left",
                 attentions.len()
+            )
+        })
+    });
+    assert!(failures.is_empty(), "{failures:#?}");
+}
+
+/// For ONNX Runtime, every cached Attention of the wild decoders decodes at scale 1 on a
+/// prescaled query (`attention-unit-scale`), the flat form, Gemma-2's soft-capped one and the
+/// 4-D heads of a partial rotation (StableLM, Phi-2, GPT-NeoX, Phi-3's wild config) alike.
+#[test]
+fn every_cached_wild_attention_decodes_at_scale_one_for_onnx_runtime() {
+    const DECODERS: &[&str] = &[
+        "optimum-llama.",
+        "optimum-phi.",
+        "optimum-gpt-neox.",
+        "llama-past.ts17.t27",
+        "qwen3-past.",
+        "gemma2-past.",
+        "stablelm-past.",
+        "phi3-past.",
+    ];
+    let failures = each_optimized(DECODERS, |_, target, model| {
+        if target != Target::Ort {
+            return None;
+        }
+        let g = &model.graph;
+        let cached: Vec<_> = g
+            .nodes()
+            .filter(|(_, n)| n.op_type() == "Attention" && n.input(4).is_some())
+            .map(|(_, n)| n)
+            .collect();
+        let prescaled = cached
+            .iter()
+            .filter(|n| onnxopt::ir::attr::get_float(&n.proto, "scale") == Some(1.0))
+            .filter(|n| {
+                n.input(0)
+                    .and_then(|q| g.producer(q))
+                    .is_some_and(|p| g.node(p).is("Mul"))
+            })
+            .count();
+        ((cached.len(), prescaled) != (2, 2)).then(|| {
+            format!(
+                "{} cached Attention, {prescaled} at scale 1 on a prescaled query",
+                cached.len()
             )
         })
     });

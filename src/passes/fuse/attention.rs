@@ -122,8 +122,6 @@ impl Fusion for AttentionFusion {
                 pattern: flat_heads::moved_heads(),
                 build: flat_heads::build_moved_heads,
             },
-            // Rooted at the Attention itself, upstream of the merges the rules above are
-            // rooted at: consumers first, they take a 4-D Attention before this one sees it.
             Rule {
                 kind: "attention-unit-scale",
                 pattern: unit_scale::scaled_attention(),

@@ -4,10 +4,13 @@
 //! Attention(Q, K, V, …, scale = s)   →   Attention(Q·s, K, V, …, scale = 1)
 //! ```
 //!
-//! on the forms no other rule rewrites further: the 3-D form (`q_num_heads` set, what
-//! `attention-flat-heads` writes, or an exporter wrote) and a soft-capped one (which keeps
-//! 4-D heads, see `flat_heads.rs`). A 4-D Attention without a cap is left to the rules that
-//! take its heads' split and merge inside (they match the query as a split, not a product).
+//! on an Attention with a KV cache (`past_key`: a graph that decodes one token at a time) in a
+//! form no other rule rewrites: the 3-D form (`q_num_heads` set, what `attention-flat-heads`
+//! writes), a soft-capped one, or 4-D heads whose query is a partial rotation's Concat of its
+//! rotated and passed-through parts (Phi-2, StableLM, GPT-NeoX), which `attention-flat-heads`
+//! does not take; the grouped rules take at most four inputs, so never a cached Attention.
+//! (Not any other 4-D Attention: the flat-heads rule may take it once the fusions after this
+//! one, a head's RMSNorm, have run.)
 //!
 //! Why: ONNX Runtime's CPU kernel computes each query head's scores as a GEMM with
 //! `alpha = scale`, and MLAS runs a one-row product (a decoding step) through its
@@ -17,7 +20,7 @@
 //! against 181 µs, and the whole decoding step 0.7–1.3 ms less in four runs (of 28–29 ms,
 //! `scripts/llm/decode_latency.py`);
 //! the Mul over one token's query costs about half a microsecond. A prompt's many rows run
-//! the packed GEMM either way.
+//! the packed GEMM either way, so an Attention without a cache keeps its scale.
 //!
 //! Safe because the scores are `(Q·Kᵀ)·s = (Q·s)·Kᵀ` up to rounding (exactly for the powers
 //! of two `1/√H` is at head sizes 4ᵏ), the soft cap and the mask apply to those scores as
@@ -45,14 +48,22 @@ pub(super) fn build_unit_scale(m: &Match, rw: &mut Rewrite) -> Built {
     let g = rw.graph;
     let attention = m.node("attention").ok_or(Declined::Missing("attention"))?;
     let node = g.node(attention);
-    let flat = attr::get_int(&node.proto, "q_num_heads").is_some();
-    let capped = attr::get_float(&node.proto, "softcap").is_some_and(|c| c != 0.0);
-    if !flat && !capped {
+    if node.input(4).is_none() {
         return Err(Declined::Mismatch(
-            "4-D heads: the heads' split and merge go inside first".into(),
+            "no KV cache: every run has a prompt's many query rows, which take the packed \
+             GEMM at any scale"
+                .into(),
         ));
     }
     let q = m.get("q")?;
+    let flat = attr::get_int(&node.proto, "q_num_heads").is_some();
+    let capped = attr::get_float(&node.proto, "softcap").is_some_and(|c| c != 0.0);
+    let partly_rotated = g.producer(q).is_some_and(|p| g.node(p).is("Concat"));
+    if !(flat || capped || partly_rotated) {
+        return Err(Declined::Mismatch(
+            "4-D heads: the flat-heads rule may yet move them inside".into(),
+        ));
+    }
     let scale = match attr::get_float(&node.proto, "scale") {
         Some(s) => s,
         None => default_scale(g, q, attr::get_int(&node.proto, "q_num_heads"))?,
