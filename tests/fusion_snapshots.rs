@@ -193,6 +193,9 @@ fn attention_bert_sdpa_legacy_standard_op() {
     insta::assert_snapshot!(diff);
 }
 
+/// GPT-2 with its cache, for ONNX Runtime: MultiHeadAttention with past and present, its
+/// scale on the query (`attention-unit-scale`: a decoding step's scores take MLAS' one-row
+/// path only at scale 1).
 #[test]
 fn attention_gpt2_with_past_for_onnx_runtime() {
     let diff = fused_diff(

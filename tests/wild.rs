@@ -521,9 +521,10 @@ fn the_cache_of_every_wild_grouped_decoder_is_the_fused_operators() {
     assert!(failures.is_empty(), "{failures:#?}");
 }
 
-/// For ONNX Runtime, every cached Attention of the wild decoders decodes at scale 1 on a
-/// prescaled query (`attention-unit-scale`), the flat form, Gemma-2's soft-capped one and the
-/// 4-D heads of a partial rotation (StableLM, Phi-2, GPT-NeoX, Phi-3's wild config) alike.
+/// For ONNX Runtime, every cached attention of the wild decoders decodes at scale 1 on a
+/// prescaled query (`attention-unit-scale`): the standard Attention's flat form, Gemma-2's
+/// soft-capped one and the 4-D heads of a partial rotation (StableLM, Phi-2, GPT-NeoX, Phi-3's
+/// wild config), and MultiHeadAttention with a past (GPT-2, BART's and Whisper's decoders).
 #[test]
 fn every_cached_wild_attention_decodes_at_scale_one_for_onnx_runtime() {
     const DECODERS: &[&str] = &[
@@ -535,6 +536,9 @@ fn every_cached_wild_attention_decodes_at_scale_one_for_onnx_runtime() {
         "gemma2-past.",
         "stablelm-past.",
         "phi3-past.",
+        "gpt2-past.dynamo18",
+        "bart-dec-past.dynamo20",
+        "whisper-dec-past.dynamo23",
     ];
     let failures = each_optimized(DECODERS, |_, target, model| {
         if target != Target::Ort {
@@ -543,7 +547,11 @@ fn every_cached_wild_attention_decodes_at_scale_one_for_onnx_runtime() {
         let g = &model.graph;
         let cached: Vec<_> = g
             .nodes()
-            .filter(|(_, n)| n.op_type() == "Attention" && n.input(4).is_some())
+            .filter(|(_, n)| match n.op_type() {
+                "Attention" => n.input(4).is_some(),
+                "MultiHeadAttention" => n.input(6).is_some(),
+                _ => false,
+            })
             .map(|(_, n)| n)
             .collect();
         let prescaled = cached
@@ -557,7 +565,7 @@ fn every_cached_wild_attention_decodes_at_scale_one_for_onnx_runtime() {
             .count();
         ((cached.len(), prescaled) != (2, 2)).then(|| {
             format!(
-                "{} cached Attention, {prescaled} at scale 1 on a prescaled query",
+                "{} cached attention, {prescaled} at scale 1 on a prescaled query",
                 cached.len()
             )
         })
