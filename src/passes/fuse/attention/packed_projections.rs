@@ -38,14 +38,18 @@ pub(super) fn projection() -> Pat {
 /// The most nodes between a projection and the Attention reading it.
 const PATH_AT_MOST: usize = 8;
 
+/// Whether the other operand of binary `node`, read at `slot`, is a constant.
+fn other_is_constant(g: &Graph, node: &Node, slot: usize) -> bool {
+    node.input(1 - slot.min(1))
+        .is_some_and(|other| g.constant(other).is_some())
+}
+
 /// Whether `node` passes its input `slot` on to the Attention as the decoder fusions leave
 /// it: rotated, normalized per head, reshaped, or scaled by a constant.
 fn carries(g: &Graph, node: &Node, slot: usize) -> bool {
     match node.op_type() {
         "RotaryEmbedding" | "RMSNormalization" | "Reshape" => slot == 0,
-        "Mul" => node
-            .input(1 - slot.min(1))
-            .is_some_and(|other| g.constant(other).is_some()),
+        "Mul" => other_is_constant(g, node, slot),
         _ => false,
     }
 }
@@ -62,10 +66,7 @@ fn attention_fed_by(g: &Graph, mut v: ValueId) -> Option<NodeId> {
             let flat = attr::get_int(&node.proto, "q_num_heads").is_some();
             return (flat && slot < 3).then_some(reader);
         }
-        let bias_add = node.is("Add")
-            && node
-                .input(1 - slot.min(1))
-                .is_some_and(|other| g.constant(other).is_some());
+        let bias_add = node.is("Add") && other_is_constant(g, node, slot);
         if !(bias_add || carries(g, node, slot)) {
             return None;
         }
@@ -92,6 +93,17 @@ fn projection_behind(g: &Graph, mut v: ValueId) -> Option<ValueId> {
     None
 }
 
+/// One of the Attention's three projections, `input · weight (+ bias)`.
+struct Projection {
+    /// What the Attention's input is computed from: the product, or its bias Add.
+    value: ValueId,
+    input: ValueId,
+    weight: Tensor,
+    bias: Option<Tensor>,
+    /// The MatMul, and the bias Add if any.
+    nodes: Vec<NodeId>,
+}
+
 pub(super) fn build_packed(m: &Match, rw: &mut Rewrite) -> Built {
     rw.require_ort()?;
     let g = rw.graph;
@@ -113,32 +125,40 @@ pub(super) fn build_packed(m: &Match, rw: &mut Rewrite) -> Built {
                 "Attention input {slot} is not a projection by a constant"
             ))
         })?;
-        let (x, weight, bias, nodes) = linear(g, behind).ok_or(Declined::Missing("projection"))?;
-        parts.push((behind, x, weight, bias, nodes));
+        let (input, weight, bias, nodes) =
+            linear(g, behind).ok_or(Declined::Missing("projection"))?;
+        parts.push(Projection {
+            value: behind,
+            input,
+            weight,
+            bias,
+            nodes,
+        });
     }
-    let x = parts[0].1;
-    let distinct = parts[0].0 != parts[1].0 && parts[1].0 != parts[2].0 && parts[0].0 != parts[2].0;
+    let x = parts[0].input;
+    let [q, k, v] = [parts[0].value, parts[1].value, parts[2].value];
+    let distinct = q != k && k != v && q != v;
     if !distinct {
         return Err(Declined::Mismatch(
             "two of the query, key and value are the same projection".into(),
         ));
     }
-    if parts.iter().any(|p| p.1 != x) {
+    if parts.iter().any(|p| p.input != x) {
         return Err(Declined::Mismatch(
             "the query, key and value are projections of different inputs".into(),
         ));
     }
     let root = m.nodes().first().copied();
-    if !parts.iter().any(|p| p.4.first().copied() == root) {
+    if !parts.iter().any(|p| p.nodes.first().copied() == root) {
         return Err(Declined::Mismatch(
             "the product is not one of the Attention's projections".into(),
         ));
     }
-    let weights: Vec<&Tensor> = parts.iter().map(|p| &p.2).collect();
+    let weights: Vec<&Tensor> = parts.iter().map(|p| &p.weight).collect();
     let packed = concat_columns(&weights).ok_or_else(|| {
         Declined::Mismatch("the weights are not float32 matrices of the same rows".into())
     })?;
-    let bias = match (&parts[0].3, &parts[1].3, &parts[2].3) {
+    let bias = match (&parts[0].bias, &parts[1].bias, &parts[2].bias) {
         (Some(bq), Some(bk), Some(bv)) => Some(
             concat_vectors(&[bq, bk, bv])
                 .ok_or_else(|| Declined::Mismatch("the biases are not float32".into()))?,
@@ -152,7 +172,7 @@ pub(super) fn build_packed(m: &Match, rw: &mut Rewrite) -> Built {
     };
     // Split's widths as an input.
     rw.require_opset(13)?;
-    let widths: Vec<i64> = parts.iter().map(|p| p.2.dims()[1]).collect();
+    let widths: Vec<i64> = parts.iter().map(|p| p.weight.dims()[1]).collect();
     let packed = rw.constant("qkv_weight", packed);
     let mut product = rw.op("MatMul", "", &[x.into(), packed], vec![]);
     if let Some(bias) = bias {
@@ -167,9 +187,9 @@ pub(super) fn build_packed(m: &Match, rw: &mut Rewrite) -> Built {
         &[true; 3],
         vec![attr::int("axis", -1)],
     );
-    for ((behind, _, _, _, nodes), out) in parts.iter().zip(outs) {
-        rw.replace(*behind, out.ok_or(Declined::Missing("split output"))?);
-        for &n in nodes {
+    for (part, out) in parts.iter().zip(outs) {
+        rw.replace(part.value, out.ok_or(Declined::Missing("split output"))?);
+        for &n in &part.nodes {
             if Some(n) != root {
                 rw.absorb(n);
             }

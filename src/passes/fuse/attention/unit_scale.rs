@@ -21,15 +21,14 @@
 //! 12 heads of 64 after 512 tokens). On SmolLM2-135M's layer (9 query, 3 key/value heads of 64,
 //! 512 cached positions, ONNX Runtime 1.32, 2 threads) the node takes 144 µs at scale 1
 //! against 181 µs, and the whole decoding step 0.7–1.3 ms less in four runs (of 28–29 ms,
-//! `scripts/llm/decode_latency.py`);
-//! the Mul over one token's query costs about half a microsecond. A prompt's many rows run
+//! `scripts/llm/decode_latency.py`); the Mul over one token's query costs about half a
+//! microsecond. A prompt's many rows run
 //! the packed GEMM either way, so an Attention without a cache keeps its scale.
 //!
 //! Safe because the scores are `(Q·Kᵀ)·s = (Q·s)·Kᵀ` up to rounding (exactly for the powers
 //! of two `1/√H` is at head sizes 4ᵏ), the soft cap and the mask apply to those scores as
 //! before, and the default scale (`1/√H`: the attribute absent, or MultiHeadAttention's 0) is
-//! written out from the head size
-//! the types give. The Mul takes the query's element type.
+//! written out from the head size the types give. The Mul takes the query's element type.
 
 use super::*;
 use crate::passes::fuse::pattern::absent;
