@@ -288,6 +288,11 @@ impl Pat {
         let Some(v) = v else {
             return match self {
                 Pat::Absent => vec![m],
+                // `either([any(), absent()])`: an optional input given or not.
+                Pat::Either(alts) => alts
+                    .iter()
+                    .flat_map(|a| a.extend(g, None, m.clone(), trace))
+                    .collect(),
                 _ => {
                     trace.miss(&m, || "an optional input is not given".into());
                     Vec::new()
@@ -571,6 +576,26 @@ mod tests {
         assert_eq!(why, "constant w is 1, not 2 (off by -1e0)");
         // Untraced matching records nothing and finds the same.
         assert!(pat.matches(g, y).is_empty());
+    }
+
+    #[test]
+    fn an_alternative_may_be_an_absent_input() {
+        // y = Clip(x, "", hi): its lower bound is not given.
+        let m = model(
+            &["x"],
+            &["y"],
+            &["hi"],
+            &[("Clip", &["x", "", "hi"], &["y"])],
+        );
+        let g = &m.graph;
+        let y = g.find_value("y").unwrap();
+        let optional = || either([any(), absent()]);
+        let clip = |lower: Pat, upper: Pat| op("Clip", [value("x"), lower, upper]);
+        assert_eq!(clip(optional(), optional()).matches(g, y).len(), 1);
+        assert_eq!(clip(absent(), constant("hi")).matches(g, y).len(), 1);
+        // `any()` is a given value: alone it does not take the missing bound.
+        assert!(clip(any(), optional()).matches(g, y).is_empty());
+        assert!(clip(optional(), absent()).matches(g, y).is_empty());
     }
 
     #[test]

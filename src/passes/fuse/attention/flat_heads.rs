@@ -251,3 +251,56 @@ pub(super) fn build_moved_heads(m: &Match, rw: &mut Rewrite) -> Built {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use crate::ir::attr;
+    use crate::ir::testing::builder;
+    use crate::passes::fuse::attention::AttentionFusion;
+    use crate::passes::fuse::Target;
+    use crate::passes::shape::ShapeInference;
+    use crate::passes::Pass;
+    use crate::proto::tensor_proto::DataType::Float;
+
+    /// A cached Attention without a mask (`""` in slot 3, as a causal export may leave it):
+    /// the optional mask is matched absent and stays absent on the 3-D Attention.
+    #[test]
+    fn a_cached_attention_without_a_mask_takes_flat_heads() {
+        let perm = || vec![attr::ints("perm", &[0, 2, 1, 3])];
+        let mut b = builder()
+            .opset(23)
+            .input("q_split", Float, &["1", "s", "4", "8"])
+            .input("past_key", Float, &["1", "2", "p", "8"])
+            .input("past_value", Float, &["1", "2", "p", "8"]);
+        for (split, heads) in [("k_split", "2"), ("v_split", "2")] {
+            b = b.input(split, Float, &["1", "s", heads, "8"]);
+        }
+        for (split, moved) in [("q_split", "qh"), ("k_split", "kh"), ("v_split", "vh")] {
+            b = b.node("Transpose", &[split], &[moved], perm());
+        }
+        let shape = crate::ir::Tensor::from_i64("merged_shape", &[3], &[0, 0, 32]).unwrap();
+        let mut model = b
+            .init(shape)
+            .node(
+                "Attention",
+                &["qh", "kh", "vh", "", "past_key", "past_value"],
+                &["attended", "present_key", "present_value"],
+                vec![attr::int("is_causal", 1)],
+            )
+            .node("Transpose", &["attended"], &["context_t"], perm())
+            .node("Reshape", &["context_t", "merged_shape"], &["y"], vec![])
+            .output("y", Float, &["1", "s", "32"])
+            .output("present_key", Float, &["1", "2", "?", "8"])
+            .output("present_value", Float, &["1", "2", "?", "8"])
+            .build();
+        ShapeInference.run(&mut model).unwrap();
+        let target = Target::Onnx;
+        AttentionFusion { target }.run(&mut model).unwrap();
+        let g = &model.graph;
+        let (_, attention) = g.nodes().find(|(_, n)| n.is("Attention")).unwrap();
+        assert_eq!(attr::get_int(&attention.proto, "q_num_heads"), Some(4));
+        assert_eq!(attention.inputs.len(), 6);
+        assert!(attention.inputs[3].is_none(), "no mask is made up");
+        assert!(!g.nodes().any(|(_, n)| n.is("Transpose")));
+    }
+}

@@ -45,16 +45,15 @@ pub(super) fn scaled_attention() -> Pat {
             .attr("scale", scale_not_one)
             .node("attention")
     };
-    let mut forms = Vec::new();
-    for bias in [any(), absent()] {
-        let qkv = || vec![value("q"), any(), any()];
-        let standard = [qkv(), vec![bias.clone(), any(), any()]].concat();
-        forms.push(cached("Attention", standard.clone()));
-        forms.push(cached("Attention", [standard, vec![any()]].concat()));
-        let multi_head = [qkv(), vec![absent(), absent(), bias, any(), any()]].concat();
-        forms.push(cached("MultiHeadAttention", multi_head).domain(MS_DOMAIN));
-    }
-    either(forms)
+    let optional = || either([any(), absent()]);
+    let qkv = || vec![value("q"), any(), any()];
+    let standard = [qkv(), vec![optional(), any(), any()]].concat();
+    let multi_head = [qkv(), vec![absent(), absent(), optional(), any(), any()]].concat();
+    either([
+        cached("Attention", standard.clone()),
+        cached("Attention", [standard, vec![any()]].concat()),
+        cached("MultiHeadAttention", multi_head).domain(MS_DOMAIN),
+    ])
 }
 
 pub(super) fn build_unit_scale(m: &Match, rw: &mut Rewrite) -> Built {
