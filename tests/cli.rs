@@ -750,6 +750,46 @@ fn perplexity_scores_both_models_next_tokens_on_the_validation_batches() {
     assert!(json["validation"]["perplexity"].is_null());
 }
 
+/// A decoder with a KV cache, calibrated on text as a user has it (token ids and a mask, no
+/// cache, no positions): each batch runs as a prompt, with an empty cache and positions that
+/// follow its mask, for GPTQ and for the validation alike. Its next-token perplexity on those
+/// prompts (one of them left-padded) is the prefill export's, which takes no cache and counts
+/// its own positions.
+#[test]
+fn a_cached_decoder_calibrates_on_prompts() {
+    let dir = tempfile::tempdir().unwrap();
+    let prompts = common::testdata("llm/calib/prefill");
+    let args = [
+        "--weights",
+        "int4",
+        "--block-size",
+        "16",
+        "--calib",
+        s(&prompts),
+        "--inputs",
+        s(&prompts),
+        "--perplexity",
+    ];
+    let mut reference = Vec::new();
+    for form in ["past", "prefill"] {
+        let model = common::testdata(&format!("llm/llama3.{form}.dynamo20.onnx"));
+        let out = dir.path().join(format!("llama3.{form}.int4.onnx"));
+        let (result, json) = optimize_with_report(&model, &out, &args);
+        let stdout = text(&result.stdout);
+        assert!(
+            stdout.contains("(block 16, asymmetric, Gptq; GPTQ kept for "),
+            "{form}: {stdout}"
+        );
+        let p = &json["validation"]["perplexity"];
+        assert_eq!(p["tokens"], 29, "{form}: {p}");
+        reference.push(p["reference"].as_f64().unwrap());
+    }
+    assert!(
+        (reference[0] / reference[1] - 1.0).abs() < 1e-5,
+        "{reference:?}"
+    );
+}
+
 #[test]
 fn fp16_keeps_float32_io_when_asked() {
     let dir = tempfile::tempdir().unwrap();

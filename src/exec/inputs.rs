@@ -694,26 +694,127 @@ pub fn load_batches(dir: &Path, specs: &[InputSpec]) -> Result<Vec<Batch>, ExecE
     }
     batches
         .into_iter()
-        .map(|(name, mut sources)| {
-            let tensors = specs
-                .iter()
-                .map(|spec| {
-                    let source = sources.remove(&spec.name).ok_or_else(|| {
-                        ExecError::Input(format!(
-                            "batch `{name}` in {} has no array for input `{}`",
-                            dir.display(),
-                            spec.name
-                        ))
-                    })?;
-                    let tensor = read_array(&source, spec.dtype)?;
-                    check_shape(spec, &tensor, &source)?;
-                    Ok((spec.name.clone(), tensor))
-                })
-                .collect::<Result<Vec<_>, ExecError>>()?;
+        .map(|(name, sources)| {
+            let mut given = Vec::new();
+            for spec in specs {
+                if let Some(source) = sources.get(&spec.name) {
+                    let tensor = read_array(source, spec.dtype)?;
+                    check_shape(spec, &tensor, source)?;
+                    given.push((spec.name.clone(), tensor));
+                }
+            }
+            let tensors = with_prompt_defaults(specs, given, |spec| {
+                format!(
+                    "batch `{name}` in {} has no array for input `{}`",
+                    dir.display(),
+                    spec.name
+                )
+            })?;
             check_symbols(&name, specs, &tensors)?;
             Ok(Batch { name, tensors })
         })
         .collect()
+}
+
+/// The tensors of `specs` in their order: each `given` one, or the one a prompt's batch may
+/// leave out (`prompt_default`); else the error `missing` words.
+fn with_prompt_defaults(
+    specs: &[InputSpec],
+    mut given: Vec<(String, Tensor)>,
+    missing: impl Fn(&InputSpec) -> String,
+) -> Result<Vec<(String, Tensor)>, ExecError> {
+    let mut defaults = Vec::new();
+    for spec in specs {
+        if !given.iter().any(|(name, _)| *name == spec.name) {
+            let made = prompt_default(spec, &given)
+                .ok_or_else(|| ExecError::Input(missing(spec)))?
+                .map_err(|e| ExecError::Input(format!("input `{}`: {e}", spec.name)))?;
+            defaults.push((spec.name.clone(), made));
+        }
+    }
+    given.append(&mut defaults);
+    Ok(specs
+        .iter()
+        .filter_map(|spec| {
+            let at = given.iter().position(|(name, _)| *name == spec.name)?;
+            Some(given.swap_remove(at))
+        })
+        .collect())
+}
+
+/// An input that calibration text may leave out, as a generation loop's first step feeds
+/// it: a decoder's KV cache empty (`[batch, heads, 0, head size]`, the heads and head size
+/// the graph fixes), its `position_ids` following the attention mask (`cumsum(mask) - 1`, 1
+/// where masked, as transformers' `generate` counts them; `0, 1, …` without a mask). Text
+/// batches hold `input_ids` and `attention_mask` only, and every exporter of a decoder with a
+/// cache (Optimum, the dynamo exporter, ONNX Runtime GenAI's model builder) adds these
+/// inputs: a prompt is such a model's first step. `None` for any other input, or when the
+/// batch has no token ids to size it.
+fn prompt_default(spec: &InputSpec, given: &[(String, Tensor)]) -> Option<Result<Tensor, String>> {
+    let lower = |name: &str| name.to_ascii_lowercase();
+    let ids = given
+        .iter()
+        .find(|(name, t)| lower(name).contains("input_ids") && t.rank() == 2)
+        .map(|(_, t)| t.shape());
+    let (rows, new) = (ids?[0], ids?[1]);
+    let name = lower(&spec.name);
+    let rank = spec.dims.len();
+    if name.contains("past") && rank >= 3 {
+        let shape: Option<Vec<usize>> = (0..rank)
+            .map(|axis| match (axis, &spec.dims[axis]) {
+                (0, _) => Some(rows),
+                (a, _) if a == rank - 2 => Some(0),
+                (_, DimSpec::Fixed(n)) => Some(*n),
+                (a, _) => spec.inferred_dim(a),
+            })
+            .collect();
+        let Some(shape) = shape else {
+            return Some(Err(format!(
+                "the cache's heads and head size ({}) are not fixed by the graph: give it \
+                 in each batch",
+                dims_text(&spec.dims)
+            )));
+        };
+        return Some(Tensor::zero_dt(spec.dtype, &shape).map_err(|e| e.to_string()));
+    }
+    if !(name.contains("position_ids") && rank == 2 && !spec.dtype.is_float()) {
+        return None;
+    }
+    let mask = given
+        .iter()
+        .find(|(name, t)| lower(name).contains("attention_mask") && t.rank() == 2)
+        .and_then(|(_, t)| {
+            t.cast_to_dt(DatumType::I64)
+                .ok()?
+                .into_owned()
+                .into_plain_array::<i64>()
+                .ok()
+        });
+    let mut values = Vec::with_capacity(rows * new);
+    for row in 0..rows {
+        match &mask {
+            Some(mask) if mask.shape()[0] == rows && mask.shape()[1] >= new => {
+                let total = mask.shape()[1];
+                let mut count = 0;
+                for j in 0..total {
+                    count += mask[[row, j]];
+                    if j >= total - new {
+                        values.push(if mask[[row, j]] == 0 { 1 } else { count - 1 });
+                    }
+                }
+            }
+            _ => values.extend((0..new).map(|j| j as i64)),
+        }
+    }
+    let positions = ArrayD::from_shape_vec(IxDyn(&[rows, new]), values)
+        .map(Tensor::from)
+        .map_err(|e| e.to_string())
+        .and_then(|t| {
+            t.cast_to_dt(spec.dtype)
+                .map(|t| t.into_owned())
+                .map_err(|e| e.to_string())
+        });
+    Some(positions)
 }
 
 /// One batch given as arrays by input name, in any order: a caller's own data in memory
@@ -736,25 +837,21 @@ pub fn batches_from_arrays(
     given
         .iter()
         .map(|batch| {
-            let tensors = specs
-                .iter()
-                .map(|spec| {
-                    let (_, t) = batch
-                        .arrays
-                        .iter()
-                        .find(|(name, _)| *name == spec.name)
-                        .ok_or_else(|| {
-                            ExecError::Input(format!(
-                                "batch `{}` has no array for input `{}`",
-                                batch.name, spec.name
-                            ))
-                        })?;
+            let mut given = Vec::new();
+            for spec in specs {
+                if let Some((_, t)) = batch.arrays.iter().find(|(name, _)| *name == spec.name) {
                     let at = format!("batch `{}`, array `{}`", batch.name, spec.name);
                     let tensor = convert_array(t, spec.dtype, &at)?;
                     check_shape(spec, &tensor, &at)?;
-                    Ok((spec.name.clone(), tensor))
-                })
-                .collect::<Result<Vec<_>, ExecError>>()?;
+                    given.push((spec.name.clone(), tensor));
+                }
+            }
+            let tensors = with_prompt_defaults(specs, given, |spec| {
+                format!(
+                    "batch `{}` has no array for input `{}`",
+                    batch.name, spec.name
+                )
+            })?;
             check_symbols(&batch.name, specs, &tensors)?;
             Ok(Batch {
                 name: batch.name.clone(),
@@ -1373,5 +1470,78 @@ mod tests {
         let short: Tensor = arr2(&[[1i64, 1]]).into_dyn().into();
         let dims = error(vec![("ids", ids), ("mask", short)]);
         assert!(dims.contains("seq = 2 where input `ids` has 3"), "{dims}");
+    }
+
+    /// Calibration text for a decoder with a cache: `input_ids` and `attention_mask` only. The
+    /// cache comes empty, with the heads and head size the graph fixes (here the model
+    /// builder's named `kv_cache_dim`), and the positions follow the mask: 0, 1, … over the
+    /// real tokens, 1 where padded.
+    #[test]
+    fn a_prompt_gets_an_empty_cache_and_its_positions() {
+        let named = |n: &str| DimSpec::Symbol(n.into());
+        let mut past = spec(
+            "past_key_values.0.key",
+            DatumType::F32,
+            vec![
+                named("batch"),
+                DimSpec::Fixed(3),
+                named("past"),
+                named("kv_cache_dim"),
+            ],
+        );
+        past.inferred_dims = vec![None, Some(3), None, Some(64)];
+        let specs = vec![
+            spec(
+                "input_ids",
+                DatumType::I64,
+                vec![named("batch"), named("seq")],
+            ),
+            spec(
+                "attention_mask",
+                DatumType::I64,
+                vec![named("batch"), named("total")],
+            ),
+            spec(
+                "position_ids",
+                DatumType::I64,
+                vec![named("batch"), named("seq")],
+            ),
+            past,
+        ];
+        let prompt = NamedArrays {
+            name: "text".into(),
+            arrays: vec![
+                (
+                    "input_ids".into(),
+                    arr2(&[[5i64, 6, 7], [5, 6, 0]]).into_dyn().into(),
+                ),
+                (
+                    "attention_mask".into(),
+                    arr2(&[[1i64, 1, 1], [0, 1, 1]]).into_dyn().into(),
+                ),
+            ],
+        };
+        let batches = batches_from_arrays(std::slice::from_ref(&prompt), &specs).unwrap();
+        let tensors = &batches[0].tensors;
+        let names: Vec<&str> = tensors.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "input_ids",
+                "attention_mask",
+                "position_ids",
+                "past_key_values.0.key"
+            ]
+        );
+        let positions: Tensor = arr2(&[[0i64, 1, 2], [1, 0, 1]]).into_dyn().into();
+        assert_eq!(tensors[2].1, positions);
+        assert_eq!(tensors[3].1.shape(), [2, 3, 0, 64]);
+        // A cache whose head size the graph does not fix cannot be made up.
+        let mut unsized_specs = specs.clone();
+        unsized_specs[3].inferred_dims.clear();
+        let error = batches_from_arrays(&[prompt], &unsized_specs)
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("give it in each batch"), "{error}");
     }
 }
