@@ -138,8 +138,18 @@ fn dequantized_from(original: Model, quantized: &Model) -> Model {
         let v = g.find_value(&weight_name).unwrap();
         let tensor = Tensor::from_f32(&weight_name, &dims, &values).unwrap();
         let mut patch = Patch::new("test-dequantized");
+        let other_readers = g.uses(v).iter().any(|&(r, _)| !g.node(r).is("MatMul"));
         match (g.initializer(v), g.producer(v)) {
-            (Some(_), _) => patch.replace_initializer(v, tensor),
+            (Some(_), _) if !other_readers => patch.replace_initializer(v, tensor),
+            // A weight something else reads too (a tied embedding's Gather): only the
+            // MatMuls read the dequantized copy.
+            (Some(_), _) => {
+                let copy = patch.new_initializer(&weight_name, tensor);
+                for &(reader, _) in g.uses(v).iter().filter(|&&(r, _)| g.node(r).is("MatMul")) {
+                    patch.replace_input(reader, 1, copy);
+                }
+                &mut patch
+            }
             (None, Some(transpose)) => patch
                 .remove_node(transpose)
                 .replace_with_initializer(v, tensor),
@@ -258,27 +268,80 @@ fn gptq_moves_the_calibration_outputs_less_than_round_to_nearest() {
     assert!(d_gptq < d_rtn, "GPTQ {d_gptq} vs round-to-nearest {d_rtn}");
 }
 
+/// testdata/llm's Llama with its tie as ONNX Runtime GenAI's model builder writes it: the LM
+/// head's MatMul reads the `[K, N]` weight itself and the embedding's Gather reads
+/// `Transpose(weight)` (the dynamo export's Transpose moved to the Gather's side, the table
+/// transposed to match).
+fn llama_tied_as_the_model_builder_does() -> Model {
+    let mut proto = io::load(&common::testdata("llm/llama3.prefill.dynamo20.onnx"))
+        .unwrap()
+        .to_proto()
+        .unwrap();
+    let g = proto.graph.as_mut().unwrap();
+    let table = g
+        .initializer
+        .iter_mut()
+        .find(|t| t.name() == "m.lm_head.weight")
+        .unwrap();
+    let t = Tensor::from_proto(table.clone()).unwrap();
+    let (n, k) = (t.dims()[0] as usize, t.dims()[1] as usize);
+    let values = t.to_f32_vec().unwrap();
+    let weight: Vec<f32> = (0..k * n).map(|i| values[(i % n) * k + i / n]).collect();
+    *table = Tensor::from_f32("m.lm_head.weight", &[k as i64, n as i64], &weight)
+        .unwrap()
+        .into_proto();
+    let transpose = g
+        .node
+        .iter()
+        .position(|node| node.op_type() == "Transpose" && node.input == ["m.lm_head.weight"])
+        .unwrap();
+    let moved = g.node[transpose].output[0].clone();
+    for node in g.node.iter_mut() {
+        let gather = node.op_type() == "Gather";
+        for input in node.input.iter_mut() {
+            if gather && *input == "m.lm_head.weight" {
+                *input = moved.clone();
+            } else if *input == moved {
+                *input = "m.lm_head.weight".into();
+            }
+        }
+    }
+    // The Transpose now feeds the Gather: it goes before it.
+    let node = g.node.remove(transpose);
+    g.node.insert(0, node);
+    Model::from_proto(proto).unwrap()
+}
+
 /// testdata/llm's Llama (torch dynamo) ties its LM head to the embeddings: the LM head's
-/// MatMul reads `Transpose(table)` of the table the Gather reads. It stays float unless
+/// MatMul reads `Transpose(table)` of the table the Gather reads; the model builder's tie is
+/// the other way round (`llama_tied_as_the_model_builder_does`). The head stays float unless
 /// `lm_head` asks; then the MatMul gets the codes of `tableᵀ` and the Gather keeps the float
 /// table, and the outputs are those of the float model with every weight dequantized.
 #[test]
 fn a_tied_lm_head_is_quantized_when_asked_and_the_gather_keeps_the_float_table() {
-    let llama = || io::load(&common::testdata("llm/llama3.prefill.dynamo20.onnx")).unwrap();
+    let dynamo = || io::load(&common::testdata("llm/llama3.prefill.dynamo20.onnx")).unwrap();
     let tokens = common::testdata("llm/calib/prefill");
     let table = "m.lm_head.weight";
-    for (lm_head, target) in [
-        (false, Target::Ort),
-        (true, Target::Ort),
-        (true, Target::Onnx),
+    for (lm_head, target, builder_tie) in [
+        (false, Target::Ort, false),
+        (true, Target::Ort, false),
+        (true, Target::Onnx, false),
+        (false, Target::Ort, true),
+        (true, Target::Ort, true),
+        (true, Target::Onnx, true),
     ] {
-        let what = format!("lm_head {lm_head}, {target:?}");
+        let what = format!("lm_head {lm_head}, {target:?}, model builder's tie {builder_tie}");
+        let llama = || match builder_tie {
+            true => llama_tied_as_the_model_builder_does(),
+            false => dynamo(),
+        };
         let mut model = llama();
         let options = WeightOnlyOptions {
             lm_head,
             ..options(Bits::Four, target, WeightMethod::Rtn, false)
         };
-        let report = quantize_weights(&mut model, &[], &options, &|_, _| {}).unwrap();
+        let report = quantize_weights(&mut model, &[], &options, &|_, _| {})
+            .unwrap_or_else(|e| panic!("{what}: {e}"));
         let int4 = report.weight_only.unwrap();
         assert_eq!(int4.weights.len(), 14 + usize::from(lm_head), "{what}");
         assert_eq!(
@@ -290,28 +353,38 @@ fn a_tied_lm_head_is_quantized_when_asked_and_the_gather_keeps_the_float_table()
         let g = &model.graph;
         let t = g.find_value(table).unwrap();
         assert!(g.initializer(t).is_some(), "{what}");
-        let readers: Vec<&str> = g
+        let mut readers: Vec<&str> = g
             .uses(t)
             .iter()
             .map(|&(r, _)| g.node(r).op_type())
             .collect();
-        let expected: &[&str] = if lm_head {
-            &["Gather"]
-        } else {
-            &["Gather", "Transpose"]
+        readers.sort();
+        let expected: &[&str] = match (builder_tie, lm_head) {
+            (false, true) => &["Gather"],
+            (false, false) => &["Gather", "Transpose"],
+            (true, true) => &["Transpose"],
+            (true, false) => &["MatMul", "Transpose"],
         };
         assert_eq!(readers, expected, "{what}");
         let reference = dequantized_from(llama(), &model);
         if lm_head {
-            // The codes stand for tableᵀ: each weight within half a step of its own, a step
-            // being at most the table's range over 15.
+            // The codes stand for the `[K, N]` weight (tableᵀ in the dynamo tie): each
+            // weight within half a step of its own, a step being at most the table's range
+            // over 15.
             let float = llama();
             let t = float
                 .graph
                 .initializer(float.graph.find_value(table).unwrap())
                 .unwrap();
-            let (n, k) = (t.dims()[0] as usize, t.dims()[1] as usize);
-            let t = t.to_f32_vec().unwrap();
+            let (rows, cols) = (t.dims()[0] as usize, t.dims()[1] as usize);
+            let values = t.to_f32_vec().unwrap();
+            let (k, n, t) = match builder_tie {
+                true => (rows, cols, values),
+                false => {
+                    let moved = (0..rows * cols).map(|i| values[(i % rows) * cols + i / rows]);
+                    (cols, rows, moved.collect())
+                }
+            };
             let r = &reference.graph;
             let head = r
                 .nodes()
@@ -321,9 +394,10 @@ fn a_tied_lm_head_is_quantized_when_asked_and_the_gather_keeps_the_float_table()
                 .to_f32_vec()
                 .unwrap();
             let range = t.iter().fold(0f32, |m, v| m.max(v.abs())) * 2.0;
+            assert_eq!(head.len(), k * n, "{what}");
             for (i, w) in head.iter().enumerate() {
                 let (row, col) = (i / n, i % n);
-                let err = (w - t[col * k + row]).abs();
+                let err = (w - t[i]).abs();
                 assert!(
                     err <= range / 15.0 / 2.0 + 1e-6,
                     "{what}: [{row}, {col}] {err}"

@@ -310,9 +310,10 @@ pub struct QuantArgs {
         requires = "weight_only"
     )]
     pub accuracy_level: i64,
-    /// With --weights: also quantize a MatMul that reads a table through a Transpose, as a
-    /// language model's LM head tied to its embeddings does (the Gather keeps the float
-    /// table).
+    /// With --weights: also quantize a language model's LM head tied to its embeddings: a
+    /// MatMul that reads the table through a Transpose (torch's exporters), or whose weight
+    /// the embedding's Gather reads through a Transpose (ONNX Runtime GenAI's model
+    /// builder). The Gather keeps the float table.
     #[arg(long, requires = "weight_only")]
     pub lm_head: bool,
     /// FP16: weights and compute in float16, normalizations, Softmax, reductions, Pow and

@@ -500,6 +500,14 @@ impl Graph {
                 }
             }
         }
+        // A reader whose input the patch rewires away no longer reads the value.
+        let moved = |r: &NodeId, u: &Use| {
+            let Use::Input(slot) = *u else { return false };
+            patch
+                .rewired
+                .iter()
+                .any(|(node, s, _)| node == r && *s == slot)
+        };
         for &v in &freed {
             if reproduced.contains(&v) || redirected.contains(&v) {
                 continue;
@@ -510,7 +518,11 @@ impl Graph {
                     self.value_name(v)
                 ));
             }
-            if let Some((reader, _)) = self.uses(v).iter().find(|(r, _)| !removed.contains(r)) {
+            let still_read = self
+                .uses(v)
+                .iter()
+                .find(|(r, u)| !removed.contains(r) && !moved(r, u));
+            if let Some((reader, _)) = still_read {
                 return fail(format!(
                     "`{}` is still read by `{}`",
                     self.value_name(v),
@@ -525,8 +537,11 @@ impl Graph {
             if self.initializer(v).is_none() {
                 return fail(format!("`{}` is not an initializer", self.value_name(v)));
             }
-            let still_read =
-                !redirected.contains(&v) && self.uses(v).iter().any(|(r, _)| !removed.contains(r));
+            let still_read = !redirected.contains(&v)
+                && self
+                    .uses(v)
+                    .iter()
+                    .any(|(r, u)| !removed.contains(r) && !moved(r, u));
             if still_read || self.is_graph_output(v) {
                 return fail(format!(
                     "initializer `{}` is still read",

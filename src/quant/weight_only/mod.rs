@@ -10,6 +10,9 @@
 //! table `[N, K]` is quantized too (the codes of `tableᵀ`), and the Gather keeps the float
 //! table: the file grows by the codes, and a decoding step reads them instead of the float
 //! table (on SmolLM2-135M the LM head is a fifth of the weights and the largest product).
+//! The same for a `[K, N]` weight that its MatMuls and something else read (ONNX Runtime
+//! GenAI's model builder ties the head so: its embedding's Gather reads `Transpose(weight)`):
+//! the MatMuls take the codes, the others the float weight.
 //!
 //! Produces, per weight: for ONNX Runtime, `com.microsoft::MatMulNBits` in place of each
 //! MatMul; for standard runtimes, a blockwise int4/uint4 (int8/uint8) `DequantizeLinear`
@@ -85,8 +88,8 @@ pub struct WeightOnlyOptions {
     pub method: WeightMethod,
     /// How GPTQ walks each weight (act order, damping).
     pub gptq: gptq::GptqOptions,
-    /// Also quantize a MatMul reading `Transpose(table)` of a table a Gather reads (a tied LM
-    /// head); the table stays float for the Gather.
+    /// Also quantize a MatMul reading `Transpose(table)` of a table a Gather reads, or a
+    /// weight something else reads too (a tied LM head); the float table stays for the rest.
     pub lm_head: bool,
     /// MatMulNBits' `accuracy_level` (ONNX Runtime only): 0 computes in float32, 4 lets its
     /// CPU kernel quantize the activations to int8 per block.
@@ -436,9 +439,17 @@ fn sites(g: &Graph, selection: &Selection, lm_head: bool) -> (Vec<Site>, Vec<Str
             let r = g.node(reader);
             slot == Use::Input(1) && r.domain().is_empty() && r.is("MatMul")
         });
-        if !only_matmul_weight || g.is_graph_output(weight) {
+        if g.is_graph_output(weight) {
+            skipped.push(format!("{}: a graph output", g.value_name(weight)));
+            continue;
+        }
+        // A table read both as an LM head's weight and, through a Transpose, by the
+        // embedding's Gather (ONNX Runtime GenAI's model builder ties them so): with
+        // `--lm-head` its MatMuls take the codes and the float table stays for the rest.
+        if !only_matmul_weight && !lm_head {
             skipped.push(format!(
-                "{}: also read as something other than a MatMul weight",
+                "{}: also read as something other than a MatMul weight (a tied LM head, say); \
+                 --lm-head quantizes its MatMuls",
                 g.value_name(weight)
             ));
             continue;
@@ -593,16 +604,24 @@ fn emit(
                     attr::int("block_size", options.block_size as i64),
                 ],
             );
-            patch.replace_uses(site.weight, dequantized);
+            for &reader in &site.readers {
+                patch.replace_input(reader, 1, dequantized);
+            }
         }
     }
+    let only_readers = g
+        .uses(site.weight)
+        .iter()
+        .all(|(reader, _)| site.readers.contains(reader));
     match site.table {
-        None => {
-            patch.drop_initializer(site.weight);
-        }
         Some((_, transpose)) => {
             patch.remove_node(transpose);
         }
+        None if only_readers => {
+            patch.drop_initializer(site.weight);
+        }
+        // Also read elsewhere (a tied embedding's Gather): the float table stays for it.
+        None => {}
     }
     Ok(patch)
 }
