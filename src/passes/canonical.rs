@@ -22,7 +22,10 @@
 //!   `bsnd,ndh->bsh`) → `MatMul` (with Reshapes where several axes are contracted or kept);
 //! - `window-bias`: a bias added to scores with their batch split in two and merged back
 //!   (Swin's shifted-window mask) → the scores plus the bias tiled along their batch
-//!   (`window_bias`).
+//!   (`window_bias`);
+//! - `index-slice`: `GatherND` of one index along the leading axis (dynamo's Falcon picking
+//!   its key and value heads from the packed projection) → a `Slice` of that axis, before the
+//!   Transpose that moved it first (`index_slice`).
 //!
 //! Why squares become `Pow(x, 2)` and reciprocals `Div(1, x)`, and not the other way round:
 //! those are the forms torch's legacy exporter writes, and the only ones ONNX Runtime's own
@@ -55,6 +58,7 @@
 //! - `einsum-matmul` sums the same products (in the MatMul kernel's order).
 
 mod einsum;
+mod index_slice;
 mod window_bias;
 
 use super::matching::{only_feeds, rewire, rewrite_each};
@@ -76,6 +80,9 @@ impl Pass for Canonicalize {
 
 type Rule = fn(&Model, NodeId) -> Option<Patch>;
 
+/// The opset from which Slice takes its bounds as inputs (rules that write a Slice).
+const SLICE_INPUTS_OPSET: i64 = 10;
+
 const RULES: &[Rule] = &[
     div_by_constant,
     reciprocal,
@@ -86,6 +93,7 @@ const RULES: &[Rule] = &[
     scale_into_where,
     einsum::to_matmul,
     window_bias::window_bias,
+    index_slice::index_slice,
 ];
 
 /// Node `id` when it is the default-domain operator `op` with `inputs` inputs.

@@ -306,3 +306,56 @@ fn a_bias_added_to_split_windows_is_added_to_the_scores_tiled() {
         assert!(canonicalized(&mut m, 0.0).is_empty(), "{bias:?} {merged:?}");
     }
 }
+
+/// x `[2, 3, 4]`, its axis 1 moved first (`[3, 2, 4]`), one index picked by GatherND and the
+/// axes moved back: `[2, 1, 4]`, as dynamo writes Falcon's `fused_qkv[:, -2]`.
+fn picked(index: i64, moved: bool) -> Model {
+    let indices = Tensor::from_i64("i", &[1, 1], &[index]).unwrap();
+    let swap = || vec![attr::ints("perm", &[1, 0, 2])];
+    let b = graph(&["2", "1", "4"]).opset(18).init(indices);
+    let b = b.node("Transpose", &["x"], &["t"], swap());
+    // An Identity between: no Transpose feeds the pick.
+    let b = match moved {
+        true => b.node("GatherND", &["t", "i"], &["g"], vec![]),
+        false => {
+            b.node("Identity", &["t"], &["u"], vec![])
+                .node("GatherND", &["u", "i"], &["g"], vec![])
+        }
+    };
+    b.node("Transpose", &["g"], &["y"], swap()).build()
+}
+
+/// Checked against the same pick by a non-negative index: tract's own GatherND slices a
+/// negative one wrongly (`end <= len` fails at `-2`), which is how the dynamo export of
+/// Falcon validates in ONNX Runtime only.
+#[test]
+fn one_index_picked_by_gather_nd_is_a_slice_before_the_transpose() {
+    for index in [0i64, 1, -2, -1] {
+        let reference = picked(index.rem_euclid(3), true);
+        let mut m = picked(index, true);
+        let kinds = canonicalized_against(&mut m, &reference, 0.0);
+        assert_eq!(kinds, ["index-slice"], "{index}");
+        // The first Transpose, read by nothing now, is dead code's to remove.
+        assert_eq!(
+            ops(&m),
+            ["Transpose", "Slice", "Transpose", "Transpose"],
+            "{index}"
+        );
+        let g = &m.graph;
+        let (_, slice) = g.nodes().find(|(_, n)| n.is("Slice")).unwrap();
+        assert_eq!(
+            slice.input(0),
+            g.find_value("x"),
+            "{index}: x sliced on its axis 1"
+        );
+        // Without a Transpose feeding it, the pick slices axis 0 where it is.
+        let mut m = picked(index, false);
+        let kinds = canonicalized_against(&mut m, &reference, 0.0);
+        assert_eq!(kinds, ["index-slice"], "{index}");
+        assert_eq!(
+            ops(&m),
+            ["Transpose", "Identity", "Slice", "Transpose"],
+            "{index}"
+        );
+    }
+}

@@ -13,10 +13,7 @@ use crate::ir::shape::same_shape;
 use crate::ir::{Dim, Model, NodeId, Patch};
 use crate::passes::matching::{input_producer, only_feeds};
 
-use super::{onnx_node, shape_constant};
-
-/// The opset from which Slice takes its bounds as inputs, as the tile count is computed.
-const SLICE_INPUTS_OPSET: i64 = 10;
+use super::{onnx_node, shape_constant, SLICE_INPUTS_OPSET};
 
 pub fn window_bias(m: &Model, id: NodeId) -> Option<Patch> {
     let g = &m.graph;
