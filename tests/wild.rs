@@ -148,7 +148,10 @@ fn every_wild_model_is_fused_and_runs_in_onnx_runtime() {
 /// legacy export, with a cache and without (Qwen3's q/k norms, StableLM's and Persimmon's partial
 /// rotary, StarCoder2, OLMo, Granite, Falcon's grouped and multi-query heads, OPT's learned
 /// positions, Gemma-2's capped scores, MPT's ALiBi before its masks, GPT-BigCode's query heads
-/// folded into the rows of one key/value head, Mixtral's experts): both targets fuse every
+/// folded into the rows of one key/value head, Mixtral's experts), and the cached Llama, Qwen3,
+/// Gemma-2, Phi-3, GPT-J, Falcon, Mistral and StableLM steps and a Qwen2 embedding model
+/// through torch 2.7's and 2.10's dynamo exporters (transformers 4.52 and 5.2, opsets 18, 20
+/// and 23, the standard Attention at 23): both targets fuse every
 /// attention and every RoPE (2 layers × query and key). BLOOM's ALiBi, added with the heads merged
 /// into the batch, stays unfused (`--explain` says where). The main test above runs the outputs in
 /// ONNX Runtime.
@@ -158,6 +161,8 @@ fn every_rope_and_attention_of_the_wild_decoder_llms_is_fused() {
     const LLMS: &[(&str, usize)] = &[
         ("llama-past.ts14.t21", 4),
         ("llama-past.ts17.t27", 4),
+        ("llama-past.dynamo", 4),
+        ("qwen2-prefill.", 4),
         ("mistral-past.", 4),
         ("qwen2-past.", 4),
         ("phi-prefill.", 4),
