@@ -85,7 +85,9 @@ impl Observer {
 
     /// The range `method` gives, or `None` when no finite value was seen. The histogram
     /// methods clip magnitudes at a threshold `t`; the range is the observed one clipped to
-    /// `[−t, t]`, so a one-sided tensor (a GELU output) keeps its tight side.
+    /// `[−t, t]`, so a one-sided tensor (a GELU output) keeps its tight side, and one whose
+    /// every value lies past `t` (a decoding step's one position cast to float, 6, where MSE
+    /// picks 5.997) becomes `[t, t]`, not a range whose minimum passes its maximum.
     pub fn range(&self, method: RangeMethod) -> Option<Range> {
         if self.finite == 0 {
             return None;
@@ -101,9 +103,10 @@ impl Observer {
             RangeMethod::Entropy => self.histogram.entropy(),
             RangeMethod::Mse => self.histogram.mse(),
         } as f32;
+        let clip = |v: f32| v.max(-threshold).min(threshold);
         Some(Range {
-            min: self.min.max(-threshold),
-            max: self.max.min(threshold),
+            min: clip(self.min),
+            max: clip(self.max),
         })
     }
 }
@@ -365,6 +368,16 @@ mod tests {
             })
         );
         assert_eq!(Observer::new().range(RangeMethod::Entropy), None);
+    }
+
+    #[test]
+    fn a_tensor_beyond_the_threshold_gets_the_threshold_as_its_range() {
+        // One position, 6, as a float: MSE clips just below it (half a bin's error on each
+        // value costs less than the quantization step of the whole range).
+        let mut o = Observer::new();
+        o.observe(&[6.0; 8]);
+        let r = o.range(RangeMethod::Mse).unwrap();
+        assert!(r.min == r.max && r.max < 6.0 && r.max > 5.99, "{r:?}");
     }
 
     #[test]
