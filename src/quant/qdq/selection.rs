@@ -112,8 +112,9 @@ pub fn select(
         .filter_map(|(id, node)| {
             let included = selection.include.iter().any(|s| s.matches(node));
             let role = natural_role(g, types, node);
-            let by_default =
-                role != Role::Activations && !(node.is("MatMul") && on_score_path(g, id));
+            let by_default = role != Role::Activations
+                && !(node.is("MatMul")
+                    && (on_score_path(g, id) || reads_positions(g, types, node)));
             (by_default || included).then_some((id, role))
         })
         .collect()
@@ -147,6 +148,51 @@ pub fn is_embedding_gather(g: &Graph, types: &HashMap<ValueId, ValueType>, node:
         && attr::get_int(&node.proto, "axis").unwrap_or(0) == 0
         && table_is_2d_float
         && integer_indices
+}
+
+/// Ops that move or repeat values without computing new ones.
+const VALUE_PRESERVING: &[&str] = &["Reshape", "Unsqueeze", "Squeeze", "Expand", "Transpose"];
+
+/// True for a node reading integers cast to float (through ops that only move them): a
+/// rotary embedding's angles `inv_freq @ positions`. Positions at generation run past any
+/// calibrated range, and a quantized one would clip there (every later token rotated as the
+/// last calibrated position: a model broken past the calibration's length), so such a
+/// MatMul stays float unless asked.
+fn reads_positions(g: &Graph, types: &HashMap<ValueId, ValueType>, node: &Node) -> bool {
+    let integer = |v: ValueId| {
+        let elem = types
+            .get(&v)
+            .map(|t| t.elem)
+            .or_else(|| g.value_type(v).map(|t| t.elem));
+        elem.and_then(|e| DataType::try_from(e).ok())
+            .is_some_and(|dt| {
+                use DataType::*;
+                matches!(
+                    dt,
+                    Int64 | Int32 | Int16 | Int8 | Uint64 | Uint32 | Uint16 | Uint8
+                )
+            })
+    };
+    let mut frontier: Vec<ValueId> = node.inputs.iter().flatten().copied().collect();
+    for _ in 0..=SCORE_PATH_DEPTH {
+        let mut next = Vec::new();
+        for v in frontier {
+            let Some(producer) = g.producer(v).map(|p| g.node(p)) else {
+                continue;
+            };
+            let Some(input) = producer.input(0) else {
+                continue;
+            };
+            if producer.is("Cast") && integer(input) {
+                return true;
+            }
+            if VALUE_PRESERVING.contains(&producer.op_type()) {
+                next.push(input);
+            }
+        }
+        frontier = next;
+    }
+    false
 }
 
 /// True for a MatMul of the attention score path: one that reads a Softmax's output, or

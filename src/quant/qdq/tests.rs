@@ -65,6 +65,40 @@ fn the_attention_score_path_stays_float_by_default() {
     );
 }
 
+/// RoPE's angles, `inv_freq @ positions` (positions cast to float, moved by an Unsqueeze),
+/// stay float: generation runs past any calibrated position. The projection after them is
+/// quantized as usual; `--include op:MatMul` still takes the angles.
+#[test]
+fn rotary_angles_from_positions_stay_float_by_default() {
+    let f = DataType::Float;
+    let m = builder()
+        .input("position_ids", DataType::Int64, &["1", "8"])
+        .output("y", f, &["1", "4", "4"])
+        .init(weight("inv_freq", &[1, 4, 1]))
+        .init(weight("w", &[8, 4]))
+        .init(Tensor::from_i64("axis", &[1], &[1]).unwrap())
+        .node(
+            "Cast",
+            &["position_ids"],
+            &["positions"],
+            vec![attr::int("to", 1)],
+        )
+        .node("Unsqueeze", &["positions", "axis"], &["moved"], vec![])
+        .node("MatMul", &["inv_freq", "moved"], &["angles"], vec![])
+        .node("MatMul", &["angles", "w"], &["y"], vec![])
+        .build();
+    assert_eq!(
+        activations_to_calibrate(&m, &options(QuantTarget::Ort)),
+        ["angles"]
+    );
+    let g = &m.graph;
+    let types = crate::passes::shape::infer(&m).types;
+    let angles = g.producer(g.find_value("angles").unwrap()).unwrap();
+    let selected = |s: &Selection| selection::select(g, &types, s).contains_key(&angles);
+    assert!(!selected(&Selection::default()));
+    assert!(selected(&selecting(&["op:MatMul"], &[]).selection));
+}
+
 #[test]
 fn include_and_exclude_select_by_name_op_type_and_regex() {
     let m = attention();
