@@ -163,6 +163,19 @@ impl Rewrite<'_> {
         self.replaced.push(old);
     }
 
+    /// Readers of each output of `node` from `first` on read the same output of its rebuilt
+    /// form (`outputs`, as `op_with_outputs` returns them: `None` where not wanted).
+    pub fn replace_outputs(&mut self, node: NodeId, outputs: &[Option<PValue>], first: usize) {
+        let old: Vec<Option<ValueId>> = (0..outputs.len())
+            .map(|slot| self.graph.node(node).output(slot))
+            .collect();
+        for (slot, new) in outputs.iter().enumerate().skip(first) {
+            if let (Some(old), Some(new)) = (old[slot], new) {
+                self.replace(old, *new);
+            }
+        }
+    }
+
     /// Adds a single-output operator; returns its output.
     pub fn op(
         &mut self,

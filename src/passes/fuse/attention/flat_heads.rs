@@ -244,11 +244,8 @@ pub(super) fn build_moved_heads(m: &Match, rw: &mut Rewrite) -> Built {
         out = nan_as_zero(rw, out)?;
     }
     rw.replace(root, out);
-    for (slot, new) in outs.iter().enumerate().skip(1) {
-        if let (Some(old), Some(new)) = (node.output(slot), new) {
-            rw.replace(old, *new);
-        }
-    }
+    // Output 0 went to the merge's readers above (through the NaN clean-up, if any).
+    rw.replace_outputs(attention, &outs, 1);
     Ok(())
 }
 

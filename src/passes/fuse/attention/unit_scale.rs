@@ -106,11 +106,7 @@ pub(super) fn build_unit_scale(m: &Match, rw: &mut Rewrite) -> Built {
     attributes.push(attr::float("scale", 1.0));
     let (op_type, domain) = (node.op_type().to_string(), node.domain().to_string());
     let outs = rw.op_with_outputs(&op_type, &domain, &inputs, &wanted, attributes);
-    for (slot, new) in outs.iter().enumerate() {
-        if let (Some(old), Some(new)) = (node.output(slot), new) {
-            rw.replace(old, *new);
-        }
-    }
+    rw.replace_outputs(attention, &outs, 0);
     Ok(())
 }
 
