@@ -3,7 +3,7 @@
 present.N.key/value, as shared/llm/build.sh and scripts/llm/make_llm.py export it) against its
 optimized form, on the same inputs, in one process.
 
-    decode_latency.py ORIGINAL OPTIMIZED [OPTIMIZED ...] [--ids FILE.npy | --vocab N] [--prefill 128] [--rounds 15] [--threads 2]
+    decode_latency.py ORIGINAL OPTIMIZED [OPTIMIZED ...] [--ids FILE.npy | --vocab N] [--prefill 128] [--rounds 15] [--threads 2] [--head-size H]
 
 Steps: prefill of 1 x P real tokens (past of length 0), then decode of one token with the
 prefill's present (past P). Prints, as JSON: for each optimized model, the max abs difference
@@ -23,6 +23,10 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from latency_protocol import MIN_ROUNDS, alternate, describe, open_sessions  # noqa: E402
 
 
+# The cache's head size where a model names it (onnxruntime-genai's `kv_cache_dim`): `--head-size`.
+HEAD_SIZE = None
+
+
 def feeds(s, ids, past_len, past=None):
     ins = {i.name: i for i in s.get_inputs()}
     b, n = ids.shape
@@ -30,7 +34,7 @@ def feeds(s, ids, past_len, past=None):
          "position_ids": np.arange(past_len, past_len + n, dtype=np.int64)[None].repeat(b, 0)}
     for name, i in ins.items():
         if name.startswith("past_key_values"):
-            heads, dim = i.shape[1], i.shape[3]
+            heads, dim = i.shape[1], i.shape[3] if isinstance(i.shape[3], int) else HEAD_SIZE
             f[name] = past[name] if past is not None else np.zeros((b, heads, 0, dim), np.float32)
     return {k: v for k, v in f.items() if k in ins}
 
@@ -44,7 +48,10 @@ def main():
     ap.add_argument("--prefill", type=int, default=128)
     ap.add_argument("--rounds", type=int, default=MIN_ROUNDS)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--head-size", type=int, help="the cache's head size where a model names it")
     a = ap.parse_args()
+    global HEAD_SIZE
+    HEAD_SIZE = a.head_size
     sessions = open_sessions([a.original, *a.optimized], a.threads)
     if a.ids:
         ids = np.load(a.ids)[:1, : a.prefill + 1].astype(np.int64)
