@@ -66,7 +66,9 @@ fn quantized(bits: Bits, target: Target, method: WeightMethod, symmetric: bool) 
 
 /// The float model `original` (the chain unless given) with each weight replaced by what the
 /// quantized model's 4- or 8-bit initializers stand for, read back by our own unpacking; a
-/// weight computed from a table (`Transpose(table)`) becomes an initializer.
+/// weight computed from a table (`Transpose(table)`) becomes an initializer, and an embedding
+/// Gather that the quantized model made GatherBlockQuantized on its LM head's codes reads that
+/// weight's transpose.
 fn dequantized_reference(quantized: &Model) -> Model {
     dequantized_from(chain(), quantized)
 }
@@ -138,6 +140,30 @@ fn dequantized_from(original: Model, quantized: &Model) -> Model {
         let v = g.find_value(&weight_name).unwrap();
         let tensor = Tensor::from_f32(&weight_name, &dims, &values).unwrap();
         let mut patch = Patch::new("test-dequantized");
+        // The embedding's Gathers on the same codes (through a Reshape) read the table.
+        let codes = node.input(1);
+        let gathers: Vec<String> = q
+            .nodes()
+            .filter(|(_, n)| n.op_type() == "GatherBlockQuantized")
+            .filter(|(_, n)| {
+                let data = n.input(0).and_then(|d| q.producer(d)).map(|p| q.node(p));
+                data.is_some_and(|p| p.input(0) == codes)
+            })
+            .map(|(_, n)| q.value_name(n.output(0).unwrap()).to_string())
+            .collect();
+        if !gathers.is_empty() {
+            let (k, n) = (dims[0] as usize, dims[1] as usize);
+            let table: Vec<f32> = (0..n * k).map(|i| values[(i % k) * n + i / k]).collect();
+            let table_name = format!("{weight_name}.table");
+            let table = Tensor::from_f32(&table_name, &[n as i64, k as i64], &table).unwrap();
+            let table = patch.new_initializer(&table_name, table);
+            for (id, gather) in g.nodes() {
+                let out = gather.output(0).map(|o| g.value_name(o).to_string());
+                if gather.is("Gather") && out.is_some_and(|o| gathers.contains(&o)) {
+                    patch.replace_input(id, 0, table);
+                }
+            }
+        }
         let other_readers = g.uses(v).iter().any(|&(r, _)| !g.node(r).is("MatMul"));
         match (g.initializer(v), g.producer(v)) {
             (Some(_), _) if !other_readers => patch.replace_initializer(v, tensor),
@@ -315,10 +341,12 @@ fn llama_tied_as_the_model_builder_does() -> Model {
 /// testdata/llm's Llama (torch dynamo) ties its LM head to the embeddings: the LM head's
 /// MatMul reads `Transpose(table)` of the table the Gather reads; the model builder's tie is
 /// the other way round (`llama_tied_as_the_model_builder_does`). The head stays float unless
-/// `lm_head` asks; then the MatMul gets the codes of `tableᵀ` and the Gather keeps the float
-/// table, and the outputs are those of the float model with every weight dequantized.
+/// `lm_head` asks; then the MatMul gets the codes of `tableᵀ`, and the Gather, for ONNX
+/// Runtime, GatherBlockQuantized of the same codes (the float table gone: the tied weights
+/// stored once), for the standard form the float table; the outputs are those of the float
+/// model with every weight (and the embedding read from the codes) dequantized.
 #[test]
-fn a_tied_lm_head_is_quantized_when_asked_and_the_gather_keeps_the_float_table() {
+fn a_tied_lm_head_is_quantized_when_asked_and_the_embedding_shares_its_codes() {
     let dynamo = || io::load(&common::testdata("llm/llama3.prefill.dynamo20.onnx")).unwrap();
     let tokens = common::testdata("llm/calib/prefill");
     let table = "m.lm_head.weight";
@@ -351,15 +379,31 @@ fn a_tied_lm_head_is_quantized_when_asked_and_the_gather_keeps_the_float_table()
             int4.skipped
         );
         let g = &model.graph;
-        let t = g.find_value(table).unwrap();
-        assert!(g.initializer(t).is_some(), "{what}");
-        let mut readers: Vec<&str> = g
-            .uses(t)
-            .iter()
-            .map(|&(r, _)| g.node(r).op_type())
-            .collect();
+        let gathered = g
+            .nodes()
+            .filter(|(_, n)| n.op_type() == "GatherBlockQuantized")
+            .count();
+        // For ONNX Runtime the embedding gathers the head's codes and the float table goes;
+        // the standard form keeps it for the Gather.
+        let codes_gathered = lm_head && target == Target::Ort;
+        assert_eq!(gathered, usize::from(codes_gathered), "{what}");
+        let t = g.find_value(table);
+        assert_eq!(
+            t.and_then(|t| g.initializer(t)).is_some(),
+            !codes_gathered,
+            "{what}"
+        );
+        let mut readers: Vec<&str> = t
+            .map(|t| {
+                g.uses(t)
+                    .iter()
+                    .map(|&(r, _)| g.node(r).op_type())
+                    .collect()
+            })
+            .unwrap_or_default();
         readers.sort();
         let expected: &[&str] = match (builder_tie, lm_head) {
+            _ if codes_gathered => &[],
             (false, true) => &["Gather"],
             (false, false) => &["Gather", "Transpose"],
             (true, true) => &["Transpose"],
@@ -410,6 +454,31 @@ fn a_tied_lm_head_is_quantized_when_asked_and_the_gather_keeps_the_float_table()
             let v = compare_on(&reference, &model, Engine::Ort, exact(), tokens.clone());
             assert!(v.passed(), "{what} in ONNX Runtime: {:?}", v.violations);
         }
+    }
+}
+
+/// The embedding gathers its head's codes only where every ONNX Runtime release reads them
+/// alike: with zero points, an even block count per row (1.23 to 1.26 packed zero points
+/// across rows, 1.27 on pads each row). testdata's Llama is 64 wide: one block of 64 keeps
+/// the float table unless the blocks are symmetric (no zero points).
+#[test]
+fn an_odd_block_count_keeps_the_float_embedding_unless_symmetric() {
+    for symmetric in [false, true] {
+        let mut model = io::load(&common::testdata("llm/llama3.prefill.dynamo20.onnx")).unwrap();
+        let options = WeightOnlyOptions {
+            lm_head: true,
+            block_size: 64,
+            ..options(Bits::Four, Target::Ort, WeightMethod::Rtn, symmetric)
+        };
+        quantize_weights(&mut model, &[], &options, &|_, _| {}).unwrap();
+        let g = &model.graph;
+        let ops: Vec<&str> = g.nodes().map(|(_, n)| n.op_type()).collect();
+        assert_eq!(
+            ops.contains(&"GatherBlockQuantized"),
+            symmetric,
+            "symmetric {symmetric}"
+        );
+        assert_eq!(ops.contains(&"Gather"), !symmetric, "symmetric {symmetric}");
     }
 }
 

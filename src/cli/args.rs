@@ -313,7 +313,9 @@ pub struct QuantArgs {
     /// With --weights: also quantize a language model's LM head tied to its embeddings: a
     /// MatMul that reads the table through a Transpose (torch's exporters), or whose weight
     /// the embedding's Gather reads through a Transpose (ONNX Runtime GenAI's model
-    /// builder). The Gather keeps the float table.
+    /// builder). For ONNX Runtime with 4 bits the embedding then gathers the same codes
+    /// (GatherBlockQuantized: the tied table stored once) where K is whole blocks, an even
+    /// count of them unless --symmetric; otherwise the Gather keeps the float table.
     #[arg(long, requires = "weight_only")]
     pub lm_head: bool,
     /// FP16: weights and compute in float16, normalizations, Softmax, reductions, Pow and

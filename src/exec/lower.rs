@@ -10,11 +10,16 @@
 //!   `MatMul(A, B or Bᵀ) + C` (tract 0.23 mistypes a float16 Gemm; see `float16_gemm`).
 //! - `com.microsoft::MatMulNBits(A, B, scales, zero_points?)` with 4- or 8-bit constant
 //!   codes: `MatMul(A, W)` with W the float weight they stand for (see `matmul_nbits`).
+//! - `com.microsoft::GatherBlockQuantized` of the 4-bit codes of a tied LM head (as
+//!   `--weights int4 --lm-head` writes it): `Gather` of the float table they stand for (see
+//!   `gather_block_quantized`).
 //! - `DequantizeLinear` of a 4-bit initializer (int4/uint4), or of an 8-bit one in blocks (as
 //!   `--weights int4|int8 --target onnx` writes): folded into its float values (tract 0.23
 //!   cannot load 4-bit tensors nor read `block_size`; see `blockwise_dequantize`).
 //! - `CumSum(x, axis)` of int64 `x`: summed in float64 and cast back (tract 0.23 cannot sum
 //!   int64; see `int64_cumsum`).
+
+use std::borrow::Cow;
 
 use crate::error::Result;
 use crate::ir::{attr, DataType, Model, Node, NodeId, PValue, Patch, Tensor};
@@ -49,6 +54,7 @@ pub fn lower_contrib_ops(model: &mut Model) -> Result<usize> {
                 embed_layer_norm::lower_for_tract(&model.graph, id, &node)
             }
             (MS_DOMAIN, "MatMulNBits") => matmul_nbits(model, id, &node),
+            (MS_DOMAIN, "GatherBlockQuantized") => gather_block_quantized(model, id, &node),
             (MS_DOMAIN, "MultiHeadAttention") => {
                 attention::lower_multi_head(&model.graph, id, &node)
             }
@@ -137,22 +143,13 @@ fn matmul_nbits(model: &Model, id: NodeId, node: &Node) -> Option<Patch> {
         return None;
     }
     let constant = |slot: usize| node.input(slot).and_then(|v| g.initializer(v));
-    let weight = constant(1).filter(|t| t.dtype() == DataType::Uint8)?;
-    let scales = constant(2).filter(|t| t.dtype() == DataType::Float)?;
-    let zeros = match node.input(3) {
-        Some(_) => Some(
-            constant(3)
-                .filter(|t| t.dtype() == DataType::Uint8)?
-                .raw_bytes()?,
-        ),
-        None => None,
-    };
+    let (weight, scales, zeros) = nbits_constants(node, 1, constant)?;
     let (k, n) = (int("K")?, int("N")?);
     let q = nbits::BlockQuantized::from_matmul_nbits(
         bits,
         (k, n, int("block_size")?),
-        &weight.raw_bytes()?,
-        &scales.to_f32_vec().ok()?,
+        &weight,
+        &scales,
         zeros.as_deref(),
     )
     .ok()?;
@@ -169,6 +166,86 @@ fn matmul_nbits(model: &Model, id: NodeId, node: &Node) -> Option<Patch> {
     );
     patch.remove_node(id);
     Some(patch)
+}
+
+/// `GatherBlockQuantized(data, indices, scales, zero_points?)` along axis 0 of 4-bit codes
+/// quantized along axis 1, each of data, scales and zero points an initializer or a Reshape
+/// of one (the LM head's MatMulNBits inputs, whose bytes are the same rows): `Gather` of the
+/// float `[N, K]` table they stand for, K whole blocks. Any other form is left to be refused.
+fn gather_block_quantized(model: &Model, id: NodeId, node: &Node) -> Option<Patch> {
+    let g = &model.graph;
+    let int = |name: &str| attr::get_int(&node.proto, name);
+    let axes = (
+        int("gather_axis").unwrap_or(0),
+        int("quantize_axis").unwrap_or(1),
+    );
+    if axes != (0, 1) || int("bits").unwrap_or(4) != 4 || node.inputs.len() > 4 {
+        return None;
+    }
+    let block = usize::try_from(int("block_size").unwrap_or(128)).ok()?;
+    // The initializer behind a slot, through a Reshape (its bytes, row-major, are the same).
+    let constant = |slot: usize| {
+        let v = node.input(slot)?;
+        let v = match g.producer(v).map(|p| g.node(p)) {
+            Some(p) if p.is("Reshape") => p.input(0)?,
+            _ => v,
+        };
+        g.initializer(v)
+    };
+    let n = usize::try_from(*constant(0)?.dims().first()?).ok()?;
+    let (codes, scales, zeros) = nbits_constants(node, 0, constant)?;
+    let k = codes.len().checked_div(n)? * 2;
+    if n == 0 || k % block != 0 {
+        return None;
+    }
+    let q = nbits::BlockQuantized::from_matmul_nbits(
+        nbits::Bits::Four,
+        (k, n, block),
+        &codes,
+        &scales,
+        zeros.as_deref(),
+    )
+    .ok()?;
+    // `dequantize` gives the `[K, N]` weight; the table is its transpose.
+    let w = q.dequantize();
+    let table: Vec<f32> = (0..n * k).map(|i| w[(i % k) * n + i / k]).collect();
+    let name = format!("{}.dequantized", g.value_name(node.input(0)?));
+    let table = Tensor::from_f32(&name, &[n as i64, k as i64], &table).ok()?;
+    let mut patch = Patch::new("lower-gather-block-quantized");
+    let table = patch.new_initializer(&name, table);
+    patch.add_node(
+        "Gather",
+        "",
+        &[Some(table), Some(node.input(1)?.into())],
+        &[PValue::Old(node.output(0)?)],
+        vec![attr::int("axis", 0)],
+    );
+    patch.remove_node(id);
+    Some(patch)
+}
+
+/// The constants of a MatMulNBits or GatherBlockQuantized node: uint8 codes, float32 scales,
+/// uint8 zero points if given.
+type NbitsConstants<'t> = (Cow<'t, [u8]>, Vec<f32>, Option<Cow<'t, [u8]>>);
+
+/// The codes at `codes_slot` of a MatMulNBits or GatherBlockQuantized node, its scales (slot 2)
+/// and its zero points (slot 3), each the constant `constant` finds for the slot.
+fn nbits_constants<'t>(
+    node: &Node,
+    codes_slot: usize,
+    constant: impl Fn(usize) -> Option<&'t Tensor>,
+) -> Option<NbitsConstants<'t>> {
+    let codes = constant(codes_slot).filter(|t| t.dtype() == DataType::Uint8)?;
+    let scales = constant(2).filter(|t| t.dtype() == DataType::Float)?;
+    let zeros = match node.input(3) {
+        Some(_) => Some(
+            constant(3)
+                .filter(|t| t.dtype() == DataType::Uint8)?
+                .raw_bytes()?,
+        ),
+        None => None,
+    };
+    Some((codes.raw_bytes()?, scales.to_f32_vec().ok()?, zeros))
 }
 
 /// `DequantizeLinear(x, scale, zero?)` with constant float32 or float16 scales of a 4-bit initializer x,

@@ -192,6 +192,11 @@ impl Patch {
         self
     }
 
+    /// The nodes the patch removes so far.
+    pub fn removed_nodes(&self) -> &[NodeId] {
+        &self.remove
+    }
+
     /// Readers of `old` (node inputs and graph outputs) read `new` instead. A graph output
     /// keeps its name: `new` takes it over.
     pub fn replace_uses(&mut self, old: ValueId, new: PValue) -> &mut Self {

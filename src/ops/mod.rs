@@ -118,6 +118,8 @@ pub const CONTRIB_OPS: &[ContribOp] = &[
     // Runtime and the dequantized weights agree within 1e-6): lowered to a MatMul with the
     // dequantized weight instead.
     op("MatMulNBits", Tract::Lowered, true, true),
+    // A tied embedding on its LM head's 4-bit codes (`--weights int4 --lm-head`).
+    op("GatherBlockQuantized", Tract::Lowered, false, true),
     // Same definition as ONNX Gelu with approximate="none".
     op("Gelu", Tract::Native(None), true, false),
     op("FastGelu", Tract::Native(None), true, true),

@@ -201,7 +201,33 @@ fn contrib(cx: &Ctx) -> Option<Vec<ValueType>> {
         "MultiHeadAttention" => multi_head_attention(cx),
         // A `[…, K]` times the `[K, N]` weight its 4-bit codes stand for (`ops::nbits`).
         "MatMulNBits" => vec![matmul_nbits(cx)],
+        "GatherBlockQuantized" => vec![gather_block_quantized(cx)?],
         _ => return None,
+    })
+}
+
+/// Rows of packed `[N, K·bits/8]` codes gathered along axis 0 and dequantized along axis 1:
+/// the indices' shape then K, in the scales' type. Other axes are not written by onnxopt.
+fn gather_block_quantized(cx: &Ctx) -> Option<ValueType> {
+    if (
+        cx.attr_int("gather_axis", 0),
+        cx.attr_int("quantize_axis", 1),
+    ) != (0, 1)
+    {
+        return None;
+    }
+    let per_byte = 8 / cx.attr_int("bits", 4).clamp(1, 8);
+    let row = match cx.shape(0)? {
+        [_, width] => width
+            .value()
+            .map_or(Dim::Unknown, |w| Dim::known(w * per_byte)),
+        _ => return None,
+    };
+    let mut shape = cx.shape(1)?.to_vec();
+    shape.push(row);
+    Some(ValueType {
+        elem: cx.elem(2),
+        shape: Some(shape),
     })
 }
 

@@ -1154,10 +1154,12 @@ fn recorded_dims_fill_what_inference_leaves_unknown_or_anonymous() {
 #[test]
 fn every_contrib_operator_onnxopt_emits_has_a_type_rule_and_runs_in_tract() {
     // Each with float inputs of the shapes its fusion gives it: the rule must at least type
-    // the first output float, and tract must run it (natively or lowered). MatMulNBits
-    // needs packed 4-bit codes, not these float inputs: tests/weight_only runs it in tract and
-    // ONNX Runtime.
-    let float_inputs = |o: &&crate::ops::ContribOp| o.emitted && o.name != "MatMulNBits";
+    // the first output float, and tract must run it (natively or lowered). MatMulNBits and
+    // GatherBlockQuantized need packed 4-bit codes, not these float inputs: tests/weight_only
+    // runs them in tract and ONNX Runtime (and `a_gather_of_packed_codes_has_k_columns` types
+    // the second).
+    let packed = ["MatMulNBits", "GatherBlockQuantized"];
+    let float_inputs = |o: &&crate::ops::ContribOp| o.emitted && !packed.contains(&o.name);
     for op in crate::ops::CONTRIB_OPS.iter().filter(float_inputs) {
         let t = Net::new(17)
             .input("x", F32, "2,4,8")
@@ -1220,4 +1222,22 @@ fn a_resize_keeps_the_data_type_and_rank_and_a_recorded_shape() {
         net(Some((F32, "batch,3,64,64"))).infer().ty("y"),
         "f16[batch, 3, 64, 64]"
     );
+}
+
+#[test]
+fn a_gather_of_packed_codes_has_k_columns() {
+    // 4-bit codes of a [10, 64] table: 32 bytes a row; ids [batch, sequence].
+    let t = Net::new(21)
+        .input("codes", UINT8, "10,32")
+        .input("ids", I64, "b,s")
+        .floats("scales", &[10, 2])
+        .node_in(
+            "com.microsoft",
+            "GatherBlockQuantized",
+            &["codes", "ids", "scales"],
+            &["rows"],
+            vec![attr::int("block_size", 32), attr::int("bits", 4)],
+        )
+        .infer();
+    assert_eq!(t.ty("rows"), "f32[b, s, 64]");
 }

@@ -564,6 +564,15 @@ fn emit(
                 }
                 patch.remove_node(reader);
             }
+            let codes = TiedCodes {
+                weight,
+                scales,
+                zeros,
+                n,
+                k,
+                blocks,
+            };
+            gather_codes(g, site, &codes, options, &mut patch);
         }
         Target::Onnx => {
             let (codes, scales, zeros) = q.dequantize_linear_inputs();
@@ -609,19 +618,134 @@ fn emit(
             }
         }
     }
-    let only_readers = g
-        .uses(site.weight)
+    // Read by nothing the patch keeps (its Gathers took the codes too): the float table goes.
+    if let Some((_, transpose)) = site.table {
+        patch.remove_node(transpose);
+    }
+    // Read by nothing the patch keeps (a tied embedding's Gathers took the codes too, or
+    // there are none), the float weight goes; else it stays for its other readers.
+    let float = site.table.map_or(site.weight, |(table, _)| table);
+    let removed = patch.removed_nodes();
+    let unread = g
+        .uses(float)
         .iter()
-        .all(|(reader, _)| site.readers.contains(reader));
-    match site.table {
-        Some((_, transpose)) => {
-            patch.remove_node(transpose);
-        }
-        None if only_readers => {
-            patch.drop_initializer(site.weight);
-        }
-        // Also read elsewhere (a tied embedding's Gather): the float table stays for it.
-        None => {}
+        .all(|(r, _)| removed.contains(r) || site.readers.contains(r));
+    if unread && !g.is_graph_output(float) {
+        patch.drop_initializer(float);
     }
     Ok(patch)
+}
+
+/// The MatMulNBits inputs of a tied LM head, for its embedding's Gathers.
+struct TiedCodes {
+    weight: PValue,
+    scales: PValue,
+    zeros: Option<PValue>,
+    n: i64,
+    k: i64,
+    blocks: i64,
+}
+
+/// The Gathers of the embedding table tied to `site`'s LM head (`--lm-head`): each reads the
+/// `[N, K]` table the codes stand for, directly (torch's exporters: the head reads
+/// `Transpose(table)`) or through a Transpose of the head's `[K, N]` weight (the model
+/// builder's). Axis 0, the Gather's own input 0.
+fn tied_gathers(g: &Graph, site: &Site) -> Vec<(NodeId, Option<NodeId>)> {
+    let gathers_of = |table: ValueId, through: Option<NodeId>| -> Vec<(NodeId, Option<NodeId>)> {
+        g.uses(table)
+            .iter()
+            .filter(|&&(r, slot)| {
+                let node = g.node(r);
+                slot == Use::Input(0)
+                    && node.domain().is_empty()
+                    && node.is("Gather")
+                    && attr::get_int(&node.proto, "axis").unwrap_or(0) == 0
+            })
+            .map(|&(r, _)| (r, through))
+            .collect()
+    };
+    match site.table {
+        Some((table, _)) => gathers_of(table, None),
+        None => g
+            .uses(site.weight)
+            .iter()
+            .filter_map(|&(r, _)| {
+                let node = g.node(r);
+                let swaps = attr::get_ints(&node.proto, "perm").is_some_and(|p| p == [1, 0]);
+                let moved = node.output(0)?;
+                let gathers = gathers_of(moved, Some(r));
+                let only_gathers =
+                    g.uses(moved).len() == gathers.len() && !g.is_graph_output(moved);
+                (node.is("Transpose") && swaps && only_gathers).then_some(gathers)
+            })
+            .flatten()
+            .collect(),
+    }
+}
+
+/// With `--lm-head` for ONNX Runtime, 4-bit codes whose K is whole blocks: the tied
+/// embedding's Gathers become `com.microsoft` GatherBlockQuantized on the same codes, scales
+/// and zero points (Reshaped to the rows it gathers), so the tied table is stored once, in 4
+/// bits, and the float table goes. Its zero points need an even block count per row: ONNX
+/// Runtime 1.27 on pads each row's packed zero points to a whole byte, 1.23 to 1.26 packed
+/// them across rows (the same bytes when the count is even; measured, `K` of 3 blocks is
+/// 2.0 off in 1.25.1).
+fn gather_codes(
+    g: &Graph,
+    site: &Site,
+    codes: &TiedCodes,
+    options: &WeightOnlyOptions,
+    patch: &mut Patch,
+) {
+    let block = options.block_size as i64;
+    let fits = options.bits == Bits::Four
+        && codes.k % block == 0
+        && (codes.zeros.is_none() || codes.blocks % 2 == 0)
+        && site.elem == DataType::Float;
+    let gathers = tied_gathers(g, site);
+    if !options.lm_head || !fits || gathers.is_empty() {
+        return;
+    }
+    let reshaped = |patch: &mut Patch, v: PValue, dims: &[i64], hint: &str| {
+        let shape = Tensor::from_i64(hint, &[dims.len() as i64], dims).ok()?;
+        let shape = patch.new_initializer(&format!("{hint}.shape"), shape);
+        let out = patch.new_value(hint);
+        patch.add_node("Reshape", "", &[Some(v), Some(shape)], &[out], vec![]);
+        Some(out)
+    };
+    let (n, k, blocks) = (codes.n, codes.k, codes.blocks);
+    let Some(data) = reshaped(patch, codes.weight, &[n, k / 2], "tied_codes") else {
+        return;
+    };
+    let Some(scales) = reshaped(patch, codes.scales, &[n, blocks], "tied_scales") else {
+        return;
+    };
+    let zeros = codes
+        .zeros
+        .and_then(|z| reshaped(patch, z, &[n, blocks / 2], "tied_zero_points"));
+    for (gather, transpose) in gathers {
+        let node = g.node(gather);
+        let (Some(ids), Some(out)) = (node.input(1), node.output(0)) else {
+            continue;
+        };
+        let mut inputs = vec![Some(data), Some(ids.into()), Some(scales)];
+        inputs.extend(zeros.map(Some));
+        let attributes = vec![
+            attr::int("gather_axis", 0),
+            attr::int("quantize_axis", 1),
+            attr::int("block_size", block),
+            attr::int("bits", 4),
+        ];
+        patch.add_node(
+            "GatherBlockQuantized",
+            MS_DOMAIN,
+            &inputs,
+            &[PValue::Old(out)],
+            attributes,
+        );
+        patch.remove_node(gather);
+        if let Some(transpose) = transpose {
+            patch.remove_node(transpose);
+        }
+    }
 }
