@@ -11,6 +11,7 @@ use onnxopt::exec::{
 use onnxopt::io::{self, ExternalData};
 use onnxopt::ir::{Model, Patch, Tensor};
 use onnxopt::ops::nbits::{self, Bits, BlockQuantized, PackedCodes};
+use onnxopt::ops::weights::transposed;
 use onnxopt::passes::fuse::Target;
 use onnxopt::quant::qdq::Selection;
 use onnxopt::quant::weight_only::gptq::GptqOptions;
@@ -153,7 +154,7 @@ fn dequantized_from(original: Model, quantized: &Model) -> Model {
             .collect();
         if !gathers.is_empty() {
             let (k, n) = (dims[0] as usize, dims[1] as usize);
-            let table: Vec<f32> = (0..n * k).map(|i| values[(i % k) * n + i / k]).collect();
+            let table = transposed(&values, k, n);
             let table_name = format!("{weight_name}.table");
             let table = Tensor::from_f32(&table_name, &[n as i64, k as i64], &table).unwrap();
             let table = patch.new_initializer(&table_name, table);
@@ -312,7 +313,7 @@ fn llama_tied_as_the_model_builder_does() -> Model {
     let t = Tensor::from_proto(table.clone()).unwrap();
     let (n, k) = (t.dims()[0] as usize, t.dims()[1] as usize);
     let values = t.to_f32_vec().unwrap();
-    let weight: Vec<f32> = (0..k * n).map(|i| values[(i % n) * k + i / n]).collect();
+    let weight = transposed(&values, n, k);
     *table = Tensor::from_f32("m.lm_head.weight", &[k as i64, n as i64], &weight)
         .unwrap()
         .into_proto();
@@ -424,10 +425,7 @@ fn a_tied_lm_head_is_quantized_when_asked_and_the_embedding_shares_its_codes() {
             let values = t.to_f32_vec().unwrap();
             let (k, n, t) = match builder_tie {
                 true => (rows, cols, values),
-                false => {
-                    let moved = (0..rows * cols).map(|i| values[(i % rows) * cols + i / rows]);
-                    (cols, rows, moved.collect())
-                }
+                false => (cols, rows, transposed(&values, rows, cols)),
             };
             let r = &reference.graph;
             let head = r

@@ -531,9 +531,11 @@ fn with_role_sizes(specs: &[InputSpec], options: &GenerateOptions) -> GenerateOp
 
 /// A decoder's KV cache input: `past…` of rank 3 or more, its past positions on axis -2.
 fn past_input(specs: &[InputSpec]) -> Option<&InputSpec> {
-    specs
-        .iter()
-        .find(|s| s.name.to_ascii_lowercase().contains("past") && s.dims.len() >= 3)
+    specs.iter().find(|s| is_cache(s))
+}
+
+fn is_cache(spec: &InputSpec) -> bool {
+    spec.name.to_ascii_lowercase().contains("past") && spec.dims.len() >= 3
 }
 
 fn dim_size(spec: &InputSpec, axis: usize, options: &GenerateOptions) -> usize {
@@ -561,10 +563,14 @@ fn new_tokens(specs: &[InputSpec], options: &GenerateOptions) -> Option<usize> {
 /// every row), as a generation step feeds them. Random positions could index past the
 /// rotary table a legacy export slices to the total length.
 fn is_positions(spec: &InputSpec, options: &GenerateOptions) -> bool {
+    names_positions(spec) && !options.ranges.contains_key(&spec.name)
+}
+
+/// `position_ids`: integer `[batch, new tokens]`.
+fn names_positions(spec: &InputSpec) -> bool {
     spec.name.to_ascii_lowercase().contains("position_ids")
         && spec.dims.len() == 2
         && !spec.dtype.is_float()
-        && !options.ranges.contains_key(&spec.name)
 }
 
 fn positions(
@@ -757,9 +763,8 @@ fn prompt_default(spec: &InputSpec, given: &[(String, Tensor)]) -> Option<Result
         .find(|(name, t)| lower(name).contains("input_ids") && t.rank() == 2)
         .map(|(_, t)| t.shape());
     let (rows, new) = (ids?[0], ids?[1]);
-    let name = lower(&spec.name);
     let rank = spec.dims.len();
-    if name.contains("past") && rank >= 3 {
+    if is_cache(spec) {
         let shape: Option<Vec<usize>> = (0..rank)
             .map(|axis| match (axis, &spec.dims[axis]) {
                 (0, _) => Some(rows),
@@ -777,7 +782,7 @@ fn prompt_default(spec: &InputSpec, given: &[(String, Tensor)]) -> Option<Result
         };
         return Some(Tensor::zero_dt(spec.dtype, &shape).map_err(|e| e.to_string()));
     }
-    if !(name.contains("position_ids") && rank == 2 && !spec.dtype.is_float()) {
+    if !names_positions(spec) {
         return None;
     }
     let mask = given

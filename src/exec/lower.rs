@@ -23,7 +23,7 @@ use std::borrow::Cow;
 
 use crate::error::Result;
 use crate::ir::{attr, DataType, Model, Node, NodeId, PValue, Patch, Tensor};
-use crate::ops::weights::plain_gemm_trans_b;
+use crate::ops::weights::{plain_gemm_trans_b, transposed};
 use crate::ops::{attention, embed_layer_norm, nbits, rotary, MS_DOMAIN};
 use crate::passes::branches::{rewrite_branches, BranchesOf};
 use crate::passes::Rewrites;
@@ -207,8 +207,7 @@ fn gather_block_quantized(model: &Model, id: NodeId, node: &Node) -> Option<Patc
     )
     .ok()?;
     // `dequantize` gives the `[K, N]` weight; the table is its transpose.
-    let w = q.dequantize();
-    let table: Vec<f32> = (0..n * k).map(|i| w[(i % k) * n + i / k]).collect();
+    let table = transposed(&q.dequantize(), k, n);
     let name = format!("{}.dequantized", g.value_name(node.input(0)?));
     let table = Tensor::from_f32(&name, &[n as i64, k as i64], &table).ok()?;
     let mut patch = Patch::new("lower-gather-block-quantized");

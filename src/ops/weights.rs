@@ -38,3 +38,16 @@ pub fn features_last_axis(node: &Node, rank: usize) -> Option<usize> {
     }
     reduction_axis(node, rank)
 }
+
+/// The row-major `[cols, rows]` transpose of the row-major `[rows, cols]` values `m`: a
+/// weight `[K, N]` as the table `[N, K]` it is tied to, and back.
+pub fn transposed(m: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+    (0..cols)
+        .flat_map(|c| (0..rows).map(move |r| m[r * cols + c]))
+        .collect()
+}
+
+/// A Transpose that swaps the two axes of a matrix (`perm` `[1, 0]`).
+pub fn swaps_two_axes(node: &Node) -> bool {
+    node.is("Transpose") && attr::get_ints(&node.proto, "perm").is_some_and(|p| p == [1, 0])
+}

@@ -152,6 +152,8 @@ pub fn is_embedding_gather(g: &Graph, types: &HashMap<ValueId, ValueType>, node:
 
 /// Ops that move or repeat values without computing new ones.
 const VALUE_PRESERVING: &[&str] = &["Reshape", "Unsqueeze", "Squeeze", "Expand", "Transpose"];
+/// How many of them the walk from a MatMul back to a Cast of positions crosses, at most.
+const POSITIONS_PATH_DEPTH: usize = 4;
 
 /// True for a node reading integers cast to float (through ops that only move them): a
 /// rotary embedding's angles `inv_freq @ positions`. Positions at generation run past any
@@ -174,7 +176,7 @@ fn reads_positions(g: &Graph, types: &HashMap<ValueId, ValueType>, node: &Node) 
             })
     };
     let mut frontier: Vec<ValueId> = node.inputs.iter().flatten().copied().collect();
-    for _ in 0..=SCORE_PATH_DEPTH {
+    for _ in 0..=POSITIONS_PATH_DEPTH {
         let mut next = Vec::new();
         for v in frontier {
             let Some(producer) = g.producer(v).map(|p| g.node(p)) else {

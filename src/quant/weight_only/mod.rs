@@ -43,6 +43,7 @@ use crate::exec::{Batch, Engine};
 use crate::ir::tensor::float_bytes;
 use crate::ir::{attr, DataType, Graph, Model, NodeId, PValue, Patch, Tensor, Use, ValueId};
 use crate::ops::nbits::{Bits, BlockQuantized};
+use crate::ops::weights::{swaps_two_axes, transposed};
 use crate::ops::MS_DOMAIN;
 use crate::passes::fuse::Target;
 use crate::passes::{opset, Rewrites};
@@ -359,24 +360,16 @@ fn quantize_weight(
     (rtn, report)
 }
 
-/// The row-major `[cols, rows]` transpose of the row-major `[rows, cols]` values `m`.
-fn transposed(m: &[f32], rows: usize, cols: usize) -> Vec<f32> {
-    (0..cols)
-        .flat_map(|c| (0..rows).map(move |r| m[r * cols + c]))
-        .collect()
-}
-
 /// `Transpose(table, perm [1, 0])` of a 2-D float32 initializer read by `reader` alone: the
 /// table and the Transpose node.
 fn transposed_table(g: &Graph, weight: ValueId, reader: NodeId) -> Option<(ValueId, NodeId)> {
     let transpose = g.producer(weight)?;
     let node = g.node(transpose);
-    let swaps = attr::get_ints(&node.proto, "perm").is_some_and(|p| p == [1, 0]);
     let table = node.input(0)?;
     let t = g.initializer(table)?;
     let only_reader =
         g.uses(weight).iter().all(|&(r, _)| r == reader) && !g.is_graph_output(weight);
-    (node.is("Transpose") && swaps && t.dims().len() == 2 && quantizable(t.dtype()) && only_reader)
+    (swaps_two_axes(node) && t.dims().len() == 2 && quantizable(t.dtype()) && only_reader)
         .then_some((table, transpose))
 }
 
@@ -572,7 +565,9 @@ fn emit(
                 k,
                 blocks,
             };
-            gather_codes(g, site, &codes, options, &mut patch);
+            // No tied Gather to take the codes, or no form every release reads alike: the
+            // float table stays for the Gather.
+            let _ = gather_codes(g, site, &codes, options, &mut patch);
         }
         Target::Onnx => {
             let (codes, scales, zeros) = q.dequantize_linear_inputs();
@@ -618,7 +613,7 @@ fn emit(
             }
         }
     }
-    // Read by nothing the patch keeps (its Gathers took the codes too): the float table goes.
+    // The head's Transpose of the table goes with the head.
     if let Some((_, transpose)) = site.table {
         patch.remove_node(transpose);
     }
@@ -671,12 +666,11 @@ fn tied_gathers(g: &Graph, site: &Site) -> Vec<(NodeId, Option<NodeId>)> {
             .iter()
             .filter_map(|&(r, _)| {
                 let node = g.node(r);
-                let swaps = attr::get_ints(&node.proto, "perm").is_some_and(|p| p == [1, 0]);
                 let moved = node.output(0)?;
                 let gathers = gathers_of(moved, Some(r));
                 let only_gathers =
                     g.uses(moved).len() == gathers.len() && !g.is_graph_output(moved);
-                (node.is("Transpose") && swaps && only_gathers).then_some(gathers)
+                (swaps_two_axes(node) && only_gathers).then_some(gathers)
             })
             .flatten()
             .collect(),
@@ -696,7 +690,7 @@ fn gather_codes(
     codes: &TiedCodes,
     options: &WeightOnlyOptions,
     patch: &mut Patch,
-) {
+) -> Option<()> {
     let block = options.block_size as i64;
     let fits = options.bits == Bits::Four
         && codes.k % block == 0
@@ -704,7 +698,7 @@ fn gather_codes(
         && site.elem == DataType::Float;
     let gathers = tied_gathers(g, site);
     if !options.lm_head || !fits || gathers.is_empty() {
-        return;
+        return None;
     }
     let reshaped = |patch: &mut Patch, v: PValue, dims: &[i64], hint: &str| {
         let shape = Tensor::from_i64(hint, &[dims.len() as i64], dims).ok()?;
@@ -714,15 +708,12 @@ fn gather_codes(
         Some(out)
     };
     let (n, k, blocks) = (codes.n, codes.k, codes.blocks);
-    let Some(data) = reshaped(patch, codes.weight, &[n, k / 2], "tied_codes") else {
-        return;
+    let data = reshaped(patch, codes.weight, &[n, k / 2], "tied_codes")?;
+    let scales = reshaped(patch, codes.scales, &[n, blocks], "tied_scales")?;
+    let zeros = match codes.zeros {
+        Some(z) => Some(reshaped(patch, z, &[n, blocks / 2], "tied_zero_points")?),
+        None => None,
     };
-    let Some(scales) = reshaped(patch, codes.scales, &[n, blocks], "tied_scales") else {
-        return;
-    };
-    let zeros = codes
-        .zeros
-        .and_then(|z| reshaped(patch, z, &[n, blocks / 2], "tied_zero_points"));
     for (gather, transpose) in gathers {
         let node = g.node(gather);
         let (Some(ids), Some(out)) = (node.input(1), node.output(0)) else {
@@ -748,4 +739,5 @@ fn gather_codes(
             patch.remove_node(transpose);
         }
     }
+    Some(())
 }
