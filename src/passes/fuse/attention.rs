@@ -902,6 +902,13 @@ fn build_attention(m: &Match, rw: &mut Rewrite) -> Built {
         true => (m.get("k_bnsh")?, m.get("v_bnsh")?),
         false => (m.get("k")?, m.get("v")?),
     };
+    // Grouped heads repeated for MultiHeadAttention would stay materialized, their cache
+    // concatenated outside: the grouped rule gives them to the standard Attention unrepeated.
+    if layout.bnsh && (grouped::repeats_heads(g, k) || grouped::repeats_heads(g, v)) {
+        return Err(Declined::Mismatch(
+            "the keys and values repeat grouped heads: attention-grouped's form".into(),
+        ));
+    }
     let past = m.value("past_k").zip(m.value("past_v"));
     let presents = [m.value("k_total"), m.value("v_total")];
     let bias = bias_of(m, rw)?;

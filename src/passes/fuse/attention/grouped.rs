@@ -64,6 +64,11 @@ fn repeated(kv: Pat, names: [Name; 3]) -> Pat {
     op("Reshape", [expand, any()]).named(repeat)
 }
 
+/// Whether `v` is `repeat_kv`'s output: heads the `attention-grouped` rule takes unrepeated.
+pub(super) fn repeats_heads(g: &Graph, v: ValueId) -> bool {
+    !repeated(any(), K_REPEAT).matches(g, v).is_empty()
+}
+
 /// Keys or values: the new heads, after the cached ones or not, repeated or not.
 fn grouped(new: Name, past: Name, total: Name, repeat: [Name; 3]) -> Pat {
     let cached = either([
