@@ -45,7 +45,7 @@
 
 use std::collections::{HashMap, HashSet};
 
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::exec::Batch;
 use crate::ir::{attr, DataType, Model, NodeId, PValue, Patch, ValueId};
 use crate::ops::weights::plain_gemm_trans_b;
@@ -93,28 +93,17 @@ pub fn quantize_dynamic(
         return Ok(report(Rewrites::default(), operators));
     }
     let plan = qdq::Plan::new(model, QuantTarget::Ort, &options.qdq.selection);
-    // Integer products, grouped by the activation they read.
-    let mut integer: Vec<(ValueId, Vec<IntegerProduct>)> = Vec::new();
-    let mut integer_weights = HashSet::new();
-    for w in &plan.weights {
-        let products: Option<Vec<IntegerProduct>> = w
-            .readers
-            .iter()
-            .map(|&(reader, slot)| IntegerProduct::of(model, reader, slot, w.value))
-            .collect();
-        let Some(products) = products else { continue };
-        integer_weights.insert(w.value);
-        for p in products {
-            match integer.iter_mut().find(|(x, _)| *x == p.x) {
-                Some((_, products)) => products.push(p),
-                None => integer.push((p.x, vec![p])),
-            }
-        }
-    }
-    let activation_patches = integer
+    // The weights every reader of which can be an integer product.
+    let integer_weights: HashSet<ValueId> = plan
+        .weights
         .iter()
-        .map(|(x, products)| integer_products(model, *x, products, options.qdq.product_weights))
-        .collect::<Result<Vec<_>>>()?;
+        .filter(|w| {
+            w.readers
+                .iter()
+                .all(|&(reader, slot)| IntegerProduct::of(model, reader, slot, w.value).is_some())
+        })
+        .map(|w| w.value)
+        .collect();
     // Every other weight and table, weight-only, as static quantization writes them.
     let mut weight_only = plan.clone();
     weight_only.activations.clear();
@@ -129,10 +118,33 @@ pub fn quantize_dynamic(
         QuantTarget::Ort,
         ProductWeights::Int8,
     )?;
-    if !activation_patches.is_empty() {
+    // The integer products, grouped by the activation they read, read from the graph the
+    // weight-only rewrites left: a table's Gather (an embedding) hands its readers a new value.
+    let mut integer: Vec<(ValueId, Vec<IntegerProduct>)> = Vec::new();
+    for w in plan
+        .weights
+        .iter()
+        .filter(|w| integer_weights.contains(&w.value))
+    {
+        for &(reader, slot) in &w.readers {
+            let p = IntegerProduct::of(model, reader, slot, w.value).ok_or_else(|| {
+                Error::Quantization(format!(
+                    "`{}` is no longer an integer product of `{}`",
+                    model.graph.node_label(reader),
+                    model.graph.value_name(w.value)
+                ))
+            })?;
+            match integer.iter_mut().find(|(x, _)| *x == p.x) {
+                Some((_, products)) => products.push(p),
+                None => integer.push((p.x, vec![p])),
+            }
+        }
+    }
+    if !integer.is_empty() {
         opset::raise(model, DYNAMIC_OPSET)?;
     }
-    for patch in activation_patches {
+    for (x, products) in &integer {
+        let patch = integer_products(model, *x, products, options.qdq.product_weights)?;
         rewrites.apply(model, patch)?;
     }
     let sources = plan.weights.iter().map(|w| w.value);
