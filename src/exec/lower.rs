@@ -18,6 +18,8 @@
 //!   cannot load 4-bit tensors nor read `block_size`; see `blockwise_dequantize`).
 //! - `CumSum(x, axis)` of int64 `x`: summed in float64 and cast back (tract 0.23 cannot sum
 //!   int64; see `int64_cumsum`).
+//! - `Cast(x, to = int64)` of an int64 `x`: `Identity` (tract 0.23 casts every number to
+//!   int64 through 32 bits; see `int64_to_int64_cast`).
 
 use std::borrow::Cow;
 
@@ -42,6 +44,7 @@ pub fn lower_contrib_ops(model: &mut Model) -> Result<usize> {
                 || n.is("RotaryEmbedding")
                 || n.is("DequantizeLinear")
                 || n.is("Attention")
+                || n.is("Cast")
         })
         .map(|(id, _)| id)
         .collect();
@@ -63,6 +66,7 @@ pub fn lower_contrib_ops(model: &mut Model) -> Result<usize> {
             ("", "CumSum") => int64_cumsum(model, id, &node),
             ("", "DequantizeLinear") => blockwise_dequantize(model, id, &node),
             ("", "Attention") => attention::lower_softcap(&model.graph, id, &node),
+            ("", "Cast") => int64_to_int64_cast(model, id, &node),
             _ => None,
         };
         if let Some(patch) = patch {
@@ -299,6 +303,38 @@ fn blockwise_dequantize(model: &Model, id: NodeId, node: &Node) -> Option<Patch>
             patch.drop_initializer(*v);
         }
     }
+    Some(patch)
+}
+
+/// `Cast(x, to = int64)` of an int64 `x` as `Identity(x)`. tract reads every ONNX cast to
+/// int64 as a cast to its symbolic-dimension type, which it makes from numbers through i32:
+/// `i64::MAX` became -1 and 2^31 became -2^31. torch 2.6's dynamo export casts its slices'
+/// "to the end" bound, `i64::MAX`, from int64 to int64, so constant folding turned ViT's pooler
+/// slice `[0:]` into `[0:-1]` (one row short). A cast to its own type is the identity; casts
+/// from other types keep tract's reading (their values fit 32 bits in the graphs seen).
+fn int64_to_int64_cast(model: &Model, id: NodeId, node: &Node) -> Option<Patch> {
+    let g = &model.graph;
+    let int64 = DataType::Int64 as i32;
+    if attr::get_int(&node.proto, "to") != Some(int64.into()) {
+        return None;
+    }
+    let x = node.input(0)?;
+    let x_type = match g.initializer(x) {
+        Some(t) => t.dtype() as i32,
+        None => g.value_type(x)?.elem,
+    };
+    if x_type != int64 {
+        return None;
+    }
+    let mut patch = Patch::new("lower-cast");
+    patch.add_node(
+        "Identity",
+        "",
+        &[Some(x.into())],
+        &[PValue::Old(node.output(0)?)],
+        vec![],
+    );
+    patch.remove_node(id);
     Some(patch)
 }
 

@@ -698,6 +698,23 @@ mod tests {
         assert_eq!(y.to_f32_vec().unwrap(), [16.0]);
     }
 
+    #[test]
+    fn an_int64_cast_to_int64_keeps_its_64_bits() {
+        // torch 2.6's dynamo export: Slice(x, 0, Cast(i64::MAX, int64)), "to the end".
+        for v in [i64::MAX, 1 << 31, i64::MIN] {
+            let mut m = builder()
+                .input("x", F32, &["n"])
+                .output("y", F32, &["?"])
+                .init(Tensor::from_i64("start", &[1], &[0]).unwrap())
+                .init(Tensor::from_i64("end", &[1], &[v]).unwrap())
+                .node("Cast", &["end"], &["end64"], vec![attr::int("to", 7)])
+                .node("Slice", &["x", "start", "end64"], &["y"], vec![])
+                .build();
+            ConstantFolding.run(&mut m).unwrap();
+            assert_eq!(initializer(&m, "end64").to_i64_vec().unwrap(), [v]);
+        }
+    }
+
     /// x + `op`(one, shape): a broadcast of a small constant.
     fn broadcast(op: &str) -> Builder {
         let ins: &[&str] = if op == "Expand" {
