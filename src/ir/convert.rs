@@ -16,11 +16,15 @@ use crate::proto::{AttributeProto, GraphProto, NodeProto, TensorProto, TypeProto
 pub fn graph_from_proto(mut proto: GraphProto) -> Result<(Graph, Vec<String>)> {
     let mut nodes = std::mem::take(&mut proto.node);
     let mut initializers = std::mem::take(&mut proto.initializer);
-    let repairs = drop_duplicate_constants(&mut nodes, &mut initializers);
+    let mut repairs = drop_duplicate_constants(&mut nodes, &mut initializers);
     let sparse = std::mem::take(&mut proto.sparse_initializer);
     let inputs = std::mem::take(&mut proto.input);
-    let outputs = std::mem::take(&mut proto.output);
-    let value_info = std::mem::take(&mut proto.value_info);
+    let mut outputs = std::mem::take(&mut proto.output);
+    let mut value_info = std::mem::take(&mut proto.value_info);
+    repairs.extend(mark_numbered_dims(
+        &inputs,
+        outputs.iter_mut().chain(value_info.iter_mut()),
+    ));
     let mut g = Graph::empty(proto);
 
     // Every name defined in this graph, checked for single assignment before any node is
@@ -119,6 +123,91 @@ pub fn graph_from_proto(mut proto: GraphProto) -> Result<(Graph, Vec<String>)> {
     }
     g.topological_order()?;
     Ok((g, repairs))
+}
+
+/// Where a graph input names a dim by a number, that number in the dim expressions of `decls`
+/// marked as the symbol it is (`s11 + 3` → `s11 + (3)`, see `Dim::parse`). torch 2.6's dynamo
+/// exporter names dynamic dims after the example's sizes (`"2"`, `"3"`, `"s11"`) and writes
+/// the cache it returns as `s11 + 3`: past plus the new tokens. Read as a sum with the number
+/// 3, it made positions and activations 3 tokens long for good, and the optimized model failed
+/// on any other length. Returns one line for the report when it marks any.
+fn mark_numbered_dims<'a>(
+    inputs: &[ValueInfoProto],
+    decls: impl Iterator<Item = &'a mut ValueInfoProto>,
+) -> Option<String> {
+    use crate::proto::tensor_shape_proto::dimension::Value as DimValue;
+    use crate::proto::type_proto::Value as Type;
+    fn dim_params(decl: &mut ValueInfoProto) -> impl Iterator<Item = &mut String> {
+        let shape = match decl.r#type.as_mut().and_then(|t| t.value.as_mut()) {
+            Some(Type::TensorType(t)) => t.shape.as_mut(),
+            _ => None,
+        };
+        shape
+            .into_iter()
+            .flat_map(|s| s.dim.iter_mut())
+            .filter_map(|d| match &mut d.value {
+                Some(DimValue::DimParam(p)) => Some(p),
+                _ => None,
+            })
+    }
+    let is_number = |text: &str| text.trim().parse::<i64>().is_ok();
+    let names: HashSet<String> = inputs
+        .iter()
+        .flat_map(|input| {
+            dim_params(&mut input.clone())
+                .filter(|p| is_number(p))
+                .map(|p| p.trim().to_string())
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    if names.is_empty() {
+        return None;
+    }
+    let mut marked = 0;
+    for decl in decls {
+        for text in dim_params(decl) {
+            if is_number(text) {
+                continue;
+            }
+            let (rewritten, n) = with_symbols_marked(text, &names);
+            if n > 0 {
+                *text = rewritten;
+                marked += n;
+            }
+        }
+    }
+    (marked > 0).then(|| {
+        format!(
+            "{marked} numbers in recorded dims (such as `s11 + 3`) read as the dims the graph's \
+             inputs name by them"
+        )
+    })
+}
+
+/// `text` with each standalone number of `names` in parentheses, and how many.
+fn with_symbols_marked(text: &str, names: &HashSet<String>) -> (String, usize) {
+    let is_word = |c: char| c.is_alphanumeric() || c == '_' || c == '.';
+    let mut out = String::with_capacity(text.len() + 4);
+    let mut marked = 0;
+    let mut rest = text;
+    while let Some(start) = rest.find(|c: char| is_word(c)) {
+        out.push_str(&rest[..start]);
+        let word_len = rest[start..]
+            .find(|c: char| !is_word(c))
+            .unwrap_or(rest.len() - start);
+        let word = &rest[start..start + word_len];
+        if names.contains(word) {
+            out.push('(');
+            out.push_str(word);
+            out.push(')');
+            marked += 1;
+        } else {
+            out.push_str(word);
+        }
+        rest = &rest[start + word_len..];
+    }
+    out.push_str(rest);
+    (out, marked)
 }
 
 /// Resolves a value written by several `Constant` nodes (or by Constant nodes and an
@@ -290,4 +379,69 @@ pub fn free_names(g: &GraphProto) -> BTreeSet<String> {
         }
     }
     free
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ir::{DataType, Model};
+    use crate::proto::tensor_shape_proto::{dimension::Value as DimValue, Dimension};
+    use crate::proto::{type_proto, ModelProto, OperatorSetIdProto, TensorShapeProto};
+
+    fn declared(name: &str, dims: &[&str]) -> ValueInfoProto {
+        let dim = |d: &&str| Dimension {
+            value: Some(DimValue::DimParam(d.to_string())),
+            ..Default::default()
+        };
+        ValueInfoProto {
+            name: Some(name.into()),
+            r#type: Some(TypeProto {
+                value: Some(type_proto::Value::TensorType(type_proto::Tensor {
+                    elem_type: Some(DataType::Float as i32),
+                    shape: Some(TensorShapeProto {
+                        dim: dims.iter().map(dim).collect(),
+                    }),
+                })),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    /// torch 2.6's dynamo export of a cache step: the new tokens' dim is named "3", and the
+    /// cache it returns is declared `s11 + 3`, past plus those tokens.
+    #[test]
+    fn a_number_naming_an_input_dim_is_that_dim_in_expressions() {
+        let concat = NodeProto {
+            op_type: Some("Concat".into()),
+            input: vec!["past".into(), "new".into()],
+            output: vec!["present".into()],
+            attribute: vec![crate::ir::attr::int("axis", 1)],
+            ..Default::default()
+        };
+        let m = Model::from_proto(ModelProto {
+            ir_version: Some(8),
+            opset_import: vec![OperatorSetIdProto {
+                domain: Some(String::new()),
+                version: Some(18),
+            }],
+            graph: Some(GraphProto {
+                node: vec![concat],
+                input: vec![
+                    declared("past", &["2", "s11"]),
+                    declared("new", &["2", "3"]),
+                ],
+                output: vec![declared("present", &["2", "s11 + 3"])],
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
+        .unwrap();
+        let present = m.graph.find_value("present").unwrap();
+        let dims = m.graph.value_type(present).unwrap().shape.unwrap();
+        assert_eq!(dims[1], Dim::symbol("s11").add(&Dim::symbol("3")));
+        assert_eq!(m.repairs.len(), 1, "{:?}", m.repairs);
+        let (text, marked) = with_symbols_marked("Min(3, s3 + 3*x3)", &["3".to_string()].into());
+        assert_eq!((text.as_str(), marked), ("Min((3), s3 + (3)*x3)", 2));
+    }
 }

@@ -445,7 +445,8 @@ impl Dim {
     /// (`past_sequence+sequence`, `past_sequence + sequence`, `a - b`) becomes what `add` and
     /// `sub` make of its terms; a factor may be a parenthesized expression or a call such as
     /// `Min(128, sequence)` (kept as one opaque symbol). A `-` is a difference only with
-    /// spaces around it, since names may hold hyphens. Any other text is one opaque symbol.
+    /// spaces around it, since names may hold hyphens. A number in parentheses is a symbol
+    /// named by it (see `Display`). Any other text is one opaque symbol.
     pub fn parse(text: &str) -> Dim {
         /// Longer texts are not taken apart (each nesting level costs a stack frame).
         const MAX_PARSED: usize = 256;
@@ -484,7 +485,10 @@ impl Dim {
                 });
             }
             let single = if let Some(inner) = parenthesized(base) {
-                Dim::parse(inner)
+                match inner.trim().parse::<i64>() {
+                    Ok(_) => Dim::symbol(inner.trim()),
+                    Err(_) => Dim::parse(inner),
+                }
             } else if base.split_once('(').is_some_and(|(name, _)| {
                 is_name(name) && parenthesized(&base[name.len()..]).is_some()
             }) {
@@ -502,9 +506,24 @@ impl Dim {
             .unwrap_or_else(|| Dim::symbol(text))
     }
 
+    /// The name of a symbol named by a number (`"12"`), when the dim is that symbol alone.
+    fn numbered_symbol(&self) -> Option<&str> {
+        let Dim::Product { coeff: 1, symbols } = self else {
+            return None;
+        };
+        match symbols.iter().collect::<Vec<_>>()[..] {
+            [(name, 1)] if name.parse::<i64>().is_ok() => Some(name),
+            _ => None,
+        }
+    }
+
     fn from_proto(d: &Dimension) -> Dim {
         match &d.value {
             Some(DimValue::DimValue(v)) if *v >= 0 => Dim::known(*v),
+            // A `dim_param` names a dimension whatever its text: torch 2.6's dynamo exporter
+            // names dynamic ones after the example's sizes (`"2"`, `"12"`), which runtimes
+            // take at any size.
+            Some(DimValue::DimParam(p)) if p.trim().parse::<i64>().is_ok() => Dim::symbol(p.trim()),
             Some(DimValue::DimParam(p)) if !p.is_empty() => Dim::parse(p),
             _ => Dim::Unknown,
         }
@@ -513,9 +532,11 @@ impl Dim {
     fn to_proto(&self) -> Dimension {
         let value = match self {
             Dim::Unknown => None,
-            d => match d.value() {
-                Some(v) => Some(DimValue::DimValue(v)),
-                None => Some(DimValue::DimParam(d.to_string())),
+            d => match (d.value(), d.numbered_symbol()) {
+                (Some(v), _) => Some(DimValue::DimValue(v)),
+                // The name as the file wrote it (`from_proto`).
+                (None, Some(name)) => Some(DimValue::DimParam(name.to_string())),
+                (None, None) => Some(DimValue::DimParam(d.to_string())),
             },
         };
         Dimension {
@@ -535,11 +556,13 @@ impl fmt::Display for Dim {
             parts.push(coeff.to_string());
         }
         for (s, e) in symbols {
-            parts.push(if *e == 1 {
-                s.clone()
-            } else {
-                format!("{s}^{e}")
-            });
+            // A symbol named by a number, in parentheses: `(12)` reads back as that symbol, in
+            // products (`2*(12)`, not 24) and in the sums and calls `parse` takes apart.
+            let name = match s.parse::<i64>() {
+                Ok(_) => format!("({s})"),
+                Err(_) => s.clone(),
+            };
+            parts.push(if *e == 1 { name } else { format!("{name}^{e}") });
         }
         write!(f, "{}", parts.join("*"))
     }
@@ -893,6 +916,37 @@ mod tests {
             Dim::symbol("Min(128, sequence)")
         );
         assert_eq!(Dim::parse("s53"), Dim::symbol("s53"));
+        assert_eq!(Dim::parse("12*s"), Dim::known(12).mul(&Dim::symbol("s")));
+    }
+
+    /// torch 2.6's dynamo exporter names dynamic dims after the example's sizes: `"12"` is a
+    /// symbol, alone and in the products and sums inference writes of it.
+    #[test]
+    fn a_dim_param_named_by_a_number_stays_a_symbol() {
+        use crate::proto::tensor_shape_proto::{dimension::Value as DimValue, Dimension};
+        let read = |text: &str| {
+            Dim::from_proto(&Dimension {
+                value: Some(DimValue::DimParam(text.to_string())),
+                ..Default::default()
+            })
+        };
+        let twelve = Dim::symbol("12");
+        assert_eq!(read("12"), twelve);
+        assert_eq!(
+            twelve.to_proto().value,
+            Some(DimValue::DimParam("12".into()))
+        );
+        let past = Dim::symbol("past");
+        for d in [
+            Dim::known(2).mul(&twelve),
+            twelve.mul(&twelve),
+            Dim::symbol("2").mul(&twelve),
+            twelve.add(&past),
+        ] {
+            assert_eq!(read(&d.to_string()), d, "{d}");
+        }
+        // torch 2.6's positions: Range(past, past + new tokens) is as long as the new tokens.
+        assert_eq!(twelve.add(&past).sub(&past), twelve);
     }
 
     #[test]
