@@ -2,7 +2,8 @@
 //! one node (or none) does. One rewrite family per file:
 //!
 //! - `arith`: a Mul by ones, an Add of zeros.
-//! - `cast`: a Cast to the type its input has; a Cast after a lossless Cast.
+//! - `cast`: a Cast to the type its input has; a Cast after a lossless Cast; a CastLike as the
+//!   Cast it is.
 //! - `transpose`: an identity Transpose; a Transpose after a Transpose.
 //! - `shape`: a Reshape or Expand to the shape its input has; a Reshape after a Reshape; a
 //!   Squeeze and an Unsqueeze of the same axes; a Pad by zeros.
@@ -28,6 +29,7 @@ type Rule = fn(&Graph, NodeId) -> Option<Patch>;
 
 const RULES: &[Rule] = &[
     cast::noop,
+    cast::like,
     cast::chain,
     transpose::noop,
     transpose::chain,

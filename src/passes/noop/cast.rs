@@ -6,6 +6,10 @@
 //!   (`lossless`): the first cast changes no value, the second brings back the type: `x`.
 //! - `cast-chain`: `Cast(Cast(x: S, to=T), to=U)` → `Cast(x, to=U)` under the same condition,
 //!   when converting a value to U gives the same result from T as from S (`composes`).
+//! - `cast-like`: `CastLike(x, like)` → `Cast(x, to=T)` where `like` has type T: CastLike reads
+//!   only the type of `like` (onnxscript's functions, which torch 2.5–2.6's dynamo exporter
+//!   writes, cast every constant that way), so a constant `x` folds and the constants
+//!   fusions look for appear.
 //!
 //! Element types come from `Graph::value_type`; without a recorded type nothing is done.
 
@@ -26,6 +30,21 @@ pub fn noop(g: &Graph, id: NodeId) -> Option<Patch> {
         return None;
     }
     bypass(g, "cast-noop", id, node.output(0)?, x)
+}
+
+pub fn like(g: &Graph, id: NodeId) -> Option<Patch> {
+    let node = op_node(g, id, "CastLike")?;
+    let target = elem(g, node.input(1)?)?;
+    let mut cast = node.proto.clone();
+    cast.op_type = Some("Cast".into());
+    cast.attribute.push(attr::int("to", target as i64));
+    Some(rewire(
+        "cast-like",
+        id,
+        cast,
+        &[node.input(0)],
+        node.output(0)?,
+    ))
 }
 
 pub fn chain(g: &Graph, id: NodeId) -> Option<Patch> {
@@ -178,6 +197,26 @@ mod tests {
             .node("Cast", &["r"], &["z"], cast(Int64))
             .build();
         assert!(rewrites(&mut m).is_empty());
+    }
+
+    #[test]
+    fn a_cast_like_is_the_cast_to_its_template_s_type() {
+        use DataType::*;
+        // onnxscript's GELU: 1 + erf(x), the 1 an int64 constant cast like `erf`.
+        let mut m = builder()
+            .input("x", Float, &["4"])
+            .output("y", Float, &["4"])
+            .init(crate::ir::Tensor::from_i64("one", &[], &[1]).unwrap())
+            .node("CastLike", &["one", "x"], &["one_cast"], vec![])
+            .node("Add", &["x", "one_cast"], &["y"], vec![])
+            .build();
+        assert_eq!(rewrites(&mut m), ["cast-like"]);
+        let g = written(&m);
+        assert_eq!(
+            (g.node[0].op_type(), g.node[0].input.as_slice()),
+            ("Cast", &["one".to_string()][..])
+        );
+        assert_eq!(attr::get_int(&g.node[0], "to"), Some(Float as i64));
     }
 
     #[test]
