@@ -22,6 +22,7 @@ use crate::passes::fuse::layernorm::LayerNormFusion;
 use crate::passes::fuse::rotary::RotaryFusion;
 use crate::passes::fuse::Target;
 use crate::passes::identity::IdentityElimination;
+use crate::passes::inline::FunctionInlining;
 use crate::passes::noop::NoOpElimination;
 use crate::passes::shape::ShapeInference;
 use crate::passes::shape_of::ShapeFromInputs;
@@ -51,6 +52,7 @@ impl Default for OptimizeOptions {
 pub fn pipeline(options: &OptimizeOptions) -> PassManager {
     let target = options.target;
     PassManager::new()
+        .with(FunctionInlining)
         .with(ShapeInference)
         .with(IdentityElimination)
         .with(CommonSubexpressions)

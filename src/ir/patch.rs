@@ -157,6 +157,18 @@ impl Patch {
         self.push_node(proto, inputs, outputs.iter().copied().map(Some).collect())
     }
 
+    /// Like `add_node_proto`, with optional outputs left unnamed (`None`).
+    pub fn add_node_proto_with_optional_outputs(
+        &mut self,
+        mut proto: NodeProto,
+        inputs: &[Option<PValue>],
+        outputs: &[Option<PValue>],
+    ) -> &mut Self {
+        proto.input.clear();
+        proto.output.clear();
+        self.push_node(proto, inputs, outputs.to_vec())
+    }
+
     fn push_node(
         &mut self,
         proto: NodeProto,

@@ -13,6 +13,7 @@ pub mod dce;
 pub mod fold;
 pub mod fuse;
 pub mod identity;
+pub mod inline;
 pub(crate) mod matching;
 pub mod noop;
 pub mod opset;
