@@ -208,6 +208,34 @@ fn dynamically_quantized_corpus_models_stay_close_to_float_in_tract_and_onnx_run
     checks.run();
 }
 
+/// OLMo-2 normalizes after attention, so its embedding's rows feed the first layer's projections
+/// directly: the table's Gather is rewritten (int8 rows) and its readers quantized dynamically.
+/// The dynamic products must read the rows the rewritten Gather gives, not the value it
+/// replaced (which no node produces any more: ONNX Runtime refused to load the output).
+#[test]
+fn dynamic_products_of_an_embedding_read_its_int8_rows() {
+    let path = common::testdata("wild/optimum-olmo2.optimum18.t27.onnx");
+    let float = common::optimized_to_convert(&path, Target::Ort);
+    let mut model = float.clone();
+    let report = quantize_dynamic(&mut model, &[], &dynamic_options(ProductWeights::Int7)).unwrap();
+    for rewrite in ["dynamic-matmul", "qdq-embedding"] {
+        assert!(
+            report.rewrites.0.contains_key(rewrite),
+            "{:?}",
+            report.rewrites
+        );
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("dynamic.olmo2.onnx");
+    io::save(&model, &out, ExternalData::Never).unwrap();
+    io::load(&out).unwrap_or_else(|e| panic!("the output does not load: {e}"));
+    let calib = common::testdata("wild/calib/optimum-olmo2.optimum18.t27");
+    assert_close_in_tract(&float, &model, &calib, 0.99, "olmo2");
+    let mut checks = common::OrtChecks::default();
+    checks.add("0.99", &path, &out, &calib);
+    checks.run();
+}
+
 #[test]
 fn unpacked_attention_projections_give_the_packed_outputs_in_tract_and_onnx_runtime() {
     let dir = tempfile::tempdir().unwrap();

@@ -1,5 +1,6 @@
 //! The wild corpus (`testdata/wild/`, made by `scripts/wild/make_wild.py` with real exporters:
-//! torch 2.1–2.10's legacy and dynamo exporters at opsets 11–23, Optimum 1.22, tf2onnx 1.16),
+//! torch 2.1–2.10's legacy and dynamo exporters at opsets 11–23, Optimum 1.22, optimum-onnx 0.1,
+//! tf2onnx 1.16),
 //! through the whole pipeline for both targets:
 //!
 //! - the output check passes without leaving any fusion out (a fusion the check had to drop
@@ -151,10 +152,13 @@ fn every_wild_model_is_fused_and_runs_in_onnx_runtime() {
 /// folded into the rows of one key/value head, Mixtral's experts), and the cached Llama, Qwen3,
 /// Gemma-2, Phi-3, GPT-J, Falcon, Mistral and StableLM steps and a Qwen2 embedding model
 /// through torch 2.7's and 2.10's dynamo exporters (transformers 4.52 and 5.2, opsets 18, 20
-/// and 23, the standard Attention at 23): both targets fuse every
+/// and 23, the standard Attention at 23), and what optimum-onnx 0.1 writes today (transformers
+/// 4.57's masks through the legacy exporter: Llama, Qwen2/3, Mistral, Phi-3, Gemma-2/3, SmolLM3
+/// with a layer without RoPE, Granite, OLMo-2, StableLM): both targets fuse every
 /// attention and every RoPE (2 layers × query and key). BLOOM's ALiBi, added with the heads merged
-/// into the batch, stays unfused (`--explain` says where). The main test above runs the outputs in
-/// ONNX Runtime.
+/// into the batch, stays unfused (`--explain` says where), and so does Cohere's RoPE (interleaved
+/// pairs on angles computed in the graph, repeated by a `NonZero`/`GatherND` chain: its attention
+/// is fused, below). The main test above runs the outputs in ONNX Runtime.
 #[test]
 fn every_rope_and_attention_of_the_wild_decoder_llms_is_fused() {
     // (file name prefix, RoPEs fused)
@@ -162,7 +166,8 @@ fn every_rope_and_attention_of_the_wild_decoder_llms_is_fused() {
         ("llama-past.ts14.t21", 4),
         ("llama-past.ts17.t27", 4),
         ("llama-past.dynamo", 4),
-        ("qwen2-prefill.", 4),
+        ("qwen2-prefill.dynamo20", 4),
+        ("qwen2-prefill.dynamo18.t26", 4),
         ("mistral-past.", 4),
         ("qwen2-past.", 4),
         ("phi-prefill.", 4),
@@ -199,8 +204,52 @@ fn every_rope_and_attention_of_the_wild_decoder_llms_is_fused() {
         ("falcon-mq-past.", 4),
         ("stablelm-past.", 4),
         ("gptj-past.", 4),
+        // optimum-onnx 0.1 on transformers 4.57 (masking_utils' masks through the legacy
+        // exporter); SmolLM3 rotates in one layer of two.
+        ("optimum-llama.optimum18", 4),
+        ("optimum-qwen2.optimum18", 4),
+        ("optimum-qwen3.optimum18", 4),
+        ("optimum-mistral.optimum18", 4),
+        ("optimum-phi3.optimum18", 4),
+        ("optimum-gemma2.optimum18", 4),
+        ("optimum-gemma3-text.optimum18", 4),
+        ("optimum-smollm3.optimum18", 2),
+        ("optimum-granite.optimum18", 4),
+        ("optimum-olmo2.optimum18", 4),
+        ("optimum-stablelm.optimum18", 4),
     ];
     let failures = rope_and_attention_left(LLMS);
+    assert!(failures.is_empty(), "{failures:#?}");
+}
+
+/// torch 2.6's dynamo exporter (transformers 4.48) writes LayerNorm, GELU and more as onnxscript
+/// functions of the model, names dynamic dims after the example's sizes (`"2"`, `"12"`, and
+/// `s11 + 3` for past plus new tokens) and casts its slices' `i64::MAX` bound to int64: every
+/// call is inlined, every attention (and Qwen2's RoPEs) fused for both targets, and the outputs
+/// run in ONNX Runtime at the calibration batches' other sizes (the main test above).
+#[test]
+fn torch_2_6_functions_are_inlined_and_their_blocks_fused() {
+    const MODELS: &[&str] = &[
+        "vit.dynamo18.t26",
+        "gpt2-past.dynamo18.t26",
+        "qwen2-prefill.dynamo18.t26",
+    ];
+    let failures = each_optimized(MODELS, |_, _, model| {
+        let calls = model.envelope.functions.len();
+        let softmax = model
+            .graph
+            .nodes()
+            .filter(|(_, n)| n.op_type() == "Softmax")
+            .count();
+        let attention = model
+            .graph
+            .nodes()
+            .filter(|(_, n)| n.op_type().ends_with("Attention"))
+            .count();
+        ((calls, softmax, attention) != (0, 0, 2)).then(|| {
+            format!("{calls} functions left, {softmax} Softmax, {attention} attention operators")
+        })
+    });
     assert!(failures.is_empty(), "{failures:#?}");
 }
 
@@ -493,6 +542,11 @@ fn the_cache_of_every_wild_grouped_decoder_is_the_fused_operators() {
         "qwen3-past.",
         "starcoder2-past.",
         "falcon-mq-past.",
+        "optimum-llama.optimum18",
+        "optimum-qwen3.optimum18",
+        "optimum-gemma3-text.optimum18",
+        "optimum-smollm3.optimum18",
+        "optimum-olmo2.optimum18",
     ];
     let failures = each_optimized(DECODERS, |_, _, model| {
         let attentions: Vec<_> = model
@@ -541,7 +595,8 @@ fn every_cached_wild_attention_decodes_at_scale_one_for_onnx_runtime() {
         "gemma2-past.",
         "stablelm-past.",
         "phi3-past.",
-        "gpt2-past.dynamo18",
+        "gpt2-past.dynamo18.t27",
+        "gpt2-past.dynamo18.t26",
         "bart-dec-past.dynamo20",
         "whisper-dec-past.dynamo23",
     ];

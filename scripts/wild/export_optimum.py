@@ -46,8 +46,15 @@ PLAN = [
     ("m2m_100", "text2text-generation-with-past", {"decoder_with_past_model": "optimum-m2m100-dec-past"}),
     ("swin", "feature-extraction", {"model": "optimum-swin"}),
 ]
+# optimum-onnx 0.1.0 (optimum 2.1, transformers 4.57: the masks of transformers' masking_utils, traced by the legacy
+# exporter): the decoder LLMs people export today, and the families this Optimum added
+PLAN_ONNX = [(arch, "text-generation-with-past", {"model": "optimum-" + arch.replace("_", "-")}) for arch in
+             ("llama", "qwen2", "qwen3", "mistral", "phi3", "gemma2", "gemma3_text", "smollm3", "granite", "olmo2",
+              "stablelm", "cohere")]
+PLANS = {"optimum": PLAN, "optimum-onnx": PLAN_ONNX}
 # decoder-only models whose second batch has a left-padded past
-DECODER_ONLY = ("gpt2", "llama", "qwen2", "mistral", "phi3", "gemma", "phi", "gpt_neox", "gptj", "codegen")
+DECODER_ONLY = ("gpt2", "llama", "qwen2", "mistral", "phi3", "gemma", "phi", "gpt_neox", "gptj", "codegen") + \
+    tuple(arch for arch, _, _ in PLAN_ONNX)
 # (batch_size, sequence_length): Optimum's dummy-input shapes for the two batches (for a decoder with past,
 # sequence_length is the past length and the new tokens are 1)
 SHAPES = [(1, 8), (2, 12)]
@@ -71,7 +78,17 @@ NAMES = {
     "optimum-marian-dec-past": "Marian decoder_with_past_model",
     "optimum-m2m100-dec-past": "M2M100 / NLLB decoder_with_past_model (pre-norm, ReLU)",
     "optimum-swin": "Swin (SwinModel, feature-extraction: shifted windows)",
+    "optimum-qwen3": "Qwen3 LM with past (grouped KV heads, q/k norms)",
+    "optimum-gemma2": "Gemma-2 LM with past (soft caps, sandwich norms)",
+    "optimum-gemma3-text": "Gemma-3 text LM with past (q/k norms, sliding and global layers)",
+    "optimum-smollm3": "SmolLM3 LM with past (grouped KV heads, layers without RoPE)",
+    "optimum-granite": "Granite LM with past (embedding, residual, attention and logits multipliers)",
+    "optimum-olmo2": "OLMo-2 LM with past (norms after attention and MLP, q/k norms over all heads)",
+    "optimum-stablelm": "StableLM LM with past (LayerNorm, a quarter of each head rotated)",
+    "optimum-cohere": "Cohere LM with past (parallel attention and MLP, interleaved rotary, LayerNorm without bias)",
 }
+# families built with make_wild.decoder_config (name there)
+DECODER_FAMILIES = {"qwen3": "qwen3", "gemma2": "gemma2", "granite": "granite", "stablelm": "stablelm"}
 
 
 def build(arch, seed):
@@ -128,6 +145,18 @@ def build(arch, seed):
                     "mistral": (T.MistralConfig, T.MistralForCausalLM), "phi3": (T.Phi3Config, T.Phi3ForCausalLM),
                     "gemma": (T.GemmaConfig, T.GemmaForCausalLM)}[arch]
         cfg = cfg(**llm)
+    elif arch in DECODER_FAMILIES:
+        cfg, cls = W.decoder_config(DECODER_FAMILIES[arch], None)
+    elif arch in ("gemma3_text", "smollm3", "olmo2", "cohere"):
+        llm = dict(vocab_size=W.V_SMALL, hidden_size=W.H, intermediate_size=W.FF, num_hidden_layers=W.L,
+                   num_attention_heads=W.NH, num_key_value_heads=W.NH // 2, max_position_embeddings=128)
+        if arch == "gemma3_text":  # one sliding layer of 4 tokens, then a global one
+            llm.update(head_dim=W.H // W.NH, sliding_window=4, layer_types=["sliding_attention", "full_attention"])
+        if arch == "smollm3":  # the second layer without RoPE
+            llm.update(no_rope_layers=[1, 0], pad_token_id=0)
+        cfg = {"gemma3_text": T.Gemma3TextConfig, "smollm3": T.SmolLM3Config, "olmo2": T.Olmo2Config,
+               "cohere": T.CohereConfig}[arch](**llm)
+        cls = T.AutoModelForCausalLM.from_config(cfg).__class__
     elif arch == "phi":
         cfg, cls = T.PhiConfig(vocab_size=W.V_SMALL, hidden_size=W.H, intermediate_size=W.FF, num_hidden_layers=W.L,
                                num_attention_heads=W.NH, partial_rotary_factor=0.5,
@@ -211,7 +240,7 @@ def refs_for(config, model, shapes, seed, decoder_only_past, onnx_input_names):
     return feeds, refs
 
 
-def export_arch(arch, task, keep, seed):
+def export_arch(env, arch, task, keep, seed):
     import onnx
     from optimum.exporters.onnx import main_export
     from optimum.exporters.onnx.utils import _get_submodels_and_onnx_configs
@@ -244,7 +273,7 @@ def export_arch(arch, task, keep, seed):
             refs.append({n: v for n, v in r.items() if n in onnx_outs})
         W.save(stem, feeds, "calib")
         W.save(stem, refs, ".build/refs")
-        info = {"file": stem + ".onnx", "stem": stem, "env": "optimum", "arch": corpus_arch,
+        info = {"file": stem + ".onnx", "stem": stem, "env": env, "arch": corpus_arch,
                 "arch_name": NAMES[corpus_arch], "exporter": "optimum", "opset_requested": None, "opset": opset,
                 "attn_requested": None, "attn_implementation": getattr(model.config, "_attn_implementation", None),
                 "seed": seed, "versions": W.versions(), "optimum_task": task, "optimum_submodel": sub,
@@ -260,19 +289,20 @@ def export_arch(arch, task, keep, seed):
 def main():
     os.makedirs(os.path.join(W.BUILD, "info"), exist_ok=True)
     only = sys.argv[sys.argv.index("--only") + 1:] if "--only" in sys.argv else None
-    for k, (arch, task, keep) in enumerate(PLAN):
+    env = sys.argv[2]
+    for k, (arch, task, keep) in enumerate(PLANS[env]):
         if only and arch not in only:
             continue
-        seed = 2500 + k
+        seed = (2500 if env == "optimum" else 2600) + k
         try:
-            for stem, info in export_arch(arch, task, keep, seed):
+            for stem, info in export_arch(env, arch, task, keep, seed):
                 W.write_info(stem, info)
                 print("exported", stem, flush=True)
         except Exception as e:  # noqa: BLE001
             msg = "%s: %s" % (type(e).__name__, str(e).strip().splitlines()[0][:400] if str(e).strip() else "")
             for corpus_arch in keep.values():
                 tag = "%s.optimum.%s" % (corpus_arch, W.torch_short())
-                W.write_info(tag + ".FAILED", {"file": None, "stem": tag, "env": "optimum", "arch": corpus_arch,
+                W.write_info(tag + ".FAILED", {"file": None, "stem": tag, "env": env, "arch": corpus_arch,
                                                "exporter": "optimum", "optimum_task": task,
                                                "versions": W.versions(), "error": "export failed: " + msg})
             print("FAILED", arch, msg, flush=True)

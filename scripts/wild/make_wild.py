@@ -34,15 +34,17 @@ MAX_BYTES = 1 << 20
 ENVS = {
     "t21": "cases-t21",
     "t24": "wild-t24",
+    "t26": "wild-t26",
     "t27": "wild-t27",
     "t210": "wild-t210",
     "optimum": "wild-optimum",
+    "optimum-onnx": "wild-optimum-onnx",
     "tf": "wild-tf",
     # `count` only: the system python3's onnxruntime 1.32.0 + onnx 1.23.2 (--system-site-packages) and torch, which
     # onnxruntime.transformers.optimizer imports when it runs ONNX Runtime's own graph optimization (opt_level > 0)
     "ort": "wild-ort",
 }
-EXPORT_ENVS = ["t21", "t24", "t27", "t210", "optimum", "tf"]
+EXPORT_ENVS = ["t21", "t24", "t26", "t27", "t210", "optimum", "optimum-onnx", "tf"]
 
 # Tiny config (the corpus convention): 2 layers, hidden 64, 4 heads, FFN 128, vocab 1000; images 32x32, 8x8 patches.
 L, H, NH, FF, V = 2, 64, 4, 128, 1000
@@ -76,6 +78,12 @@ PLANS = {
         ("vit", "ts", 17, "sdpa"), ("dinov2", "ts", 17, "eager"), ("siglip-vision", "ts", 17, "eager"),
         ("clip-text", "ts", 17, "sdpa"), ("clip-vision", "ts", 14, "eager"), ("whisper-enc", "ts", 17, "sdpa"),
         ("bart-dec-past", "ts", 17, "sdpa"), ("gpt2-past", "ts", 17, "eager"), ("st-bert", "ts", 17, "sdpa"),
+    ],
+    "t26": [  # torch 2.6.0, transformers 4.48.3, onnxscript 0.1.0: the first dynamo exporter people used widely
+        ("bert", "dynamo", 18, "sdpa"), ("vit", "dynamo", 18, "sdpa"), ("gpt2-past", "dynamo", 18, "sdpa"),
+        ("whisper-dec-past", "dynamo", 18, "sdpa"),
+        ("llama-past", "dynamo", 18, "sdpa"), ("qwen2-past", "dynamo", 18, "sdpa"), ("mistral-past", "dynamo", 18, "sdpa"),
+        ("phi3-past", "dynamo", 18, "sdpa"), ("gemma2-past", "dynamo", 18, "eager"), ("qwen2-prefill", "dynamo", 18, "sdpa"),
     ],
     "t27": [  # torch 2.7.1, transformers 4.52.4, onnxscript 0.2.5
         ("bert", "dynamo", 18, "sdpa"), ("distilbert", "dynamo", 18, "eager"),
@@ -219,7 +227,7 @@ def wrap(torch, fn):
 # ---- KV cache helpers (legacy tuples for transformers < 4.50, Cache objects from 4.50 on) -------------------
 
 def make_cache(self_kv, cross_kv=None):
-    if tv() < (4, 50):
+    if tv() < (4, 45):  # 4.48 (t26) takes a DynamicCache only; 4.36 and 4.44 take the tuples
         if cross_kv is None:
             return tuple((k, v) for k, v in self_kv)
         return tuple((k, v, ck, cv) for (k, v), (ck, cv) in zip(self_kv, cross_kv))
@@ -906,9 +914,10 @@ def versions():
     import torch
     import transformers
     v = {"torch": torch.__version__, "transformers": transformers.__version__}
-    for mod in ("onnx", "onnxscript", "sentence_transformers", "optimum"):
+    from importlib import metadata  # optimum 2 has no __version__
+    for dist in ("onnx", "onnxscript", "sentence-transformers", "optimum", "optimum-onnx"):
         try:
-            v[mod.replace("_", "-")] = __import__(mod).__version__
+            v[dist] = metadata.version(dist)
         except Exception:  # noqa: BLE001
             pass
     return v
@@ -1511,7 +1520,7 @@ def export_all(envs, only=None):
             with open(p) as f:
                 if json.load(f).get("env") == env:
                     os.remove(p)
-        script = os.path.join(HERE, "export_optimum.py") if env == "optimum" else \
+        script = os.path.join(HERE, "export_optimum.py") if env.startswith("optimum") else \
             os.path.join(HERE, "export_tf.py") if env == "tf" else os.path.abspath(__file__)
         cmd = [venv_python(env), script, "export-env", env] + (["--only"] + only if only else [])
         print("+", " ".join(cmd), flush=True)
