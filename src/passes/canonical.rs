@@ -25,7 +25,9 @@
 //!   (`window_bias`);
 //! - `index-slice`: `GatherND` of one index along the leading axis (dynamo's Falcon picking
 //!   its key and value heads from the packed projection) → a `Slice` of that axis, before the
-//!   Transpose that moved it first (`index_slice`).
+//!   Transpose that moved it first (`index_slice`);
+//! - `sequence-split`: `SplitToSequence` whose pieces are each picked by a constant position
+//!   (onnxscript's `torch.split`) → `Split` (`sequence_split`).
 //!
 //! Why squares become `Pow(x, 2)` and reciprocals `Div(1, x)`, and not the other way round:
 //! those are the forms torch's legacy exporter writes, and the only ones ONNX Runtime's own
@@ -59,6 +61,7 @@
 
 mod einsum;
 mod index_slice;
+mod sequence_split;
 mod window_bias;
 
 use super::matching::{only_feeds, rewire, rewrite_each};
@@ -94,6 +97,7 @@ const RULES: &[Rule] = &[
     einsum::to_matmul,
     window_bias::window_bias,
     index_slice::index_slice,
+    sequence_split::sequence_split,
 ];
 
 /// Node `id` when it is the default-domain operator `op` with `inputs` inputs.

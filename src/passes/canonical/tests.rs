@@ -359,3 +359,59 @@ fn one_index_picked_by_gather_nd_is_a_slice_before_the_transpose() {
         );
     }
 }
+
+/// onnxscript's `torch.split(x, 2, -1)` and the `getitem` of each piece.
+#[test]
+fn a_sequence_whose_pieces_are_picked_by_position_is_a_split() {
+    let i64s = |name: &str, v: &[i64], dims: &[i64]| Tensor::from_i64(name, dims, v).unwrap();
+    let mut m = graph(&["2", "3", "2"])
+        .init(i64s("size", &[2], &[]))
+        .init(i64s("one", &[1], &[]))
+        .init(i64s("minus_two", &[-2], &[]))
+        .node(
+            "SplitToSequence",
+            &["x", "size"],
+            &["pieces"],
+            vec![attr::int("axis", -1)],
+        )
+        .node("SequenceAt", &["pieces", "one"], &["high"], vec![])
+        .node("SequenceAt", &["pieces", "minus_two"], &["low"], vec![])
+        .node("Sub", &["high", "low"], &["y"], vec![])
+        .build();
+    let slice = |b: Builder, out: &str, start: i64| {
+        let (s, e) = (format!("{out}_start"), format!("{out}_end"));
+        b.init(i64s(&s, &[start], &[1]))
+            .init(i64s(&e, &[start + 2], &[1]))
+            .node("Slice", &["x", &s, &e, "axis"], &[out], vec![])
+    };
+    let reference = slice(
+        slice(
+            graph(&["2", "3", "2"]).init(i64s("axis", &[2], &[1])),
+            "high",
+            2,
+        ),
+        "low",
+        0,
+    )
+    .node("Sub", &["high", "low"], &["y"], vec![])
+    .build();
+    assert_eq!(
+        canonicalized_against(&mut m, &reference, 0.0),
+        ["sequence-split"]
+    );
+    assert_eq!(ops(&m), ["Split", "Sub"]);
+    // A piece past the sequence's end stays a pick (and the sequence stays).
+    let mut m = graph(&["2", "3", "2"])
+        .init(i64s("size", &[2], &[]))
+        .init(i64s("two", &[2], &[]))
+        .node(
+            "SplitToSequence",
+            &["x", "size"],
+            &["pieces"],
+            vec![attr::int("axis", 2)],
+        )
+        .node("SequenceAt", &["pieces", "two"], &["y"], vec![])
+        .build();
+    ShapeInference.run(&mut m).unwrap();
+    assert!(Canonicalize.run(&mut m).unwrap().0.is_empty());
+}
