@@ -224,8 +224,9 @@ fn every_rope_and_attention_of_the_wild_decoder_llms_is_fused() {
 
 /// torch 2.6's dynamo exporter (transformers 4.48) writes LayerNorm, GELU and more as onnxscript
 /// functions of the model, names dynamic dims after the example's sizes (`"2"`, `"12"`, and
-/// `s11 + 3` for past plus new tokens) and casts its slices' `i64::MAX` bound to int64: every
-/// call is inlined, every attention (and Qwen2's RoPEs) fused for both targets, and the outputs
+/// `s11 + 3` for past plus new tokens), casts its slices' `i64::MAX` bound to int64 and splits
+/// GPT-2's packed projection into a sequence: every call is inlined, the sequence is a Split,
+/// every attention (and Qwen2's RoPEs) fused for both targets, and the outputs
 /// run in ONNX Runtime at the calibration batches' other sizes (the main test above).
 #[test]
 fn torch_2_6_functions_are_inlined_and_their_blocks_fused() {
@@ -236,18 +237,16 @@ fn torch_2_6_functions_are_inlined_and_their_blocks_fused() {
     ];
     let failures = each_optimized(MODELS, |_, _, model| {
         let calls = model.envelope.functions.len();
-        let softmax = model
-            .graph
-            .nodes()
-            .filter(|(_, n)| n.op_type() == "Softmax")
-            .count();
-        let attention = model
-            .graph
-            .nodes()
-            .filter(|(_, n)| n.op_type().ends_with("Attention"))
-            .count();
-        ((calls, softmax, attention) != (0, 0, 2)).then(|| {
-            format!("{calls} functions left, {softmax} Softmax, {attention} attention operators")
+        let count =
+            |f: &dyn Fn(&str) -> bool| model.graph.nodes().filter(|(_, n)| f(n.op_type())).count();
+        let softmax = count(&|op| op == "Softmax");
+        let attention = count(&|op| op.ends_with("Attention"));
+        let sequences = count(&|op| op.contains("Sequence"));
+        ((calls, softmax, attention, sequences) != (0, 0, 2, 0)).then(|| {
+            format!(
+                "{calls} functions left, {softmax} Softmax, {attention} attention operators, \
+                 {sequences} sequence operators"
+            )
         })
     });
     assert!(failures.is_empty(), "{failures:#?}");
@@ -462,7 +461,7 @@ fn fp16_of_a_batch_moving_transpose_loads_in_onnx_runtime() {
 }
 
 /// Models whose every attention block fuses for both targets (no Softmax left), through the
-/// legacy exporter, dynamo and Optimum: DistilBERT and ViT at opset 10 (raised to 17 or 23,
+/// legacy exporter, dynamo and Optimum (1.22 and optimum-onnx 0.1): DistilBERT and ViT at opset 10 (raised to 17 or 23,
 /// their Slices' bounds moved to inputs), the speech encoders (wav2vec 2.0 with its padding
 /// mask, HuBERT, WavLM's gated relative positions),
 /// vision (BEiT's relative positions, Swin's shifted windows through `canonical`'s
@@ -495,6 +494,17 @@ fn every_attention_of_the_wild_encoders_and_translation_decoders_is_fused() {
         "optimum-marian-enc.",
         "optimum-marian-dec-past.",
         "optimum-m2m100-dec-past.",
+        // optimum-onnx 0.1: transformers 4.57's masks through the legacy exporter
+        "optimum-bert.optimum18",
+        "optimum-distilbert.optimum18",
+        "optimum-vit.optimum18",
+        "optimum-gpt2.optimum18",
+        "optimum-t5-enc.optimum18",
+        "optimum-t5-dec-past.optimum18",
+        "optimum-bart-dec-past.optimum18",
+        "optimum-whisper-enc.optimum18",
+        "optimum-whisper-dec-past.optimum18",
+        "optimum-marian-dec-past.optimum18",
     ];
     let entries = manifest();
     let mut failures = Vec::new();

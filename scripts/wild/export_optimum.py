@@ -50,11 +50,23 @@ PLAN = [
 # exporter): the decoder LLMs people export today, and the families this Optimum added
 PLAN_ONNX = [(arch, "text-generation-with-past", {"model": "optimum-" + arch.replace("_", "-")}) for arch in
              ("llama", "qwen2", "qwen3", "mistral", "phi3", "gemma2", "gemma3_text", "smollm3", "granite", "olmo2",
-              "stablelm", "cohere")]
+              "stablelm", "cohere")] + [
+    # encoders and translation / speech decoders through transformers 4.57's masks
+    ("bert", "feature-extraction", {"model": "optimum-bert"}),
+    ("distilbert", "feature-extraction", {"model": "optimum-distilbert"}),
+    ("vit", "feature-extraction", {"model": "optimum-vit"}),
+    ("gpt2", "text-generation-with-past", {"model": "optimum-gpt2"}),
+    ("t5", "text2text-generation-with-past", {"encoder_model": "optimum-t5-enc",
+                                              "decoder_with_past_model": "optimum-t5-dec-past"}),
+    ("bart", "text2text-generation-with-past", {"decoder_with_past_model": "optimum-bart-dec-past"}),
+    ("whisper", "automatic-speech-recognition-with-past", {"encoder_model": "optimum-whisper-enc",
+                                                           "decoder_with_past_model": "optimum-whisper-dec-past"}),
+    ("marian", "text2text-generation-with-past", {"decoder_with_past_model": "optimum-marian-dec-past"}),
+]
 PLANS = {"optimum": PLAN, "optimum-onnx": PLAN_ONNX}
 # decoder-only models whose second batch has a left-padded past
 DECODER_ONLY = ("gpt2", "llama", "qwen2", "mistral", "phi3", "gemma", "phi", "gpt_neox", "gptj", "codegen") + \
-    tuple(arch for arch, _, _ in PLAN_ONNX)
+    tuple(arch for arch, task, _ in PLAN_ONNX if task == "text-generation-with-past")
 # (batch_size, sequence_length): Optimum's dummy-input shapes for the two batches (for a decoder with past,
 # sequence_length is the past length and the new tokens are 1)
 SHAPES = [(1, 8), (2, 12)]
