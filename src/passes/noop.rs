@@ -5,8 +5,9 @@
 //! - `cast`: a Cast to the type its input has; a Cast after a lossless Cast; a CastLike as the
 //!   Cast it is.
 //! - `transpose`: an identity Transpose; a Transpose after a Transpose.
-//! - `shape`: a Reshape or Expand to the shape its input has; a Reshape after a Reshape; a
-//!   Squeeze and an Unsqueeze of the same axes; a Pad by zeros.
+//! - `shape`: a Reshape or Expand to the shape its input has; a Slice keeping every axis
+//!   whole; a Reshape after a Reshape; a Squeeze and an Unsqueeze of the same axes; a Pad by
+//!   zeros.
 //!
 //! Every rule is exact: it fires only when it can prove, from attributes, constant inputs and
 //! recorded types (`Graph::value_type`), that the result is the same for every valid input;
@@ -37,6 +38,7 @@ const RULES: &[Rule] = &[
     shape::reshape_chain,
     shape::squeeze_pair,
     shape::expand_noop,
+    shape::slice_noop,
     shape::pad_zeros,
     arith::mul_one,
     arith::add_zeros,

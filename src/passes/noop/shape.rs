@@ -13,6 +13,10 @@
 //!   the same tensor, so equal lists mean equal axes, negative ones included.
 //! - `expand-noop`: `Expand(x, shape)` whose result has `x`'s shape: recorded and equal, or a
 //!   constant `shape` no longer than `x`'s rank whose every entry is 1 or `x`'s size there.
+//! - `slice-noop`: `Slice(x, starts, ends, axes, steps)` with every step 1 that keeps each axis
+//!   whole: every start 0 and every end `i64::MAX` or at least the axis' size, or the result's
+//!   recorded shape `x`'s (with steps of 1, a slice as long as its axis starts at 0). torch
+//!   2.6's dynamo export writes `position_ids[:, None, :]` as such Slices around an Unsqueeze.
 //! - `pad-zeros`: `Pad(x, pads)` whose pads are all zero (the constant input, or the attribute
 //!   before opset 11): nothing is added or cropped on any axis, whatever the mode and value
 //!   (Swin pads its windows by `(size − H % size) % size`, zero for the shapes it was made for).
@@ -91,6 +95,41 @@ pub fn expand_noop(g: &Graph, id: NodeId) -> Option<Patch> {
         return None;
     }
     bypass(g, "expand-noop", id, out, x)
+}
+
+pub fn slice_noop(g: &Graph, id: NodeId) -> Option<Patch> {
+    let node = op_node(g, id, "Slice")?;
+    let (x, out) = (node.input(0)?, node.output(0)?);
+    // Opset 10 on: bounds as inputs (the attribute form before it is left alone).
+    let (starts, ends) = (
+        const_ints(g, node.input(1)?)?,
+        const_ints(g, node.input(2)?)?,
+    );
+    let steps_one = match node.input(4) {
+        Some(steps) => const_ints(g, steps)?.iter().all(|&s| s == 1),
+        None => true,
+    };
+    if !steps_one || starts.len() != ends.len() {
+        return None;
+    }
+    let input = g.dims_of(x)?;
+    let rank = input.len() as i64;
+    let axes = match node.input(3) {
+        Some(axes) => const_ints(g, axes)?,
+        None => (0..starts.len() as i64).collect(),
+    };
+    let whole = |(&axis, (&start, &end)): (&i64, (&i64, &i64))| {
+        let axis = if axis < 0 { axis + rank } else { axis };
+        let size = usize::try_from(axis).ok().and_then(|a| input.get(a));
+        start == 0 && (end == i64::MAX || size.and_then(Dim::value).is_some_and(|n| end >= n))
+    };
+    let proven = axes.len() == starts.len()
+        && (axes.iter().zip(starts.iter().zip(&ends)).all(whole)
+            || g.dims_of(out).is_some_and(|d| same_shape(&d, &input)));
+    if !proven {
+        return None;
+    }
+    bypass(g, "slice-noop", id, out, x)
 }
 
 pub fn pad_zeros(g: &Graph, id: NodeId) -> Option<Patch> {
@@ -195,6 +234,48 @@ mod tests {
             assert!(rewrites(&mut m).is_empty());
             let mut m = computed_shape(op, &["batch", "sequence", "?"]);
             assert!(rewrites(&mut m).is_empty());
+        }
+    }
+
+    /// x: [batch, sequence, 64] → Slice(x, starts, ends, axes, steps?) → y → Neg → z.
+    fn slice(starts: &[i64], ends: &[i64], axes: &[i64], steps: Option<&[i64]>) -> Model {
+        let mut ins = vec!["x", "starts", "ends", "axes"];
+        let mut b = builder()
+            .input("x", F32, &["batch", "sequence", "64"])
+            .output("z", F32, &["?", "?", "?"])
+            .constant("starts", ints(starts))
+            .constant("ends", ints(ends))
+            .constant("axes", ints(axes));
+        if let Some(steps) = steps {
+            b = b.constant("steps", ints(steps));
+            ins.push("steps");
+        }
+        b.node("Slice", &ins, &["y"], vec![])
+            .node("Neg", &["y"], &["z"], vec![])
+            .build()
+    }
+
+    #[test]
+    fn a_slice_keeping_every_axis_whole_goes() {
+        let max = i64::MAX;
+        for (starts, ends, axes, steps) in [
+            (&[0][..], &[max][..], &[1][..], None),
+            (&[0, 0], &[max, 64], &[0, -1], Some(&[1, 1][..])),
+            (&[0], &[100], &[2], None),
+        ] {
+            let mut m = slice(starts, ends, axes, steps);
+            assert_eq!(rewrites(&mut m), ["slice-noop"], "{ends:?} {axes:?}");
+            assert_eq!(written(&m).node.last().unwrap().input, ["x"]);
+        }
+        for (starts, ends, axes, steps) in [
+            (&[1][..], &[max][..], &[1][..], None),
+            (&[0], &[63], &[2], None),
+            (&[0], &[1000], &[1], None),
+            (&[0], &[max], &[1], Some(&[2][..])),
+            (&[-1], &[-max], &[2], Some(&[-1][..])),
+        ] {
+            let mut m = slice(starts, ends, axes, steps);
+            assert!(rewrites(&mut m).is_empty(), "{starts:?} {ends:?} {axes:?}");
         }
     }
 
