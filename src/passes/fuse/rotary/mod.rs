@@ -11,7 +11,8 @@
 //!   `Cast(positions)·inv_freq` with positions `[batch | 1, seq, 1]` and a constant of `h`
 //!   frequencies (transformers ≥ 4.48 through dynamo), or
 //!   `Transpose(Expand(inv_freq[1, h, 1])·Cast(positions[batch, 1, seq]), [0, 2, 1])` (the
-//!   Expand folded away when the positions' batch is 1)
+//!   Expand folded away when the positions' batch is 1, or folded into a `[batch, h, 1]`
+//!   constant of equal rows where the export fixed the batch, as torch 2.6's does)
 //!   (transformers 4.38–4.47's `inv_freq_expanded @ position_ids_expanded`, through the legacy
 //!   exporter and Optimum);
 //! - cached: `cos = Unsqueeze(Gather(Slice(cos_table, 0, n, axis 0) | cos_table,
@@ -232,14 +233,19 @@ fn read_table(m: &Match, rw: &Rewrite, name: &'static str, trig: &'static str) -
     } else {
         (inv_freq.dims(), 2)
     };
-    if !dims.iter().rev().skip(1).all(|&d| d == 1) {
+    // One frequency per rotated pair; a constant already expanded along a batch (torch 2.6's
+    // export folds the Expand where it fixed the batch) repeats the same row.
+    let half = usize::try_from(*dims.last()?).ok()?;
+    let values = inv_freq.to_f32_vec().ok()?;
+    let row = values.get(..half)?;
+    if half == 0 || !values.chunks(half).all(|r| r == row) {
         return None;
     }
     Some(Source::Computed {
         angles,
         positions_float,
         unit_axis,
-        inv_freq: inv_freq.to_f32_vec().ok()?,
+        inv_freq: row.to_vec(),
         scale,
     })
 }
