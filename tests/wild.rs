@@ -165,11 +165,14 @@ fn every_rope_and_attention_of_the_wild_decoder_llms_is_fused() {
     const LLMS: &[(&str, usize)] = &[
         ("llama-past.ts14.t21", 4),
         ("llama-past.ts17.t27", 4),
-        ("llama-past.dynamo", 4),
+        ("llama-past.dynamo18.t27", 4),
+        ("llama-past.dynamo18.t26", 4),
+        ("mistral-past.dynamo18.t26", 4),
+        ("qwen2-past.dynamo18.t26", 4),
         ("qwen2-prefill.dynamo20", 4),
         ("qwen2-prefill.dynamo18.t26", 4),
-        ("mistral-past.", 4),
-        ("qwen2-past.", 4),
+        ("mistral-past.dynamo23", 4),
+        ("qwen2-past.ts17", 4),
         ("phi-prefill.", 4),
         ("phi3-prefill.", 4),
         ("gpt-neox-prefill.", 4),
@@ -224,9 +227,11 @@ fn every_rope_and_attention_of_the_wild_decoder_llms_is_fused() {
 
 /// torch 2.6's dynamo exporter (transformers 4.48) writes LayerNorm, GELU and more as onnxscript
 /// functions of the model, names dynamic dims after the example's sizes (`"2"`, `"12"`, and
-/// `s11 + 3` for past plus new tokens), casts its slices' `i64::MAX` bound to int64 and splits
-/// GPT-2's packed projection into a sequence: every call is inlined, the sequence is a Split,
-/// every attention (and Qwen2's RoPEs) fused for both targets, and the outputs
+/// `s11 + 3` for past plus new tokens), casts its slices' `i64::MAX` bound to int64, splits
+/// GPT-2's packed projection into a sequence, slices `position_ids[:, None, :]` whole and folds
+/// `inv_freq` expanded to the batch it fixed (the cached decoders: batch 2 only): every call is
+/// inlined, the sequence is a Split, every attention (and the decoders' RoPEs, above) fused for
+/// both targets, and the outputs
 /// run in ONNX Runtime at the calibration batches' other sizes (the main test above).
 #[test]
 fn torch_2_6_functions_are_inlined_and_their_blocks_fused() {
@@ -234,6 +239,9 @@ fn torch_2_6_functions_are_inlined_and_their_blocks_fused() {
         "vit.dynamo18.t26",
         "gpt2-past.dynamo18.t26",
         "qwen2-prefill.dynamo18.t26",
+        "llama-past.dynamo18.t26",
+        "qwen2-past.dynamo18.t26",
+        "mistral-past.dynamo18.t26",
     ];
     let failures = each_optimized(MODELS, |_, _, model| {
         let calls = model.envelope.functions.len();
@@ -505,6 +513,7 @@ fn every_attention_of_the_wild_encoders_and_translation_decoders_is_fused() {
         "optimum-whisper-enc.optimum18",
         "optimum-whisper-dec-past.optimum18",
         "optimum-marian-dec-past.optimum18",
+        "whisper-dec-past.dynamo18.t26",
     ];
     let entries = manifest();
     let mut failures = Vec::new();
@@ -547,8 +556,10 @@ fn the_cache_of_every_wild_grouped_decoder_is_the_fused_operators() {
         "optimum-phi3.",
         "llama-past.ts14.t21",
         "llama-past.ts17.t27",
-        "mistral-past.",
-        "qwen2-past.",
+        "mistral-past.dynamo23",
+        "qwen2-past.ts17",
+        "llama-past.dynamo18.t26",
+        "qwen2-past.dynamo18.t26",
         "qwen3-past.",
         "starcoder2-past.",
         "falcon-mq-past.",

@@ -978,6 +978,19 @@ def export_one(env, arch, exporter, opset, attn, seed):
         if not has_dynamo_arg:
             raise RuntimeError("torch %s has no dynamo= argument" % torch.__version__)
         kw.update(dynamo=True, dynamic_axes=axes)
+        if env == "t26" and arch.endswith("-past"):
+            # torch 2.6 turns dynamic_axes into shapes it then specializes (a layer's past came out
+            # static): named dims instead, as a careful user passes them; it still fixes the batch
+            # at the example's (transformers 4.48's cache), so only batches of that size are kept
+            kw.pop("dynamic_axes")
+            dims = {}
+            kw["dynamic_shapes"] = tuple(
+                {axis: dims.setdefault(name, torch.export.Dim(name.replace("+", "_"), min=1, max=1024))
+                 for axis, name in axes.get(n, {}).items()} for n in ins)
+            keep = [all(b[n].shape[0] == args[0].shape[0] for n in ins) for b in batches]
+            batches = [b for b, k in zip(batches, keep) if k]
+            refs = [r for r, k in zip(refs, keep) if k]
+            info["batches_kept"] = "batch %d only: the export fixes it" % args[0].shape[0]
         if "external_data" in inspect.signature(torch.onnx.export).parameters:
             kw["external_data"] = False  # its default (True) writes the weights to <file>.data
         info["exporter_call"] = "torch.onnx.export(dynamo=True, opset_version=%d, dynamic_axes, " \
