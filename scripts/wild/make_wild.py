@@ -36,6 +36,8 @@ ENVS = {
     "t24": "wild-t24",
     "t26": "wild-t26",
     "t27": "wild-t27",
+    # torch 2.7.1 with transformers 4.57.3 (masking_utils' masks): optimum-onnx's venv
+    "t27x": "wild-optimum-onnx",
     "t210": "wild-t210",
     "optimum": "wild-optimum",
     "optimum-onnx": "wild-optimum-onnx",
@@ -44,7 +46,10 @@ ENVS = {
     # onnxruntime.transformers.optimizer imports when it runs ONNX Runtime's own graph optimization (opt_level > 0)
     "ort": "wild-ort",
 }
-EXPORT_ENVS = ["t21", "t24", "t26", "t27", "t210", "optimum", "optimum-onnx", "tf"]
+EXPORT_ENVS = ["t21", "t24", "t26", "t27", "t27x", "t210", "optimum", "optimum-onnx", "tf"]
+# Stem tags of envs that share a torch version with another (the tag otherwise: `t` + torch's major.minor)
+ENV_TAGS = {"t27x": "t27x"}
+ENV_TAG = None
 
 # Tiny config (the corpus convention): 2 layers, hidden 64, 4 heads, FFN 128, vocab 1000; images 32x32, 8x8 patches.
 L, H, NH, FF, V = 2, 64, 4, 128, 1000
@@ -117,6 +122,11 @@ PLANS = {
         # decoder LLMs through torch 2.7's dynamo exporter (its default opset, 18)
         ("llama-past", "dynamo", 18, "sdpa"), ("qwen3-past", "dynamo", 18, "sdpa"), ("gemma2-past", "dynamo", 18, "eager"),
         ("phi3-past", "dynamo", 18, "sdpa"), ("gptj-past", "dynamo", 18, "eager"), ("falcon-mq-past", "dynamo", 18, "sdpa"),
+    ],
+    "t27x": [  # torch 2.7.1, transformers 4.57.3 (its masking_utils), onnxscript 0.2.5
+        ("llama-past", "dynamo", 18, "sdpa"), ("qwen3-past", "dynamo", 18, "sdpa"), ("mistral-past", "dynamo", 18, "sdpa"),
+        ("phi3-past", "dynamo", 18, "sdpa"), ("gemma2-past", "dynamo", 18, "eager"), ("gpt2-past", "dynamo", 18, "sdpa"),
+        ("bert", "dynamo", 18, "sdpa"), ("llama-past", "ts", 17, "sdpa"), ("qwen2-prefill", "dynamo", 18, "sdpa"),
     ],
     "t210": [  # torch 2.10.0, transformers 5.2.0, onnxscript 0.6.2
         ("bert", "dynamo", 23, "sdpa"), ("gpt2-past", "dynamo", 23, "sdpa"), ("vit", "dynamo", 23, "sdpa"),
@@ -924,6 +934,8 @@ def versions():
 
 
 def torch_short():
+    if ENV_TAG:
+        return ENV_TAG
     import torch
     return "t" + "".join(torch.__version__.split("+")[0].split(".")[:2])
 
@@ -1033,6 +1045,8 @@ def write_info(stem, info):
 
 
 def export_env(env, only=None):
+    global ENV_TAG
+    ENV_TAG = ENV_TAGS.get(env)
     torch = _torch()
     os.makedirs(os.path.join(BUILD, "info"), exist_ok=True)
     for k, (arch, exporter, opset, attn) in enumerate(PLANS[env]):
