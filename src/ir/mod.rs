@@ -247,7 +247,8 @@ impl Model {
     }
 }
 
-fn normalize_domain(domain: &str) -> &str {
+/// The default domain spelled `""`, however the file spelled it (`"ai.onnx"`).
+pub(crate) fn normalize_domain(domain: &str) -> &str {
     if domain == "ai.onnx" {
         ""
     } else {

@@ -23,9 +23,10 @@
 
 use std::collections::{HashMap, HashSet};
 
+use super::matching::holds_subgraph;
 use super::{Pass, Rewrites};
 use crate::error::Result;
-use crate::ir::{Model, Node, NodeId, PValue, Patch};
+use crate::ir::{normalize_domain, Model, Node, NodeId, PValue, Patch};
 use crate::proto::{AttributeProto, FunctionProto, NodeProto};
 
 /// Levels of calls inside function bodies inlined, at most.
@@ -74,8 +75,11 @@ impl Pass for FunctionInlining {
 type Key = (String, String, String);
 
 fn key(domain: &str, name: &str, overload: &str) -> Key {
-    let domain = if domain == "ai.onnx" { "" } else { domain };
-    (domain.into(), name.into(), overload.into())
+    (
+        normalize_domain(domain).into(),
+        name.into(),
+        overload.into(),
+    )
 }
 
 fn call_key(node: &NodeProto) -> Key {
@@ -84,12 +88,6 @@ fn call_key(node: &NodeProto) -> Key {
 
 fn function_key(f: &FunctionProto) -> Key {
     key(f.domain(), f.name(), f.overload())
-}
-
-fn holds_subgraph(node: &NodeProto) -> bool {
-    node.attribute
-        .iter()
-        .any(|a| a.g.is_some() || !a.graphs.is_empty())
 }
 
 /// The index of the function `node` calls, when its call can be inlined.

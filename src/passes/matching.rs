@@ -77,12 +77,15 @@ pub fn dropout_is_inference(model: &Model, node: &Node) -> bool {
 
 /// True when `node` holds a subgraph (If, Loop, Scan) or reads values by name from one.
 pub fn has_subgraph(node: &Node) -> bool {
-    !node.captured.is_empty()
-        || node
-            .proto
-            .attribute
-            .iter()
-            .any(|a| a.g.is_some() || !a.graphs.is_empty())
+    !node.captured.is_empty() || holds_subgraph(&node.proto)
+}
+
+/// True when `proto` has a graph attribute (If, Loop, Scan).
+pub fn holds_subgraph(proto: &NodeProto) -> bool {
+    proto
+        .attribute
+        .iter()
+        .any(|a| a.g.is_some() || !a.graphs.is_empty())
 }
 
 /// The integers a constant value holds (an initializer that is not a graph input, or a
