@@ -93,17 +93,19 @@ pub fn quantize_dynamic(
         return Ok(report(Rewrites::default(), operators));
     }
     let plan = qdq::Plan::new(model, QuantTarget::Ort, &options.qdq.selection);
-    // The weights every reader of which can be an integer product.
-    let integer_weights: HashSet<ValueId> = plan
-        .weights
-        .iter()
-        .filter(|w| {
-            w.readers
-                .iter()
-                .all(|&(reader, slot)| IntegerProduct::of(model, reader, slot, w.value).is_some())
-        })
-        .map(|w| w.value)
-        .collect();
+    // The integer products: every reader of each weight they take.
+    let mut products = Vec::new();
+    let mut integer_weights = HashSet::new();
+    for w in &plan.weights {
+        let of_weight: Option<Vec<IntegerProduct>> = w
+            .readers
+            .iter()
+            .map(|&(reader, slot)| IntegerProduct::of(model, reader, slot, w.value))
+            .collect();
+        let Some(of_weight) = of_weight else { continue };
+        integer_weights.insert(w.value);
+        products.extend(of_weight);
+    }
     // Every other weight and table, weight-only, as static quantization writes them.
     let mut weight_only = plan.clone();
     weight_only.activations.clear();
@@ -118,26 +120,19 @@ pub fn quantize_dynamic(
         QuantTarget::Ort,
         ProductWeights::Int8,
     )?;
-    // The integer products, grouped by the activation they read, read from the graph the
-    // weight-only rewrites left: a table's Gather (an embedding) hands its readers a new value.
+    // Grouped by the activation they read, as the weight-only rewrites left it: a table's
+    // Gather (an embedding) hands its readers a new value.
     let mut integer: Vec<(ValueId, Vec<IntegerProduct>)> = Vec::new();
-    for w in plan
-        .weights
-        .iter()
-        .filter(|w| integer_weights.contains(&w.value))
-    {
-        for &(reader, slot) in &w.readers {
-            let p = IntegerProduct::of(model, reader, slot, w.value).ok_or_else(|| {
-                Error::Quantization(format!(
-                    "`{}` is no longer an integer product of `{}`",
-                    model.graph.node_label(reader),
-                    model.graph.value_name(w.value)
-                ))
-            })?;
-            match integer.iter_mut().find(|(x, _)| *x == p.x) {
-                Some((_, products)) => products.push(p),
-                None => integer.push((p.x, vec![p])),
-            }
+    for mut p in products {
+        p.x = model.graph.node(p.node).input(0).ok_or_else(|| {
+            Error::Quantization(format!(
+                "`{}` lost its input",
+                model.graph.node_label(p.node)
+            ))
+        })?;
+        match integer.iter_mut().find(|(x, _)| *x == p.x) {
+            Some((_, products)) => products.push(p),
+            None => integer.push((p.x, vec![p])),
         }
     }
     if !integer.is_empty() {
