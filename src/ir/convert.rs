@@ -6,7 +6,7 @@
 use std::collections::{BTreeSet, HashMap, HashSet};
 
 use super::graph::{Graph, Node, OrderKey, Port};
-use super::shape::{Dim, ValueType};
+use super::shape::{is_number, Dim, ValueType};
 use super::tensor::Tensor;
 use crate::error::{Error, Result};
 use crate::proto::{AttributeProto, GraphProto, NodeProto, TensorProto, TypeProto, ValueInfoProto};
@@ -18,12 +18,13 @@ pub fn graph_from_proto(mut proto: GraphProto) -> Result<(Graph, Vec<String>)> {
     let mut initializers = std::mem::take(&mut proto.initializer);
     let mut repairs = drop_duplicate_constants(&mut nodes, &mut initializers);
     let sparse = std::mem::take(&mut proto.sparse_initializer);
-    let inputs = std::mem::take(&mut proto.input);
+    let mut inputs = std::mem::take(&mut proto.input);
     let mut outputs = std::mem::take(&mut proto.output);
     let mut value_info = std::mem::take(&mut proto.value_info);
     repairs.extend(mark_numbered_dims(
-        &inputs,
-        outputs.iter_mut().chain(value_info.iter_mut()),
+        &mut inputs,
+        &mut outputs,
+        &mut value_info,
     ));
     let mut g = Graph::empty(proto);
 
@@ -125,15 +126,17 @@ pub fn graph_from_proto(mut proto: GraphProto) -> Result<(Graph, Vec<String>)> {
     Ok((g, repairs))
 }
 
-/// Where a graph input names a dim by a number, that number in the dim expressions of `decls`
-/// marked as the symbol it is (`s11 + 3` → `s11 + (3)`, see `Dim::parse`). torch 2.6's dynamo
-/// exporter names dynamic dims after the example's sizes (`"2"`, `"3"`, `"s11"`) and writes
-/// the cache it returns as `s11 + 3`: past plus the new tokens. Read as a sum with the number
-/// 3, it made positions and activations 3 tokens long for good, and the optimized model failed
-/// on any other length. Returns one line for the report when it marks any.
-fn mark_numbered_dims<'a>(
-    inputs: &[ValueInfoProto],
-    decls: impl Iterator<Item = &'a mut ValueInfoProto>,
+/// Where a graph input names a dim by a number, that number in the dim expressions of the
+/// declarations (inputs, outputs, `value_info`) marked as the symbol it is (`s11 + 3` →
+/// `s11 + (3)`, see `Dim::parse`). torch 2.6's dynamo exporter names dynamic dims after the
+/// example's sizes (`"2"`, `"3"`, `"s11"`) and writes the cache it returns as `s11 + 3`: past
+/// plus the new tokens. Read as a sum with the number 3, it made positions and activations 3
+/// tokens long for good, and the optimized model failed on any other length. Returns one line
+/// for the report when it marks any.
+fn mark_numbered_dims(
+    inputs: &mut [ValueInfoProto],
+    outputs: &mut [ValueInfoProto],
+    value_info: &mut [ValueInfoProto],
 ) -> Option<String> {
     use crate::proto::tensor_shape_proto::dimension::Value as DimValue;
     use crate::proto::type_proto::Value as Type;
@@ -150,30 +153,22 @@ fn mark_numbered_dims<'a>(
                 _ => None,
             })
     }
-    let is_number = |text: &str| text.trim().parse::<i64>().is_ok();
     let names: HashSet<String> = inputs
-        .iter()
-        .flat_map(|input| {
-            dim_params(&mut input.clone())
-                .filter(|p| is_number(p))
-                .map(|p| p.trim().to_string())
-                .collect::<Vec<_>>()
-        })
+        .iter_mut()
+        .flat_map(dim_params)
+        .filter(|p| is_number(p))
+        .map(|p| p.trim().to_string())
         .collect();
     if names.is_empty() {
         return None;
     }
     let mut marked = 0;
-    for decl in decls {
-        for text in dim_params(decl) {
-            if is_number(text) {
-                continue;
-            }
-            let (rewritten, n) = with_symbols_marked(text, &names);
-            if n > 0 {
-                *text = rewritten;
-                marked += n;
-            }
+    let decls = inputs.iter_mut().chain(outputs).chain(value_info);
+    for text in decls.flat_map(dim_params).filter(|p| !is_number(p)) {
+        let (rewritten, n) = with_symbols_marked(text, &names);
+        if n > 0 {
+            *text = rewritten;
+            marked += n;
         }
     }
     (marked > 0).then(|| {
@@ -409,7 +404,7 @@ mod tests {
     }
 
     /// torch 2.6's dynamo export of a cache step: the new tokens' dim is named "3", and the
-    /// cache it returns is declared `s11 + 3`, past plus those tokens.
+    /// cache it returns and the mask it takes are declared `s11 + 3`, past plus those tokens.
     #[test]
     fn a_number_naming_an_input_dim_is_that_dim_in_expressions() {
         let concat = NodeProto {
@@ -430,6 +425,7 @@ mod tests {
                 input: vec![
                     declared("past", &["2", "s11"]),
                     declared("new", &["2", "3"]),
+                    declared("mask", &["2", "s11 + 3"]),
                 ],
                 output: vec![declared("present", &["2", "s11 + 3"])],
                 ..Default::default()
@@ -437,9 +433,12 @@ mod tests {
             ..Default::default()
         })
         .unwrap();
-        let present = m.graph.find_value("present").unwrap();
-        let dims = m.graph.value_type(present).unwrap().shape.unwrap();
-        assert_eq!(dims[1], Dim::symbol("s11").add(&Dim::symbol("3")));
+        let past_and_new = Dim::symbol("s11").add(&Dim::symbol("3"));
+        for name in ["present", "mask"] {
+            let v = m.graph.find_value(name).unwrap();
+            let dims = m.graph.value_type(v).unwrap().shape.unwrap();
+            assert_eq!(dims[1], past_and_new, "{name}");
+        }
         assert_eq!(m.repairs.len(), 1, "{:?}", m.repairs);
         let (text, marked) = with_symbols_marked("Min(3, s3 + 3*x3)", &["3".to_string()].into());
         assert_eq!((text.as_str(), marked), ("Min((3), s3 + (3)*x3)", 2));

@@ -485,9 +485,9 @@ impl Dim {
                 });
             }
             let single = if let Some(inner) = parenthesized(base) {
-                match inner.trim().parse::<i64>() {
-                    Ok(_) => Dim::symbol(inner.trim()),
-                    Err(_) => Dim::parse(inner),
+                match is_number(inner) {
+                    true => Dim::symbol(inner.trim()),
+                    false => Dim::parse(inner),
                 }
             } else if base.split_once('(').is_some_and(|(name, _)| {
                 is_name(name) && parenthesized(&base[name.len()..]).is_some()
@@ -512,7 +512,7 @@ impl Dim {
             return None;
         };
         match symbols.iter().collect::<Vec<_>>()[..] {
-            [(name, 1)] if name.parse::<i64>().is_ok() => Some(name),
+            [(name, 1)] if is_number(name) => Some(name),
             _ => None,
         }
     }
@@ -523,7 +523,7 @@ impl Dim {
             // A `dim_param` names a dimension whatever its text: torch 2.6's dynamo exporter
             // names dynamic ones after the example's sizes (`"2"`, `"12"`), which runtimes
             // take at any size.
-            Some(DimValue::DimParam(p)) if p.trim().parse::<i64>().is_ok() => Dim::symbol(p.trim()),
+            Some(DimValue::DimParam(p)) if is_number(p) => Dim::symbol(p.trim()),
             Some(DimValue::DimParam(p)) if !p.is_empty() => Dim::parse(p),
             _ => Dim::Unknown,
         }
@@ -546,6 +546,11 @@ impl Dim {
     }
 }
 
+/// Whether `text` is a number: a `dim_param` that is one names a symbol (`Dim::from_proto`).
+pub(crate) fn is_number(text: &str) -> bool {
+    text.trim().parse::<i64>().is_ok()
+}
+
 impl fmt::Display for Dim {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let Dim::Product { coeff, symbols } = self else {
@@ -558,9 +563,9 @@ impl fmt::Display for Dim {
         for (s, e) in symbols {
             // A symbol named by a number, in parentheses: `(12)` reads back as that symbol, in
             // products (`2*(12)`, not 24) and in the sums and calls `parse` takes apart.
-            let name = match s.parse::<i64>() {
-                Ok(_) => format!("({s})"),
-                Err(_) => s.clone(),
+            let name = match is_number(s) {
+                true => format!("({s})"),
+                false => s.clone(),
             };
             parts.push(if *e == 1 { name } else { format!("{name}^{e}") });
         }
