@@ -51,18 +51,11 @@ PLAN = [
 PLAN_ONNX = [(arch, "text-generation-with-past", {"model": "optimum-" + arch.replace("_", "-")}) for arch in
              ("llama", "qwen2", "qwen3", "mistral", "phi3", "gemma2", "gemma3_text", "smollm3", "granite", "olmo2",
               "stablelm", "cohere")] + [
-    # encoders and translation / speech decoders through transformers 4.57's masks
-    ("bert", "feature-extraction", {"model": "optimum-bert"}),
-    ("distilbert", "feature-extraction", {"model": "optimum-distilbert"}),
-    ("vit", "feature-extraction", {"model": "optimum-vit"}),
-    ("gpt2", "text-generation-with-past", {"model": "optimum-gpt2"}),
-    ("t5", "text2text-generation-with-past", {"encoder_model": "optimum-t5-enc",
-                                              "decoder_with_past_model": "optimum-t5-dec-past"}),
-    ("bart", "text2text-generation-with-past", {"decoder_with_past_model": "optimum-bart-dec-past"}),
-    ("whisper", "automatic-speech-recognition-with-past", {"encoder_model": "optimum-whisper-enc",
-                                                           "decoder_with_past_model": "optimum-whisper-dec-past"}),
-    ("marian", "text2text-generation-with-past", {"decoder_with_past_model": "optimum-marian-dec-past"}),
-]
+    # encoders and translation / speech decoders through transformers 4.57's masks: the older Optimum's, with
+    # Whisper's encoder added and Marian's decoder alone
+    (arch, task, {"whisper": {"encoder_model": "optimum-whisper-enc", **keep},
+                  "marian": {"decoder_with_past_model": "optimum-marian-dec-past"}}.get(arch, keep))
+    for arch, task, keep in PLAN if arch in ("bert", "distilbert", "vit", "gpt2", "t5", "bart", "whisper", "marian")]
 PLANS = {"optimum": PLAN, "optimum-onnx": PLAN_ONNX}
 # decoder-only models whose second batch has a left-padded past
 DECODER_ONLY = ("gpt2", "llama", "qwen2", "mistral", "phi3", "gemma", "phi", "gpt_neox", "gptj", "codegen") + \
